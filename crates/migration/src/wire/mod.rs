@@ -1,0 +1,1 @@
+//! Stream format (see docs/stream-format.md).
