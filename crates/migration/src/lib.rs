@@ -3,4 +3,14 @@
 //!
 //! Module owners add their `pub mod` lines here; keep this file a table of contents.
 
+pub mod convergence;
+pub mod dest;
+pub mod events;
+pub mod fakes;
+pub mod machine;
+pub mod params;
+pub mod source;
+pub mod stats;
+pub mod status;
+pub mod transport;
 pub mod wire;

@@ -1,1 +1,36 @@
-//! Stream format (see docs/stream-format.md).
+//! Tern's migration stream format: one format for snapshot files and live migration
+//! (spec: `docs/stream-format.md`).
+//!
+//! * [`StreamWriter`] encodes: header + CONFIG, then sections, device chunks, RAM batches,
+//!   commands, then END with a CRC-32 of everything since the header.
+//! * [`StreamReader`] decodes hostile input into [`Record`]s, checked against [`Limits`] and
+//!   the destination's [`Expectations`]; RAM page data are handed out as slices.
+//! * [`RpMessage`] / [`ReturnPathReader`]: the destination → source return path.
+//! * [`analyze`]: JSON description of a stream (`tern analyze-stream`).
+
+mod analyze;
+mod config;
+mod error;
+mod format;
+mod reader;
+mod record;
+mod return_path;
+mod writer;
+
+#[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
+mod tests;
+
+pub use analyze::{analyze, analyze_file};
+pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, StreamConfig};
+pub use error::WireError;
+pub use format::{
+    cmd, is_zero_page, page_kind, Limits, RecordKind, CURRENT_VERSION, HEADER_LEN, MAGIC,
+};
+pub use reader::{Header, StreamReader};
+pub use record::{
+    Command, ComponentRecord, EndRecord, PageData, RamBatch, RamPage, RamPages, Record,
+};
+pub use return_path::{rp_type, ReturnPathReader, RpMessage, RP_MAX_LEN, RP_MAX_REQ_PAGES};
+pub use writer::StreamWriter;

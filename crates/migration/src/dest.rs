@@ -1,0 +1,615 @@
+//! The receiver: an explicit state machine run by the `mig-dst` thread.
+//!
+//! ```text
+//!  setup (listening) ──accept──> active ──CONFIG ok──> loading ──END ok──> finishing ──> completed
+//!        │                         │                     │                   │
+//!        └──────── cancel / any error (stream, config, machine, loader) ─────┴──> failed
+//! ```
+//!
+//! * **active / CONFIG**: the source's configuration is checked against this machine (page
+//!   size, vCPUs, TSC, RAM blocks, CPUID by the wire reader, UUID with `validate-uuid`, the
+//!   machine blob by the machine); a mismatch names the field.
+//! * **loading**: RAM pages go to the [`RamSink`] (indexes checked by the reader and again
+//!   against the sink), device chunks to their [`StateLoader`], final SECTIONs are kept aside;
+//!   `OPEN_RETURN_PATH` opens the return path, `PING` is answered.
+//! * **finishing** (only after END and its checksum were verified): loaders' final states,
+//!   `restore_components`, resume (unless `autostart` is off), `RESUMED`, `SHUT{0}`.
+//! * **failed**: nothing runs; loaders clean up; the return path carries `ERROR{text}` and
+//!   `SHUT{1}` so the source can show the reason.
+//!
+//! Switchover-ack: with the capability on, the loaders whose `switchover_ack_needed()` is true
+//! are counted after CONFIG; each approves through its [`SwitchoverApproval`]; when the count
+//! is reached and the return path is open, `SWITCHOVER_ACK` is sent, at once when nobody needs it.
+
+use std::io::{BufReader, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::events::EventSink;
+use crate::machine::{
+    ComponentState, ComponentVersion, MachineError, MachineState, RamSink, StateLoader,
+    SwitchoverApproval, VcpuControl,
+};
+use crate::params::{Capabilities, Capability};
+use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats};
+use crate::status::MigrationStatus;
+use crate::transport::{CancelToken, Listener, Stream, TransportError};
+use crate::wire::{
+    Command, Expectations, Limits, PageData, Record, RpMessage, StreamConfig, StreamReader,
+    WireError,
+};
+
+const READ_BUFFER: usize = 256 << 10;
+
+/// How the receiver behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestOptions {
+    /// `validate-uuid`: the source's UUID must equal this machine's.
+    pub validate_uuid: bool,
+    /// `switchover-ack`: send `SWITCHOVER_ACK` once every loader that needs it approved.
+    pub switchover_ack: bool,
+    /// Resume the vCPUs after the load (QEMU's autostart; false = stay paused, like `-S`).
+    pub autostart: bool,
+    /// Limits applied to the incoming stream.
+    pub limits: Limits,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        Self {
+            validate_uuid: false,
+            switchover_ack: false,
+            autostart: true,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl DestOptions {
+    /// Options from QEMU-style capabilities.
+    pub fn from_qemu(caps: &Capabilities, autostart: bool) -> Self {
+        Self {
+            validate_uuid: caps.get(Capability::ValidateUuid),
+            switchover_ack: caps.get(Capability::SwitchoverAck),
+            autostart,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The machine as the receiver sees it (created before the migration, vCPUs paused).
+pub struct DestMachine {
+    /// Guest RAM.
+    pub ram: Box<dyn RamSink>,
+    /// vCPU run control.
+    pub vcpus: Box<dyn VcpuControl>,
+    /// Loaders of the devices with state beside RAM.
+    pub loaders: Vec<Box<dyn StateLoader>>,
+    /// Every non-iterative component.
+    pub state: Box<dyn MachineState>,
+}
+
+/// Where the stream comes from.
+#[derive(Debug)]
+pub enum Incoming {
+    /// Wait for the source on this listener (or read this file).
+    Listener(Listener),
+    /// An already connected channel.
+    Stream(Stream),
+}
+
+/// Why an incoming migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    /// `migrate_cancel` on the destination.
+    #[error("incoming migration cancelled")]
+    Cancelled,
+    /// Accepting the connection failed.
+    #[error("cannot accept the migration channel")]
+    Transport(#[from] TransportError),
+    /// The stream is invalid, truncated, or does not match this machine.
+    #[error("invalid migration stream")]
+    Wire(#[from] WireError),
+    /// A machine operation failed.
+    #[error("{op}")]
+    Machine {
+        /// What the receiver asked.
+        op: String,
+        /// Cause.
+        #[source]
+        source: MachineError,
+    },
+    /// A device loader failed.
+    #[error("device '{id}' instance {instance}: {op}")]
+    Loader {
+        /// Device id.
+        id: String,
+        /// Instance.
+        instance: u32,
+        /// What the receiver asked.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: MachineError,
+    },
+    /// The stream is well-formed but breaks the protocol (a chunk for an unknown device, …).
+    #[error("{0}")]
+    Protocol(String),
+    /// The `mig-dst` thread could not be started.
+    #[error("cannot start thread mig-dst")]
+    Spawn(#[source] std::io::Error),
+    /// The receiver thread panicked.
+    #[error("the incoming migration thread panicked")]
+    Panicked,
+}
+
+/// The end of an incoming migration.
+pub struct DestOutcome {
+    /// `completed` or `failed`.
+    pub status: MigrationStatus,
+    /// `error-desc`.
+    pub error: Option<String>,
+    /// The machine, handed back (running when completed with autostart).
+    pub machine: DestMachine,
+}
+
+struct Shared {
+    status: Mutex<MigrationStatus>,
+    cancel: AtomicBool,
+    io: CancelToken,
+}
+
+/// Control of an incoming migration.
+pub struct DestHandle {
+    shared: Arc<Shared>,
+    stats: MigrationStats,
+    thread: JoinHandle<DestOutcome>,
+}
+
+impl DestHandle {
+    /// Cancels (the destination ends `failed`); a no-op once it ended.
+    pub fn cancel(&self) {
+        if self.status().is_terminal() {
+            return;
+        }
+        self.shared.cancel.store(true, Ordering::SeqCst);
+        self.shared.io.cancel();
+    }
+
+    /// Live statistics (`query-migrate` on the destination).
+    pub fn stats(&self) -> &MigrationStats {
+        &self.stats
+    }
+
+    /// Current status.
+    pub fn status(&self) -> MigrationStatus {
+        *self.shared.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the receiver thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the end and takes the machine back.
+    pub fn join(self) -> Result<DestOutcome, DestError> {
+        self.thread.join().map_err(|_| DestError::Panicked)
+    }
+}
+
+/// Starts receiving (QMP `migrate-incoming`, after the listener was bound so the caller could
+/// report the real port). Status `setup` at once; the rest runs in the `mig-dst` thread.
+pub fn incoming(
+    machine: DestMachine,
+    from: Incoming,
+    opts: DestOptions,
+    events: Arc<dyn EventSink>,
+    stats: MigrationStats,
+) -> Result<DestHandle, DestError> {
+    let shared = Arc::new(Shared {
+        status: Mutex::new(MigrationStatus::Setup),
+        cancel: AtomicBool::new(false),
+        io: CancelToken::new(),
+    });
+    if let Incoming::Listener(l) = &from {
+        stats.set_socket_address(l.local_uri().socket_address_json().into_iter().collect());
+    }
+    stats.begin(Instant::now());
+    events.migration_status(MigrationStatus::Setup);
+    let rx = Receiver {
+        m: machine,
+        opts,
+        shared: shared.clone(),
+        events,
+        stats: stats.clone(),
+        rp: Arc::new(Mutex::new(None)),
+        ack: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name("mig-dst".into())
+        .spawn(move || rx.run(from))
+        .map_err(DestError::Spawn)?;
+    Ok(DestHandle {
+        shared,
+        stats,
+        thread,
+    })
+}
+
+/// The return-path writer, shared with approval callbacks on other threads.
+type RpWriter = Arc<Mutex<Option<Stream>>>;
+
+fn send_rp(rp: &RpWriter, msg: &RpMessage) -> Result<(), std::io::Error> {
+    let mut g = rp.lock().unwrap_or_else(|p| p.into_inner());
+    match g.as_mut() {
+        Some(s) => {
+            s.write_all(&msg.encode())?;
+            s.flush()
+        }
+        None => Ok(()),
+    }
+}
+
+/// Switchover-ack bookkeeping (QEMU `switchover_ack_pending_num`).
+struct AckState {
+    inner: Mutex<AckInner>,
+    rp: RpWriter,
+    stats: MigrationStats,
+}
+
+struct AckInner {
+    enabled: bool,
+    needed: usize,
+    approved: usize,
+    rp_open: bool,
+    sent: bool,
+}
+
+impl AckState {
+    fn lock(&self) -> MutexGuard<'_, AckInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn approve(&self) -> Result<(), String> {
+        let mut g = self.lock();
+        if g.approved >= g.needed {
+            return Err(format!(
+                "switchover approved more often than the {} loader(s) that asked for it",
+                g.needed
+            ));
+        }
+        g.approved += 1;
+        self.maybe_send(&mut g)
+    }
+
+    fn rp_opened(&self) -> Result<(), String> {
+        let mut g = self.lock();
+        g.rp_open = true;
+        self.maybe_send(&mut g)
+    }
+
+    fn maybe_send(&self, g: &mut AckInner) -> Result<(), String> {
+        if g.enabled && g.rp_open && !g.sent && g.approved >= g.needed {
+            g.sent = true;
+            tracing::debug!("sending SWITCHOVER_ACK");
+            self.stats.set_switchover_ack(SwitchoverAckStats {
+                enabled: true,
+                acked: true,
+                waited: Default::default(),
+            });
+            send_rp(&self.rp, &RpMessage::SwitchoverAck)
+                .map_err(|e| format!("sending SWITCHOVER_ACK: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+struct Receiver {
+    m: DestMachine,
+    opts: DestOptions,
+    shared: Arc<Shared>,
+    events: Arc<dyn EventSink>,
+    stats: MigrationStats,
+    rp: RpWriter,
+    ack: Option<Arc<AckState>>,
+}
+
+/// The receiver's explicit state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RxState {
+    Listening,
+    Loading,
+    Finishing,
+}
+
+impl Receiver {
+    fn run(mut self, from: Incoming) -> DestOutcome {
+        let mut state = RxState::Listening;
+        let result = self.receive(from, &mut state);
+        let (status, error) = match result {
+            Ok(()) => (MigrationStatus::Completed, None),
+            Err(e) => {
+                let e = if self.shared.cancel.load(Ordering::SeqCst) {
+                    DestError::Cancelled
+                } else {
+                    e
+                };
+                let desc = error_chain(&e);
+                tracing::warn!(error = %desc, ?state, "incoming migration failed");
+                self.stats.set_error(desc.clone());
+                // Best effort: the source may already be gone.
+                let _ = send_rp(
+                    &self.rp,
+                    &RpMessage::Error {
+                        message: desc.clone(),
+                    },
+                );
+                let _ = send_rp(&self.rp, &RpMessage::Shut { error: true });
+                (MigrationStatus::Failed, Some(desc))
+            }
+        };
+        for l in &mut self.m.loaders {
+            l.load_cleanup();
+        }
+        self.shared.io.cancel();
+        self.set_status(status);
+        DestOutcome {
+            status,
+            error,
+            machine: self.m,
+        }
+    }
+
+    fn set_status(&self, status: MigrationStatus) {
+        *self.shared.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
+        self.stats.set_status(status);
+        self.events.migration_status(status);
+        tracing::info!(status = status.as_str(), "incoming migration");
+    }
+
+    fn local_config(&self) -> StreamConfig {
+        let d = self.m.state.describe();
+        StreamConfig {
+            page_size: self.m.ram.page_size(),
+            vcpu_count: d.vcpu_count,
+            tsc_khz: d.tsc_khz,
+            vm_uuid: d.uuid,
+            ram_blocks: self.m.ram.blocks(),
+            cpuid: d.cpuid,
+            machine_blob: d.machine_blob,
+        }
+    }
+
+    fn receive(&mut self, from: Incoming, state: &mut RxState) -> Result<(), DestError> {
+        let stream = match from {
+            Incoming::Listener(l) => l.accept(&self.shared.io)?,
+            Incoming::Stream(s) => {
+                if s.has_return_path() {
+                    use std::os::fd::AsFd;
+                    self.shared
+                        .io
+                        .register(s.as_fd())
+                        .map_err(|e| DestError::Protocol(format!("register socket: {e}")))?;
+                }
+                s
+            }
+        };
+        if self.shared.cancel.load(Ordering::SeqCst) {
+            return Err(DestError::Cancelled);
+        }
+        let rp_stream = stream
+            .try_clone_for_return_path()
+            .map_err(|e| DestError::Protocol(format!("cannot clone the socket: {e}")))?;
+        self.set_status(MigrationStatus::Active);
+        *state = RxState::Loading;
+
+        let local = self.local_config();
+        let mut expect = Expectations::from_config(&local, self.opts.validate_uuid);
+        let mut known = self.m.state.known_components();
+        known.extend(self.m.loaders.iter().map(|l| ComponentVersion {
+            id: l.id().to_owned(),
+            min_version: l.min_version(),
+            max_version: l.max_version(),
+        }));
+        expect.components = Some(known);
+        let mut reader = StreamReader::new(
+            BufReader::with_capacity(READ_BUFFER, stream),
+            self.opts.limits.clone(),
+            expect,
+        )?;
+        self.m
+            .state
+            .check_machine_blob(&reader.config().machine_blob)
+            .map_err(|source| DestError::Machine {
+                op: "configuration mismatch".into(),
+                source,
+            })?;
+        self.setup_loaders()?;
+        let sink_pages: Vec<u64> = self
+            .m
+            .ram
+            .blocks()
+            .iter()
+            .map(|b| b.pages(local.page_size))
+            .collect();
+        let mut finals: Vec<ComponentState> = Vec::new();
+        let mut rp_stream = rp_stream;
+        loop {
+            match reader.next_record()? {
+                Record::Ram(batch) => {
+                    for p in batch.pages() {
+                        let (block, page) = (usize::from(p.block), u64::from(p.page));
+                        if sink_pages.get(block).is_none_or(|n| page >= *n) {
+                            return Err(DestError::Protocol(format!(
+                                "RAM page {page} of block {block} is outside this machine's RAM"
+                            )));
+                        }
+                        let r = match p.data {
+                            PageData::Zero => self.m.ram.zero_page(block, page),
+                            PageData::Normal(d) => self.m.ram.write_page(block, page, d),
+                        };
+                        r.map_err(|source| DestError::Machine {
+                            op: format!("loading RAM block {block} page {page}"),
+                            source,
+                        })?;
+                    }
+                }
+                Record::DeviceChunk(c) => {
+                    let l = self
+                        .m
+                        .loaders
+                        .iter_mut()
+                        .find(|l| l.id() == c.id && l.instance() == c.instance)
+                        .ok_or_else(|| {
+                            DestError::Protocol(format!(
+                                "pre-copy data for device '{}' instance {}, which this machine does not have",
+                                c.id, c.instance
+                            ))
+                        })?;
+                    l.load_iterate(c.version, c.data)
+                        .map_err(|source| DestError::Loader {
+                            id: c.id.to_owned(),
+                            instance: c.instance,
+                            op: "load_iterate",
+                            source,
+                        })?;
+                }
+                Record::Section(c) => finals.push(ComponentState {
+                    id: c.id.to_owned(),
+                    instance: c.instance,
+                    version: c.version,
+                    data: c.data.to_vec(),
+                }),
+                Record::Command(Command::OpenReturnPath) => {
+                    let s = rp_stream.take().ok_or_else(|| {
+                        DestError::Protocol(
+                            "OPEN_RETURN_PATH on a channel without a return path (or twice)".into(),
+                        )
+                    })?;
+                    *self.rp.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                    if let Some(ack) = &self.ack {
+                        ack.rp_opened().map_err(DestError::Protocol)?;
+                    }
+                }
+                Record::Command(Command::Ping { seq }) => {
+                    send_rp(&self.rp, &RpMessage::Pong { seq })
+                        .map_err(|e| DestError::Protocol(format!("sending PONG: {e}")))?;
+                }
+                Record::Command(Command::IterationEnd { pass }) => {
+                    tracing::trace!(pass, "source pass ended");
+                }
+                Record::Command(Command::SwitchoverStart) => {
+                    tracing::debug!("source stopped: final state follows");
+                }
+                Record::End(_) => break,
+            }
+        }
+        *state = RxState::Finishing;
+        self.finish(finals)
+    }
+
+    /// Counts the loaders needing an ACK and calls every `load_setup`.
+    fn setup_loaders(&mut self) -> Result<(), DestError> {
+        let needed = if self.opts.switchover_ack {
+            self.m
+                .loaders
+                .iter()
+                .filter(|l| l.switchover_ack_needed())
+                .count()
+        } else {
+            0
+        };
+        let ack = Arc::new(AckState {
+            inner: Mutex::new(AckInner {
+                enabled: self.opts.switchover_ack,
+                needed,
+                approved: 0,
+                rp_open: false,
+                sent: false,
+            }),
+            rp: self.rp.clone(),
+            stats: self.stats.clone(),
+        });
+        self.stats.set_switchover_ack(SwitchoverAckStats {
+            enabled: self.opts.switchover_ack,
+            ..Default::default()
+        });
+        self.ack = Some(ack.clone());
+        for l in &mut self.m.loaders {
+            let a = ack.clone();
+            let approval = SwitchoverApproval::new(move || a.approve());
+            l.load_setup(approval).map_err(|source| DestError::Loader {
+                id: l.id().to_owned(),
+                instance: l.instance(),
+                op: "load_setup",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// After a verified END: final device states, components, resume, tell the source.
+    fn finish(&mut self, finals: Vec<ComponentState>) -> Result<(), DestError> {
+        let mut components = Vec::with_capacity(finals.len());
+        let mut loaded = vec![false; self.m.loaders.len()];
+        for c in finals {
+            match self
+                .m
+                .loaders
+                .iter_mut()
+                .position(|l| l.id() == c.id && l.instance() == c.instance)
+            {
+                Some(i) => {
+                    if loaded[i] {
+                        return Err(DestError::Protocol(format!(
+                            "two final states for device '{}' instance {}",
+                            c.id, c.instance
+                        )));
+                    }
+                    loaded[i] = true;
+                    self.m.loaders[i]
+                        .load_complete(c.version, &c.data)
+                        .map_err(|source| DestError::Loader {
+                            id: c.id.clone(),
+                            instance: c.instance,
+                            op: "load_complete",
+                            source,
+                        })?;
+                }
+                None => components.push(c),
+            }
+        }
+        if let Some(i) = loaded.iter().position(|l| !l) {
+            let l = &self.m.loaders[i];
+            return Err(DestError::Protocol(format!(
+                "no final state for device '{}' instance {}",
+                l.id(),
+                l.instance()
+            )));
+        }
+        self.m
+            .state
+            .restore_components(components)
+            .map_err(|source| DestError::Machine {
+                op: "restoring the machine state".into(),
+                source,
+            })?;
+        if self.opts.autostart {
+            self.m.vcpus.resume().map_err(|source| DestError::Machine {
+                op: "resuming the vCPUs".into(),
+                source,
+            })?;
+            self.events.vm_resumed();
+            // The source's downtime ends when this arrives; a lost message is not our failure.
+            if let Err(e) = send_rp(&self.rp, &RpMessage::Resumed) {
+                tracing::warn!(error = %e, "cannot send RESUMED");
+            }
+        }
+        if let Err(e) = send_rp(&self.rp, &RpMessage::Shut { error: false }) {
+            tracing::warn!(error = %e, "cannot send SHUT");
+        }
+        Ok(())
+    }
+}

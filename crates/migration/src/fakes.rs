@@ -1,0 +1,780 @@
+//! In-memory fakes of the [`crate::machine`] traits, for the engine's tests and for the glue's
+//! own tests: RAM of a few MiB with a background "guest" thread dirtying pages at a
+//! configurable rate, vCPU run control that really stops that thread, device handlers with
+//! pre-copy data, loaders that approve the switchover (or never do), and a machine whose
+//! components can be made to fail on restore.
+//!
+//! Everything is observable after a migration through the shared handles (`Arc` inside).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::machine::{
+    ComponentState, ComponentVersion, DirtyBitmap, MachineDescription, MachineError, MachineState,
+    RamBlockInfo, RamSink, RamSource, StateHandler, StateLoader, SwitchoverApproval, VcpuControl,
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A one-shot flag a test can wait on (set by a fake when something happens).
+#[derive(Debug, Clone, Default)]
+pub struct Signal {
+    inner: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Signal {
+    /// An unset signal.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets it and wakes the waiters.
+    pub fn set(&self) {
+        *lock(&self.inner.0) = true;
+        self.inner.1.notify_all();
+    }
+
+    /// Whether it is set.
+    pub fn is_set(&self) -> bool {
+        *lock(&self.inner.0)
+    }
+
+    /// Blocks until it is set.
+    pub fn wait(&self) {
+        let mut g = lock(&self.inner.0);
+        while !*g {
+            g = self.inner.1.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Small deterministic PRNG (xorshift64*): fakes must not depend on `rand`.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// Seeded generator (seed 0 is replaced by a constant).
+    pub fn new(seed: u64) -> Self {
+        Self(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    /// Next value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[derive(Debug)]
+struct RamState {
+    page_size: u32,
+    blocks: Vec<RamBlockInfo>,
+    mem: Vec<Vec<u8>>,
+    dirty: Vec<DirtyBitmap>,
+    logging: bool,
+    log_starts: u32,
+    log_stops: u32,
+    syncs: u64,
+    writes_while_logging_off: u64,
+}
+
+/// Optional hooks on [`FakeRam`] so a test can hold the sender inside a phase.
+#[derive(Debug, Clone, Default)]
+pub struct RamHooks {
+    /// Set when `start_dirty_log` is entered.
+    pub entered_setup: Signal,
+    /// When present, `start_dirty_log` blocks until it is set.
+    pub setup_gate: Option<Signal>,
+}
+
+/// Guest RAM in memory; implements both [`RamSource`] and [`RamSink`]. Clones share the memory.
+#[derive(Debug, Clone)]
+pub struct FakeRam {
+    inner: Arc<Mutex<RamState>>,
+    /// Test hooks.
+    pub hooks: RamHooks,
+}
+
+impl FakeRam {
+    /// Zeroed RAM with the given blocks (`(id, gpa, size)`).
+    pub fn new(page_size: u32, blocks: &[(&str, u64, u64)]) -> Self {
+        let blocks: Vec<RamBlockInfo> = blocks
+            .iter()
+            .map(|(id, gpa, size)| RamBlockInfo {
+                id: (*id).to_owned(),
+                gpa: *gpa,
+                size: *size,
+            })
+            .collect();
+        let mem = blocks.iter().map(|b| vec![0u8; b.size as usize]).collect();
+        let dirty = blocks
+            .iter()
+            .map(|b| DirtyBitmap::new(b.pages(page_size)))
+            .collect();
+        Self {
+            inner: Arc::new(Mutex::new(RamState {
+                page_size,
+                blocks,
+                mem,
+                dirty,
+                logging: false,
+                log_starts: 0,
+                log_stops: 0,
+                syncs: 0,
+                writes_while_logging_off: 0,
+            })),
+            hooks: RamHooks::default(),
+        }
+    }
+
+    /// Two blocks (3 MiB at 0 and 1 MiB at 4 GiB), 4 KiB pages: small but with more than one
+    /// block so block indexes are exercised.
+    pub fn small() -> Self {
+        Self::new(4096, &[("ram0", 0, 3 << 20), ("ram1", 1 << 32, 1 << 20)])
+    }
+
+    /// Fills about `percent`% of the pages with pseudo-random bytes, leaving the rest zero.
+    pub fn fill_random(&self, percent: u64, seed: u64) {
+        let mut rng = XorShift::new(seed);
+        let mut g = lock(&self.inner);
+        let ps = g.page_size as usize;
+        for block in &mut g.mem {
+            for page in block.chunks_mut(ps) {
+                if rng.next_u64() % 100 < percent {
+                    for b in page.iter_mut() {
+                        *b = rng.next_u64() as u8;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Total number of pages.
+    pub fn total_pages(&self) -> u64 {
+        let g = lock(&self.inner);
+        g.blocks.iter().map(|b| b.pages(g.page_size)).sum()
+    }
+
+    /// Writes `value` at byte `offset` of the page with global index `n` (pages of all blocks
+    /// numbered in order), marking it dirty when logging is on: one guest write.
+    pub fn guest_write(&self, n: u64, offset: usize, value: u64) {
+        let mut g = lock(&self.inner);
+        let ps = g.page_size as usize;
+        let mut n = n;
+        for i in 0..g.blocks.len() {
+            let pages = g.blocks[i].pages(g.page_size);
+            if n < pages {
+                let off = (n as usize) * ps + (offset % (ps - 7));
+                g.mem[i][off..off + 8].copy_from_slice(&value.to_le_bytes());
+                if g.logging {
+                    g.dirty[i].set(n);
+                } else {
+                    g.writes_while_logging_off += 1;
+                }
+                return;
+            }
+            n -= pages;
+        }
+    }
+
+    /// A copy of every block's bytes.
+    pub fn contents(&self) -> Vec<Vec<u8>> {
+        lock(&self.inner).mem.clone()
+    }
+
+    /// The first page (block, page) whose contents differ from `other`'s, if any.
+    pub fn first_difference(&self, other: &FakeRam) -> Option<(usize, u64)> {
+        let a = self.contents();
+        let b = other.contents();
+        let ps = lock(&self.inner).page_size as usize;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            for (p, (px, py)) in x.chunks(ps).zip(y.chunks(ps)).enumerate() {
+                if px != py {
+                    return Some((i, p as u64));
+                }
+            }
+        }
+        (a.len() != b.len()).then_some((a.len().min(b.len()), 0))
+    }
+
+    /// Whether dirty logging is on now.
+    pub fn logging(&self) -> bool {
+        lock(&self.inner).logging
+    }
+
+    /// (start_dirty_log calls, stop_dirty_log calls, syncs).
+    pub fn log_calls(&self) -> (u32, u32, u64) {
+        let g = lock(&self.inner);
+        (g.log_starts, g.log_stops, g.syncs)
+    }
+}
+
+impl RamSource for FakeRam {
+    fn page_size(&self) -> u32 {
+        lock(&self.inner).page_size
+    }
+
+    fn blocks(&self) -> Vec<RamBlockInfo> {
+        lock(&self.inner).blocks.clone()
+    }
+
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        let g = lock(&self.inner);
+        let ps = g.page_size as usize;
+        let start = page as usize * ps;
+        let src = g
+            .mem
+            .get(block)
+            .and_then(|m| m.get(start..start + ps))
+            .ok_or_else(|| MachineError::rejected("read_page", format!("{block}/{page}")))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), MachineError> {
+        self.hooks.entered_setup.set();
+        if let Some(gate) = &self.hooks.setup_gate {
+            gate.wait();
+        }
+        let mut g = lock(&self.inner);
+        g.logging = true;
+        g.log_starts += 1;
+        for d in &mut g.dirty {
+            d.clear();
+        }
+        Ok(())
+    }
+
+    fn sync_dirty_log(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<(), MachineError> {
+        let mut g = lock(&self.inner);
+        g.syncs += 1;
+        for (out, d) in bitmaps.iter_mut().zip(g.dirty.iter_mut()) {
+            out.or_with(d);
+            d.clear();
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), MachineError> {
+        let mut g = lock(&self.inner);
+        g.logging = false;
+        g.log_stops += 1;
+        Ok(())
+    }
+}
+
+impl RamSink for FakeRam {
+    fn page_size(&self) -> u32 {
+        lock(&self.inner).page_size
+    }
+
+    fn blocks(&self) -> Vec<RamBlockInfo> {
+        lock(&self.inner).blocks.clone()
+    }
+
+    fn write_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), MachineError> {
+        let mut g = lock(&self.inner);
+        let ps = g.page_size as usize;
+        let start = page as usize * ps;
+        let dst = g
+            .mem
+            .get_mut(block)
+            .and_then(|m| m.get_mut(start..start + ps))
+            .ok_or_else(|| MachineError::rejected("write_page", format!("{block}/{page}")))?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError> {
+        let mut g = lock(&self.inner);
+        let ps = g.page_size as usize;
+        let start = page as usize * ps;
+        let dst = g
+            .mem
+            .get_mut(block)
+            .and_then(|m| m.get_mut(start..start + ps))
+            .ok_or_else(|| MachineError::rejected("zero_page", format!("{block}/{page}")))?;
+        dst.fill(0);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct VcpuState {
+    running: bool,
+    pauses: u32,
+    resumes: u32,
+}
+
+/// vCPU run control. While paused, [`FakeVcpus::run_guest`] does not run the guest closure, and
+/// `pause` returns only once no guest code runs (like kicking vCPUs out of `KVM_RUN`).
+#[derive(Debug, Clone, Default)]
+pub struct FakeVcpus {
+    inner: Arc<(Mutex<VcpuState>, Condvar)>,
+}
+
+impl FakeVcpus {
+    /// vCPUs in the given run state.
+    pub fn new(running: bool) -> Self {
+        let v = Self::default();
+        lock(&v.inner.0).running = running;
+        v
+    }
+
+    /// Runs `f` as guest code if the vCPUs are running (holding the run lock, so a pause waits
+    /// for it); returns whether it ran.
+    pub fn run_guest(&self, f: impl FnOnce()) -> bool {
+        let g = lock(&self.inner.0);
+        if g.running {
+            f();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Blocks until the vCPUs run or `timeout` passes (for the guest thread while paused).
+    pub fn wait_running(&self, timeout: Duration) {
+        let g = lock(&self.inner.0);
+        if !g.running {
+            let _ = self.inner.1.wait_timeout(g, timeout);
+        }
+    }
+
+    /// (pause calls, resume calls).
+    pub fn counts(&self) -> (u32, u32) {
+        let g = lock(&self.inner.0);
+        (g.pauses, g.resumes)
+    }
+
+    /// Pauses as the user would (QMP `stop`), not counted as an engine pause.
+    pub fn user_set_running(&self, running: bool) {
+        lock(&self.inner.0).running = running;
+        self.inner.1.notify_all();
+    }
+}
+
+impl VcpuControl for FakeVcpus {
+    fn pause(&mut self) -> Result<(), MachineError> {
+        let mut g = lock(&self.inner.0);
+        g.running = false;
+        g.pauses += 1;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), MachineError> {
+        let mut g = lock(&self.inner.0);
+        g.running = true;
+        g.resumes += 1;
+        drop(g);
+        self.inner.1.notify_all();
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        lock(&self.inner.0).running
+    }
+}
+
+/// A background "guest" that writes pages of a [`FakeRam`] while the [`FakeVcpus`] run.
+#[derive(Debug)]
+pub struct Dirtier {
+    stop: Arc<AtomicBool>,
+    rate: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Dirtier {
+    /// Starts writing `pages_per_sec` pages per second (in 1 ms batches; `u64::MAX` = as fast
+    /// as possible), walking the pages in order from `seed`'s position with a running counter.
+    pub fn spawn(ram: FakeRam, vcpus: FakeVcpus, pages_per_sec: u64, seed: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rate = Arc::new(AtomicU64::new(pages_per_sec));
+        let writes = Arc::new(AtomicU64::new(0));
+        let (s, r, w) = (stop.clone(), rate.clone(), writes.clone());
+        let thread = std::thread::Builder::new()
+            .name("fake-guest".into())
+            .spawn(move || {
+                let total = ram.total_pages().max(1);
+                let mut rng = XorShift::new(seed);
+                let mut next = rng.next_u64() % total;
+                let mut counter = 1u64;
+                while !s.load(Ordering::SeqCst) {
+                    let per_ms = r.load(Ordering::SeqCst);
+                    let batch = if per_ms == u64::MAX {
+                        256
+                    } else {
+                        (per_ms / 1000).max(u64::from(per_ms > 0))
+                    };
+                    let ran = vcpus.run_guest(|| {
+                        for _ in 0..batch {
+                            ram.guest_write(next, (counter as usize) * 8, counter);
+                            counter += 1;
+                            next = (next + 1) % total;
+                        }
+                    });
+                    if ran {
+                        w.fetch_add(batch, Ordering::SeqCst);
+                        if per_ms != u64::MAX {
+                            // Pacing of the workload, not synchronisation.
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    } else {
+                        vcpus.wait_running(Duration::from_millis(5));
+                    }
+                }
+            })
+            .ok();
+        Self {
+            stop,
+            rate,
+            writes,
+            thread,
+        }
+    }
+
+    /// Changes the rate.
+    pub fn set_rate(&self, pages_per_sec: u64) {
+        self.rate.store(pages_per_sec, Ordering::SeqCst);
+    }
+
+    /// Pages written so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Dirtier {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// What a [`FakeDevice`] or [`FakeLoader`] did (shared, inspect after the migration).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeviceLog {
+    /// Setup calls.
+    pub setups: u32,
+    /// Bytes of pre-copy data sent / loaded.
+    pub initial_bytes: usize,
+    /// Chunks sent / loaded.
+    pub chunks: u32,
+    /// Final state saved / loaded.
+    pub final_state: Option<Vec<u8>>,
+    /// Cleanup calls.
+    pub cleanups: u32,
+    /// Whether the loader approved the switchover.
+    pub approved: bool,
+}
+
+/// A source device with `initial` bytes of pre-copy data (sent in chunks of at most
+/// `chunk` bytes) and a final state.
+#[derive(Debug)]
+pub struct FakeDevice {
+    /// Id.
+    pub id: String,
+    /// Instance.
+    pub instance: u32,
+    initial: Vec<u8>,
+    sent: usize,
+    chunk: usize,
+    final_state: Vec<u8>,
+    log: Arc<Mutex<DeviceLog>>,
+}
+
+impl FakeDevice {
+    /// A device named `id` with `initial_len` bytes of initial data and a 64-byte final state.
+    pub fn new(id: &str, initial_len: usize, chunk: usize) -> (Self, Arc<Mutex<DeviceLog>>) {
+        let log = Arc::new(Mutex::new(DeviceLog::default()));
+        let initial = (0..initial_len).map(|i| (i * 7 + 3) as u8).collect();
+        let final_state = (0..64u8).map(|i| i ^ 0x5a).collect();
+        (
+            Self {
+                id: id.to_owned(),
+                instance: 0,
+                initial,
+                sent: 0,
+                chunk: chunk.max(1),
+                final_state,
+                log: log.clone(),
+            },
+            log,
+        )
+    }
+
+    /// The bytes the loader must end up with (initial data, then the final state).
+    pub fn expected(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.initial.clone(), self.final_state.clone())
+    }
+}
+
+impl StateHandler for FakeDevice {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn instance(&self) -> u32 {
+        self.instance
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn is_iterative(&self) -> bool {
+        true
+    }
+    fn switchover_ack_needed(&self) -> bool {
+        true
+    }
+    fn save_setup(&mut self) -> Result<(), MachineError> {
+        self.sent = 0;
+        lock(&self.log).setups += 1;
+        Ok(())
+    }
+    fn pending_estimate(&mut self) -> u64 {
+        (self.initial.len() - self.sent) as u64
+    }
+    fn pending_exact(&mut self) -> Result<u64, MachineError> {
+        Ok(self.pending_estimate())
+    }
+    fn save_iterate(&mut self, budget: usize, out: &mut Vec<u8>) -> Result<(), MachineError> {
+        let n = budget.min(self.chunk).min(self.initial.len() - self.sent);
+        if n > 0 {
+            out.extend_from_slice(&self.initial[self.sent..self.sent + n]);
+            self.sent += n;
+            let mut l = lock(&self.log);
+            l.initial_bytes += n;
+            l.chunks += 1;
+        }
+        Ok(())
+    }
+    fn save_complete(&mut self) -> Result<Vec<u8>, MachineError> {
+        lock(&self.log).final_state = Some(self.final_state.clone());
+        Ok(self.final_state.clone())
+    }
+    fn save_cleanup(&mut self) {
+        lock(&self.log).cleanups += 1;
+    }
+}
+
+/// The destination half of a [`FakeDevice`]: approves the switchover once `initial_len` bytes
+/// arrived, or never (`approve_after = None`, "never finishes loading").
+#[derive(Debug)]
+pub struct FakeLoader {
+    id: String,
+    ack_needed: bool,
+    approve_after: Option<usize>,
+    initial: Vec<u8>,
+    approval: Option<SwitchoverApproval>,
+    log: Arc<Mutex<DeviceLog>>,
+    /// Bytes received (initial data).
+    pub received: Arc<Mutex<Vec<u8>>>,
+    /// Set when the loader approved the switchover.
+    pub approved: Signal,
+}
+
+impl FakeLoader {
+    /// A loader for device `id`.
+    pub fn new(
+        id: &str,
+        ack_needed: bool,
+        approve_after: Option<usize>,
+    ) -> (Self, Arc<Mutex<DeviceLog>>) {
+        let log = Arc::new(Mutex::new(DeviceLog::default()));
+        (
+            Self {
+                id: id.to_owned(),
+                ack_needed,
+                approve_after,
+                initial: Vec::new(),
+                approval: None,
+                log: log.clone(),
+                received: Arc::new(Mutex::new(Vec::new())),
+                approved: Signal::new(),
+            },
+            log,
+        )
+    }
+
+    fn maybe_approve(&mut self) -> Result<(), MachineError> {
+        let Some(need) = self.approve_after else {
+            return Ok(());
+        };
+        if self.initial.len() >= need && !lock(&self.log).approved {
+            if let Some(a) = &self.approval {
+                lock(&self.log).approved = true;
+                a.approve()?;
+                self.approved.set();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StateLoader for FakeLoader {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn instance(&self) -> u32 {
+        0
+    }
+    fn min_version(&self) -> u32 {
+        1
+    }
+    fn max_version(&self) -> u32 {
+        1
+    }
+    fn switchover_ack_needed(&self) -> bool {
+        self.ack_needed
+    }
+    fn load_setup(&mut self, approval: SwitchoverApproval) -> Result<(), MachineError> {
+        lock(&self.log).setups += 1;
+        self.approval = Some(approval);
+        if self.ack_needed {
+            self.maybe_approve()?;
+        }
+        Ok(())
+    }
+    fn load_iterate(&mut self, _version: u32, data: &[u8]) -> Result<(), MachineError> {
+        self.initial.extend_from_slice(data);
+        lock(&self.received).extend_from_slice(data);
+        {
+            let mut l = lock(&self.log);
+            l.initial_bytes += data.len();
+            l.chunks += 1;
+        }
+        if self.ack_needed {
+            self.maybe_approve()?;
+        }
+        Ok(())
+    }
+    fn load_complete(&mut self, _version: u32, data: &[u8]) -> Result<(), MachineError> {
+        lock(&self.log).final_state = Some(data.to_vec());
+        Ok(())
+    }
+    fn load_cleanup(&mut self) {
+        lock(&self.log).cleanups += 1;
+    }
+}
+
+/// Non-iterative machine state: a few components on the source; on the destination it records
+/// what was restored, or rejects it with `reject` (to test error propagation).
+#[derive(Debug, Clone)]
+pub struct FakeMachine {
+    /// CONFIG description.
+    pub desc: MachineDescription,
+    /// Components saved by the source.
+    pub components: Vec<ComponentState>,
+    /// Destination: components restored.
+    pub restored: Arc<Mutex<Option<Vec<ComponentState>>>>,
+    /// Destination: fail the restore with this text.
+    pub reject: Option<String>,
+}
+
+impl FakeMachine {
+    /// A machine with `vcpus` vCPU components and one "serial0".
+    pub fn new(vcpus: u32, uuid: Uuid) -> Self {
+        let mut components: Vec<ComponentState> = (0..vcpus)
+            .map(|i| ComponentState {
+                id: "vcpu".into(),
+                instance: i,
+                version: 1,
+                data: format!("regs of vcpu {i}").into_bytes(),
+            })
+            .collect();
+        components.push(ComponentState {
+            id: "serial0".into(),
+            instance: 0,
+            version: 2,
+            data: vec![1, 2, 3],
+        });
+        Self {
+            desc: MachineDescription {
+                vcpu_count: vcpus,
+                tsc_khz: 2_000_000,
+                uuid,
+                cpuid: vec![crate::machine::CpuidEntry {
+                    function: 1,
+                    index: 0,
+                    eax: 0x306a9,
+                    ebx: 0,
+                    ecx: 0x8000_0000,
+                    edx: 0,
+                }],
+                machine_blob: b"fake-machine-v1".to_vec(),
+            },
+            components,
+            restored: Arc::new(Mutex::new(None)),
+            reject: None,
+        }
+    }
+}
+
+impl MachineState for FakeMachine {
+    fn describe(&self) -> MachineDescription {
+        self.desc.clone()
+    }
+    fn check_machine_blob(&self, blob: &[u8]) -> Result<(), MachineError> {
+        if blob == self.desc.machine_blob.as_slice() {
+            Ok(())
+        } else {
+            Err(MachineError::rejected(
+                "machine_blob",
+                format!(
+                    "source '{}', destination '{}'",
+                    String::from_utf8_lossy(blob),
+                    String::from_utf8_lossy(&self.desc.machine_blob)
+                ),
+            ))
+        }
+    }
+    fn known_components(&self) -> Vec<ComponentVersion> {
+        vec![
+            ComponentVersion {
+                id: "vcpu".into(),
+                min_version: 1,
+                max_version: 1,
+            },
+            ComponentVersion {
+                id: "serial0".into(),
+                min_version: 1,
+                max_version: 2,
+            },
+        ]
+    }
+    fn save_components(&mut self) -> Result<Vec<ComponentState>, MachineError> {
+        Ok(self.components.clone())
+    }
+    fn restore_components(&mut self, states: Vec<ComponentState>) -> Result<(), MachineError> {
+        if let Some(r) = &self.reject {
+            return Err(MachineError::rejected("serial0", r.clone()));
+        }
+        *lock(&self.restored) = Some(states);
+        Ok(())
+    }
+}

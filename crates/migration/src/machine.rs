@@ -1,0 +1,391 @@
+//! The traits through which the engine drives a machine. The engine knows nothing of KVM:
+//! `tern-vmm` (through the glue in `crates/tern`) implements these over the real VM, the tests
+//! implement them over in-memory fakes ([`crate::fakes`]).
+//!
+//! | trait | side | QEMU analogue |
+//! | --- | --- | --- |
+//! | [`RamSource`] | source | `ram_save_*` + `memory_global_dirty_log_*` |
+//! | [`RamSink`] | destination | `ram_load_precopy` |
+//! | [`VcpuControl`] | both | `vm_stop` / `vm_start` / `runstate_is_running` |
+//! | [`StateHandler`] | source | `SaveVMHandlers` of an iterable device (without RAM) |
+//! | [`StateLoader`] | destination | the load half of `SaveVMHandlers` |
+//! | [`MachineState`] | both | every non-iterative `VMStateDescription` (vCPUs, irqchip, PIT, clock, UART, …) |
+//!
+//! Every method is mandatory: a forgotten implementation must not silently migrate nothing.
+//! Errors are [`MachineError`]; the engine puts their text into `error-desc`.
+
+use std::sync::{Arc, Mutex};
+
+pub use crate::wire::{ComponentVersion, CpuidEntry, RamBlockInfo};
+use uuid::Uuid;
+
+/// Errors a machine implementation reports to the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// An OS call failed (an ioctl, an mmap access, …).
+    #[error("{op}")]
+    Io {
+        /// What the machine was doing ("KVM_GET_DIRTY_LOG slot 0").
+        op: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The incoming data is not acceptable for this machine (destination-side validation:
+    /// wrong size, unknown component, out-of-range value). `what` names the offending item.
+    #[error("{what}: {reason}")]
+    Rejected {
+        /// The component or field that was rejected ("vcpu 1 state", "serial0").
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// Anything else, with a message that stands on its own.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl MachineError {
+    /// Shorthand for [`MachineError::Rejected`].
+    pub fn rejected(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Rejected {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A dirty bitmap for one RAM block: bit `p` of word `p / 64` is page `p` (the layout of
+/// `KVM_GET_DIRTY_LOG`, so an implementation can OR the kernel's words straight in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl DirtyBitmap {
+    /// An all-clear bitmap for `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        Self {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+
+    /// Number of pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// The raw words (bit `p % 64` of word `p / 64` is page `p`).
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// The raw words, for OR-ing a kernel bitmap in. Bits past [`Self::pages`] must stay clear.
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.words
+    }
+
+    /// Marks page `p` dirty (ignored past the end).
+    pub fn set(&mut self, p: u64) {
+        if p < self.pages {
+            self.words[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
+    /// Whether page `p` is dirty.
+    pub fn get(&self, p: u64) -> bool {
+        p < self.pages && self.words[(p / 64) as usize] & (1 << (p % 64)) != 0
+    }
+
+    /// Marks every page dirty (the first pass sends everything).
+    pub fn set_all(&mut self) {
+        self.words.fill(u64::MAX);
+        let tail = self.pages % 64;
+        if tail != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last = (1u64 << tail) - 1;
+            }
+        }
+    }
+
+    /// Clears every bit.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// ORs `other` into `self` (same size required; extra words are ignored).
+    pub fn or_with(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
+    /// Finds the first dirty page at or after `from`, clears it and returns it.
+    pub fn take_next(&mut self, from: u64) -> Option<u64> {
+        if from >= self.pages {
+            return None;
+        }
+        let mut w = (from / 64) as usize;
+        let mut mask = u64::MAX << (from % 64);
+        while w < self.words.len() {
+            let bits = self.words[w] & mask;
+            if bits != 0 {
+                let bit = bits.trailing_zeros();
+                self.words[w] &= !(1u64 << bit);
+                return Some(w as u64 * 64 + u64::from(bit));
+            }
+            w += 1;
+            mask = u64::MAX;
+        }
+        None
+    }
+}
+
+/// Guest RAM on the source.
+///
+/// Pages are read while the vCPUs run (pre-copy), so a page may change during or after the read:
+/// the dirty log makes that safe, as long as logging was started before the first read of the
+/// page. The engine calls, in order: [`RamSource::start_dirty_log`], then reads every page (first
+/// pass), then repeatedly [`RamSource::sync_dirty_log`] and reads the pages it reported, and finally
+/// (on success, failure or cancel) [`RamSource::stop_dirty_log`].
+pub trait RamSource: Send {
+    /// Page size in bytes (4096 on x86-64).
+    fn page_size(&self) -> u32;
+    /// The RAM blocks, in a fixed order; block indexes below refer to this list (and to the
+    /// CONFIG record's list).
+    fn blocks(&self) -> Vec<RamBlockInfo>;
+    /// Copies page `page` of block `block` into `buf` (`buf.len() == page_size()`).
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError>;
+    /// Turns dirty logging on for every block (`KVM_MEM_LOG_DIRTY_PAGES`) and clears any stale
+    /// dirty state, so that every write from now on is reported by the next sync.
+    fn start_dirty_log(&mut self) -> Result<(), MachineError>;
+    /// Fetch-and-clear: ORs every page written since the previous sync (or since
+    /// `start_dirty_log`) into `bitmaps[block]` (the kernel's log OR'd with the VMM's own writes)
+    /// and clears the machine's log. `bitmaps.len() == blocks().len()`.
+    fn sync_dirty_log(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<(), MachineError>;
+    /// Turns dirty logging off (vCPUs stop paying the write-fault cost). Called on every end.
+    fn stop_dirty_log(&mut self) -> Result<(), MachineError>;
+}
+
+/// Guest RAM on the destination. The engine has checked `block` and `page` against
+/// [`RamSink::blocks`] before calling; an implementation may check again.
+pub trait RamSink: Send {
+    /// Page size in bytes; must equal the source's.
+    fn page_size(&self) -> u32;
+    /// The RAM blocks; the source's must be identical (same order, id, GPA, size).
+    fn blocks(&self) -> Vec<RamBlockInfo>;
+    /// Writes one page (`data.len() == page_size()`).
+    fn write_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), MachineError>;
+    /// Makes the page all zeroes. Fresh anonymous memory is already zero, so an implementation
+    /// may skip the write when it knows the page was never written (keeps it unallocated).
+    fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError>;
+}
+
+/// Run control of the vCPUs. The engine calls `pause` at the switchover (source), `resume` on
+/// failure of the switchover (source) and after the load (destination). QMP `stop`/`cont` may
+/// change the run state concurrently; the engine only reads it through `is_running`.
+pub trait VcpuControl: Send {
+    /// Stops every vCPU and returns once none runs guest code (the downtime starts here).
+    fn pause(&mut self) -> Result<(), MachineError>;
+    /// Lets every vCPU run again.
+    fn resume(&mut self) -> Result<(), MachineError>;
+    /// Whether the guest is running now.
+    fn is_running(&self) -> bool;
+}
+
+/// A source-side device with state of its own beside RAM, QEMU's `SaveVMHandlers`.
+///
+/// An iterative handler sends chunks while the VM runs (QEMU `save_live_iterate`, stream
+/// `DEVICE_CHUNK`) and its final state once the VM is stopped (`save_complete`, stream `SECTION`).
+/// A non-iterative handler is only asked for `save_complete`. Iterative handlers are iterated
+/// fairly with RAM: one bounded chunk each per round, never "one device until it is done".
+pub trait StateHandler: Send {
+    /// Component id, unique together with `instance` ("state-dev").
+    fn id(&self) -> &str;
+    /// Instance number.
+    fn instance(&self) -> u32;
+    /// Version of the state layout this handler writes.
+    fn version(&self) -> u32;
+    /// Whether it sends data during pre-copy.
+    fn is_iterative(&self) -> bool;
+    /// Whether the matching destination loader waits for its initial data before it approves the
+    /// switchover (informational on the source; the destination decides).
+    fn switchover_ack_needed(&self) -> bool;
+    /// Called once before the first iteration.
+    fn save_setup(&mut self) -> Result<(), MachineError>;
+    /// Cheap estimate of the bytes it still has to send before the switchover (QEMU
+    /// `state_pending_estimate`).
+    fn pending_estimate(&mut self) -> u64;
+    /// Exact count, may be expensive (QEMU `state_pending_exact`); called only when the estimate
+    /// is already below the switchover threshold.
+    fn pending_exact(&mut self) -> Result<u64, MachineError>;
+    /// Appends at most `budget` bytes of pre-copy data to `out` (nothing when it has nothing to
+    /// send now). Each non-empty call becomes one `DEVICE_CHUNK`.
+    fn save_iterate(&mut self, budget: usize, out: &mut Vec<u8>) -> Result<(), MachineError>;
+    /// The final state, with the VM stopped (one `SECTION`).
+    fn save_complete(&mut self) -> Result<Vec<u8>, MachineError>;
+    /// Called once at the end, whatever the outcome (release buffers, reset tracking).
+    fn save_cleanup(&mut self);
+}
+
+/// Lets a destination loader approve the switchover ("my initial data is loaded"), QEMU's
+/// `qemu_loadvm_approve_switchover`. Cheap to clone, usable from any thread. When every loader
+/// that asked for an ACK has approved, the engine sends `SWITCHOVER_ACK` on the return path.
+#[derive(Clone)]
+pub struct SwitchoverApproval {
+    inner: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+impl SwitchoverApproval {
+    /// Builds a handle from the engine's callback (engine-internal, public for tests and glue).
+    pub fn new(f: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Self {
+        Self { inner: Arc::new(f) }
+    }
+
+    /// Approves once. Approving more often than loaders asked is an error (QEMU `-EINVAL`).
+    pub fn approve(&self) -> Result<(), MachineError> {
+        (self.inner)().map_err(MachineError::Failed)
+    }
+}
+
+impl std::fmt::Debug for SwitchoverApproval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SwitchoverApproval")
+    }
+}
+
+/// A destination-side device loader, the counterpart of a [`StateHandler`] with the same id and
+/// instance.
+pub trait StateLoader: Send {
+    /// Component id.
+    fn id(&self) -> &str;
+    /// Instance number.
+    fn instance(&self) -> u32;
+    /// Oldest state version it can load.
+    fn min_version(&self) -> u32;
+    /// Newest state version it can load.
+    fn max_version(&self) -> u32;
+    /// Whether the switchover must wait for this loader's approval (only asked when the
+    /// `switchover-ack` capability is on).
+    fn switchover_ack_needed(&self) -> bool;
+    /// Called once after CONFIG was accepted. `approval` is the handle to call when the initial
+    /// data is loaded (only meaningful when `switchover_ack_needed` returned true); it may be
+    /// called from any thread, now or later.
+    fn load_setup(&mut self, approval: SwitchoverApproval) -> Result<(), MachineError>;
+    /// One pre-copy chunk (`DEVICE_CHUNK`) of `version`.
+    fn load_iterate(&mut self, version: u32, data: &[u8]) -> Result<(), MachineError>;
+    /// The final state (`SECTION`), VM stopped on both sides.
+    fn load_complete(&mut self, version: u32, data: &[u8]) -> Result<(), MachineError>;
+    /// Called once at the end, whatever the outcome; after a failure it discards what was loaded.
+    fn load_cleanup(&mut self);
+}
+
+/// The state of one non-iterative machine component (QEMU `SECTION_FULL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentState {
+    /// Component id ("vcpu", "irqchip", "serial0").
+    pub id: String,
+    /// Instance number (vCPU index, …).
+    pub instance: u32,
+    /// The component's own state version.
+    pub version: u32,
+    /// Opaque bytes (postcard of the component's serde struct).
+    pub data: Vec<u8>,
+}
+
+/// What the CONFIG record says about the machine besides its RAM (checked by the destination).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MachineDescription {
+    /// Number of vCPUs.
+    pub vcpu_count: u32,
+    /// Guest TSC frequency in kHz.
+    pub tsc_khz: u32,
+    /// The VM's UUID (compared when the destination has `validate-uuid`).
+    pub uuid: Uuid,
+    /// CPUID leaves the saved vCPU state depends on (the destination must have each, equal).
+    pub cpuid: Vec<CpuidEntry>,
+    /// Opaque machine configuration, compared byte for byte by the machine itself.
+    pub machine_blob: Vec<u8>,
+}
+
+/// The non-iterative part of the machine (vCPU registers, irqchip, PIT, clock, UART, control
+/// port): saved once with the VM stopped, restored once before the destination resumes.
+pub trait MachineState: Send {
+    /// Describes this machine for CONFIG (source) or for checking CONFIG (destination).
+    fn describe(&self) -> MachineDescription;
+    /// Destination: checks the source's `machine_blob` against this machine (the engine has
+    /// already compared every other CONFIG field). An error names the mismatching field.
+    fn check_machine_blob(&self, blob: &[u8]) -> Result<(), MachineError>;
+    /// Destination: the non-iterative component ids it restores, with the versions it accepts,
+    /// so that an unknown component or version in the stream is rejected by the reader before
+    /// anything is handed over.
+    fn known_components(&self) -> Vec<ComponentVersion>;
+    /// Source, VM stopped: every component's state, in restore order.
+    fn save_components(&mut self) -> Result<Vec<ComponentState>, MachineError>;
+    /// Destination, VM stopped: validates and restores all of them (all or nothing; on error the
+    /// machine is left unusable and the engine reports the migration failed).
+    fn restore_components(&mut self, states: Vec<ComponentState>) -> Result<(), MachineError>;
+}
+
+/// Shared-ownership adaptor: lets the glue keep a handle on a machine part while the engine
+/// drives it (`Arc<Mutex<T>>` implements each trait when `T` does).
+impl<T: VcpuControl> VcpuControl for Arc<Mutex<T>> {
+    fn pause(&mut self) -> Result<(), MachineError> {
+        lock(self)?.pause()
+    }
+    fn resume(&mut self) -> Result<(), MachineError> {
+        lock(self)?.resume()
+    }
+    fn is_running(&self) -> bool {
+        self.lock().map(|g| g.is_running()).unwrap_or(false)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, MachineError> {
+    m.lock()
+        .map_err(|_| MachineError::Failed("machine lock poisoned".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_set_take_count() {
+        let mut b = DirtyBitmap::new(130);
+        assert_eq!(b.words().len(), 3);
+        b.set(0);
+        b.set(64);
+        b.set(129);
+        b.set(130); // past the end: ignored
+        assert_eq!(b.count(), 3);
+        assert!(b.get(129) && !b.get(128) && !b.get(130));
+        assert_eq!(b.take_next(1), Some(64));
+        assert_eq!(b.take_next(0), Some(0));
+        assert_eq!(b.take_next(0), Some(129));
+        assert_eq!(b.take_next(0), None);
+        b.set_all();
+        assert_eq!(b.count(), 130);
+        let mut c = DirtyBitmap::new(130);
+        c.or_with(&b);
+        assert_eq!(c.count(), 130);
+        c.clear();
+        assert_eq!(c.count(), 0);
+    }
+
+    #[test]
+    fn bitmap_exact_multiple_of_64() {
+        let mut b = DirtyBitmap::new(128);
+        b.set_all();
+        assert_eq!(b.count(), 128);
+        assert_eq!(b.take_next(127), Some(127));
+        assert_eq!(b.take_next(128), None);
+    }
+}

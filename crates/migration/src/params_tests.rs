@@ -1,0 +1,308 @@
+//! Capabilities/parameters: defaults, ranges, conflicts, JSON in and out.
+
+use serde_json::json;
+
+use super::*;
+
+fn set_caps(c: &mut Capabilities, list: &[(&str, bool)]) -> Result<(), ParamError> {
+    let arr: Vec<_> = list
+        .iter()
+        .map(|(n, s)| json!({"capability": n, "state": s}))
+        .collect();
+    c.apply_json(&json!({ "capabilities": arr }), &Parameters::default())
+}
+
+#[test]
+fn capability_list_matches_qemu() {
+    let caps = Capabilities::default();
+    let q = caps.to_query_json();
+    let names: Vec<_> = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["capability"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 22);
+    for n in [
+        "xbzrle",
+        "rdma-pin-all",
+        "auto-converge",
+        "zero-blocks",
+        "events",
+        "postcopy-ram",
+        "x-colo",
+        "release-ram",
+        "return-path",
+        "pause-before-switchover",
+        "multifd",
+        "dirty-bitmaps",
+        "postcopy-blocktime",
+        "late-block-activate",
+        "x-ignore-shared",
+        "validate-uuid",
+        "background-snapshot",
+        "zero-copy-send",
+        "postcopy-preempt",
+        "switchover-ack",
+        "dirty-limit",
+        "mapped-ram",
+    ] {
+        assert!(names.contains(&n), "{n}");
+    }
+    assert!(q.as_array().unwrap().iter().all(|c| c["state"] == false));
+    let implemented: Vec<_> = Capability::ALL
+        .iter()
+        .filter(|c| c.implemented())
+        .map(|c| c.name())
+        .collect();
+    assert_eq!(
+        implemented,
+        [
+            "events",
+            "return-path",
+            "pause-before-switchover",
+            "validate-uuid",
+            "switchover-ack"
+        ]
+    );
+}
+
+#[test]
+fn capability_rules() {
+    let mut c = Capabilities::default();
+    let e = set_caps(&mut c, &[("switchover-ack", true)]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Capability 'switchover-ack' requires capability 'return-path'"
+    );
+    set_caps(
+        &mut c,
+        &[
+            ("return-path", true),
+            ("switchover-ack", true),
+            ("events", true),
+        ],
+    )
+    .unwrap();
+    assert!(c.get(Capability::SwitchoverAck) && c.get(Capability::ReturnPath));
+    // Turning return-path off while switchover-ack stays on is refused, atomically.
+    assert!(set_caps(&mut c, &[("return-path", false)]).is_err());
+    assert!(c.get(Capability::ReturnPath));
+
+    let mut c = Capabilities::default();
+    for (list, msg) in [
+        (
+            vec![("postcopy-preempt", true)],
+            "Postcopy preempt requires postcopy-ram",
+        ),
+        (
+            vec![("multifd", true), ("xbzrle", true)],
+            "Multifd is not compatible with xbzrle",
+        ),
+        (
+            vec![("dirty-limit", true), ("auto-converge", true)],
+            "dirty-limit conflicts with auto-converge either of then available currently",
+        ),
+        (
+            vec![("background-snapshot", true), ("return-path", true)],
+            "Background-snapshot is not compatible with return-path",
+        ),
+        (
+            vec![("postcopy-ram", true), ("x-ignore-shared", true)],
+            "Postcopy is not compatible with ignore-shared",
+        ),
+        (
+            vec![("zero-copy-send", true)],
+            "Zero copy only available for non-compressed non-TLS multifd migration",
+        ),
+        (
+            vec![("mapped-ram", true), ("xbzrle", true)],
+            "Mapped-ram migration is incompatible with xbzrle",
+        ),
+        (
+            vec![("multifd", true)],
+            "Capability 'multifd' is not yet supported by Tern",
+        ),
+        (
+            vec![("postcopy-ram", true)],
+            "Capability 'postcopy-ram' is not yet supported by Tern",
+        ),
+    ] {
+        assert_eq!(set_caps(&mut c, &list).unwrap_err().to_string(), msg);
+        assert_eq!(
+            c,
+            Capabilities::default(),
+            "failed set must not change anything"
+        );
+    }
+    // Disabling an unimplemented capability is fine.
+    set_caps(&mut c, &[("xbzrle", false)]).unwrap();
+}
+
+#[test]
+fn capability_json_errors() {
+    let mut c = Capabilities::default();
+    let p = Parameters::default();
+    for (args, msg) in [
+        (json!({}), "Parameter 'capabilities' is missing"),
+        (
+            json!({"capabilities": 1}),
+            "Invalid parameter type for 'capabilities', expected: array",
+        ),
+        (
+            json!({"capabilities": [], "x": 1}),
+            "Parameter 'x' is unexpected",
+        ),
+        (
+            json!({"capabilities": [{"capability": "bogus", "state": true}]}),
+            "Parameter 'capabilities[0].capability' does not accept value 'bogus'",
+        ),
+        (
+            json!({"capabilities": [{"capability": "events", "state": "yes"}]}),
+            "Invalid parameter type for 'capabilities[0].state', expected: boolean",
+        ),
+        (
+            json!({"capabilities": [{"capability": "events"}]}),
+            "Parameter 'capabilities[0].state' is missing",
+        ),
+    ] {
+        assert_eq!(c.apply_json(&args, &p).unwrap_err().to_string(), msg);
+    }
+}
+
+#[test]
+fn not_running_check() {
+    assert_eq!(
+        check_not_running(MigrationStatus::Active)
+            .unwrap_err()
+            .to_string(),
+        "There's a migration process in progress"
+    );
+    assert!(check_not_running(MigrationStatus::Completed).is_ok());
+    assert!(check_not_running(MigrationStatus::None).is_ok());
+}
+
+#[test]
+fn parameter_defaults() {
+    let q = Parameters::default().to_query_json();
+    for (k, v) in [
+        ("downtime-limit", json!(300)),
+        ("max-bandwidth", json!(134_217_728u64)),
+        ("avail-switchover-bandwidth", json!(0)),
+        ("multifd-channels", json!(2)),
+        ("multifd-compression", json!("none")),
+        ("multifd-zstd-level", json!(1)),
+        ("multifd-zlib-level", json!(1)),
+        ("xbzrle-cache-size", json!(64u64 << 20)),
+        ("cpu-throttle-initial", json!(20)),
+        ("cpu-throttle-increment", json!(10)),
+        ("cpu-throttle-tailslow", json!(false)),
+        ("max-cpu-throttle", json!(99)),
+        ("throttle-trigger-threshold", json!(50)),
+        ("announce-initial", json!(50)),
+        ("announce-max", json!(550)),
+        ("announce-rounds", json!(5)),
+        ("announce-step", json!(100)),
+        ("max-postcopy-bandwidth", json!(0)),
+        ("x-vcpu-dirty-limit-period", json!(1000)),
+        ("vcpu-dirty-limit", json!(1)),
+        ("tls-creds", json!("")),
+        ("mode", json!("normal")),
+        ("zero-page-detection", json!("multifd")),
+        ("x-checkpoint-delay", json!(20000)),
+    ] {
+        assert_eq!(q[k], v, "{k}");
+    }
+    // Every queried name is settable.
+    let obj = q.as_object().unwrap();
+    for k in obj.keys() {
+        assert!(PARAMETER_NAMES.contains(&k.as_str()), "{k}");
+    }
+}
+
+#[test]
+fn parameter_ranges_and_messages() {
+    let caps = Capabilities::default();
+    for (args, msg) in [
+        (
+            json!({"downtime-limit": 2_000_001}),
+            "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 ms",
+        ),
+        (json!({"multifd-channels": 0}), "Parameter 'multifd_channels' expects a value between 1 and 255"),
+        (json!({"multifd-channels": 256}), "Parameter 'multifd-channels' expects uint8"),
+        (json!({"multifd-zstd-level": 21}), "Parameter 'multifd_zstd_level' expects a value between 0 and 20"),
+        (json!({"multifd-zlib-level": 10}), "Parameter 'multifd_zlib_level' expects a value between 0 and 9"),
+        (
+            json!({"cpu-throttle-initial": 0}),
+            "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99",
+        ),
+        (
+            json!({"cpu-throttle-increment": 100}),
+            "Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99",
+        ),
+        (
+            json!({"throttle-trigger-threshold": 101}),
+            "Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100",
+        ),
+        (
+            json!({"max-cpu-throttle": 10}),
+            "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99",
+        ),
+        (
+            json!({"xbzrle-cache-size": 3 << 20}),
+            "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size",
+        ),
+        (
+            json!({"xbzrle-cache-size": 1024}),
+            "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size",
+        ),
+        (json!({"announce-step": 0}), "Parameter 'announce_step' expects a value between 0 and 10000"),
+        (json!({"announce-rounds": 1001}), "Parameter 'announce_rounds' expects a value between 0 and 1000"),
+        (
+            json!({"x-vcpu-dirty-limit-period": 0}),
+            "Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000",
+        ),
+        (json!({"vcpu-dirty-limit": 0}), "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s"),
+        (json!({"downtime-limit": "300"}), "Invalid parameter type for 'downtime-limit', expected: integer"),
+        (json!({"max-bandwidth": -1}), "Parameter 'max-bandwidth' expects uint64"),
+        (json!({"downtime-limit": 1.5}), "Parameter 'downtime-limit' expects uint64"),
+        (json!({"cpu-throttle-tailslow": 1}), "Invalid parameter type for 'cpu-throttle-tailslow', expected: boolean"),
+        (json!({"multifd-compression": "lz4"}), "Parameter 'multifd-compression' does not accept value 'lz4'"),
+        (json!({"no-such": 1}), "Parameter 'no-such' is unexpected"),
+        (json!({"mode": "cpr-reboot"}), "Migration mode 'cpr-reboot' is not yet supported by Tern"),
+        (json!({"tls-creds": "tls0"}), "TLS ('tls-creds') is not yet supported by Tern"),
+        (json!([1]), "Invalid parameter type for 'arguments', expected: object"),
+    ] {
+        let mut p = Parameters::default();
+        let e = p.apply_json(&args, &caps).unwrap_err();
+        assert_eq!(e.to_string(), msg, "{args}");
+        assert_eq!(p, Parameters::default(), "failed set must not change anything");
+    }
+}
+
+#[test]
+fn parameter_set_applies_all_or_nothing() {
+    let caps = Capabilities::default();
+    let mut p = Parameters::default();
+    p.apply_json(
+        &json!({"downtime-limit": 2_000_000, "max-bandwidth": 0, "avail-switchover-bandwidth": 1_000_000_000u64,
+                "multifd-compression": "zstd", "multifd-zstd-level": 20, "tls-creds": null,
+                "tls-hostname": "host", "max-cpu-throttle": 20, "zero-page-detection": "legacy"}),
+        &caps,
+    )
+    .unwrap();
+    assert_eq!(p.downtime_limit, 2_000_000);
+    assert_eq!(p.max_bandwidth, 0);
+    assert_eq!(p.multifd_compression, MultifdCompression::Zstd);
+    assert_eq!(p.zero_page_detection, ZeroPageDetection::Legacy);
+    assert_eq!(p.tls_hostname, "host");
+    let before = p.clone();
+    assert!(p
+        .apply_json(&json!({"downtime-limit": 5, "multifd-channels": 0}), &caps)
+        .is_err());
+    assert_eq!(p, before);
+    // Query output round-trips through set.
+    let mut q = Parameters::default();
+    q.apply_json(&p.to_query_json(), &caps).unwrap();
+    assert_eq!(q, p);
+}

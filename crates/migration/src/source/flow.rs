@@ -1,0 +1,598 @@
+//! The sender's steps (see the state diagram in `mod.rs`).
+
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// Which phase the sender is in: the explicit state of the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Setup,
+    Active,
+    Switchover,
+    Done,
+}
+
+impl Sender {
+    pub(super) fn run(mut self, target: Target) -> SourceOutcome {
+        let mut phase = Phase::Setup;
+        let mut target = Some(target);
+        let result = loop {
+            let step = match phase {
+                Phase::Setup => self.setup(target.take()).map(|live| {
+                    if live {
+                        Phase::Active
+                    } else {
+                        Phase::Switchover
+                    }
+                }),
+                Phase::Active => self.precopy().map(|()| Phase::Switchover),
+                Phase::Switchover => self.switchover().map(|()| Phase::Done),
+                Phase::Done => break Ok(()),
+            };
+            match step {
+                Ok(next) => phase = next,
+                Err(e) => break Err(e),
+            }
+        };
+        let (status, error) = match result {
+            Ok(()) => {
+                self.cleanup();
+                self.complete_stats();
+                (MigrationStatus::Completed, None)
+            }
+            Err(e) => self.fail(e),
+        };
+        self.set_status(status);
+        SourceOutcome {
+            status,
+            error,
+            machine: self.m,
+        }
+    }
+
+    fn set_status(&self, status: MigrationStatus) {
+        self.shared.lock().status = status;
+        self.stats.set_status(status);
+        self.events.migration_status(status);
+        tracing::info!(status = status.as_str(), "outgoing migration");
+    }
+
+    fn writer(&mut self) -> Result<&mut Writer, SourceError> {
+        self.writer
+            .as_mut()
+            .ok_or(SourceError::Wire(WireError::Finished("not open")))
+    }
+
+    /// Connects, sends header + CONFIG, opens the return path, starts the dirty log.
+    /// Returns whether the migration is live (socket) or a non-live `file:` save.
+    fn setup(&mut self, target: Option<Target>) -> Result<bool, SourceError> {
+        let stream = match target {
+            Some(Target::Uri(uri)) => transport::connect(&uri, &self.shared.io)?,
+            Some(Target::Stream(s)) => {
+                if s.has_return_path() {
+                    self.shared
+                        .io
+                        .register(s.as_fd())
+                        .map_err(|e| SourceError::ReturnPath(format!("register socket: {e}")))?;
+                }
+                s
+            }
+            None => return Err(SourceError::Cancelled),
+        };
+        self.check_abort()?;
+        let live = stream.has_return_path();
+        let rp_stream = if self.opts.return_path && live {
+            stream
+                .try_clone_for_return_path()
+                .map_err(|e| SourceError::ReturnPath(format!("cannot clone the socket: {e}")))?
+        } else {
+            None
+        };
+        let d = self.m.state.describe();
+        let config = StreamConfig {
+            page_size: self.m.ram.page_size(),
+            vcpu_count: d.vcpu_count,
+            tsc_khz: d.tsc_khz,
+            vm_uuid: d.uuid,
+            ram_blocks: self.m.ram.blocks(),
+            cpuid: d.cpuid,
+            machine_blob: d.machine_blob,
+        };
+        let mut w = StreamWriter::new(BufWriter::with_capacity(WRITE_BUFFER, stream), &config)?;
+        if let Some(rp) = rp_stream {
+            w.write_command(Command::OpenReturnPath)?;
+            w.write_command(Command::Ping { seq: 1 })?;
+            let (cfg, shared) = (config.clone(), self.shared.clone());
+            let t = std::thread::Builder::new()
+                .name("mig-rp".into())
+                .spawn(move || rp::run(rp, &cfg, shared))
+                .map_err(|source| SourceError::Spawn {
+                    name: "mig-rp",
+                    source,
+                })?;
+            self.rp_thread = Some(t);
+        }
+        w.flush()?;
+        self.writer = Some(w);
+        self.config = Some(config);
+        for dev in &mut self.m.devices {
+            dev.save_setup().map_err(|source| SourceError::Device {
+                id: dev.id().to_owned(),
+                instance: dev.instance(),
+                op: "save_setup",
+                source,
+            })?;
+        }
+        let now = Instant::now();
+        if live {
+            self.m
+                .ram
+                .start_dirty_log()
+                .map_err(|source| SourceError::Machine {
+                    op: "starting the dirty log",
+                    source,
+                })?;
+            self.dirty_log_on = true;
+        } else {
+            self.stop_vm(now)?;
+        }
+        let ram = RamSender::new(self.m.ram.as_ref(), now);
+        let total = ram.total_bytes();
+        let page_size = ram.page_size() as u64;
+        self.ram = Some(ram);
+        self.events.migration_pass(1);
+        self.stats.update(|r, _| {
+            r.total = total;
+            r.page_size = page_size;
+            r.remaining = total;
+            r.dirty_sync_count = 1;
+        });
+        let written = self.writer()?.bytes_written();
+        self.estimator = Some(BandwidthEstimator::new(now, written, 0));
+        self.limiter = RateLimiter::new(self.shared.lock().tuning.max_bandwidth, now);
+        self.stats.setup_done(now);
+        self.check_abort()?;
+        self.set_status(MigrationStatus::Active);
+        Ok(live)
+    }
+
+    /// Error out when something ended the migration early.
+    fn check_abort(&self) -> Result<(), SourceError> {
+        let f = self.shared.lock();
+        if f.cancel {
+            return Err(SourceError::Cancelled);
+        }
+        if let Some(d) = &f.dest_error {
+            return Err(SourceError::Destination(d.clone()));
+        }
+        if let Some(r) = &f.rp_fault {
+            return Err(SourceError::ReturnPath(r.clone()));
+        }
+        if f.rp_closed || f.shut_at.is_some() {
+            return Err(SourceError::ReturnPath(
+                "the destination closed the return path".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits until `pred`, an abort, or `timeout` (None = no timeout).
+    fn wait_for(&self, timeout: Option<Duration>, pred: impl Fn(&Flags) -> bool) {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut f = self.shared.lock();
+        while !pred(&f) && !f.aborting() {
+            match deadline {
+                None => f = self.shared.cv.wait(f).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        break;
+                    }
+                    f = self
+                        .shared
+                        .cv
+                        .wait_timeout(f, d - now)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            }
+        }
+    }
+
+    fn ram(&mut self) -> Result<&mut RamSender, SourceError> {
+        self.ram
+            .as_mut()
+            .ok_or(SourceError::Wire(WireError::Finished("not set up")))
+    }
+
+    /// Pre-copy: iterate until the switchover decision says go.
+    fn precopy(&mut self) -> Result<(), SourceError> {
+        let ack_gate = self.opts.switchover_ack && self.rp_thread.is_some();
+        loop {
+            self.check_abort()?;
+            let now = Instant::now();
+            let tuning = self.shared.lock().tuning;
+            self.limiter.set_limit(tuning.max_bandwidth);
+            let bw = switchover_bandwidth(
+                self.estimator.as_ref().and_then(|e| e.bytes_per_ms()),
+                tuning.avail_switchover_bandwidth,
+            );
+            let threshold = threshold_bytes(bw, tuning.downtime_limit_ms);
+            let mut pending = self.ram()?.remaining_bytes() + self.devices_pending(false)?;
+            if wants_exact_pending(pending, threshold) {
+                self.sync_pass(now)?;
+                pending = self.ram()?.remaining_bytes() + self.devices_pending(true)?;
+            }
+            self.update_counters(now, bw);
+            let acked = self.shared.lock().acked;
+            let decision = decide(&SwitchoverInputs {
+                pending,
+                threshold,
+                switchover_ack: ack_gate,
+                vm_running: self.m.vcpus.is_running(),
+                acked,
+            });
+            self.note_ack(decision, now);
+            if decision == Decision::Switchover {
+                return Ok(());
+            }
+            self.iterate_round()?;
+            if decision == Decision::AwaitAck && self.devices_pending(false)? == 0 {
+                // Everything that fits is sent; the ACK (or 100 ms) wakes us.
+                self.wait_for(Some(BUFFER_DELAY), |f| f.acked);
+                continue;
+            }
+            let delay = self.limiter.delay(Instant::now());
+            if !delay.is_zero() {
+                self.wait_for(Some(delay), |_| false);
+            }
+        }
+    }
+
+    fn note_ack(&mut self, decision: Decision, now: Instant) {
+        if !self.opts.switchover_ack {
+            return;
+        }
+        if decision == Decision::AwaitAck {
+            self.ack_wait_since.get_or_insert(now);
+        } else if let Some(since) = self.ack_wait_since.take() {
+            self.ack_waited += now.saturating_duration_since(since);
+        }
+        let acked = self.shared.lock().acked;
+        self.stats.set_switchover_ack(SwitchoverAckStats {
+            enabled: true,
+            acked,
+            waited: self.ack_waited,
+        });
+    }
+
+    /// Sum of the devices' pending bytes (estimate or exact).
+    fn devices_pending(&mut self, exact: bool) -> Result<u64, SourceError> {
+        let mut sum = 0u64;
+        for dev in self.m.devices.iter_mut().filter(|d| d.is_iterative()) {
+            sum += if exact {
+                dev.pending_exact().map_err(|source| SourceError::Device {
+                    id: dev.id().to_owned(),
+                    instance: dev.instance(),
+                    op: "pending_exact",
+                    source,
+                })?
+            } else {
+                dev.pending_estimate()
+            };
+        }
+        Ok(sum)
+    }
+
+    /// Dirty-log sync: ends the current pass, starts the next.
+    fn sync_pass(&mut self, now: Instant) -> Result<(), SourceError> {
+        let pass = self.ram()?.dirty_sync_count;
+        self.writer()?
+            .write_command(Command::IterationEnd { pass })?;
+        let ram = self.ram.as_mut().ok_or(SourceError::Cancelled)?;
+        ram.sync(self.m.ram.as_mut(), now)?;
+        let (pass, remaining, rate) = (
+            ram.dirty_sync_count,
+            ram.remaining_bytes(),
+            ram.dirty_pages_rate,
+        );
+        // Publish before the event, so a listener reading query-migrate sees this pass.
+        self.stats.update(|r, _| {
+            r.dirty_sync_count = pass;
+            r.remaining = remaining;
+            r.dirty_pages_rate = rate;
+        });
+        self.events.migration_pass(pass);
+        Ok(())
+    }
+
+    /// One fair round: RAM and every iterative device with data get one bounded chunk each;
+    /// the first participant rotates from round to round.
+    fn iterate_round(&mut self) -> Result<(), SourceError> {
+        let iterative: Vec<usize> = (0..self.m.devices.len())
+            .filter(|&i| self.m.devices[i].is_iterative())
+            .collect();
+        let n = iterative.len() + 1;
+        let first = self.round % n;
+        self.round = self.round.wrapping_add(1);
+        let page = self.ram()?.page_size() as u64;
+        for k in 0..n {
+            let who = (first + k) % n;
+            let left = (n - k) as u64;
+            let share = (self.limiter.remaining_budget() / left).max(page);
+            let before = self.writer()?.bytes_written();
+            if who == 0 {
+                let cap = share.min(BATCH_PAGES as u64 * page);
+                let (ram, w) = (self.ram.as_mut(), self.writer.as_mut());
+                if let (Some(ram), Some(w)) = (ram, w) {
+                    ram.send(self.m.ram.as_mut(), w, cap)?;
+                }
+            } else {
+                let dev = &mut self.m.devices[iterative[who - 1]];
+                let budget = usize::try_from(share)
+                    .unwrap_or(usize::MAX)
+                    .min(DEVICE_CHUNK);
+                self.chunk.clear();
+                dev.save_iterate(budget, &mut self.chunk)
+                    .map_err(|source| SourceError::Device {
+                        id: dev.id().to_owned(),
+                        instance: dev.instance(),
+                        op: "save_iterate",
+                        source,
+                    })?;
+                if !self.chunk.is_empty() {
+                    let (id, inst, ver) = (dev.id().to_owned(), dev.instance(), dev.version());
+                    let chunk = std::mem::take(&mut self.chunk);
+                    let r = self.writer()?.write_device_chunk(&id, inst, ver, &chunk);
+                    self.chunk = chunk;
+                    r?;
+                }
+            }
+            let after = self.writer()?.bytes_written();
+            self.limiter.record(after - before);
+        }
+        self.writer()?.flush()?;
+        Ok(())
+    }
+
+    /// Publishes the counters (and closes a bandwidth window every 100 ms).
+    fn update_counters(&mut self, now: Instant, bw: f64) {
+        let (Some(ram), Some(w)) = (self.ram.as_ref(), self.writer.as_ref()) else {
+            return;
+        };
+        let written = w.bytes_written();
+        let pages = ram.zero_pages + ram.normal_pages;
+        let sample = self
+            .estimator
+            .as_mut()
+            .and_then(|e| e.update(now, written, pages));
+        let remaining = ram.remaining_bytes();
+        let (zero, normal, ps) = (ram.zero_pages, ram.normal_pages, ram.page_size() as u64);
+        let (syncs, rate) = (ram.dirty_sync_count, ram.dirty_pages_rate);
+        let stopped = self.bytes_at_stop;
+        self.stats.update(|r, expected| {
+            r.transferred = written;
+            r.remaining = remaining;
+            r.duplicate = zero;
+            r.normal = normal;
+            r.normal_bytes = normal * ps;
+            r.dirty_sync_count = syncs;
+            r.dirty_pages_rate = rate;
+            match stopped {
+                None => r.precopy_bytes = written,
+                Some(at) => r.downtime_bytes = written.saturating_sub(at),
+            }
+            if let Some(s) = sample {
+                r.mbps = s.mbps();
+                r.pages_per_second = s.pages_per_second();
+            }
+            if let Some(d) = expected_downtime_ms(remaining, bw) {
+                *expected = d;
+            }
+        });
+    }
+
+    /// Pauses the vCPUs if they run (remembering that we did) and starts the downtime clock.
+    fn stop_vm(&mut self, now: Instant) -> Result<(), SourceError> {
+        if self.m.vcpus.is_running() {
+            self.m
+                .vcpus
+                .pause()
+                .map_err(|source| SourceError::Machine {
+                    op: "pausing the vCPUs",
+                    source,
+                })?;
+            self.paused_by_us = true;
+            self.events.vm_stopped();
+        }
+        self.stats.downtime_start(now);
+        if let Some(w) = &self.writer {
+            self.bytes_at_stop = Some(w.bytes_written());
+        }
+        Ok(())
+    }
+
+    /// Stop-and-copy: everything that is left, then wait for the destination to run.
+    fn switchover(&mut self) -> Result<(), SourceError> {
+        if self.bytes_at_stop.is_none() {
+            self.stop_vm(Instant::now())?;
+        }
+        if self.opts.pause_before_switchover {
+            self.set_status(MigrationStatus::PreSwitchover);
+            self.wait_for(None, |f| f.cont);
+            self.check_abort()?;
+        }
+        self.set_status(MigrationStatus::Device);
+        self.writer()?.write_command(Command::SwitchoverStart)?;
+        if self.dirty_log_on {
+            self.sync_pass(Instant::now())?;
+        }
+        // The last pages: no rate limit in the stop-and-copy.
+        loop {
+            let (ram, w) = (self.ram.as_mut(), self.writer.as_mut());
+            let (Some(ram), Some(w)) = (ram, w) else {
+                break;
+            };
+            if ram.send(self.m.ram.as_mut(), w, u64::MAX)?.pages == 0 {
+                break;
+            }
+        }
+        self.check_abort()?;
+        self.save_devices()?;
+        let comps = self
+            .m
+            .state
+            .save_components()
+            .map_err(|source| SourceError::Machine {
+                op: "saving the machine state",
+                source,
+            })?;
+        for c in &comps {
+            self.writer()?
+                .write_section(&c.id, c.instance, c.version, &c.data)?;
+        }
+        self.stop_dirty_log();
+        self.update_counters(Instant::now(), 0.0);
+        let w = self.writer.take().ok_or(SourceError::Cancelled)?;
+        let _stream = w.finish()?;
+        self.end_sent = true;
+        // `finish` wrote the END record (5-byte frame + 12-byte body).
+        self.stats.update(|r, _| {
+            r.transferred += 17;
+            r.downtime_bytes += 17;
+        });
+        if self.rp_thread.is_none() {
+            self.stats.downtime_end(Instant::now());
+            return Ok(());
+        }
+        self.wait_for(None, |f| f.resumed_at.is_some() || f.shut_at.is_some());
+        let f = self.shared.lock();
+        if let Some(at) = f.resumed_at {
+            drop(f);
+            self.stats.downtime_end(at);
+            return Ok(());
+        }
+        if let Some(d) = &f.dest_error {
+            return Err(SourceError::Destination(d.clone()));
+        }
+        if let Some((at, false)) = f.shut_at {
+            // Clean end without RESUMED: the destination stays paused (no autostart).
+            drop(f);
+            self.stats.downtime_end(at);
+            return Ok(());
+        }
+        Err(SourceError::Unconfirmed)
+    }
+
+    /// Drains the devices' pre-copy data, then writes their final states.
+    fn save_devices(&mut self) -> Result<(), SourceError> {
+        for i in 0..self.m.devices.len() {
+            let dev = &mut self.m.devices[i];
+            let (id, inst, ver) = (dev.id().to_owned(), dev.instance(), dev.version());
+            let err = |op, source| SourceError::Device {
+                id: id.clone(),
+                instance: inst,
+                op,
+                source,
+            };
+            if dev.is_iterative() {
+                loop {
+                    self.chunk.clear();
+                    dev.save_iterate(DEVICE_CHUNK, &mut self.chunk)
+                        .map_err(|e| err("save_iterate", e))?;
+                    if self.chunk.is_empty() {
+                        break;
+                    }
+                    let chunk = std::mem::take(&mut self.chunk);
+                    let w = self.writer.as_mut().ok_or(SourceError::Cancelled)?;
+                    let r = w.write_device_chunk(&id, inst, ver, &chunk);
+                    self.chunk = chunk;
+                    r?;
+                }
+            }
+            let dev = &mut self.m.devices[i];
+            let data = dev.save_complete().map_err(|e| err("save_complete", e))?;
+            self.writer()?.write_section(&id, inst, ver, &data)?;
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) {
+        if self.dirty_log_on {
+            self.dirty_log_on = false;
+            if let Err(e) = self.m.ram.stop_dirty_log() {
+                tracing::warn!(error = %error_chain(&e), "stopping the dirty log");
+            }
+        }
+    }
+
+    /// Common end: dirty log off, devices cleaned up, sockets closed, return path joined.
+    fn cleanup(&mut self) {
+        self.stop_dirty_log();
+        for dev in &mut self.m.devices {
+            dev.save_cleanup();
+        }
+        self.writer = None;
+        self.shared.io.cancel();
+        if let Some(t) = self.rp_thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn complete_stats(&self) {
+        let s = self.stats.snapshot();
+        let ms = s.total_time_ms.saturating_sub(s.setup_time_ms);
+        if ms > 0 {
+            let mbps = s.ram.transferred as f64 * 8.0 / ms as f64 / 1000.0;
+            self.stats.update(|r, _| r.mbps = mbps);
+        }
+    }
+
+    /// Failure or cancel: undo everything, say why. Returns (status, error-desc).
+    fn fail(&mut self, e: SourceError) -> (MigrationStatus, Option<String>) {
+        let cancelled = matches!(e, SourceError::Cancelled) || self.shared.lock().cancel;
+        let unconfirmed = matches!(e, SourceError::Unconfirmed);
+        if cancelled && !unconfirmed {
+            self.set_status(MigrationStatus::Cancelling);
+        }
+        // Aborting the sockets lets the return-path thread drain what the destination said.
+        self.cleanup();
+        let f = self.shared.lock();
+        let desc = if unconfirmed {
+            Some(error_chain(&e))
+        } else if let Some(d) = &f.dest_error {
+            Some(format!("destination failed: {d}"))
+        } else if cancelled {
+            None
+        } else if let (SourceError::Wire(_), Some(r)) = (&e, &f.rp_fault) {
+            Some(r.clone())
+        } else {
+            Some(error_chain(&e))
+        };
+        drop(f);
+        if self.paused_by_us && !unconfirmed {
+            match self.m.vcpus.resume() {
+                Ok(()) => {
+                    self.paused_by_us = false;
+                    self.events.vm_resumed();
+                }
+                Err(re) => tracing::error!(error = %error_chain(&re), "cannot resume the source"),
+            }
+        }
+        if !unconfirmed {
+            self.stats.downtime_abort();
+        }
+        if let Some(d) = &desc {
+            tracing::warn!(error = %d, "outgoing migration failed");
+            self.stats.set_error(d.clone());
+        }
+        let status = if cancelled && !unconfirmed {
+            MigrationStatus::Cancelled
+        } else {
+            MigrationStatus::Failed
+        };
+        (status, desc)
+    }
+}

@@ -1,0 +1,419 @@
+//! The sender: an explicit state machine run by the `mig-src` thread.
+//!
+//! ```text
+//!  setup ──> active ──────────────────────────────> device ──> completed
+//!    │         │ (iterate: RAM + devices, fairly)  ^   │
+//!    │         └─> [pre-switchover] ──(continue)───┘   │
+//!    │                  │                              │
+//!    └──────────────────┴──── error ──> failed         │ (RESUMED lost after END sent:
+//!                       └──── cancel ─> cancelling ─> cancelled    failed, source stays paused)
+//! ```
+//!
+//! * **setup**: connect, header + CONFIG, `OPEN_RETURN_PATH` + `PING` (return path), device
+//!   `save_setup`, dirty log on, everything marked dirty (pass 1).
+//! * **active**: rounds of one bounded chunk each for RAM and every iterative device (the
+//!   round's first participant rotates, so a device's initial data flows even when RAM never
+//!   converges); dirty-log sync when the cheap estimate fits the threshold (a new pass,
+//!   `MIGRATION_PASS`); switch when [`crate::convergence::decide`] says so; `max-bandwidth`
+//!   applies.
+//! * **switchover**: pause the vCPUs (downtime starts), [pre-switchover: wait for
+//!   `migrate-continue`], `device`: `SWITCHOVER_START`, final sync, last pages, device final
+//!   states, component states, END; then wait for `RESUMED` on the return path (downtime ends).
+//! * **failure / cancel before END was sent**: the source VM runs again exactly as before (it is
+//!   resumed only if the migration paused it), dirty logging is off, `error-desc` holds the
+//!   cause (the destination's own text when it sent one).
+//! * **`file:`**: non-live: pause, one pass, END; the VM stays paused (like QEMU).
+
+mod ram;
+mod rp;
+
+use std::io::BufWriter;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::convergence::{
+    decide, expected_downtime_ms, switchover_bandwidth, threshold_bytes, wants_exact_pending,
+    BandwidthEstimator, Decision, RateLimiter, SwitchoverInputs, BUFFER_DELAY,
+};
+use crate::events::EventSink;
+use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuControl};
+use crate::params::{Capabilities, Capability, Parameters};
+use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats};
+use crate::status::MigrationStatus;
+use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
+use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
+use ram::{RamError, RamSender, BATCH_PAGES};
+
+/// Largest pre-copy chunk asked of a device per round.
+const DEVICE_CHUNK: usize = 256 << 10;
+/// Buffer between the sender and the socket.
+const WRITE_BUFFER: usize = 256 << 10;
+
+/// Parameters that may change while the migration runs (`migrate-set-parameters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// `downtime-limit`, ms.
+    pub downtime_limit_ms: u64,
+    /// `max-bandwidth`, bytes/s, 0 = unlimited (pre-copy only).
+    pub max_bandwidth: u64,
+    /// `avail-switchover-bandwidth`, bytes/s, 0 = use the measured bandwidth.
+    pub avail_switchover_bandwidth: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self::from_params(&Parameters::default())
+    }
+}
+
+impl Tuning {
+    /// The tuning part of QEMU's parameters.
+    pub fn from_params(p: &Parameters) -> Self {
+        Self {
+            downtime_limit_ms: p.downtime_limit,
+            max_bandwidth: p.max_bandwidth,
+            avail_switchover_bandwidth: p.avail_switchover_bandwidth,
+        }
+    }
+}
+
+/// How the sender behaves (fixed for one migration).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceOptions {
+    /// `return-path`: open the return path (sockets only; always useful: destination errors and
+    /// `RESUMED` travel on it).
+    pub return_path: bool,
+    /// `switchover-ack`: do not switch over a running VM before `SWITCHOVER_ACK`.
+    pub switchover_ack: bool,
+    /// `pause-before-switchover`: stop in `pre-switchover` until `migrate-continue`.
+    pub pause_before_switchover: bool,
+    /// Initial tuning.
+    pub tuning: Tuning,
+}
+
+impl SourceOptions {
+    /// Options from QEMU-style capabilities and parameters.
+    pub fn from_qemu(caps: &Capabilities, params: &Parameters) -> Self {
+        Self {
+            return_path: caps.get(Capability::ReturnPath),
+            switchover_ack: caps.get(Capability::SwitchoverAck),
+            pause_before_switchover: caps.get(Capability::PauseBeforeSwitchover),
+            tuning: Tuning::from_params(params),
+        }
+    }
+}
+
+/// The machine as the sender sees it. Handed back in [`SourceOutcome`].
+pub struct SourceMachine {
+    /// Guest RAM.
+    pub ram: Box<dyn RamSource>,
+    /// vCPU run control.
+    pub vcpus: Box<dyn VcpuControl>,
+    /// Devices with state beside RAM (iterative or not), saved in this order.
+    pub devices: Vec<Box<dyn StateHandler>>,
+    /// Every non-iterative component.
+    pub state: Box<dyn MachineState>,
+}
+
+/// Where to send the stream.
+#[derive(Debug)]
+pub enum Target {
+    /// Connect (or create the file) in the migration thread.
+    Uri(MigrationUri),
+    /// An already connected channel (QMP `fd:`, tests).
+    Stream(Stream),
+}
+
+/// Why a migration did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// `migrate_cancel`.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// Opening the channel failed.
+    #[error("cannot open the migration channel")]
+    Transport(#[from] TransportError),
+    /// Writing the stream failed (network cut, destination gone).
+    #[error("cannot write the migration stream")]
+    Wire(#[from] WireError),
+    /// Reading guest RAM failed.
+    #[error("cannot read guest RAM block {block} page {page}")]
+    RamRead {
+        /// Block index.
+        block: usize,
+        /// Page index.
+        page: u64,
+        /// Cause.
+        #[source]
+        source: MachineError,
+    },
+    /// A machine operation failed.
+    #[error("{op}")]
+    Machine {
+        /// What the sender asked.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: MachineError,
+    },
+    /// A device handler failed.
+    #[error("device '{id}' instance {instance}: {op}")]
+    Device {
+        /// Device id.
+        id: String,
+        /// Instance.
+        instance: u32,
+        /// What the sender asked.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: MachineError,
+    },
+    /// The destination reported a failure on the return path.
+    #[error("destination failed: {0}")]
+    Destination(String),
+    /// The return path broke or carried something unexpected.
+    #[error("{0}")]
+    ReturnPath(String),
+    /// The whole state was sent, then the return path closed without `RESUMED`: the
+    /// destination may be running, so the source stays paused.
+    #[error(
+        "the destination did not confirm it resumed (return path closed after the whole state \
+         was sent); the source stays paused because the destination may be running"
+    )]
+    Unconfirmed,
+    /// A thread could not be started.
+    #[error("cannot start thread {name}")]
+    Spawn {
+        /// Thread name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `migrate-continue` outside `pre-switchover` (QEMU's text).
+    #[error("Migration not in expected state: {0}")]
+    NotExpectedState(&'static str),
+    /// The migration thread panicked.
+    #[error("the migration thread panicked")]
+    Panicked,
+}
+
+impl From<RamError> for SourceError {
+    fn from(e: RamError) -> Self {
+        match e {
+            RamError::Read {
+                block,
+                page,
+                source,
+            } => Self::RamRead {
+                block,
+                page,
+                source,
+            },
+            RamError::Sync(source) => Self::Machine {
+                op: "syncing the dirty log",
+                source,
+            },
+            RamError::Wire(w) => Self::Wire(w),
+        }
+    }
+}
+
+/// The end of a migration.
+pub struct SourceOutcome {
+    /// `completed`, `failed` or `cancelled`.
+    pub status: MigrationStatus,
+    /// `error-desc`.
+    pub error: Option<String>,
+    /// The machine, handed back.
+    pub machine: SourceMachine,
+}
+
+/// State shared by the handle, the sender and the return-path thread.
+pub(crate) struct Shared {
+    flags: Mutex<Flags>,
+    cv: Condvar,
+    /// Aborts every socket of this migration.
+    io: CancelToken,
+}
+
+#[derive(Debug, Default)]
+struct Flags {
+    status: MigrationStatus,
+    cancel: bool,
+    cont: bool,
+    acked: bool,
+    acked_at: Option<Instant>,
+    resumed_at: Option<Instant>,
+    shut_at: Option<(Instant, bool)>,
+    dest_error: Option<String>,
+    rp_fault: Option<String>,
+    rp_closed: bool,
+    pongs: u32,
+    tuning: Tuning,
+}
+
+impl Flags {
+    /// Something ends the migration early.
+    fn aborting(&self) -> bool {
+        self.cancel
+            || self.dest_error.is_some()
+            || self.rp_fault.is_some()
+            || self.rp_closed
+            || self.shut_at.is_some()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Flags> {
+        self.flags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Control of a running migration (QMP `migrate_cancel`, `migrate-continue`,
+/// `migrate-set-parameters`, `query-migrate`).
+pub struct SourceHandle {
+    shared: Arc<Shared>,
+    stats: MigrationStats,
+    thread: JoinHandle<SourceOutcome>,
+}
+
+impl SourceHandle {
+    /// `migrate_cancel`: safe in every state; a no-op once the migration ended.
+    pub fn cancel(&self) {
+        let mut f = self.shared.lock();
+        if f.status.is_terminal() {
+            return;
+        }
+        f.cancel = true;
+        drop(f);
+        self.shared.cv.notify_all();
+        self.shared.io.cancel();
+    }
+
+    /// `migrate-continue` (from `pre-switchover`).
+    pub fn continue_switchover(&self) -> Result<(), SourceError> {
+        let mut f = self.shared.lock();
+        if f.status != MigrationStatus::PreSwitchover {
+            return Err(SourceError::NotExpectedState(f.status.as_str()));
+        }
+        f.cont = true;
+        drop(f);
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    /// `migrate-set-parameters` during the migration (applied at the next round).
+    pub fn set_tuning(&self, tuning: Tuning) {
+        self.shared.lock().tuning = tuning;
+        self.shared.cv.notify_all();
+    }
+
+    /// The live statistics (`query-migrate`).
+    pub fn stats(&self) -> &MigrationStats {
+        &self.stats
+    }
+
+    /// The current status.
+    pub fn status(&self) -> MigrationStatus {
+        self.shared.lock().status
+    }
+
+    /// Whether the migration thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the end and takes the machine back.
+    pub fn join(self) -> Result<SourceOutcome, SourceError> {
+        self.thread.join().map_err(|_| SourceError::Panicked)
+    }
+}
+
+/// Starts an outgoing migration (QMP `migrate`): status `setup` at once, the rest in the
+/// `mig-src` thread. `stats` is reset and then updated live; `events` receives every status
+/// change and pass (gate `MIGRATION`/`MIGRATION_PASS` on the `events` capability yourself).
+pub fn migrate(
+    machine: SourceMachine,
+    target: Target,
+    opts: SourceOptions,
+    events: Arc<dyn EventSink>,
+    stats: MigrationStats,
+) -> Result<SourceHandle, SourceError> {
+    let shared = Arc::new(Shared {
+        flags: Mutex::new(Flags {
+            status: MigrationStatus::Setup,
+            tuning: opts.tuning,
+            ..Flags::default()
+        }),
+        cv: Condvar::new(),
+        io: CancelToken::new(),
+    });
+    stats.begin(Instant::now());
+    stats.set_switchover_ack(SwitchoverAckStats {
+        enabled: opts.switchover_ack,
+        ..Default::default()
+    });
+    events.migration_status(MigrationStatus::Setup);
+    let sender = Sender {
+        m: machine,
+        opts,
+        shared: shared.clone(),
+        events,
+        stats: stats.clone(),
+        writer: None,
+        config: None,
+        rp_thread: None,
+        ram: None,
+        estimator: None,
+        limiter: RateLimiter::new(0, Instant::now()),
+        paused_by_us: false,
+        dirty_log_on: false,
+        end_sent: false,
+        round: 0,
+        ack_wait_since: None,
+        ack_waited: Duration::ZERO,
+        bytes_at_stop: None,
+        chunk: Vec::new(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("mig-src".into())
+        .spawn(move || sender.run(target))
+        .map_err(|source| SourceError::Spawn {
+            name: "mig-src",
+            source,
+        })?;
+    Ok(SourceHandle {
+        shared,
+        stats,
+        thread,
+    })
+}
+
+type Writer = StreamWriter<BufWriter<Stream>>;
+
+struct Sender {
+    m: SourceMachine,
+    opts: SourceOptions,
+    shared: Arc<Shared>,
+    events: Arc<dyn EventSink>,
+    stats: MigrationStats,
+    writer: Option<Writer>,
+    config: Option<StreamConfig>,
+    rp_thread: Option<JoinHandle<()>>,
+    ram: Option<RamSender>,
+    estimator: Option<BandwidthEstimator>,
+    limiter: RateLimiter,
+    paused_by_us: bool,
+    dirty_log_on: bool,
+    end_sent: bool,
+    round: usize,
+    ack_wait_since: Option<Instant>,
+    ack_waited: Duration,
+    bytes_at_stop: Option<u64>,
+    chunk: Vec<u8>,
+}
+
+mod flow;

@@ -1,0 +1,208 @@
+//! The RAM half of the sender: the dirty bitmaps (pages still to send), the cursor that walks
+//! them round-robin across passes, zero-page detection and batching into RAM records.
+
+use std::io::Write;
+use std::time::Instant;
+
+use crate::convergence::rate_per_second;
+use crate::machine::{DirtyBitmap, MachineError, RamSource};
+use crate::wire::{is_zero_page, RamPage, StreamWriter, WireError};
+
+/// Pages per RAM record the sender builds (1 MiB of 4 KiB pages).
+pub(crate) const BATCH_PAGES: usize = 256;
+
+/// Error of a RAM step: the machine or the stream.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RamError {
+    #[error("reading guest RAM block {block} page {page}")]
+    Read {
+        block: usize,
+        page: u64,
+        #[source]
+        source: MachineError,
+    },
+    #[error("syncing the dirty log")]
+    Sync(#[source] MachineError),
+    #[error("writing RAM")]
+    Wire(#[source] WireError),
+}
+
+/// What one chunk sent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sent {
+    pub pages: u64,
+    pub bytes: u64,
+}
+
+pub(crate) struct RamSender {
+    page_size: usize,
+    /// Pages still to send (set by the first pass and by syncs, cleared when sent).
+    dirty: Vec<DirtyBitmap>,
+    /// Scratch bitmaps for a sync (to count what the guest dirtied in the period).
+    scratch: Vec<DirtyBitmap>,
+    /// Number of set bits in `dirty`.
+    remaining: u64,
+    /// Where the walk continues: (block, page).
+    cursor: (usize, u64),
+    buf: Vec<u8>,
+    pub zero_pages: u64,
+    pub normal_pages: u64,
+    pub dirty_sync_count: u64,
+    pub dirty_pages_rate: u64,
+    last_sync: Option<Instant>,
+    total_pages: u64,
+}
+
+impl RamSender {
+    /// Everything dirty (first pass), pass counter at 1 (QEMU counts the setup sync).
+    pub fn new(ram: &dyn RamSource, now: Instant) -> Self {
+        let page_size = ram.page_size() as usize;
+        let blocks = ram.blocks();
+        let ps32 = ram.page_size();
+        let mut dirty: Vec<DirtyBitmap> = blocks
+            .iter()
+            .map(|b| DirtyBitmap::new(b.pages(ps32)))
+            .collect();
+        for d in &mut dirty {
+            d.set_all();
+        }
+        let scratch = blocks
+            .iter()
+            .map(|b| DirtyBitmap::new(b.pages(ps32)))
+            .collect();
+        let total_pages = blocks.iter().map(|b| b.pages(ps32)).sum();
+        Self {
+            page_size,
+            dirty,
+            scratch,
+            remaining: total_pages,
+            cursor: (0, 0),
+            buf: vec![0; BATCH_PAGES * page_size],
+            zero_pages: 0,
+            normal_pages: 0,
+            dirty_sync_count: 1,
+            dirty_pages_rate: 0,
+            last_sync: Some(now),
+            total_pages,
+        }
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Bytes of guest RAM.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_pages * self.page_size as u64
+    }
+
+    /// Bytes still dirty (QEMU `ram_bytes_remaining`).
+    pub fn remaining_bytes(&self) -> u64 {
+        self.remaining * self.page_size as u64
+    }
+
+    /// Fetches the machine's dirty log into the to-send set; returns the pages the guest
+    /// dirtied since the previous sync. Increments the pass counter.
+    pub fn sync(&mut self, ram: &mut dyn RamSource, now: Instant) -> Result<u64, RamError> {
+        for s in &mut self.scratch {
+            s.clear();
+        }
+        ram.sync_dirty_log(&mut self.scratch)
+            .map_err(RamError::Sync)?;
+        let mut newly = 0;
+        for (d, s) in self.dirty.iter_mut().zip(&self.scratch) {
+            newly += s.count();
+            d.or_with(s);
+        }
+        self.remaining = self.dirty.iter().map(DirtyBitmap::count).sum();
+        if let Some(prev) = self.last_sync {
+            self.dirty_pages_rate = rate_per_second(newly, now.saturating_duration_since(prev));
+        }
+        self.last_sync = Some(now);
+        self.dirty_sync_count += 1;
+        Ok(newly)
+    }
+
+    /// The next dirty page from the cursor, wrapping around once; clears its bit.
+    fn take_next(&mut self) -> Option<(usize, u64)> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let nblocks = self.dirty.len();
+        let (start_block, start_page) = self.cursor;
+        for i in 0..=nblocks {
+            let b = (start_block + i) % nblocks;
+            let from = if i == 0 { start_page } else { 0 };
+            if let Some(p) = self.dirty[b].take_next(from) {
+                self.remaining -= 1;
+                self.cursor = (b, p + 1);
+                return Some((b, p));
+            }
+        }
+        // The counter disagreed with the bitmaps (cannot happen): resynchronise it.
+        self.remaining = 0;
+        None
+    }
+
+    /// Sends dirty pages until `max_bytes` of page data (at least one page) were queued or
+    /// nothing is dirty.
+    pub fn send<W: Write>(
+        &mut self,
+        ram: &mut dyn RamSource,
+        writer: &mut StreamWriter<W>,
+        max_bytes: u64,
+    ) -> Result<Sent, RamError> {
+        let ps = self.page_size;
+        let mut sent = Sent::default();
+        let before = writer.bytes_written();
+        while self.remaining > 0 && (sent.pages == 0 || sent.bytes < max_bytes) {
+            // Fill one batch: normal pages packed at the front of `buf`.
+            let mut entries: Vec<(u16, u32, bool)> = Vec::with_capacity(BATCH_PAGES);
+            let mut normal = 0usize;
+            while entries.len() < BATCH_PAGES {
+                if sent.pages > 0 && sent.bytes + (normal * ps) as u64 >= max_bytes {
+                    break;
+                }
+                let Some((block, page)) = self.take_next() else {
+                    break;
+                };
+                let slot = &mut self.buf[normal * ps..(normal + 1) * ps];
+                ram.read_page(block, page, slot)
+                    .map_err(|source| RamError::Read {
+                        block,
+                        page,
+                        source,
+                    })?;
+                let zero = is_zero_page(slot);
+                if !zero {
+                    normal += 1;
+                }
+                // Block and page indexes fit: the config validated blocks ≤ u16 and pages ≤ 2^32.
+                entries.push((block as u16, page as u32, zero));
+                sent.pages += 1;
+            }
+            if entries.is_empty() {
+                break;
+            }
+            let mut pages = Vec::with_capacity(entries.len());
+            let mut slot = 0;
+            for &(block, page, zero) in &entries {
+                if zero {
+                    pages.push(RamPage::zero(block, page));
+                } else {
+                    pages.push(RamPage::normal(
+                        block,
+                        page,
+                        &self.buf[slot * ps..(slot + 1) * ps],
+                    ));
+                    slot += 1;
+                }
+            }
+            writer.write_ram_batch(&pages).map_err(RamError::Wire)?;
+            self.normal_pages += normal as u64;
+            self.zero_pages += (entries.len() - normal) as u64;
+            sent.bytes = writer.bytes_written() - before;
+        }
+        Ok(sent)
+    }
+}

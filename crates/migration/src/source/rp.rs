@@ -1,0 +1,84 @@
+//! The source's return-path reader thread (`mig-rp`): turns destination messages into flags in
+//! [`Shared`] and wakes the sender. A destination failure (ERROR, SHUT{1}, an unexpected close)
+//! also aborts the forward channel, so a sender blocked in `write` returns at once.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Shared;
+use crate::wire::{Limits, ReturnPathReader, RpMessage, StreamConfig};
+
+pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>) {
+    let mut reader = ReturnPathReader::with_config(stream, config, &Limits::default());
+    loop {
+        let msg = reader.read_message();
+        let mut f = shared.lock();
+        match msg {
+            Ok(Some(RpMessage::SwitchoverAck)) => {
+                tracing::debug!("return path: SWITCHOVER_ACK");
+                if !f.acked {
+                    f.acked = true;
+                    f.acked_at = Some(Instant::now());
+                }
+            }
+            Ok(Some(RpMessage::Pong { seq })) => {
+                tracing::debug!(seq, "return path: PONG");
+                f.pongs += 1;
+            }
+            Ok(Some(RpMessage::Resumed)) => {
+                tracing::debug!("return path: RESUMED");
+                f.resumed_at.get_or_insert_with(Instant::now);
+            }
+            Ok(Some(RpMessage::Error { message })) => {
+                tracing::warn!(%message, "destination reported an error");
+                f.dest_error.get_or_insert(message);
+            }
+            Ok(Some(RpMessage::Shut { error })) => {
+                f.shut_at.get_or_insert((Instant::now(), error));
+                if error {
+                    f.dest_error
+                        .get_or_insert_with(|| "the destination failed (no reason given)".into());
+                }
+                drop(f);
+                shared.cv.notify_all();
+                if error {
+                    shared.io.cancel();
+                }
+                return;
+            }
+            Ok(Some(RpMessage::ReqPages { .. })) => {
+                f.rp_fault
+                    .get_or_insert_with(|| "unexpected REQ_PAGES (post-copy is not on)".into());
+                drop(f);
+                shared.cv.notify_all();
+                shared.io.cancel();
+                return;
+            }
+            Ok(None) => {
+                f.rp_closed = true;
+                let finished = f.resumed_at.is_some();
+                drop(f);
+                shared.cv.notify_all();
+                if !finished {
+                    shared.io.cancel();
+                }
+                return;
+            }
+            Err(e) => {
+                if !shared.io.is_cancelled() {
+                    f.rp_fault.get_or_insert_with(|| {
+                        format!("return path: {}", crate::stats::error_chain(&e))
+                    });
+                }
+                f.rp_closed = true;
+                drop(f);
+                shared.cv.notify_all();
+                shared.io.cancel();
+                return;
+            }
+        }
+        drop(f);
+        shared.cv.notify_all();
+    }
+}

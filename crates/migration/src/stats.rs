@@ -1,0 +1,481 @@
+//! Migration statistics: the counters of QEMU's `query-migrate`, shared between the migration
+//! thread (writer) and QMP queries (readers) through a cheap-to-clone [`MigrationStats`]
+//! (`Arc<Mutex<…>>`; the writer updates it at most a few times per 100 ms window, never per page).
+//!
+//! [`MigrationStats::to_query_migrate_json`] reproduces QEMU's `MigrationInfo` shape
+//! (`fill_source_migration_info` / `fill_destination_migration_info`): which members appear
+//! depends on the role and the status, exactly as in QEMU.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::status::MigrationStatus;
+
+/// Which side of a migration the stats describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// The sender (`migrate`).
+    #[default]
+    Source,
+    /// The receiver (`migrate-incoming`).
+    Destination,
+}
+
+/// QEMU `MigrationStats` (the `ram` member).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RamStats {
+    /// Bytes sent so far (whole stream: RAM, device state, framing).
+    pub transferred: u64,
+    /// Bytes of dirty RAM still to send.
+    pub remaining: u64,
+    /// Bytes of guest RAM.
+    pub total: u64,
+    /// Zero pages sent (QEMU `duplicate`).
+    pub duplicate: u64,
+    /// Pages sent with data.
+    pub normal: u64,
+    /// `normal × page-size`.
+    pub normal_bytes: u64,
+    /// Pages dirtied per second (measured at the dirty-log syncs).
+    pub dirty_pages_rate: u64,
+    /// Throughput in Mbit/s (last window; the average over the migration once completed).
+    pub mbps: f64,
+    /// Dirty-log syncs done (= passes).
+    pub dirty_sync_count: u64,
+    /// Pages sent per second (last window).
+    pub pages_per_second: u64,
+    /// Bytes sent while the VM was running.
+    pub precopy_bytes: u64,
+    /// Bytes sent while the VM was stopped (switchover).
+    pub downtime_bytes: u64,
+    /// Page size of the page counters.
+    pub page_size: u64,
+}
+
+/// Switchover-ack progress (Tern extension, not in QEMU's `query-migrate`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SwitchoverAckStats {
+    /// The capability is on.
+    pub enabled: bool,
+    /// `SWITCHOVER_ACK` was received (source) / sent (destination).
+    pub acked: bool,
+    /// Time the source would have switched over but waited for the ACK.
+    pub waited: Duration,
+}
+
+/// The downtime clock as a typed state machine: it runs from the source pausing its vCPUs to
+/// the destination reporting `RESUMED` (or the stream's end when there is no return path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Downtime {
+    /// The VM has not been paused by the migration.
+    #[default]
+    NotStarted,
+    /// Paused at this instant, waiting for the destination.
+    Running(Instant),
+    /// The guest ran again on the destination after this long.
+    Finished(Duration),
+}
+
+impl Downtime {
+    /// Starts the clock (vCPUs paused). Restarting a running clock keeps the first instant.
+    pub fn start(&mut self, now: Instant) {
+        if !matches!(self, Self::Running(_)) {
+            *self = Self::Running(now);
+        }
+    }
+
+    /// Stops the clock; returns the downtime, or `None` when it was not running.
+    pub fn finish(&mut self, now: Instant) -> Option<Duration> {
+        match *self {
+            Self::Running(at) => {
+                let d = now.saturating_duration_since(at);
+                *self = Self::Finished(d);
+                Some(d)
+            }
+            _ => None,
+        }
+    }
+
+    /// The switchover failed and the source runs again: no downtime to report.
+    pub fn abort(&mut self) {
+        *self = Self::NotStarted;
+    }
+
+    /// The final downtime, when finished.
+    pub fn value(&self) -> Option<Duration> {
+        match self {
+            Self::Finished(d) => Some(*d),
+            _ => None,
+        }
+    }
+}
+
+/// A consistent copy of every statistic.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatsSnapshot {
+    /// Source or destination.
+    pub role: Role,
+    /// Current status.
+    pub status: MigrationStatus,
+    /// Milliseconds since the start (final value once completed).
+    pub total_time_ms: u64,
+    /// Milliseconds from the start to the first iteration.
+    pub setup_time_ms: u64,
+    /// Expected downtime in ms (while active).
+    pub expected_downtime_ms: u64,
+    /// Actual downtime in ms (once completed).
+    pub downtime_ms: Option<u64>,
+    /// RAM counters.
+    pub ram: RamStats,
+    /// Error text (failed / cancelled; also the destination's text relayed to the source).
+    pub error_desc: Option<String>,
+    /// Switchover-ack progress.
+    pub switchover_ack: SwitchoverAckStats,
+    /// Destination: the addresses it listens on (`socket-address`).
+    pub socket_address: Vec<Value>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    snap: StatsSnapshot,
+    start: Option<Instant>,
+    end: Option<Instant>,
+    downtime: Downtime,
+}
+
+/// Shared statistics of one migration side. Clone it freely: clones share the data.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationStats {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MigrationStats {
+    /// Stats in status `none` for `role`.
+    pub fn new(role: Role) -> Self {
+        let s = Self::default();
+        s.lock().snap.role = role;
+        s
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resets everything for a new migration starting at `now` (status `setup`).
+    pub fn begin(&self, now: Instant) {
+        let mut g = self.lock();
+        let role = g.snap.role;
+        let addr = std::mem::take(&mut g.snap.socket_address);
+        *g = Inner {
+            snap: StatsSnapshot {
+                role,
+                status: MigrationStatus::Setup,
+                socket_address: addr,
+                ..Default::default()
+            },
+            start: Some(now),
+            ..Default::default()
+        };
+    }
+
+    /// Sets the status; a terminal status freezes `total-time`.
+    pub fn set_status(&self, status: MigrationStatus) {
+        let mut g = self.lock();
+        g.snap.status = status;
+        if status.is_terminal() && g.end.is_none() {
+            g.end = Some(Instant::now());
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> MigrationStatus {
+        self.lock().snap.status
+    }
+
+    /// Records the error text (the first one wins: it is the cause, later ones are effects).
+    pub fn set_error(&self, desc: impl Into<String>) {
+        let mut g = self.lock();
+        if g.snap.error_desc.is_none() {
+            g.snap.error_desc = Some(desc.into());
+        }
+    }
+
+    /// Destination: the listening addresses (`socket-address`).
+    pub fn set_socket_address(&self, addrs: Vec<Value>) {
+        self.lock().snap.socket_address = addrs;
+    }
+
+    /// Records the end of the setup phase.
+    pub fn setup_done(&self, now: Instant) {
+        let mut g = self.lock();
+        if let Some(start) = g.start {
+            g.snap.setup_time_ms = now.saturating_duration_since(start).as_millis() as u64;
+        }
+    }
+
+    /// Updates the counters under one lock.
+    pub fn update(&self, f: impl FnOnce(&mut RamStats, &mut u64)) {
+        let mut g = self.lock();
+        let Inner { snap, .. } = &mut *g;
+        f(&mut snap.ram, &mut snap.expected_downtime_ms);
+    }
+
+    /// Switchover-ack progress.
+    pub fn set_switchover_ack(&self, s: SwitchoverAckStats) {
+        self.lock().snap.switchover_ack = s;
+    }
+
+    /// Starts the downtime clock.
+    pub fn downtime_start(&self, now: Instant) {
+        self.lock().downtime.start(now);
+    }
+
+    /// Stops the downtime clock.
+    pub fn downtime_end(&self, now: Instant) -> Option<Duration> {
+        let mut g = self.lock();
+        let d = g.downtime.finish(now);
+        g.snap.downtime_ms = g.downtime.value().map(|d| d.as_millis() as u64);
+        d
+    }
+
+    /// The switchover was undone (source resumed): forget the downtime.
+    pub fn downtime_abort(&self) {
+        let mut g = self.lock();
+        g.downtime.abort();
+        g.snap.downtime_ms = None;
+    }
+
+    /// A consistent copy, with `total-time` computed now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = self.lock();
+        let mut s = g.snap.clone();
+        if let Some(start) = g.start {
+            let end = g.end.unwrap_or_else(Instant::now);
+            s.total_time_ms = end.saturating_duration_since(start).as_millis() as u64;
+        }
+        s
+    }
+
+    /// `query-migrate`'s return value, with QEMU's member names and presence rules.
+    pub fn to_query_migrate_json(&self) -> Value {
+        query_migrate_json(&self.snapshot())
+    }
+}
+
+/// An error and its sources, joined with ": " (for `error-desc`: the whole chain, once).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// QEMU's `MigrationInfo` for a snapshot.
+pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
+    use MigrationStatus as S;
+    let mut m = Map::new();
+    match s.role {
+        Role::Source => match s.status {
+            // No migration ever: an empty object.
+            S::None => return Value::Object(m),
+            S::Active
+            | S::Cancelling
+            | S::PostcopyActive
+            | S::PreSwitchover
+            | S::Device
+            | S::PostcopyPaused
+            | S::PostcopyRecoverSetup
+            | S::PostcopyRecover
+            | S::PostcopyDevice
+            | S::Completed => {
+                m.insert("status".into(), json!(s.status));
+                time_info(&mut m, s);
+                m.insert("ram".into(), ram_info(s));
+            }
+            _ => {
+                m.insert("status".into(), json!(s.status));
+            }
+        },
+        Role::Destination => {
+            if !s.socket_address.is_empty() {
+                m.insert("socket-address".into(), json!(s.socket_address));
+            }
+            match s.status {
+                S::None | S::PreSwitchover | S::Device | S::WaitUnplug | S::Failing => {
+                    return Value::Object(m);
+                }
+                _ => {
+                    m.insert("status".into(), json!(s.status));
+                }
+            }
+        }
+    }
+    if let Some(e) = &s.error_desc {
+        m.insert("error-desc".into(), json!(e));
+    }
+    Value::Object(m)
+}
+
+/// QEMU `populate_time_info`.
+fn time_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
+    m.insert("setup-time".into(), json!(s.setup_time_ms));
+    m.insert("total-time".into(), json!(s.total_time_ms));
+    if matches!(
+        s.status,
+        MigrationStatus::Completed | MigrationStatus::PostcopyActive
+    ) {
+        m.insert("downtime".into(), json!(s.downtime_ms.unwrap_or(0)));
+    } else {
+        m.insert("expected-downtime".into(), json!(s.expected_downtime_ms));
+    }
+}
+
+/// QEMU `populate_ram_info`: every mandatory `MigrationStats` member, `remaining` and
+/// `dirty-pages-rate` reading 0 once completed.
+fn ram_info(s: &StatsSnapshot) -> Value {
+    let r = &s.ram;
+    let done = s.status == MigrationStatus::Completed;
+    json!({
+        "transferred": r.transferred,
+        "remaining": if done { 0 } else { r.remaining },
+        "total": r.total,
+        "duplicate": r.duplicate,
+        "normal": r.normal,
+        "normal-bytes": r.normal_bytes,
+        "dirty-pages-rate": if done { 0 } else { r.dirty_pages_rate },
+        "mbps": r.mbps,
+        "dirty-sync-count": r.dirty_sync_count,
+        "postcopy-requests": 0,
+        "page-size": r.page_size,
+        "multifd-bytes": 0,
+        "pages-per-second": r.pages_per_second,
+        "precopy-bytes": r.precopy_bytes,
+        "downtime-bytes": r.downtime_bytes,
+        "postcopy-bytes": 0,
+        "dirty-sync-missed-zero-copy": 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: &Value) -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn source_shapes_follow_qemu() {
+        let st = MigrationStats::new(Role::Source);
+        assert_eq!(st.to_query_migrate_json(), json!({}));
+        let t0 = Instant::now();
+        st.begin(t0);
+        assert_eq!(st.to_query_migrate_json(), json!({"status": "setup"}));
+        st.setup_done(t0 + Duration::from_millis(5));
+        st.set_status(MigrationStatus::Active);
+        st.update(|r, exp| {
+            r.transferred = 100;
+            r.remaining = 4096;
+            r.page_size = 4096;
+            r.dirty_pages_rate = 7;
+            *exp = 42;
+        });
+        let v = st.to_query_migrate_json();
+        assert_eq!(
+            keys(&v),
+            [
+                "expected-downtime",
+                "ram",
+                "setup-time",
+                "status",
+                "total-time"
+            ]
+        );
+        assert_eq!(v["status"], "active");
+        assert_eq!(v["setup-time"], 5);
+        assert_eq!(v["expected-downtime"], 42);
+        assert_eq!(v["ram"]["remaining"], 4096);
+        assert_eq!(v["ram"]["dirty-pages-rate"], 7);
+        assert_eq!(v["ram"].as_object().map(|o| o.len()), Some(17));
+        st.downtime_start(t0);
+        assert_eq!(
+            st.downtime_end(t0 + Duration::from_millis(3)),
+            Some(Duration::from_millis(3))
+        );
+        st.set_status(MigrationStatus::Completed);
+        let v = st.to_query_migrate_json();
+        assert_eq!(
+            keys(&v),
+            ["downtime", "ram", "setup-time", "status", "total-time"]
+        );
+        assert_eq!(v["downtime"], 3);
+        assert_eq!(v["ram"]["remaining"], 0);
+        assert_eq!(v["ram"]["dirty-pages-rate"], 0);
+        // total-time is frozen once completed.
+        let t1 = st.snapshot().total_time_ms;
+        assert_eq!(st.snapshot().total_time_ms, t1);
+    }
+
+    #[test]
+    fn failed_shows_status_and_error_only() {
+        let st = MigrationStats::new(Role::Source);
+        st.begin(Instant::now());
+        st.set_error("destination: bad thing");
+        st.set_error("broken pipe");
+        st.set_status(MigrationStatus::Failed);
+        assert_eq!(
+            st.to_query_migrate_json(),
+            json!({"status": "failed", "error-desc": "destination: bad thing"})
+        );
+        // A new migration starts clean.
+        st.begin(Instant::now());
+        assert_eq!(st.to_query_migrate_json(), json!({"status": "setup"}));
+    }
+
+    #[test]
+    fn destination_shape() {
+        let st = MigrationStats::new(Role::Destination);
+        st.set_socket_address(vec![
+            json!({"type": "inet", "host": "127.0.0.1", "port": "5"}),
+        ]);
+        assert_eq!(keys(&st.to_query_migrate_json()), ["socket-address"]);
+        st.begin(Instant::now());
+        st.set_status(MigrationStatus::Active);
+        let v = st.to_query_migrate_json();
+        assert_eq!(keys(&v), ["socket-address", "status"]);
+        st.set_status(MigrationStatus::Completed);
+        assert_eq!(st.to_query_migrate_json()["status"], "completed");
+    }
+
+    #[test]
+    fn downtime_state_machine() {
+        let t0 = Instant::now();
+        let mut d = Downtime::default();
+        assert_eq!(d.finish(t0), None);
+        d.start(t0);
+        d.start(t0 + Duration::from_millis(5)); // keeps the first instant
+        d.abort();
+        assert_eq!(d, Downtime::NotStarted);
+        d.start(t0);
+        assert_eq!(
+            d.finish(t0 + Duration::from_millis(9)),
+            Some(Duration::from_millis(9))
+        );
+        assert_eq!(d.value(), Some(Duration::from_millis(9)));
+        assert_eq!(d.finish(t0 + Duration::from_millis(20)), None);
+    }
+}

@@ -1,0 +1,792 @@
+//! Transports: QEMU's URI syntax (`tcp:HOST:PORT`, `unix:PATH`, `file:PATH[,offset=N]`),
+//! connect (source), listen/accept (destination), the return-path channel (the reverse direction
+//! of the same socket), and [`CancelToken`], which unblocks a connect/accept/read/write stuck in
+//! the kernel from any thread by `shutdown(2)` on a duplicate of the socket's fd.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Socket buffer size requested for migration sockets (best effort: `SO_*BUFFORCE` needs
+/// CAP_NET_ADMIN; without it the kernel's autotuning is kept, which beats a clamped fixed size).
+pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The URI does not parse.
+    #[error("invalid migration URI '{uri}': {reason}")]
+    BadUri {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Host name resolution failed.
+    #[error("cannot resolve '{host}:{port}'")]
+    Resolve {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// An OS call failed.
+    #[error("{op} {target}")]
+    Io {
+        /// What was done ("connect to", "bind", "accept on", "open").
+        op: &'static str,
+        /// The address or path.
+        target: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The operation was cancelled through the [`CancelToken`].
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// A migration address in QEMU's syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationUri {
+    /// `tcp:HOST:PORT` (`tcp:[::1]:PORT` for IPv6). Port 0 on the destination = any free port.
+    Tcp {
+        /// Host name or address (without brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// `unix:PATH`.
+    Unix {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// `file:PATH[,offset=N]`: a non-live migration to or from a file (no return path).
+    File {
+        /// File path.
+        path: PathBuf,
+        /// Byte offset where the stream starts (QEMU `offset=`; decimal or 0x hex).
+        offset: u64,
+    },
+}
+
+impl MigrationUri {
+    /// Whether the transport has a reverse direction (sockets do, files do not).
+    pub fn has_return_path(&self) -> bool {
+        !matches!(self, Self::File { .. })
+    }
+
+    /// Whether this is a `file:` URI (non-live migration).
+    pub fn is_file(&self) -> bool {
+        matches!(self, Self::File { .. })
+    }
+
+    /// The QMP `socket-address` entry for this address, when it is a socket
+    /// (`{"type":"inet","host":…,"port":"…"}` / `{"type":"unix","path":…}`).
+    pub fn socket_address_json(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::Tcp { host, port } => Some(serde_json::json!({
+                "type": "inet", "host": host, "port": port.to_string()
+            })),
+            Self::Unix { path } => Some(serde_json::json!({
+                "type": "unix", "path": path.to_string_lossy()
+            })),
+            Self::File { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for MigrationUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            Self::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Self::Unix { path } => write!(f, "unix:{}", path.display()),
+            Self::File { path, offset: 0 } => write!(f, "file:{}", path.display()),
+            Self::File { path, offset } => write!(f, "file:{},offset={offset}", path.display()),
+        }
+    }
+}
+
+impl FromStr for MigrationUri {
+    type Err = TransportError;
+
+    fn from_str(uri: &str) -> Result<Self, TransportError> {
+        let bad = |reason: &str| TransportError::BadUri {
+            uri: uri.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (scheme, rest) = uri
+            .split_once(':')
+            .ok_or_else(|| bad("expected tcp:HOST:PORT, unix:PATH or file:PATH"))?;
+        match scheme {
+            "tcp" => {
+                if rest.contains(',') {
+                    return Err(bad("tcp options (',...') are not supported"));
+                }
+                let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+                    let (host, after) = v6
+                        .split_once(']')
+                        .ok_or_else(|| bad("missing ']' after an IPv6 address"))?;
+                    let port = after
+                        .strip_prefix(':')
+                        .ok_or_else(|| bad("missing ':PORT' after the IPv6 address"))?;
+                    (host, port)
+                } else {
+                    rest.rsplit_once(':')
+                        .ok_or_else(|| bad("missing ':PORT' (tcp:HOST:PORT)"))?
+                };
+                if host.is_empty() {
+                    return Err(bad("empty host"));
+                }
+                let port = port
+                    .parse::<u16>()
+                    .map_err(|_| bad(&format!("port '{port}' is not a number in 0..=65535")))?;
+                Ok(Self::Tcp {
+                    host: host.to_owned(),
+                    port,
+                })
+            }
+            "unix" => {
+                if rest.is_empty() {
+                    return Err(bad("empty socket path"));
+                }
+                Ok(Self::Unix { path: rest.into() })
+            }
+            "file" => {
+                let (path, opts) = match rest.split_once(',') {
+                    Some((p, o)) => (p, Some(o)),
+                    None => (rest, None),
+                };
+                if path.is_empty() {
+                    return Err(bad("empty file path"));
+                }
+                let mut offset = 0;
+                if let Some(opts) = opts {
+                    for opt in opts.split(',') {
+                        let v = opt
+                            .strip_prefix("offset=")
+                            .ok_or_else(|| bad(&format!("unknown file option '{opt}'")))?;
+                        offset = parse_u64(v)
+                            .ok_or_else(|| bad(&format!("offset '{v}' is not a number")))?;
+                    }
+                }
+                Ok(Self::File {
+                    path: path.into(),
+                    offset,
+                })
+            }
+            "exec" | "fd" | "rdma" | "vsock" => Err(bad(&format!(
+                "the '{scheme}' transport is not supported (tcp, unix, file)"
+            ))),
+            _ => Err(bad(&format!(
+                "unknown transport '{scheme}' (tcp, unix, file)"
+            ))),
+        }
+    }
+}
+
+fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Unblocks transport calls from another thread. Every socket the engine opens is registered
+/// here (as a duplicated fd); [`CancelToken::cancel`] shuts them all down, so a blocked
+/// `connect`, `accept`, `read` or `write` returns with an error at once. Sockets registered
+/// after the cancel are shut down on registration.
+#[derive(Clone, Default)]
+pub struct CancelToken {
+    inner: Arc<CancelInner>,
+}
+
+#[derive(Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    fds: Mutex<Vec<OwnedFd>>,
+}
+
+impl fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CancelToken")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+impl CancelToken {
+    /// A fresh token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Shuts down every registered socket (idempotent).
+    pub fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        let fds = self.inner.fds.lock().unwrap_or_else(|p| p.into_inner());
+        for fd in fds.iter() {
+            shutdown(fd.as_fd());
+        }
+    }
+
+    /// Registers a socket (a duplicate of its fd is kept, so the original may be moved or
+    /// closed freely). Files need no registration: their I/O does not block indefinitely.
+    pub fn register(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let dup = fd.try_clone_to_owned()?;
+        let mut fds = self.inner.fds.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_cancelled() {
+            shutdown(dup.as_fd());
+        }
+        fds.push(dup);
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), TransportError> {
+        if self.is_cancelled() {
+            Err(TransportError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn shutdown(fd: BorrowedFd<'_>) {
+    // SAFETY: shutdown(2) on a valid fd we own a duplicate of; it only changes socket state and
+    // reports ENOTSOCK/ENOTCONN harmlessly for fds where it does not apply.
+    unsafe {
+        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
+    }
+}
+
+/// One end of a migration channel.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP socket.
+    Tcp(TcpStream),
+    /// Unix stream socket.
+    Unix(UnixStream),
+    /// A file (no return path).
+    File(File),
+}
+
+impl Stream {
+    /// Another handle on the same channel, for the return path (`None` for files).
+    pub fn try_clone_for_return_path(&self) -> io::Result<Option<Stream>> {
+        Ok(match self {
+            Self::Tcp(s) => Some(Self::Tcp(s.try_clone()?)),
+            Self::Unix(s) => Some(Self::Unix(s.try_clone()?)),
+            Self::File(_) => None,
+        })
+    }
+
+    /// Whether the channel has a reverse direction.
+    pub fn has_return_path(&self) -> bool {
+        !matches!(self, Self::File(_))
+    }
+
+    /// Half-closes the sending direction (the peer reads EOF), best effort.
+    pub fn shutdown_write(&self) {
+        // Errors (not connected any more) do not matter: the peer sees EOF either way.
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Self::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Self::File(_) => Ok(()),
+        };
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Tcp(s) => s.as_fd(),
+            Self::Unix(s) => s.as_fd(),
+            Self::File(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+            Self::File(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+            Self::File(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.flush(),
+            Self::Unix(s) => s.flush(),
+            Self::File(s) => s.flush(),
+        }
+    }
+}
+
+/// Source side: opens the channel to `uri` (a `file:` is created/truncated and positioned at its
+/// offset). The socket is registered with `cancel` before connecting.
+pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Stream, TransportError> {
+    cancel.check()?;
+    let target = uri.to_string();
+    let io = |op, source| TransportError::Io {
+        op,
+        target: target.clone(),
+        source,
+    };
+    let stream = match uri {
+        MigrationUri::Tcp { host, port } => {
+            let addrs: Vec<SocketAddr> = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|source| TransportError::Resolve {
+                    host: host.clone(),
+                    port: *port,
+                    source,
+                })?
+                .collect();
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+            let mut connected = None;
+            for addr in addrs {
+                cancel.check()?;
+                match tcp_connect(&addr, cancel) {
+                    Ok(s) => {
+                        connected = Some(s);
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            cancel.check()?;
+            let s = connected.ok_or_else(|| io("connect to", last))?;
+            s.set_nodelay(true)
+                .map_err(|e| io("set TCP_NODELAY on", e))?;
+            Stream::Tcp(s)
+        }
+        MigrationUri::Unix { path } => {
+            let s = UnixStream::connect(path).map_err(|e| io("connect to", e))?;
+            cancel.register(s.as_fd()).map_err(|e| io("register", e))?;
+            Stream::Unix(s)
+        }
+        MigrationUri::File { path, offset } => {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(*offset == 0)
+                .open(path)
+                .map_err(|e| io("create", e))?;
+            if *offset > 0 {
+                f.set_len(*offset).map_err(|e| io("truncate", e))?;
+                f.seek(SeekFrom::Start(*offset))
+                    .map_err(|e| io("seek in", e))?;
+            }
+            Stream::File(f)
+        }
+    };
+    cancel.check()?;
+    set_buffers(&stream);
+    Ok(stream)
+}
+
+/// A TCP connect that `cancel` can interrupt: the socket exists (and is registered) before
+/// `connect(2)` blocks.
+fn tcp_connect(addr: &SocketAddr, cancel: &CancelToken) -> io::Result<TcpStream> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2) call; the result is checked below.
+    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd returned by socket(2) and owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    cancel.register(fd.as_fd())?;
+    set_buffer_opts(fd.as_fd());
+    // SAFETY: sockaddr_storage is plain old data, all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    loop {
+        // SAFETY: `storage` holds a valid sockaddr of `len` bytes for the socket's family.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &storage as *const _ as *const libc::sockaddr,
+                len as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    if cancel.is_cancelled() {
+        return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+    }
+    Ok(TcpStream::from(fd))
+}
+
+fn set_buffers(stream: &Stream) {
+    if !matches!(stream, Stream::File(_)) {
+        set_buffer_opts(stream.as_fd());
+    }
+}
+
+fn set_buffer_opts(fd: BorrowedFd<'_>) {
+    let size = SOCKET_BUFFER_BYTES as libc::c_int;
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
+        // SAFETY: setsockopt with a pointer to a live c_int and its exact size. Failure (EPERM
+        // without CAP_NET_ADMIN) leaves the kernel's autotuned buffers, which is fine.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Destination side: a bound listener (or an opened file) waiting for the source.
+#[derive(Debug)]
+pub enum Listener {
+    /// Listening TCP socket.
+    Tcp(TcpListener),
+    /// Listening unix socket (the path is removed when the listener is dropped).
+    Unix(UnixListener, PathBuf),
+    /// A stream file to read.
+    File(File, PathBuf, u64),
+}
+
+impl Listener {
+    /// Binds `uri` (QMP `migrate-incoming`). `tcp:HOST:0` picks a free port:
+    /// [`Listener::local_uri`] reports it. A stale unix socket file is replaced; a `file:` must
+    /// exist.
+    pub fn bind(uri: &MigrationUri) -> Result<Self, TransportError> {
+        let target = uri.to_string();
+        let io = |op, source| TransportError::Io {
+            op,
+            target: target.clone(),
+            source,
+        };
+        match uri {
+            MigrationUri::Tcp { host, port } => {
+                let l = TcpListener::bind((host.as_str(), *port)).map_err(|e| io("bind", e))?;
+                Ok(Self::Tcp(l))
+            }
+            MigrationUri::Unix { path } => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path).map_err(|e| io("remove stale socket", e))?;
+                    }
+                }
+                let l = UnixListener::bind(path).map_err(|e| io("bind", e))?;
+                Ok(Self::Unix(l, path.clone()))
+            }
+            MigrationUri::File { path, offset } => {
+                let mut f = File::open(path).map_err(|e| io("open", e))?;
+                f.seek(SeekFrom::Start(*offset))
+                    .map_err(|e| io("seek in", e))?;
+                Ok(Self::File(f, path.clone(), *offset))
+            }
+        }
+    }
+
+    /// The address actually bound (the real port for `tcp:…:0`).
+    pub fn local_uri(&self) -> MigrationUri {
+        match self {
+            Self::Tcp(l) => match l.local_addr() {
+                Ok(a) => MigrationUri::Tcp {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                },
+                Err(_) => MigrationUri::Tcp {
+                    host: String::new(),
+                    port: 0,
+                },
+            },
+            Self::Unix(_, p) => MigrationUri::Unix { path: p.clone() },
+            Self::File(_, p, offset) => MigrationUri::File {
+                path: p.clone(),
+                offset: *offset,
+            },
+        }
+    }
+
+    /// Waits for the source (one connection, like QEMU). `cancel` interrupts the wait.
+    pub fn accept(self, cancel: &CancelToken) -> Result<Stream, TransportError> {
+        cancel.check()?;
+        let target = self.local_uri().to_string();
+        let io = |op, source| TransportError::Io {
+            op,
+            target: target.clone(),
+            source,
+        };
+        let stream = match &self {
+            Self::Tcp(l) => {
+                cancel.register(l.as_fd()).map_err(|e| io("register", e))?;
+                let (s, _) = l.accept().map_err(|e| {
+                    if cancel.is_cancelled() {
+                        TransportError::Cancelled
+                    } else {
+                        io("accept on", e)
+                    }
+                })?;
+                s.set_nodelay(true)
+                    .map_err(|e| io("set TCP_NODELAY on", e))?;
+                Stream::Tcp(s)
+            }
+            Self::Unix(l, _) => {
+                cancel.register(l.as_fd()).map_err(|e| io("register", e))?;
+                let (s, _) = l.accept().map_err(|e| {
+                    if cancel.is_cancelled() {
+                        TransportError::Cancelled
+                    } else {
+                        io("accept on", e)
+                    }
+                })?;
+                Stream::Unix(s)
+            }
+            Self::File(f, _, _) => {
+                return f.try_clone().map(Stream::File).map_err(|e| io("reopen", e))
+            }
+        };
+        cancel
+            .register(stream.as_fd())
+            .map_err(|e| io("register", e))?;
+        cancel.check()?;
+        set_buffers(&stream);
+        Ok(stream)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, path) = self {
+            // Best effort: the socket file is ours; a failure leaves a stale file that the next
+            // bind replaces.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<MigrationUri, TransportError> {
+        s.parse()
+    }
+
+    #[test]
+    fn uri_parsing() {
+        assert_eq!(
+            parse("tcp:127.0.0.1:4444").ok(),
+            Some(MigrationUri::Tcp {
+                host: "127.0.0.1".into(),
+                port: 4444
+            })
+        );
+        assert_eq!(
+            parse("tcp:[::1]:0").ok(),
+            Some(MigrationUri::Tcp {
+                host: "::1".into(),
+                port: 0
+            })
+        );
+        assert_eq!(
+            parse("unix:/tmp/m.sock").ok(),
+            Some(MigrationUri::Unix {
+                path: "/tmp/m.sock".into()
+            })
+        );
+        assert_eq!(
+            parse("file:/tmp/x,offset=0x1000").ok(),
+            Some(MigrationUri::File {
+                path: "/tmp/x".into(),
+                offset: 4096
+            })
+        );
+        for (bad, needle) in [
+            ("tcp:host", "PORT"),
+            ("tcp::80", "empty host"),
+            ("tcp:h:99999", "0..=65535"),
+            ("tcp:[::1:80", "']'"),
+            ("unix:", "empty"),
+            ("file:", "empty"),
+            ("file:/x,foo=1", "unknown file option"),
+            ("exec:cat", "not supported"),
+            ("gopher:x", "unknown transport"),
+            ("nocolon", "expected"),
+        ] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        for s in [
+            "tcp:127.0.0.1:4444",
+            "tcp:[::1]:5",
+            "unix:/a/b",
+            "file:/f",
+            "file:/f,offset=7",
+        ] {
+            assert_eq!(parse(s).map(|u| u.to_string()).ok().as_deref(), Some(s));
+        }
+    }
+
+    #[test]
+    fn tcp_port_zero_reports_real_port_and_return_path_works() {
+        let l = Listener::bind(&parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+        let uri = l.local_uri();
+        let MigrationUri::Tcp { port, .. } = uri else {
+            panic!("{uri}")
+        };
+        assert_ne!(port, 0);
+        assert_eq!(uri.socket_address_json().unwrap()["port"], port.to_string());
+        let t = std::thread::spawn(move || l.accept(&CancelToken::new()).unwrap());
+        let mut src = connect(&uri, &CancelToken::new()).unwrap();
+        let mut dst = t.join().unwrap();
+        src.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        dst.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        let mut rp_dst = dst.try_clone_for_return_path().unwrap().unwrap();
+        let mut rp_src = src.try_clone_for_return_path().unwrap().unwrap();
+        rp_dst.write_all(b"pong").unwrap();
+        rp_src.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+
+    #[test]
+    fn cancel_unblocks_accept_and_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = MigrationUri::Unix {
+            path: dir.path().join("s"),
+        };
+        // accept
+        let l = Listener::bind(&uri).unwrap();
+        let cancel = CancelToken::new();
+        let c2 = cancel.clone();
+        let t = std::thread::spawn(move || l.accept(&c2));
+        // Cancel may land before or after accept blocks: both must end in Cancelled.
+        cancel.cancel();
+        assert!(matches!(t.join().unwrap(), Err(TransportError::Cancelled)));
+        // tcp accept
+        let l = Listener::bind(&parse("tcp:127.0.0.1:0").unwrap()).unwrap();
+        let cancel = CancelToken::new();
+        let c2 = cancel.clone();
+        let t = std::thread::spawn(move || l.accept(&c2));
+        cancel.cancel();
+        assert!(matches!(t.join().unwrap(), Err(TransportError::Cancelled)));
+        // read on a connected socket
+        let l = Listener::bind(&uri).unwrap();
+        let t = std::thread::spawn(move || l.accept(&CancelToken::new()));
+        let cancel = CancelToken::new();
+        let mut s = connect(&uri, &cancel).unwrap();
+        let _peer = t.join().unwrap().unwrap();
+        let c2 = cancel.clone();
+        let r = std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            s.read(&mut b)
+        });
+        c2.cancel();
+        // shutdown makes the blocked read return EOF (0) or an error, never hang.
+        assert!(matches!(r.join().unwrap(), Ok(0) | Err(_)));
+        // connect after cancel fails at once
+        assert!(matches!(
+            connect(&uri, &cancel),
+            Err(TransportError::Cancelled)
+        ));
+    }
+
+    #[test]
+    fn connect_refused_is_a_clear_error() {
+        // Bind then drop to get a port nobody listens on.
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let uri = parse(&format!("tcp:127.0.0.1:{port}")).unwrap();
+        let e = connect(&uri, &CancelToken::new()).unwrap_err().to_string();
+        assert!(e.contains("connect to tcp:127.0.0.1:"), "{e}");
+    }
+
+    #[test]
+    fn file_roundtrip_with_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = MigrationUri::File {
+            path: dir.path().join("f"),
+            offset: 10,
+        };
+        let mut w = connect(&uri, &CancelToken::new()).unwrap();
+        assert!(!w.has_return_path());
+        assert!(w.try_clone_for_return_path().unwrap().is_none());
+        w.write_all(b"stream").unwrap();
+        drop(w);
+        let mut r = Listener::bind(&uri)
+            .unwrap()
+            .accept(&CancelToken::new())
+            .unwrap();
+        let mut s = String::new();
+        r.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "stream");
+        let missing = MigrationUri::File {
+            path: dir.path().join("nope"),
+            offset: 0,
+        };
+        let e = Listener::bind(&missing).unwrap_err().to_string();
+        assert!(e.contains("open file:"), "{e}");
+    }
+}

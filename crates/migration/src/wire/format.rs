@@ -1,0 +1,272 @@
+//! Constants, limits and the bounded byte cursor shared by the encoder and the decoder.
+//! Layouts are specified in `docs/stream-format.md`.
+
+use super::error::WireError;
+
+/// Stream magic, `"TERNMIG\0"`.
+pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
+/// Stream version written by this code; the reader accepts `1..=CURRENT_VERSION`.
+pub const CURRENT_VERSION: u32 = 1;
+/// Size of the header (magic, version, flags). Not covered by the checksum.
+pub const HEADER_LEN: u64 = 16;
+/// Size of a record frame (`u8 kind`, `u32 len`).
+pub const FRAME_LEN: usize = 5;
+/// Size of one RAM entry in a batch table.
+pub const RAM_ENTRY_LEN: usize = 8;
+/// Body length of the END record.
+pub const END_BODY_LEN: usize = 12;
+/// Largest COMMAND body.
+pub const MAX_COMMAND_LEN: u32 = 64;
+/// Smallest and largest page size accepted in a CONFIG record.
+pub const MIN_PAGE_SIZE: u32 = 4096;
+/// Largest page size accepted in a CONFIG record.
+pub const MAX_PAGE_SIZE: u32 = 2 << 20;
+
+/// Record kinds (first byte of every record frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// Configuration section, first record.
+    Config = 0x01,
+    /// Complete state of one component.
+    Section = 0x02,
+    /// One chunk of an iterative device's pre-copy data.
+    DeviceChunk = 0x03,
+    /// A batch of RAM pages.
+    Ram = 0x04,
+    /// A command (iteration end, open return path, ping, switchover start).
+    Command = 0x05,
+    /// End marker with the checksum.
+    End = 0x06,
+}
+
+impl RecordKind {
+    /// Decodes a kind byte.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0x01 => Self::Config,
+            0x02 => Self::Section,
+            0x03 => Self::DeviceChunk,
+            0x04 => Self::Ram,
+            0x05 => Self::Command,
+            0x06 => Self::End,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name used in errors and in `analyze` output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Section => "section",
+            Self::DeviceChunk => "device-chunk",
+            Self::Ram => "ram",
+            Self::Command => "command",
+            Self::End => "end",
+        }
+    }
+}
+
+/// Page kinds in a RAM entry.
+pub mod page_kind {
+    /// `page_size` bytes of data follow in the data area.
+    pub const NORMAL: u8 = 0;
+    /// All-zero page, no data.
+    pub const ZERO: u8 = 1;
+    /// Reserved for zstd-compressed pages (rejected by version 1 readers).
+    pub const COMPRESSED: u8 = 2;
+}
+
+/// Command numbers (COMMAND record, `u16 cmd`).
+pub mod cmd {
+    /// End of one dirty pass, `u64 pass`.
+    pub const ITERATION_END: u16 = 1;
+    /// The destination must open the return path.
+    pub const OPEN_RETURN_PATH: u16 = 2;
+    /// `u32 seq`, answered by PONG.
+    pub const PING: u16 = 3;
+    /// The source stopped; final state follows.
+    pub const SWITCHOVER_START: u16 = 4;
+    /// First reserved post-copy command.
+    pub const POSTCOPY_FIRST: u16 = 0x10;
+    /// Last reserved post-copy command.
+    pub const POSTCOPY_LAST: u16 = 0x1f;
+}
+
+/// What the reader accepts. Every length, count and size in a stream is checked against these
+/// before anything is allocated or read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest CONFIG body.
+    pub max_config_size: u32,
+    /// Largest SECTION / DEVICE_CHUNK body.
+    pub max_section_size: u32,
+    /// Longest id string.
+    pub max_string_len: usize,
+    /// Most pages in one RAM record.
+    pub max_pages_per_batch: u32,
+    /// Most RAM blocks in the CONFIG.
+    pub max_ram_blocks: u16,
+    /// Most vCPUs in the CONFIG.
+    pub max_vcpus: u32,
+    /// Most CPUID entries in the CONFIG.
+    pub max_cpuid_entries: u16,
+    /// Largest opaque machine blob in the CONFIG.
+    pub max_machine_blob: u32,
+    /// Longest return-path ERROR text.
+    pub max_error_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_config_size: 4 << 20,
+            max_section_size: 64 << 20,
+            max_string_len: 255,
+            max_pages_per_batch: 1024,
+            max_ram_blocks: 64,
+            max_vcpus: 1024,
+            max_cpuid_entries: 512,
+            max_machine_blob: 1 << 20,
+            max_error_len: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// Largest RAM record body for `page_size`, or `None` on overflow.
+    pub fn max_ram_body(&self, page_size: u32) -> Option<u64> {
+        let n = u64::from(self.max_pages_per_batch);
+        n.checked_mul(u64::from(page_size) + RAM_ENTRY_LEN as u64)?
+            .checked_add(4)
+    }
+}
+
+/// True when every byte of `page` is zero. Fast enough to run on every page sent.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u8;
+        for b in c {
+            acc |= *b;
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|b| *b == 0)
+}
+
+/// A bounds-checked little-endian reader over one record body. `base` is the stream offset of
+/// `buf[0]`, so every error names an absolute byte offset.
+pub(crate) struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    base: u64,
+    record: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    pub(crate) fn new(buf: &'a [u8], base: u64, record: &'static str) -> Self {
+        Self {
+            buf,
+            pos: 0,
+            base,
+            record,
+        }
+    }
+
+    /// Absolute stream offset of the next byte.
+    pub(crate) fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
+
+    pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or(WireError::ShortBody {
+                record: self.record,
+                what,
+                offset: self.offset(),
+            })?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    pub(crate) fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    pub(crate) fn bytes16(&mut self, what: &'static str) -> Result<[u8; 16], WireError> {
+        self.array(what)
+    }
+
+    /// `str8`: `u8 len` + UTF-8, `1..=max` bytes.
+    pub(crate) fn str8(&mut self, what: &'static str, max: usize) -> Result<&'a str, WireError> {
+        let at = self.offset();
+        let len = usize::from(self.u8(what)?);
+        if len == 0 {
+            return Err(WireError::Invalid {
+                field: what,
+                offset: at,
+                reason: "empty string".into(),
+            });
+        }
+        if len > max {
+            return Err(WireError::TooLarge {
+                what,
+                len: len as u64,
+                limit: max as u64,
+                offset: at,
+            });
+        }
+        let raw = self.take(len, what)?;
+        std::str::from_utf8(raw).map_err(|e| WireError::Invalid {
+            field: what,
+            offset: at + 1,
+            reason: format!("invalid UTF-8: {e}"),
+        })
+    }
+
+    /// Fails unless the body was consumed exactly.
+    pub(crate) fn finish(&self) -> Result<(), WireError> {
+        if self.pos == self.buf.len() {
+            Ok(())
+        } else {
+            Err(WireError::LengthMismatch {
+                what: self.record,
+                offset: self.offset(),
+                len: self.buf.len() as u64,
+                expected: self.pos as u64,
+            })
+        }
+    }
+}
+
+/// Appends a `str8` to `out`; the caller checked the length.
+pub(crate) fn put_str8(out: &mut Vec<u8>, s: &str) {
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}

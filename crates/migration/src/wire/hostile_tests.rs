@@ -1,0 +1,420 @@
+//! Hostile input: truncation, bit flips, lying lengths, out-of-range indexes, garbage, and a
+//! bounded mutation fuzzer that runs in every `cargo test` (seed printed; reproduce with
+//! `TERN_FUZZ_SEED=<seed>`, scale with `TERN_FUZZ_ITERS=<n>`).
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::format::{FRAME_LEN, HEADER_LEN};
+use super::tests::{page, sample_config, sample_stream, PS};
+use super::*;
+
+/// Reads a whole stream; returns the number of records before END. Also asserts that the
+/// reader's buffer never grew beyond what the limits allow.
+fn drain(bytes: &[u8], limits: &Limits, expect: Expectations) -> Result<usize, WireError> {
+    let bound = 2
+        * (limits.max_section_size as usize)
+            .max(limits.max_config_size as usize)
+            .max(limits.max_ram_body(MAX_PS).unwrap_or(0) as usize)
+        + 64;
+    let mut r = StreamReader::new(bytes, limits.clone(), expect)?;
+    let mut n = 0;
+    loop {
+        let res = r.next_record().map(|rec| matches!(rec, Record::End(_)));
+        assert!(
+            r.buffer_capacity() <= bound,
+            "buffer grew to {} (> {bound})",
+            r.buffer_capacity()
+        );
+        if res? {
+            return Ok(n);
+        }
+        n += 1;
+    }
+}
+
+const MAX_PS: u32 = 2 << 20;
+
+fn expect() -> Expectations {
+    Expectations::from_config(&sample_config(), true)
+}
+
+/// Raw stream builder: header + valid CONFIG + arbitrary records + a correct END, so that the
+/// checks behind the checksum are reached.
+fn raw(records: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&CURRENT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let cfg = sample_config().encode();
+    let mut all = vec![(RecordKind::Config as u8, cfg)];
+    all.extend_from_slice(records);
+    for (k, body) in &all {
+        out.push(*k);
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(body);
+    }
+    let covered = &out[HEADER_LEN as usize..];
+    let crc = crc32fast::hash(covered);
+    let n = covered.len() as u64;
+    out.push(RecordKind::End as u8);
+    out.extend_from_slice(&12u32.to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&n.to_le_bytes());
+    out
+}
+
+fn ram_body(entries: &[(u32, u16, u8, u8)], data_pages: usize) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (page, block, kind, res) in entries {
+        b.extend_from_slice(&page.to_le_bytes());
+        b.extend_from_slice(&block.to_le_bytes());
+        b.push(*kind);
+        b.push(*res);
+    }
+    b.extend(std::iter::repeat_n(7u8, data_pages * PS));
+    b
+}
+
+fn err_of(bytes: &[u8]) -> WireError {
+    drain(bytes, &Limits::default(), expect()).expect_err("hostile stream accepted")
+}
+
+#[test]
+fn raw_builder_is_valid() {
+    let ok = raw(&[(
+        RecordKind::Ram as u8,
+        ram_body(&[(3, 1, 0, 0), (4, 0, 1, 0)], 1),
+    )]);
+    assert_eq!(drain(&ok, &Limits::default(), expect()).unwrap(), 1);
+}
+
+#[test]
+fn truncated_at_every_offset() {
+    let bytes = sample_stream();
+    for n in 0..bytes.len() {
+        let e = drain(&bytes[..n], &Limits::default(), expect()).expect_err("truncated accepted");
+        assert!(matches!(e, WireError::Truncated { .. }), "cut at {n}: {e}");
+        assert!(e.offset().is_some_and(|o| o <= n as u64), "cut at {n}: {e}");
+    }
+    assert!(drain(&bytes, &Limits::default(), expect()).is_ok());
+}
+
+#[test]
+fn every_byte_flip_is_detected() {
+    let bytes = sample_stream();
+    let mut rng = StdRng::seed_from_u64(7);
+    for i in 0..bytes.len() {
+        let mut b = bytes.clone();
+        b[i] ^= 1 << rng.random_range(0..8);
+        assert!(
+            drain(&b, &Limits::default(), Expectations::default()).is_err(),
+            "flip at byte {i} not detected"
+        );
+    }
+}
+
+#[test]
+fn bad_header() {
+    let good = sample_stream();
+    let mut b = good.clone();
+    b[0] = b'X';
+    assert!(matches!(err_of(&b), WireError::BadMagic { .. }));
+    for v in [0u32, 2, u32::MAX] {
+        let mut b = good.clone();
+        b[8..12].copy_from_slice(&v.to_le_bytes());
+        let e = err_of(&b);
+        assert!(
+            matches!(e, WireError::UnsupportedVersion { found, .. } if found == v),
+            "{e}"
+        );
+    }
+    let mut b = good.clone();
+    b[12] = 1;
+    assert!(err_of(&b).to_string().contains("header flags"));
+    assert!(matches!(
+        err_of(b"QEVM\0\0\0\x03"),
+        WireError::Truncated { .. }
+    ));
+}
+
+#[test]
+fn lying_lengths() {
+    let good = sample_stream();
+    // The CONFIG record length (right after the header) set to huge values.
+    for len in [u32::MAX, 4 << 20 | 1] {
+        let mut b = good.clone();
+        b[17..21].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(err_of(&b), WireError::TooLarge { .. }), "{len}");
+    }
+    // A section that claims 4 GiB.
+    let mut b = raw(&[]);
+    let end = b.len() - 17;
+    b.truncate(end);
+    b.extend_from_slice(&[RecordKind::Section as u8, 0xff, 0xff, 0xff, 0xff]);
+    b.extend_from_slice(&[1, b'x']);
+    assert!(matches!(
+        err_of(&b),
+        WireError::TooLarge {
+            len: 0xffff_ffff,
+            ..
+        }
+    ));
+    // A section that claims 60 MiB (below the limit) but carries 10 bytes: truncation, and the
+    // buffer grows only with the data received (checked in `drain`).
+    let mut b = raw(&[]);
+    b.truncate(end);
+    b.extend_from_slice(&[RecordKind::Section as u8]);
+    b.extend_from_slice(&(60u32 << 20).to_le_bytes());
+    b.extend_from_slice(&[0; 10]);
+    assert!(matches!(err_of(&b), WireError::Truncated { .. }));
+    // id length larger than the body.
+    let e = err_of(&raw(&[(RecordKind::Section as u8, vec![200, b'a', b'b'])]));
+    assert!(matches!(e, WireError::ShortBody { .. }), "{e}");
+    // Empty id, invalid UTF-8.
+    assert!(err_of(&raw(&[(2, vec![0, 0, 0, 0, 0, 0, 0, 0, 0])]))
+        .to_string()
+        .contains("empty"));
+    let e = err_of(&raw(&[(2, vec![1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0])]));
+    assert!(e.to_string().contains("UTF-8"), "{e}");
+    // RAM count over the limit / zero / larger than the body.
+    let e = err_of(&raw(&[(4, ram_body(&[], 0))]));
+    assert!(e.to_string().contains("page count"), "{e}");
+    let mut body = ram_body(&[(0, 0, 1, 0)], 0);
+    body[..4].copy_from_slice(&5000u32.to_le_bytes());
+    assert!(err_of(&raw(&[(4, body)]))
+        .to_string()
+        .contains("page count"));
+    let mut body = ram_body(&[(0, 0, 1, 0)], 0);
+    body[..4].copy_from_slice(&2u32.to_le_bytes());
+    assert!(matches!(
+        err_of(&raw(&[(4, body)])),
+        WireError::ShortBody { .. }
+    ));
+    // RAM body with data that does not match the table.
+    let e = err_of(&raw(&[(4, ram_body(&[(0, 0, 0, 0)], 2))]));
+    assert!(
+        matches!(e, WireError::LengthMismatch { expected, .. } if expected == 4 + 8 + PS as u64),
+        "{e}"
+    );
+    let e = err_of(&raw(&[(4, ram_body(&[(0, 0, 0, 0), (1, 0, 0, 0)], 1))]));
+    assert!(matches!(e, WireError::LengthMismatch { .. }), "{e}");
+    // Command with a trailing byte; END with a wrong length.
+    let e = err_of(&raw(&[(5, vec![2, 0, 0])]));
+    assert!(matches!(e, WireError::LengthMismatch { .. }), "{e}");
+    let mut b = raw(&[]);
+    let n = b.len();
+    b[n - 16] = 13;
+    assert!(matches!(err_of(&b), WireError::TooLarge { .. }));
+}
+
+#[test]
+fn out_of_range_pages() {
+    for (entry, needle) in [
+        ((0u32, 2u16, 1u8, 0u8), "2 RAM blocks"),
+        ((64, 0, 1, 0), "block has 64 pages"),
+        ((16, 1, 1, 0), "block has 16 pages"),
+        ((u32::MAX, 0, 1, 0), "block has 64 pages"),
+        ((0, u16::MAX, 1, 0), "RAM blocks"),
+        ((0, 0, 2, 0), "compressed"),
+        ((0, 0, 9, 0), "unknown page kind 9"),
+        ((0, 0, 1, 1), "reserved"),
+    ] {
+        let e = err_of(&raw(&[(4, ram_body(&[(1, 0, 1, 0), entry], 0))]));
+        assert!(
+            e.to_string().contains(needle),
+            "{entry:?}: '{e}' lacks '{needle}'"
+        );
+        // The offset points at the bad entry (second entry of the first record after CONFIG).
+        assert!(
+            e.offset()
+                .is_some_and(|o| o > HEADER_LEN + FRAME_LEN as u64),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn unknown_and_misplaced_records() {
+    let e = err_of(&raw(&[(0x07, vec![1, 2, 3])]));
+    assert!(e.to_string().contains("unknown record kind 0x07"), "{e}");
+    let e = err_of(&raw(&[(0x00, vec![])]));
+    assert!(
+        matches!(e, WireError::UnknownRecordKind { kind: 0, .. }),
+        "{e}"
+    );
+    let e = err_of(&raw(&[(5, vec![0x99, 0])]));
+    assert!(e.to_string().contains("unknown command 0x0099"), "{e}");
+    let e = err_of(&raw(&[(5, vec![0x11, 0])]));
+    assert!(
+        matches!(e, WireError::UnsupportedCommand { cmd: 0x11, .. }),
+        "{e}"
+    );
+    let e = err_of(&raw(&[(1, sample_config().encode())]));
+    assert!(matches!(e, WireError::DuplicateConfig { .. }), "{e}");
+    // CONFIG not first.
+    let mut b = raw(&[]);
+    b[16] = RecordKind::Section as u8;
+    assert!(matches!(err_of(&b), WireError::ConfigNotFirst { .. }));
+    // A structurally bad config (page size 3000), with a correct checksum.
+    let mut cfg = sample_config().encode();
+    cfg[..4].copy_from_slice(&3000u32.to_le_bytes());
+    let mut b = raw(&[]);
+    b.splice(21..21 + cfg.len(), cfg);
+    assert!(err_of(&b).to_string().contains("page_size"));
+}
+
+#[test]
+fn checksum_and_total_checked() {
+    let mut b = raw(&[(5, vec![2, 0])]);
+    let n = b.len();
+    b[n - 12] ^= 0xff; // crc byte
+    assert!(matches!(err_of(&b), WireError::ChecksumMismatch { .. }));
+    let mut b = raw(&[(5, vec![2, 0])]);
+    b[n - 8] ^= 1; // total_bytes
+    assert!(matches!(err_of(&b), WireError::LengthMismatch { .. }));
+}
+
+#[test]
+fn random_garbage() {
+    let mut rng = StdRng::seed_from_u64(0x7e57);
+    for i in 0..2000 {
+        let len = rng.random_range(0..2048);
+        let mut b: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        if i % 2 == 0 && b.len() >= 16 {
+            b[..8].copy_from_slice(&MAGIC);
+            b[8..16].copy_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        assert!(drain(&b, &Limits::default(), Expectations::default()).is_err());
+        let _ = analyze(&b[..], &Limits::default());
+    }
+}
+
+fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for _ in 0..rng.random_range(1..4) {
+        if b.is_empty() {
+            break;
+        }
+        let at = rng.random_range(0..b.len());
+        match rng.random_range(0..8) {
+            0 => b[at] ^= 1 << rng.random_range(0..8),
+            1 => b[at] = rng.random(),
+            2 => {
+                let v: u32 = [
+                    0,
+                    1,
+                    0x7fff_ffff,
+                    0xffff_ffff,
+                    4096,
+                    4097,
+                    1 << 20,
+                    64 << 20,
+                ][rng.random_range(0..8)];
+                let end = (at + 4).min(b.len());
+                b[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
+            }
+            3 => b.truncate(at),
+            4 => {
+                let n = rng.random_range(1..16).min(b.len() - at);
+                b.drain(at..at + n);
+            }
+            5 => {
+                let junk: Vec<u8> = (0..rng.random_range(1..16)).map(|_| rng.random()).collect();
+                b.splice(at..at, junk);
+            }
+            6 => {
+                let n = rng.random_range(1..64).min(b.len() - at);
+                let dup = b[at..at + n].to_vec();
+                b.splice(at..at, dup);
+            }
+            _ => b[at] = [0, 0xff, 0x7f, 0x80, 1, 2, 3, 4][rng.random_range(0..8)],
+        }
+    }
+    b
+}
+
+/// Rewrites a trailing END record's CRC and byte count so that mutations reach the semantic
+/// checks instead of stopping at the checksum.
+fn fix_end(b: &mut [u8]) {
+    let n = b.len();
+    if n < HEADER_LEN as usize + 17 || b[n - 17] != RecordKind::End as u8 {
+        return;
+    }
+    let covered = &b[HEADER_LEN as usize..n - 17];
+    let crc = crc32fast::hash(covered);
+    let total = covered.len() as u64;
+    b[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
+    b[n - 8..].copy_from_slice(&total.to_le_bytes());
+}
+
+/// Bounded fuzzing in `cargo test`: 20k mutated streams from valid seeds.
+#[test]
+fn fuzz_mutated_streams() {
+    let seed: u64 = std::env::var("TERN_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    let iters: usize = std::env::var("TERN_FUZZ_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    eprintln!("fuzz_mutated_streams: TERN_FUZZ_SEED={seed} TERN_FUZZ_ITERS={iters}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let p = page(3);
+    let seeds = [
+        sample_stream(),
+        raw(&[
+            (4, ram_body(&[(1, 0, 1, 0), (2, 1, 0, 0)], 1)),
+            (5, vec![3, 0, 9, 0, 0, 0]),
+        ]),
+        {
+            let mut w = StreamWriter::new(Vec::new(), &sample_config()).unwrap();
+            w.write_ram_batch(&[RamPage::zero(1, 2), RamPage::normal(0, 63, &p)])
+                .unwrap();
+            w.finish().unwrap()
+        },
+    ];
+    let small = Limits {
+        max_section_size: 1 << 20,
+        max_config_size: 64 << 10,
+        max_pages_per_batch: 64,
+        ..Limits::default()
+    };
+    let (mut accepted, mut rejected) = (0usize, 0usize);
+    for i in 0..iters {
+        let s = &seeds[i % seeds.len()];
+        let mut b = mutate(&mut rng, s);
+        if i % 2 == 1 {
+            fix_end(&mut b);
+        }
+        let limits = if i % 2 == 0 {
+            Limits::default()
+        } else {
+            small.clone()
+        };
+        match drain(&b, &limits, Expectations::default()) {
+            Ok(_) => accepted += 1,
+            Err(_) => rejected += 1,
+        }
+        if i % 8 == 0 {
+            let _ = analyze(&b[..], &limits);
+        }
+        // Return-path decoder on the same bytes.
+        let mut rp = ReturnPathReader::with_config(&b[..], &sample_config(), &limits);
+        for _ in 0..64 {
+            match rp.read_message() {
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+    eprintln!("fuzz_mutated_streams: {accepted} accepted (mutation kept a valid stream), {rejected} rejected");
+    assert!(rejected > iters / 2);
+}

@@ -1,0 +1,524 @@
+//! The stream decoder. Treats its input as hostile: every length, count, index and version is
+//! checked before it is used, and nothing larger than a [`Limits`] bound is allocated.
+
+use std::io::Read;
+
+use super::config::{Expectations, StreamConfig};
+use super::error::WireError;
+use super::format::{
+    cmd, page_kind, Cursor, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, FRAME_LEN,
+    HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN,
+};
+use super::record::{Command, ComponentRecord, EndRecord, RamBatch, Record};
+
+/// The stream header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Stream version.
+    pub version: u32,
+    /// Header flags (0 in version 1).
+    pub flags: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Records,
+    Ended,
+    Failed,
+}
+
+/// Reads a stream: header and CONFIG in [`StreamReader::new`], then records with
+/// [`StreamReader::next_record`] until [`Record::End`]. Generic over [`Read`] (socket, file,
+/// byte slice, fuzzer input). Reads exactly up to the end of the END record, never beyond.
+#[derive(Debug)]
+pub struct StreamReader<R: Read> {
+    inner: R,
+    pos: u64,
+    crc: crc32fast::Hasher,
+    limits: Limits,
+    expect: Expectations,
+    header: Header,
+    config: StreamConfig,
+    block_pages: Vec<u64>,
+    max_ram_body: u64,
+    buf: Vec<u8>,
+    body_len: usize,
+    state: State,
+}
+
+/// Reads exactly `out.len()` bytes; EOF becomes `Truncated`.
+fn read_exact_at<R: Read>(
+    r: &mut R,
+    pos: &mut u64,
+    out: &mut [u8],
+    what: &'static str,
+) -> Result<(), WireError> {
+    let mut done = 0;
+    while done < out.len() {
+        match r.read(&mut out[done..]) {
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    offset: *pos + done as u64,
+                    what,
+                })
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::read(*pos + done as u64, what, e)),
+        }
+    }
+    *pos += out.len() as u64;
+    Ok(())
+}
+
+/// Reads `len` bytes into `buf[..len]`. The buffer keeps its (initialised) length between
+/// records, so the steady state is one `read` into existing memory, no memset. When it must
+/// grow, it grows with the data actually received, so a lying length on a short stream does
+/// not allocate `len` up front.
+fn read_body<R: Read>(
+    r: &mut R,
+    pos: &mut u64,
+    buf: &mut Vec<u8>,
+    len: usize,
+    what: &'static str,
+) -> Result<(), WireError> {
+    if let Some(dst) = buf.get_mut(..len) {
+        return read_exact_at(r, pos, dst, what);
+    }
+    buf.clear();
+    let got = r
+        .by_ref()
+        .take(len as u64)
+        .read_to_end(buf)
+        .map_err(|e| WireError::read(*pos + buf.len() as u64, what, e))?;
+    if got < len {
+        return Err(WireError::Truncated {
+            offset: *pos + got as u64,
+            what,
+        });
+    }
+    *pos += len as u64;
+    Ok(())
+}
+
+/// `buf[..len]` (always in bounds after `read_body`).
+fn body_of(buf: &[u8], len: usize) -> &[u8] {
+    buf.get(..len).unwrap_or(buf)
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and checks the header and the CONFIG record, then checks the configuration
+    /// against `expect` (the destination's machine).
+    pub fn new(mut inner: R, limits: Limits, expect: Expectations) -> Result<Self, WireError> {
+        let mut pos = 0u64;
+        let mut head = [0u8; HEADER_LEN as usize];
+        read_exact_at(&mut inner, &mut pos, &mut head, "stream header")?;
+        let (magic, rest) = head.split_at(8);
+        if magic != MAGIC {
+            let mut found = [0u8; 8];
+            found.copy_from_slice(magic);
+            return Err(WireError::BadMagic { found });
+        }
+        let mut c = Cursor::new(rest, 8, "header");
+        let version = c.u32("version")?;
+        let flags = c.u32("flags")?;
+        if version == 0 || version > CURRENT_VERSION {
+            return Err(WireError::UnsupportedVersion {
+                found: version,
+                supported: CURRENT_VERSION,
+            });
+        }
+        if flags != 0 {
+            return Err(WireError::Invalid {
+                field: "header flags",
+                offset: 12,
+                reason: format!("{flags:#x}, reserved bits must be 0"),
+            });
+        }
+        let mut crc = crc32fast::Hasher::new();
+        let frame_at = pos;
+        let (kind, len) = read_frame(&mut inner, &mut pos, &mut crc)?;
+        if kind != RecordKind::Config as u8 {
+            return Err(WireError::ConfigNotFirst {
+                kind,
+                offset: frame_at,
+            });
+        }
+        check_len(
+            "config record",
+            len,
+            u64::from(limits.max_config_size),
+            frame_at + 1,
+        )?;
+        let mut buf = Vec::new();
+        read_body(
+            &mut inner,
+            &mut pos,
+            &mut buf,
+            len as usize,
+            "config record",
+        )?;
+        let body = body_of(&buf, len as usize);
+        crc.update(body);
+        let config = StreamConfig::decode(body, frame_at + FRAME_LEN as u64, &limits)?;
+        expect.check(&config)?;
+        let block_pages = config
+            .ram_blocks
+            .iter()
+            .map(|b| b.pages(config.page_size))
+            .collect();
+        let max_ram_body = limits.max_ram_body(config.page_size).unwrap_or(u64::MAX);
+        Ok(Self {
+            inner,
+            pos,
+            crc,
+            limits,
+            expect,
+            header: Header { version, flags },
+            config,
+            block_pages,
+            max_ram_body,
+            buf,
+            body_len: 0,
+            state: State::Records,
+        })
+    }
+
+    /// The stream header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The source's configuration (already checked against the expectations).
+    pub fn config(&self) -> &StreamConfig {
+        &self.config
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Bytes consumed so far (the stream offset of the next record).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// True once the END record has been returned.
+    pub fn is_ended(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    /// Gives back the underlying reader (positioned right after the last record read).
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// Capacity of the record buffer (tests check it stays within the limits).
+    #[cfg(test)]
+    pub(crate) fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The underlying reader.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// Reads the next record. After [`Record::End`] or an error, every call fails with
+    /// [`WireError::Finished`].
+    pub fn next_record(&mut self) -> Result<Record<'_>, WireError> {
+        match self.state {
+            State::Records => {}
+            State::Ended => return Err(WireError::Finished("ended")),
+            State::Failed => return Err(WireError::Finished("failed")),
+        }
+        // Parse into an owned description first so that a failure can poison the reader
+        // without fighting the borrow of `self.buf` held by the returned record.
+        let parsed = match self.read_one() {
+            Ok(p) => p,
+            Err(e) => {
+                self.state = State::Failed;
+                return Err(e);
+            }
+        };
+        if matches!(parsed, Parsed::End(_)) {
+            self.state = State::Ended;
+        }
+        Ok(parsed.into_record(body_of(&self.buf, self.body_len)))
+    }
+
+    fn read_one(&mut self) -> Result<Parsed, WireError> {
+        let crc_before = self.crc.clone();
+        let bytes_before = self.pos - HEADER_LEN;
+        let frame_at = self.pos;
+        let (kind_byte, len) = read_frame(&mut self.inner, &mut self.pos, &mut self.crc)?;
+        let body_at = frame_at + FRAME_LEN as u64;
+        let Some(kind) = RecordKind::from_u8(kind_byte) else {
+            return Err(WireError::UnknownRecordKind {
+                kind: kind_byte,
+                offset: frame_at,
+            });
+        };
+        let limit = match kind {
+            RecordKind::Config => return Err(WireError::DuplicateConfig { offset: frame_at }),
+            RecordKind::Section => u64::from(self.limits.max_section_size),
+            RecordKind::DeviceChunk => u64::from(self.limits.max_section_size),
+            RecordKind::Ram => self.max_ram_body,
+            RecordKind::Command => u64::from(MAX_COMMAND_LEN),
+            RecordKind::End => END_BODY_LEN as u64,
+        };
+        check_len(kind.name(), len, limit, frame_at + 1)?;
+        read_body(
+            &mut self.inner,
+            &mut self.pos,
+            &mut self.buf,
+            len as usize,
+            kind.name(),
+        )?;
+        self.body_len = len as usize;
+        let body = body_of(&self.buf, self.body_len);
+        if kind != RecordKind::End {
+            self.crc.update(body);
+        }
+        match kind {
+            RecordKind::Section | RecordKind::DeviceChunk => {
+                let mut c = Cursor::new(body, body_at, kind.name());
+                let id_at = c.offset();
+                let id = c.str8("component id", self.limits.max_string_len)?;
+                let instance = c.u32("instance")?;
+                let version = c.u32("version")?;
+                self.expect.check_component(id, instance, version, id_at)?;
+                let id_len = id.len();
+                let data_start = 1 + id_len + 8;
+                Ok(Parsed::Component {
+                    section: kind == RecordKind::Section,
+                    id_len,
+                    instance,
+                    version,
+                    data_start,
+                })
+            }
+            RecordKind::Ram => self.parse_ram(body_at),
+            RecordKind::Command => parse_command(body, body_at).map(Parsed::Command),
+            RecordKind::End => {
+                let mut c = Cursor::new(body, body_at, "end");
+                let crc32 = c.u32("crc32")?;
+                let total_bytes = c.u64("total_bytes")?;
+                c.finish()?;
+                if total_bytes != bytes_before {
+                    return Err(WireError::LengthMismatch {
+                        what: "end record total_bytes",
+                        offset: body_at + 4,
+                        len: total_bytes,
+                        expected: bytes_before,
+                    });
+                }
+                let actual = crc_before.finalize();
+                if actual != crc32 {
+                    return Err(WireError::ChecksumMismatch {
+                        expected: crc32,
+                        actual,
+                        bytes: bytes_before,
+                        offset: frame_at,
+                    });
+                }
+                Ok(Parsed::End(EndRecord { crc32, total_bytes }))
+            }
+            RecordKind::Config => Err(WireError::DuplicateConfig { offset: frame_at }),
+        }
+    }
+
+    fn parse_ram(&self, body_at: u64) -> Result<Parsed, WireError> {
+        let body = body_of(&self.buf, self.body_len);
+        let mut c = Cursor::new(body, body_at, "ram");
+        let count = c.u32("page count")?;
+        if count == 0 || count > self.limits.max_pages_per_batch {
+            return Err(WireError::Invalid {
+                field: "page count",
+                offset: body_at,
+                reason: format!("{count} not in 1..={}", self.limits.max_pages_per_batch),
+            });
+        }
+        let table_at = c.offset();
+        let table = c.take(count as usize * RAM_ENTRY_LEN, "page table")?;
+        let mut normal = 0usize;
+        for (i, e) in table.chunks_exact(RAM_ENTRY_LEN).enumerate() {
+            let at = table_at + (i * RAM_ENTRY_LEN) as u64;
+            let mut ec = Cursor::new(e, at, "ram");
+            let page = ec.u32("page index")?;
+            let block = ec.u16("block index")?;
+            let kind = ec.u8("page kind")?;
+            let reserved = ec.u8("reserved")?;
+            let Some(&npages) = self.block_pages.get(usize::from(block)) else {
+                return Err(WireError::PageOutOfRange {
+                    block: u32::from(block),
+                    page: u64::from(page),
+                    reason: format!("the stream has {} RAM blocks", self.block_pages.len()),
+                    offset: at,
+                });
+            };
+            if u64::from(page) >= npages {
+                return Err(WireError::PageOutOfRange {
+                    block: u32::from(block),
+                    page: u64::from(page),
+                    reason: format!("block has {npages} pages"),
+                    offset: at,
+                });
+            }
+            match kind {
+                page_kind::NORMAL => normal += 1,
+                page_kind::ZERO => {}
+                page_kind::COMPRESSED => {
+                    return Err(WireError::UnsupportedPageKind {
+                        kind,
+                        name: "compressed",
+                        offset: at + 6,
+                    })
+                }
+                _ => {
+                    return Err(WireError::BadPageKind {
+                        kind,
+                        offset: at + 6,
+                    })
+                }
+            }
+            if reserved != 0 {
+                return Err(WireError::Invalid {
+                    field: "page entry reserved byte",
+                    offset: at + 7,
+                    reason: format!("{reserved:#x}, must be 0"),
+                });
+            }
+        }
+        let ps = self.config.page_size as usize;
+        let expected = 4 + table.len() as u64 + (normal as u64) * ps as u64;
+        if expected != body.len() as u64 {
+            return Err(WireError::LengthMismatch {
+                what: "ram record",
+                offset: body_at - 4,
+                len: body.len() as u64,
+                expected,
+            });
+        }
+        Ok(Parsed::Ram {
+            count: count as usize,
+            normal,
+        })
+    }
+}
+
+fn check_len(what: &'static str, len: u32, limit: u64, offset: u64) -> Result<(), WireError> {
+    if u64::from(len) > limit {
+        Err(WireError::TooLarge {
+            what,
+            len: u64::from(len),
+            limit,
+            offset,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+fn read_frame<R: Read>(
+    r: &mut R,
+    pos: &mut u64,
+    crc: &mut crc32fast::Hasher,
+) -> Result<(u8, u32), WireError> {
+    let mut frame = [0u8; FRAME_LEN];
+    read_exact_at(r, pos, &mut frame, "record frame (or END record)")?;
+    crc.update(&frame);
+    let [kind, a, b, c, d] = frame;
+    Ok((kind, u32::from_le_bytes([a, b, c, d])))
+}
+
+fn parse_command(body: &[u8], body_at: u64) -> Result<Command, WireError> {
+    let mut c = Cursor::new(body, body_at, "command");
+    let n = c.u16("command")?;
+    let command = match n {
+        cmd::ITERATION_END => Command::IterationEnd {
+            pass: c.u64("pass")?,
+        },
+        cmd::OPEN_RETURN_PATH => Command::OpenReturnPath,
+        cmd::PING => Command::Ping { seq: c.u32("seq")? },
+        cmd::SWITCHOVER_START => Command::SwitchoverStart,
+        cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {
+            return Err(WireError::UnsupportedCommand {
+                cmd: n,
+                offset: body_at,
+            })
+        }
+        _ => {
+            return Err(WireError::UnknownCommand {
+                cmd: n,
+                offset: body_at,
+            })
+        }
+    };
+    c.finish()?;
+    Ok(command)
+}
+
+/// A parsed record with offsets into the body buffer instead of borrows.
+enum Parsed {
+    Component {
+        section: bool,
+        id_len: usize,
+        instance: u32,
+        version: u32,
+        data_start: usize,
+    },
+    Ram {
+        count: usize,
+        normal: usize,
+    },
+    Command(Command),
+    End(EndRecord),
+}
+
+impl Parsed {
+    fn into_record(self, buf: &[u8]) -> Record<'_> {
+        match self {
+            Self::Component {
+                section,
+                id_len,
+                instance,
+                version,
+                data_start,
+            } => {
+                // Validated by `read_one` (UTF-8, lengths): the fallbacks are unreachable.
+                let id = buf
+                    .get(1..1 + id_len)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .unwrap_or("");
+                let data = buf.get(data_start..).unwrap_or(&[]);
+                let r = ComponentRecord {
+                    id,
+                    instance,
+                    version,
+                    data,
+                };
+                if section {
+                    Record::Section(r)
+                } else {
+                    Record::DeviceChunk(r)
+                }
+            }
+            Self::Ram { count, normal } => {
+                let table_end = 4 + count * RAM_ENTRY_LEN;
+                let table = buf.get(4..table_end).unwrap_or(&[]);
+                let data = buf.get(table_end..).unwrap_or(&[]);
+                let page_size = data.len().checked_div(normal).unwrap_or(0);
+                Record::Ram(RamBatch {
+                    table,
+                    data,
+                    page_size,
+                    normal,
+                })
+            }
+            Self::Command(c) => Record::Command(c),
+            Self::End(e) => Record::End(e),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Decoded records. Payloads borrow the reader's buffer: no copy per page or per section.
+
+use super::format::{page_kind, RAM_ENTRY_LEN};
+
+/// One record of the stream, as returned by [`super::StreamReader::next_record`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// Complete state of one component.
+    Section(ComponentRecord<'a>),
+    /// One chunk of an iterative device's pre-copy data.
+    DeviceChunk(ComponentRecord<'a>),
+    /// A batch of RAM pages (already checked against the configuration).
+    Ram(RamBatch<'a>),
+    /// A command.
+    Command(Command),
+    /// The end marker; its checksum has been verified.
+    End(EndRecord),
+}
+
+impl Record<'_> {
+    /// Lower-case record name (`section`, `device-chunk`, `ram`, `command`, `end`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Section(_) => "section",
+            Self::DeviceChunk(_) => "device-chunk",
+            Self::Ram(_) => "ram",
+            Self::Command(_) => "command",
+            Self::End(_) => "end",
+        }
+    }
+}
+
+/// A SECTION or DEVICE_CHUNK: opaque component data with id, instance and version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ComponentRecord<'a> {
+    /// Component id.
+    pub id: &'a str,
+    /// Instance number.
+    pub instance: u32,
+    /// The component's state version.
+    pub version: u32,
+    /// The opaque state.
+    pub data: &'a [u8],
+}
+
+/// Commands carried in the main stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// End of dirty pass `pass` (starting at 1).
+    IterationEnd {
+        /// Pass number.
+        pass: u64,
+    },
+    /// The destination must open the return path.
+    OpenReturnPath,
+    /// Answer with `PONG{seq}` on the return path.
+    Ping {
+        /// Sequence number.
+        seq: u32,
+    },
+    /// The source VM is stopped; the final RAM and device state follow.
+    SwitchoverStart,
+}
+
+impl Command {
+    /// Name used in `analyze` and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::IterationEnd { .. } => "iteration-end",
+            Self::OpenReturnPath => "open-return-path",
+            Self::Ping { .. } => "ping",
+            Self::SwitchoverStart => "switchover-start",
+        }
+    }
+}
+
+/// The END record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndRecord {
+    /// CRC-32 of every byte between the header and the END frame (verified by the reader).
+    pub crc32: u32,
+    /// Number of those bytes.
+    pub total_bytes: u64,
+}
+
+/// The content of one page in a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageData<'a> {
+    /// An all-zero page (no data on the wire).
+    Zero,
+    /// `page_size` bytes.
+    Normal(&'a [u8]),
+}
+
+/// One page of a RAM batch: also the writer's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamPage<'a> {
+    /// Index of the block in the CONFIG record.
+    pub block: u16,
+    /// Page index inside the block.
+    pub page: u32,
+    /// Zero flag or data.
+    pub data: PageData<'a>,
+}
+
+impl<'a> RamPage<'a> {
+    /// A page with data.
+    pub fn normal(block: u16, page: u32, data: &'a [u8]) -> Self {
+        Self {
+            block,
+            page,
+            data: PageData::Normal(data),
+        }
+    }
+
+    /// An all-zero page.
+    pub fn zero(block: u16, page: u32) -> Self {
+        Self {
+            block,
+            page,
+            data: PageData::Zero,
+        }
+    }
+}
+
+/// A validated RAM batch. Iterate with [`RamBatch::pages`]; page data are slices of the reader's
+/// buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamBatch<'a> {
+    pub(crate) table: &'a [u8],
+    pub(crate) data: &'a [u8],
+    pub(crate) page_size: usize,
+    pub(crate) normal: usize,
+}
+
+impl<'a> RamBatch<'a> {
+    /// Number of pages in the batch.
+    pub fn len(&self) -> usize {
+        self.table.len() / RAM_ENTRY_LEN
+    }
+
+    /// True when the batch has no pages (never the case for a decoded batch).
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Pages with data.
+    pub fn normal_pages(&self) -> usize {
+        self.normal
+    }
+
+    /// Zero pages.
+    pub fn zero_pages(&self) -> usize {
+        self.len() - self.normal
+    }
+
+    /// Iterates over the pages in stream order.
+    pub fn pages(&self) -> RamPages<'a> {
+        RamPages {
+            table: self.table,
+            data: self.data,
+            page_size: self.page_size,
+        }
+    }
+}
+
+/// Iterator over the pages of a [`RamBatch`].
+#[derive(Clone, Debug)]
+pub struct RamPages<'a> {
+    table: &'a [u8],
+    data: &'a [u8],
+    page_size: usize,
+}
+
+impl<'a> Iterator for RamPages<'a> {
+    type Item = RamPage<'a>;
+
+    fn next(&mut self) -> Option<RamPage<'a>> {
+        // The reader validated the table and the data length, so the `get`s below cannot fail;
+        // they still end the iteration instead of panicking.
+        let (entry, rest) = self.table.split_first_chunk::<RAM_ENTRY_LEN>()?;
+        self.table = rest;
+        let page = u32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]]);
+        let block = u16::from_le_bytes([entry[4], entry[5]]);
+        let data = if entry[6] == page_kind::ZERO {
+            PageData::Zero
+        } else {
+            let (d, rest) = self.data.split_at_checked(self.page_size)?;
+            self.data = rest;
+            PageData::Normal(d)
+        };
+        Some(RamPage { block, page, data })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.table.len() / RAM_ENTRY_LEN;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for RamPages<'_> {}

@@ -1,0 +1,323 @@
+//! The stream encoder.
+
+use std::io::Write;
+
+use super::config::StreamConfig;
+use super::error::WireError;
+use super::format::{
+    cmd, page_kind, put_str8, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, MAGIC,
+    RAM_ENTRY_LEN,
+};
+use super::record::{Command, PageData, RamPage};
+
+/// Writes a stream: the header and CONFIG in [`StreamWriter::new`], records, then END in
+/// [`StreamWriter::finish`]. Wrap sockets and files in a `BufWriter`: records are written with
+/// several small `write_all` calls (page data are written straight from the caller's slices).
+///
+/// After an I/O error the writer is poisoned: every later call fails.
+#[derive(Debug)]
+pub struct StreamWriter<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    /// Bytes written after the header (covered by the CRC).
+    body_bytes: u64,
+    page_size: u32,
+    /// Pages per block, from the config.
+    block_pages: Vec<u64>,
+    max_pages_per_batch: usize,
+    max_string_len: usize,
+    max_section_size: u32,
+    table: Vec<u8>,
+    poisoned: bool,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Writes the header and the CONFIG record. `config` is validated against the default
+    /// [`Limits`] (what a default reader accepts).
+    pub fn new(inner: W, config: &StreamConfig) -> Result<Self, WireError> {
+        Self::with_limits(inner, config, &Limits::default())
+    }
+
+    /// Like [`StreamWriter::new`] with explicit limits (batch size, id length, section size).
+    pub fn with_limits(
+        inner: W,
+        config: &StreamConfig,
+        limits: &Limits,
+    ) -> Result<Self, WireError> {
+        config
+            .validate(limits, 0)
+            .map_err(|e| WireError::InvalidArgument(format!("config: {e}")))?;
+        let body = config.encode();
+        if body.len() as u64 > u64::from(limits.max_config_size) {
+            return Err(WireError::InvalidArgument(format!(
+                "config of {} bytes exceeds {}",
+                body.len(),
+                limits.max_config_size
+            )));
+        }
+        let mut w = Self {
+            inner,
+            crc: crc32fast::Hasher::new(),
+            body_bytes: 0,
+            page_size: config.page_size,
+            block_pages: config
+                .ram_blocks
+                .iter()
+                .map(|b| b.pages(config.page_size))
+                .collect(),
+            max_pages_per_batch: limits.max_pages_per_batch.max(1) as usize,
+            max_string_len: limits.max_string_len,
+            max_section_size: limits.max_section_size,
+            table: Vec::new(),
+            poisoned: false,
+        };
+        let mut header = [0u8; 16];
+        header[..8].copy_from_slice(&MAGIC);
+        header[8..12].copy_from_slice(&CURRENT_VERSION.to_le_bytes());
+        w.inner
+            .write_all(&header)
+            .map_err(|e| w.io_err(e, "writing the header"))?;
+        w.record(RecordKind::Config, &[&body])?;
+        Ok(w)
+    }
+
+    /// Total bytes written so far, header included.
+    pub fn bytes_written(&self) -> u64 {
+        16 + self.body_bytes
+    }
+
+    /// The page size from the config.
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    /// The underlying writer.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    /// The underlying writer, mutably (do not write to it: it would corrupt the stream).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    /// Flushes the underlying writer.
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        self.check()?;
+        self.inner.flush().map_err(|e| self.io_err(e, "flushing"))
+    }
+
+    /// Writes a SECTION: the complete state of one component.
+    pub fn write_section(
+        &mut self,
+        id: &str,
+        instance: u32,
+        version: u32,
+        data: &[u8],
+    ) -> Result<(), WireError> {
+        self.component(RecordKind::Section, id, instance, version, data)
+    }
+
+    /// Writes a DEVICE_CHUNK: one piece of an iterative device's pre-copy data.
+    pub fn write_device_chunk(
+        &mut self,
+        id: &str,
+        instance: u32,
+        version: u32,
+        data: &[u8],
+    ) -> Result<(), WireError> {
+        self.component(RecordKind::DeviceChunk, id, instance, version, data)
+    }
+
+    /// Writes `pages` as one or more RAM records (at most `max_pages_per_batch` pages each).
+    /// Every page is checked: block and page index in range, data exactly `page_size` bytes.
+    pub fn write_ram_batch(&mut self, pages: &[RamPage<'_>]) -> Result<(), WireError> {
+        self.check()?;
+        for chunk in pages.chunks(self.max_pages_per_batch) {
+            self.ram_record(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a COMMAND record.
+    pub fn write_command(&mut self, command: Command) -> Result<(), WireError> {
+        let mut body = [0u8; 2 + 8];
+        let n = match command {
+            Command::IterationEnd { pass } => {
+                body[..2].copy_from_slice(&cmd::ITERATION_END.to_le_bytes());
+                body[2..10].copy_from_slice(&pass.to_le_bytes());
+                10
+            }
+            Command::OpenReturnPath => {
+                body[..2].copy_from_slice(&cmd::OPEN_RETURN_PATH.to_le_bytes());
+                2
+            }
+            Command::Ping { seq } => {
+                body[..2].copy_from_slice(&cmd::PING.to_le_bytes());
+                body[2..6].copy_from_slice(&seq.to_le_bytes());
+                6
+            }
+            Command::SwitchoverStart => {
+                body[..2].copy_from_slice(&cmd::SWITCHOVER_START.to_le_bytes());
+                2
+            }
+        };
+        self.record(RecordKind::Command, &[&body[..n]])
+    }
+
+    /// Writes the END record (checksum of everything since the header), flushes and returns the
+    /// underlying writer.
+    pub fn finish(mut self) -> Result<W, WireError> {
+        self.check()?;
+        let crc = self.crc.clone().finalize();
+        let mut body = [0u8; END_BODY_LEN];
+        body[..4].copy_from_slice(&crc.to_le_bytes());
+        body[4..].copy_from_slice(&self.body_bytes.to_le_bytes());
+        self.record(RecordKind::End, &[&body])?;
+        self.inner
+            .flush()
+            .map_err(|e| self.io_err(e, "flushing the end record"))?;
+        Ok(self.inner)
+    }
+
+    fn check(&self) -> Result<(), WireError> {
+        if self.poisoned {
+            Err(WireError::Finished("broken by an earlier write error"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn io_err(&mut self, e: std::io::Error, what: &'static str) -> WireError {
+        self.poisoned = true;
+        WireError::Io {
+            offset: self.bytes_written(),
+            what,
+            source: e,
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.inner
+            .write_all(bytes)
+            .map_err(|e| self.io_err(e, "writing a record"))?;
+        self.crc.update(bytes);
+        self.body_bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Writes one record whose body is the concatenation of `parts`.
+    fn record(&mut self, kind: RecordKind, parts: &[&[u8]]) -> Result<(), WireError> {
+        self.check()?;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let len = u32::try_from(len).map_err(|_| {
+            WireError::InvalidArgument(format!("{} record of {len} bytes", kind.name()))
+        })?;
+        let mut frame = [0u8; 5];
+        frame[0] = kind as u8;
+        frame[1..].copy_from_slice(&len.to_le_bytes());
+        self.put(&frame)?;
+        for p in parts {
+            self.put(p)?;
+        }
+        Ok(())
+    }
+
+    fn component(
+        &mut self,
+        kind: RecordKind,
+        id: &str,
+        instance: u32,
+        version: u32,
+        data: &[u8],
+    ) -> Result<(), WireError> {
+        if id.is_empty() || id.len() > self.max_string_len {
+            return Err(WireError::InvalidArgument(format!(
+                "component id '{id}': length {} not in 1..={}",
+                id.len(),
+                self.max_string_len
+            )));
+        }
+        let mut head = Vec::with_capacity(1 + id.len() + 8);
+        put_str8(&mut head, id);
+        head.extend_from_slice(&instance.to_le_bytes());
+        head.extend_from_slice(&version.to_le_bytes());
+        if (head.len() + data.len()) as u64 > u64::from(self.max_section_size) {
+            return Err(WireError::InvalidArgument(format!(
+                "{} '{id}' of {} bytes exceeds the section limit of {}",
+                kind.name(),
+                data.len(),
+                self.max_section_size
+            )));
+        }
+        self.record(kind, &[&head, data])
+    }
+
+    fn ram_record(&mut self, pages: &[RamPage<'_>]) -> Result<(), WireError> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let ps = self.page_size as usize;
+        let mut table = std::mem::take(&mut self.table);
+        table.clear();
+        table.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+        let mut normal = 0usize;
+        for p in pages {
+            let Some(&npages) = self.block_pages.get(usize::from(p.block)) else {
+                self.table = table;
+                return Err(WireError::InvalidArgument(format!(
+                    "RAM block {} does not exist ({} blocks)",
+                    p.block,
+                    self.block_pages.len()
+                )));
+            };
+            if u64::from(p.page) >= npages {
+                self.table = table;
+                return Err(WireError::InvalidArgument(format!(
+                    "page {} out of range for block {} ({npages} pages)",
+                    p.page, p.block
+                )));
+            }
+            let kind = match p.data {
+                PageData::Zero => page_kind::ZERO,
+                PageData::Normal(d) => {
+                    if d.len() != ps {
+                        self.table = table;
+                        return Err(WireError::InvalidArgument(format!(
+                            "page {} of block {}: {} bytes of data, page size is {ps}",
+                            p.page,
+                            p.block,
+                            d.len()
+                        )));
+                    }
+                    normal += 1;
+                    page_kind::NORMAL
+                }
+            };
+            table.extend_from_slice(&p.page.to_le_bytes());
+            table.extend_from_slice(&p.block.to_le_bytes());
+            table.push(kind);
+            table.push(0);
+        }
+        debug_assert_eq!(table.len(), 4 + pages.len() * RAM_ENTRY_LEN);
+        let len = table.len() + normal * ps;
+        let result = (|| {
+            let len = u32::try_from(len)
+                .map_err(|_| WireError::InvalidArgument(format!("RAM record of {len} bytes")))?;
+            self.check()?;
+            let mut frame = [0u8; 5];
+            frame[0] = RecordKind::Ram as u8;
+            frame[1..].copy_from_slice(&len.to_le_bytes());
+            self.put(&frame)?;
+            self.put(&table)?;
+            for p in pages {
+                if let PageData::Normal(d) = p.data {
+                    self.put(d)?;
+                }
+            }
+            Ok(())
+        })();
+        self.table = table;
+        result
+    }
+}

@@ -1,0 +1,265 @@
+//! Test harness: a source and a destination machine made of fakes, connected in one process.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use tern_migration::dest::{self, DestHandle, DestMachine, DestOptions, Incoming};
+use tern_migration::events::RecordingSink;
+use tern_migration::fakes::{
+    DeviceLog, Dirtier, FakeDevice, FakeLoader, FakeMachine, FakeRam, FakeVcpus, Signal,
+};
+use tern_migration::machine::{StateHandler, StateLoader};
+use tern_migration::source::{self, SourceHandle, SourceMachine, SourceOptions, Target, Tuning};
+use tern_migration::stats::{MigrationStats, Role};
+use tern_migration::transport::Stream;
+use uuid::Uuid;
+
+pub const UUID: Uuid = Uuid::from_u128(0x1234_5678_9abc_def0_1122_3344_5566_7788);
+
+/// Settings that converge at once (QEMU's `migrate_ensure_converge`).
+pub fn converge() -> Tuning {
+    Tuning {
+        downtime_limit_ms: 30_000,
+        max_bandwidth: 1_000_000_000,
+        avail_switchover_bandwidth: 0,
+    }
+}
+
+/// Settings that cannot converge with a busy guest (`migrate_ensure_non_converge`, scaled to
+/// the small fake RAM).
+pub fn non_converge() -> Tuning {
+    Tuning {
+        downtime_limit_ms: 1,
+        max_bandwidth: 30_000_000,
+        avail_switchover_bandwidth: 0,
+    }
+}
+
+/// One side's fakes, kept to inspect after the migration.
+pub struct SrcSide {
+    pub ram: FakeRam,
+    pub vcpus: FakeVcpus,
+    pub machine: FakeMachine,
+    pub device: Option<(Vec<u8>, Vec<u8>, Arc<Mutex<DeviceLog>>)>,
+    pub events: Arc<RecordingSink>,
+    pub stats: MigrationStats,
+}
+
+pub struct DstSide {
+    pub ram: FakeRam,
+    pub vcpus: FakeVcpus,
+    pub machine: FakeMachine,
+    pub loader: Option<(Arc<Mutex<Vec<u8>>>, Arc<Mutex<DeviceLog>>, Signal)>,
+    pub events: Arc<RecordingSink>,
+    pub stats: MigrationStats,
+}
+
+/// What the destination's device loader does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoaderKind {
+    /// No device at all.
+    None,
+    /// Device with initial data; the loader approves once it has it all.
+    ApprovesWhenLoaded,
+    /// Device with initial data; the loader never approves ("never finishes loading").
+    NeverApproves,
+    /// Device with initial data; the loader does not take part in switchover-ack.
+    NoAckNeeded,
+}
+
+pub struct Setup {
+    pub loader: LoaderKind,
+    pub initial_len: usize,
+    pub fill_percent: u64,
+    pub src_running: bool,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            loader: LoaderKind::None,
+            initial_len: 256 << 10,
+            fill_percent: 50,
+            src_running: true,
+        }
+    }
+}
+
+pub fn source_side(s: &Setup) -> (SrcSide, SourceMachine) {
+    let ram = FakeRam::small();
+    ram.fill_random(s.fill_percent, 7);
+    let vcpus = FakeVcpus::new(s.src_running);
+    let machine = FakeMachine::new(2, UUID);
+    let mut devices: Vec<Box<dyn StateHandler>> = Vec::new();
+    let mut device = None;
+    if s.loader != LoaderKind::None {
+        let (dev, log) = FakeDevice::new("state-dev", s.initial_len, 16 << 10);
+        let (init, fin) = dev.expected();
+        device = Some((init, fin, log));
+        devices.push(Box::new(dev));
+    }
+    let side = SrcSide {
+        ram: ram.clone(),
+        vcpus: vcpus.clone(),
+        machine: machine.clone(),
+        device,
+        events: Arc::new(RecordingSink::new()),
+        stats: MigrationStats::new(Role::Source),
+    };
+    let m = SourceMachine {
+        ram: Box::new(ram),
+        vcpus: Box::new(vcpus),
+        devices,
+        state: Box::new(machine),
+    };
+    (side, m)
+}
+
+pub fn dest_side(s: &Setup, machine: FakeMachine) -> (DstSide, DestMachine) {
+    let ram = FakeRam::small();
+    let vcpus = FakeVcpus::new(false);
+    let mut loaders: Vec<Box<dyn StateLoader>> = Vec::new();
+    let mut loader = None;
+    let kind = match s.loader {
+        LoaderKind::None => None,
+        LoaderKind::ApprovesWhenLoaded => Some((true, Some(s.initial_len))),
+        LoaderKind::NeverApproves => Some((true, None)),
+        LoaderKind::NoAckNeeded => Some((false, None)),
+    };
+    if let Some((ack, after)) = kind {
+        let (l, log) = FakeLoader::new("state-dev", ack, after);
+        loader = Some((l.received.clone(), log, l.approved.clone()));
+        loaders.push(Box::new(l));
+    }
+    let side = DstSide {
+        ram: ram.clone(),
+        vcpus: vcpus.clone(),
+        machine: machine.clone(),
+        loader,
+        events: Arc::new(RecordingSink::new()),
+        stats: MigrationStats::new(Role::Destination),
+    };
+    let m = DestMachine {
+        ram: Box::new(ram),
+        vcpus: Box::new(vcpus),
+        loaders,
+        state: Box::new(machine),
+    };
+    (side, m)
+}
+
+pub fn src_opts(tuning: Tuning, ack: bool) -> SourceOptions {
+    SourceOptions {
+        return_path: true,
+        switchover_ack: ack,
+        pause_before_switchover: false,
+        tuning,
+    }
+}
+
+pub fn dst_opts(ack: bool) -> DestOptions {
+    DestOptions {
+        switchover_ack: ack,
+        ..DestOptions::default()
+    }
+}
+
+pub fn start_source(
+    side: &SrcSide,
+    m: SourceMachine,
+    target: Target,
+    opts: SourceOptions,
+) -> SourceHandle {
+    source::migrate(m, target, opts, side.events.clone(), side.stats.clone())
+        .expect("migrate starts")
+}
+
+pub fn start_dest(side: &DstSide, m: DestMachine, from: Incoming, opts: DestOptions) -> DestHandle {
+    dest::incoming(m, from, opts, side.events.clone(), side.stats.clone()).expect("incoming starts")
+}
+
+/// A connected unix socket pair: (source end, destination end).
+pub fn socketpair() -> (Stream, Stream) {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    (Stream::Unix(a), Stream::Unix(b))
+}
+
+/// A proxy between source and destination: copies both directions, and on the forward one
+/// either cuts the connection after `cut_after` bytes or flips the byte at `flip_at`.
+pub fn proxy(cut_after: Option<u64>, flip_at: Option<u64>) -> (Stream, Stream) {
+    let (src_end, proxy_a) = UnixStream::pair().expect("socketpair");
+    let (proxy_b, dst_end) = UnixStream::pair().expect("socketpair");
+    let (mut a_r, mut b_w) = (
+        proxy_a.try_clone().expect("clone"),
+        proxy_b.try_clone().expect("clone"),
+    );
+    let (mut b_r, mut a_w) = (proxy_b, proxy_a);
+    std::thread::Builder::new()
+        .name("proxy-fwd".into())
+        .spawn(move || {
+            let mut pos = 0u64;
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match a_r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut n = n;
+                if let Some(cut) = cut_after {
+                    if pos + n as u64 >= cut {
+                        n = (cut - pos) as usize;
+                    }
+                }
+                if let Some(f) = flip_at {
+                    if f >= pos && f < pos + n as u64 {
+                        buf[(f - pos) as usize] ^= 0x5a;
+                    }
+                }
+                if b_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                pos += n as u64;
+                if cut_after.is_some_and(|c| pos >= c) {
+                    break;
+                }
+            }
+            let _ = a_r.shutdown(std::net::Shutdown::Both);
+            let _ = b_w.shutdown(std::net::Shutdown::Both);
+        })
+        .expect("spawn");
+    std::thread::Builder::new()
+        .name("proxy-rp".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut b_r, &mut a_w);
+            let _ = a_w.shutdown(std::net::Shutdown::Both);
+        })
+        .expect("spawn");
+    (Stream::Unix(src_end), Stream::Unix(dst_end))
+}
+
+/// Starts a guest dirtying pages on the source side.
+pub fn dirty(side: &SrcSide, pages_per_sec: u64) -> Dirtier {
+    Dirtier::spawn(side.ram.clone(), side.vcpus.clone(), pages_per_sec, 3)
+}
+
+/// Asserts the source is exactly as before a failed/cancelled migration: running (when it
+/// was), dirty logging off.
+pub fn assert_source_restored(src: &SrcSide, was_running: bool) {
+    use tern_migration::machine::VcpuControl;
+    assert_eq!(src.vcpus.is_running(), was_running, "source run state");
+    assert!(!src.ram.logging(), "dirty log still on");
+    let (starts, stops, _) = src.ram.log_calls();
+    assert_eq!(starts, stops, "dirty log start/stop calls");
+}
+
+/// Asserts the destination RAM equals the source's (both stopped by now).
+pub fn assert_ram_equal(src: &SrcSide, dst: &DstSide) {
+    assert_eq!(
+        src.ram.first_difference(&dst.ram),
+        None,
+        "first differing (block, page)"
+    );
+}

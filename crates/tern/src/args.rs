@@ -1,0 +1,160 @@
+//! Command-line interface of the `tern` binary.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tern_guest::{GuestOptions, Order, Workload};
+
+use crate::size::parse_size;
+
+/// Tern: a KVM VMM built for live migration.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a VM with the built-in test guest, controlled over a QMP socket.
+    Run(RunArgs),
+    /// Write the test guest's ELF image (PVH-bootable: `qemu-system-x86_64 -kernel FILE`).
+    GuestImage {
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Check a memory dump of a `pattern` guest (QEMU migration-test rule).
+    CheckPattern(CheckPatternArgs),
+    /// Print a migration stream (file) as JSON, like QEMU's analyze-migration.py.
+    AnalyzeStream {
+        /// Stream file (from `migrate {"uri": "file:..."}`).
+        file: PathBuf,
+    },
+    /// Boot a test guest and live-migrate it between two tern processes, printing the result.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum WorkloadArg {
+    Idle,
+    Dirty,
+    Pattern,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OrderArg {
+    Seq,
+    Random,
+}
+
+/// `tern run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest RAM (e.g. 512M, 1G).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs (each runs its own share of the workload).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// QMP control socket (unix socket path).
+    #[arg(long)]
+    pub qmp: PathBuf,
+    /// Serial console: none, stdout, file:PATH or unix:PATH (the VMM listens).
+    #[arg(long, default_value = "none")]
+    pub serial: String,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Wait for an incoming migration: `defer` (then QMP migrate-incoming), or a URI
+    /// (tcp:HOST:PORT, unix:PATH, file:PATH).
+    #[arg(long)]
+    pub incoming: Option<String>,
+    /// Do not start the vCPUs (QMP `cont` starts them), like QEMU's -S.
+    #[arg(short = 'S', long)]
+    pub paused: bool,
+    /// VM UUID (default: random).
+    #[arg(long)]
+    pub uuid: Option<uuid::Uuid>,
+}
+
+/// Guest workload options, turned into the guest's command line.
+#[derive(Debug, Clone, Args)]
+pub struct GuestArgs {
+    /// Workload: idle (optionally fill --work-mem with data first), dirty, pattern.
+    #[arg(long, value_enum, default_value = "idle")]
+    pub workload: WorkloadArg,
+    /// Working set in MiB (total, split between vCPUs).
+    #[arg(long, default_value_t = 0)]
+    pub work_mem: u64,
+    /// Dirty rate in MiB/s for `dirty` (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Page order for `dirty`.
+    #[arg(long, value_enum, default_value = "seq")]
+    pub order: OrderArg,
+    /// Heartbeat period in ms (0 = off).
+    #[arg(long, default_value_t = 1)]
+    pub heartbeat_ms: u64,
+    /// Status line period in ms (0 = off).
+    #[arg(long, default_value_t = 1000)]
+    pub status_ms: u64,
+    /// Raw guest options appended to the command line (`key=value ...`), overriding the flags.
+    #[arg(long)]
+    pub append: Option<String>,
+}
+
+impl GuestArgs {
+    /// The guest options these flags describe.
+    pub fn options(&self) -> Result<GuestOptions, tern_guest::Error> {
+        let base = GuestOptions {
+            workload: match self.workload {
+                WorkloadArg::Idle => Workload::Idle,
+                WorkloadArg::Dirty => Workload::Dirty,
+                WorkloadArg::Pattern => Workload::Pattern,
+            },
+            mem_mib: self.work_mem,
+            rate_mib_s: self.rate,
+            order: match self.order {
+                OrderArg::Seq => Order::Seq,
+                OrderArg::Random => Order::Random,
+            },
+            hb_ms: self.heartbeat_ms,
+            status_ms: self.status_ms,
+            tsc_khz: None,
+        };
+        match &self.append {
+            None => Ok(base),
+            Some(extra) => GuestOptions::parse(&format!("{} {extra}", base.to_cmdline())),
+        }
+    }
+}
+
+/// `tern check-pattern`.
+#[derive(Debug, Args)]
+pub struct CheckPatternArgs {
+    /// Memory dump (e.g. from QMP `pmemsave`).
+    pub dump: PathBuf,
+    /// Guest-physical address of the dump's first byte.
+    #[arg(long, default_value_t = 0)]
+    pub gpa: u64,
+    /// Ranges to check, `GPA:LEN` (hex with 0x or decimal); default: read the per-vCPU ranges
+    /// from the guest's stats blocks inside the dump.
+    #[arg(long = "range", value_parser = parse_range)]
+    pub ranges: Vec<(u64, u64)>,
+}
+
+fn parse_num(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("invalid number '{s}'"))
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("range '{s}' is not GPA:LEN"))?;
+    Ok((parse_num(a)?, parse_size(b).or_else(|_| parse_num(b))?))
+}

@@ -1,0 +1,260 @@
+//! Migration commands, QEMU's names and semantics: capabilities, parameters, `migrate`,
+//! `migrate-incoming`, `query-migrate`, `migrate_cancel`, `migrate-continue`.
+
+use std::sync::{Arc, MutexGuard};
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tern_migration::params::{check_not_running, Capabilities, Capability, Parameters};
+use tern_migration::source::{SourceHandle, SourceOptions, Target, Tuning};
+use tern_migration::stats::{MigrationStats, Role};
+use tern_migration::status::MigrationStatus;
+use tern_migration::transport::MigrationUri;
+use tern_qmp::{no_args, parse_args, QmpError};
+
+use super::Controller;
+use crate::migrate::events::QmpMigrationEvents;
+use crate::migrate::incoming::Incoming;
+use crate::migrate::machine_for_source;
+
+/// Migration state of one process (either direction).
+#[derive(Default)]
+pub(crate) struct MigrationCtl {
+    pub(crate) caps: Capabilities,
+    pub(crate) params: Parameters,
+    /// The current or last outgoing migration.
+    pub(crate) outgoing: Option<SourceHandle>,
+    /// The incoming migration (at most one per process, like QEMU).
+    pub(crate) incoming: Option<Incoming>,
+}
+
+impl MigrationCtl {
+    /// Status of the migration `query-migrate` reports.
+    pub(crate) fn status(&self) -> MigrationStatus {
+        if let Some(o) = &self.outgoing {
+            return o.status();
+        }
+        if let Some(i) = &self.incoming {
+            return i.stats().status();
+        }
+        MigrationStatus::None
+    }
+}
+
+fn param_err(e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateArgs {
+    uri: String,
+    /// QEMU accepts and ignores `detach` (always detached).
+    #[serde(default)]
+    #[allow(dead_code)]
+    detach: Option<bool>,
+    #[serde(default)]
+    resume: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncomingArgs {
+    uri: String,
+    #[serde(default, rename = "exit-on-error")]
+    exit_on_error: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContinueArgs {
+    state: String,
+}
+
+impl Controller {
+    pub(crate) fn mig(&self) -> MutexGuard<'_, MigrationCtl> {
+        self.migration.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn query_migrate_capabilities(
+        &self,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        no_args(&args)?;
+        Ok(self.mig().caps.to_query_json())
+    }
+
+    pub(super) fn query_migrate_parameters(
+        &self,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        no_args(&args)?;
+        Ok(self.mig().params.to_query_json())
+    }
+
+    pub(super) fn migrate_set_capabilities(
+        &self,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        let mut m = self.mig();
+        check_not_running(m.status()).map_err(param_err)?;
+        if m.incoming.as_ref().is_some_and(|i| i.started()) {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        let params = m.params.clone();
+        m.caps
+            .apply_json(&Value::Object(args), &params)
+            .map_err(param_err)?;
+        Ok(json!({}))
+    }
+
+    pub(super) fn migrate_set_parameters(
+        &self,
+        args: Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        let mut m = self.mig();
+        let caps = m.caps.clone();
+        m.params
+            .apply_json(&Value::Object(args), &caps)
+            .map_err(param_err)?;
+        // QEMU applies bandwidth and downtime changes to a running migration at once.
+        let tuning = Tuning::from_params(&m.params);
+        if let Some(o) = &m.outgoing {
+            if o.status().is_running() {
+                o.set_tuning(tuning);
+            }
+        }
+        Ok(json!({}))
+    }
+
+    pub(super) fn migrate(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let a: MigrateArgs = parse_args(args)?;
+        if a.resume == Some(true) {
+            return Err(QmpError::generic(
+                "Cannot resume if there is no paused migration",
+            ));
+        }
+        let uri: MigrationUri = a.uri.parse().map_err(param_err)?;
+        let mut m = self.mig();
+        check_not_running(m.status()).map_err(param_err)?;
+        if m.incoming.is_some() {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ));
+        }
+        if uri.is_file()
+            && (m.caps.get(Capability::ReturnPath) || m.caps.get(Capability::SwitchoverAck))
+        {
+            return Err(QmpError::generic(
+                "Capability 'return-path' needs a socket: it cannot be used with a file: URI",
+            ));
+        }
+        let opts = SourceOptions::from_qemu(&m.caps, &m.params);
+        let events = Arc::new(QmpMigrationEvents::source(
+            self.weak(),
+            m.caps.get(Capability::Events),
+        ));
+        let machine = machine_for_source(&self.vm);
+        let stats = MigrationStats::new(Role::Source);
+        let handle =
+            tern_migration::source::migrate(machine, Target::Uri(uri), opts, events, stats)
+                .map_err(param_err)?;
+        m.outgoing = Some(handle);
+        Ok(json!({}))
+    }
+
+    pub(super) fn migrate_incoming(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let a: IncomingArgs = parse_args(args)?;
+        let _ = a.exit_on_error;
+        self.start_incoming(&a.uri)?;
+        Ok(json!({}))
+    }
+
+    /// Starts listening for an incoming migration at `uri` (QMP `migrate-incoming`, or
+    /// `--incoming URI` on the command line).
+    pub fn start_incoming(&self, uri: &str) -> Result<(), QmpError> {
+        if self.run_state() != super::RunState::InMigrate {
+            return Err(QmpError::generic(
+                "'-incoming' was not specified on the command line",
+            ));
+        }
+        let uri: MigrationUri = uri.parse().map_err(param_err)?;
+        let mut m = self.mig();
+        if m.incoming.is_some() {
+            return Err(QmpError::generic(
+                "The incoming migration has already been started",
+            ));
+        }
+        let caps = m.caps.clone();
+        let autostart = *self.autostart.lock().unwrap_or_else(|p| p.into_inner());
+        let inc = Incoming::start(self, uri, &caps, autostart)?;
+        m.incoming = Some(inc);
+        Ok(())
+    }
+
+    pub(super) fn query_migrate(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        no_args(&args)?;
+        let m = self.mig();
+        if let Some(o) = &m.outgoing {
+            return Ok(o.stats().to_query_migrate_json());
+        }
+        if let Some(i) = &m.incoming {
+            return Ok(i.stats().to_query_migrate_json());
+        }
+        Ok(json!({}))
+    }
+
+    pub(super) fn migrate_cancel(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        no_args(&args)?;
+        let m = self.mig();
+        if let Some(o) = &m.outgoing {
+            o.cancel();
+        }
+        Ok(json!({}))
+    }
+
+    pub(super) fn migrate_continue(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let a: ContinueArgs = parse_args(args)?;
+        let m = self.mig();
+        let o = m.outgoing.as_ref().ok_or_else(|| {
+            QmpError::generic(format!(
+                "Migration not in expected state: {}",
+                MigrationStatus::None.as_str()
+            ))
+        })?;
+        if a.state != MigrationStatus::PreSwitchover.as_str()
+            || o.status() != MigrationStatus::PreSwitchover
+        {
+            return Err(QmpError::generic(format!(
+                "Migration not in expected state: {}",
+                o.status().as_str()
+            )));
+        }
+        o.continue_switchover().map_err(param_err)?;
+        Ok(json!({}))
+    }
+
+    /// Whether a migration (either direction) is in progress.
+    pub(crate) fn migration_active(&self) -> bool {
+        let m = self.mig();
+        m.status().is_running()
+            || m.incoming
+                .as_ref()
+                .is_some_and(|i| i.started() && !i.finished())
+    }
+
+    /// Cancels any migration before the process exits.
+    pub fn shutdown_migration(&self) {
+        let mut m = self.mig();
+        if let Some(o) = m.outgoing.take() {
+            o.cancel();
+            drop(m);
+            let _ = o.join();
+            m = self.mig();
+        }
+        if let Some(i) = m.incoming.take() {
+            drop(m);
+            i.cancel_and_join();
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Drives `tern run` processes: spawn (optionally inside a network namespace), wait until the
+//! QMP socket is ready (the child announces it on stderr: no polling), talk QMP, quit or kill.
+//! Used by `tern demo`, the integration tests and the benchmarks.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use tern_qmp::QmpClient;
+
+use crate::run::READY_PREFIX;
+
+/// How long a child may take to announce its QMP socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `tern run` child with a QMP connection.
+pub struct TernProcess {
+    child: Child,
+    /// The QMP connection (negotiated).
+    pub qmp: QmpClient,
+    /// The QMP socket path.
+    pub qmp_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    name: String,
+}
+
+impl TernProcess {
+    /// Spawns `exe run --qmp <qmp> <args...>` (inside `ip netns exec <ns>` when `netns` is set)
+    /// and connects to its QMP socket once it is ready.
+    pub fn spawn(
+        name: &str,
+        exe: &Path,
+        qmp: &Path,
+        args: &[String],
+        netns: Option<&str>,
+    ) -> Result<Self> {
+        let _ = std::fs::remove_file(qmp);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.arg("run").arg("--qmp").arg(qmp).args(args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {name}: {}", exe.display()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("{name}: no stderr pipe"))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::Builder::new()
+            .name(format!("log-{name}"))
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.starts_with(READY_PREFIX) {
+                        let _ = ready_tx.send(());
+                    }
+                    if let Ok(mut l) = log2.lock() {
+                        l.push(line);
+                    }
+                }
+            })
+            .context("spawning the log reader thread")?;
+        match ready_rx.recv_timeout(READY_TIMEOUT) {
+            Ok(()) => {}
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let lines = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+                bail!("{name} did not become ready (exit: {status:?}); its log:\n{lines}");
+            }
+        }
+        let mut qmp_client = QmpClient::connect(qmp)
+            .with_context(|| format!("{name}: connecting to QMP at {}", qmp.display()))?;
+        qmp_client.set_timeout(Some(Duration::from_secs(60)));
+        Ok(Self {
+            child,
+            qmp: qmp_client,
+            qmp_path: qmp.to_path_buf(),
+            log,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Runs a QMP command and returns its `return` value (errors carry the QMP error text).
+    pub fn cmd(&mut self, name: &str, args: Value) -> Result<Value> {
+        self.qmp
+            .execute(name, args)
+            .map_err(|e| anyhow!("{}: {name}: {e}", self.name))
+    }
+
+    /// Like [`TernProcess::cmd`] but returns the QMP error description instead of failing.
+    pub fn cmd_err(&mut self, name: &str, args: Value) -> Result<String> {
+        match self.qmp.execute(name, args) {
+            Ok(v) => bail!("{}: {name} succeeded unexpectedly: {v}", self.name),
+            Err(tern_qmp::ClientError::Qmp(e)) => Ok(e.desc),
+            Err(e) => bail!("{}: {name}: {e}", self.name),
+        }
+    }
+
+    /// Everything the child printed on stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `quit` and waits for the process to exit.
+    pub fn quit(mut self) -> Result<ExitStatus> {
+        self.cmd("quit", json!({}))?;
+        let st = self.child.wait().context("waiting for the child")?;
+        Ok(st)
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process has exited, without blocking.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last heartbeat the VMM recorded: (seq, CLOCK_REALTIME ns).
+    pub fn last_heartbeat(&mut self) -> Result<(u64, u64)> {
+        let r = self.cmd("x-tern-heartbeats", json!({ "since": u64::MAX }))?;
+        Ok((num(&r, "last-seq"), num(&r, "last-ns")))
+    }
+
+    /// Heartbeat records after `since`: (seq, ns).
+    pub fn heartbeats_since(&mut self, since: u64) -> Result<Vec<(u64, u64)>> {
+        let r = self.cmd("x-tern-heartbeats", json!({ "since": since }))?;
+        Ok(r.get("records")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some((p.get(0)?.as_u64()?, p.get(1)?.as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Waits until the VMM has recorded a heartbeat with sequence number > `seq` (the VMM
+    /// blocks on its heartbeat condvar: no polling here); returns it as (seq, ns).
+    pub fn wait_heartbeat_after(&mut self, seq: u64, timeout: Duration) -> Result<(u64, u64)> {
+        let r = self.cmd(
+            "x-tern-wait-heartbeat",
+            json!({"after": seq, "timeout-ms": timeout.as_millis() as u64}),
+        )?;
+        Ok((num(&r, "seq"), num(&r, "ns")))
+    }
+
+    /// `query-migrate`.
+    pub fn query_migrate(&mut self) -> Result<Value> {
+        self.cmd("query-migrate", json!({}))
+    }
+
+    /// Sets capabilities by name.
+    pub fn set_caps(&mut self, caps: &[(&str, bool)]) -> Result<()> {
+        let list: Vec<Value> = caps
+            .iter()
+            .map(|(c, s)| json!({"capability": c, "state": s}))
+            .collect();
+        self.cmd("migrate-set-capabilities", json!({ "capabilities": list }))?;
+        Ok(())
+    }
+}
+
+impl Drop for TernProcess {
+    fn drop(&mut self) {
+        if self.try_exited().is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// Reads a u64 member of a JSON object (0 when absent).
+pub fn num(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The migration status in a `query-migrate` reply.
+pub fn status(v: &Value) -> &str {
+    v.get("status").and_then(Value::as_str).unwrap_or("none")
+}
+
+/// The port of the first socket address of a destination's `query-migrate`.
+pub fn incoming_port(v: &Value) -> Option<u16> {
+    let a = v.get("socket-address")?.as_array()?.first()?;
+    match a.get("port")? {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        _ => None,
+    }
+}

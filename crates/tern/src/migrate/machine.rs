@@ -1,0 +1,264 @@
+//! The migration engine's machine traits over the real VM: RAM pages and dirty log, vCPU run
+//! control, and the non-iterative component state. This is the only place where
+//! `tern-migration` meets `tern-vmm`.
+
+use std::sync::Arc;
+
+use tern_migration::machine::{
+    ComponentState, ComponentVersion, DirtyBitmap, MachineDescription, MachineError, MachineState,
+    RamBlockInfo, RamSink, RamSource, VcpuControl,
+};
+use tern_vmm::{RamRegionInfo, Vm, PAGE_SIZE};
+
+fn failed(op: &str, e: tern_vmm::Error) -> MachineError {
+    MachineError::Failed(format!("{op}: {e}"))
+}
+
+/// Guest RAM of a VM: the source side reads pages and the dirty log, the destination writes pages.
+pub struct VmRam {
+    vm: Arc<Vm>,
+    regions: Vec<RamRegionInfo>,
+    /// Reused per-region buffers for `Vm::sync_dirty_log`.
+    scratch: Vec<Vec<u64>>,
+}
+
+impl VmRam {
+    pub fn new(vm: Arc<Vm>) -> Self {
+        let regions = vm.regions();
+        let scratch = regions
+            .iter()
+            .map(|r| vec![0u64; r.pages().div_ceil(64) as usize])
+            .collect();
+        Self {
+            vm,
+            regions,
+            scratch,
+        }
+    }
+
+    fn gpa(&self, block: usize, page: u64) -> Result<u64, MachineError> {
+        let r = self
+            .regions
+            .get(block)
+            .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "no such block"))?;
+        if page >= r.pages() {
+            return Err(MachineError::rejected(
+                format!("RAM block {block} page {page}"),
+                format!("past the end ({} pages)", r.pages()),
+            ));
+        }
+        Ok(r.gpa + page * PAGE_SIZE)
+    }
+
+    fn block_list(&self) -> Vec<RamBlockInfo> {
+        self.regions
+            .iter()
+            .map(|r| RamBlockInfo {
+                id: format!("ram{}", r.id),
+                gpa: r.gpa,
+                size: r.size,
+            })
+            .collect()
+    }
+}
+
+impl RamSource for VmRam {
+    fn page_size(&self) -> u32 {
+        PAGE_SIZE as u32
+    }
+
+    fn blocks(&self) -> Vec<RamBlockInfo> {
+        self.block_list()
+    }
+
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        let gpa = self.gpa(block, page)?;
+        self.vm
+            .read_page(gpa, buf)
+            .map_err(|e| failed("reading guest RAM", e))
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), MachineError> {
+        self.vm
+            .start_dirty_log()
+            .map_err(|e| failed("starting dirty logging", e))
+    }
+
+    fn sync_dirty_log(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<(), MachineError> {
+        for s in &mut self.scratch {
+            s.fill(0);
+        }
+        self.vm
+            .sync_dirty_log(&mut self.scratch)
+            .map_err(|e| failed("syncing the dirty log", e))?;
+        for (dst, src) in bitmaps.iter_mut().zip(&self.scratch) {
+            for (d, s) in dst.words_mut().iter_mut().zip(src) {
+                *d |= *s;
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), MachineError> {
+        self.vm
+            .stop_dirty_log()
+            .map_err(|e| failed("stopping dirty logging", e))
+    }
+}
+
+impl RamSink for VmRam {
+    fn page_size(&self) -> u32 {
+        PAGE_SIZE as u32
+    }
+
+    fn blocks(&self) -> Vec<RamBlockInfo> {
+        self.block_list()
+    }
+
+    fn write_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), MachineError> {
+        let gpa = self.gpa(block, page)?;
+        self.vm
+            .write_page(gpa, data)
+            .map_err(|e| failed("writing guest RAM", e))
+    }
+
+    fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError> {
+        let gpa = self.gpa(block, page)?;
+        self.vm
+            .zero_page(gpa)
+            .map_err(|e| failed("zeroing guest RAM", e))
+    }
+}
+
+/// vCPU run control. Run-state bookkeeping (QMP STOP/RESUME, `query-status`) happens in the
+/// event sink, which the engine calls right after these.
+pub struct VmVcpus(pub Arc<Vm>);
+
+impl VcpuControl for VmVcpus {
+    fn pause(&mut self) -> Result<(), MachineError> {
+        self.0
+            .pause()
+            .map(|_| ())
+            .map_err(|e| failed("pausing the vCPUs", e))
+    }
+
+    fn resume(&mut self) -> Result<(), MachineError> {
+        self.0.resume().map_err(|e| failed("resuming the vCPUs", e))
+    }
+
+    fn is_running(&self) -> bool {
+        self.0.is_running()
+    }
+}
+
+/// The machine components this build restores, with the state versions it accepts
+/// (`tern_vmm::Persist::ID` / `VERSION` of each component).
+const KNOWN_COMPONENTS: &[(&str, u32, u32)] = &[
+    ("machine", 1, 1),
+    ("kvmclock", 1, 1),
+    ("irqchip", 1, 1),
+    ("pit", 1, 1),
+    ("serial", 1, 1),
+    ("guest-control", 1, 1),
+    ("cpu", 1, 1),
+];
+
+/// What must match between source and destination beyond RAM and vCPU count.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq, Debug)]
+struct MachineBlob {
+    memory_bytes: u64,
+    vcpus: u32,
+}
+
+/// The non-iterative machine components (vCPUs, irqchip, PIT, clock, UART, control port,
+/// machine config).
+pub struct VmComponents(pub Arc<Vm>);
+
+impl VmComponents {
+    fn blob(&self) -> MachineBlob {
+        let c = self.0.config();
+        MachineBlob {
+            memory_bytes: c.memory_bytes,
+            vcpus: c.vcpus,
+        }
+    }
+}
+
+impl MachineState for VmComponents {
+    fn describe(&self) -> MachineDescription {
+        let c = self.0.config();
+        MachineDescription {
+            vcpu_count: c.vcpus,
+            // The vCPU state carries the TSC frequency and the machine checks it on restore
+            // (with KVM's tolerance); 0 = the stream does not compare it.
+            tsc_khz: 0,
+            uuid: c.uuid,
+            cpuid: Vec::new(),
+            machine_blob: serde_json::to_vec(&self.blob()).unwrap_or_default(),
+        }
+    }
+
+    fn check_machine_blob(&self, blob: &[u8]) -> Result<(), MachineError> {
+        let theirs: MachineBlob = serde_json::from_slice(blob)
+            .map_err(|e| MachineError::rejected("machine configuration", e.to_string()))?;
+        let ours = self.blob();
+        if theirs.memory_bytes != ours.memory_bytes {
+            return Err(MachineError::rejected(
+                "memory size",
+                format!(
+                    "source has {} bytes, this machine {}",
+                    theirs.memory_bytes, ours.memory_bytes
+                ),
+            ));
+        }
+        if theirs.vcpus != ours.vcpus {
+            return Err(MachineError::rejected(
+                "vCPU count",
+                format!("source has {}, this machine {}", theirs.vcpus, ours.vcpus),
+            ));
+        }
+        Ok(())
+    }
+
+    fn known_components(&self) -> Vec<ComponentVersion> {
+        KNOWN_COMPONENTS
+            .iter()
+            .map(|(id, min_version, max_version)| ComponentVersion {
+                id: (*id).to_string(),
+                min_version: *min_version,
+                max_version: *max_version,
+            })
+            .collect()
+    }
+
+    fn save_components(&mut self) -> Result<Vec<ComponentState>, MachineError> {
+        let states = self
+            .0
+            .save_components()
+            .map_err(|e| failed("saving the machine state", e))?;
+        Ok(states
+            .into_iter()
+            .map(|s| ComponentState {
+                id: s.id,
+                instance: s.instance,
+                version: s.version,
+                data: s.data,
+            })
+            .collect())
+    }
+
+    fn restore_components(&mut self, states: Vec<ComponentState>) -> Result<(), MachineError> {
+        let states: Vec<tern_vmm::ComponentState> = states
+            .into_iter()
+            .map(|s| tern_vmm::ComponentState {
+                id: s.id,
+                instance: s.instance,
+                version: s.version,
+                data: s.data,
+            })
+            .collect();
+        self.0
+            .restore_components(&states)
+            .map_err(|e| MachineError::rejected("machine state", e.to_string()))
+    }
+}

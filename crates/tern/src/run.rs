@@ -1,0 +1,111 @@
+//! `tern run`: one VM process with a QMP control socket.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tern_qmp::{EventSink, QemuVersion, QmpServer, ServerConfig};
+use tern_vmm::{SerialTarget, Vm, VmConfig};
+
+use crate::args::RunArgs;
+use crate::control::{Controller, QmpDispatch, RunState};
+
+/// First word of the line `tern run` prints on stderr once its QMP socket accepts clients.
+pub const READY_PREFIX: &str = "tern: ready";
+
+/// Parses `--serial`.
+pub fn parse_serial(s: &str) -> Result<SerialTarget> {
+    Ok(match s {
+        "none" => SerialTarget::None,
+        "stdout" | "stdio" => SerialTarget::Stdout,
+        _ => {
+            if let Some(p) = s.strip_prefix("file:") {
+                SerialTarget::File(PathBuf::from(p))
+            } else if let Some(p) = s.strip_prefix("unix:") {
+                SerialTarget::UnixSocket(PathBuf::from(p))
+            } else {
+                bail!("--serial {s:?}: expected none, stdout, file:PATH or unix:PATH")
+            }
+        }
+    })
+}
+
+/// Builds the machine configuration from the command line.
+pub fn vm_config(a: &RunArgs) -> Result<VmConfig> {
+    let opts = a.guest.options().context("guest options")?;
+    if opts.min_ram_bytes() > a.memory {
+        bail!(
+            "--work-mem {} MiB does not fit in --memory {} MiB (the workload area starts at {} MiB)",
+            opts.mem_mib,
+            a.memory >> 20,
+            tern_guest::layout::WORK_BASE >> 20
+        );
+    }
+    let mut cfg = VmConfig::new(a.memory, a.vcpus, opts.to_cmdline());
+    cfg.serial = parse_serial(&a.serial)?;
+    if let Some(u) = a.uuid {
+        cfg.uuid = u;
+    }
+    cfg.validate().context("machine configuration")?;
+    Ok(cfg)
+}
+
+/// Runs the VM until `quit` (QMP) or a signal.
+pub fn run(a: RunArgs) -> Result<()> {
+    let cfg = vm_config(&a)?;
+    let incoming = a.incoming.clone();
+    let vm = Arc::new(if incoming.is_some() {
+        Vm::new_for_incoming(cfg).context("creating the VM for an incoming migration")?
+    } else {
+        Vm::new(cfg).context("creating the VM")?
+    });
+
+    let events = EventSink::new();
+    let (quit_tx, quit_rx) = mpsc::channel();
+    let state = match (&incoming, a.paused) {
+        (Some(_), _) => RunState::InMigrate,
+        (None, true) => RunState::Prelaunch,
+        (None, false) => RunState::Running,
+    };
+    let ctl = Controller::new(vm.clone(), events.clone(), state, !a.paused, quit_tx);
+    let mut scfg = ServerConfig::new(
+        QemuVersion {
+            major: 10,
+            minor: 0,
+            micro: 0,
+        },
+        format!("tern-{}", env!("CARGO_PKG_VERSION")),
+    );
+    scfg.events = events.clone();
+    let server = QmpServer::bind(&a.qmp, Arc::new(QmpDispatch(ctl.clone())), scfg)
+        .with_context(|| format!("QMP socket {}", a.qmp.display()))?;
+
+    if state == RunState::Running {
+        vm.start().context("starting the vCPUs")?;
+    }
+    if let Some(uri) = incoming.filter(|u| u != "defer") {
+        ctl.start_incoming(&uri)
+            .map_err(|e| anyhow::anyhow!("--incoming {uri}: {}", e.desc))?;
+    }
+
+    // Parents (tern demo, tests, benchmarks) wait for this line instead of polling the socket.
+    eprintln!(
+        "{READY_PREFIX} qmp={} pid={}",
+        a.qmp.display(),
+        std::process::id()
+    );
+
+    // Wait for `quit`. A closed channel (controller dropped) also ends the process.
+    let _ = quit_rx.recv();
+    events.emit(
+        "SHUTDOWN",
+        Some(serde_json::json!({"guest": false, "reason": "host-qmp-quit"})),
+    );
+    ctl.set_run_state(RunState::Shutdown);
+    ctl.shutdown_migration();
+    let vm_result = vm.shutdown();
+    server.shutdown();
+    vm_result.context("shutting the VM down")?;
+    Ok(())
+}
