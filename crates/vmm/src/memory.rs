@@ -1,0 +1,376 @@
+//! Guest RAM: vm-memory regions with a VMM-side dirty bitmap, KVM memslots, dirty logging.
+//!
+//! Every access the VMM makes to guest RAM goes through vm-memory (`Bytes`), so VMM writes land
+//! in the region's `AtomicBitmap`; the guest's own writes are tracked by KVM
+//! (`KVM_MEM_LOG_DIRTY_PAGES` + `KVM_GET_DIRTY_LOG`). `sync_dirty_log` ORs both.
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
+use kvm_bindings::{kvm_dirty_log, kvm_userspace_memory_region, KVMIO, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+use crate::error::{Error, Result};
+
+/// Guest page size used by dirty logging and the page API.
+pub const PAGE_SIZE: u64 = 4096;
+/// Start of the 32-bit PCI hole: RAM above this goes to 4 GiB and up.
+pub const HOLE_START: u64 = 0xc000_0000;
+/// End of the 32-bit hole.
+pub const HOLE_END: u64 = 0x1_0000_0000;
+
+/// The guest memory type of this VMM.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+
+/// How guest RAM is backed on the host. Only anonymous private memory exists today; the enum is
+/// the place where a memfd/shared backend (local migration, post-copy) plugs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RamBackend {
+    /// `mmap(MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)`.
+    #[default]
+    AnonymousPrivate,
+}
+
+/// One RAM block as the migration engine sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRegionInfo {
+    /// Region id (= KVM memslot number).
+    pub id: u32,
+    /// Guest physical address of the first byte.
+    pub gpa: u64,
+    /// Size in bytes (a multiple of [`PAGE_SIZE`]).
+    pub size: u64,
+    /// Host virtual address of the first byte (for uffd registration and the like).
+    pub host_addr: u64,
+}
+
+impl RamRegionInfo {
+    /// Pages in this region.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    /// `u64` words a dirty bitmap of this region needs.
+    pub fn bitmap_words(&self) -> usize {
+        usize::try_from(self.pages().div_ceil(64)).unwrap_or(usize::MAX)
+    }
+}
+
+/// The RAM layout for `mem_bytes` of RAM: below the 32-bit hole, then above 4 GiB.
+pub fn ram_layout(mem_bytes: u64) -> Vec<(u64, u64)> {
+    if mem_bytes <= HOLE_START {
+        vec![(0, mem_bytes)]
+    } else {
+        vec![(0, HOLE_START), (HOLE_END, mem_bytes - HOLE_START)]
+    }
+}
+
+/// Guest RAM plus its KVM registration.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemory,
+    regions: Vec<RamRegionInfo>,
+    /// Dirty-log scratch buffers (one per region), `Some` while dirty logging is on.
+    dirty: Mutex<Option<Vec<Vec<u64>>>>,
+}
+
+impl GuestRam {
+    /// Allocates RAM for `layout` (`(gpa, size)` pairs, page aligned, sorted).
+    pub fn new(layout: &[(u64, u64)], backend: RamBackend) -> Result<Self> {
+        let page = NonZeroUsize::new(PAGE_SIZE as usize)
+            .ok_or_else(|| Error::Memory("zero page size".into()))?;
+        let mut regions = Vec::with_capacity(layout.len());
+        for &(gpa, size) in layout {
+            if size == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
+                return Err(Error::Memory(format!(
+                    "region {gpa:#x}+{size:#x} is empty or not page aligned"
+                )));
+            }
+            let len = usize::try_from(size)
+                .map_err(|_| Error::Memory(format!("region size {size:#x} too large")))?;
+            let flags = match backend {
+                RamBackend::AnonymousPrivate => {
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+                }
+            };
+            let mapping = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, page))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .build()
+                .map_err(|e| Error::Memory(format!("mmap of {size:#x} bytes: {e}")))?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
+                .ok_or_else(|| Error::Memory(format!("region {gpa:#x}+{size:#x} overflows")))?;
+            regions.push(region);
+        }
+        let mem = GuestMemory::from_regions(regions)
+            .map_err(|e| Error::Memory(format!("region collection: {e}")))?;
+        let regions = mem
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RamRegionInfo {
+                id: i as u32,
+                gpa: r.start_addr().0,
+                size: r.len(),
+                host_addr: r.as_ptr() as u64,
+            })
+            .collect();
+        Ok(GuestRam {
+            mem,
+            regions,
+            dirty: Mutex::new(None),
+        })
+    }
+
+    /// The vm-memory view (for loaders).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The RAM regions.
+    pub fn regions(&self) -> &[RamRegionInfo] {
+        &self.regions
+    }
+
+    /// Total RAM in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Highest guest physical address + 1.
+    pub fn end_gpa(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.gpa + r.size)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn set_slots(&self, vm: &VmFd, log_dirty: bool) -> Result<()> {
+        for r in &self.regions {
+            let region = kvm_userspace_memory_region {
+                slot: r.id,
+                flags: if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: r.gpa,
+                memory_size: r.size,
+                userspace_addr: r.host_addr,
+            };
+            // SAFETY: the host range is a live mapping owned by `self.mem`, which outlives the
+            // VM's use of it (the VM is dropped before the memory, see `Vm`'s field order and
+            // `Vm::shutdown`), and the regions never overlap.
+            unsafe { vm.set_user_memory_region(region) }.map_err(|e| {
+                Error::kvm(
+                    format!("memory slot {}", r.id),
+                    "KVM_SET_USER_MEMORY_REGION",
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Registers every region as a KVM memslot (slot number = region id).
+    pub fn register(&self, vm: &VmFd) -> Result<()> {
+        self.set_slots(vm, false)
+    }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<()> {
+        let ok = gpa.checked_add(len as u64).is_some_and(|end| {
+            self.regions
+                .iter()
+                .any(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::BadAddress {
+                gpa,
+                len: len as u64,
+            })
+        }
+    }
+
+    /// Reads guest memory (must lie inside one region).
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(gpa, buf.len())?;
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| Error::Memory(format!("read {gpa:#x}+{:#x}: {e}", buf.len())))
+    }
+
+    /// Writes guest memory (must lie inside one region); marks the pages dirty in the VMM bitmap.
+    pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<()> {
+        self.check(gpa, buf.len())?;
+        self.mem
+            .write_slice(buf, GuestAddress(gpa))
+            .map_err(|e| Error::Memory(format!("write {gpa:#x}+{:#x}: {e}", buf.len())))
+    }
+
+    fn check_page(gpa: u64, len: usize) -> Result<()> {
+        if !gpa.is_multiple_of(PAGE_SIZE) || len as u64 != PAGE_SIZE {
+            return Err(Error::BadAddress {
+                gpa,
+                len: len as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads one page.
+    pub fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        Self::check_page(gpa, buf.len())?;
+        self.read(gpa, buf)
+    }
+
+    /// Writes one page.
+    pub fn write_page(&self, gpa: u64, buf: &[u8]) -> Result<()> {
+        Self::check_page(gpa, buf.len())?;
+        self.write(gpa, buf)
+    }
+
+    /// Makes a page read as zeros. A page that already reads as zeros is left alone, so a fresh
+    /// destination does not allocate memory for zero pages.
+    pub fn zero_page(&self, gpa: u64) -> Result<()> {
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        self.read_page(gpa, &mut buf)?;
+        if buf.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        buf.fill(0);
+        self.write_page(gpa, &buf)
+    }
+
+    /// Starts dirty logging: re-registers every slot with `KVM_MEM_LOG_DIRTY_PAGES` and clears
+    /// the VMM-side bitmaps.
+    pub fn start_dirty_log(&self, vm: &VmFd) -> Result<()> {
+        let mut dirty = self.dirty.lock().map_err(|_| poisoned())?;
+        self.set_slots(vm, true)?;
+        for r in self.mem.iter() {
+            (**r).bitmap().reset();
+        }
+        *dirty = Some(
+            self.regions
+                .iter()
+                .map(|r| vec![0u64; r.bitmap_words()])
+                .collect(),
+        );
+        Ok(())
+    }
+
+    /// Whether dirty logging is on.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty.lock().map(|d| d.is_some()).unwrap_or(false)
+    }
+
+    /// Fetches and clears the dirty pages since the last call (or since `start_dirty_log`) and
+    /// ORs them into `out` (one bitmap per region, bit i = page i of the region, each at least
+    /// [`RamRegionInfo::bitmap_words`] long).
+    pub fn sync_dirty_log(&self, vm: &VmFd, out: &mut [Vec<u64>]) -> Result<()> {
+        let mut dirty = self.dirty.lock().map_err(|_| poisoned())?;
+        let scratch = dirty
+            .as_mut()
+            .ok_or_else(|| Error::DirtyLog("dirty logging is not started".into()))?;
+        if out.len() != self.regions.len() {
+            return Err(Error::DirtyLog(format!(
+                "{} bitmaps given, {} regions",
+                out.len(),
+                self.regions.len()
+            )));
+        }
+        for ((r, buf), (scratch, region)) in self
+            .regions
+            .iter()
+            .zip(out.iter_mut())
+            .zip(scratch.iter_mut().zip(self.mem.iter()))
+        {
+            if buf.len() < r.bitmap_words() {
+                return Err(Error::DirtyLog(format!(
+                    "bitmap for region {} has {} words, needs {}",
+                    r.id,
+                    buf.len(),
+                    r.bitmap_words()
+                )));
+            }
+            let log = kvm_dirty_log {
+                slot: r.id,
+                padding1: 0,
+                __bindgen_anon_1: kvm_bindings::kvm_dirty_log__bindgen_ty_1 {
+                    dirty_bitmap: scratch.as_mut_ptr() as *mut libc::c_void,
+                },
+            };
+            // SAFETY: `scratch` holds one bit per page of the slot (rounded up to 64 bits), which
+            // is what KVM writes; the fd is a VM fd and the struct lives across the call.
+            let ret = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &log) };
+            if ret != 0 {
+                return Err(Error::kvm(
+                    format!("memory slot {}", r.id),
+                    "KVM_GET_DIRTY_LOG",
+                    kvm_ioctls::Error::last(),
+                ));
+            }
+            let vmm = (**region).bitmap().get_and_reset();
+            for (i, word) in buf.iter_mut().take(r.bitmap_words()).enumerate() {
+                *word |= scratch[i] | vmm.get(i).copied().unwrap_or(0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops dirty logging: re-registers the slots without `KVM_MEM_LOG_DIRTY_PAGES`.
+    pub fn stop_dirty_log(&self, vm: &VmFd) -> Result<()> {
+        let mut dirty = self.dirty.lock().map_err(|_| poisoned())?;
+        if dirty.is_none() {
+            return Ok(());
+        }
+        self.set_slots(vm, false)?;
+        *dirty = None;
+        Ok(())
+    }
+}
+
+fn poisoned() -> Error {
+    Error::State("dirty-log lock poisoned by a panicked thread".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_splits_at_hole() {
+        assert_eq!(ram_layout(256 << 20), vec![(0, 256 << 20)]);
+        assert_eq!(
+            ram_layout(4 << 30),
+            vec![(0, HOLE_START), (HOLE_END, (4 << 30) - HOLE_START)]
+        );
+    }
+
+    #[test]
+    fn read_write_page_and_bounds() {
+        let ram = GuestRam::new(&[(0, 1 << 20)], RamBackend::AnonymousPrivate).unwrap();
+        let page = [0xabu8; PAGE_SIZE as usize];
+        ram.write_page(0x2000, &page).unwrap();
+        let mut back = [0u8; PAGE_SIZE as usize];
+        ram.read_page(0x2000, &mut back).unwrap();
+        assert_eq!(back, page);
+        ram.zero_page(0x2000).unwrap();
+        ram.read_page(0x2000, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+        assert!(ram.read_page(0x2001, &mut back).is_err());
+        assert!(ram.read_page(1 << 20, &mut back).is_err());
+        assert!(ram.write(u64::MAX - 1, &[0, 0]).is_err());
+    }
+}

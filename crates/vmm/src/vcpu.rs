@@ -1,0 +1,213 @@
+//! vCPU threads: the `KVM_RUN` loop, exit dispatch, parking.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::control::ControlAction;
+use crate::devices::PioBus;
+use crate::error::{Error, Result};
+use crate::runctl::{Request, RunControl};
+
+/// Why a vCPU stopped for good.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VcpuFailure {
+    /// vCPU index.
+    pub vcpu: u32,
+    /// Exit reason or error, with registers.
+    pub reason: String,
+}
+
+/// Machine-wide state shared with the vCPU threads.
+#[derive(Debug)]
+pub struct Shared {
+    /// Pause/resume/stop.
+    pub ctl: RunControl,
+    /// Port devices.
+    pub bus: PioBus,
+    /// The first vCPU failure.
+    pub failure: Mutex<Option<VcpuFailure>>,
+}
+
+impl Shared {
+    /// The first failure, if any.
+    pub fn failure(&self) -> Option<VcpuFailure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, vcpu: u32, reason: String) {
+        tracing::error!(vcpu, "vcpu {vcpu} stopped: {reason}");
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(VcpuFailure { vcpu, reason });
+        }
+        drop(f);
+        self.ctl.request_pause_nowait();
+    }
+}
+
+/// A vCPU fd shared between its thread (while running) and the VMM (while parked).
+pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
+
+/// Locks a vCPU fd (tolerating a poisoned lock: the fd itself has no Rust-side invariants).
+pub fn lock_vcpu(fd: &SharedVcpu) -> MutexGuard<'_, VcpuFd> {
+    fd.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Spawns the thread `vcpu-N`.
+pub fn spawn(index: u32, fd: SharedVcpu, shared: Arc<Shared>) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vcpu-{index}"))
+        .spawn(move || {
+            let run = std::panic::AssertUnwindSafe(|| run_loop(index, &fd, &shared));
+            if std::panic::catch_unwind(run).is_err() {
+                // Keep the machine observable: record the failure and stay parked until stop.
+                shared.fail(index, "the vCPU thread panicked".into());
+                while shared.ctl.park(true) != Request::Stop {}
+            }
+        })
+        .map_err(|e| Error::io(format!("spawning vcpu-{index}"), e))
+}
+
+enum Outcome {
+    Continue,
+    Fatal(String),
+}
+
+fn run_loop(index: u32, fd: &SharedVcpu, shared: &Shared) {
+    let mut dead = false;
+    loop {
+        let request = shared.ctl.requested();
+        if request == Request::Stop {
+            return;
+        }
+        if request == Request::Pause || dead {
+            if !dead {
+                // The requester set immediate_exit under the control lock; taking it once makes
+                // sure the store is visible before the completing KVM_RUN below.
+                if shared.ctl.sync_request() != Request::Run {
+                    complete_pending_io(index, &mut lock_vcpu(fd));
+                }
+            }
+            if shared.ctl.park(dead) == Request::Stop {
+                return;
+            }
+            continue;
+        }
+        let mut vcpu = lock_vcpu(fd);
+        if !shared.ctl.enter_run(index as usize) {
+            continue;
+        }
+        while shared.ctl.requested() == Request::Run {
+            let outcome = match vcpu.run() {
+                Ok(exit) => handle_exit(index, exit, shared),
+                Err(e) if e.errno() == libc::EINTR => {
+                    shared
+                        .bus
+                        .counters
+                        .kicks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Outcome::Continue
+                }
+                Err(e) if e.errno() == libc::EAGAIN => Outcome::Continue,
+                Err(e) => Outcome::Fatal(format!("KVM_RUN failed: {e}")),
+            };
+            if let Outcome::Fatal(reason) = outcome {
+                let regs = describe_regs(&vcpu);
+                shared.fail(index, format!("{reason}; {regs}"));
+                dead = true;
+                break;
+            }
+        }
+    }
+}
+
+/// Runs `KVM_RUN` once with `immediate_exit = 1` so KVM completes a pending PIO/MMIO (an `in`
+/// writes RAX, the instruction retires) before the state is read.
+fn complete_pending_io(index: u32, vcpu: &mut VcpuFd) {
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => tracing::warn!(vcpu = index, "completing pending I/O: KVM_RUN: {e}"),
+        Ok(exit) => tracing::warn!(
+            vcpu = index,
+            "completing pending I/O: unexpected exit {exit:?} with immediate_exit set"
+        ),
+    }
+}
+
+fn handle_exit(index: u32, exit: VcpuExit<'_>, shared: &Shared) -> Outcome {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            shared.bus.pio_in(port, data);
+            Outcome::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            if let ControlAction::IdleWait(d) = shared.bus.pio_out(index, port, data) {
+                shared.ctl.idle_wait(d);
+            }
+            Outcome::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            count_mmio(shared, addr, true);
+            data.fill(0xff);
+            Outcome::Continue
+        }
+        VcpuExit::MmioWrite(addr, _) => {
+            count_mmio(shared, addr, false);
+            Outcome::Continue
+        }
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => Outcome::Continue,
+        VcpuExit::Hlt => Outcome::Fatal("HLT".into()),
+        VcpuExit::Shutdown => Outcome::Fatal("SHUTDOWN (triple fault)".into()),
+        VcpuExit::FailEntry(reason, cpu) => Outcome::Fatal(format!(
+            "FAIL_ENTRY (hardware entry failure reason {reason:#x}, cpu {cpu})"
+        )),
+        VcpuExit::InternalError => Outcome::Fatal("INTERNAL_ERROR".into()),
+        VcpuExit::SystemEvent(kind, data) => {
+            Outcome::Fatal(format!("SYSTEM_EVENT type {kind} data {data:x?}"))
+        }
+        other => Outcome::Fatal(format!("unhandled exit {other:?}")),
+    }
+}
+
+fn count_mmio(shared: &Shared, addr: u64, read: bool) {
+    let n = shared
+        .bus
+        .counters
+        .mmio
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n < 16 {
+        tracing::debug!(
+            "ignored MMIO {} at {addr:#x}",
+            if read { "read" } else { "write" }
+        );
+    }
+}
+
+/// A one-line register dump for failure reports.
+pub fn describe_regs(vcpu: &VcpuFd) -> String {
+    let mut s = String::new();
+    if let Ok(r) = vcpu.get_regs() {
+        s.push_str(&format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} r8={:#x}",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8
+        ));
+    }
+    if let Ok(sr) = vcpu.get_sregs() {
+        s.push_str(&format!(
+            " cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/dpl{}/l{}",
+            sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.efer, sr.cs.selector, sr.cs.dpl, sr.cs.l
+        ));
+    }
+    if let Ok(ev) = vcpu.get_vcpu_events() {
+        s.push_str(&format!(
+            " exception(injected={} nr={} error={:#x})",
+            ev.exception.injected, ev.exception.nr, ev.exception.error_code
+        ));
+    }
+    s
+}
