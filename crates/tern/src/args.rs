@@ -32,6 +32,16 @@ pub enum Command {
         /// Stream file (from `migrate {"uri": "file:..."}`).
         file: PathBuf,
     },
+    /// Save a running VM to a file (QMP `migrate file:`; the VM stays stopped, like QEMU).
+    Snapshot {
+        /// QMP socket of the running `tern run`.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Output file.
+        file: PathBuf,
+    },
+    /// Start a VM from a snapshot file (a `tern run` whose machine shape comes from the file).
+    Restore(RestoreArgs),
     /// Boot a test guest and live-migrate it between two tern processes, printing the result.
     Demo(crate::demo::DemoArgs),
 }
@@ -157,4 +167,20 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
         .split_once(':')
         .ok_or_else(|| format!("range '{s}' is not GPA:LEN"))?;
     Ok((parse_num(a)?, parse_size(b).or_else(|_| parse_num(b))?))
+}
+
+/// `tern restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot file (from `tern snapshot` or `migrate file:`).
+    pub file: PathBuf,
+    /// QMP control socket.
+    #[arg(long)]
+    pub qmp: PathBuf,
+    /// Serial console: none, stdout, file:PATH or unix:PATH.
+    #[arg(long, default_value = "none")]
+    pub serial: String,
+    /// Stay paused after loading (QMP `cont` runs it).
+    #[arg(short = 'S', long)]
+    pub paused: bool,
 }

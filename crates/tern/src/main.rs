@@ -19,6 +19,8 @@ fn main() {
         Command::GuestImage { output } => tools::guest_image(&output),
         Command::CheckPattern(a) => tools::check_pattern(&a),
         Command::AnalyzeStream { file } => tools::analyze_stream(&file),
+        Command::Snapshot { qmp, file } => tools::snapshot(&qmp, &file),
+        Command::Restore(a) => tools::restore(a),
         Command::Demo(a) => demo::demo(&a),
     };
     if let Err(e) = r {

@@ -4,7 +4,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::args::CheckPatternArgs;
+use serde_json::json;
+
+use crate::args::{CheckPatternArgs, GuestArgs, OrderArg, RestoreArgs, RunArgs, WorkloadArg};
+use crate::harness::{num, status};
 
 /// `tern guest-image -o FILE`.
 pub fn guest_image(out: &Path) -> Result<()> {
@@ -70,4 +73,71 @@ pub fn describe_report(r: &tern_guest::pattern::PatternReport) -> String {
         }
     }
     s
+}
+
+/// `tern snapshot --qmp SOCK FILE`.
+pub fn snapshot(qmp: &Path, file: &Path) -> Result<()> {
+    let mut c = tern_qmp::QmpClient::connect(qmp)
+        .with_context(|| format!("connecting to {}", qmp.display()))?;
+    let file = std::path::absolute(file)?;
+    c.execute("migrate", json!({ "uri": format!("file:{}", file.display()) }))
+        .map_err(|e| anyhow::anyhow!("migrate: {e}"))?;
+    loop {
+        let q = c
+            .execute("query-migrate", json!({}))
+            .map_err(|e| anyhow::anyhow!("query-migrate: {e}"))?;
+        match status(&q) {
+            "completed" => {
+                let ram = q.get("ram").cloned().unwrap_or_default();
+                println!(
+                    "saved {} in {} ms ({} bytes, {} zero pages as flags)",
+                    file.display(),
+                    num(&q, "total-time"),
+                    num(&ram, "transferred"),
+                    num(&ram, "duplicate")
+                );
+                return Ok(());
+            }
+            "failed" | "cancelled" => bail!(
+                "snapshot {}: {}",
+                status(&q),
+                q.get("error-desc").and_then(|v| v.as_str()).unwrap_or("?")
+            ),
+            // The file is written at disk speed; a short wait between queries is enough here.
+            _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
+/// `tern restore FILE --qmp SOCK`: reads the machine shape from the file's CONFIG record and
+/// runs `tern run --incoming file:FILE` with it.
+pub fn restore(a: RestoreArgs) -> Result<()> {
+    let f = std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
+    let reader = tern_migration::wire::StreamReader::new(
+        std::io::BufReader::new(f),
+        tern_migration::wire::Limits::default(),
+        tern_migration::wire::Expectations::default(),
+    )
+    .with_context(|| format!("{} is not a Tern migration stream", a.file.display()))?;
+    let cfg = reader.config();
+    let memory: u64 = cfg.ram_blocks.iter().map(|b| b.size).sum();
+    let run = RunArgs {
+        memory,
+        vcpus: cfg.vcpu_count,
+        qmp: a.qmp,
+        serial: a.serial,
+        guest: GuestArgs {
+            workload: WorkloadArg::Idle,
+            work_mem: 0,
+            rate: 0,
+            order: OrderArg::Seq,
+            heartbeat_ms: 1,
+            status_ms: 1000,
+            append: None,
+        },
+        incoming: Some(format!("file:{}", std::path::absolute(&a.file)?.display())),
+        paused: a.paused,
+        uuid: Some(cfg.vm_uuid),
+    };
+    crate::run::run(run)
 }
