@@ -225,6 +225,7 @@ pub fn incoming(
         events,
         stats: stats.clone(),
         rp: Arc::new(Mutex::new(None)),
+        rp_spare: None,
         ack: None,
     };
     let thread = std::thread::Builder::new()
@@ -313,6 +314,8 @@ struct Receiver {
     events: Arc<dyn EventSink>,
     stats: MigrationStats,
     rp: RpWriter,
+    /// The reverse direction of the socket until `OPEN_RETURN_PATH` takes it.
+    rp_spare: Option<Stream>,
     ack: Option<Arc<AckState>>,
 }
 
@@ -339,6 +342,13 @@ impl Receiver {
                 let desc = error_chain(&e);
                 tracing::warn!(error = %desc, ?state, "incoming migration failed");
                 self.stats.set_error(desc.clone());
+                // A failure before OPEN_RETURN_PATH (a CONFIG mismatch) is reported on the
+                // socket's reverse direction anyway: a source with a return path reads it, one
+                // without never looks.
+                if let Some(s) = self.rp_spare.take() {
+                    let mut g = self.rp.lock().unwrap_or_else(|p| p.into_inner());
+                    g.get_or_insert(s);
+                }
                 // Best effort: the source may already be gone.
                 let _ = send_rp(
                     &self.rp,
@@ -399,7 +409,7 @@ impl Receiver {
         if self.shared.cancel.load(Ordering::SeqCst) {
             return Err(DestError::Cancelled);
         }
-        let rp_stream = stream
+        self.rp_spare = stream
             .try_clone_for_return_path()
             .map_err(|e| DestError::Protocol(format!("cannot clone the socket: {e}")))?;
         self.set_status(MigrationStatus::Active);
@@ -435,7 +445,6 @@ impl Receiver {
             .map(|b| b.pages(local.page_size))
             .collect();
         let mut finals: Vec<ComponentState> = Vec::new();
-        let mut rp_stream = rp_stream;
         loop {
             match reader.next_record()? {
                 Record::Ram(batch) => {
@@ -483,7 +492,7 @@ impl Receiver {
                     data: c.data.to_vec(),
                 }),
                 Record::Command(Command::OpenReturnPath) => {
-                    let s = rp_stream.take().ok_or_else(|| {
+                    let s = self.rp_spare.take().ok_or_else(|| {
                         DestError::Protocol(
                             "OPEN_RETURN_PATH on a channel without a return path (or twice)".into(),
                         )

@@ -65,6 +65,26 @@ pub struct SwitchoverAckStats {
     pub waited: Duration,
 }
 
+/// Where the source's downtime went, phase by phase (Tern extension, like Cloud Hypervisor's
+/// downtime breakdown). The phases add up to the downtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SwitchoverTimeline {
+    /// Pausing the vCPUs.
+    pub pause: Duration,
+    /// Waiting in `pre-switchover` for `migrate-continue`.
+    pub pre_switchover: Duration,
+    /// Final dirty-log sync and the last pages.
+    pub final_ram: Duration,
+    /// Bytes of those last pages (stream bytes).
+    pub final_ram_bytes: u64,
+    /// Device final states and machine components, saved and written.
+    pub device_state: Duration,
+    /// END record and flush.
+    pub end_flush: Duration,
+    /// From the flush to `RESUMED`: destination load, restore, resume, and the network.
+    pub destination: Duration,
+}
+
 /// The downtime clock as a typed state machine: it runs from the source pausing its vCPUs to
 /// the destination reporting `RESUMED` (or the stream's end when there is no return path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -135,6 +155,8 @@ pub struct StatsSnapshot {
     pub switchover_ack: SwitchoverAckStats,
     /// Destination: the addresses it listens on (`socket-address`).
     pub socket_address: Vec<Value>,
+    /// Source, once completed: where the downtime went.
+    pub switchover: Option<SwitchoverTimeline>,
 }
 
 #[derive(Debug, Default)]
@@ -225,6 +247,11 @@ impl MigrationStats {
     /// Switchover-ack progress.
     pub fn set_switchover_ack(&self, s: SwitchoverAckStats) {
         self.lock().snap.switchover_ack = s;
+    }
+
+    /// Records the switchover timeline.
+    pub fn set_switchover_timeline(&self, t: SwitchoverTimeline) {
+        self.lock().snap.switchover = Some(t);
     }
 
     /// Starts the downtime clock.

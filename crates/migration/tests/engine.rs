@@ -78,6 +78,9 @@ fn live_migration_with_a_busy_guest_copies_every_page() {
     );
     assert!(ram["downtime-bytes"].as_u64().unwrap() > 0);
     assert_eq!(dst.stats.to_query_migrate_json()["status"], "completed");
+    // Where the downtime went (phases add up, without timing assertions on their size).
+    let t = src.stats.snapshot().switchover.expect("timeline");
+    assert!(t.final_ram_bytes > 0 || ram["downtime-bytes"].as_u64().unwrap() > 0);
 }
 
 #[test]
@@ -282,5 +285,69 @@ fn file_migration_is_non_live_and_restores() {
     let dout = d.join().unwrap();
     assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
     assert!(dst.vcpus.is_running());
+    assert_ram_equal(&src, &dst);
+}
+
+#[test]
+fn destination_without_autostart_stays_paused_and_source_completes() {
+    let setup = Setup::default();
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let (a, b) = socketpair();
+    let mut dopts = dst_opts(false);
+    dopts.autostart = false;
+    let d = start_dest(&dst, dm, Incoming::Stream(b), dopts);
+    let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
+    let so = s.join().unwrap();
+    assert_eq!(so.status, S::Completed, "{:?}", so.error);
+    assert_eq!(d.join().unwrap().status, S::Completed);
+    assert!(!dst.vcpus.is_running());
+    assert!(!dst.events.events().contains(&Event::Resume));
+    assert_ram_equal(&src, &dst);
+}
+
+/// QEMU: "No reason to wait for switchover ACK if VM is stopped".
+#[test]
+fn a_stopped_source_does_not_wait_for_the_ack() {
+    let setup = Setup {
+        loader: LoaderKind::NeverApproves,
+        src_running: false,
+        ..Setup::default()
+    };
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let (a, b) = socketpair();
+    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(true));
+    let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), true));
+    let so = s.join().unwrap();
+    assert_eq!(so.status, S::Completed, "{:?}", so.error);
+    assert_eq!(d.join().unwrap().status, S::Completed);
+    assert!(!src.stats.snapshot().switchover_ack.acked);
+    assert_eq!(
+        src.vcpus.counts(),
+        (0, 0),
+        "already stopped: not paused again"
+    );
+    assert_ram_equal(&src, &dst);
+}
+
+/// Without the return-path capability the source completes once the stream is flushed (QEMU
+/// precopy without return path), and stays paused.
+#[test]
+fn without_return_path_the_source_completes_after_the_flush() {
+    let setup = Setup::default();
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let guest = dirty(&src, 5_000);
+    let (a, b) = socketpair();
+    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let mut opts = src_opts(converge(), false);
+    opts.return_path = false;
+    let s = start_source(&src, sm, Target::Stream(a), opts);
+    let so = s.join().unwrap();
+    assert_eq!(so.status, S::Completed, "{:?}", so.error);
+    assert_eq!(d.join().unwrap().status, S::Completed);
+    guest.stop();
+    assert!(!src.vcpus.is_running());
     assert_ram_equal(&src, &dst);
 }

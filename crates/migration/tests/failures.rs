@@ -190,7 +190,8 @@ fn config_mismatch_names_the_field_on_both_sides() {
         "{derr}"
     );
     assert_eq!(so.status, S::Failed);
-    assert!(so.error.unwrap().contains("vCPU count"));
+    let serr = so.error.unwrap();
+    assert!(serr.contains("vCPU count"), "{serr}");
     assert_source_restored(&src, true);
 }
 
@@ -288,11 +289,36 @@ fn destination_vanishing_mid_stream_leaves_the_source_running() {
     let guest = dirty(&src, u64::MAX);
     let (a, b) = socketpair();
     let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), false));
-    src.events.wait_pass(2);
-    drop(b); // the destination process dies
+    src.events.wait_status(S::Active);
+    drop(b); // the destination process dies (nobody read anything)
     let so = s.join().unwrap();
     guest.stop();
     assert_eq!(so.status, S::Failed);
     assert!(so.error.is_some());
+    assert_source_restored(&src, true);
+}
+
+/// Same as above over TCP, where the destination closing with unread data sends a reset: the
+/// source must still read the destination's ERROR before the reset.
+#[test]
+fn destination_error_text_survives_a_tcp_reset() {
+    let setup = Setup {
+        fill_percent: 100,
+        ..Setup::default()
+    };
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(3, UUID));
+    let guest = dirty(&src, 5_000);
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let uri = l.local_uri();
+    let d = start_dest(&dst, dm, Incoming::Listener(l), dst_opts(false));
+    let s = start_source(&src, sm, Target::Uri(uri), src_opts(non_converge(), false));
+    let dout = d.join().unwrap();
+    let so = s.join().unwrap();
+    guest.stop();
+    assert_eq!(dout.status, S::Failed);
+    assert_eq!(so.status, S::Failed);
+    let e = so.error.unwrap();
+    assert!(e.contains("vCPU count: source 2, destination 3"), "{e}");
     assert_source_restored(&src, true);
 }

@@ -40,6 +40,15 @@ impl Sender {
             Ok(()) => {
                 self.cleanup();
                 self.complete_stats();
+                let snap = self.stats.snapshot();
+                tracing::info!(
+                    total_ms = snap.total_time_ms,
+                    downtime_ms = snap.downtime_ms,
+                    goal_ms = self.shared.lock().tuning.downtime_limit_ms,
+                    passes = snap.ram.dirty_sync_count,
+                    timeline = ?self.timeline,
+                    "outgoing migration completed"
+                );
                 (MigrationStatus::Completed, None)
             }
             Err(e) => self.fail(e),
@@ -238,10 +247,11 @@ impl Sender {
             if decision == Decision::Switchover {
                 return Ok(());
             }
-            self.iterate_round()?;
-            if decision == Decision::AwaitAck && self.devices_pending(false)? == 0 {
-                // Everything that fits is sent; the ACK (or 100 ms) wakes us.
-                self.wait_for(Some(BUFFER_DELAY), |f| f.acked);
+            let sent = self.iterate_round()?;
+            if sent == 0 || (decision == Decision::AwaitAck && self.devices_pending(false)? == 0) {
+                // Nothing to send now (or everything that fits is sent and the ACK is missing):
+                // the ACK, an abort or the next window wakes us, never a busy loop.
+                self.wait_for(Some(BUFFER_DELAY), move |f| f.acked && !acked);
                 continue;
             }
             let delay = self.limiter.delay(Instant::now());
@@ -310,7 +320,7 @@ impl Sender {
 
     /// One fair round: RAM and every iterative device with data get one bounded chunk each;
     /// the first participant rotates from round to round.
-    fn iterate_round(&mut self) -> Result<(), SourceError> {
+    fn iterate_round(&mut self) -> Result<u64, SourceError> {
         let iterative: Vec<usize> = (0..self.m.devices.len())
             .filter(|&i| self.m.devices[i].is_iterative())
             .collect();
@@ -318,6 +328,7 @@ impl Sender {
         let first = self.round % n;
         self.round = self.round.wrapping_add(1);
         let page = self.ram()?.page_size() as u64;
+        let start = self.writer()?.bytes_written();
         for k in 0..n {
             let who = (first + k) % n;
             let left = (n - k) as u64;
@@ -353,8 +364,9 @@ impl Sender {
             let after = self.writer()?.bytes_written();
             self.limiter.record(after - before);
         }
-        self.writer()?.flush()?;
-        Ok(())
+        let w = self.writer()?;
+        w.flush()?;
+        Ok(w.bytes_written() - start)
     }
 
     /// Publishes the counters (and closes a bandwidth window every 100 ms).
@@ -396,6 +408,7 @@ impl Sender {
 
     /// Pauses the vCPUs if they run (remembering that we did) and starts the downtime clock.
     fn stop_vm(&mut self, now: Instant) -> Result<(), SourceError> {
+        self.mark = now;
         if self.m.vcpus.is_running() {
             self.m
                 .vcpus
@@ -408,6 +421,7 @@ impl Sender {
             self.events.vm_stopped();
         }
         self.stats.downtime_start(now);
+        self.timeline.pause = self.lap();
         if let Some(w) = &self.writer {
             self.bytes_at_stop = Some(w.bytes_written());
         }
@@ -423,8 +437,10 @@ impl Sender {
             self.set_status(MigrationStatus::PreSwitchover);
             self.wait_for(None, |f| f.cont);
             self.check_abort()?;
+            self.timeline.pre_switchover = self.lap();
         }
         self.set_status(MigrationStatus::Device);
+        let before_ram = self.writer()?.bytes_written();
         self.writer()?.write_command(Command::SwitchoverStart)?;
         if self.dirty_log_on {
             self.sync_pass(Instant::now())?;
@@ -439,6 +455,8 @@ impl Sender {
                 break;
             }
         }
+        self.timeline.final_ram_bytes = self.writer()?.bytes_written() - before_ram;
+        self.timeline.final_ram = self.lap();
         self.check_abort()?;
         self.save_devices()?;
         let comps = self
@@ -453,11 +471,12 @@ impl Sender {
             self.writer()?
                 .write_section(&c.id, c.instance, c.version, &c.data)?;
         }
+        self.timeline.device_state = self.lap();
         self.stop_dirty_log();
         self.update_counters(Instant::now(), 0.0);
         let w = self.writer.take().ok_or(SourceError::Cancelled)?;
         let _stream = w.finish()?;
-        self.end_sent = true;
+        self.timeline.end_flush = self.lap();
         // `finish` wrote the END record (5-byte frame + 12-byte body).
         self.stats.update(|r, _| {
             r.transferred += 17;
@@ -465,6 +484,7 @@ impl Sender {
         });
         if self.rp_thread.is_none() {
             self.stats.downtime_end(Instant::now());
+            self.stats.set_switchover_timeline(self.timeline);
             return Ok(());
         }
         self.wait_for(None, |f| f.resumed_at.is_some() || f.shut_at.is_some());
@@ -472,6 +492,8 @@ impl Sender {
         if let Some(at) = f.resumed_at {
             drop(f);
             self.stats.downtime_end(at);
+            self.timeline.destination = at.saturating_duration_since(self.mark);
+            self.stats.set_switchover_timeline(self.timeline);
             return Ok(());
         }
         if let Some(d) = &f.dest_error {
@@ -481,9 +503,19 @@ impl Sender {
             // Clean end without RESUMED: the destination stays paused (no autostart).
             drop(f);
             self.stats.downtime_end(at);
+            self.timeline.destination = at.saturating_duration_since(self.mark);
+            self.stats.set_switchover_timeline(self.timeline);
             return Ok(());
         }
         Err(SourceError::Unconfirmed)
+    }
+
+    /// Time since the previous mark of the switchover timeline; moves the mark.
+    fn lap(&mut self) -> Duration {
+        let now = Instant::now();
+        let d = now.saturating_duration_since(self.mark);
+        self.mark = now;
+        d
     }
 
     /// Drains the devices' pre-copy data, then writes their final states.
@@ -534,8 +566,10 @@ impl Sender {
         for dev in &mut self.m.devices {
             dev.save_cleanup();
         }
-        self.writer = None;
+        // Shut the sockets down before dropping the writer: its drop flushes, which must not
+        // block on a destination that stopped reading.
         self.shared.io.cancel();
+        self.writer = None;
         if let Some(t) = self.rp_thread.take() {
             let _ = t.join();
         }

@@ -39,7 +39,7 @@ use crate::convergence::{
 use crate::events::EventSink;
 use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuControl};
 use crate::params::{Capabilities, Capability, Parameters};
-use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats};
+use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats, SwitchoverTimeline};
 use crate::status::MigrationStatus;
 use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
 use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
@@ -371,12 +371,13 @@ pub fn migrate(
         limiter: RateLimiter::new(0, Instant::now()),
         paused_by_us: false,
         dirty_log_on: false,
-        end_sent: false,
         round: 0,
         ack_wait_since: None,
         ack_waited: Duration::ZERO,
         bytes_at_stop: None,
         chunk: Vec::new(),
+        timeline: SwitchoverTimeline::default(),
+        mark: Instant::now(),
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
@@ -408,12 +409,13 @@ struct Sender {
     limiter: RateLimiter,
     paused_by_us: bool,
     dirty_log_on: bool,
-    end_sent: bool,
     round: usize,
     ack_wait_since: Option<Instant>,
     ack_waited: Duration,
     bytes_at_stop: Option<u64>,
     chunk: Vec<u8>,
+    timeline: SwitchoverTimeline,
+    mark: Instant,
 }
 
 mod flow;

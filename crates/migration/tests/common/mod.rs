@@ -38,12 +38,17 @@ pub fn non_converge() -> Tuning {
     }
 }
 
+/// The source device's expected initial data, final state, and log.
+pub type DeviceProbe = (Vec<u8>, Vec<u8>, Arc<Mutex<DeviceLog>>);
+/// The destination loader's received bytes, log, and approval signal.
+pub type LoaderProbe = (Arc<Mutex<Vec<u8>>>, Arc<Mutex<DeviceLog>>, Signal);
+
 /// One side's fakes, kept to inspect after the migration.
 pub struct SrcSide {
     pub ram: FakeRam,
     pub vcpus: FakeVcpus,
     pub machine: FakeMachine,
-    pub device: Option<(Vec<u8>, Vec<u8>, Arc<Mutex<DeviceLog>>)>,
+    pub device: Option<DeviceProbe>,
     pub events: Arc<RecordingSink>,
     pub stats: MigrationStats,
 }
@@ -52,7 +57,7 @@ pub struct DstSide {
     pub ram: FakeRam,
     pub vcpus: FakeVcpus,
     pub machine: FakeMachine,
-    pub loader: Option<(Arc<Mutex<Vec<u8>>>, Arc<Mutex<DeviceLog>>, Signal)>,
+    pub loader: Option<LoaderProbe>,
     pub events: Arc<RecordingSink>,
     pub stats: MigrationStats,
 }
