@@ -80,8 +80,11 @@ pub fn snapshot(qmp: &Path, file: &Path) -> Result<()> {
     let mut c = tern_qmp::QmpClient::connect(qmp)
         .with_context(|| format!("connecting to {}", qmp.display()))?;
     let file = std::path::absolute(file)?;
-    c.execute("migrate", json!({ "uri": format!("file:{}", file.display()) }))
-        .map_err(|e| anyhow::anyhow!("migrate: {e}"))?;
+    c.execute(
+        "migrate",
+        json!({ "uri": format!("file:{}", file.display()) }),
+    )
+    .map_err(|e| anyhow::anyhow!("migrate: {e}"))?;
     loop {
         let q = c
             .execute("query-migrate", json!({}))
@@ -112,7 +115,8 @@ pub fn snapshot(qmp: &Path, file: &Path) -> Result<()> {
 /// `tern restore FILE --qmp SOCK`: reads the machine shape from the file's CONFIG record and
 /// runs `tern run --incoming file:FILE` with it.
 pub fn restore(a: RestoreArgs) -> Result<()> {
-    let f = std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
+    let f =
+        std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
     let reader = tern_migration::wire::StreamReader::new(
         std::io::BufReader::new(f),
         tern_migration::wire::Limits::default(),

@@ -26,6 +26,8 @@ pub(crate) struct MigrationCtl {
     pub(crate) outgoing: Option<SourceHandle>,
     /// The incoming migration (at most one per process, like QEMU).
     pub(crate) incoming: Option<Incoming>,
+    /// Whether the last outgoing migration went to a file (a snapshot: the source may `cont`).
+    pub(crate) last_to_file: bool,
 }
 
 impl MigrationCtl {
@@ -149,6 +151,7 @@ impl Controller {
                 "Capability 'return-path' needs a socket: it cannot be used with a file: URI",
             ));
         }
+        let to_file = uri.is_file();
         let opts = SourceOptions::from_qemu(&m.caps, &m.params);
         let events = Arc::new(QmpMigrationEvents::source(
             self.weak(),
@@ -160,6 +163,7 @@ impl Controller {
             tern_migration::source::migrate(machine, Target::Uri(uri), opts, events, stats)
                 .map_err(param_err)?;
         m.outgoing = Some(handle);
+        m.last_to_file = to_file;
         Ok(json!({}))
     }
 

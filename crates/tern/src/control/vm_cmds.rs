@@ -124,6 +124,12 @@ impl Controller {
                 *self.autostart.lock().unwrap_or_else(|p| p.into_inner()) = true;
                 Ok(json!({}))
             }
+            // After a snapshot to a file the source may go on; after a live migration the guest
+            // runs on the destination and a second running copy would diverge from it.
+            RunState::PostMigrate if self.mig().last_to_file => {
+                self.resume_vm()?;
+                Ok(json!({}))
+            }
             RunState::PostMigrate => Err(QmpError::generic(
                 "The VM was migrated to another host; refusing to run a second copy of it",
             )),
@@ -144,7 +150,7 @@ impl Controller {
     ) -> Result<Value, QmpError> {
         no_args(&args)?;
         let quit = self.quit_handle();
-        ctx.after_reply(move || quit());
+        ctx.after_reply(quit);
         Ok(json!({}))
     }
 

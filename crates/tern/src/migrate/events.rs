@@ -50,10 +50,10 @@ impl EventSink for QmpMigrationEvents {
             // The source's VM stays stopped after a successful migration: the destination owns
             // the guest now (QEMU's `postmigrate`).
             (Side::Source, MigrationStatus::Completed) => ctl.set_run_state(RunState::PostMigrate),
-            (Side::Destination, MigrationStatus::Completed) => {
-                if ctl.run_state() == RunState::InMigrate {
-                    ctl.set_run_state(RunState::Paused);
-                }
+            (Side::Destination, MigrationStatus::Completed)
+                if ctl.run_state() == RunState::InMigrate =>
+            {
+                ctl.set_run_state(RunState::Paused);
             }
             _ => {}
         }

@@ -26,7 +26,7 @@ pub fn machine_for_source(vm: &Arc<Vm>) -> SourceMachine {
 /// The machine as the receiver drives it.
 pub fn machine_for_destination(vm: &Arc<Vm>) -> DestMachine {
     DestMachine {
-        ram: Box::new(VmRam::new(vm.clone())),
+        ram: Box::new(VmRam::fresh_destination(vm.clone())),
         vcpus: Box::new(VmVcpus(vm.clone())),
         loaders: Vec::new(),
         state: Box::new(VmComponents(vm.clone())),
