@@ -327,6 +327,7 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
                 m.insert("status".into(), json!(s.status));
                 time_info(&mut m, s);
                 m.insert("ram".into(), ram_info(s));
+                tern_info(&mut m, s);
             }
             _ => {
                 m.insert("status".into(), json!(s.status));
@@ -350,6 +351,34 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
         m.insert("error-desc".into(), json!(e));
     }
     Value::Object(m)
+}
+
+/// Tern's own members (QEMU tools ignore members they do not know): the switchover-ack state
+/// (whether the ACK arrived and how long the source waited for it) and, once the switchover
+/// happened, where the downtime went.
+fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
+    let a = &s.switchover_ack;
+    if a.enabled {
+        m.insert(
+            "x-tern-switchover-ack".into(),
+            json!({"acked": a.acked, "waited-ms": a.waited.as_millis() as u64}),
+        );
+    }
+    if let Some(t) = &s.switchover {
+        let us = |d: std::time::Duration| d.as_micros() as u64;
+        m.insert(
+            "x-tern-downtime-breakdown".into(),
+            json!({
+                "pause-us": us(t.pause),
+                "pre-switchover-us": us(t.pre_switchover),
+                "final-ram-us": us(t.final_ram),
+                "final-ram-bytes": t.final_ram_bytes,
+                "device-state-us": us(t.device_state),
+                "end-flush-us": us(t.end_flush),
+                "destination-us": us(t.destination),
+            }),
+        );
+    }
 }
 
 /// QEMU `populate_time_info`.

@@ -175,6 +175,20 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let (first_dst_seq, first_dst_ns) =
         dst.wait_heartbeat_after(last_src_seq, Duration::from_secs(10))?;
     let gap_ms = first_dst_ns.saturating_sub(last_src_ns) as f64 / 1e6;
+    if std::env::var_os("TERN_DEMO_DEBUG").is_some() {
+        let tail = src.heartbeats_since(last_src_seq.saturating_sub(8))?;
+        let head = dst.heartbeats_since(last_src_seq)?;
+        let t0 = last_src_ns;
+        let fmt = |v: &[(u64, u64)]| {
+            v.iter()
+                .take(8)
+                .map(|(s, n)| format!("#{s}@{:+.2}ms", (*n as f64 - t0 as f64) / 1e6))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!("  source beats:      {}", fmt(&tail));
+        println!("  destination beats: {}", fmt(&head));
+    }
     let ram = q.get("ram").cloned().unwrap_or(Value::Null);
     let src_state = src.cmd("query-status", json!({}))?;
     let dst_state = dst.cmd("query-status", json!({}))?;
@@ -195,6 +209,17 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         num(&ram, "duplicate")
     );
     println!("  dirty passes        {}", num(&ram, "dirty-sync-count"));
+    if let Some(b) = q.get("x-tern-downtime-breakdown") {
+        println!(
+            "  downtime breakdown  pause {} us, final RAM {} us ({} bytes), device state {} us, flush {} us, destination load+resume {} us",
+            num(b, "pause-us"),
+            num(b, "final-ram-us"),
+            num(b, "final-ram-bytes"),
+            num(b, "device-state-us"),
+            num(b, "end-flush-us"),
+            num(b, "destination-us")
+        );
+    }
     println!(
         "  throughput          {:.0} Mbit/s",
         ram.get("mbps").and_then(Value::as_f64).unwrap_or(0.0)

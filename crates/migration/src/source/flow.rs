@@ -244,7 +244,9 @@ impl Sender {
                 acked,
             });
             self.note_ack(decision, now);
-            if decision == Decision::Switchover {
+            if decision == Decision::Switchover
+                && (!self.m.vcpus.is_running() || self.minimizer.switch_now(pending, bw))
+            {
                 return Ok(());
             }
             let sent = self.iterate_round()?;

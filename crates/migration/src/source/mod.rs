@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use crate::convergence::{
     decide, expected_downtime_ms, switchover_bandwidth, threshold_bytes, wants_exact_pending,
-    BandwidthEstimator, Decision, RateLimiter, SwitchoverInputs, BUFFER_DELAY,
+    BandwidthEstimator, Decision, DowntimeMinimizer, RateLimiter, SwitchoverInputs, BUFFER_DELAY,
 };
 use crate::events::EventSink;
 use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuControl};
@@ -376,6 +376,7 @@ pub fn migrate(
         ack_waited: Duration::ZERO,
         bytes_at_stop: None,
         chunk: Vec::new(),
+        minimizer: DowntimeMinimizer::default(),
         timeline: SwitchoverTimeline::default(),
         mark: Instant::now(),
     };
@@ -416,6 +417,8 @@ struct Sender {
     chunk: Vec<u8>,
     timeline: SwitchoverTimeline,
     mark: Instant,
+    /// Tern's "a few more short passes" refinement of the switchover rule.
+    minimizer: DowntimeMinimizer,
 }
 
 mod flow;

@@ -46,7 +46,12 @@ impl VmRam {
     /// RAM of a destination machine that nothing has written yet (`Vm::new_for_incoming`).
     pub fn fresh_destination(vm: Arc<Vm>) -> Self {
         let mut r = Self::new(vm);
-        r.written = Some(r.regions.iter().map(|g| DirtyBitmap::new(g.pages())).collect());
+        r.written = Some(
+            r.regions
+                .iter()
+                .map(|g| DirtyBitmap::new(g.pages()))
+                .collect(),
+        );
         r
     }
 
