@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// VM UUID (default: random).
     #[arg(long)]
     pub uuid: Option<uuid::Uuid>,
+    /// Extra device, e.g. `statedev,size=300M,setup-ms=1400` (a VFIO-like device with pre-copy
+    /// initial data, see docs/statedev.md). Source and destination need the same devices.
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
 }
 
 /// Guest workload options, turned into the guest's command line.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tern_qmp::{EventSink, QemuVersion, QmpServer, ServerConfig};
+use tern_statedev::{StateDevConfig, StateDevice};
 use tern_vmm::{SerialTarget, Vm, VmConfig};
 
 use crate::args::RunArgs;
@@ -51,6 +52,30 @@ pub fn vm_config(a: &RunArgs) -> Result<VmConfig> {
     Ok(cfg)
 }
 
+/// Builds the `--device` devices (`statedev,...`); `incoming` ones wait for their state.
+pub fn devices(specs: &[String], incoming: bool) -> Result<Vec<StateDevice>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let opts = spec
+                .strip_prefix("statedev,")
+                .or_else(|| (spec == "statedev").then_some(""))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--device {spec:?}: unknown device (known: statedev,size=...,setup-ms=...)"
+                    )
+                })?;
+            let cfg = StateDevConfig::parse(opts).with_context(|| format!("--device {spec}"))?;
+            let d = if incoming {
+                StateDevice::new_incoming(cfg)
+            } else {
+                StateDevice::new(cfg)
+            };
+            d.with_context(|| format!("--device {spec}"))
+        })
+        .collect()
+}
+
 /// Runs the VM until `quit` (QMP) or a signal.
 pub fn run(a: RunArgs) -> Result<()> {
     let cfg = vm_config(&a)?;
@@ -61,6 +86,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         Vm::new(cfg).context("creating the VM")?
     });
 
+    let devices = devices(&a.devices, incoming.is_some())?;
     let events = EventSink::new();
     let (quit_tx, quit_rx) = mpsc::channel();
     let state = match (&incoming, a.paused) {
@@ -68,7 +94,14 @@ pub fn run(a: RunArgs) -> Result<()> {
         (None, true) => RunState::Prelaunch,
         (None, false) => RunState::Running,
     };
-    let ctl = Controller::new(vm.clone(), events.clone(), state, !a.paused, quit_tx);
+    let ctl = Controller::new(
+        vm.clone(),
+        devices,
+        events.clone(),
+        state,
+        !a.paused,
+        quit_tx,
+    );
     let mut scfg = ServerConfig::new(
         QemuVersion {
             major: 10,
@@ -82,7 +115,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         .with_context(|| format!("QMP socket {}", a.qmp.display()))?;
 
     if state == RunState::Running {
-        vm.start().context("starting the vCPUs")?;
+        ctl.machine().resume().context("starting the vCPUs")?;
     }
     if let Some(uri) = incoming.filter(|u| u != "defer") {
         ctl.start_incoming(&uri)

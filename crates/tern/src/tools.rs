@@ -142,6 +142,7 @@ pub fn restore(a: RestoreArgs) -> Result<()> {
         incoming: Some(format!("file:{}", std::path::absolute(&a.file)?.display())),
         paused: a.paused,
         uuid: Some(cfg.vm_uuid),
+        devices: Vec::new(),
     };
     crate::run::run(run)
 }

@@ -157,7 +157,7 @@ impl Controller {
             self.weak(),
             m.caps.get(Capability::Events),
         ));
-        let machine = machine_for_source(&self.vm);
+        let machine = machine_for_source(&self.vm, &self.devices);
         let stats = MigrationStats::new(Role::Source);
         let handle =
             tern_migration::source::migrate(machine, Target::Uri(uri), opts, events, stats)

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::{Map, Value};
 use tern_qmp::{ClientCtx, Dispatcher, EventSink, QmpError};
+use tern_statedev::StateDevice;
 use tern_vmm::Vm;
 
 pub use runstate::RunState;
@@ -33,6 +34,7 @@ const COMMANDS: &[&str] = &[
     "x-tern-guest-stats",
     "x-tern-serial",
     "x-tern-dirty-log",
+    "x-tern-statedev",
     "migrate",
     "migrate-incoming",
     "query-migrate",
@@ -47,6 +49,8 @@ const COMMANDS: &[&str] = &[
 /// Shared state of one `tern run` process, as seen by QMP.
 pub struct Controller {
     pub(crate) vm: Arc<Vm>,
+    /// Extra devices (`--device`), paused and resumed with the vCPUs.
+    pub(crate) devices: Vec<StateDevice>,
     pub(crate) events: EventSink,
     pub(crate) run_state: Mutex<RunState>,
     /// Whether the vCPUs start when an incoming migration completes (QEMU's `autostart`:
@@ -61,6 +65,7 @@ impl Controller {
     /// A controller for `vm`, in `state`. `quit_tx` wakes the main thread for an orderly exit.
     pub fn new(
         vm: Arc<Vm>,
+        devices: Vec<StateDevice>,
         events: EventSink,
         state: RunState,
         autostart: bool,
@@ -68,6 +73,7 @@ impl Controller {
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             vm,
+            devices,
             events,
             run_state: Mutex::new(state),
             autostart: Mutex::new(autostart),
@@ -75,6 +81,11 @@ impl Controller {
             migration: Mutex::new(migration_cmds::MigrationCtl::default()),
             me: me.clone(),
         })
+    }
+
+    /// The run control of the whole machine: vCPUs and devices together.
+    pub fn machine(&self) -> crate::migrate::machine::VmVcpus {
+        crate::migrate::machine::VmVcpus::new(self.vm.clone(), self.devices.clone())
     }
 
     /// A weak handle on this controller (for callbacks from migration threads).
@@ -112,6 +123,7 @@ impl Dispatcher for QmpDispatch {
             "x-tern-guest-stats" => c.guest_stats(args),
             "x-tern-serial" => c.serial(args),
             "x-tern-dirty-log" => c.dirty_log(args),
+            "x-tern-statedev" => c.statedev(args),
             "migrate" => c.migrate(args),
             "migrate-incoming" => c.migrate_incoming(args),
             "query-migrate" => c.query_migrate(args),

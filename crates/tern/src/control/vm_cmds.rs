@@ -82,9 +82,9 @@ impl Controller {
         Ok(json!({ "UUID": self.vm.config().uuid.to_string() }))
     }
 
-    /// Pauses the vCPUs and emits `STOP`, as QEMU's `stop` (a no-op when not running).
+    /// Pauses the vCPUs (and devices) and emits `STOP`, as QEMU's `stop`.
     pub(crate) fn stop_vm(&self, new_state: RunState) -> Result<(), QmpError> {
-        self.vm.pause().map_err(generic)?;
+        self.machine().pause_all().map_err(generic)?;
         self.set_run_state(new_state);
         self.events.emit("STOP", None);
         Ok(())
@@ -92,7 +92,7 @@ impl Controller {
 
     /// Resumes the vCPUs and emits `RESUME`.
     pub(crate) fn resume_vm(&self) -> Result<(), QmpError> {
-        self.vm.resume().map_err(generic)?;
+        self.machine().resume().map_err(generic)?;
         self.set_run_state(RunState::Running);
         self.events.emit("RESUME", None);
         Ok(())
@@ -282,6 +282,31 @@ impl Controller {
             .map(|l| json!({"index": l.index, "ns": l.realtime_ns, "text": l.text}))
             .collect();
         Ok(json!({ "lines": lines }))
+    }
+
+    /// `x-tern-statedev`: each extra device's digest and counters.
+    pub(super) fn statedev(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        no_args(&args)?;
+        let list: Vec<Value> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let s = d.stats();
+                json!({
+                    "size": d.config().size,
+                    "digest": d.digest(),
+                    "has-state": d.has_state(),
+                    "mutations": s.mutations,
+                    "initial-bytes-sent": s.initial_bytes_sent,
+                    "init-done-sent": s.init_done_sent,
+                    "switch-digest": s.switch_digest,
+                    "prep-started": s.prep_started,
+                    "prep-finished": s.prep_finished,
+                    "stats": format!("{s:?}"),
+                })
+            })
+            .collect();
+        Ok(json!({ "devices": list }))
     }
 
     pub(super) fn dirty_log(&self, args: Map<String, Value>) -> Result<Value, QmpError> {

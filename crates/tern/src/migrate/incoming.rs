@@ -32,7 +32,7 @@ impl Incoming {
             ctl.weak(),
             caps.get(Capability::Events),
         ));
-        let machine = machine_for_destination(&ctl.vm);
+        let machine = machine_for_destination(&ctl.vm, &ctl.devices);
         let handle = dest::incoming(
             machine,
             dest::Incoming::Listener(listener),

@@ -8,6 +8,7 @@ use tern_migration::machine::{
     ComponentState, ComponentVersion, DirtyBitmap, MachineDescription, MachineError, MachineState,
     RamBlockInfo, RamSink, RamSource, VcpuControl,
 };
+use tern_statedev::StateDevice;
 use tern_vmm::{RamRegionInfo, Vm, PAGE_SIZE};
 
 fn failed(op: &str, e: tern_vmm::Error) -> MachineError {
@@ -157,24 +158,53 @@ impl RamSink for VmRam {
     }
 }
 
-/// vCPU run control. Run-state bookkeeping (QMP STOP/RESUME, `query-status`) happens in the
-/// event sink, which the engine calls right after these.
-pub struct VmVcpus(pub Arc<Vm>);
+/// Run control of the machine: the vCPUs and the extra devices stop and go together (a device's
+/// state must not change once the vCPUs are stopped for the switchover). Run-state bookkeeping
+/// (QMP STOP/RESUME, `query-status`) happens in the event sink, which the engine calls right
+/// after these.
+pub struct VmVcpus {
+    vm: Arc<Vm>,
+    devices: Vec<StateDevice>,
+}
+
+impl VmVcpus {
+    pub fn new(vm: Arc<Vm>, devices: Vec<StateDevice>) -> Self {
+        Self { vm, devices }
+    }
+
+    /// Stops the vCPUs, then freezes the devices.
+    pub fn pause_all(&self) -> Result<(), MachineError> {
+        self.vm
+            .pause()
+            .map_err(|e| failed("pausing the vCPUs", e))?;
+        for d in &self.devices {
+            d.pause();
+        }
+        Ok(())
+    }
+
+    /// Lets the devices run, then the vCPUs.
+    pub fn resume(&self) -> Result<(), MachineError> {
+        for d in &self.devices {
+            d.resume();
+        }
+        self.vm
+            .resume()
+            .map_err(|e| failed("resuming the vCPUs", e))
+    }
+}
 
 impl VcpuControl for VmVcpus {
     fn pause(&mut self) -> Result<(), MachineError> {
-        self.0
-            .pause()
-            .map(|_| ())
-            .map_err(|e| failed("pausing the vCPUs", e))
+        self.pause_all()
     }
 
     fn resume(&mut self) -> Result<(), MachineError> {
-        self.0.resume().map_err(|e| failed("resuming the vCPUs", e))
+        VmVcpus::resume(self)
     }
 
     fn is_running(&self) -> bool {
-        self.0.is_running()
+        self.vm.is_running()
     }
 }
 

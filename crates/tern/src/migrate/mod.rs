@@ -8,27 +8,35 @@ pub mod machine;
 use std::sync::Arc;
 
 use tern_migration::dest::DestMachine;
+use tern_migration::machine::{StateHandler, StateLoader};
 use tern_migration::source::SourceMachine;
+use tern_statedev::StateDevice;
 use tern_vmm::Vm;
 
 use machine::{VmComponents, VmRam, VmVcpus};
 
 /// The machine as the sender drives it.
-pub fn machine_for_source(vm: &Arc<Vm>) -> SourceMachine {
+pub fn machine_for_source(vm: &Arc<Vm>, devices: &[StateDevice]) -> SourceMachine {
     SourceMachine {
         ram: Box::new(VmRam::new(vm.clone())),
-        vcpus: Box::new(VmVcpus(vm.clone())),
-        devices: Vec::new(),
+        vcpus: Box::new(VmVcpus::new(vm.clone(), devices.to_vec())),
+        devices: devices
+            .iter()
+            .map(|d| Box::new(d.handler()) as Box<dyn StateHandler>)
+            .collect(),
         state: Box::new(VmComponents(vm.clone())),
     }
 }
 
 /// The machine as the receiver drives it.
-pub fn machine_for_destination(vm: &Arc<Vm>) -> DestMachine {
+pub fn machine_for_destination(vm: &Arc<Vm>, devices: &[StateDevice]) -> DestMachine {
     DestMachine {
         ram: Box::new(VmRam::fresh_destination(vm.clone())),
-        vcpus: Box::new(VmVcpus(vm.clone())),
-        loaders: Vec::new(),
+        vcpus: Box::new(VmVcpus::new(vm.clone(), devices.to_vec())),
+        loaders: devices
+            .iter()
+            .map(|d| Box::new(d.loader()) as Box<dyn StateLoader>)
+            .collect(),
         state: Box::new(VmComponents(vm.clone())),
     }
 }
