@@ -1,0 +1,243 @@
+//! `tern-bench`: runs migration benchmark suites against Tern and QEMU on the same test guest
+//! and writes `<out>/<suite>.json` + `<out>/<suite>.md`. See `bench/README.md`.
+
+mod facts;
+mod link;
+mod machine;
+mod migrate;
+mod precopy;
+mod report;
+mod serial;
+mod snapshot;
+mod switchover;
+mod vm;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use serde_json::Value;
+
+use crate::facts::Facts;
+use crate::report::Report;
+use crate::vm::{Bins, Kind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    Precopy,
+    SwitchoverAck,
+    Machine,
+    Snapshot,
+    All,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "tern-bench", about = "Tern vs QEMU live-migration benchmarks")]
+struct Cli {
+    suite: Suite,
+    /// The tern binary (default: $CARGO_TARGET_DIR/release/tern, then <repo>/target/release/tern).
+    #[arg(long)]
+    tern: Option<PathBuf>,
+    /// The QEMU binary (default: qemu-system-x86_64 from PATH).
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// Result directory.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Small guests and short timeouts (development runs).
+    #[arg(long)]
+    quick: bool,
+    /// Per-migration timeout in seconds (default 120, 30 with --quick).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Skip QEMU rows.
+    #[arg(long)]
+    no_qemu: bool,
+    /// Skip Tern rows.
+    #[arg(long)]
+    no_tern: bool,
+    /// Also run Tern with 2 vCPUs in `precopy` (default: on without --quick).
+    #[arg(long)]
+    tern_2vcpu: Option<bool>,
+    /// Host TSC frequency for QEMU's guest command line (default: from dmesg / cpuinfo).
+    #[arg(long)]
+    tsc_khz: Option<u64>,
+    /// Only run rows whose "<link> <scenario>" label contains this text.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Keep the scratch directory (logs, sockets, snapshot files).
+    #[arg(long)]
+    keep_work: bool,
+}
+
+/// Everything a suite needs.
+pub struct Ctx {
+    pub bins: Bins,
+    pub repo: PathBuf,
+    pub out: PathBuf,
+    pub quick: bool,
+    pub timeout_s: u64,
+    pub tern_2vcpu: bool,
+    pub facts: Facts,
+    pub filter: Option<String>,
+}
+
+impl Ctx {
+    /// VMMs available for this run, QEMU first.
+    pub fn vmms(&self) -> Vec<Kind> {
+        let mut v = Vec::new();
+        if self.bins.qemu.is_some() {
+            v.push(Kind::Qemu);
+        }
+        if self.bins.tern.is_some() {
+            v.push(Kind::Tern);
+        }
+        v
+    }
+
+    /// Whether a row labelled `label` is selected by `--filter`.
+    pub fn selected(&self, label: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| label.contains(f))
+    }
+
+    pub fn report(&self, suite: &str, params: Value) -> Report {
+        let mut r = Report::new(suite, self.facts.clone(), params);
+        if self.bins.tern.is_none() {
+            r.notes.push(
+                "No usable tern binary (`tern run --help` failed or missing): Tern rows not run."
+                    .into(),
+            );
+        }
+        if self.bins.qemu.is_none() {
+            r.notes
+                .push("qemu-system-x86_64 not found or disabled: QEMU rows not run.".into());
+        }
+        r
+    }
+}
+
+fn find_tern(arg: Option<PathBuf>, repo: &Path) -> Option<PathBuf> {
+    let candidates: Vec<PathBuf> = match arg {
+        Some(p) => vec![p],
+        None => {
+            let mut c = Vec::new();
+            if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+                c.push(PathBuf::from(t).join("release/tern"));
+            }
+            c.push(repo.join("target/release/tern"));
+            c
+        }
+    };
+    candidates.into_iter().find(|p| {
+        Command::new(p)
+            .args(["run", "--help"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+}
+
+fn find_qemu(arg: Option<PathBuf>) -> Option<PathBuf> {
+    let p = arg.unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+    let ok = Command::new(&p)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    ok.then_some(p)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .context("locating the repository")?;
+    let tern = if cli.no_tern {
+        None
+    } else {
+        find_tern(cli.tern.clone(), &repo)
+    };
+    let qemu = if cli.no_qemu {
+        None
+    } else {
+        find_qemu(cli.qemu.clone())
+    };
+    let tsc = match cli.tsc_khz {
+        Some(k) => (k, "--tsc-khz".to_string()),
+        None => facts::tsc_khz(),
+    };
+    let work = std::env::temp_dir().join(format!("tern-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let guest_elf = work.join("guest.elf");
+    std::fs::write(&guest_elf, tern_guest::GUEST_ELF)?;
+    let facts = Facts::collect(&repo, qemu.as_deref(), tern.as_deref(), tsc.clone());
+    tracing::info!(
+        "tern: {:?}, qemu: {:?}, tsc: {} kHz ({})",
+        tern,
+        qemu,
+        tsc.0,
+        tsc.1
+    );
+    let out = if cli.out.is_absolute() {
+        cli.out.clone()
+    } else {
+        repo.join(&cli.out)
+    };
+    let ctx = Ctx {
+        bins: Bins {
+            tern,
+            qemu,
+            guest_elf,
+            tsc_khz: tsc.0,
+            work: work.clone(),
+        },
+        repo,
+        out,
+        quick: cli.quick,
+        timeout_s: cli.timeout.unwrap_or(if cli.quick { 30 } else { 120 }),
+        tern_2vcpu: cli.tern_2vcpu.unwrap_or(!cli.quick),
+        facts,
+        filter: cli.filter.clone(),
+    };
+    let suites: Vec<Suite> = match cli.suite {
+        Suite::All => vec![
+            Suite::Precopy,
+            Suite::SwitchoverAck,
+            Suite::Machine,
+            Suite::Snapshot,
+        ],
+        s => vec![s],
+    };
+    let mut failed = Vec::new();
+    for s in suites {
+        let r = match s {
+            Suite::Precopy => precopy::run(&ctx),
+            Suite::SwitchoverAck => switchover::run(&ctx),
+            Suite::Machine => machine::run(&ctx),
+            Suite::Snapshot => snapshot::run(&ctx),
+            Suite::All => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::error!("suite {s:?}: {e:#}");
+            failed.push(format!("{s:?}: {e:#}"));
+        }
+    }
+    if cli.keep_work {
+        tracing::info!("scratch directory kept: {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("suites failed: {}", failed.join("; "));
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! Suite `precopy`: the same guest migrated by QEMU and by Tern over loopback and over the
+//! shaped 1 Gbit/s veth link, with the same migration parameters.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::link::{self, Link, Netns};
+use crate::migrate::{live_migrate, MigParams, Outcome};
+use crate::report::{mib, ms, num, ratio, secs, Report, Table};
+use crate::vm::{Guest, Kind, Spec, Vm};
+use crate::Ctx;
+
+pub const DOWNTIME_LIMIT_MS: u64 = 300;
+
+struct Scenario {
+    name: String,
+    guest: Guest,
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    let (idle, d1, d2) = if quick {
+        (256, 64, 128)
+    } else {
+        (1024, 256, 512)
+    };
+    vec![
+        Scenario {
+            name: format!("idle {idle} MiB filled"),
+            guest: Guest::new("idle", idle, 0),
+        },
+        Scenario {
+            name: format!("dirty {d1} MiB @ 50 MiB/s"),
+            guest: Guest::new("dirty", d1, 50),
+        },
+        Scenario {
+            name: format!("dirty {d2} MiB @ max"),
+            guest: Guest::new("dirty", d2, 0),
+        },
+    ]
+}
+
+/// VM memory for a working set: the workload area starts at 16 MiB; keep 48 MiB spare.
+pub fn vm_memory(mem: u64) -> u64 {
+    mem + 64
+}
+
+pub const COLUMNS: &[&str] = &[
+    "VMM",
+    "vCPUs",
+    "link",
+    "scenario",
+    "total time",
+    "downtime (VMM)",
+    "heartbeat gap (host)",
+    "bytes sent",
+    "dirty passes",
+    "wire limit",
+    "total ÷ wire",
+    "result",
+];
+
+pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
+    let mut variants: Vec<(Kind, u32)> = ctx.vmms().into_iter().map(|k| (k, 1)).collect();
+    if ctx.tern_2vcpu && ctx.bins.tern.is_some() {
+        variants.push((Kind::Tern, 2));
+    }
+    let mut report = ctx.report(
+        "precopy",
+        json!({
+            "downtime-limit-ms": DOWNTIME_LIMIT_MS,
+            "timeout-s": ctx.timeout_s,
+            "capabilities": ["events"],
+            "max-bandwidth-loopback": link::LOOPBACK_MAX_BANDWIDTH,
+            "max-bandwidth-shaped": "link rate (125000000 B/s for 1 Gbit/s)",
+            "heartbeat-ms": 1,
+            "warm-up": "until the working set is written once (idle: fill done; dirty: one pass), then 1 s",
+        }),
+    );
+    report.notes.extend([
+        "downtime: `downtime` from the source's query-migrate. heartbeat gap: destination's first \
+         heartbeat after the source's last, both stamped with the host's CLOCK_REALTIME (Tern: by the \
+         VMM on the control-port exit; QEMU: by the harness when the serial byte arrives on the socket)."
+            .into(),
+        "bytes sent = ram.transferred; dirty passes = ram.dirty-sync-count. wire limit = working set \
+         (guest `mem`, all non-zero after warm-up) ÷ link rate: the time any pre-copy needs at least \
+         to move every page once. total ÷ wire = total-time ÷ wire limit (1.0 = wire speed)."
+            .into(),
+        "Same parameters on both VMMs: capabilities `events`; downtime-limit 300 ms (QEMU default); \
+         max-bandwidth 10 GiB/s on loopback (never binds; QEMU's default 128 MiB/s would otherwise \
+         be what is measured) and the link rate on the shaped link; no auto-converge, no multifd."
+            .into(),
+        "QEMU runs the guest through its PVH entry on one vCPU (`-smp 1`); Tern rows with 1 vCPU are \
+         the like-for-like comparison, Tern 2-vCPU rows split the same working set and rate over two vCPUs."
+            .into(),
+        "`not converged`: still active after the timeout, `migrate_cancel` sent; the guest keeps \
+         running on the source. Its total time is the host wall time until the cancel finished, bytes \
+         and passes are the last values seen while active."
+            .into(),
+    ]);
+    report
+        .tables
+        .push(Table::new("Pre-copy live migration", COLUMNS));
+    let scs = scenarios(ctx.quick);
+    let measured = link::measure_loopback(1.5).unwrap_or_else(|e| {
+        tracing::warn!("loopback measurement failed: {e:#}");
+        0.0
+    });
+    let lo = Link::loopback(measured);
+    report.notes.push(format!(
+        "loopback rate for the wire limit: {:.0} MB/s ({})",
+        lo.rate_bytes_s / 1e6,
+        lo.rate_source
+    ));
+    for sc in &scs {
+        for &(k, v) in &variants {
+            one(ctx, &mut report, &lo, sc, k, v)?;
+        }
+    }
+    {
+        let shaped = Link::shaped(1000);
+        if !scs
+            .iter()
+            .any(|sc| ctx.selected(&format!("{} {}", shaped.name, sc.name)))
+        {
+            return report.write(&ctx.out);
+        }
+        let _ns = Netns::up(&ctx.repo, "1gbit")?;
+        for sc in &scs {
+            for &(k, v) in &variants {
+                one(ctx, &mut report, &shaped, sc, k, v)?;
+            }
+        }
+    }
+    report.write(&ctx.out)
+}
+
+/// One migration row. Spawn failures become rows too.
+fn one(
+    ctx: &Ctx,
+    report: &mut Report,
+    link: &Link,
+    sc: &Scenario,
+    kind: Kind,
+    vcpus: u32,
+) -> anyhow::Result<()> {
+    if !ctx.selected(&format!("{} {}", link.name, sc.name)) {
+        return Ok(());
+    }
+    tracing::info!(
+        "precopy: {} {} vCPU, {}, {}",
+        kind.label(),
+        vcpus,
+        link.name,
+        sc.name
+    );
+    let p = MigParams {
+        caps: vec!["events".into()],
+        downtime_limit_ms: DOWNTIME_LIMIT_MS,
+        max_bandwidth: link.max_bandwidth,
+        timeout_s: ctx.timeout_s,
+    };
+    let out = migrate_pair(ctx, link, &sc.guest, kind, vcpus, None, &p, "pc");
+    let wire_s = (link.rate_bytes_s > 0.0).then(|| (sc.guest.mem << 20) as f64 / link.rate_bytes_s);
+    let total_s = out.total_ms.map(|t| t / 1e3);
+    let row = vec![
+        kind.label().into(),
+        vcpus.to_string(),
+        link.name.clone(),
+        sc.name.clone(),
+        if out.result == "completed" || out.total_ms.is_some() {
+            secs(total_s)
+        } else {
+            format!("{} (at cancel)", secs(Some(out.wall_ms / 1e3)))
+        },
+        ms(out.downtime_ms),
+        ms(out.hb_gap_ms),
+        mib(out.transferred),
+        num(out.dirty_sync_count),
+        secs(wire_s),
+        ratio(total_s.zip(wire_s).map(|(t, w)| t / w)),
+        result_cell(&out),
+    ];
+    tracing::info!("  -> {}", row.join(" | "));
+    if let Some(t) = report.tables.last_mut() {
+        t.rows.push(row);
+    }
+    report.runs.push(json!({
+        "vmm": kind.label(), "vcpus": vcpus, "link": link, "scenario": sc.name,
+        "guest": sc.guest, "params": p, "wire-limit-s": wire_s, "outcome": out,
+    }));
+    report.write(&ctx.out)
+}
+
+pub fn result_cell(out: &Outcome) -> String {
+    match &out.error {
+        Some(e) if out.result != "completed" => {
+            let short: String = e.chars().take(160).collect();
+            format!("{}: {short}", out.result)
+        }
+        _ => out.result.clone(),
+    }
+}
+
+/// Spawns destination + source, warms up, migrates, tears down. Errors become an `error` outcome.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_pair(
+    ctx: &Ctx,
+    link: &Link,
+    guest: &Guest,
+    kind: Kind,
+    vcpus: u32,
+    device: Option<String>,
+    p: &MigParams,
+    tag: &str,
+) -> Outcome {
+    let base = format!(
+        "{}-{}-{}",
+        kind.label().to_lowercase(),
+        tag,
+        crate::facts::realtime_ns() % 1_000_000
+    );
+    let spec = |role: &str, ns, incoming| Spec {
+        kind,
+        name: format!("{base}-{role}"),
+        memory_mib: vm_memory(guest.mem),
+        vcpus,
+        guest: guest.clone(),
+        netns: ns,
+        incoming,
+        device: device.clone(),
+    };
+    let res = (|| -> anyhow::Result<Outcome> {
+        let mut dst = Vm::spawn(&ctx.bins, &spec("dst", link.dst_ns, true))?;
+        let mut src = Vm::spawn(&ctx.bins, &spec("src", link.src_ns, false))?;
+        src.wait_ready(guest, Duration::from_secs(90))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let out = live_migrate(&mut src, &mut dst, &link.host, p);
+        if out.result != "completed" {
+            tracing::warn!("source log: {}", crate::vm::log_tail(&src.log));
+            tracing::warn!("destination log: {}", crate::vm::log_tail(&dst.log));
+        }
+        src.quit();
+        dst.quit();
+        Ok(out)
+    })();
+    res.unwrap_or_else(|e| Outcome {
+        result: "error".into(),
+        error: Some(format!("{e:#}")),
+        src_final: Value::Null,
+        dst_final: Value::Null,
+        ..Outcome::default()
+    })
+}
