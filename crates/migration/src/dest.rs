@@ -502,6 +502,16 @@ impl Receiver {
                         ack.rp_opened().map_err(DestError::Protocol)?;
                     }
                 }
+                Record::Command(Command::Capabilities { switchover_ack }) => {
+                    if switchover_ack != self.opts.switchover_ack {
+                        let side = |on: bool| if on { "on" } else { "off" };
+                        return Err(DestError::Protocol(format!(
+                            "capability 'switchover-ack' is {} at the source but {} at the destination: it must be set on both sides",
+                            side(switchover_ack),
+                            side(self.opts.switchover_ack)
+                        )));
+                    }
+                }
                 Record::Command(Command::Ping { seq }) => {
                     send_rp(&self.rp, &RpMessage::Pong { seq })
                         .map_err(|e| DestError::Protocol(format!("sending PONG: {e}")))?;

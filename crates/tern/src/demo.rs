@@ -100,6 +100,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         "source: guest running (first heartbeat #{seq0} after {:.0} ms)",
         t_boot.elapsed().as_secs_f64() * 1e3
     );
+    src.wait_workload_running(Duration::from_secs(60))?;
     let mut dst = TernProcess::spawn("destination", &exe, &dir.join("dst.qmp"), &dst_args, None)?;
 
     let caps = [("events", true), ("return-path", true)];

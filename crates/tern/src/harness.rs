@@ -169,6 +169,29 @@ impl TernProcess {
         Ok((num(&r, "seq"), num(&r, "ns")))
     }
 
+    /// Waits until every vCPU's workload is past its setup (stats block state `running`), one
+    /// heartbeat at a time (the VMM blocks until the next beat: no sleeping here).
+    pub fn wait_workload_running(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seq = 0;
+        loop {
+            let s = self.cmd("x-tern-guest-stats", json!({}))?;
+            let all = s["vcpus"]
+                .as_array()
+                .is_some_and(|v| !v.is_empty() && v.iter().all(|c| c["state"] == "running"));
+            if all {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{}: the workload did not start within {timeout:?}: {s}",
+                    self.name
+                );
+            }
+            seq = self.wait_heartbeat_after(seq, timeout)?.0;
+        }
+    }
+
     /// `query-migrate`.
     pub fn query_migrate(&mut self) -> Result<Value> {
         self.cmd("query-migrate", json!({}))

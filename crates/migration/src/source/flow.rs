@@ -113,6 +113,10 @@ impl Sender {
         if let Some(rp) = rp_stream {
             w.write_command(Command::OpenReturnPath)?;
             w.write_command(Command::Ping { seq: 1 })?;
+            // After OPEN_RETURN_PATH, so that a destination refusing them can say why.
+            w.write_command(Command::Capabilities {
+                switchover_ack: self.opts.switchover_ack,
+            })?;
             let (cfg, shared) = (config.clone(), self.shared.clone());
             let t = std::thread::Builder::new()
                 .name("mig-rp".into())

@@ -87,6 +87,10 @@ pub mod cmd {
     pub const PING: u16 = 3;
     /// The source stopped; final state follows.
     pub const SWITCHOVER_START: u16 = 4;
+    /// `u32 flags`: the source's migration capabilities that both sides must agree on.
+    pub const CAPABILITIES: u16 = 5;
+    /// `CAPABILITIES` flag: `switchover-ack` is on at the source.
+    pub const CAP_SWITCHOVER_ACK: u32 = 1;
     /// First reserved post-copy command.
     pub const POSTCOPY_FIRST: u16 = 0x10;
     /// Last reserved post-copy command.

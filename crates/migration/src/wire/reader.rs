@@ -443,6 +443,19 @@ fn parse_command(body: &[u8], body_at: u64) -> Result<Command, WireError> {
         cmd::OPEN_RETURN_PATH => Command::OpenReturnPath,
         cmd::PING => Command::Ping { seq: c.u32("seq")? },
         cmd::SWITCHOVER_START => Command::SwitchoverStart,
+        cmd::CAPABILITIES => {
+            let flags = c.u32("capability flags")?;
+            if flags & !cmd::CAP_SWITCHOVER_ACK != 0 {
+                return Err(WireError::Invalid {
+                    field: "capability flags",
+                    offset: body_at,
+                    reason: format!("reserved bits set: {flags:#x}"),
+                });
+            }
+            Command::Capabilities {
+                switchover_ack: flags & cmd::CAP_SWITCHOVER_ACK != 0,
+            }
+        }
         cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {
             return Err(WireError::UnsupportedCommand {
                 cmd: n,

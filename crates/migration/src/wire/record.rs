@@ -60,6 +60,12 @@ pub enum Command {
     },
     /// The source VM is stopped; the final RAM and device state follow.
     SwitchoverStart,
+    /// The source's capabilities that must be set on both sides (QEMU has no such check and
+    /// simply hangs when `switchover-ack` is set on one side only).
+    Capabilities {
+        /// `switchover-ack` is on at the source.
+        switchover_ack: bool,
+    },
 }
 
 impl Command {
@@ -70,6 +76,7 @@ impl Command {
             Self::OpenReturnPath => "open-return-path",
             Self::Ping { .. } => "ping",
             Self::SwitchoverStart => "switchover-start",
+            Self::Capabilities { .. } => "capabilities",
         }
     }
 }

@@ -161,6 +161,16 @@ impl<W: Write> StreamWriter<W> {
                 body[..2].copy_from_slice(&cmd::SWITCHOVER_START.to_le_bytes());
                 2
             }
+            Command::Capabilities { switchover_ack } => {
+                body[..2].copy_from_slice(&cmd::CAPABILITIES.to_le_bytes());
+                let flags = if switchover_ack {
+                    cmd::CAP_SWITCHOVER_ACK
+                } else {
+                    0
+                };
+                body[2..6].copy_from_slice(&flags.to_le_bytes());
+                6
+            }
         };
         self.record(RecordKind::Command, &[&body[..n]])
     }
