@@ -106,7 +106,7 @@ impl StateDevConfig {
 
     /// Checks every bound (also for configurations built in code).
     pub fn validate(&self) -> Result<(), StateDevError> {
-        if self.size < MIN_SIZE || self.size > MAX_SIZE || self.size % 4096 != 0 {
+        if self.size < MIN_SIZE || self.size > MAX_SIZE || !self.size.is_multiple_of(4096) {
             return Err(err(
                 "size",
                 format!(
@@ -116,7 +116,10 @@ impl StateDevConfig {
                 ),
             ));
         }
-        if self.chunk_size < 4096 || self.chunk_size > MAX_CHUNK || self.chunk_size % 4096 != 0 {
+        if self.chunk_size < 4096
+            || self.chunk_size > MAX_CHUNK
+            || !self.chunk_size.is_multiple_of(4096)
+        {
             return Err(err(
                 "chunk",
                 format!(
@@ -201,11 +204,17 @@ mod tests {
         assert!(!c.hang);
         let c = StateDevConfig::parse("size=64K,chunk=16K,dirty-rate=0,seed=9,hang=on,instance=2")
             .unwrap();
-        assert_eq!((c.size, c.chunk_size, c.dirty_rate), (64 << 10, 16 << 10, 0));
+        assert_eq!(
+            (c.size, c.chunk_size, c.dirty_rate),
+            (64 << 10, 16 << 10, 0)
+        );
         assert_eq!((c.seed, c.hang, c.instance), (9, true, 2));
         assert_eq!(c.chunks(), 4);
         // A device below 1 MiB is one chunk by default.
-        assert_eq!(StateDevConfig::parse("size=8K").unwrap().chunk_size, 8 << 10);
+        assert_eq!(
+            StateDevConfig::parse("size=8K").unwrap().chunk_size,
+            8 << 10
+        );
         assert_eq!(StateDevConfig::parse("size=2GiB").unwrap().size, 2 << 30);
     }
 

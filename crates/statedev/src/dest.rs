@@ -117,14 +117,17 @@ impl Prep {
 
 /// Approves the switchover and records it (or the failure).
 fn approve(a: &SwitchoverApproval, prep: &Prep, dev: &Shared) {
+    // Recorded before the call: the ACK leaves inside it, so whoever sees the source switch
+    // over must already see `approved`.
+    dev.update(|s| s.stats.approved = true);
     match a.approve() {
-        Ok(()) => {
-            tracing::debug!("statedev: switchover approved");
-            dev.update(|s| s.stats.approved = true);
-        }
+        Ok(()) => tracing::debug!("statedev: switchover approved"),
         Err(e) => {
+            dev.update(|s| s.stats.approved = false);
             tracing::warn!(error = %e, "statedev: approving the switchover");
-            prep.lock().error.get_or_insert(format!("approving the switchover: {e}"));
+            prep.lock()
+                .error
+                .get_or_insert(format!("approving the switchover: {e}"));
         }
     }
 }
@@ -274,7 +277,7 @@ impl StateDevLoader {
             });
         }
         let cs = u64::from(chunk_size);
-        if cs == 0 || cs % 4096 != 0 || cs > size {
+        if cs == 0 || !cs.is_multiple_of(4096) || cs > size {
             return Err(StateDevError::Stream(format!(
                 "META chunk size {chunk_size} is not a multiple of 4 KiB within the device"
             )));
@@ -314,11 +317,14 @@ impl StateDevLoader {
             return Err(StateDevError::Stream("DATA before META".into()));
         }
         if flags & !DATA_INITIAL != 0 {
-            return Err(StateDevError::Stream(format!("unknown DATA flags {flags:#x}")));
+            return Err(StateDevError::Stream(format!(
+                "unknown DATA flags {flags:#x}"
+            )));
         }
         let len = bytes.len() as u64;
         let end = offset.checked_add(len).filter(|e| *e <= size);
-        if len == 0 || offset % GRAIN != 0 || len % GRAIN != 0 || end.is_none() {
+        if len == 0 || !offset.is_multiple_of(GRAIN) || !len.is_multiple_of(GRAIN) || end.is_none()
+        {
             return Err(StateDevError::Stream(format!(
                 "DATA at offset {offset} length {len} is empty, not {GRAIN}-byte aligned, or \
                  outside the {size}-byte device"

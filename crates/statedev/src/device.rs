@@ -126,9 +126,13 @@ impl Shared {
             let rate = self.cfg.dirty_rate as f64;
             credit = (credit + rate * now.duration_since(last).as_secs_f64()).min(rate.max(1.0));
             last = now;
-            while credit >= 1.0 {
-                credit -= 1.0;
-                g.mutate_one(&self.cfg);
+            if credit >= 1.0 {
+                while credit >= 1.0 {
+                    credit -= 1.0;
+                    g.mutate_one(&self.cfg);
+                }
+                // Wakes `wait_stats` callers (the mutator itself only waits with a timeout).
+                self.cv.notify_all();
             }
         }
     }
@@ -352,7 +356,9 @@ pub fn digest_bytes(bytes: &[u8]) -> u64 {
         }
     }
     for (i, w) in blocks.remainder().chunks(8).enumerate() {
-        acc[i] = (acc[i] ^ word(w).wrapping_mul(P1) ^ 0xff).rotate_left(27).wrapping_mul(P2);
+        acc[i] = (acc[i] ^ word(w).wrapping_mul(P1) ^ 0xff)
+            .rotate_left(27)
+            .wrapping_mul(P2);
     }
     let mut h = len;
     for a in acc {
@@ -391,7 +397,14 @@ mod tests {
         let a = StateDevice::new(cfg.clone()).unwrap();
         let b = StateDevice::new(cfg).unwrap();
         assert_eq!(a.digest(), b.digest());
-        assert!(a.shared.lock().mem.as_ref().unwrap().iter().any(|x| *x != 0));
+        assert!(a
+            .shared
+            .lock()
+            .mem
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|x| *x != 0));
         assert!(!a.is_running(), "starts paused");
         a.resume();
         assert!(!a.is_running(), "dirty-rate=0 never mutates");

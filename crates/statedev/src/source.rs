@@ -17,8 +17,8 @@ use tern_migration::machine::{DirtyBitmap, MachineError, StateHandler};
 use crate::device::{Shared, Tracking};
 use crate::error::StateDevError;
 use crate::format::{
-    put_data, put_final, put_init_done, put_meta, DATA_HEADER_LEN, DATA_INITIAL, GRAIN,
-    FINAL_LEN, INIT_DONE_LEN, META_LEN,
+    put_data, put_final, put_init_done, put_meta, DATA_HEADER_LEN, DATA_INITIAL, FINAL_LEN, GRAIN,
+    INIT_DONE_LEN, META_LEN,
 };
 use crate::{digest_bytes, DEVICE_ID, STATE_VERSION};
 
@@ -99,13 +99,18 @@ impl StateDevHandler {
                 return Ok(());
             }
             let chunk = self.init_off / cs;
-            if self.init_off % cs == 0 {
+            if self.init_off.is_multiple_of(cs) {
                 tracking.entered = chunk + 1;
             }
             let chunk_end = ((chunk + 1) * cs).min(size);
             let n = n.min(chunk_end - self.init_off);
             let off = self.init_off as usize;
-            put_data(out, DATA_INITIAL, self.init_off, &mem[off..off + n as usize]);
+            put_data(
+                out,
+                DATA_INITIAL,
+                self.init_off,
+                &mem[off..off + n as usize],
+            );
             self.init_off += n;
             st.stats.initial_bytes_sent += n;
         }

@@ -1,7 +1,6 @@
 //! Handler ↔ loader without the engine: the protocol, the approval rule, hostile input.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use tern_migration::machine::{StateHandler, StateLoader, SwitchoverApproval};
 
@@ -12,11 +11,32 @@ fn cfg(s: &str) -> StateDevConfig {
     StateDevConfig::parse(s).unwrap()
 }
 
-fn counting_approval() -> (SwitchoverApproval, Arc<AtomicU32>) {
-    let n = Arc::new(AtomicU32::new(0));
+/// Counts approvals (a second one is an error, like the engine's).
+#[derive(Default)]
+struct Approvals(Mutex<u32>, Condvar);
+
+impl Approvals {
+    fn count(&self) -> u32 {
+        *self.0.lock().unwrap()
+    }
+
+    /// Blocks until at least one approval arrived.
+    fn wait(&self) {
+        let mut g = self.0.lock().unwrap();
+        while *g == 0 {
+            g = self.1.wait(g).unwrap();
+        }
+    }
+}
+
+fn counting_approval() -> (SwitchoverApproval, Arc<Approvals>) {
+    let n = Arc::new(Approvals::default());
     let c = n.clone();
     let a = SwitchoverApproval::new(move || {
-        if c.fetch_add(1, Ordering::SeqCst) == 0 {
+        let mut g = c.0.lock().unwrap();
+        *g += 1;
+        c.1.notify_all();
+        if *g == 1 {
             Ok(())
         } else {
             Err("approved twice".into())
@@ -60,9 +80,10 @@ fn state_moves_with_mutations_and_the_ack_waits_for_both_conditions() {
     src.mutate(20).unwrap();
     let calls = precopy(&mut h, &mut l, 4096);
     assert!(calls > 60, "small budget, many chunks: {calls}");
-    let st = dst.wait_stats(|s| s.approved);
-    assert!(st.init_done_received && st.prep_finished);
-    assert_eq!(approvals.load(Ordering::SeqCst), 1);
+    approvals.wait();
+    let st = dst.stats();
+    assert!(st.init_done_received && st.prep_finished && st.approved);
+    assert_eq!(approvals.count(), 1);
     // More mutations after the initial data: re-sent as dirty chunks.
     src.mutate(5).unwrap();
     assert!(h.pending_exact().unwrap() >= 16 << 10);
@@ -80,7 +101,7 @@ fn state_moves_with_mutations_and_the_ack_waits_for_both_conditions() {
     assert_eq!(d.loaded_digest, src.digest());
     assert_eq!(d.mutations, 28);
     assert!(!d.prep_thread_running);
-    assert_eq!(approvals.load(Ordering::SeqCst), 1);
+    assert_eq!(approvals.count(), 1);
 }
 
 #[test]
@@ -97,7 +118,7 @@ fn without_the_capability_it_never_approves_and_load_complete_waits_for_the_prep
     l.load_complete(1, &fin).unwrap();
     let d = dst.stats();
     assert!(d.prep_finished && d.prep_wait_in_downtime_ms.is_some());
-    assert_eq!(approvals.load(Ordering::SeqCst), 0);
+    assert_eq!(approvals.count(), 0);
     assert_eq!(dst.digest(), src.digest());
     l.load_cleanup();
 }
@@ -120,7 +141,7 @@ fn hang_never_approves_and_cleanup_does_not_block() {
     l.load_cleanup();
     let d = dst.stats();
     assert!(!d.prep_thread_running && !d.prep_finished && !d.approved);
-    assert_eq!(approvals.load(Ordering::SeqCst), 0);
+    assert_eq!(approvals.count(), 0);
     assert!(!dst.has_state(), "a failed load leaves nothing");
 }
 

@@ -137,7 +137,15 @@ fn start(ack: bool, src_opts: &str, dst_opts: &str) -> Run {
 }
 
 /// Runs to the end; returns the source's final stats.
-fn finish(r: Run) -> (StatsSnapshot, StatsSnapshot, StateDevice, StateDevice, Option<DevStats>) {
+fn finish(
+    r: Run,
+) -> (
+    StatsSnapshot,
+    StatsSnapshot,
+    StateDevice,
+    StateDevice,
+    Option<DevStats>,
+) {
     let so = r.src.join().unwrap();
     let dout = r.dst.join().unwrap();
     r.guest.stop();
@@ -156,13 +164,17 @@ fn finish(r: Run) -> (StatsSnapshot, StatsSnapshot, StateDevice, StateDevice, Op
 fn assert_same_state(src_dev: &StateDevice, dst_dev: &StateDevice) {
     let switch = src_dev.stats().switch_digest;
     assert!(switch.is_some());
-    assert_eq!(dst_dev.digest(), switch, "destination = source at the switch");
+    assert_eq!(
+        dst_dev.digest(),
+        switch,
+        "destination = source at the switch"
+    );
     assert_eq!(dst_dev.stats().loaded_digest, switch);
     assert_eq!(src_dev.digest(), switch, "the source device stayed frozen");
     assert!(!src_dev.is_running() && !dst_dev.is_running());
 }
 
-const DEV: &str = "size=4M,chunk=256K,dirty-rate=200,setup-ms=150";
+const DEV: &str = "size=4M,chunk=256K,dirty-rate=40,setup-ms=150";
 
 #[test]
 fn with_switchover_ack_the_source_waits_for_the_prepared_destination() {
@@ -173,7 +185,10 @@ fn with_switchover_ack_the_source_waits_for_the_prepared_destination() {
     // Causality, not timing: when the source paused its vCPUs the destination had already
     // prepared the device and approved.
     let p = at_pause.expect("the source paused");
-    assert!(p.prep_finished && p.approved && p.init_done_received, "{p:?}");
+    assert!(
+        p.prep_finished && p.approved && p.init_done_received,
+        "{p:?}"
+    );
     let dst = dst_dev.stats();
     assert_eq!(dst.prep_ready_at_switchover, Some(true));
     assert!(dst.approved);
@@ -222,7 +237,10 @@ fn a_destination_that_never_prepares_is_never_switched_to_and_cancel_works() {
     let snap = r.src.stats().snapshot();
     assert!(snap.switchover_ack.enabled && !snap.switchover_ack.acked);
     let d = r.dst_dev.stats();
-    assert!(d.prep_thread_running && !d.prep_finished && !d.approved, "{d:?}");
+    assert!(
+        d.prep_thread_running && !d.prep_finished && !d.approved,
+        "{d:?}"
+    );
     assert!(r.src_dev.stats().init_done_sent);
     r.src.cancel();
     let so = r.src.join().unwrap();
@@ -250,7 +268,10 @@ fn a_destination_of_another_size_fails_the_migration_with_a_clear_error() {
     let e = dout.error.unwrap_or_default();
     assert!(e.contains("device size is 4194304 bytes"), "{e}");
     let e = so.error.unwrap_or_default();
-    assert!(e.contains("device size"), "source sees the destination's reason: {e}");
+    assert!(
+        e.contains("device size"),
+        "source sees the destination's reason: {e}"
+    );
     assert!(r.src_vcpus.is_running() && r.src_dev.is_running());
 }
 
