@@ -390,8 +390,8 @@ pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Stream, Trans
             Stream::Tcp(s)
         }
         MigrationUri::Unix { path } => {
-            let s = UnixStream::connect(path).map_err(|e| io("connect to", e))?;
-            cancel.register(s.as_fd()).map_err(|e| io("register", e))?;
+            let s = unix_connect(path, cancel).map_err(|e| io("connect to", e))?;
+            cancel.check()?;
             Stream::Unix(s)
         }
         MigrationUri::File { path, offset } => {
@@ -416,6 +416,86 @@ pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Stream, Trans
 
 /// A TCP connect that `cancel` can interrupt: the socket exists (and is registered) before
 /// `connect(2)` blocks.
+/// How often a `unix:` connect to a listener with a full backlog is retried.
+const UNIX_CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Connects to a unix socket so that `migrate_cancel` can interrupt it. A blocking `connect(2)`
+/// to a listener whose backlog is full sleeps in the kernel, and unlike TCP a `shutdown(2)` does
+/// not wake it; a non-blocking connect returns `EAGAIN` instead, so retry until it goes through
+/// or the migration is cancelled.
+fn unix_connect(path: &std::path::Path, cancel: &CancelToken) -> io::Result<UnixStream> {
+    let addr = std::os::unix::net::SocketAddr::from_pathname(path)?;
+    loop {
+        let sock = socket2_unix()?;
+        match connect_unix_raw(&sock, &addr) {
+            Ok(()) => {
+                let s = UnixStream::from(sock);
+                s.set_nonblocking(false)?;
+                cancel.register(s.as_fd())?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if cancel.is_cancelled() {
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+                }
+                std::thread::sleep(UNIX_CONNECT_RETRY);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A non-blocking, close-on-exec `AF_UNIX` stream socket.
+fn socket2_unix() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd returned by socket(2) and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn connect_unix_raw(fd: &OwnedFd, addr: &std::os::unix::net::SocketAddr) -> io::Result<()> {
+    let path = addr
+        .as_pathname()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unnamed unix address"))?;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    // SAFETY: sockaddr_un is plain old data, all-zero is a valid value.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= sun.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "unix socket path too long",
+        ));
+    }
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in sun.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `sun` is a valid sockaddr_un of `len` bytes (path NUL-terminated by the zeroing).
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            &sun as *const libc::sockaddr_un as *const libc::sockaddr,
+            len as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn tcp_connect(addr: &SocketAddr, cancel: &CancelToken) -> io::Result<TcpStream> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET

@@ -43,6 +43,20 @@ pub fn vm_config(a: &RunArgs) -> Result<VmConfig> {
             tern_guest::layout::WORK_BASE >> 20
         );
     }
+    // The guest's working set is one linear GPA range from WORK_BASE; RAM past 3 GiB continues
+    // above the 32-bit hole (LAPIC/IOAPIC/TSS live there), so the range must end below it.
+    // (QEMU's PVH guest has the same limit.)
+    let hole = tern_vmm::memory::HOLE_START;
+    if opts.min_ram_bytes() > hole {
+        bail!(
+            "--work-mem {} MiB: the workload area ({} MiB to {} MiB) must end below the 32-bit hole at {} MiB (at most {} MiB)",
+            opts.mem_mib,
+            tern_guest::layout::WORK_BASE >> 20,
+            opts.min_ram_bytes() >> 20,
+            hole >> 20,
+            (hole - tern_guest::layout::WORK_BASE) >> 20
+        );
+    }
     let mut cfg = VmConfig::new(a.memory, a.vcpus, opts.to_cmdline());
     cfg.serial = parse_serial(&a.serial)?;
     if let Some(u) = a.uuid {

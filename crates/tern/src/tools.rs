@@ -27,6 +27,12 @@ pub fn analyze_stream(file: &Path) -> Result<()> {
     let v = tern_migration::wire::analyze_file(file)
         .with_context(|| format!("reading {}", file.display()))?;
     println!("{}", serde_json::to_string_pretty(&v)?);
+    if v.get("ok").and_then(|o| o.as_bool()) != Some(true) {
+        bail!(
+            "{} is not a complete, intact migration stream",
+            file.display()
+        );
+    }
     Ok(())
 }
 

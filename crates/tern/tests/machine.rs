@@ -92,7 +92,8 @@ fn dirty_stop_cont_quit_and_counters() {
     let st = vm.stats();
     assert_eq!(st[0]["workload"], "dirty");
     assert!(
-        st[0]["passes"].as_u64().unwrap_or(0) >= 1 || st[0]["pages-written"].as_u64().unwrap_or(0) > 0,
+        st[0]["passes"].as_u64().unwrap_or(0) >= 1
+            || st[0]["pages-written"].as_u64().unwrap_or(0) > 0,
         "{st:?}"
     );
     vm.quit_ok();
@@ -130,6 +131,34 @@ fn pattern_pmemsave_check_pattern_and_corruption() {
 }
 
 #[test]
+fn prelaunch_with_dash_s_starts_on_cont() {
+    let dir = tmpdir();
+    let m = Machine::pattern(1, 16).arg("-S");
+    let mut vm = spawn(dir.path(), "prelaunch", &m.args());
+    assert_eq!(vm.run_status(), "prelaunch");
+    vm.assert_no_hb_after(0, Duration::from_millis(300));
+    // `stop` in prelaunch changes nothing.
+    vm.c("stop", json!({}));
+    assert_eq!(vm.run_status(), "prelaunch");
+    vm.c("cont", json!({}));
+    vm.event("RESUME", T);
+    assert_eq!(vm.run_status(), "running");
+    // The guest boots from the start: the first heartbeat is #1.
+    let recs = loop {
+        vm.hb_after(0, T);
+        let r = vm.heartbeats_since(0).expect("x-tern-heartbeats");
+        if !r.is_empty() {
+            break r;
+        }
+    };
+    assert_eq!(recs[0].0, 1, "{recs:?}");
+    vm.wait_workload_running(T);
+    // quit while paused also exits cleanly.
+    vm.stop_vm();
+    vm.quit_ok();
+}
+
+#[test]
 fn dirty_two_vcpus_both_advance() {
     let dir = tmpdir();
     let m = Machine::dirty(2, 32, 16);
@@ -137,10 +166,20 @@ fn dirty_two_vcpus_both_advance() {
     vm.wait_workload_running(T);
     let st = vm.stats();
     assert_eq!(st.len(), 2, "{st:?}");
-    let bases: Vec<u64> = st.iter().map(|s| s["work-base"].as_u64().unwrap_or(0)).collect();
-    let lens: Vec<u64> = st.iter().map(|s| s["work-len"].as_u64().unwrap_or(0)).collect();
+    let bases: Vec<u64> = st
+        .iter()
+        .map(|s| s["work-base"].as_u64().unwrap_or(0))
+        .collect();
+    let lens: Vec<u64> = st
+        .iter()
+        .map(|s| s["work-len"].as_u64().unwrap_or(0))
+        .collect();
     assert_eq!(bases[0], tern_guest::layout::WORK_BASE, "{st:?}");
-    assert_eq!(bases[1], bases[0] + lens[0], "shares must be contiguous: {st:?}");
+    assert_eq!(
+        bases[1],
+        bases[0] + lens[0],
+        "shares must be contiguous: {st:?}"
+    );
     assert_eq!(lens[0] + lens[1], 32 << 20, "{st:?}");
     let p0 = vm.pages_written();
     let p1 = vm.wait_pages_advance(&p0, T);
@@ -201,8 +240,12 @@ impl Raw {
 
 fn err_class(v: &Value) -> (&str, &str) {
     (
-        v.pointer("/error/class").and_then(Value::as_str).unwrap_or(""),
-        v.pointer("/error/desc").and_then(Value::as_str).unwrap_or(""),
+        v.pointer("/error/class")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        v.pointer("/error/desc")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
     )
 }
 
@@ -281,9 +324,15 @@ fn qmp_hostile_input_vm_keeps_running() {
             break false;
         }
     };
-    assert!(closed, "a 16 MiB message did not close the connection; replies {replies:?}");
+    assert!(
+        closed,
+        "a 16 MiB message did not close the connection; replies {replies:?}"
+    );
     for r in &replies {
-        assert!(r.get("error").is_some(), "a 16 MiB message got a non-error reply: {r}");
+        assert!(
+            r.get("error").is_some(),
+            "a 16 MiB message got a non-error reply: {r}"
+        );
     }
     let _ = write_failed;
     drop(big);
@@ -300,7 +349,11 @@ fn qmp_hostile_input_vm_keeps_running() {
     let mut shy = Raw::connect(&qmp, false);
     shy.send(b"{\"execute\": \"stop\"}\n");
     let r = shy.reply();
-    assert_eq!(err_class(&r).0, "CommandNotFound", "before negotiation: {r}");
+    assert_eq!(
+        err_class(&r).0,
+        "CommandNotFound",
+        "before negotiation: {r}"
+    );
     drop(shy);
     // Raw garbage bytes.
     let mut junk = Raw::connect(&qmp, true);

@@ -536,12 +536,29 @@ impl Sender {
                 source,
             };
             if dev.is_iterative() {
+                // With the VM stopped the device is frozen: it can only have what it reported
+                // pending. A device that keeps producing (not frozen with the vCPUs) would
+                // otherwise keep the VM stopped forever.
+                let limit = dev
+                    .pending_exact()
+                    .map_err(|e| err("pending_exact", e))?
+                    .saturating_add(DEVICE_CHUNK as u64);
+                let mut drained = 0u64;
                 loop {
                     self.chunk.clear();
                     dev.save_iterate(DEVICE_CHUNK, &mut self.chunk)
                         .map_err(|e| err("save_iterate", e))?;
                     if self.chunk.is_empty() {
                         break;
+                    }
+                    drained += self.chunk.len() as u64;
+                    if drained > limit {
+                        return Err(err(
+                            "save_iterate",
+                            MachineError::Failed(format!(
+                                "the device produced more than the {limit} bytes it reported pending while the VM was stopped"
+                            )),
+                        ));
                     }
                     let chunk = std::mem::take(&mut self.chunk);
                     let w = self.writer.as_mut().ok_or(SourceError::Cancelled)?;

@@ -100,7 +100,7 @@ impl Controller {
     ) -> Result<Value, QmpError> {
         let mut m = self.mig();
         check_not_running(m.status()).map_err(param_err)?;
-        if m.incoming.as_ref().is_some_and(|i| i.started()) {
+        if m.incoming.as_ref().is_some_and(|i| !i.finished()) {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
         let params = m.params.clone();
@@ -139,10 +139,23 @@ impl Controller {
         let uri: MigrationUri = a.uri.parse().map_err(param_err)?;
         let mut m = self.mig();
         check_not_running(m.status()).map_err(param_err)?;
-        if m.incoming.is_some() {
-            return Err(QmpError::generic(
-                "Guest is waiting for an incoming migration",
-            ));
+        // A VM that arrived by migration is an ordinary VM again once the load completed.
+        match m
+            .incoming
+            .as_ref()
+            .map(|i| (i.finished(), i.stats().status()))
+        {
+            None | Some((true, MigrationStatus::Completed)) => {}
+            Some((false, _)) => {
+                return Err(QmpError::generic(
+                    "Guest is waiting for an incoming migration",
+                ));
+            }
+            Some((true, st)) => {
+                return Err(QmpError::generic(format!(
+                    "The incoming migration ended {st}: this VM holds no complete guest to migrate",
+                )));
+            }
         }
         if uri.is_file()
             && (m.caps.get(Capability::ReturnPath) || m.caps.get(Capability::SwitchoverAck))
@@ -241,10 +254,7 @@ impl Controller {
     /// Whether a migration (either direction) is in progress.
     pub(crate) fn migration_active(&self) -> bool {
         let m = self.mig();
-        m.status().is_running()
-            || m.incoming
-                .as_ref()
-                .is_some_and(|i| i.started() && !i.finished())
+        m.status().is_running() || m.incoming.as_ref().is_some_and(|i| !i.finished())
     }
 
     /// Cancels any migration before the process exits.

@@ -48,11 +48,6 @@ impl Incoming {
         self.handle.stats()
     }
 
-    /// Whether the receiver started (always, once constructed).
-    pub fn started(&self) -> bool {
-        true
-    }
-
     pub fn finished(&self) -> bool {
         self.handle.is_finished()
     }

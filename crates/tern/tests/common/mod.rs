@@ -184,6 +184,14 @@ pub fn dest_with(dir: &Path, name: &str, memory_mib: u64, vcpus: u32, extra: &[&
 }
 
 impl Vm {
+    /// Wraps a process started some other way.
+    pub fn wrap(name: &str, p: TernProcess) -> Vm {
+        Vm {
+            name: name.to_owned(),
+            p: Some(p),
+        }
+    }
+
     /// Runs a QMP command; panics (with the process log) on error.
     pub fn c(&mut self, cmd: &str, args: Value) -> Value {
         match self.cmd(cmd, args) {
@@ -221,7 +229,9 @@ impl Vm {
                 format!("{e:#}").contains("no heartbeat"),
                 "{name}: x-tern-wait-heartbeat failed for another reason: {e:#}"
             ),
-            Ok(v) => panic!("{name}: heartbeat {v} arrived after #{after} while the guest should be stopped"),
+            Ok(v) => panic!(
+                "{name}: heartbeat {v} arrived after #{after} while the guest should be stopped"
+            ),
         }
     }
 
@@ -299,7 +309,9 @@ impl Vm {
             }
             if matches!(st.as_str(), "completed" | "failed" | "cancelled") {
                 let q = self.qm();
-                panic!("{name}: migration ended '{st}' while waiting for {want:?}; query-migrate: {q}");
+                panic!(
+                    "{name}: migration ended '{st}' while waiting for {want:?}; query-migrate: {q}"
+                );
             }
         }
     }
@@ -317,7 +329,10 @@ impl Vm {
                     panic!("{name}: waiting for MIGRATION_PASS {n}: {e}; query-migrate: {q}");
                 }
             };
-            let p = ev.pointer("/data/pass").and_then(Value::as_u64).unwrap_or(0);
+            let p = ev
+                .pointer("/data/pass")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
             if p >= n {
                 return p;
             }
@@ -442,6 +457,11 @@ impl Vm {
         );
     }
 
+    /// Drops every event buffered so far (before starting a new migration on this process).
+    pub fn drain_events(&mut self) {
+        let _ = self.qmp.take_events();
+    }
+
     /// The process is still alive and answers QMP.
     pub fn assert_alive(&mut self) {
         let name = self.name.clone();
@@ -507,4 +527,111 @@ pub fn converge(vm: &mut Vm) {
 /// `ram` member of query-migrate.
 pub fn ram_num(q: &Value, key: &str) -> u64 {
     q.get("ram").map(|r| num(r, key)).unwrap_or(0)
+}
+
+/// After a completed live migration: the source is `postmigrate` (and refuses `cont`), the
+/// destination runs, and the guest's heartbeat sequence continues on the destination at
+/// exactly the source's last beat + 1, without duplicates. Returns the source's last seq.
+pub fn assert_handover(src: &mut Vm, dst: &mut Vm) -> u64 {
+    assert_eq!(
+        src.run_status(),
+        "postmigrate",
+        "source after a completed migration"
+    );
+    let last = src.last_seq();
+    src.assert_no_hb_after(last, Duration::from_millis(100));
+    let e = src.err("cont", json!({}));
+    assert!(e.contains("migrated"), "cont on a migrated source: {e}");
+    assert_eq!(
+        dst.run_status(),
+        "running",
+        "destination after a completed migration"
+    );
+    let next = dst.hb_after(last, T);
+    assert_eq!(
+        next,
+        last + 1,
+        "heartbeat sequence must continue on the destination"
+    );
+    let recs = dst.heartbeats_since(0).expect("x-tern-heartbeats");
+    for w in recs.windows(2) {
+        assert!(
+            w[1].0 == w[0].0 + 1,
+            "destination heartbeat records not consecutive: {w:?} (source last #{last})"
+        );
+    }
+    let later = dst.hb_after(next + 10, T);
+    assert!(later > next + 10);
+    last
+}
+
+/// A complete live migration of `src` to a fresh destination over TCP with QEMU's "converge"
+/// limits: both sides `completed`, handover checked. Returns the destination.
+pub fn migrate_fully(dir: &Path, name: &str, src: &mut Vm, m: &Machine) -> Vm {
+    let mut dst = dest(dir, name, m);
+    dst.caps(&[("events", true)]);
+    src.drain_events();
+    src.caps(&[("events", true)]);
+    converge(src);
+    let uri = dst.listen_tcp();
+    src.c("migrate", json!({ "uri": uri }));
+    src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    assert_handover(src, &mut dst);
+    dst
+}
+
+/// Fills `buf` from `r` as far as the input goes; returns the byte count.
+fn fill(r: &mut impl std::io::Read, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]).expect("reading a dump") {
+            0 => break,
+            n => got += n,
+        }
+    }
+    got
+}
+
+/// Compares two files chunk by chunk; returns the first differing offset.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    use std::io::BufReader;
+    let mut fa = BufReader::new(std::fs::File::open(a).expect("opening a dump"));
+    let mut fb = BufReader::new(std::fs::File::open(b).expect("opening a dump"));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0u64;
+    loop {
+        let (na, nb) = (fill(&mut fa, &mut ba), fill(&mut fb, &mut bb));
+        if let Some(i) = (0..na.min(nb)).find(|&i| ba[i] != bb[i]) {
+            return Some(off + i as u64);
+        }
+        if na != nb {
+            return Some(off + na.min(nb) as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        off += na as u64;
+    }
+}
+
+/// Both VMs must be stopped: dumps their whole RAM and asserts it is identical.
+pub fn assert_same_ram(a: &mut Vm, b: &mut Vm, m: &Machine, dir: &Path) {
+    let (da, db) = (
+        dir.join(format!("{}-ram.dump", a.name)),
+        dir.join(format!("{}-ram.dump", b.name)),
+    );
+    a.pmemsave(&da, m.memory_bytes());
+    b.pmemsave(&db, m.memory_bytes());
+    let diff = first_difference(&da, &db);
+    let _ = std::fs::remove_file(&da);
+    let _ = std::fs::remove_file(&db);
+    if let Some(off) = diff {
+        panic!(
+            "RAM of {} and {} differs, first at GPA {off:#x} (page {:#x})",
+            a.name,
+            b.name,
+            off & !0xfff
+        );
+    }
 }
