@@ -75,9 +75,14 @@ fn save_restore(
             &ctx.bins,
             &spec(kind, format!("{tag}-src"), memory, g, false),
         )?;
-        src.wait_ready(g, Duration::from_secs(120))?;
+        src.wait_ready(g, Duration::from_secs(400))?;
         std::thread::sleep(Duration::from_millis(500));
         set_caps(&mut src, &["events".to_string()])?;
+        // QEMU's default max-bandwidth (128 MiB/s) also caps migration to a file.
+        src.exec(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": crate::link::LOOPBACK_MAX_BANDWIDTH }),
+        )?;
         let t0 = Instant::now();
         src.exec("migrate", json!({ "uri": uri }))?;
         let q = poll(&mut src, Duration::from_secs(600))?;
@@ -139,12 +144,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let sizes: &[u64] = if ctx.quick { &[256] } else { &[1024, 4096] };
     let mut report = ctx.report(
         "snapshot",
-        json!({ "sizes-mib": sizes, "vcpus": 1, "capabilities": ["events"], "file-dir": ctx.bins.work }),
+        json!({
+            "sizes-mib": sizes, "vcpus": 1, "capabilities": ["events"], "file-dir": ctx.bins.work,
+            "max-bandwidth": crate::link::LOOPBACK_MAX_BANDWIDTH,
+        }),
     );
     report.notes.extend([
         "save: `migrate {uri: file:PATH}` on the running guest (a live migration into a file: the guest \
          runs until the switchover); `total-time`/`downtime` from query-migrate, wall = host time from \
-         `migrate` to `completed`."
+         `migrate` to `completed`. max-bandwidth 10 GiB/s on both VMMs (QEMU's default 128 MiB/s \
+         applies to file migration too)."
             .into(),
         "restore: a new process started with incoming defer, then `migrate-incoming {uri: file:PATH}`; \
          times from that command to `completed` on the destination, to `query-status` running, and \
