@@ -180,7 +180,12 @@ pub fn decide(i: &SwitchoverInputs) -> Decision {
 pub struct DowntimeMinimizer {
     previous: Option<u64>,
     extra_passes: u32,
+    deferred_since: Option<Instant>,
 }
+
+/// Longest [`DowntimeMinimizer`] waits for a pass to finish before it lets QEMU's rule switch
+/// (a guest dirtying almost as fast as the link never lets a pass finish).
+pub const MAX_DEFERRAL: Duration = Duration::from_secs(1);
 
 /// Most extra passes [`DowntimeMinimizer`] adds after QEMU's rule said "fits".
 pub const MAX_EXTRA_PASSES: u32 = 8;
@@ -189,26 +194,50 @@ pub const GOOD_ENOUGH_DOWNTIME_MS: f64 = 1.0;
 
 impl DowntimeMinimizer {
     /// Called when [`decide`] returned [`Decision::Switchover`] for `pending` exact bytes right
-    /// after a dirty-log sync. Returns true to switch now, false to do another pass first.
-    pub fn switch_now(&mut self, pending: u64, bandwidth_bytes_per_ms: f64) -> bool {
+    /// after a dirty-log sync. `pass_done`: the sync came after everything dirty had been sent
+    /// (a pass boundary; only there can two syncs be compared). Returns true to switch now,
+    /// false to go on first.
+    pub fn switch_now(
+        &mut self,
+        pending: u64,
+        bandwidth_bytes_per_ms: f64,
+        pass_done: bool,
+        now: Instant,
+    ) -> bool {
         let expected_ms = if bandwidth_bytes_per_ms > 0.0 {
             pending as f64 / bandwidth_bytes_per_ms
         } else {
             f64::INFINITY
         };
+        if pending == 0 || expected_ms <= GOOD_ENOUGH_DOWNTIME_MS {
+            return true;
+        }
+        if !pass_done {
+            // Mid-pass (the first pass above all): finish it before judging, within a bound.
+            self.note_deferral(now);
+            return self.deferral_expired(now);
+        }
+        self.deferred_since = None;
         let shrinking = self
             .previous
             .is_none_or(|prev| pending.saturating_mul(2) <= prev);
         self.previous = Some(pending);
-        if pending == 0
-            || expected_ms <= GOOD_ENOUGH_DOWNTIME_MS
-            || !shrinking
-            || self.extra_passes >= MAX_EXTRA_PASSES
-        {
+        if !shrinking || self.extra_passes >= MAX_EXTRA_PASSES {
             return true;
         }
         self.extra_passes += 1;
         false
+    }
+
+    /// Records that a pass is being finished before judging (starts the deferral clock).
+    pub fn note_deferral(&mut self, now: Instant) {
+        self.deferred_since.get_or_insert(now);
+    }
+
+    /// Whether finishing the current pass has taken longer than [`MAX_DEFERRAL`].
+    pub fn deferral_expired(&self, now: Instant) -> bool {
+        self.deferred_since
+            .is_some_and(|s| now.saturating_duration_since(s) >= MAX_DEFERRAL)
     }
 
     /// Extra passes taken so far.
@@ -446,26 +475,44 @@ mod tests {
     #[test]
     fn minimizer_iterates_while_passes_halve() {
         let mut m = DowntimeMinimizer::default();
-        let bw = 100_000.0; // bytes per ms (100 MB/s)
-                            // 20 MB fits a 300 ms limit at 100 MB/s, but the next pass is much smaller: go on.
-        assert!(!m.switch_now(20_000_000, bw));
-        assert!(!m.switch_now(2_000_000, bw));
-        assert!(!m.switch_now(400_000, bw));
+        let t = Instant::now();
+        // 100 MB/s. 20 MB fits a 300 ms limit, but the next pass is much smaller: go on.
+        let bw = 100_000.0;
+        assert!(!m.switch_now(20_000_000, bw, true, t));
+        assert!(!m.switch_now(2_000_000, bw, true, t));
+        assert!(!m.switch_now(400_000, bw, true, t));
         // Plateau: less than halved. Switch.
-        assert!(m.switch_now(300_000, bw));
+        assert!(m.switch_now(300_000, bw, true, t));
         assert_eq!(m.extra_passes(), 3);
+    }
+
+    #[test]
+    fn minimizer_waits_for_the_pass_to_end_but_not_forever() {
+        let mut m = DowntimeMinimizer::default();
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let bw = 100_000.0;
+        // Mid-pass, the remaining bytes hardly move between rounds: that is no plateau.
+        assert!(!m.switch_now(20_000_000, bw, false, t));
+        assert!(!m.switch_now(19_900_000, bw, false, t + ms(10)));
+        // The pass ends: now it is judged (first judgement: one more pass).
+        assert!(!m.switch_now(5_000_000, bw, true, t + ms(20)));
+        // A pass that never ends (dirtying as fast as the link) switches after the bound.
+        assert!(!m.switch_now(4_000_000, bw, false, t + ms(30)));
+        assert!(m.switch_now(4_000_000, bw, false, t + ms(30) + MAX_DEFERRAL));
     }
 
     #[test]
     fn minimizer_switches_when_good_enough_or_bounded() {
         let mut m = DowntimeMinimizer::default();
-        assert!(m.switch_now(0, 1.0));
+        let t = Instant::now();
+        assert!(m.switch_now(0, 1.0, true, t));
         let mut m = DowntimeMinimizer::default();
-        assert!(m.switch_now(50_000, 100_000.0)); // 0.5 ms expected
+        assert!(m.switch_now(50_000, 100_000.0, false, t)); // 0.5 ms expected
         let mut m = DowntimeMinimizer::default();
         let mut p = u64::MAX / 4;
         let mut extra = 0;
-        while !m.switch_now(p, 1.0) {
+        while !m.switch_now(p, 1.0, true, t) {
             p /= 4;
             extra += 1;
         }
@@ -473,7 +520,7 @@ mod tests {
         // Unknown bandwidth never loops forever either.
         let mut m = DowntimeMinimizer::default();
         let mut n = 0;
-        while !m.switch_now(1_000_000 >> n, 0.0) {
+        while !m.switch_now(1_000_000 >> n, 0.0, true, t) {
             n += 1;
         }
         assert!(n <= MAX_EXTRA_PASSES);

@@ -252,6 +252,8 @@ struct Flags {
     rp_fault: Option<String>,
     rp_closed: bool,
     pongs: u32,
+    /// Sequence number of the last `PONG`.
+    last_pong: u32,
     tuning: Tuning,
 }
 
@@ -377,6 +379,8 @@ pub fn migrate(
         bytes_at_stop: None,
         chunk: Vec::new(),
         minimizer: DowntimeMinimizer::default(),
+        ping_seq: 1,
+        drained: false,
         timeline: SwitchoverTimeline::default(),
         mark: Instant::now(),
     };
@@ -419,6 +423,10 @@ struct Sender {
     mark: Instant,
     /// Tern's "a few more short passes" refinement of the switchover rule.
     minimizer: DowntimeMinimizer,
+    /// Sequence number of the last `PING` sent.
+    ping_seq: u32,
+    /// The destination has caught up with the stream since the last switchover decision.
+    drained: bool,
 }
 
 mod flow;

@@ -25,6 +25,7 @@ pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>
             Ok(Some(RpMessage::Pong { seq })) => {
                 tracing::debug!(seq, "return path: PONG");
                 f.pongs += 1;
+                f.last_pong = f.last_pong.max(seq);
             }
             Ok(Some(RpMessage::Resumed)) => {
                 tracing::debug!("return path: RESUMED");
