@@ -70,7 +70,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         json!({
             "downtime-limit-ms": DOWNTIME_LIMIT_MS,
             "timeout-s": ctx.timeout_s,
-            "capabilities": ["events"],
+            "capabilities": ["events", "return-path"],
             "max-bandwidth-loopback": link::LOOPBACK_MAX_BANDWIDTH,
             "max-bandwidth-shaped": "link rate (125000000 B/s for 1 Gbit/s)",
             "heartbeat-ms": 1,
@@ -86,7 +86,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
          (guest `mem`, all non-zero after warm-up) ÷ link rate: the time any pre-copy needs at least \
          to move every page once. total ÷ wire = total-time ÷ wire limit (1.0 = wire speed)."
             .into(),
-        "Same parameters on both VMMs: capabilities `events`; downtime-limit 300 ms (QEMU default); \
+        "Same parameters on both VMMs: capabilities `events` and `return-path` (what libvirt sets for every non-tunnelled migration); downtime-limit 300 ms (QEMU default); \
          max-bandwidth 10 GiB/s on loopback (never binds; QEMU's default 128 MiB/s would otherwise \
          be what is measured) and the link rate on the shaped link; no auto-converge, no multifd."
             .into(),
@@ -155,7 +155,9 @@ fn one(
         sc.name
     );
     let p = MigParams {
-        caps: vec!["events".into()],
+        // libvirt's defaults for a non-tunnelled migration: `events` and `return-path` on
+        // both sides (QEMU then also learns when the destination is done).
+        caps: vec!["events".into(), "return-path".into()],
         downtime_limit_ms: DOWNTIME_LIMIT_MS,
         max_bandwidth: link.max_bandwidth,
         timeout_s: ctx.timeout_s,

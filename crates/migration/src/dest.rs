@@ -227,6 +227,7 @@ pub fn incoming(
         rp: Arc::new(Mutex::new(None)),
         rp_spare: None,
         ack: None,
+        source_running: None,
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -317,6 +318,8 @@ struct Receiver {
     /// The reverse direction of the socket until `OPEN_RETURN_PATH` takes it.
     rp_spare: Option<Stream>,
     ack: Option<Arc<AckState>>,
+    /// The source's run state at the switchover (`RUN_STATE`); `None` = not sent.
+    source_running: Option<bool>,
 }
 
 /// The receiver's explicit state.
@@ -502,6 +505,9 @@ impl Receiver {
                         ack.rp_opened().map_err(DestError::Protocol)?;
                     }
                 }
+                Record::Command(Command::RunState { running }) => {
+                    self.source_running = Some(running);
+                }
                 Record::Command(Command::Capabilities { switchover_ack }) => {
                     if switchover_ack != self.opts.switchover_ack {
                         let side = |on: bool| if on { "on" } else { "off" };
@@ -615,7 +621,9 @@ impl Receiver {
                 op: "restoring the machine state".into(),
                 source,
             })?;
-        if self.opts.autostart {
+        // Resume unless told to stay paused (`-S`, `stop` during inmigrate) or the guest was
+        // paused on the source (QEMU keeps the source's run state).
+        if self.opts.autostart && self.source_running != Some(false) {
             self.m.vcpus.resume().map_err(|source| DestError::Machine {
                 op: "resuming the vCPUs".into(),
                 source,

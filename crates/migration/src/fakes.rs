@@ -275,6 +275,10 @@ impl RamSource for FakeRam {
         g.log_stops += 1;
         Ok(())
     }
+
+    fn known_zero_pages(&mut self, _bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError> {
+        Ok(false)
+    }
 }
 
 impl RamSink for FakeRam {

@@ -172,6 +172,12 @@ pub trait RamSource: Send {
     fn sync_dirty_log(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<(), MachineError>;
     /// Turns dirty logging off (vCPUs stop paying the write-fault cost). Called on every end.
     fn stop_dirty_log(&mut self) -> Result<(), MachineError>;
+    /// Marks in `bitmaps[block]` the pages that are known to read as zero without reading them
+    /// (e.g. anonymous memory never touched, `mincore(2)`), so the first pass sends them as ZERO
+    /// records without copying them. Called once, after `start_dirty_log` (a page written after
+    /// this call is in the next sync). Returns false when the machine cannot tell (nothing
+    /// marked).
+    fn known_zero_pages(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError>;
 }
 
 /// Guest RAM on the destination. The engine has checked `block` and `page` against

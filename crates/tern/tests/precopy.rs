@@ -280,3 +280,32 @@ fn precopy_chain_a_to_b_to_c() {
     b.quit_ok();
     c.quit_ok();
 }
+
+/// QEMU keeps the source's run state (its global-state section): a guest that was paused before
+/// a live migration is paused on the destination too, even without `-S`, until `cont`.
+#[test]
+fn precopy_paused_source_stays_paused_on_destination() {
+    let dir = tmpdir();
+    let m = Machine::pattern(1, 32);
+    let mut src = boot(dir.path(), "src", &m);
+    src.wait_workload_running(T);
+    src.stop_vm();
+    let last = src.last_seq();
+    let mut dst = dest(dir.path(), "dst", &m);
+    src.caps(&[("events", true), ("return-path", true)]);
+    dst.caps(&[("events", true), ("return-path", true)]);
+    let uri = dst.listen_tcp();
+    src.c("migrate", json!({ "uri": uri }));
+    src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    assert_eq!(
+        dst.run_status(),
+        "paused",
+        "the paused guest must stay paused"
+    );
+    dst.assert_no_hb_after(last, Duration::from_millis(200));
+    dst.c("cont", json!({}));
+    dst.hb_after(last, T);
+    src.quit_ok();
+    dst.quit_ok();
+}

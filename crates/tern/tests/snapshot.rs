@@ -241,6 +241,10 @@ fn paused_vm_snapshot_and_restore_cli() {
     let uuid_src = src.c("query-uuid", json!({}));
     let uuid_dst = d.c("query-uuid", json!({}));
     assert_eq!(uuid_src, uuid_dst, "tern restore keeps the VM's UUID");
+    // The VM was paused when it was saved: like QEMU, it stays paused after the restore.
+    assert_eq!(d.run_status(), "paused");
+    d.assert_no_hb_after(last, Duration::from_millis(200));
+    d.c("cont", json!({}));
     assert_continues(&mut d, last, &saved);
     assert_pattern_ok(&mut d, &m, dir.path(), "restored");
     d.quit_ok();

@@ -275,6 +275,44 @@ impl GuestRam {
         self.dirty.lock().map(|d| d.is_some()).unwrap_or(false)
     }
 
+    /// Marks (ORs into `out`, one bitmap per region) the pages that were never touched: anonymous
+    /// memory that is not resident (`mincore(2)`) reads as zero. Only true without swap (a
+    /// swapped-out page is not resident either), so with swap configured it marks nothing and
+    /// returns false.
+    pub fn untouched_pages(&self, out: &mut [Vec<u64>]) -> Result<bool> {
+        if swap_configured() || out.len() != self.regions.len() {
+            return Ok(false);
+        }
+        for (r, bits) in self.regions.iter().zip(out.iter_mut()) {
+            let pages = r.pages() as usize;
+            let mut vec = vec![0u8; pages];
+            // SAFETY: `host_addr..host_addr+size` is this region's live mapping (page aligned,
+            // owned by `self.mem` for as long as `self` lives) and `vec` has one byte per page,
+            // which is what mincore(2) writes.
+            let ret = unsafe {
+                libc::mincore(
+                    r.host_addr as *mut libc::c_void,
+                    r.size as usize,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if ret != 0 {
+                return Err(Error::io(
+                    "mincore on guest RAM",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            for (p, v) in vec.iter().enumerate() {
+                if v & 1 == 0 {
+                    if let Some(w) = bits.get_mut(p / 64) {
+                        *w |= 1 << (p % 64);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// Fetches and clears the dirty pages since the last call (or since `start_dirty_log`) and
     /// ORs them into `out` (one bitmap per region, bit i = page i of the region, each at least
     /// [`RamRegionInfo::bitmap_words`] long).
@@ -343,6 +381,20 @@ impl GuestRam {
 
 fn poisoned() -> Error {
     Error::State("dirty-log lock poisoned by a panicked thread".into())
+}
+
+/// Whether the host has swap (then a non-resident page may hold data).
+fn swap_configured() -> bool {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("SwapTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        // Unknown: assume swap, the safe answer.
+        .is_none_or(|kb| kb > 0)
 }
 
 #[cfg(test)]

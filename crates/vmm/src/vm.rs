@@ -477,6 +477,12 @@ impl Vm {
         self.ram.sync_dirty_log(&self.vm_fd, bitmaps)
     }
 
+    /// ORs into `out` (one bitmap per region) the pages never touched (they read as zero);
+    /// false when that cannot be known (swap configured).
+    pub fn untouched_pages(&self, out: &mut [Vec<u64>]) -> Result<bool> {
+        self.ram.untouched_pages(out)
+    }
+
     /// Stops dirty logging.
     pub fn stop_dirty_log(&self) -> Result<()> {
         self.ram.stop_dirty_log(&self.vm_fd)

@@ -151,7 +151,12 @@ impl Sender {
         } else {
             self.stop_vm(now)?;
         }
-        let ram = RamSender::new(self.m.ram.as_ref(), now);
+        let mut ram = RamSender::new(self.m.ram.as_ref(), now);
+        let known_zero = ram.probe_known_zero(self.m.ram.as_mut())?;
+        tracing::debug!(
+            known_zero,
+            "pages known to be zero (not read in the first pass)"
+        );
         let total = ram.total_bytes();
         let page_size = ram.page_size() as u64;
         self.ram = Some(ram);
@@ -494,6 +499,10 @@ impl Sender {
         self.set_status(MigrationStatus::Device);
         let before_ram = self.writer()?.bytes_written();
         self.writer()?.write_command(Command::SwitchoverStart)?;
+        // QEMU's global state: a guest that was paused before the migration stays paused.
+        let running = self.paused_by_us;
+        self.writer()?
+            .write_command(Command::RunState { running })?;
         if self.dirty_log_on {
             self.sync_pass(Instant::now())?;
         }

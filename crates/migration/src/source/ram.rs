@@ -51,6 +51,8 @@ pub(crate) struct RamSender {
     pub dirty_pages_rate: u64,
     last_sync: Option<Instant>,
     total_pages: u64,
+    /// First pass only: pages the machine knows to be zero (sent as ZERO without reading).
+    known_zero: Option<Vec<DirtyBitmap>>,
 }
 
 impl RamSender {
@@ -84,7 +86,22 @@ impl RamSender {
             dirty_pages_rate: 0,
             last_sync: Some(now),
             total_pages,
+            known_zero: None,
         }
+    }
+
+    /// Asks the machine which pages are known to read as zero, for the first pass.
+    pub fn probe_known_zero(&mut self, ram: &mut dyn RamSource) -> Result<u64, RamError> {
+        let mut known = self.scratch.clone();
+        for k in &mut known {
+            k.clear();
+        }
+        if !ram.known_zero_pages(&mut known).map_err(RamError::Sync)? {
+            return Ok(0);
+        }
+        let n = known.iter().map(DirtyBitmap::count).sum();
+        self.known_zero = Some(known);
+        Ok(n)
     }
 
     pub fn page_size(&self) -> usize {
@@ -109,6 +126,8 @@ impl RamSender {
         }
         ram.sync_dirty_log(&mut self.scratch)
             .map_err(RamError::Sync)?;
+        // The first pass is over: from now on every page to send is read.
+        self.known_zero = None;
         let mut newly = 0;
         for (d, s) in self.dirty.iter_mut().zip(&self.scratch) {
             newly += s.count();
@@ -166,14 +185,21 @@ impl RamSender {
                 let Some((block, page)) = self.take_next() else {
                     break;
                 };
-                let slot = &mut self.buf[normal * ps..(normal + 1) * ps];
-                ram.read_page(block, page, slot)
-                    .map_err(|source| RamError::Read {
-                        block,
-                        page,
-                        source,
-                    })?;
-                let zero = is_zero_page(slot);
+                let known = self
+                    .known_zero
+                    .as_ref()
+                    .and_then(|k| k.get(block))
+                    .is_some_and(|k| k.get(page));
+                let zero = known || {
+                    let slot = &mut self.buf[normal * ps..(normal + 1) * ps];
+                    ram.read_page(block, page, slot)
+                        .map_err(|source| RamError::Read {
+                            block,
+                            page,
+                            source,
+                        })?;
+                    is_zero_page(slot)
+                };
                 if !zero {
                     normal += 1;
                 }

@@ -141,6 +141,7 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                 match c {
                     Command::IterationEnd { pass } => v["pass"] = json!(pass),
                     Command::Ping { seq } => v["seq"] = json!(seq),
+                    Command::RunState { running } => v["running"] = json!(running),
                     Command::Capabilities { switchover_ack } => {
                         v["switchover-ack"] = json!(switchover_ack)
                     }

@@ -91,6 +91,9 @@ pub mod cmd {
     pub const CAPABILITIES: u16 = 5;
     /// `CAPABILITIES` flag: `switchover-ack` is on at the source.
     pub const CAP_SWITCHOVER_ACK: u32 = 1;
+    /// `u8 running`: whether the source VM was running when the migration stopped it (QEMU's
+    /// global-state run state): a paused guest stays paused on the destination.
+    pub const RUN_STATE: u16 = 6;
     /// First reserved post-copy command.
     pub const POSTCOPY_FIRST: u16 = 0x10;
     /// Last reserved post-copy command.

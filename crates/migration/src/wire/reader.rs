@@ -443,6 +443,17 @@ fn parse_command(body: &[u8], body_at: u64) -> Result<Command, WireError> {
         cmd::OPEN_RETURN_PATH => Command::OpenReturnPath,
         cmd::PING => Command::Ping { seq: c.u32("seq")? },
         cmd::SWITCHOVER_START => Command::SwitchoverStart,
+        cmd::RUN_STATE => match c.u8("run state")? {
+            0 => Command::RunState { running: false },
+            1 => Command::RunState { running: true },
+            v => {
+                return Err(WireError::Invalid {
+                    field: "run state",
+                    offset: body_at,
+                    reason: format!("{v} is neither 0 (paused) nor 1 (running)"),
+                })
+            }
+        },
         cmd::CAPABILITIES => {
             let flags = c.u32("capability flags")?;
             if flags & !cmd::CAP_SWITCHOVER_ACK != 0 {

@@ -66,6 +66,11 @@ pub enum Command {
         /// `switchover-ack` is on at the source.
         switchover_ack: bool,
     },
+    /// Whether the source VM was running when the switchover stopped it.
+    RunState {
+        /// Running (the destination resumes it, autostart permitting) or paused (stays paused).
+        running: bool,
+    },
 }
 
 impl Command {
@@ -77,6 +82,7 @@ impl Command {
             Self::Ping { .. } => "ping",
             Self::SwitchoverStart => "switchover-start",
             Self::Capabilities { .. } => "capabilities",
+            Self::RunState { .. } => "run-state",
         }
     }
 }

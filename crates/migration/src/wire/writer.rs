@@ -161,6 +161,11 @@ impl<W: Write> StreamWriter<W> {
                 body[..2].copy_from_slice(&cmd::SWITCHOVER_START.to_le_bytes());
                 2
             }
+            Command::RunState { running } => {
+                body[..2].copy_from_slice(&cmd::RUN_STATE.to_le_bytes());
+                body[2] = u8::from(running);
+                3
+            }
             Command::Capabilities { switchover_ack } => {
                 body[..2].copy_from_slice(&cmd::CAPABILITIES.to_le_bytes());
                 let flags = if switchover_ack {

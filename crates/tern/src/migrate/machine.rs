@@ -124,6 +124,24 @@ impl RamSource for VmRam {
             .stop_dirty_log()
             .map_err(|e| failed("stopping dirty logging", e))
     }
+
+    fn known_zero_pages(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError> {
+        for s in &mut self.scratch {
+            s.fill(0);
+        }
+        let known = self
+            .vm
+            .untouched_pages(&mut self.scratch)
+            .map_err(|e| failed("finding untouched guest RAM", e))?;
+        if known {
+            for (dst, src) in bitmaps.iter_mut().zip(&self.scratch) {
+                for (d, s) in dst.words_mut().iter_mut().zip(src) {
+                    *d |= *s;
+                }
+            }
+        }
+        Ok(known)
+    }
 }
 
 impl RamSink for VmRam {
