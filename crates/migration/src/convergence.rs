@@ -180,11 +180,13 @@ pub fn decide(i: &SwitchoverInputs) -> Decision {
 pub struct DowntimeMinimizer {
     previous: Option<u64>,
     extra_passes: u32,
-    deferred_since: Option<Instant>,
+    /// When the current deferral ends (set when it starts).
+    deferral_deadline: Option<Instant>,
 }
 
-/// Longest [`DowntimeMinimizer`] waits for a pass to finish before it lets QEMU's rule switch
-/// (a guest dirtying almost as fast as the link never lets a pass finish).
+/// Shortest time [`DowntimeMinimizer`] waits for a pass to finish before it lets QEMU's rule
+/// switch (a guest dirtying almost as fast as the link never lets a pass finish). The bound is
+/// twice the time the rest of the pass needs at the measured bandwidth, and at least this.
 pub const MAX_DEFERRAL: Duration = Duration::from_secs(1);
 
 /// Most extra passes [`DowntimeMinimizer`] adds after QEMU's rule said "fits".
@@ -214,10 +216,10 @@ impl DowntimeMinimizer {
         }
         if !pass_done {
             // Mid-pass (the first pass above all): finish it before judging, within a bound.
-            self.note_deferral(now);
+            self.note_deferral(now, pending, bandwidth_bytes_per_ms);
             return self.deferral_expired(now);
         }
-        self.deferred_since = None;
+        self.deferral_deadline = None;
         let shrinking = self
             .previous
             .is_none_or(|prev| pending.saturating_mul(2) <= prev);
@@ -229,15 +231,29 @@ impl DowntimeMinimizer {
         false
     }
 
-    /// Records that a pass is being finished before judging (starts the deferral clock).
-    pub fn note_deferral(&mut self, now: Instant) {
-        self.deferred_since.get_or_insert(now);
+    /// Records that a pass with `remaining` bytes left is being finished before judging: starts
+    /// the deferral clock, with room for twice the time those bytes need at the measured
+    /// bandwidth (slow links have long passes), and at least [`MAX_DEFERRAL`].
+    pub fn note_deferral(&mut self, now: Instant, remaining: u64, bandwidth_bytes_per_ms: f64) {
+        if self.deferral_deadline.is_none() {
+            let need_ms = if bandwidth_bytes_per_ms > 0.0 {
+                2.0 * remaining as f64 / bandwidth_bytes_per_ms
+            } else {
+                0.0
+            };
+            let need = Duration::from_millis(need_ms.min(600_000.0) as u64);
+            self.deferral_deadline = Some(now + need.max(MAX_DEFERRAL));
+        }
     }
 
-    /// Whether finishing the current pass has taken longer than [`MAX_DEFERRAL`].
+    /// A pass ended (everything dirty was sent): the next deferral gets a fresh bound.
+    pub fn pass_ended(&mut self) {
+        self.deferral_deadline = None;
+    }
+
+    /// Whether finishing the current pass has taken longer than its deferral bound.
     pub fn deferral_expired(&self, now: Instant) -> bool {
-        self.deferred_since
-            .is_some_and(|s| now.saturating_duration_since(s) >= MAX_DEFERRAL)
+        self.deferral_deadline.is_some_and(|d| now >= d)
     }
 
     /// Extra passes taken so far.
@@ -495,11 +511,23 @@ mod tests {
         // Mid-pass, the remaining bytes hardly move between rounds: that is no plateau.
         assert!(!m.switch_now(20_000_000, bw, false, t));
         assert!(!m.switch_now(19_900_000, bw, false, t + ms(10)));
+        // 20 MB at 100 MB/s need 200 ms: the bound is the 1 s floor here.
         // The pass ends: now it is judged (first judgement: one more pass).
         assert!(!m.switch_now(5_000_000, bw, true, t + ms(20)));
         // A pass that never ends (dirtying as fast as the link) switches after the bound.
         assert!(!m.switch_now(4_000_000, bw, false, t + ms(30)));
         assert!(m.switch_now(4_000_000, bw, false, t + ms(30) + MAX_DEFERRAL));
+    }
+
+    #[test]
+    fn minimizer_deferral_scales_with_slow_links() {
+        let mut m = DowntimeMinimizer::default();
+        let t = Instant::now();
+        // 300 MB left at 125 MB/s (1 Gbit/s) need 2.4 s: the pass may take up to 4.8 s.
+        m.note_deferral(t, 300_000_000, 125_000.0);
+        assert!(!m.deferral_expired(t + Duration::from_secs(2)));
+        assert!(!m.deferral_expired(t + Duration::from_millis(4700)));
+        assert!(m.deferral_expired(t + Duration::from_millis(4800)));
     }
 
     #[test]

@@ -250,7 +250,10 @@ impl Sender {
                 && !self.drained
                 && !self.minimizer.deferral_expired(now);
             if mid_pass {
-                self.minimizer.note_deferral(now);
+                self.minimizer.note_deferral(now, remaining, bw);
+            }
+            if remaining == 0 {
+                self.minimizer.pass_ended();
             }
             if fits && !mid_pass {
                 pass_done = remaining == 0;
