@@ -128,7 +128,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     };
 
     // Let the workload run a moment so the migration sees a live, dirtying guest.
-    let (seq_before, _) = src.wait_heartbeat_after(seq0 + 200, Duration::from_secs(10))?;
+    src.wait_heartbeat_after(seq0 + 200, Duration::from_secs(10))?;
     src.cmd("migrate", json!({ "uri": uri }))?;
     let pb = ProgressBar::new(a.memory);
     pb.set_style(
@@ -235,7 +235,6 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             "  note: heartbeat sequence jumped from #{last_src_seq} to #{first_dst_seq} (missed beats while the guest was stopped)"
         );
     }
-    let _ = seq_before;
 
     let mut ok = true;
     if a.workload == "pattern" {

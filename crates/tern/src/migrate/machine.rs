@@ -70,6 +70,27 @@ impl VmRam {
         Ok(r.gpa + page * PAGE_SIZE)
     }
 
+    /// Lets `fill` set bits in the cleared per-region scratch bitmaps (the VM's layout) and, when
+    /// it returns true, ORs them into the engine's `bitmaps`.
+    fn collect(
+        &mut self,
+        bitmaps: &mut [DirtyBitmap],
+        fill: impl FnOnce(&mut [Vec<u64>]) -> Result<bool, MachineError>,
+    ) -> Result<bool, MachineError> {
+        for s in &mut self.scratch {
+            s.fill(0);
+        }
+        let filled = fill(&mut self.scratch)?;
+        if filled {
+            for (dst, src) in bitmaps.iter_mut().zip(&self.scratch) {
+                for (d, s) in dst.words_mut().iter_mut().zip(src) {
+                    *d |= *s;
+                }
+            }
+        }
+        Ok(filled)
+    }
+
     fn block_list(&self) -> Vec<RamBlockInfo> {
         self.regions
             .iter()
@@ -105,18 +126,13 @@ impl RamSource for VmRam {
     }
 
     fn sync_dirty_log(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<(), MachineError> {
-        for s in &mut self.scratch {
-            s.fill(0);
-        }
-        self.vm
-            .sync_dirty_log(&mut self.scratch)
-            .map_err(|e| failed("syncing the dirty log", e))?;
-        for (dst, src) in bitmaps.iter_mut().zip(&self.scratch) {
-            for (d, s) in dst.words_mut().iter_mut().zip(src) {
-                *d |= *s;
-            }
-        }
-        Ok(())
+        let vm = self.vm.clone();
+        self.collect(bitmaps, |scratch| {
+            vm.sync_dirty_log(scratch)
+                .map(|()| true)
+                .map_err(|e| failed("syncing the dirty log", e))
+        })
+        .map(|_| ())
     }
 
     fn stop_dirty_log(&mut self) -> Result<(), MachineError> {
@@ -126,21 +142,11 @@ impl RamSource for VmRam {
     }
 
     fn known_zero_pages(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError> {
-        for s in &mut self.scratch {
-            s.fill(0);
-        }
-        let known = self
-            .vm
-            .untouched_pages(&mut self.scratch)
-            .map_err(|e| failed("finding untouched guest RAM", e))?;
-        if known {
-            for (dst, src) in bitmaps.iter_mut().zip(&self.scratch) {
-                for (d, s) in dst.words_mut().iter_mut().zip(src) {
-                    *d |= *s;
-                }
-            }
-        }
-        Ok(known)
+        let vm = self.vm.clone();
+        self.collect(bitmaps, |scratch| {
+            vm.untouched_pages(scratch)
+                .map_err(|e| failed("finding untouched guest RAM", e))
+        })
     }
 }
 
