@@ -46,11 +46,7 @@ fn cancel_while_active_then_migrate_again() {
     let mut src = boot(dir.path(), "src", &m);
     src.wait_workload_running(T);
     let mut dst = dest(dir.path(), "dst", &m);
-    src.caps(&[("events", true)]);
-    dst.caps(&[("events", true)]);
-    non_converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(&mut src, &mut dst, &[("events", true)], true);
     src.wait_mig(&["active"], T);
     dst.wait_mig(&["active"], T);
     cancel(&mut src);
@@ -78,11 +74,7 @@ fn cancel_right_after_migrate_in_setup() {
     let m = small();
     let mut src = boot(dir.path(), "src", &m);
     let mut dst = dest(dir.path(), "dst", &m);
-    src.caps(&[("events", true)]);
-    dst.caps(&[("events", true)]);
-    non_converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(&mut src, &mut dst, &[("events", true)], true);
     src.c("migrate_cancel", json!({}));
     src.wait_mig(&["cancelled"], T);
     assert_source_runs_on(&mut src);
@@ -328,11 +320,12 @@ fn destination_killed_mid_stream_source_runs_on() {
     let mut src = boot(dir.path(), "src", &m);
     src.wait_workload_running(T);
     let mut dst = dest(dir.path(), "dst", &m);
-    src.caps(&[("events", true), ("return-path", true)]);
-    dst.caps(&[("events", true), ("return-path", true)]);
-    non_converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(
+        &mut src,
+        &mut dst,
+        &[("events", true), ("return-path", true)],
+        true,
+    );
     src.wait_mig(&["active"], T);
     dst.wait_mig(&["active"], T);
     dst.kill();
@@ -350,11 +343,7 @@ fn source_killed_mid_stream_destination_fails_and_lives() {
     let m = small();
     let mut src = boot(dir.path(), "src", &m);
     let mut dst = dest(dir.path(), "dst", &m);
-    src.caps(&[("events", true)]);
-    dst.caps(&[("events", true)]);
-    non_converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(&mut src, &mut dst, &[("events", true)], true);
     dst.wait_mig(&["active"], T);
     src.kill();
     let q = dst.wait_mig(&["failed"], MIGRATION_TIMEOUT);
@@ -471,10 +460,7 @@ fn uuid_case(src_uuid: &str, dst_uuid: &str) -> (Vm, Vm, tempfile::TempDir, Mach
         ("return-path", true),
         ("validate-uuid", true),
     ];
-    src.caps(&caps);
-    dst.caps(&caps);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(&mut src, &mut dst, &caps, false);
     (src, dst, dir, m)
 }
 
@@ -523,11 +509,7 @@ fn quit_during_migration_either_side() {
     // The source quits mid-migration: it exits 0, the destination fails and lives.
     let mut src = boot(dir.path(), "src", &m);
     let mut dst = dest(dir.path(), "dst", &m);
-    src.caps(&[("events", true)]);
-    dst.caps(&[("events", true)]);
-    non_converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(&mut src, &mut dst, &[("events", true)], true);
     dst.wait_mig(&["active"], T);
     src.quit_ok();
     dst.wait_mig(&["failed"], MIGRATION_TIMEOUT);
@@ -537,11 +519,12 @@ fn quit_during_migration_either_side() {
     // The destination quits mid-migration: it exits 0, the source fails and runs on.
     let mut src = boot(dir.path(), "src2", &m);
     let mut dst = dest(dir.path(), "dst2", &m);
-    src.caps(&[("events", true), ("return-path", true)]);
-    dst.caps(&[("events", true), ("return-path", true)]);
-    non_converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(
+        &mut src,
+        &mut dst,
+        &[("events", true), ("return-path", true)],
+        true,
+    );
     dst.wait_mig(&["active"], T);
     dst.quit_ok();
     let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
@@ -559,11 +542,7 @@ fn cancel_after_user_stop_keeps_source_paused() {
     let m = small();
     let mut src = boot(dir.path(), "src", &m);
     let mut dst = dest(dir.path(), "dst", &m);
-    src.caps(&[("events", true)]);
-    dst.caps(&[("events", true)]);
-    non_converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(&mut src, &mut dst, &[("events", true)], true);
     src.wait_mig(&["active"], T);
     src.c("stop", json!({}));
     src.event("STOP", T);
@@ -605,10 +584,7 @@ fn mismatched_destination_fails_live() {
         let mut dst = dest_with(dir.path(), name, mem, vcpus, &[]);
         let caps = [("events", true), ("return-path", true)];
         src.drain_events();
-        src.caps(&caps);
-        dst.caps(&caps);
-        let uri = dst.listen_tcp();
-        src.c("migrate", json!({ "uri": uri }));
+        start_tcp_migration(&mut src, &mut dst, &caps, false);
         let q = dst.wait_mig(&["failed"], MIGRATION_TIMEOUT);
         assert!(error_desc(&q).contains(word), "{name}: destination {q}");
         let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);

@@ -85,10 +85,7 @@ fn precopy_dirty_converges_with_default_limits() {
     let mut src = boot(dir.path(), "src", &m);
     src.wait_workload_running(T);
     let mut dst = dest(dir.path(), "dst", &m);
-    src.caps(&[("events", true)]);
-    dst.caps(&[("events", true)]);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(&mut src, &mut dst, &[("events", true)], false);
     let q = src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     assert!(ram_num(&q, "transferred") > 0, "{q}");
@@ -199,10 +196,12 @@ fn precopy_tcp_notlive_exact_memory() {
     src.wait_workload_running(T);
     src.stop_vm();
     let mut dst = dest_with(dir.path(), "dst", m.memory_mib, m.vcpus, &["-S"]);
-    src.caps(&[("events", true), ("return-path", true)]);
-    dst.caps(&[("events", true), ("return-path", true)]);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(
+        &mut src,
+        &mut dst,
+        &[("events", true), ("return-path", true)],
+        false,
+    );
     src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     assert_eq!(src.run_status(), "postmigrate");
@@ -292,10 +291,12 @@ fn precopy_paused_source_stays_paused_on_destination() {
     src.stop_vm();
     let last = src.last_seq();
     let mut dst = dest(dir.path(), "dst", &m);
-    src.caps(&[("events", true), ("return-path", true)]);
-    dst.caps(&[("events", true), ("return-path", true)]);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
+    start_tcp_migration(
+        &mut src,
+        &mut dst,
+        &[("events", true), ("return-path", true)],
+        false,
+    );
     src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     assert_eq!(

@@ -368,23 +368,10 @@ impl Vm {
     /// Waits (heartbeat by heartbeat, no sleeps) until every vCPU's stats block says
     /// `running` (fill done).
     pub fn wait_workload_running(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut seq = self.last_seq();
-        loop {
-            let st = self.stats();
-            if !st.is_empty()
-                && st
-                    .iter()
-                    .all(|s| s.get("state").and_then(Value::as_str) == Some("running"))
-            {
-                return;
-            }
-            if Instant::now() > deadline {
-                let name = self.name.clone();
-                panic!("{name}: workload not running within {timeout:?}: {st:?}");
-            }
-            seq = self.hb_after(seq + 20, T);
-        }
+        let name = self.name.clone();
+        (**self)
+            .wait_workload_running(timeout)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     }
 
     /// Waits until every vCPU's `pages-written` exceeds `before` (heartbeat by heartbeat).
@@ -517,6 +504,18 @@ pub fn error_desc(q: &Value) -> String {
 /// Sets up the QEMU "cannot converge" knobs (migrate_ensure_non_converge).
 pub fn non_converge(vm: &mut Vm) {
     vm.params(json!({"max-bandwidth": 3_000_000, "downtime-limit": 1}));
+}
+
+/// Sets the same capabilities on both sides, makes the migration unable to converge when
+/// `stuck` (see [`non_converge`]), has `dst` listen on TCP and starts `migrate` on `src`.
+pub fn start_tcp_migration(src: &mut Vm, dst: &mut Vm, caps: &[(&str, bool)], stuck: bool) {
+    src.caps(caps);
+    dst.caps(caps);
+    if stuck {
+        non_converge(src);
+    }
+    let uri = dst.listen_tcp();
+    src.c("migrate", json!({ "uri": uri }));
 }
 
 /// QEMU's migrate_ensure_converge.
