@@ -173,7 +173,8 @@ impl TernProcess {
     /// heartbeat at a time (the VMM blocks until the next beat: no sleeping here).
     pub fn wait_workload_running(&mut self, timeout: Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + timeout;
-        let mut seq = 0;
+        // Start from the latest beat, so that each round waits for a new one.
+        let mut seq = self.last_heartbeat()?.0;
         loop {
             let s = self.cmd("x-tern-guest-stats", json!({}))?;
             let all = s["vcpus"]

@@ -368,10 +368,23 @@ impl Vm {
     /// Waits (heartbeat by heartbeat, no sleeps) until every vCPU's stats block says
     /// `running` (fill done).
     pub fn wait_workload_running(&mut self, timeout: Duration) {
-        let name = self.name.clone();
-        (**self)
-            .wait_workload_running(timeout)
-            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let deadline = Instant::now() + timeout;
+        let mut seq = self.last_seq();
+        loop {
+            let st = self.stats();
+            if !st.is_empty()
+                && st
+                    .iter()
+                    .all(|s| s.get("state").and_then(Value::as_str) == Some("running"))
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                let name = self.name.clone();
+                panic!("{name}: workload not running within {timeout:?}: {st:?}");
+            }
+            seq = self.hb_after(seq + 20, T);
+        }
     }
 
     /// Waits until every vCPU's `pages-written` exceeds `before` (heartbeat by heartbeat).
