@@ -52,6 +52,19 @@ fn restore_into_second_machine_continues_heartbeats_and_pattern() {
     src.pause().unwrap();
     let t = Instant::now();
     let states = src.save_components().unwrap();
+    // Every saved component is one the restore side lists as known (what the migration reader
+    // checks streams against), at a version it accepts.
+    let known = tern_vmm::state::snapshot::known_components();
+    for c in &states {
+        assert!(
+            known
+                .iter()
+                .any(|(id, lo, hi)| *id == c.id && (*lo..=*hi).contains(&c.version)),
+            "component {} v{} missing from known_components() {known:?}",
+            c.id,
+            c.version
+        );
+    }
     let save_wall = t.elapsed();
     let last = src.heartbeats().last.unwrap();
     eprintln!(

@@ -232,18 +232,6 @@ impl VcpuControl for VmVcpus {
     }
 }
 
-/// The machine components this build restores, with the state versions it accepts
-/// (`tern_vmm::Persist::ID` / `VERSION` of each component).
-const KNOWN_COMPONENTS: &[(&str, u32, u32)] = &[
-    ("machine", 1, 1),
-    ("kvmclock", 1, 1),
-    ("irqchip", 1, 1),
-    ("pit", 1, 1),
-    ("serial", 1, 1),
-    ("guest-control", 1, 1),
-    ("cpu", 1, 1),
-];
-
 /// What must match between source and destination beyond RAM and vCPU count.
 #[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq, Debug)]
 struct MachineBlob {
@@ -302,12 +290,12 @@ impl MachineState for VmComponents {
     }
 
     fn known_components(&self) -> Vec<ComponentVersion> {
-        KNOWN_COMPONENTS
-            .iter()
+        tern_vmm::state::snapshot::known_components()
+            .into_iter()
             .map(|(id, min_version, max_version)| ComponentVersion {
-                id: (*id).to_string(),
-                min_version: *min_version,
-                max_version: *max_version,
+                id: id.to_string(),
+                min_version,
+                max_version,
             })
             .collect()
     }

@@ -15,6 +15,24 @@ use crate::error::{Error, Result};
 use crate::memory::RamRegionInfo;
 use crate::vcpu::{lock_vcpu, Shared, SharedVcpu};
 
+/// Every component a machine saves and restores: `(id, oldest version, newest version)` it
+/// loads, straight from each [`Persist`] implementation (versions start at 1; restore accepts
+/// any version up to `VERSION`).
+pub fn known_components() -> Vec<(&'static str, u32, u32)> {
+    fn entry<P: Persist>() -> (&'static str, u32, u32) {
+        (P::ID, 1, P::VERSION)
+    }
+    vec![
+        entry::<MachineComponent<'static>>(),
+        entry::<KvmClock<'static>>(),
+        entry::<Irqchip<'static>>(),
+        entry::<Pit<'static>>(),
+        entry::<SerialComponent<'static>>(),
+        entry::<ControlComponent<'static>>(),
+        entry::<VcpuComponent<'static>>(),
+    ]
+}
+
 /// The parts of a machine the state functions work on.
 pub struct MachineParts<'a> {
     /// The VM fd.
