@@ -721,6 +721,8 @@ impl FakeMachine {
             desc: MachineDescription {
                 vcpu_count: vcpus,
                 tsc_khz: 2_000_000,
+                tsc_tolerance_khz: 0,
+                tsc_scaling: false,
                 uuid,
                 cpuid: vec![crate::machine::CpuidEntry {
                     function: 1,
@@ -731,6 +733,7 @@ impl FakeMachine {
                     edx: 0,
                 }],
                 machine_blob: b"fake-machine-v1".to_vec(),
+                component_sections: Some(vcpus + 1),
             },
             components,
             restored: Arc::new(Mutex::new(None)),
