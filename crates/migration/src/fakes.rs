@@ -5,6 +5,9 @@
 //! components can be made to fail on restore.
 //!
 //! Everything is observable after a migration through the shared handles (`Arc` inside).
+//!
+//! Test code only: compiled with `cfg(test)` or the `fakes` cargo feature, which test targets
+//! enable through their dev-dependencies; the production library does not contain it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

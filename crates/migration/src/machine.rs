@@ -1,6 +1,6 @@
 //! The traits through which the engine drives a machine. The engine knows nothing of KVM:
 //! `tern-vmm` (through the glue in `crates/tern`) implements these over the real VM, the tests
-//! implement them over in-memory fakes ([`crate::fakes`]).
+//! implement them over in-memory fakes (`fakes`, behind the `fakes` feature).
 //!
 //! | trait | side | QEMU analogue |
 //! | --- | --- | --- |
