@@ -7,11 +7,12 @@
 //! ```
 //!
 //! * **active / CONFIG**: the source's configuration is checked against this machine (page
-//!   size, vCPUs, TSC, RAM blocks, CPUID by the wire reader, UUID with `validate-uuid`, the
-//!   machine blob by the machine); a mismatch names the field.
+//!   size, vCPUs, TSC, RAM blocks, CPUID by the wire reader, UUID with `validate-uuid` on
+//!   either side, the machine blob by the machine); a mismatch names the field.
 //! * **loading**: RAM pages go to the [`RamSink`] (indexes checked by the reader and again
-//!   against the sink), device chunks to their [`StateLoader`], final SECTIONs are kept aside;
-//!   `OPEN_RETURN_PATH` opens the return path, `PING` is answered.
+//!   against the sink), device chunks to their [`StateLoader`], final SECTIONs are kept aside
+//!   (the reader bounds their count and bytes, and accepts them only after
+//!   `SWITCHOVER_START`); `OPEN_RETURN_PATH` opens the return path, `PING` is answered.
 //! * **finishing** (only after END and its checksum were verified): loaders' final states,
 //!   `restore_components`, resume (unless `autostart` is off), `RESUMED`, `SHUT{0}`.
 //! * **failed**: nothing runs; loaders clean up; the return path carries `ERROR{text}` and
@@ -46,7 +47,8 @@ const READ_BUFFER: usize = 256 << 10;
 /// How the receiver behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DestOptions {
-    /// `validate-uuid`: the source's UUID must equal this machine's.
+    /// `validate-uuid` on this side: the source's UUID must equal this machine's (the source's
+    /// own `validate-uuid`, carried in `CAPABILITIES`, asks for the same check).
     pub validate_uuid: bool,
     /// `switchover-ack`: send `SWITCHOVER_ACK` once every loader that needs it approved.
     pub switchover_ack: bool,
@@ -382,9 +384,12 @@ impl Receiver {
         tracing::info!(status = status.as_str(), "incoming migration");
     }
 
-    fn local_config(&self) -> StreamConfig {
+    /// What this machine expects of CONFIG (page size, vCPUs, TSC, UUID with `validate-uuid`,
+    /// RAM blocks, CPUID, known components) and the stream limits, with `max_sections` lowered
+    /// to the SECTIONs this machine and its loaders take.
+    fn expectations(&self) -> (StreamConfig, Expectations, Limits) {
         let d = self.m.state.describe();
-        StreamConfig {
+        let local = StreamConfig {
             page_size: self.m.ram.page_size(),
             vcpu_count: d.vcpu_count,
             tsc_khz: d.tsc_khz,
@@ -392,7 +397,49 @@ impl Receiver {
             ram_blocks: self.m.ram.blocks(),
             cpuid: d.cpuid,
             machine_blob: d.machine_blob,
+        };
+        let mut expect = Expectations::from_config(&local, self.opts.validate_uuid);
+        expect.tsc_tolerance_khz = d.tsc_tolerance_khz;
+        expect.tsc_scaling = d.tsc_scaling;
+        let mut known = self.m.state.known_components();
+        known.extend(self.m.loaders.iter().map(|l| ComponentVersion {
+            id: l.id().to_owned(),
+            min_version: l.min_version(),
+            max_version: l.max_version(),
+        }));
+        expect.components = Some(known);
+        let mut limits = self.opts.limits.clone();
+        if let Some(n) = d.component_sections {
+            let loaders = u32::try_from(self.m.loaders.len()).unwrap_or(u32::MAX);
+            limits.max_sections = limits.max_sections.min(n.saturating_add(loaders));
         }
+        (local, expect, limits)
+    }
+
+    /// `CAPABILITIES`: `switchover-ack` must match when the return path is open (a file has
+    /// none); the source's `validate-uuid` makes this side compare the UUIDs (QEMU semantics).
+    fn check_capabilities(
+        &self,
+        switchover_ack: bool,
+        validate_uuid: bool,
+        source_uuid: uuid::Uuid,
+        local_uuid: uuid::Uuid,
+    ) -> Result<(), DestError> {
+        let rp_open = self.rp.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if rp_open && switchover_ack != self.opts.switchover_ack {
+            let side = |on: bool| if on { "on" } else { "off" };
+            return Err(DestError::Protocol(format!(
+                "capability 'switchover-ack' is {} at the source but {} at the destination: it must be set on both sides",
+                side(switchover_ack),
+                side(self.opts.switchover_ack)
+            )));
+        }
+        if validate_uuid && source_uuid != local_uuid {
+            return Err(DestError::Wire(WireError::ConfigMismatch(format!(
+                "VM UUID: source {source_uuid}, destination {local_uuid} (validate-uuid is on at the source)"
+            ))));
+        }
+        Ok(())
     }
 
     fn receive(&mut self, from: Incoming, state: &mut RxState) -> Result<(), DestError> {
@@ -418,20 +465,13 @@ impl Receiver {
         self.set_status(MigrationStatus::Active);
         *state = RxState::Loading;
 
-        let local = self.local_config();
-        let mut expect = Expectations::from_config(&local, self.opts.validate_uuid);
-        let mut known = self.m.state.known_components();
-        known.extend(self.m.loaders.iter().map(|l| ComponentVersion {
-            id: l.id().to_owned(),
-            min_version: l.min_version(),
-            max_version: l.max_version(),
-        }));
-        expect.components = Some(known);
+        let (local, expect, limits) = self.expectations();
         let mut reader = StreamReader::new(
             BufReader::with_capacity(READ_BUFFER, stream),
-            self.opts.limits.clone(),
+            limits,
             expect,
         )?;
+        let source_uuid = reader.config().vm_uuid;
         self.m
             .state
             .check_machine_blob(&reader.config().machine_blob)
@@ -508,15 +548,16 @@ impl Receiver {
                 Record::Command(Command::RunState { running }) => {
                     self.source_running = Some(running);
                 }
-                Record::Command(Command::Capabilities { switchover_ack }) => {
-                    if switchover_ack != self.opts.switchover_ack {
-                        let side = |on: bool| if on { "on" } else { "off" };
-                        return Err(DestError::Protocol(format!(
-                            "capability 'switchover-ack' is {} at the source but {} at the destination: it must be set on both sides",
-                            side(switchover_ack),
-                            side(self.opts.switchover_ack)
-                        )));
-                    }
+                Record::Command(Command::Capabilities {
+                    switchover_ack,
+                    validate_uuid,
+                }) => {
+                    self.check_capabilities(
+                        switchover_ack,
+                        validate_uuid,
+                        source_uuid,
+                        local.vm_uuid,
+                    )?;
                 }
                 Record::Command(Command::Ping { seq }) => {
                     send_rp(&self.rp, &RpMessage::Pong { seq })

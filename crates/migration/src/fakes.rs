@@ -5,6 +5,9 @@
 //! components can be made to fail on restore.
 //!
 //! Everything is observable after a migration through the shared handles (`Arc` inside).
+//!
+//! Test code only: compiled with `cfg(test)` or the `fakes` cargo feature, which test targets
+//! enable through their dev-dependencies; the production library does not contain it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -721,6 +724,8 @@ impl FakeMachine {
             desc: MachineDescription {
                 vcpu_count: vcpus,
                 tsc_khz: 2_000_000,
+                tsc_tolerance_khz: 0,
+                tsc_scaling: false,
                 uuid,
                 cpuid: vec![crate::machine::CpuidEntry {
                     function: 1,
@@ -731,6 +736,7 @@ impl FakeMachine {
                     edx: 0,
                 }],
                 machine_blob: b"fake-machine-v1".to_vec(),
+                component_sections: Some(vcpus + 1),
             },
             components,
             restored: Arc::new(Mutex::new(None)),

@@ -6,6 +6,7 @@
 pub mod convergence;
 pub mod dest;
 pub mod events;
+#[cfg(any(test, feature = "fakes"))]
 pub mod fakes;
 pub mod machine;
 pub mod params;

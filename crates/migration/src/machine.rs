@@ -1,6 +1,6 @@
 //! The traits through which the engine drives a machine. The engine knows nothing of KVM:
 //! `tern-vmm` (through the glue in `crates/tern`) implements these over the real VM, the tests
-//! implement them over in-memory fakes ([`crate::fakes`]).
+//! implement them over in-memory fakes (`fakes`, behind the `fakes` feature).
 //!
 //! | trait | side | QEMU analogue |
 //! | --- | --- | --- |
@@ -311,14 +311,23 @@ pub struct ComponentState {
 pub struct MachineDescription {
     /// Number of vCPUs.
     pub vcpu_count: u32,
-    /// Guest TSC frequency in kHz.
+    /// Guest TSC frequency in kHz (0 = unknown: not compared).
     pub tsc_khz: u32,
-    /// The VM's UUID (compared when the destination has `validate-uuid`).
+    /// Destination: largest TSC frequency difference it accepts without scaling, in kHz.
+    pub tsc_tolerance_khz: u32,
+    /// Destination: it can run the guest's TSC at any source frequency (TSC scaling).
+    pub tsc_scaling: bool,
+    /// The VM's UUID (compared when either side has `validate-uuid`).
     pub uuid: Uuid,
-    /// CPUID leaves the saved vCPU state depends on (the destination must have each, equal).
+    /// CPUID leaves the saved vCPU state depends on, with the bits that legitimately differ
+    /// masked (the destination must have each leaf, equal).
     pub cpuid: Vec<CpuidEntry>,
     /// Opaque machine configuration, compared byte for byte by the machine itself.
     pub machine_blob: Vec<u8>,
+    /// Destination: how many component states (`SECTION`s) `restore_components` takes for this
+    /// machine; with the loaders it bounds the SECTIONs the receiver keeps until END. `None`:
+    /// only the stream's `Limits::max_sections` applies.
+    pub component_sections: Option<u32>,
 }
 
 /// The non-iterative part of the machine (vCPU registers, irqchip, PIT, clock, UART, control

@@ -90,6 +90,27 @@ pub struct RunArgs {
     /// initial data, see docs/statedev.md). Source and destination need the same devices.
     #[arg(long = "device")]
     pub devices: Vec<String>,
+    /// TEST ONLY: `LEAF:SUBLEAF:REG:MASK` (e.g. `0x7:0:ebx:0x20`) XORed into the CPUID this
+    /// process describes in a migration, to provoke the CPU compatibility check on one host.
+    #[arg(long, hide = true, value_parser = parse_cpuid_xor)]
+    pub x_test_only_cpuid_xor: Option<(u32, u32, usize, u32)>,
+    /// TEST ONLY: the guest TSC frequency (kHz) this process describes in a migration, as if
+    /// its host could not scale the TSC.
+    #[arg(long, hide = true)]
+    pub x_test_only_tsc_khz: Option<u32>,
+}
+
+fn parse_cpuid_xor(s: &str) -> Result<(u32, u32, usize, u32), String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [leaf, sub, reg, mask] = parts.as_slice() else {
+        return Err(format!("'{s}' is not LEAF:SUBLEAF:REG:MASK"));
+    };
+    let reg = ["eax", "ebx", "ecx", "edx"]
+        .iter()
+        .position(|r| r == reg)
+        .ok_or_else(|| format!("register '{reg}': expected eax, ebx, ecx or edx"))?;
+    let n = |v: &str| u32::try_from(parse_num(v)?).map_err(|_| format!("'{v}' exceeds 32 bits"));
+    Ok((n(leaf)?, n(sub)?, reg, n(mask)?))
 }
 
 /// Guest workload options, turned into the guest's command line.

@@ -93,6 +93,12 @@ pub fn devices(specs: &[String], incoming: bool) -> Result<Vec<StateDevice>> {
 /// Runs the VM until `quit` (QMP) or a signal.
 pub fn run(a: RunArgs) -> Result<()> {
     let cfg = vm_config(&a)?;
+    crate::migrate::machine::set_test_only_cpu_overrides(
+        crate::migrate::machine::TestOnlyCpuOverrides {
+            cpuid_xor: a.x_test_only_cpuid_xor,
+            tsc_khz: a.x_test_only_tsc_khz,
+        },
+    );
     let incoming = a.incoming.clone();
     let vm = Arc::new(if incoming.is_some() {
         Vm::new_for_incoming(cfg).context("creating the VM for an incoming migration")?

@@ -149,6 +149,8 @@ pub fn restore(a: RestoreArgs) -> Result<()> {
         paused: a.paused,
         uuid: Some(cfg.vm_uuid),
         devices: Vec::new(),
+        x_test_only_cpuid_xor: None,
+        x_test_only_tsc_khz: None,
     };
     crate::run::run(run)
 }

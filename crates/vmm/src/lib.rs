@@ -7,6 +7,7 @@ pub mod abi;
 pub mod boot;
 pub mod caps;
 pub mod config;
+pub mod cpuid;
 pub mod devices;
 pub mod error;
 pub mod memory;
@@ -16,6 +17,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::VmConfig;
+pub use cpuid::{CpuIdentity, CpuidLeaf};
 pub use devices::control::{GuestEvent, Heartbeat, HeartbeatSummary};
 pub use devices::serial::{SerialLine, SerialTarget};
 pub use devices::ExitStats;

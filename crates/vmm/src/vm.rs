@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -13,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootInfo};
 use crate::caps::HostCaps;
 use crate::config::VmConfig;
+use crate::cpuid::{migration_cpuid, CpuIdentity};
 use crate::devices::control::{realtime_ns, GuestControl, GuestEvent, Heartbeat, HeartbeatSummary};
 use crate::devices::serial::{self, SerialDevice, SerialLine};
 use crate::devices::{ExitCounters, ExitStats, PioBus};
@@ -99,6 +102,9 @@ pub struct Vm {
     threads: Mutex<Vec<JoinHandle<()>>>,
     shared: Arc<Shared>,
     vcpus: Vec<SharedVcpu>,
+    /// vCPU 0's CPUID and TSC frequency as KVM reports them, read while it is not running (at
+    /// build and after a restore), so [`Vm::cpu_identity`] never waits for a running vCPU.
+    cpu: Mutex<CpuSnapshot>,
     caps: &'static HostCaps,
     vm_fd: VmFd,
     _kvm: Kvm,
@@ -112,6 +118,28 @@ impl std::fmt::Debug for Vm {
             .field("config", &self.config())
             .field("status", &self.status())
             .finish_non_exhaustive()
+    }
+}
+
+/// What [`Vm::cpu_identity`] reports, read from vCPU 0.
+#[derive(Debug, Default)]
+struct CpuSnapshot {
+    cpuid: Vec<kvm_cpuid_entry2>,
+    tsc_khz: Option<u32>,
+}
+
+impl CpuSnapshot {
+    /// Reads vCPU 0 (which must not be in `KVM_RUN`).
+    fn read(fd: &kvm_ioctls::VcpuFd) -> Result<Self> {
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::kvm("vcpu 0", "KVM_GET_CPUID2", e))?
+            .as_slice()
+            .to_vec();
+        Ok(Self {
+            cpuid,
+            tsc_khz: fd.get_tsc_khz().ok(),
+        })
     }
 }
 
@@ -199,6 +227,10 @@ impl Vm {
             ctl.add_vcpu(&mut fd);
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
+        let cpu = match vcpus.first() {
+            Some(fd) => CpuSnapshot::read(&lock_vcpu(fd))?,
+            None => CpuSnapshot::default(),
+        };
         let shared = Arc::new(Shared {
             ctl,
             bus: PioBus {
@@ -215,6 +247,7 @@ impl Vm {
             threads: Mutex::new(Vec::new()),
             shared,
             vcpus,
+            cpu: Mutex::new(cpu),
             caps,
             vm_fd,
             _kvm: kvm,
@@ -384,6 +417,19 @@ impl Vm {
             .ok_or_else(|| Error::State(format!("no vcpu {index}")))
     }
 
+    /// What a migration destination compares before it accepts this machine's state: the
+    /// masked CPUID of vCPU 0 (`docs/machine.md`, "CPU compatibility"), the TSC frequency, and
+    /// whether this host can scale the TSC. Cheap; never waits for the vCPUs.
+    pub fn cpu_identity(&self) -> CpuIdentity {
+        let c = lock(&self.cpu);
+        CpuIdentity {
+            cpuid: migration_cpuid(&c.cpuid),
+            tsc_khz: c.tsc_khz,
+            tsc_scaling: self.caps.tsc_control,
+            tsc_tolerance_khz: crate::state::cpu::TSC_KHZ_TOLERANCE,
+        }
+    }
+
     // ---- heartbeats, events, serial -------------------------------------------------------
 
     /// Heartbeat statistics: last, count, largest gap.
@@ -543,6 +589,10 @@ impl Vm {
         let mut config = self.config();
         restore_all(&self.parts(), &mut config, states)?;
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        // vCPU 0 now has the source's CPUID (and TSC frequency, with scaling).
+        if let Some(fd) = self.vcpus.first() {
+            *lock(&self.cpu) = CpuSnapshot::read(&lock_vcpu(fd))?;
+        }
         lock(&self.timings).last_restore = Some(t0.elapsed());
         let mut phase = lock(&self.phase);
         if *phase == Phase::Incoming {

@@ -65,6 +65,11 @@ fn restore_into_second_machine_continues_heartbeats_and_pattern() {
             c.version
         );
     }
+    assert_eq!(
+        states.len(),
+        tern_vmm::state::snapshot::saved_component_count(src.config().vcpus),
+        "saved_component_count() (the destination's SECTION bound) disagrees with a real save"
+    );
     let save_wall = t.elapsed();
     let last = src.heartbeats().last.unwrap();
     eprintln!(
@@ -85,6 +90,12 @@ fn restore_into_second_machine_continues_heartbeats_and_pattern() {
     let dst = Vm::new_for_incoming(src.config()).unwrap();
     eprintln!("new_for_incoming: {:?}", t.elapsed());
     assert_eq!(dst.status(), VmStatus::Incoming);
+    // Same host: what a migration compares (masked CPUID, TSC rate) is equal before the
+    // restore (fresh machine) and after it (the source's CPUID set on the vCPUs).
+    let identity = src.cpu_identity();
+    assert!(!identity.cpuid.is_empty(), "no CPUID leaf compared");
+    assert!(identity.tsc_khz.is_some_and(|k| k > 0), "{identity:?}");
+    assert_eq!(dst.cpu_identity(), identity);
     let t = Instant::now();
     let (pages, zero) = copy_ram(&src, &dst);
     eprintln!("copied {pages} pages ({zero} zero) in {:?}", t.elapsed());
@@ -96,6 +107,7 @@ fn restore_into_second_machine_continues_heartbeats_and_pattern() {
         dst.timings().last_restore.unwrap()
     );
     assert_eq!(dst.config().uuid, src.config().uuid);
+    assert_eq!(dst.cpu_identity(), identity);
 
     // The restored machine saves the same vCPU state it was given.
     let again = dst.save_components().unwrap();

@@ -110,13 +110,18 @@ impl Sender {
             machine_blob: d.machine_blob,
         };
         let mut w = StreamWriter::new(BufWriter::with_capacity(WRITE_BUFFER, stream), &config)?;
+        let capabilities = Command::Capabilities {
+            switchover_ack: self.opts.switchover_ack && rp_stream.is_some(),
+            validate_uuid: self.opts.validate_uuid,
+        };
+        if rp_stream.is_none() {
+            w.write_command(capabilities)?;
+        }
         if let Some(rp) = rp_stream {
             w.write_command(Command::OpenReturnPath)?;
             w.write_command(Command::Ping { seq: 1 })?;
             // After OPEN_RETURN_PATH, so that a destination refusing them can say why.
-            w.write_command(Command::Capabilities {
-                switchover_ack: self.opts.switchover_ack,
-            })?;
+            w.write_command(capabilities)?;
             let (cfg, shared) = (config.clone(), self.shared.clone());
             let t = std::thread::Builder::new()
                 .name("mig-rp".into())
@@ -151,7 +156,7 @@ impl Sender {
         } else {
             self.stop_vm(now)?;
         }
-        let mut ram = RamSender::new(self.m.ram.as_ref(), now);
+        let mut ram = RamSender::new(self.m.ram.as_ref(), now, self.opts.detect_zero_pages);
         let known_zero = ram.probe_known_zero(self.m.ram.as_mut())?;
         tracing::debug!(
             known_zero,

@@ -38,7 +38,7 @@ use crate::convergence::{
 };
 use crate::events::EventSink;
 use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuControl};
-use crate::params::{Capabilities, Capability, Parameters};
+use crate::params::{Capabilities, Capability, Parameters, ZeroPageDetection};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats, SwitchoverTimeline};
 use crate::status::MigrationStatus;
 use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
@@ -79,7 +79,7 @@ impl Tuning {
 }
 
 /// How the sender behaves (fixed for one migration).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceOptions {
     /// `return-path`: open the return path (sockets only; always useful: destination errors and
     /// `RESUMED` travel on it).
@@ -88,8 +88,21 @@ pub struct SourceOptions {
     pub switchover_ack: bool,
     /// `pause-before-switchover`: stop in `pre-switchover` until `migrate-continue`.
     pub pause_before_switchover: bool,
+    /// `validate-uuid`: ask the destination to check that its UUID is the source's
+    /// (`CAPABILITIES` bit 1), whatever the destination's own setting (QEMU semantics).
+    pub validate_uuid: bool,
+    /// `zero-page-detection`: `false` (`none`) sends every page with its data, zero or not;
+    /// `true` (`legacy`, and `multifd`, which without multifd is legacy in QEMU too) sends
+    /// zero pages as ZERO entries.
+    pub detect_zero_pages: bool,
     /// Initial tuning.
     pub tuning: Tuning,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self::from_qemu(&Capabilities::default(), &Parameters::default())
+    }
 }
 
 impl SourceOptions {
@@ -99,6 +112,8 @@ impl SourceOptions {
             return_path: caps.get(Capability::ReturnPath),
             switchover_ack: caps.get(Capability::SwitchoverAck),
             pause_before_switchover: caps.get(Capability::PauseBeforeSwitchover),
+            validate_uuid: caps.get(Capability::ValidateUuid),
+            detect_zero_pages: params.zero_page_detection != ZeroPageDetection::None,
             tuning: Tuning::from_params(params),
         }
     }

@@ -53,11 +53,14 @@ pub(crate) struct RamSender {
     total_pages: u64,
     /// First pass only: pages the machine knows to be zero (sent as ZERO without reading).
     known_zero: Option<Vec<DirtyBitmap>>,
+    /// `zero-page-detection` is not `none`: zero pages go as ZERO entries, without data.
+    detect_zero: bool,
 }
 
 impl RamSender {
-    /// Everything dirty (first pass), pass counter at 1 (QEMU counts the setup sync).
-    pub fn new(ram: &dyn RamSource, now: Instant) -> Self {
+    /// Everything dirty (first pass), pass counter at 1 (QEMU counts the setup sync). Without
+    /// `detect_zero` (`zero-page-detection` = `none`) every page is sent with its data.
+    pub fn new(ram: &dyn RamSource, now: Instant, detect_zero: bool) -> Self {
         let page_size = ram.page_size() as usize;
         let blocks = ram.blocks();
         let ps32 = ram.page_size();
@@ -87,11 +90,16 @@ impl RamSender {
             last_sync: Some(now),
             total_pages,
             known_zero: None,
+            detect_zero,
         }
     }
 
-    /// Asks the machine which pages are known to read as zero, for the first pass.
+    /// Asks the machine which pages are known to read as zero, for the first pass (nothing
+    /// without zero-page detection: those pages are read and sent like any other).
     pub fn probe_known_zero(&mut self, ram: &mut dyn RamSource) -> Result<u64, RamError> {
+        if !self.detect_zero {
+            return Ok(0);
+        }
         let mut known = self.scratch.clone();
         for k in &mut known {
             k.clear();
@@ -198,7 +206,7 @@ impl RamSender {
                             page,
                             source,
                         })?;
-                    is_zero_page(slot)
+                    self.detect_zero && is_zero_page(slot)
                 };
                 if !zero {
                     normal += 1;

@@ -142,8 +142,12 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                     Command::IterationEnd { pass } => v["pass"] = json!(pass),
                     Command::Ping { seq } => v["seq"] = json!(seq),
                     Command::RunState { running } => v["running"] = json!(running),
-                    Command::Capabilities { switchover_ack } => {
-                        v["switchover-ack"] = json!(switchover_ack)
+                    Command::Capabilities {
+                        switchover_ack,
+                        validate_uuid,
+                    } => {
+                        v["switchover-ack"] = json!(switchover_ack);
+                        v["validate-uuid"] = json!(validate_uuid);
                     }
                     Command::OpenReturnPath | Command::SwitchoverStart => {}
                 }

@@ -295,8 +295,14 @@ pub struct Expectations {
     pub page_size: Option<u32>,
     /// Required vCPU count.
     pub vcpu_count: Option<u32>,
-    /// Required TSC frequency.
+    /// The destination's TSC frequency (`None` or 0: not compared; a source's 0 is not
+    /// compared either).
     pub tsc_khz: Option<u32>,
+    /// Largest accepted difference between the two TSC frequencies, in kHz.
+    pub tsc_tolerance_khz: u32,
+    /// The destination can run the guest's TSC at the source's frequency (TSC scaling): any
+    /// source frequency is accepted.
+    pub tsc_scaling: bool,
     /// Required VM UUID (set when `validate-uuid` is on).
     pub vm_uuid: Option<Uuid>,
     /// Required RAM blocks (same order, id, GPA and size).
@@ -309,13 +315,15 @@ pub struct Expectations {
 
 impl Expectations {
     /// Expect exactly the destination's own configuration `cfg` (everything except the
-    /// machine blob, which the machine checks). The UUID is only checked when
-    /// `validate_uuid` is set.
+    /// machine blob, which the machine checks; the TSC with no tolerance and no scaling until
+    /// the caller sets them). The UUID is only checked when `validate_uuid` is set.
     pub fn from_config(cfg: &StreamConfig, validate_uuid: bool) -> Self {
         Self {
             page_size: Some(cfg.page_size),
             vcpu_count: Some(cfg.vcpu_count),
             tsc_khz: Some(cfg.tsc_khz),
+            tsc_tolerance_khz: 0,
+            tsc_scaling: false,
             vm_uuid: validate_uuid.then_some(cfg.vm_uuid),
             ram_blocks: Some(cfg.ram_blocks.clone()),
             cpuid: Some(cfg.cpuid.clone()),
@@ -342,11 +350,13 @@ impl Expectations {
                 ));
             }
         }
-        if let Some(t) = self.tsc_khz {
-            if t != src.tsc_khz {
+        if let Some(t) = self.tsc_khz.filter(|t| *t != 0) {
+            let s = src.tsc_khz;
+            if s != 0 && s.abs_diff(t) > self.tsc_tolerance_khz && !self.tsc_scaling {
                 return mm(format!(
-                    "TSC frequency: source {} kHz, destination {t} kHz",
-                    src.tsc_khz
+                    "TSC frequency: source {s} kHz, destination {t} kHz (they differ by more \
+                     than {} kHz and the destination cannot scale the guest's TSC)",
+                    self.tsc_tolerance_khz
                 ));
             }
         }

@@ -108,6 +108,27 @@ pub enum WireError {
         /// Stream offset.
         offset: u64,
     },
+    /// A record where the protocol does not allow it (a SECTION before `SWITCHOVER_START`, a
+    /// second `SWITCHOVER_START`, a DEVICE_CHUNK after its component's SECTION).
+    #[error("{record} record at byte {offset} out of order: {reason}")]
+    OutOfOrder {
+        /// Record kind name.
+        record: &'static str,
+        /// Stream offset of the record frame.
+        offset: u64,
+        /// What rule it breaks.
+        reason: String,
+    },
+    /// A second SECTION for the same component instance.
+    #[error("duplicate section '{id}' instance {instance} at byte {offset}")]
+    DuplicateSection {
+        /// Component id.
+        id: String,
+        /// Instance.
+        instance: u32,
+        /// Stream offset of the record frame.
+        offset: u64,
+    },
     /// A component the destination does not know.
     #[error("unknown component '{id}' instance {instance} at byte {offset}")]
     UnknownComponent {
@@ -225,6 +246,8 @@ impl WireError {
             | Self::LengthMismatch { offset, .. }
             | Self::ConfigNotFirst { offset, .. }
             | Self::DuplicateConfig { offset }
+            | Self::OutOfOrder { offset, .. }
+            | Self::DuplicateSection { offset, .. }
             | Self::UnknownComponent { offset, .. }
             | Self::UnsupportedComponentVersion { offset, .. }
             | Self::PageOutOfRange { offset, .. }

@@ -89,8 +89,14 @@ pub mod cmd {
     pub const SWITCHOVER_START: u16 = 4;
     /// `u32 flags`: the source's migration capabilities that both sides must agree on.
     pub const CAPABILITIES: u16 = 5;
-    /// `CAPABILITIES` flag: `switchover-ack` is on at the source.
+    /// `CAPABILITIES` flag: `switchover-ack` is on at the source (and the channel has a return
+    /// path).
     pub const CAP_SWITCHOVER_ACK: u32 = 1;
+    /// `CAPABILITIES` flag: `validate-uuid` is on at the source; the destination compares the
+    /// UUIDs whatever its own setting.
+    pub const CAP_VALIDATE_UUID: u32 = 2;
+    /// Every `CAPABILITIES` flag this reader knows.
+    pub const CAP_KNOWN: u32 = CAP_SWITCHOVER_ACK | CAP_VALIDATE_UUID;
     /// `u8 running`: whether the source VM was running when the migration stopped it (QEMU's
     /// global-state run state): a paused guest stays paused on the destination.
     pub const RUN_STATE: u16 = 6;
@@ -122,6 +128,10 @@ pub struct Limits {
     pub max_machine_blob: u32,
     /// Longest return-path ERROR text.
     pub max_error_len: usize,
+    /// Most SECTION records in a stream (the destination keeps them until END).
+    pub max_sections: u32,
+    /// Most bytes of all SECTION bodies together.
+    pub max_section_bytes_total: u64,
 }
 
 impl Default for Limits {
@@ -136,6 +146,8 @@ impl Default for Limits {
             max_cpuid_entries: 512,
             max_machine_blob: 1 << 20,
             max_error_len: 4096,
+            max_sections: 4096,
+            max_section_bytes_total: 256 << 20,
         }
     }
 }

@@ -5,7 +5,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::format::{FRAME_LEN, HEADER_LEN};
+use super::format::{cmd, FRAME_LEN, HEADER_LEN};
 use super::tests::{page, sample_config, sample_stream, PS};
 use super::*;
 
@@ -62,6 +62,14 @@ fn raw(records: &[(u8, Vec<u8>)]) -> Vec<u8> {
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&n.to_le_bytes());
     out
+}
+
+/// The `SWITCHOVER_START` command as a raw record.
+fn switchover_start() -> (u8, Vec<u8>) {
+    (
+        RecordKind::Command as u8,
+        cmd::SWITCHOVER_START.to_le_bytes().to_vec(),
+    )
 }
 
 fn ram_body(entries: &[(u32, u16, u8, u8)], data_pages: usize) -> Vec<u8> {
@@ -148,8 +156,8 @@ fn lying_lengths() {
         b[17..21].copy_from_slice(&len.to_le_bytes());
         assert!(matches!(err_of(&b), WireError::TooLarge { .. }), "{len}");
     }
-    // A section that claims 4 GiB.
-    let mut b = raw(&[]);
+    // A section that claims 4 GiB (after SWITCHOVER_START, where sections are allowed).
+    let mut b = raw(&[switchover_start()]);
     let end = b.len() - 17;
     b.truncate(end);
     b.extend_from_slice(&[RecordKind::Section as u8, 0xff, 0xff, 0xff, 0xff]);
@@ -163,20 +171,23 @@ fn lying_lengths() {
     ));
     // A section that claims 60 MiB (below the limit) but carries 10 bytes: truncation, and the
     // buffer grows only with the data received (checked in `drain`).
-    let mut b = raw(&[]);
+    let mut b = raw(&[switchover_start()]);
     b.truncate(end);
     b.extend_from_slice(&[RecordKind::Section as u8]);
     b.extend_from_slice(&(60u32 << 20).to_le_bytes());
     b.extend_from_slice(&[0; 10]);
     assert!(matches!(err_of(&b), WireError::Truncated { .. }));
     // id length larger than the body.
-    let e = err_of(&raw(&[(RecordKind::Section as u8, vec![200, b'a', b'b'])]));
+    let e = err_of(&raw(&[
+        switchover_start(),
+        (RecordKind::Section as u8, vec![200, b'a', b'b']),
+    ]));
     assert!(matches!(e, WireError::ShortBody { .. }), "{e}");
     // Empty id, invalid UTF-8.
-    assert!(err_of(&raw(&[(2, vec![0, 0, 0, 0, 0, 0, 0, 0, 0])]))
+    assert!(err_of(&raw(&[(3, vec![0, 0, 0, 0, 0, 0, 0, 0, 0])]))
         .to_string()
         .contains("empty"));
-    let e = err_of(&raw(&[(2, vec![1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0])]));
+    let e = err_of(&raw(&[(3, vec![1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0])]));
     assert!(e.to_string().contains("UTF-8"), "{e}");
     // RAM count over the limit / zero / larger than the body.
     let e = err_of(&raw(&[(4, ram_body(&[], 0))]));
@@ -263,6 +274,213 @@ fn unknown_and_misplaced_records() {
     let mut b = raw(&[]);
     b.splice(21..21 + cfg.len(), cfg);
     assert!(err_of(&b).to_string().contains("page_size"));
+}
+
+/// A SECTION or DEVICE_CHUNK body: `str8 id`, `u32 instance`, `u32 version`, `data`.
+fn component_body(id: &str, instance: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = vec![id.len() as u8];
+    b.extend_from_slice(id.as_bytes());
+    b.extend_from_slice(&instance.to_le_bytes());
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+fn section(id: &str, instance: u32, data: &[u8]) -> (u8, Vec<u8>) {
+    (
+        RecordKind::Section as u8,
+        component_body(id, instance, data),
+    )
+}
+
+fn chunk(id: &str, instance: u32, data: &[u8]) -> (u8, Vec<u8>) {
+    (
+        RecordKind::DeviceChunk as u8,
+        component_body(id, instance, data),
+    )
+}
+
+/// Stream offset of record `i` (0 = the first record after CONFIG) of a [`raw`] stream.
+fn record_offset(records: &[(u8, Vec<u8>)], i: usize) -> u64 {
+    let cfg = sample_config().encode().len();
+    let before: usize = records[..i].iter().map(|(_, b)| FRAME_LEN + b.len()).sum();
+    HEADER_LEN + (FRAME_LEN + cfg + before) as u64
+}
+
+#[test]
+fn section_before_switchover_start_is_rejected_at_its_frame() {
+    let recs = [chunk("state-dev", 0, b"pre-copy"), section("vcpu", 0, b"x")];
+    let e = err_of(&raw(&recs));
+    assert!(
+        matches!(
+            e,
+            WireError::OutOfOrder {
+                record: "section",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.offset(), Some(record_offset(&recs, 1)), "{e}");
+    assert!(e.to_string().contains("before SWITCHOVER_START"), "{e}");
+    // A SECTION that lies about its length is refused at the frame too: nothing is read.
+    let mut b = raw(&[]);
+    let end = b.len() - 17;
+    b.truncate(end);
+    b.extend_from_slice(&[RecordKind::Section as u8]);
+    b.extend_from_slice(&(60u32 << 20).to_le_bytes());
+    assert!(matches!(err_of(&b), WireError::OutOfOrder { .. }));
+    // The same records in the right order are accepted.
+    let ok = [switchover_start(), section("vcpu", 0, b"x")];
+    assert_eq!(drain(&raw(&ok), &Limits::default(), expect()).unwrap(), 2);
+}
+
+#[test]
+fn duplicate_section_is_rejected_on_arrival() {
+    let recs = [
+        switchover_start(),
+        section("vcpu", 0, b"a"),
+        section("vcpu", 1, b"b"),
+        section("serial", 0, b""),
+        section("vcpu", 1, b"again"),
+        // Never reached: the duplicate fails first.
+        section("vcpu", 2, b"c"),
+    ];
+    let e = err_of(&raw(&recs));
+    assert!(
+        matches!(&e, WireError::DuplicateSection { id, instance: 1, offset }
+            if id == "vcpu" && *offset == record_offset(&recs, 4)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("'vcpu' instance 1"), "{e}");
+}
+
+#[test]
+fn section_count_is_capped() {
+    let mut recs = vec![switchover_start()];
+    recs.extend((0..4).map(|i| section("vcpu", i, b"s")));
+    let three = Limits {
+        max_sections: 3,
+        ..Limits::default()
+    };
+    let e = drain(&raw(&recs), &three, expect()).expect_err("4 sections over a cap of 3");
+    assert!(
+        matches!(e, WireError::TooLarge { what: "section count", len: 4, limit: 3, offset }
+            if offset == record_offset(&recs, 4)),
+        "{e}"
+    );
+    recs.pop();
+    assert_eq!(drain(&raw(&recs), &three, expect()).unwrap(), 4);
+}
+
+#[test]
+fn section_bytes_are_capped_before_the_body_is_read() {
+    let small = Limits {
+        max_section_bytes_total: 100,
+        ..Limits::default()
+    };
+    // Two sections of 50-byte bodies fit exactly; a third byte does not.
+    let body = |n: usize| vec![7u8; n - (1 + 4 + 8)];
+    let fit = [
+        switchover_start(),
+        section("vcpu", 0, &body(50)),
+        section("vcpu", 1, &body(50)),
+    ];
+    assert_eq!(drain(&raw(&fit), &small, expect()).unwrap(), 3);
+    let over = [
+        switchover_start(),
+        section("vcpu", 0, &body(50)),
+        section("vcpu", 1, &body(51)),
+    ];
+    let e = drain(&raw(&over), &small, expect()).expect_err("101 bytes over 100");
+    assert!(
+        matches!(
+            e,
+            WireError::TooLarge {
+                what: "total section bytes",
+                len: 101,
+                limit: 100,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A frame that claims more than the total allows fails before its (absent) body is read.
+    let mut b = raw(&[switchover_start(), section("vcpu", 0, &body(50))]);
+    let end = b.len() - 17;
+    b.truncate(end);
+    b.extend_from_slice(&[RecordKind::Section as u8]);
+    b.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    let e = drain(&b, &small, expect()).expect_err("over the total");
+    assert!(
+        matches!(
+            e,
+            WireError::TooLarge {
+                what: "total section bytes",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn switchover_start_only_once() {
+    let recs = [switchover_start(), switchover_start()];
+    let e = err_of(&raw(&recs));
+    assert!(
+        matches!(e, WireError::OutOfOrder { record: "command", offset, .. }
+            if offset == record_offset(&recs, 1)),
+        "{e}"
+    );
+}
+
+#[test]
+fn device_chunks_are_not_kept_and_not_after_their_section() {
+    // Many chunks, before and after SWITCHOVER_START: accepted, and the reader's buffer stays
+    // one record (`drain` asserts the bound after every record).
+    let data = vec![0x5au8; 64 << 10];
+    let mut recs: Vec<_> = (0..64).map(|_| chunk("state-dev", 0, &data)).collect();
+    recs.push(switchover_start());
+    recs.extend((0..8).map(|_| chunk("state-dev", 0, &data)));
+    recs.push(section("state-dev", 0, b"final"));
+    let limits = Limits {
+        max_section_size: 128 << 10,
+        ..Limits::default()
+    };
+    assert_eq!(drain(&raw(&recs), &limits, expect()).unwrap(), recs.len());
+    // Pre-copy data after that device's final state is a protocol error.
+    recs.push(chunk("state-dev", 0, b"late"));
+    let e = drain(&raw(&recs), &limits, expect()).expect_err("chunk after its section");
+    assert!(
+        matches!(
+            e,
+            WireError::OutOfOrder {
+                record: "device-chunk",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("after its final SECTION"), "{e}");
+    // Another instance's chunk is still fine.
+    recs.pop();
+    recs.push(chunk("state-dev", 1, b"other instance"));
+    assert!(drain(&raw(&recs), &limits, expect()).is_ok());
+}
+
+#[test]
+fn capability_flags_beyond_the_known_bits_are_refused() {
+    let caps = |flags: u32| {
+        let mut b = cmd::CAPABILITIES.to_le_bytes().to_vec();
+        b.extend_from_slice(&flags.to_le_bytes());
+        (RecordKind::Command as u8, b)
+    };
+    for flags in [0, 1, 2, 3] {
+        assert!(drain(&raw(&[caps(flags)]), &Limits::default(), expect()).is_ok());
+    }
+    let e = err_of(&raw(&[caps(4)]));
+    assert!(e.to_string().contains("reserved bits set: 0x4"), "{e}");
 }
 
 #[test]
@@ -380,6 +598,15 @@ fn fuzz_mutated_streams() {
                 .unwrap();
             w.finish().unwrap()
         },
+        // Sections and chunks around SWITCHOVER_START, for the order and duplicate rules.
+        raw(&[
+            chunk("state-dev", 0, b"pre-copy"),
+            switchover_start(),
+            chunk("state-dev", 0, b"drained"),
+            section("vcpu", 0, b"regs"),
+            section("vcpu", 1, b"regs"),
+            section("state-dev", 0, b"final"),
+        ]),
     ];
     let small = Limits {
         max_section_size: 1 << 20,

@@ -1,6 +1,7 @@
 //! The stream decoder. Treats its input as hostile: every length, count, index and version is
 //! checked before it is used, and nothing larger than a [`Limits`] bound is allocated.
 
+use std::collections::HashSet;
 use std::io::Read;
 
 use super::config::{Expectations, StreamConfig};
@@ -44,6 +45,60 @@ pub struct StreamReader<R: Read> {
     buf: Vec<u8>,
     body_len: usize,
     state: State,
+    /// What the record order rules of §4 need to remember.
+    order: OrderState,
+}
+
+/// The SECTIONs seen so far and whether `SWITCHOVER_START` came: the destination keeps every
+/// SECTION until END, so their count and bytes are bounded here, as they arrive.
+#[derive(Debug, Default)]
+struct OrderState {
+    switchover_started: bool,
+    /// (id, instance) of every SECTION (at most `Limits::max_sections` entries).
+    sections: HashSet<(String, u32)>,
+    /// Bytes of all SECTION bodies so far.
+    section_bytes: u64,
+}
+
+impl OrderState {
+    /// A SECTION's (id, instance) must be new; a DEVICE_CHUNK must not follow the SECTION of
+    /// the same component (its final state). Records the SECTION.
+    fn check_component(
+        &mut self,
+        kind: RecordKind,
+        id: &str,
+        instance: u32,
+        len: u32,
+        frame_at: u64,
+    ) -> Result<(), WireError> {
+        if kind != RecordKind::Section && self.sections.is_empty() {
+            return Ok(());
+        }
+        let key = (id.to_owned(), instance);
+        let seen = self.sections.contains(&key);
+        if kind != RecordKind::Section {
+            if seen {
+                return Err(WireError::OutOfOrder {
+                    record: kind.name(),
+                    offset: frame_at,
+                    reason: format!(
+                        "pre-copy data for '{id}' instance {instance} after its final SECTION"
+                    ),
+                });
+            }
+            return Ok(());
+        }
+        if seen {
+            return Err(WireError::DuplicateSection {
+                id: key.0,
+                instance,
+                offset: frame_at,
+            });
+        }
+        self.section_bytes += u64::from(len);
+        self.sections.insert(key);
+        Ok(())
+    }
 }
 
 /// Reads exactly `out.len()` bytes; EOF becomes `Truncated`.
@@ -181,6 +236,7 @@ impl<R: Read> StreamReader<R> {
             buf,
             body_len: 0,
             state: State::Records,
+            order: OrderState::default(),
         })
     }
 
@@ -269,6 +325,9 @@ impl<R: Read> StreamReader<R> {
             RecordKind::End => END_BODY_LEN as u64,
         };
         check_len(kind.name(), len, limit, frame_at + 1)?;
+        if kind == RecordKind::Section {
+            self.check_section_frame(len, frame_at)?;
+        }
         read_body(
             &mut self.inner,
             &mut self.pos,
@@ -289,6 +348,8 @@ impl<R: Read> StreamReader<R> {
                 let instance = c.u32("instance")?;
                 let version = c.u32("version")?;
                 self.expect.check_component(id, instance, version, id_at)?;
+                self.order
+                    .check_component(kind, id, instance, len, frame_at)?;
                 let id_len = id.len();
                 let data_start = 1 + id_len + 8;
                 Ok(Parsed::Component {
@@ -300,7 +361,20 @@ impl<R: Read> StreamReader<R> {
                 })
             }
             RecordKind::Ram => self.parse_ram(body_at),
-            RecordKind::Command => parse_command(body, body_at).map(Parsed::Command),
+            RecordKind::Command => {
+                let command = parse_command(body, body_at)?;
+                if command == Command::SwitchoverStart {
+                    if self.order.switchover_started {
+                        return Err(WireError::OutOfOrder {
+                            record: "command",
+                            offset: frame_at,
+                            reason: "a second SWITCHOVER_START".into(),
+                        });
+                    }
+                    self.order.switchover_started = true;
+                }
+                Ok(Parsed::Command(command))
+            }
             RecordKind::End => {
                 let mut c = Cursor::new(body, body_at, "end");
                 let crc32 = c.u32("crc32")?;
@@ -327,6 +401,37 @@ impl<R: Read> StreamReader<R> {
             }
             RecordKind::Config => Err(WireError::DuplicateConfig { offset: frame_at }),
         }
+    }
+
+    /// The order and size rules of a SECTION that the frame alone decides (§4), checked before
+    /// its body is read.
+    fn check_section_frame(&self, len: u32, frame_at: u64) -> Result<(), WireError> {
+        if !self.order.switchover_started {
+            return Err(WireError::OutOfOrder {
+                record: "section",
+                offset: frame_at,
+                reason: "a SECTION (final component state) before SWITCHOVER_START".into(),
+            });
+        }
+        let count = self.order.sections.len() as u64 + 1;
+        if count > u64::from(self.limits.max_sections) {
+            return Err(WireError::TooLarge {
+                what: "section count",
+                len: count,
+                limit: u64::from(self.limits.max_sections),
+                offset: frame_at,
+            });
+        }
+        let total = self.order.section_bytes + u64::from(len);
+        if total > self.limits.max_section_bytes_total {
+            return Err(WireError::TooLarge {
+                what: "total section bytes",
+                len: total,
+                limit: self.limits.max_section_bytes_total,
+                offset: frame_at,
+            });
+        }
+        Ok(())
     }
 
     fn parse_ram(&self, body_at: u64) -> Result<Parsed, WireError> {
@@ -456,15 +561,19 @@ fn parse_command(body: &[u8], body_at: u64) -> Result<Command, WireError> {
         },
         cmd::CAPABILITIES => {
             let flags = c.u32("capability flags")?;
-            if flags & !cmd::CAP_SWITCHOVER_ACK != 0 {
+            if flags & !cmd::CAP_KNOWN != 0 {
                 return Err(WireError::Invalid {
                     field: "capability flags",
                     offset: body_at,
-                    reason: format!("reserved bits set: {flags:#x}"),
+                    reason: format!(
+                        "reserved bits set: {:#x} (a capability of the source this reader does not know)",
+                        flags & !cmd::CAP_KNOWN
+                    ),
                 });
             }
             Command::Capabilities {
                 switchover_ack: flags & cmd::CAP_SWITCHOVER_ACK != 0,
+                validate_uuid: flags & cmd::CAP_VALIDATE_UUID != 0,
             }
         }
         cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {

@@ -63,8 +63,10 @@ pub enum Command {
     /// The source's capabilities that must be set on both sides (QEMU has no such check and
     /// simply hangs when `switchover-ack` is set on one side only).
     Capabilities {
-        /// `switchover-ack` is on at the source.
+        /// `switchover-ack` is on at the source (and the channel has a return path).
         switchover_ack: bool,
+        /// `validate-uuid` is on at the source: the destination compares the UUIDs.
+        validate_uuid: bool,
     },
     /// Whether the source VM was running when the switchover stopped it.
     RunState {

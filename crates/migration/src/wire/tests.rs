@@ -228,6 +228,64 @@ fn config_mismatch_is_named() {
 }
 
 #[test]
+fn tsc_frequency_tolerance_and_scaling() {
+    let bytes = sample_stream(); // source: 2_100_000 kHz
+    let open_with = |dst_khz: u32, tolerance: u32, scaling: bool| {
+        let mut dst = sample_config();
+        dst.tsc_khz = dst_khz;
+        let mut e = Expectations::from_config(&dst, true);
+        e.tsc_tolerance_khz = tolerance;
+        e.tsc_scaling = scaling;
+        StreamReader::new(&bytes[..], Limits::default(), e).map(|_| ())
+    };
+    assert!(open_with(2_100_000, 0, false).is_ok());
+    assert!(
+        open_with(2_100_900, 1000, false).is_ok(),
+        "within tolerance"
+    );
+    let e = open_with(2_101_001, 1000, false).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("TSC frequency: source 2100000 kHz, destination 2101001 kHz"),
+        "{e}"
+    );
+    assert!(
+        open_with(3_000_000, 1000, true).is_ok(),
+        "scaling accepts any rate"
+    );
+    assert!(open_with(0, 0, false).is_ok(), "destination rate unknown");
+    // A source that does not know its rate is not compared either.
+    let mut src = sample_config();
+    src.tsc_khz = 0;
+    let mut w = StreamWriter::new(Vec::new(), &src).unwrap();
+    w.write_command(Command::SwitchoverStart).unwrap();
+    let unknown = w.finish().unwrap();
+    let e = Expectations::from_config(&sample_config(), true);
+    assert!(StreamReader::new(&unknown[..], Limits::default(), e).is_ok());
+}
+
+#[test]
+fn capabilities_round_trip() {
+    let cfg = sample_config();
+    for (switchover_ack, validate_uuid) in
+        [(false, false), (true, false), (false, true), (true, true)]
+    {
+        let c = Command::Capabilities {
+            switchover_ack,
+            validate_uuid,
+        };
+        let mut w = StreamWriter::new(Vec::new(), &cfg).unwrap();
+        w.write_command(c).unwrap();
+        let bytes = w.finish().unwrap();
+        let mut r = open(&bytes);
+        assert_eq!(r.next_record().unwrap(), Record::Command(c));
+        let a = analyze(&bytes[..], &Limits::default());
+        assert_eq!(a["records"][0]["validate-uuid"], validate_uuid, "{a}");
+        assert_eq!(a["records"][0]["switchover-ack"], switchover_ack, "{a}");
+    }
+}
+
+#[test]
 fn component_versions_are_checked() {
     let bytes = sample_stream();
     let cfg = sample_config();

@@ -166,13 +166,18 @@ impl<W: Write> StreamWriter<W> {
                 body[2] = u8::from(running);
                 3
             }
-            Command::Capabilities { switchover_ack } => {
+            Command::Capabilities {
+                switchover_ack,
+                validate_uuid,
+            } => {
                 body[..2].copy_from_slice(&cmd::CAPABILITIES.to_le_bytes());
-                let flags = if switchover_ack {
-                    cmd::CAP_SWITCHOVER_ACK
-                } else {
-                    0
-                };
+                let mut flags = 0;
+                if switchover_ack {
+                    flags |= cmd::CAP_SWITCHOVER_ACK;
+                }
+                if validate_uuid {
+                    flags |= cmd::CAP_VALIDATE_UUID;
+                }
                 body[2..6].copy_from_slice(&flags.to_le_bytes());
                 6
             }

@@ -2,11 +2,11 @@
 //! control, and the non-iterative component state. This is the only place where
 //! `tern-migration` meets `tern-vmm`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tern_migration::machine::{
-    ComponentState, ComponentVersion, DirtyBitmap, MachineDescription, MachineError, MachineState,
-    RamBlockInfo, RamSink, RamSource, VcpuControl,
+    ComponentState, ComponentVersion, CpuidEntry, DirtyBitmap, MachineDescription, MachineError,
+    MachineState, RamBlockInfo, RamSink, RamSource, VcpuControl,
 };
 use tern_statedev::StateDevice;
 use tern_vmm::{RamRegionInfo, Vm, PAGE_SIZE};
@@ -253,17 +253,80 @@ impl VmComponents {
     }
 }
 
+/// TEST ONLY (`tern run --x-test-only-cpuid-xor` / `--x-test-only-tsc-khz`): makes this
+/// process describe a CPU it does not have, so the tests can provoke the CONFIG CPU checks on a
+/// single host. Never set in normal operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestOnlyCpuOverrides {
+    /// `(leaf, sub-leaf, register 0..=3 for eax..edx, mask)`: XORed into that compared leaf.
+    pub cpuid_xor: Option<(u32, u32, usize, u32)>,
+    /// Pretend the guest TSC runs at this rate, on a host that cannot scale it.
+    pub tsc_khz: Option<u32>,
+}
+
+static TEST_ONLY_CPU_OVERRIDES: OnceLock<TestOnlyCpuOverrides> = OnceLock::new();
+
+/// TEST ONLY: see [`TestOnlyCpuOverrides`]. Set once, at start.
+pub fn set_test_only_cpu_overrides(o: TestOnlyCpuOverrides) {
+    if o != TestOnlyCpuOverrides::default() {
+        let _ = TEST_ONLY_CPU_OVERRIDES.set(o);
+    }
+}
+
+/// The CPU part of CONFIG: the masked CPUID of vCPU 0 and the TSC frequency, with the test-only
+/// overrides applied.
+fn cpu_description(vm: &Vm) -> (Vec<CpuidEntry>, u32, bool, u32) {
+    let id = vm.cpu_identity();
+    let mut cpuid: Vec<CpuidEntry> = id
+        .cpuid
+        .iter()
+        .map(|l| CpuidEntry {
+            function: l.function,
+            index: l.index,
+            eax: l.eax,
+            ebx: l.ebx,
+            ecx: l.ecx,
+            edx: l.edx,
+        })
+        .collect();
+    let (mut tsc_khz, mut scaling) = (id.tsc_khz.unwrap_or(0), id.tsc_scaling);
+    if let Some(o) = TEST_ONLY_CPU_OVERRIDES.get() {
+        if let Some((function, index, reg, mask)) = o.cpuid_xor {
+            if let Some(e) = cpuid
+                .iter_mut()
+                .find(|e| e.function == function && e.index == index)
+            {
+                match reg {
+                    0 => e.eax ^= mask,
+                    1 => e.ebx ^= mask,
+                    2 => e.ecx ^= mask,
+                    _ => e.edx ^= mask,
+                }
+            }
+        }
+        if let Some(k) = o.tsc_khz {
+            (tsc_khz, scaling) = (k, false);
+        }
+    }
+    (cpuid, tsc_khz, scaling, id.tsc_tolerance_khz)
+}
+
 impl MachineState for VmComponents {
     fn describe(&self) -> MachineDescription {
         let c = self.0.config();
+        let (cpuid, tsc_khz, tsc_scaling, tsc_tolerance_khz) = cpu_description(&self.0);
         MachineDescription {
             vcpu_count: c.vcpus,
-            // The vCPU state carries the TSC frequency and the machine checks it on restore
-            // (with KVM's tolerance); 0 = the stream does not compare it.
-            tsc_khz: 0,
+            tsc_khz,
+            tsc_tolerance_khz,
+            tsc_scaling,
             uuid: c.uuid,
-            cpuid: Vec::new(),
+            cpuid,
             machine_blob: serde_json::to_vec(&self.blob()).unwrap_or_default(),
+            component_sections: u32::try_from(tern_vmm::state::snapshot::saved_component_count(
+                c.vcpus,
+            ))
+            .ok(),
         }
     }
 

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::log_limit::{LogLimiter, Permit, GUEST_LOG_LINES_PER_SEC};
+
 /// Offset of the heartbeat register.
 pub const HEARTBEAT: u16 = 0;
 /// Offset of the idle-wait register.
@@ -20,6 +22,9 @@ pub const MAX_IDLE_WAIT: Duration = Duration::from_millis(100);
 pub const HEARTBEAT_RING: usize = 1 << 20;
 /// Guest events kept in memory.
 pub const EVENT_RING: usize = 4096;
+/// Guest events carried in the saved state (`GuestControlState::recent_events`); a restore
+/// refuses more.
+pub const RECENT_EVENTS: usize = 64;
 /// Guest event: the workload is running.
 pub const EVENT_WORKLOAD_RUNNING: u32 = 1;
 /// Guest event mask/tag of a guest panic (`0xdead0000 | n`).
@@ -89,7 +94,7 @@ pub enum ControlAction {
 pub struct GuestControlState {
     /// Heartbeat statistics, so the destination continues the gap accounting.
     pub heartbeats: HeartbeatSummary,
-    /// The last guest events (at most 64).
+    /// The last guest events (at most [`RECENT_EVENTS`]).
     pub recent_events: Vec<GuestEvent>,
     /// The first guest panic, if any.
     pub panic: Option<GuestEvent>,
@@ -103,11 +108,27 @@ struct Heartbeats {
     summary: HeartbeatSummary,
 }
 
+impl GuestControlState {
+    /// Checks what a restore must not take from a hostile stream: at most [`RECENT_EVENTS`]
+    /// events (the error names the limit).
+    pub fn check(&self) -> Result<(), String> {
+        if self.recent_events.len() > RECENT_EVENTS {
+            return Err(format!(
+                "recent_events has {} entries, at most {RECENT_EVENTS} are saved",
+                self.recent_events.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default)]
 struct Events {
     ring: VecDeque<GuestEvent>,
     panic: Option<GuestEvent>,
     workload_running: bool,
+    /// The guest decides how often events come: their log lines are rate-limited.
+    log_limit: LogLimiter,
 }
 
 /// The guest-control port device.
@@ -176,25 +197,47 @@ impl GuestControl {
     }
 
     fn event(&self, vcpu: u32, code: u32) {
+        self.event_at(vcpu, code, Instant::now());
+    }
+
+    /// A guest event at `now` (the rate limit's clock).
+    fn event_at(&self, vcpu: u32, code: u32, now: Instant) {
         let ev = GuestEvent {
             code,
             vcpu,
             realtime_ns: realtime_ns(),
         };
         let mut e = lock(&self.events);
+        let log = match e.log_limit.check(now) {
+            Permit::Log { suppressed } => {
+                if suppressed > 0 {
+                    tracing::warn!(
+                        suppressed,
+                        "{suppressed} guest event log lines suppressed (more than \
+                         {GUEST_LOG_LINES_PER_SEC} per second)"
+                    );
+                }
+                true
+            }
+            Permit::Suppress => false,
+        };
         if let Some(n) = ev.panic_code() {
-            tracing::error!(
-                vcpu,
-                panic = n,
-                "guest panic {n:#x} reported by vcpu {vcpu}"
-            );
+            if log {
+                tracing::error!(
+                    vcpu,
+                    panic = n,
+                    "guest panic {n:#x} reported by vcpu {vcpu}"
+                );
+            }
             if e.panic.is_none() {
                 e.panic = Some(ev);
             }
         } else if code == EVENT_WORKLOAD_RUNNING {
-            tracing::info!(vcpu, "guest workload running on vcpu {vcpu}");
+            if log {
+                tracing::info!(vcpu, "guest workload running on vcpu {vcpu}");
+            }
             e.workload_running = true;
-        } else {
+        } else if log {
             tracing::info!(vcpu, code, "guest event {code:#x}");
         }
         if e.ring.len() >= EVENT_RING {
@@ -252,7 +295,7 @@ impl GuestControl {
     pub fn state(&self) -> GuestControlState {
         let h = lock(&self.heartbeats);
         let e = lock(&self.events);
-        let skip = e.ring.len().saturating_sub(64);
+        let skip = e.ring.len().saturating_sub(RECENT_EVENTS);
         GuestControlState {
             heartbeats: h.summary,
             recent_events: e.ring.iter().skip(skip).copied().collect(),
@@ -261,8 +304,15 @@ impl GuestControl {
         }
     }
 
-    /// Replaces the device state.
-    pub fn set_state(&self, state: &GuestControlState) {
+    /// Guest event log lines dropped by the rate limit so far.
+    pub fn suppressed_log_lines(&self) -> u64 {
+        lock(&self.events).log_limit.total_suppressed()
+    }
+
+    /// Replaces the device state; refuses one that breaks [`GuestControlState::check`] (nothing
+    /// changed then).
+    pub fn set_state(&self, state: &GuestControlState) -> Result<(), String> {
+        state.check()?;
         let mut h = lock(&self.heartbeats);
         h.summary = state.heartbeats;
         h.ring.clear();
@@ -274,6 +324,7 @@ impl GuestControl {
         e.workload_running = state.workload_running;
         drop(e);
         self.heartbeat_cv.notify_all();
+        Ok(())
     }
 }
 
@@ -319,6 +370,54 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_flood_is_recorded_but_not_all_logged() {
+        let c = GuestControl::new();
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            c.event_at(0, 0xdead_0007, t0);
+        }
+        // Every event is kept (bounded ring), the first panic is the one reported, and only
+        // the limit's worth of lines reached the log within that second.
+        assert_eq!(c.events().len(), 1000);
+        assert_eq!(c.panic().and_then(|e| e.panic_code()), Some(7));
+        assert_eq!(
+            c.suppressed_log_lines(),
+            1000 - u64::from(GUEST_LOG_LINES_PER_SEC)
+        );
+        // A second later the guest may log again (the summary line goes first).
+        c.event_at(0, 0x42, t0 + Duration::from_secs(1));
+        assert_eq!(
+            c.suppressed_log_lines(),
+            1000 - u64::from(GUEST_LOG_LINES_PER_SEC)
+        );
+        for _ in 0..EVENT_RING {
+            c.write(0, EVENT, &0x42u32.to_le_bytes());
+        }
+        assert_eq!(c.events().len(), EVENT_RING);
+    }
+
+    #[test]
+    fn restore_refuses_too_many_recent_events() {
+        let ev = GuestEvent {
+            code: 5,
+            vcpu: 0,
+            realtime_ns: 1,
+        };
+        let mut s = GuestControlState {
+            recent_events: vec![ev; RECENT_EVENTS],
+            ..Default::default()
+        };
+        let c = GuestControl::new();
+        c.set_state(&s).unwrap();
+        assert_eq!(c.events().len(), RECENT_EVENTS);
+        s.recent_events.push(ev);
+        let e = c.set_state(&s).unwrap_err();
+        assert!(e.contains("65 entries") && e.contains("at most 64"), "{e}");
+        // Nothing was changed by the refused state.
+        assert_eq!(c.events().len(), RECENT_EVENTS);
+    }
+
+    #[test]
     fn state_round_trip() {
         let a = GuestControl::new();
         a.heartbeat(0, 10, 100);
@@ -326,7 +425,7 @@ mod tests {
         a.event(0, EVENT_WORKLOAD_RUNNING);
         let s = a.state();
         let b = GuestControl::new();
-        b.set_state(&s);
+        b.set_state(&s).unwrap();
         assert_eq!(b.state(), s);
         b.heartbeat(0, 12, 1_000);
         assert_eq!(b.heartbeats().count, 3);

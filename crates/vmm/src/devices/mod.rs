@@ -1,6 +1,7 @@
 //! Port-I/O devices and the port dispatch of the vCPU exits.
 
 pub mod control;
+pub mod log_limit;
 pub mod serial;
 
 use std::sync::atomic::{AtomicU64, Ordering};

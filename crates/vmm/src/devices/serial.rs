@@ -23,6 +23,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::control::realtime_ns;
+use super::log_limit::{LogLimiter, Permit};
 use crate::error::{Error, Result};
 
 /// First port of COM1.
@@ -288,6 +289,8 @@ pub struct SerialDevice {
     trigger: IrqTrigger,
     stop: EventFd,
     input_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Rate limit of the log lines of failing guest writes.
+    write_errors: Mutex<LogLimiter>,
 }
 
 impl SerialDevice {
@@ -334,6 +337,7 @@ impl SerialDevice {
             trigger,
             stop,
             input_thread: Mutex::new(None),
+            write_errors: Mutex::new(LogLimiter::default()),
         };
         if let Some(l) = listener {
             let uart = dev.uart.clone();
@@ -357,10 +361,17 @@ impl SerialDevice {
         lock(&self.uart).read(offset)
     }
 
-    /// Port write at `offset` from COM1.
+    /// Port write at `offset` from COM1. A failing write (the output target broke) is logged
+    /// under a rate limit: the guest writes every byte.
     pub fn write(&self, offset: u8, value: u8) {
         if let Err(e) = lock(&self.uart).write(offset, value) {
-            tracing::warn!("serial: write to offset {offset}: {e:?}");
+            let permit = lock(&self.write_errors).check(Instant::now());
+            if let Permit::Log { suppressed } = permit {
+                tracing::warn!(
+                    suppressed,
+                    "serial: write to offset {offset}: {e:?} ({suppressed} earlier failures not logged)"
+                );
+            }
         }
     }
 

@@ -3,7 +3,7 @@
 use super::Persist;
 use crate::devices::control::{GuestControl, GuestControlState};
 use crate::devices::serial::{SerialDevice, SerialDeviceState};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// COM1 as a component.
 pub struct SerialComponent<'a>(pub &'a SerialDevice);
@@ -35,8 +35,9 @@ impl Persist for ControlComponent<'_> {
     }
 
     fn restore(&mut self, state: &GuestControlState) -> Result<()> {
-        self.0.set_state(state);
-        Ok(())
+        self.0
+            .set_state(state)
+            .map_err(|reason| Error::component(Self::ID, 0, reason))
     }
 }
 

@@ -33,6 +33,13 @@ pub fn known_components() -> Vec<(&'static str, u32, u32)> {
     ]
 }
 
+/// How many component states [`save_all`] produces, and [`restore_all`] takes, for a machine
+/// with `vcpus` vCPUs: every component of [`known_components`] once, except the vCPU
+/// component, which comes once per vCPU.
+pub fn saved_component_count(vcpus: u32) -> usize {
+    known_components().len() - 1 + vcpus as usize
+}
+
 /// The parts of a machine the state functions work on.
 pub struct MachineParts<'a> {
     /// The VM fd.
@@ -146,7 +153,12 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
             Irqchip::ID => put(&mut irqchip, c, decode_component::<Irqchip>(c)?)?,
             Pit::ID => put(&mut pit, c, decode_component::<Pit>(c)?)?,
             SerialComponent::ID => put(&mut serial, c, decode_component::<SerialComponent>(c)?)?,
-            ControlComponent::ID => put(&mut control, c, decode_component::<ControlComponent>(c)?)?,
+            ControlComponent::ID => {
+                let s = decode_component::<ControlComponent>(c)?;
+                s.check()
+                    .map_err(|reason| Error::component(&c.id, c.instance, reason))?;
+                put(&mut control, c, s)?
+            }
             VcpuComponent::ID => {
                 let state = decode_component::<VcpuComponent>(c)?;
                 let slot = cpus.get_mut(c.instance as usize).ok_or_else(|| {
