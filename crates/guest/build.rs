@@ -12,6 +12,7 @@ const SOURCES: &[&str] = &[
     "guest-src/entry.rs",
     "guest-src/mem.rs",
     "guest-src/opts.rs",
+    "guest-src/tsc.rs",
     "guest-src/work.rs",
     "guest-src/link.ld",
     "src/layout.rs",
