@@ -10,6 +10,7 @@ const SOURCES: &[&str] = &[
     "guest-src/arch.rs",
     "guest-src/console.rs",
     "guest-src/entry.rs",
+    "guest-src/fault.rs",
     "guest-src/mem.rs",
     "guest-src/opts.rs",
     "guest-src/tsc.rs",

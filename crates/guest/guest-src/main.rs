@@ -14,6 +14,7 @@ mod layout;
 mod arch;
 mod console;
 mod entry;
+mod fault;
 mod mem;
 mod opts;
 mod tsc;

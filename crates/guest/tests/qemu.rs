@@ -115,6 +115,13 @@ impl Qemu {
         format!("-cpu {}; serial tail: {tail:?}; qemu log: {log}", self.cpu)
     }
 
+    /// Sends one command to the QEMU monitor (stdin).
+    fn monitor(&mut self, cmd: &str) {
+        let stdin = self.stdin.as_mut().expect("monitor");
+        stdin.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
     /// Stops the guest, saves guest RAM [0, len) through the monitor, quits, returns the dump.
     fn dump(mut self, len: u64) -> Vec<u8> {
         let path = self.dir.join("ram.bin");
@@ -375,4 +382,46 @@ fn calibrates_its_tsc_without_tsc_khz() {
             "heartbeat sequence broken"
         );
     }
+}
+
+/// The PVH entry installs an IDT: an exception or NMI in the running guest prints a `#FAULT`
+/// line (instead of a silent triple fault) and marks vCPU 0's stats block panicked. The NMI
+/// comes from QEMU's monitor.
+#[test]
+fn an_exception_is_reported_on_the_serial_line() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED an_exception_is_reported_on_the_serial_line: {why}");
+        return;
+    }
+    let mem_mib = 8;
+    let mut q = Qemu::start(
+        "fault",
+        &format!("workload=pattern mem={mem_mib} hb=1 status=0"),
+        64,
+    );
+    q.wait_serial("#running and 20 heartbeats", |s| {
+        (s.lines.iter().any(|l| l.starts_with("#running")) && s.heartbeats.len() >= 20)
+            .then_some(())
+    });
+    q.monitor("nmi");
+    let line = q.wait_serial("the #FAULT line", |s| {
+        s.lines.iter().find(|l| l.starts_with("#FAULT ")).cloned()
+    });
+    assert!(line.starts_with("#FAULT vector=0x02 error=0x"), "{line}");
+    let hex = |key: &str| {
+        let w = word(&line, key).unwrap_or_else(|| panic!("no {key} in {line}"));
+        u64::from_str_radix(w, 16).unwrap_or_else(|e| panic!("{line}: {e}"))
+    };
+    let (rip, rsp) = (hex("rip=0x"), hex("rsp=0x"));
+    assert!(
+        (layout::IMAGE_BASE..layout::IMAGE_END).contains(&rip),
+        "rip {rip:#x} is not in the image: {line}"
+    );
+    assert!(
+        (layout::STACK_BASE..layout::stack_top(0)).contains(&rsp),
+        "rsp {rsp:#x} is not on vCPU 0's stack: {line}"
+    );
+    let dump = q.dump(layout::WORK_BASE + (mem_mib << 20));
+    let stats = StatsBlock::from_dump(&dump, 0, 0).unwrap();
+    assert_eq!(stats.state, GuestState::Panicked, "{stats:?}");
 }
