@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use tern_guest::host_cpu::HostCpu;
 
 /// `CLOCK_REALTIME` in nanoseconds (the clock Tern stamps heartbeats with).
 pub fn realtime_ns() -> u64 {
@@ -76,7 +77,10 @@ pub struct Facts {
     pub nproc: usize,
     pub mem_total: String,
     pub kernel: String,
-    pub cpu_model: String,
+    /// The host CPU from `/proc/cpuinfo`: vendor, model name, family/model/stepping.
+    pub cpu: HostCpu,
+    /// QEMU's `-cpu` (chosen from the vendor by `tern_guest::host_cpu::qemu_cpu`).
+    pub qemu_cpu: Option<String>,
     pub kvm_flavour: String,
     pub qemu: Option<String>,
     pub tern: Option<String>,
@@ -91,6 +95,7 @@ impl Facts {
     pub fn collect(
         repo: &Path,
         qemu: Option<&Path>,
+        qemu_cpu: Option<&str>,
         tern: Option<&Path>,
         tsc: (u64, String),
     ) -> Facts {
@@ -100,13 +105,8 @@ impl Facts {
             .find(|l| l.starts_with("MemTotal:"))
             .map(|l| l.trim_start_matches("MemTotal:").trim().to_string())
             .unwrap_or_else(|| "unknown".into());
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu_model = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|| "unknown".into());
+        // Unreadable cpuinfo leaves every CPU field empty ("unknown" in the report).
+        let cpu = HostCpu::read().unwrap_or_else(|_| HostCpu::parse(""));
         let kvm_flavour = if Path::new("/sys/module/kvm_pvm").exists() {
             "kvm_pvm (PVM)"
         } else if Path::new("/sys/module/kvm_intel").exists() {
@@ -129,7 +129,8 @@ impl Facts {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
-            cpu_model,
+            cpu,
+            qemu_cpu: qemu_cpu.map(str::to_string),
             kvm_flavour: kvm_flavour.into(),
             qemu: qemu.and_then(|q| command_line(&q.to_string_lossy(), &["--version"])),
             tern: tern.map(|t| t.display().to_string()),

@@ -179,11 +179,23 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let guest_elf = work.join("guest.elf");
     std::fs::write(&guest_elf, tern_guest::GUEST_ELF)?;
-    let facts = Facts::collect(&repo, qemu.as_deref(), tern.as_deref(), tsc.clone());
+    let qemu_cpu = match qemu {
+        Some(_) => Some(tern_guest::host_cpu::qemu_cpu().context("choosing QEMU's -cpu")?),
+        None => None,
+    };
+    let facts = Facts::collect(
+        &repo,
+        qemu.as_deref(),
+        qemu_cpu.as_deref(),
+        tern.as_deref(),
+        tsc.clone(),
+    );
     tracing::info!(
-        "tern: {:?}, qemu: {:?}, tsc: {} kHz ({})",
+        "tern: {:?}, qemu: {:?} -cpu {:?}, cpu: {}, tsc: {} kHz ({})",
         tern,
         qemu,
+        qemu_cpu,
+        facts.cpu.describe(),
         tsc.0,
         tsc.1
     );
@@ -196,6 +208,7 @@ fn main() -> anyhow::Result<()> {
         bins: Bins {
             tern,
             qemu,
+            qemu_cpu: qemu_cpu.unwrap_or_default(),
             guest_elf,
             tsc_khz: tsc.0,
             work: work.clone(),

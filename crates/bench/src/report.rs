@@ -77,9 +77,13 @@ impl Report {
             ("nproc", f.nproc.to_string()),
             ("memory", f.mem_total.clone()),
             ("kernel", f.kernel.clone()),
-            ("CPU", f.cpu_model.clone()),
+            ("CPU", f.cpu.describe()),
             ("KVM", f.kvm_flavour.clone()),
             ("QEMU", f.qemu.clone().unwrap_or_else(|| "not found".into())),
+            (
+                "QEMU -cpu",
+                f.qemu_cpu.clone().unwrap_or_else(|| "–".into()),
+            ),
             (
                 "tern binary",
                 f.tern.clone().unwrap_or_else(|| "not found".into()),

@@ -1,5 +1,5 @@
-//! Suite `snapshot`: save a running guest to a file with `migrate {"uri": "file:..."}` and
-//! restore it in a new process (`--incoming defer` / `-incoming defer`, then
+//! Suite `snapshot`: save a running guest to a file with `migrate {"uri": "file:..."}` (QEMU: a
+//! live save; Tern: stops the VM first, docs/decisions.md 11) and restore it in a new process (`--incoming defer` / `-incoming defer`, then
 //! `migrate-incoming {"uri": "file:..."}`).
 
 use std::path::Path;
@@ -150,9 +150,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         }),
     );
     report.notes.extend([
-        "save: `migrate {uri: file:PATH}` on the running guest (a live migration into a file: the guest \
-         runs until the switchover); `total-time`/`downtime` from query-migrate, wall = host time from \
-         `migrate` to `completed`. max-bandwidth 10 GiB/s on both VMMs (QEMU's default 128 MiB/s \
+        "save: `migrate {uri: file:PATH}` on the running guest. QEMU saves live (the guest runs until \
+         the switchover, so its downtime is only the final stop-and-copy); Tern stops the VM first and \
+         writes everything with it stopped (docs/decisions.md 11), so its downtime is the whole save. \
+         `total-time`/`downtime` from query-migrate, wall = host time from `migrate` to `completed`. max-bandwidth 10 GiB/s on both VMMs (QEMU's default 128 MiB/s \
          applies to file migration too)."
             .into(),
         "restore: a new process started with incoming defer, then `migrate-incoming {uri: file:PATH}`; \

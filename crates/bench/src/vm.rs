@@ -34,6 +34,8 @@ impl Kind {
 pub struct Bins {
     pub tern: Option<PathBuf>,
     pub qemu: Option<PathBuf>,
+    /// QEMU's `-cpu` for this host (`tern_guest::host_cpu::qemu_cpu`).
+    pub qemu_cpu: String,
     pub guest_elf: PathBuf,
     pub tsc_khz: u64,
     /// Scratch directory: sockets, logs, snapshot files.
@@ -150,7 +152,7 @@ impl Vm {
                     "-accel",
                     "kvm",
                     "-cpu",
-                    "host",
+                    &bins.qemu_cpu,
                     "-nodefaults",
                     "-display",
                     "none",

@@ -1,5 +1,6 @@
 //! Writes the embedded guest ELF to a file: `cargo run -p tern-guest --example write_guest_elf -- guest.elf`
-//! (then e.g. `qemu-system-x86_64 -accel kvm -cpu host -kernel guest.elf -append "workload=pattern mem=64"`).
+//! (then e.g. `qemu-system-x86_64 -accel kvm -cpu host,-arch-capabilities -kernel guest.elf
+//! -append "workload=pattern mem=64"`; `-cpu`: see `tern_guest::host_cpu`).
 
 fn main() -> std::io::Result<()> {
     let path = std::env::args_os()

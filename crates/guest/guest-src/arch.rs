@@ -10,6 +10,17 @@ pub fn outb(port: u16, value: u8) {
     }
 }
 
+/// Reads one byte from an I/O port.
+#[inline(always)]
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as in `outb`; an `in` only reads the port.
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags));
+    }
+    value
+}
+
 /// Writes four bytes to an I/O port.
 #[inline(always)]
 pub fn outl(port: u16, value: u32) {
@@ -55,22 +66,4 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
         );
     }
     (eax, ebx, ecx, edx)
-}
-
-/// TSC frequency from CPUID leaf 0x15 (crystal ratio) or 0x16 (base MHz), if reported.
-pub fn cpuid_tsc_khz() -> Option<u64> {
-    let (max, _, _, _) = cpuid(0, 0);
-    if max >= 0x15 {
-        let (den, num, crystal_hz, _) = cpuid(0x15, 0);
-        if den != 0 && num != 0 && crystal_hz != 0 {
-            return Some(crystal_hz as u64 * num as u64 / den as u64 / 1000);
-        }
-    }
-    if max >= 0x16 {
-        let (base_mhz, _, _, _) = cpuid(0x16, 0);
-        if base_mhz != 0 {
-            return Some((base_mhz & 0xffff) as u64 * 1000);
-        }
-    }
-    None
 }

@@ -48,6 +48,9 @@ tern_pvh_start64:
     movl %eax, %fs
     movl %eax, %gs
     movl $tern_boot_stack_top, %esp
+    pushq %rsi
+    call tern_pvh_fault_setup          // IDT + TSS: exceptions print on COM1 (fault.rs)
+    popq %rsi
     movl %esi, %esi                    // start_info GPA, zero-extended
     movq 24(%rsi), %rdx                // hvm_start_info.cmdline_paddr
     pushq ${uds}                       // SS
@@ -76,11 +79,14 @@ rust_eh_personality:
     .balign 4
     .quad tern_pvh_start32
 
-    // ---- PVH data: GDT, page tables (4 GiB identity, 2 MiB pages, U/S), boot stack ----
+    // ---- PVH data: GDT (+ the TSS slot), page tables (4 GiB identity, 2 MiB pages, U/S), boot stack ----
     .section .data.tern_boot, "aw"
     .balign 16
 tern_gdt:
     .quad {g0}, {g1}, {g2}, {g3}, {g4}, {g5}
+    .globl tern_gdt_tss
+tern_gdt_tss:                          // TSS descriptor (16 bytes), written by fault.rs
+    .quad 0, 0
 tern_gdt_end:
     .balign 8
 tern_gdt_ptr:

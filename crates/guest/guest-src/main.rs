@@ -14,11 +14,13 @@ mod layout;
 mod arch;
 mod console;
 mod entry;
+mod fault;
 mod mem;
 mod opts;
+mod tsc;
 mod work;
 
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use console::Console;
 
@@ -29,6 +31,64 @@ static MODE: AtomicU8 = AtomicU8::new(MODE_UNKNOWN);
 
 /// Fallback TSC frequency when nothing else tells us.
 const DEFAULT_TSC_KHZ: u64 = 2_000_000;
+
+/// The TSC rate vCPU 0 found when neither `tsc_khz=` nor the VMM gave one (0 = not yet), and
+/// its source: the other vCPUs wait for it instead of calibrating too.
+static FOUND_TSC_KHZ: AtomicU64 = AtomicU64::new(0);
+static FOUND_TSC_SOURCE: AtomicU8 = AtomicU8::new(0);
+
+/// The TSC frequency in kHz and where it came from: `tsc_khz=`, else the entry's value (Tern's
+/// `rcx`), else (found by vCPU 0 only) CPUID, else a PIT measurement, else
+/// [`DEFAULT_TSC_KHZ`] with a line on COM1 saying why.
+fn tsc_rate(vcpu: u32, cmdline_khz: u64, entry_khz: u64) -> (u64, tsc::Source) {
+    if cmdline_khz != 0 {
+        return (cmdline_khz, tsc::Source::Cmdline);
+    }
+    if entry_khz != 0 {
+        return (entry_khz, tsc::Source::Vmm);
+    }
+    if vcpu != 0 {
+        loop {
+            let khz = FOUND_TSC_KHZ.load(Ordering::Acquire);
+            if khz != 0 {
+                let src = tsc::Source::from_code(FOUND_TSC_SOURCE.load(Ordering::Relaxed));
+                return (khz, src);
+            }
+            arch::pause();
+        }
+    }
+    let (khz, src) = if let Some(found) = tsc::from_cpuid() {
+        found
+    } else {
+        match tsc::measure_pit() {
+            Ok(m) => {
+                Console
+                    .str("#tsc pit: khz=")
+                    .dec(m.khz)
+                    .str(" uncertainty_ppm=")
+                    .dec(m.uncertainty_ppm)
+                    .str(" polls=")
+                    .dec(m.polls)
+                    .str(" attempts=")
+                    .dec(m.attempts as u64)
+                    .str("\n");
+                (m.khz, tsc::Source::Pit)
+            }
+            Err(why) => {
+                Console
+                    .str("#tsc: no TSC rate: CPUID reports none; PIT: ")
+                    .str(why)
+                    .str("; assuming ")
+                    .dec(DEFAULT_TSC_KHZ)
+                    .str(" kHz (give tsc_khz=)\n");
+                (DEFAULT_TSC_KHZ, tsc::Source::Default)
+            }
+        }
+    };
+    FOUND_TSC_SOURCE.store(src.code(), Ordering::Relaxed);
+    FOUND_TSC_KHZ.store(khz, Ordering::Release);
+    (khz, src)
+}
 
 /// Facts about this vCPU and the machine.
 pub struct Env {
@@ -94,13 +154,7 @@ pub extern "C" fn tern_main(vcpu: u64, vcpus: u64, cmdline: u64, tsc_khz: u64, m
         }
         o.mem_mib = layout::PVH_MAX_MEM_MIB;
     }
-    let khz = if o.tsc_khz != 0 {
-        o.tsc_khz
-    } else if tsc_khz != 0 {
-        tsc_khz
-    } else {
-        arch::cpuid_tsc_khz().unwrap_or(DEFAULT_TSC_KHZ)
-    };
+    let (khz, tsc_src) = tsc_rate(vcpu, o.tsc_khz, tsc_khz);
     let env = Env {
         vcpu,
         vcpus,
@@ -144,6 +198,8 @@ pub extern "C" fn tern_main(vcpu: u64, vcpus: u64, cmdline: u64, tsc_khz: u64, m
             .dec(o.hb_ms)
             .str(" tsc_khz=")
             .dec(khz)
+            .str(" tsc_src=")
+            .str(tsc_src.name())
             .str("\n");
     }
     work::run(&env, &o, st, base, len)

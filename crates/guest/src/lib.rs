@@ -7,10 +7,12 @@
 //! * [`StatsBlock`]: the per-vCPU stats blocks it keeps in guest RAM.
 //! * [`pattern`]: the checker for the `pattern` workload (QEMU's migration-test rule).
 //! * [`fill`]: the `idle` workload's fill content.
+//! * [`host_cpu`]: the host's CPU vendor/model and the QEMU `-cpu` model chosen from it.
 //!
 //! See `docs/guest.md`.
 
 pub mod fill;
+pub mod host_cpu;
 pub mod layout;
 mod options;
 pub mod pattern;
@@ -45,6 +47,9 @@ pub enum Error {
         need: u64,
         have: u64,
     },
+    /// The host's CPU description cannot be read.
+    #[error("cannot read {path}: {reason}")]
+    HostCpu { path: &'static str, reason: String },
     /// A stats block does not start with [`layout::STATS_MAGIC`].
     #[error("no stats block at GPA {gpa:#x} (magic {magic:#x})")]
     BadStatsMagic { gpa: u64, magic: u64 },

@@ -123,7 +123,8 @@ pub struct GuestOptions {
     pub hb_ms: u64,
     /// `status=`: status-line period in ms, 0 = off. Default 1000.
     pub status_ms: u64,
-    /// `tsc_khz=`: TSC frequency; `None` = the entry's value (Tern: `rcx`), else CPUID.
+    /// `tsc_khz=`: TSC frequency; `None` = the entry's value (Tern: `rcx`), else CPUID, else
+    /// measured against the PIT (docs/guest.md "TSC frequency").
     pub tsc_khz: Option<u64>,
 }
 

@@ -1,6 +1,7 @@
-//! Boots the guest under QEMU (PVH entry, `-accel kvm`) when `qemu-system-x86_64` and
-//! `/dev/kvm` exist, and checks heartbeats, status lines, the pattern (on a memory dump taken
-//! through the monitor) and the idle fill. Skips with a message otherwise.
+//! Boots the guest under QEMU (PVH entry, `-accel kvm`, `-cpu` chosen from the host's vendor by
+//! `tern_guest::host_cpu::qemu_cpu`) when `qemu-system-x86_64` and `/dev/kvm` exist, and checks
+//! heartbeats, status lines, the TSC calibration, the pattern (on a memory dump taken through the
+//! monitor) and the idle fill. Skips with a message otherwise.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_guest::{fill, layout, pattern, GuestState, StatsBlock, GUEST_ELF};
+use tern_guest::{fill, host_cpu, layout, pattern, GuestState, StatsBlock, GUEST_ELF};
 
 const QEMU: &str = "qemu-system-x86_64";
 /// SeaBIOS and the 32-bit PVH code run emulated on PVM: booting takes seconds.
@@ -32,6 +33,7 @@ fn skip_reason() -> Option<String> {
 }
 
 struct Qemu {
+    cpu: String,
     child: Child,
     stdin: Option<ChildStdin>,
     dir: PathBuf,
@@ -47,16 +49,10 @@ impl Qemu {
         fs::write(&elf, GUEST_ELF).unwrap();
         let serial = dir.join("serial.txt");
         let log = File::create(dir.join("qemu.log")).unwrap();
+        let cpu = host_cpu::qemu_cpu().expect("choosing QEMU's -cpu");
         let mut child = Command::new(QEMU)
-            .args([
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host",
-                "-nodefaults",
-                "-display",
-                "none",
-            ])
+            .args(["-accel", "kvm", "-cpu", &cpu])
+            .args(["-nodefaults", "-display", "none"])
             .args(["-no-reboot", "-monitor", "stdio", "-m"])
             .arg(ram_mib.to_string())
             .arg("-serial")
@@ -72,6 +68,7 @@ impl Qemu {
             .expect("spawn qemu");
         let stdin = child.stdin.take();
         Qemu {
+            cpu,
             child,
             stdin,
             dir,
@@ -115,7 +112,14 @@ impl Qemu {
             .rev()
             .collect();
         let log = fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default();
-        format!("serial tail: {tail:?}; qemu log: {log}")
+        format!("-cpu {}; serial tail: {tail:?}; qemu log: {log}", self.cpu)
+    }
+
+    /// Sends one command to the QEMU monitor (stdin).
+    fn monitor(&mut self, cmd: &str) {
+        let stdin = self.stdin.as_mut().expect("monitor");
+        stdin.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
     }
 
     /// Stops the guest, saves guest RAM [0, len) through the monitor, quits, returns the dump.
@@ -183,8 +187,31 @@ impl Serial {
 }
 
 fn field(line: &str, key: &str) -> Option<u64> {
-    let rest = &line[line.find(key)? + key.len()..];
-    rest.split(' ').next()?.parse().ok()
+    word(line, key)?.parse().ok()
+}
+
+/// The text after ` key` (e.g. `key = "tsc_src="`) up to the next space.
+fn word<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let at = line.find(&format!(" {key}"))? + 1 + key.len();
+    line[at..].split(' ').next()
+}
+
+/// A (TSC, wall clock) sample of this host, to measure the TSC rate over a test.
+struct TscSample(u64, Instant);
+
+impl TscSample {
+    fn now() -> TscSample {
+        // SAFETY: `rdtsc` has no preconditions on x86_64; it only reads the time-stamp counter.
+        TscSample(unsafe { std::arch::x86_64::_rdtsc() }, Instant::now())
+    }
+
+    /// The host's TSC rate in kHz between `self` and now (the guest's TSC runs at the same rate:
+    /// PVM has no TSC scaling).
+    fn khz_since(&self) -> u64 {
+        let end = TscSample::now();
+        let secs = end.1.duration_since(self.1).as_secs_f64();
+        ((end.0 - self.0) as f64 / secs / 1000.0).round() as u64
+    }
 }
 
 #[test]
@@ -263,17 +290,32 @@ fn idle_fill_under_qemu() {
         return;
     }
     let mem_mib = 8;
+    // `tsc_khz=` wins over every other source (an arbitrary value, not this host's).
     let mut q = Qemu::start(
         "idle",
-        &format!("workload=idle mem={mem_mib} hb=0 status=200"),
+        &format!("workload=idle mem={mem_mib} hb=0 status=200 tsc_khz=1234567"),
         128,
     );
-    q.wait_serial("running and a status line", |s| {
-        (s.lines.iter().any(|l| l.starts_with("#running")) && !s.status().is_empty()).then_some(())
+    let lines = q.wait_serial("running and a status line", |s| {
+        (s.lines.iter().any(|l| l.starts_with("#running")) && !s.status().is_empty())
+            .then(|| s.lines.clone())
     });
+    let banner = lines
+        .iter()
+        .find(|l| l.starts_with("#tern-guest "))
+        .expect("banner");
+    assert!(
+        banner.ends_with(" tsc_khz=1234567 tsc_src=cmdline"),
+        "{banner}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("#tsc")),
+        "no calibration with tsc_khz=: {lines:?}"
+    );
     let dump = q.dump(layout::WORK_BASE + (mem_mib << 20));
     let stats = StatsBlock::from_dump(&dump, 0, 0).unwrap();
     assert_eq!(stats.state, GuestState::Running);
+    assert_eq!(stats.tsc_khz, 1_234_567);
     assert_eq!(stats.hb_seq, 0, "hb=0 means no heartbeats");
     assert_eq!(stats.pages_written, (mem_mib << 20) / layout::PAGE_SIZE);
     let mut expect = vec![0u8; layout::PAGE_SIZE as usize];
@@ -285,4 +327,101 @@ fn idle_fill_under_qemu() {
         fill::fill_page(gpa, &mut expect);
         assert!(page == expect.as_slice(), "fill mismatch at {gpa:#x}");
     }
+}
+
+/// No `tsc_khz=` on the command line (QEMU passes no TSC rate to a PVH guest): the guest finds
+/// the rate itself (CPUID where the host reports it, else the PIT; on AMD hosts the PIT), says
+/// so in its banner, and beats at that rate.
+#[test]
+fn calibrates_its_tsc_without_tsc_khz() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED calibrates_its_tsc_without_tsc_khz: {why}");
+        return;
+    }
+    let host = TscSample::now();
+    let mut q = Qemu::start("tsc", "workload=idle hb=1 status=200", 64);
+    let s = q.wait_serial("the banner, 200 heartbeats and a status line", |s| {
+        (s.heartbeats.len() >= 200 && !s.status().is_empty()).then(|| Serial {
+            heartbeats: s.heartbeats.clone(),
+            lines: s.lines.clone(),
+        })
+    });
+    let host_khz = host.khz_since();
+    let banner = s
+        .lines
+        .iter()
+        .find(|l| l.starts_with("#tern-guest entry=pvh "))
+        .unwrap_or_else(|| panic!("no banner: {:?}", s.lines));
+    let khz = field(banner, "tsc_khz=").expect("tsc_khz in the banner");
+    let src = word(banner, "tsc_src=").expect("tsc_src in the banner");
+    eprintln!(
+        "guest: {khz} kHz from {src}; host: {host_khz} kHz; -cpu {}",
+        q.cpu
+    );
+    assert!(
+        ["cpuid15", "hypervisor", "cpuid16", "pit"].contains(&src),
+        "the guest found no TSC rate: {:?}",
+        s.lines
+    );
+    let pit_line = s.lines.iter().find(|l| l.starts_with("#tsc pit: "));
+    assert_eq!(pit_line.is_some(), src == "pit", "{:?}", s.lines);
+    if let Some(l) = pit_line {
+        assert_eq!(field(l, "khz="), Some(khz), "{l}");
+    }
+    // 2 % is the guest's own limit on a PIT measurement; CPUID rates are exact or MHz-rounded.
+    let off_ppm = khz.abs_diff(host_khz) * 1_000_000 / host_khz;
+    assert!(
+        off_ppm <= 20_000,
+        "guest {khz} kHz ({src}) vs host {host_khz} kHz: {off_ppm} ppm off"
+    );
+    assert_eq!(s.heartbeats[0], 0x41, "first heartbeat is seq 1");
+    for w in s.heartbeats.windows(2) {
+        assert_eq!(
+            w[1] - 0x40,
+            (w[0] - 0x40 + 1) % 32,
+            "heartbeat sequence broken"
+        );
+    }
+}
+
+/// The PVH entry installs an IDT: an exception or NMI in the running guest prints a `#FAULT`
+/// line (instead of a silent triple fault) and marks vCPU 0's stats block panicked. The NMI
+/// comes from QEMU's monitor.
+#[test]
+fn an_exception_is_reported_on_the_serial_line() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED an_exception_is_reported_on_the_serial_line: {why}");
+        return;
+    }
+    let mem_mib = 8;
+    let mut q = Qemu::start(
+        "fault",
+        &format!("workload=pattern mem={mem_mib} hb=1 status=0"),
+        64,
+    );
+    q.wait_serial("#running and 20 heartbeats", |s| {
+        (s.lines.iter().any(|l| l.starts_with("#running")) && s.heartbeats.len() >= 20)
+            .then_some(())
+    });
+    q.monitor("nmi");
+    let line = q.wait_serial("the #FAULT line", |s| {
+        s.lines.iter().find(|l| l.starts_with("#FAULT ")).cloned()
+    });
+    assert!(line.starts_with("#FAULT vector=0x02 error=0x"), "{line}");
+    let hex = |key: &str| {
+        let w = word(&line, key).unwrap_or_else(|| panic!("no {key} in {line}"));
+        u64::from_str_radix(w, 16).unwrap_or_else(|e| panic!("{line}: {e}"))
+    };
+    let (rip, rsp) = (hex("rip=0x"), hex("rsp=0x"));
+    assert!(
+        (layout::IMAGE_BASE..layout::IMAGE_END).contains(&rip),
+        "rip {rip:#x} is not in the image: {line}"
+    );
+    assert!(
+        (layout::STACK_BASE..layout::stack_top(0)).contains(&rsp),
+        "rsp {rsp:#x} is not on vCPU 0's stack: {line}"
+    );
+    let dump = q.dump(layout::WORK_BASE + (mem_mib << 20));
+    let stats = StatsBlock::from_dump(&dump, 0, 0).unwrap();
+    assert_eq!(stats.state, GuestState::Panicked, "{stats:?}");
 }

@@ -13,8 +13,10 @@ use crate::harness::{num, status};
 pub fn guest_image(out: &Path) -> Result<()> {
     std::fs::write(out, tern_guest::GUEST_ELF)
         .with_context(|| format!("writing {}", out.display()))?;
+    // The -cpu model QEMU needs on this host's CPU vendor (`host` aborts on the AMD hosts).
+    let cpu = tern_guest::host_cpu::qemu_cpu()?;
     println!(
-        "wrote {} ({} bytes): boot it with qemu-system-x86_64 -accel kvm -cpu host -kernel {} -append \"workload=pattern mem=100\"",
+        "wrote {} ({} bytes): boot it with qemu-system-x86_64 -accel kvm -cpu {cpu} -kernel {} -append \"workload=pattern mem=100\"",
         out.display(),
         tern_guest::GUEST_ELF.len(),
         out.display()
