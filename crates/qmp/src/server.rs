@@ -85,6 +85,9 @@ pub struct Limits {
     /// Most output (replies + events) that may wait for one client. An event that does not fit
     /// disconnects the client.
     pub max_pending_output: usize,
+    /// Output backlog at which a client's further requests wait, unread, until it drains below
+    /// this again (at least 1 byte).
+    pub pause_input_at: usize,
     /// Connections served at once; further ones are closed at once.
     pub max_clients: usize,
     /// How long [`QmpServer::shutdown`] (and closing after an oversized message) waits for a
@@ -98,6 +101,7 @@ impl Default for Limits {
             max_message_bytes: 1 << 20,
             max_depth: 100,
             max_pending_output: 4 << 20,
+            pause_input_at: 256 << 10,
             max_clients: 64,
             flush_timeout: Duration::from_secs(2),
         }
@@ -129,8 +133,6 @@ impl ServerConfig {
     }
 }
 
-/// The output backlog above which a client's requests are no longer read.
-const HIGH_WATER: usize = 256 << 10;
 const READ_CHUNK: usize = 64 << 10;
 
 struct Inner {
@@ -191,6 +193,7 @@ impl QmpServer {
         let socket_id = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
         let mut limits = config.limits;
         limits.max_depth = limits.max_depth.clamp(1, 120);
+        limits.pause_input_at = limits.pause_input_at.max(1);
         let inner = Arc::new(Inner {
             dispatcher,
             greeting: wire::greeting(config.version, &config.package),
@@ -459,11 +462,23 @@ impl Conn {
                     }
                 }
             }
-            let want_read = !self.read_eof
-                && !finishing
-                && self.input_pos >= self.input.len()
-                && pending < HIGH_WATER;
-            match self.poll(want_read, pending > 0) {
+            let input_left = self.input_pos < self.input.len();
+            let below_mark = pending < self.inner.limits.pause_input_at;
+            // Requests already read wait for nothing but the backlog: once it is below the mark
+            // they are processed at once. No byte may arrive on the socket to wake us for them.
+            if input_left && below_mark && !finishing {
+                continue;
+            }
+            let want_read = !self.read_eof && !finishing && !input_left && below_mark;
+            let want_write = pending > 0;
+            // Both false would mean sleeping until the peer hangs up. It cannot happen: with
+            // nothing pending we are below the mark, and we returned above when finishing or at
+            // end of input, or continued above with input left.
+            debug_assert!(
+                want_read || want_write,
+                "QMP connection would wait for nothing"
+            );
+            match self.poll(want_read, want_write) {
                 Ok(Poll::Readable) if want_read => {
                     if let Err(e) = self.read_some() {
                         return format!("read failed: {e}");
@@ -594,9 +609,16 @@ impl Conn {
     }
 
     fn process_input(&mut self) {
-        if self.shared.lock().closing || self.close_after_flush {
-            self.input_pos = self.input.len();
-            return;
+        {
+            let out = self.shared.lock();
+            if out.closing || self.close_after_flush {
+                self.input_pos = self.input.len();
+                return;
+            }
+            // A request is started only while the backlog is below the mark.
+            if out.buf.len() >= self.inner.limits.pause_input_at {
+                return;
+            }
         }
         while self.input_pos < self.input.len() {
             let step = self.framer.step(self.input[self.input_pos]);
@@ -610,7 +632,7 @@ impl Conn {
                 self.input_pos = self.input.len();
                 return;
             }
-            if out.buf.len() >= HIGH_WATER {
+            if out.buf.len() >= self.inner.limits.pause_input_at {
                 return;
             }
         }

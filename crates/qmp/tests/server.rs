@@ -46,6 +46,7 @@ impl Dispatcher for TestDispatcher {
             "quit",
             "quit-inline",
             "boom",
+            "big",
         ]
     }
 
@@ -110,6 +111,10 @@ impl Dispatcher for TestDispatcher {
                 Ok(json!({}))
             }
             "boom" => panic!("dispatcher bug"),
+            "big" => {
+                let n = args.get("bytes").and_then(Value::as_u64).unwrap_or(0);
+                Ok(json!({ "pad": "x".repeat(n as usize) }))
+            }
             _ => Err(QmpError::command_not_found("unreachable")),
         }
     }
@@ -684,4 +689,51 @@ fn live_socket_is_not_stolen_and_stale_one_is_replaced() {
     ));
     drop(server);
     assert!(!stale.exists());
+}
+
+/// Sends `sizes.len()` requests for replies of `sizes[i]` bytes in one write, each ended by a
+/// newline as QEMU's clients send them, then checks every reply arrives, in order.
+fn pipelined_big_replies(f: &Fixture, sizes: &[usize]) {
+    let mut raw = Raw::negotiated(&f.path);
+    let mut batch = String::new();
+    for (i, n) in sizes.iter().enumerate() {
+        batch.push_str(&format!(
+            "{{\"execute\": \"big\", \"arguments\": {{\"bytes\": {n}}}, \"id\": {i}}}\n"
+        ));
+    }
+    raw.send(&batch);
+    for (i, n) in sizes.iter().enumerate() {
+        let r = raw.recv();
+        assert_eq!(r["id"], i, "replies out of order");
+        let pad = r["return"]["pad"].as_str().map(str::len);
+        assert_eq!(pad, Some(*n), "reply {i}");
+    }
+    // The connection is still served.
+    assert_eq!(raw.call(r#"{"execute": "echo", "id": "end"}"#)["id"], "end");
+}
+
+/// Requests that wait behind a full output backlog are processed as soon as it drains, though
+/// no new byte arrives: the connection used to sleep in poll() asking for neither input nor
+/// output while they sat in its buffer. With a 1-byte mark every reply fills the backlog, and
+/// the first reply is small enough to be written at once, so the old code stalled here every
+/// time.
+#[test]
+fn pipelined_requests_behind_a_full_backlog_are_answered() {
+    let f = start_with(Limits {
+        pause_input_at: 1,
+        ..Limits::default()
+    });
+    let sizes: Vec<usize> = (0..64)
+        .map(|i| if i % 2 == 0 { 16 } else { 300_000 })
+        .collect();
+    pipelined_big_replies(&f, &sizes);
+}
+
+/// The case seen in the field: replies of a few hundred KB (above the default 256 KiB mark),
+/// many requests pipelined in one write.
+#[test]
+fn pipelined_requests_with_large_replies_are_answered_in_order() {
+    let f = start();
+    let sizes: Vec<usize> = (0..48).map(|i| 335_000 + i * 1000).collect();
+    pipelined_big_replies(&f, &sizes);
 }
