@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tern_qmp::schema::{Command, Event, IntKind, Member, Object, Type, EMPTY};
 use tern_qmp::{
     parse_args, ClientCtx, ClientError, Dispatcher, ErrorClass, Limits, QemuVersion, QmpClient,
-    QmpError, QmpServer, ServerConfig,
+    QmpError, QmpSchema, QmpServer, ServerConfig,
 };
 
 const FAILSAFE: Duration = Duration::from_secs(60);
@@ -35,19 +36,78 @@ struct TestDispatcher {
     server: Mutex<Option<Arc<QmpServer>>>,
 }
 
+const ANY_ARGS: &[Member] = &[
+    Member::opt("a", Type::Any),
+    Member::opt("i", Type::Any),
+    Member::opt("k", Type::Any),
+    Member::opt("q", Type::Any),
+    Member::opt("s", Type::Any),
+    Member::opt("t", Type::Any),
+];
+
+static ECHO_RET: Object = Object {
+    name: "EchoRet",
+    members: ANY_ARGS,
+    variants: None,
+};
+
+static BIG_RET: Object = Object {
+    name: "BigRet",
+    members: &[Member::req("pad", Type::Str)],
+    variants: None,
+};
+
+static TYPED_RET: Object = Object {
+    name: "TypedRet",
+    members: &[Member::req("uri", Type::Str)],
+    variants: None,
+};
+
+const fn cmd(name: &'static str, args: &'static [Member], ret: Type) -> Command {
+    Command { name, args, ret }
+}
+
+static COMMANDS: [Command; 9] = [
+    cmd("echo", ANY_ARGS, Type::Object(&ECHO_RET)),
+    cmd("fail", &[], EMPTY),
+    cmd(
+        "typed",
+        &[
+            Member::req("uri", Type::Str),
+            Member::opt("max-bandwidth", Type::Int(IntKind::Uint64)),
+        ],
+        Type::Object(&TYPED_RET),
+    ),
+    cmd("emit", &[], EMPTY),
+    cmd("block", &[], Type::Any),
+    cmd("quit", &[], EMPTY),
+    cmd("quit-inline", &[], EMPTY),
+    cmd("boom", &[], EMPTY),
+    cmd(
+        "big",
+        &[Member::req("bytes", Type::Int(IntKind::Uint32))],
+        Type::Object(&BIG_RET),
+    ),
+];
+
+static EVENTS: [Event; 2] = [
+    Event {
+        name: "DURING",
+        data: &[Member::req("n", Type::Int(IntKind::Int64))],
+    },
+    Event {
+        name: "SHUTDOWN",
+        data: &[Member::req("guest", Type::Bool)],
+    },
+];
+
 impl Dispatcher for TestDispatcher {
-    fn commands(&self) -> Vec<&'static str> {
-        vec![
-            "echo",
-            "fail",
-            "typed",
-            "emit",
-            "block",
-            "quit",
-            "quit-inline",
-            "boom",
-            "big",
-        ]
+    fn commands(&self) -> Vec<&'static Command> {
+        COMMANDS.iter().collect()
+    }
+
+    fn events(&self) -> Vec<&'static Event> {
+        EVENTS.iter().collect()
     }
 
     fn dispatch(
@@ -736,4 +796,119 @@ fn pipelined_requests_with_large_replies_are_answered_in_order() {
     let f = start();
     let sizes: Vec<usize> = (0..48).map(|i| 335_000 + i * 1000).collect();
     pipelined_big_replies(&f, &sizes);
+}
+
+#[test]
+fn duplicate_keys_are_a_parse_error_at_any_depth() {
+    let f = start();
+    let mut raw = Raw::negotiated(&f.path);
+    let dup = generic("JSON parse error, duplicate key");
+    assert_eq!(
+        raw.call(r#"{"execute": "echo", "execute": "fail", "id": 1}"#),
+        dup
+    );
+    assert_eq!(raw.call(r#"{"execute": "echo", "id": 1, "id": 2}"#), dup);
+    assert_eq!(
+        raw.call(r#"{"execute": "echo", "arguments": {"a": [{"x": 1, "x": 1}]}}"#),
+        dup
+    );
+    // Equal keys in different objects are not duplicates; the connection lives on.
+    assert_eq!(
+        raw.call(r#"{"execute": "echo", "arguments": {"a": {"a": 1}}, "id": 3}"#),
+        json!({"return": {"a": {"a": 1}}, "id": 3})
+    );
+}
+
+#[test]
+fn query_qmp_schema_lists_every_command_in_qemu_format() {
+    let f = start();
+    let mut client = QmpClient::connect(&f.path).expect("connect");
+    let reply = client
+        .execute("query-qmp-schema", Value::Null)
+        .expect("query-qmp-schema");
+    let schema = QmpSchema::new(&reply).expect("well-formed schema");
+    // The schema describes itself: its reply is a valid value of its own ret-type.
+    schema
+        .check_return("query-qmp-schema", &reply)
+        .expect("reply matches SchemaInfo");
+    assert_eq!(schema.dangling_references(), Vec::<String>::new());
+    // Exactly the commands query-commands lists, in the same order.
+    let listed = client.execute("query-commands", Value::Null).expect("list");
+    let names: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(schema.names("command"), names);
+    assert_eq!(
+        &names[..3],
+        ["qmp_capabilities", "query-commands", "query-qmp-schema"]
+    );
+    assert_eq!(schema.names("event"), ["DURING", "SHUTDOWN"]);
+    // QEMU's shapes: masked type names, builtins by name, `int` for every integer type.
+    for e in reply.as_array().expect("array") {
+        let name = e["name"].as_str().unwrap_or_default();
+        match e["meta-type"].as_str().unwrap_or_default() {
+            "command" | "event" | "builtin" => {}
+            "array" => assert!(name.starts_with('[') && name.ends_with(']'), "{e}"),
+            _ => assert!(name.parse::<u32>().is_ok(), "type name not masked: {e}"),
+        }
+    }
+    assert_eq!(
+        schema.entry("int").map(|e| e["json-type"].clone()),
+        Some(json!("int"))
+    );
+    let typed = schema.entry("typed").expect("typed").clone();
+    let args = schema
+        .entry(typed["arg-type"].as_str().unwrap_or(""))
+        .expect("args");
+    assert_eq!(
+        args["members"],
+        json!([{"name": "uri", "type": "str"},
+               {"name": "max-bandwidth", "type": "int", "default": null}])
+    );
+    // Commands without arguments or result use QEMU's empty object.
+    let fail = schema.entry("fail").expect("fail");
+    assert_eq!(fail["arg-type"], fail["ret-type"]);
+    let empty = schema
+        .entry(fail["arg-type"].as_str().unwrap_or(""))
+        .expect("q_empty");
+    assert_eq!(empty["members"], json!([]));
+    // libvirt's queries.
+    for q in [
+        "typed/arg-type/uri",
+        "typed/arg-type/*max-bandwidth",
+        "typed/arg-type/uri/!string",
+        "qmp_capabilities/arg-type/enable/^oob",
+        "query-qmp-schema/ret-type/+command/arg-type",
+        "query-qmp-schema/ret-type/meta-type/^alternate",
+        "DURING/arg-type/n/!int",
+    ] {
+        assert!(schema.path_exists(q), "{q}");
+    }
+    for q in [
+        "typed/arg-type/*uri",
+        "typed/arg-type/nope",
+        "qmp_capabilities/arg-type/enable/^nope",
+        "nope/arg-type",
+    ] {
+        assert!(!schema.path_exists(q), "{q}");
+    }
+    // Replies check against their ret-type.
+    let echoed = client.execute("echo", json!({"k": 1})).expect("echo");
+    schema.check_return("echo", &echoed).expect("echo reply");
+    assert!(schema.check_return("typed", &echoed).is_err());
+    // Arguments are checked against the same table before dispatch.
+    let err = client
+        .execute("big", json!({"bytes": "many"}))
+        .expect_err("type checked");
+    assert!(
+        matches!(&err, ClientError::Qmp(e) if e.desc == "Invalid parameter type for 'bytes', expected: integer"),
+        "{err}"
+    );
+    let err = client
+        .execute("query-qmp-schema", json!({"x": 1}))
+        .expect_err("no arguments");
+    assert!(matches!(&err, ClientError::Qmp(e) if e.desc == "Parameter 'x' is unexpected"));
 }
