@@ -330,6 +330,97 @@ pub(crate) fn check_value(ty: &Type, v: &Value, path: &str) -> Result<(), String
     }
 }
 
+/// How a type is referred to in a fingerprint (its name, or its structure for arrays).
+fn type_ref(ty: &Type) -> String {
+    match ty {
+        Type::Str => "str".into(),
+        Type::Int(k) => k.name().into(),
+        Type::Bool => "bool".into(),
+        Type::Number => "number".into(),
+        Type::Null => "null".into(),
+        Type::Any => "any".into(),
+        Type::Enum(e) => e.name.into(),
+        Type::Object(o) => o.name.into(),
+        Type::Alternate(a) => a.name.into(),
+        Type::Array(t) => format!("[{}]", type_ref(t)),
+    }
+}
+
+/// Records the named types reachable from `ty` with a fingerprint of their shape.
+fn collect_named(
+    ty: &Type,
+    seen: &mut Vec<(&'static str, String)>,
+    clashes: &mut Vec<&'static str>,
+) {
+    let (name, shape, inner): (&'static str, String, Vec<Type>) = match ty {
+        Type::Array(t) => return collect_named(t, seen, clashes),
+        Type::Enum(e) => (e.name, e.values().join(","), Vec::new()),
+        Type::Alternate(a) => (
+            a.name,
+            a.members.iter().map(type_ref).collect::<Vec<_>>().join("|"),
+            a.members.to_vec(),
+        ),
+        Type::Object(o) => {
+            let mut shape: Vec<String> = o
+                .members
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}{}:{}",
+                        m.name,
+                        if m.optional { "?" } else { "" },
+                        type_ref(&m.ty)
+                    )
+                })
+                .collect();
+            let mut inner: Vec<Type> = o.members.iter().map(|m| m.ty).collect();
+            if let Some(v) = &o.variants {
+                shape.push(format!("tag={}", v.tag));
+                for (case, obj) in v.cases {
+                    shape.push(format!("{case}=>{}", obj.name));
+                    inner.push(Type::Object(obj));
+                }
+            }
+            (o.name, shape.join(","), inner)
+        }
+        _ => return,
+    };
+    match seen.iter().find(|(n, _)| *n == name) {
+        Some((_, known)) => {
+            if *known != shape && !clashes.contains(&name) {
+                clashes.push(name);
+            }
+        }
+        None => {
+            seen.push((name, shape));
+            for t in &inner {
+                collect_named(t, seen, clashes);
+            }
+        }
+    }
+}
+
+/// Names that the tables give to two different types. `query-qmp-schema` describes each named
+/// type once, so every name must mean one type; a test of each VMM's tables asserts this is
+/// empty.
+pub fn type_name_clashes(commands: &[&Command], events: &[&Event]) -> Vec<&'static str> {
+    let mut seen = Vec::new();
+    let mut clashes = Vec::new();
+    let arg_lists = commands
+        .iter()
+        .map(|c| c.args)
+        .chain(events.iter().map(|e| e.data));
+    for members in arg_lists {
+        for m in members {
+            collect_named(&m.ty, &mut seen, &mut clashes);
+        }
+    }
+    for c in commands {
+        collect_named(&c.ret, &mut seen, &mut clashes);
+    }
+    clashes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +484,27 @@ mod tests {
             Ok(()) => panic!("accepted"),
             Err(e) => e.desc,
         }
+    }
+
+    #[test]
+    fn a_name_given_to_two_types_is_found() {
+        static OTHER_INET: Object = Object {
+            name: "Inet",
+            members: &[Member::req("host", Type::Str)],
+            variants: None,
+        };
+        static A: Command = Command {
+            name: "a",
+            args: ARGS,
+            ret: EMPTY,
+        };
+        static B: Command = Command {
+            name: "b",
+            args: &[Member::req("x", Type::Object(&OTHER_INET))],
+            ret: Type::Object(&INET),
+        };
+        assert_eq!(type_name_clashes(&[&A], &[]), Vec::<&str>::new());
+        assert_eq!(type_name_clashes(&[&A, &B], &[]), ["Inet"]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::conn::Conn;
 use crate::error::{QmpError, ServerError};
 use crate::events::{ClientShared, EventSink};
 use crate::introspect;
-use crate::schema::{Command, Event};
+use crate::schema::{type_name_clashes, Command, Event};
 use crate::wire::{self, QemuVersion};
 
 /// Implemented by the VMM: executes commands.
@@ -192,12 +192,24 @@ fn io_err(path: &Path, source: io::Error) -> ServerError {
 
 impl QmpServer {
     /// Binds `path` (a stale socket file left by a dead process is replaced; a live one is an
-    /// error) and starts the `qmp-accept` thread.
+    /// error) and starts the `qmp-accept` thread. Fails without binding if the dispatcher's
+    /// tables give one type name to two different types.
     pub fn bind(
         path: impl AsRef<Path>,
         dispatcher: Arc<dyn Dispatcher>,
         config: ServerConfig,
     ) -> Result<QmpServer, ServerError> {
+        let mut commands: Vec<&'static Command> = BUILTIN_COMMANDS.to_vec();
+        for c in dispatcher.commands() {
+            if !commands.iter().any(|known| known.name == c.name) {
+                commands.push(c);
+            }
+        }
+        let event_specs = dispatcher.events();
+        let clashes = type_name_clashes(&commands, &event_specs);
+        if !clashes.is_empty() {
+            return Err(ServerError::SchemaClash(clashes));
+        }
         let path = path.as_ref().to_path_buf();
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
             if meta.file_type().is_socket() {
@@ -212,13 +224,6 @@ impl QmpServer {
         let mut limits = config.limits;
         limits.max_depth = limits.max_depth.clamp(1, 120);
         limits.pause_input_at = limits.pause_input_at.max(1);
-        let mut commands: Vec<&'static Command> = BUILTIN_COMMANDS.to_vec();
-        for c in dispatcher.commands() {
-            if !commands.iter().any(|known| known.name == c.name) {
-                commands.push(c);
-            }
-        }
-        let event_specs = dispatcher.events();
         let inner = Arc::new(Inner {
             dispatcher,
             commands,
