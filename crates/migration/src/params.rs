@@ -440,37 +440,61 @@ impl Default for Parameters {
     }
 }
 
-/// Every `migrate-set-parameters` name Tern knows.
-pub const PARAMETER_NAMES: &[&str] = &[
-    "announce-initial",
-    "announce-max",
-    "announce-rounds",
-    "announce-step",
-    "throttle-trigger-threshold",
-    "cpu-throttle-initial",
-    "cpu-throttle-increment",
-    "cpu-throttle-tailslow",
-    "tls-creds",
-    "tls-hostname",
-    "tls-authz",
-    "max-bandwidth",
-    "avail-switchover-bandwidth",
-    "downtime-limit",
-    "x-checkpoint-delay",
-    "multifd-channels",
-    "multifd-compression",
-    "multifd-zlib-level",
-    "multifd-qatzip-level",
-    "multifd-zstd-level",
-    "xbzrle-cache-size",
-    "max-postcopy-bandwidth",
-    "max-cpu-throttle",
-    "x-vcpu-dirty-limit-period",
-    "vcpu-dirty-limit",
-    "mode",
-    "zero-page-detection",
-    "direct-io",
-    "block-bitmap-mapping",
+/// The QAPI type of a migration parameter (what the QMP schema says `migrate-set-parameters`
+/// takes; `query-migrate-parameters` shows strings for `StrOrNull`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamType {
+    /// `bool`.
+    Bool,
+    /// `uint8`.
+    U8,
+    /// `uint32`.
+    U32,
+    /// `uint64` / `size`.
+    U64,
+    /// A string, or `null` for "".
+    StrOrNull,
+    /// [`MultifdCompression`].
+    MultifdCompression,
+    /// [`MigMode`].
+    MigMode,
+    /// [`ZeroPageDetection`].
+    ZeroPageDetection,
+}
+
+/// Every parameter `migrate-set-parameters` accepts and `query-migrate-parameters` shows, with
+/// its type, in QEMU's order. The QMP schema (and the check of `migrate-set-parameters`
+/// arguments) is generated from this table: a new parameter is a [`Parameters`] field, its
+/// default, its arm in [`Parameters::apply_json`] and one line here.
+pub const PARAMETERS: &[(&str, ParamType)] = &[
+    ("announce-initial", ParamType::U64),
+    ("announce-max", ParamType::U64),
+    ("announce-rounds", ParamType::U64),
+    ("announce-step", ParamType::U64),
+    ("throttle-trigger-threshold", ParamType::U8),
+    ("cpu-throttle-initial", ParamType::U8),
+    ("cpu-throttle-increment", ParamType::U8),
+    ("cpu-throttle-tailslow", ParamType::Bool),
+    ("tls-creds", ParamType::StrOrNull),
+    ("tls-hostname", ParamType::StrOrNull),
+    ("tls-authz", ParamType::StrOrNull),
+    ("max-bandwidth", ParamType::U64),
+    ("avail-switchover-bandwidth", ParamType::U64),
+    ("downtime-limit", ParamType::U64),
+    ("x-checkpoint-delay", ParamType::U32),
+    ("multifd-channels", ParamType::U8),
+    ("multifd-compression", ParamType::MultifdCompression),
+    ("multifd-zlib-level", ParamType::U8),
+    ("multifd-qatzip-level", ParamType::U8),
+    ("multifd-zstd-level", ParamType::U8),
+    ("xbzrle-cache-size", ParamType::U64),
+    ("max-postcopy-bandwidth", ParamType::U64),
+    ("max-cpu-throttle", ParamType::U8),
+    ("x-vcpu-dirty-limit-period", ParamType::U64),
+    ("vcpu-dirty-limit", ParamType::U64),
+    ("mode", ParamType::MigMode),
+    ("zero-page-detection", ParamType::ZeroPageDetection),
+    ("direct-io", ParamType::Bool),
 ];
 
 fn get_u64(name: &str, v: &Value, ty: &str) -> Result<u64, ParamError> {

@@ -213,11 +213,11 @@ fn parameter_defaults() {
     ] {
         assert_eq!(q[k], v, "{k}");
     }
-    // Every queried name is settable.
+    // Exactly the names of the PARAMETERS table.
     let obj = q.as_object().unwrap();
-    for k in obj.keys() {
-        assert!(PARAMETER_NAMES.contains(&k.as_str()), "{k}");
-    }
+    let mut names: Vec<&str> = PARAMETERS.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    assert_eq!(obj.keys().map(String::as_str).collect::<Vec<_>>(), names);
 }
 
 #[test]
@@ -305,4 +305,37 @@ fn parameter_set_applies_all_or_nothing() {
     let mut q = Parameters::default();
     q.apply_json(&p.to_query_json(), &caps).unwrap();
     assert_eq!(q, p);
+}
+
+/// Every PARAMETERS entry is accepted by `apply_json` with a value of its declared type (a
+/// range or support check may still refuse the value, but never the name or the JSON type), and
+/// refuses a value of another JSON type.
+#[test]
+fn parameters_table_matches_apply_json() {
+    let caps = Capabilities::default();
+    for (name, ty) in PARAMETERS {
+        let (good, bad) = match ty {
+            ParamType::Bool => (json!(true), json!(1)),
+            ParamType::U8 | ParamType::U32 | ParamType::U64 => (json!(1), json!("1")),
+            ParamType::StrOrNull => (json!(null), json!(1)),
+            ParamType::MultifdCompression => (json!("zlib"), json!(1)),
+            ParamType::MigMode => (json!("normal"), json!(1)),
+            ParamType::ZeroPageDetection => (json!("legacy"), json!(1)),
+        };
+        let mut p = Parameters::default();
+        if let Err(e) = p.apply_json(&json!({ *name: good }), &caps) {
+            let e = e.to_string();
+            assert!(
+                !e.contains("unexpected") && !e.contains("Invalid parameter type"),
+                "{name}: {e}"
+            );
+        }
+        let e = p
+            .apply_json(&json!({ *name: bad }), &caps)
+            .expect_err("wrong JSON type");
+        assert!(
+            e.to_string().starts_with("Invalid parameter type"),
+            "{name}: {e}"
+        );
+    }
 }

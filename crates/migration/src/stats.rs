@@ -202,12 +202,18 @@ impl MigrationStats {
         };
     }
 
-    /// Sets the status; a terminal status freezes `total-time`.
+    /// Sets the status; a terminal status freezes `total-time` and, on the destination, drops
+    /// `socket-address` (as QEMU does when the incoming migration ends: nothing listens any more).
     pub fn set_status(&self, status: MigrationStatus) {
         let mut g = self.lock();
         g.snap.status = status;
-        if status.is_terminal() && g.end.is_none() {
-            g.end = Some(Instant::now());
+        if status.is_terminal() {
+            if g.end.is_none() {
+                g.end = Some(Instant::now());
+            }
+            if g.snap.role == Role::Destination {
+                g.snap.socket_address.clear();
+            }
         }
     }
 
@@ -514,7 +520,41 @@ mod tests {
         let v = st.to_query_migrate_json();
         assert_eq!(keys(&v), ["socket-address", "status"]);
         st.set_status(MigrationStatus::Completed);
-        assert_eq!(st.to_query_migrate_json()["status"], "completed");
+        // Nothing listens any more: QEMU drops socket-address when the migration ends.
+        assert_eq!(st.to_query_migrate_json(), json!({"status": "completed"}));
+    }
+
+    /// `socket-address` entries as QEMU reports a listening address: `ipv4` / `ipv6` flags for
+    /// inet addresses (the listener's own address is always numeric).
+    #[test]
+    fn listening_addresses_carry_the_address_family() {
+        use crate::transport::MigrationUri;
+        let tcp = |host: &str| {
+            MigrationUri::Tcp {
+                host: host.into(),
+                port: 4444,
+            }
+            .socket_address_json()
+        };
+        assert_eq!(
+            tcp("127.0.0.1"),
+            Some(json!({"type": "inet", "host": "127.0.0.1", "port": "4444", "ipv4": true}))
+        );
+        assert_eq!(
+            tcp("::1"),
+            Some(json!({"type": "inet", "host": "::1", "port": "4444", "ipv6": true}))
+        );
+        assert_eq!(
+            tcp("localhost"),
+            Some(json!({"type": "inet", "host": "localhost", "port": "4444"}))
+        );
+        let unix = MigrationUri::Unix {
+            path: "/tmp/m.sock".into(),
+        };
+        assert_eq!(
+            unix.socket_address_json(),
+            Some(json!({"type": "unix", "path": "/tmp/m.sock"}))
+        );
     }
 
     #[test]

@@ -92,13 +92,22 @@ impl MigrationUri {
         matches!(self, Self::File { .. })
     }
 
-    /// The QMP `socket-address` entry for this address, when it is a socket
-    /// (`{"type":"inet","host":…,"port":"…"}` / `{"type":"unix","path":…}`).
+    /// The QMP `socket-address` entry for this address, when it is a socket, as QEMU reports a
+    /// listening address: `{"type":"inet","host":…,"port":"…","ipv4":true}` (`"ipv6":true` for
+    /// an IPv6 address; neither for a host name) / `{"type":"unix","path":…}`.
     pub fn socket_address_json(&self) -> Option<serde_json::Value> {
         match self {
-            Self::Tcp { host, port } => Some(serde_json::json!({
-                "type": "inet", "host": host, "port": port.to_string()
-            })),
+            Self::Tcp { host, port } => {
+                let mut a = serde_json::json!({
+                    "type": "inet", "host": host, "port": port.to_string()
+                });
+                match host.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V4(_)) => a["ipv4"] = true.into(),
+                    Ok(std::net::IpAddr::V6(_)) => a["ipv6"] = true.into(),
+                    Err(_) => {}
+                }
+                Some(a)
+            }
             Self::Unix { path } => Some(serde_json::json!({
                 "type": "unix", "path": path.to_string_lossy()
             })),

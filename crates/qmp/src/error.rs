@@ -98,6 +98,10 @@ pub enum ServerError {
     /// Another process is accepting connections on the socket path.
     #[error("QMP socket {0} is in use by another process")]
     AddrInUse(String),
+    /// The dispatcher's tables give one type name to two different types (a programming
+    /// error: `query-qmp-schema` could describe only one of them).
+    #[error("QMP schema: type name(s) {0:?} given to different types")]
+    SchemaClash(Vec<&'static str>),
     /// Socket or thread creation failed.
     #[error("QMP server I/O error on {path}: {source}")]
     Io {

@@ -1,24 +1,24 @@
-//! The QMP server: accept thread, one thread per client, negotiation and dispatch.
+//! The QMP server: the [`Dispatcher`] a VMM implements, limits and configuration, the accept
+//! thread and one thread per client (`crate::conn`).
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::args::{no_args, parse_args};
+use crate::builtins::BUILTIN_COMMANDS;
+use crate::conn::Conn;
 use crate::error::{QmpError, ServerError};
 use crate::events::{ClientShared, EventSink};
-use crate::framer::{FrameEvent, Framer};
+use crate::introspect;
+use crate::schema::{type_name_clashes, Command, Event};
 use crate::wire::{self, QemuVersion};
 
 /// Implemented by the VMM: executes commands.
@@ -28,14 +28,23 @@ use crate::wire::{self, QemuVersion};
 /// block for long: the client gets no events while its command runs, and
 /// [`QmpServer::shutdown`] waits for running commands.
 pub trait Dispatcher: Send + Sync {
-    /// Names of the commands [`Dispatcher::dispatch`] accepts. The server answers
-    /// `qmp_capabilities` and `query-commands` itself and replies `CommandNotFound` for any
-    /// other name not listed here.
-    fn commands(&self) -> Vec<&'static str>;
+    /// The commands [`Dispatcher::dispatch`] accepts, with their arguments and reply types
+    /// (read once, when the server starts). The server answers `qmp_capabilities`,
+    /// `query-commands` and `query-qmp-schema` itself, replies `CommandNotFound` for any other
+    /// name not listed here, and checks `arguments` against [`Command::args`] before dispatching
+    /// (QEMU's texts: missing, unexpected, wrongly typed members, bad enum values). Both
+    /// `query-commands` and `query-qmp-schema` are generated from this list.
+    fn commands(&self) -> Vec<&'static Command>;
 
-    /// Executes `command`. `args` is the request's `arguments` object (empty if absent); use
-    /// [`crate::parse_args`] to get a typed struct with QEMU-like errors. The returned value is
-    /// sent as `{"return": value}` (QEMU returns `{}` for commands without a result).
+    /// The events the VMM emits, as `query-qmp-schema` lists them.
+    fn events(&self) -> Vec<&'static Event> {
+        Vec::new()
+    }
+
+    /// Executes `command`. `args` is the request's `arguments` object (empty if absent), already
+    /// checked against the command's [`Command::args`]; use [`crate::parse_args`] to get a typed
+    /// struct. The returned value is sent as `{"return": value}` (QEMU returns `{}` for commands
+    /// without a result).
     fn dispatch(
         &self,
         ctx: &ClientCtx,
@@ -49,9 +58,9 @@ pub type AfterReply = Box<dyn FnOnce() + Send>;
 
 /// Per-command context handed to [`Dispatcher::dispatch`].
 pub struct ClientCtx {
-    id: u64,
-    events: EventSink,
-    after_reply: RefCell<Vec<AfterReply>>,
+    pub(crate) id: u64,
+    pub(crate) events: EventSink,
+    pub(crate) after_reply: RefCell<Vec<AfterReply>>,
 }
 
 impl ClientCtx {
@@ -85,6 +94,9 @@ pub struct Limits {
     /// Most output (replies + events) that may wait for one client. An event that does not fit
     /// disconnects the client.
     pub max_pending_output: usize,
+    /// Output backlog at which a client's further requests wait, unread, until it drains below
+    /// this again (at least 1 byte).
+    pub pause_input_at: usize,
     /// Connections served at once; further ones are closed at once.
     pub max_clients: usize,
     /// How long [`QmpServer::shutdown`] (and closing after an oversized message) waits for a
@@ -98,6 +110,7 @@ impl Default for Limits {
             max_message_bytes: 1 << 20,
             max_depth: 100,
             max_pending_output: 4 << 20,
+            pause_input_at: 256 << 10,
             max_clients: 64,
             flush_timeout: Duration::from_secs(2),
         }
@@ -129,28 +142,35 @@ impl ServerConfig {
     }
 }
 
-/// The output backlog above which a client's requests are no longer read.
-const HIGH_WATER: usize = 256 << 10;
-const READ_CHUNK: usize = 64 << 10;
-
-struct Inner {
-    dispatcher: Arc<dyn Dispatcher>,
-    greeting: Vec<u8>,
-    events: EventSink,
-    limits: Limits,
+/// State shared by the accept thread and the client threads.
+pub(crate) struct Inner {
+    pub dispatcher: Arc<dyn Dispatcher>,
+    /// The server's own commands, then the dispatcher's (a name listed twice counts once).
+    pub commands: Vec<&'static Command>,
+    event_specs: Vec<&'static Event>,
+    schema: OnceLock<Value>,
+    pub greeting: Vec<u8>,
+    pub events: EventSink,
+    pub limits: Limits,
     stopping: AtomicBool,
     clients: Mutex<Vec<ClientEntry>>,
     next_id: AtomicU64,
 }
 
-struct ClientEntry {
-    shared: Arc<ClientShared>,
+pub(crate) struct ClientEntry {
+    pub shared: Arc<ClientShared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Inner {
-    fn clients(&self) -> MutexGuard<'_, Vec<ClientEntry>> {
+    pub(crate) fn clients(&self) -> MutexGuard<'_, Vec<ClientEntry>> {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `query-qmp-schema` reply (generated on first use; the tables are static).
+    pub(crate) fn schema(&self) -> &Value {
+        self.schema
+            .get_or_init(|| introspect::schema_info(&self.commands, &self.event_specs))
     }
 }
 
@@ -172,12 +192,24 @@ fn io_err(path: &Path, source: io::Error) -> ServerError {
 
 impl QmpServer {
     /// Binds `path` (a stale socket file left by a dead process is replaced; a live one is an
-    /// error) and starts the `qmp-accept` thread.
+    /// error) and starts the `qmp-accept` thread. Fails without binding if the dispatcher's
+    /// tables give one type name to two different types.
     pub fn bind(
         path: impl AsRef<Path>,
         dispatcher: Arc<dyn Dispatcher>,
         config: ServerConfig,
     ) -> Result<QmpServer, ServerError> {
+        let mut commands: Vec<&'static Command> = BUILTIN_COMMANDS.to_vec();
+        for c in dispatcher.commands() {
+            if !commands.iter().any(|known| known.name == c.name) {
+                commands.push(c);
+            }
+        }
+        let event_specs = dispatcher.events();
+        let clashes = type_name_clashes(&commands, &event_specs);
+        if !clashes.is_empty() {
+            return Err(ServerError::SchemaClash(clashes));
+        }
         let path = path.as_ref().to_path_buf();
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
             if meta.file_type().is_socket() {
@@ -191,8 +223,12 @@ impl QmpServer {
         let socket_id = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
         let mut limits = config.limits;
         limits.max_depth = limits.max_depth.clamp(1, 120);
+        limits.pause_input_at = limits.pause_input_at.max(1);
         let inner = Arc::new(Inner {
             dispatcher,
+            commands,
+            event_specs,
+            schema: OnceLock::new(),
             greeting: wire::greeting(config.version, &config.package),
             events: config.events,
             limits,
@@ -327,20 +363,7 @@ fn spawn_client(inner: &Arc<Inner>, stream: UnixStream) {
         wake_tx,
         inner.limits.max_pending_output,
     ));
-    let conn = Conn {
-        inner: Arc::clone(inner),
-        shared: Arc::clone(&shared),
-        stream,
-        wake_rx,
-        framer: Framer::new(inner.limits.max_message_bytes, inner.limits.max_depth),
-        input: Vec::with_capacity(READ_CHUNK),
-        input_pos: 0,
-        read_eof: false,
-        close_after_flush: false,
-        deadline: None,
-        hooks: Vec::new(),
-        negotiated: false,
-    };
+    let conn = Conn::new(Arc::clone(inner), Arc::clone(&shared), stream, wake_rx);
     // The list stays locked until the entry is in, so the thread's own removal comes after.
     match thread::Builder::new()
         .name(format!("qmp-client-{id}"))
@@ -356,422 +379,4 @@ fn spawn_client(inner: &Arc<Inner>, stream: UnixStream) {
         }
         Err(e) => tracing::warn!("QMP: cannot spawn a client thread: {e}"),
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CapabilitiesArgs {
-    #[serde(default)]
-    enable: Vec<Capability>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum Capability {
-    Oob,
-}
-
-/// Result of one request: the reply and what to do after it.
-struct Handled {
-    result: Result<Value, QmpError>,
-    id: Option<Value>,
-    negotiated: bool,
-    hooks: Vec<AfterReply>,
-}
-
-impl Handled {
-    fn err(e: QmpError, id: Option<Value>) -> Handled {
-        Handled {
-            result: Err(e),
-            id,
-            negotiated: false,
-            hooks: Vec::new(),
-        }
-    }
-}
-
-struct Conn {
-    inner: Arc<Inner>,
-    shared: Arc<ClientShared>,
-    stream: UnixStream,
-    wake_rx: UnixStream,
-    framer: Framer,
-    input: Vec<u8>,
-    input_pos: usize,
-    read_eof: bool,
-    /// An oversized message was seen: flush the error reply, then close.
-    close_after_flush: bool,
-    deadline: Option<Instant>,
-    hooks: Vec<(u64, AfterReply)>,
-    negotiated: bool,
-}
-
-enum Poll {
-    Readable,
-    Other,
-}
-
-impl Conn {
-    fn run(mut self) {
-        self.shared.push_reply(&self.inner.greeting);
-        let reason = self.serve();
-        tracing::debug!("QMP client {} closed: {reason}", self.shared.id);
-        self.run_hooks(true);
-        let id = self.shared.id;
-        self.inner.events.unregister(id);
-        self.inner.clients().retain(|c| c.shared.id != id);
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
-    }
-
-    fn serve(&mut self) -> String {
-        loop {
-            self.drain_wake();
-            self.process_input();
-            let flushed = self.flush();
-            self.run_hooks(false);
-            if let Err(e) = flushed {
-                return format!("write failed: {e}");
-            }
-            let (pending, overflowed, closing) = {
-                let out = self.shared.lock();
-                (out.buf.len(), out.overflowed, out.closing)
-            };
-            if overflowed {
-                return "event queue overflow".into();
-            }
-            let finishing = closing || self.close_after_flush;
-            if finishing || self.read_eof {
-                if pending == 0 {
-                    return if closing {
-                        "server shutdown".into()
-                    } else if self.close_after_flush {
-                        "oversized message".into()
-                    } else {
-                        "end of input".into()
-                    };
-                }
-                if finishing {
-                    let deadline = *self
-                        .deadline
-                        .get_or_insert_with(|| Instant::now() + self.inner.limits.flush_timeout);
-                    if Instant::now() >= deadline {
-                        return "flush timeout".into();
-                    }
-                }
-            }
-            let want_read = !self.read_eof
-                && !finishing
-                && self.input_pos >= self.input.len()
-                && pending < HIGH_WATER;
-            match self.poll(want_read, pending > 0) {
-                Ok(Poll::Readable) if want_read => {
-                    if let Err(e) = self.read_some() {
-                        return format!("read failed: {e}");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => return format!("poll failed: {e}"),
-            }
-        }
-    }
-
-    fn poll(&self, want_read: bool, want_write: bool) -> io::Result<Poll> {
-        let mut events = 0;
-        if want_read {
-            events |= libc::POLLIN;
-        }
-        if want_write {
-            events |= libc::POLLOUT;
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: self.stream.as_raw_fd(),
-                events,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.wake_rx.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let timeout = match self.deadline {
-            Some(d) => {
-                let ms = d.saturating_duration_since(Instant::now()).as_millis();
-                i32::try_from(ms).unwrap_or(i32::MAX).max(1)
-            }
-            None => -1,
-        };
-        // SAFETY: `fds` is a live, exclusively borrowed array of initialised `pollfd`s whose
-        // length is passed with it; both descriptors are owned by `self` and stay open for the
-        // duration of the call. poll() writes only the `revents` fields.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(Poll::Other)
-            } else {
-                Err(e)
-            };
-        }
-        let ready = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
-        if fds[0].revents & ready != 0 {
-            Ok(Poll::Readable)
-        } else {
-            Ok(Poll::Other)
-        }
-    }
-
-    fn drain_wake(&mut self) {
-        let mut buf = [0u8; 64];
-        while let Ok(n) = self.wake_rx.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    }
-
-    fn read_some(&mut self) -> io::Result<()> {
-        self.input.resize(READ_CHUNK, 0);
-        let r = self.stream.read(&mut self.input);
-        let n = match r {
-            Ok(n) => n,
-            Err(e) => {
-                self.input.clear();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
-                    io::ErrorKind::ConnectionReset => {
-                        self.read_eof = true;
-                        Ok(())
-                    }
-                    _ => Err(e),
-                };
-            }
-        };
-        self.input.truncate(n);
-        self.input_pos = 0;
-        if n == 0 {
-            self.read_eof = true;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        let mut out = self.shared.lock();
-        while !out.buf.is_empty() {
-            let (front, _) = out.buf.as_slices();
-            match (&self.stream).write(front) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    out.buf.drain(..n);
-                    out.written_total += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs the after-reply actions whose reply is written (all of them when `all`).
-    fn run_hooks(&mut self, all: bool) {
-        if self.hooks.is_empty() {
-            return;
-        }
-        let written = self.shared.lock().written_total;
-        let mut i = 0;
-        while i < self.hooks.len() {
-            if all || self.hooks[i].0 <= written {
-                let (_, hook) = self.hooks.remove(i);
-                if catch_unwind(AssertUnwindSafe(hook)).is_err() {
-                    tracing::error!("QMP after-reply action panicked");
-                }
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    fn process_input(&mut self) {
-        if self.shared.lock().closing || self.close_after_flush {
-            self.input_pos = self.input.len();
-            return;
-        }
-        while self.input_pos < self.input.len() {
-            let step = self.framer.step(self.input[self.input_pos]);
-            if step.consumed {
-                self.input_pos += 1;
-            }
-            let Some(event) = step.event else { continue };
-            self.handle_event(event);
-            let out = self.shared.lock();
-            if out.closing || self.close_after_flush {
-                self.input_pos = self.input.len();
-                return;
-            }
-            if out.buf.len() >= HIGH_WATER {
-                return;
-            }
-        }
-    }
-
-    fn reply(&mut self, handled: Handled) {
-        let bytes = wire::reply(&handled.result, handled.id.as_ref());
-        let pos = self.shared.push_reply(&bytes);
-        if handled.negotiated {
-            self.negotiated = true;
-            self.shared.negotiated.store(true, Ordering::Release);
-        }
-        self.hooks
-            .extend(handled.hooks.into_iter().map(|hook| (pos, hook)));
-    }
-
-    fn handle_event(&mut self, event: FrameEvent) {
-        let handled = match event {
-            FrameEvent::Message(bytes) => self.handle_message(&bytes),
-            FrameEvent::Error(desc) => Handled::err(QmpError::generic(desc), None),
-            FrameEvent::TooDeep => {
-                Handled::err(QmpError::generic("JSON nesting depth limit exceeded"), None)
-            }
-            FrameEvent::TooLarge => {
-                let limit = self.inner.limits.max_message_bytes;
-                tracing::warn!(
-                    "QMP client {}: message larger than {limit} bytes, closing the connection",
-                    self.shared.id
-                );
-                self.close_after_flush = true;
-                Handled::err(
-                    QmpError::generic(format!(
-                        "JSON message size limit exceeded ({limit} bytes), closing the connection"
-                    )),
-                    None,
-                )
-            }
-        };
-        self.reply(handled);
-    }
-
-    fn handle_message(&mut self, bytes: &[u8]) -> Handled {
-        let value: Value = match serde_json::from_slice(bytes) {
-            Ok(v) => v,
-            Err(e) => {
-                return Handled::err(QmpError::generic(format!("JSON parse error, {e}")), None)
-            }
-        };
-        let Value::Object(mut request) = value else {
-            return Handled::err(QmpError::generic("QMP input must be a JSON object"), None);
-        };
-        let id = request.remove("id");
-        let mut command = None;
-        let mut args = Map::new();
-        for (key, member) in request {
-            match (key.as_str(), member) {
-                ("execute", Value::String(name)) => command = Some(name),
-                ("execute", _) => {
-                    return Handled::err(
-                        QmpError::generic("QMP input member 'execute' must be a string"),
-                        id,
-                    )
-                }
-                ("arguments", Value::Object(map)) => args = map,
-                ("arguments", _) => {
-                    return Handled::err(
-                        QmpError::generic("QMP input member 'arguments' must be an object"),
-                        id,
-                    )
-                }
-                (other, _) => {
-                    return Handled::err(
-                        QmpError::generic(format!("QMP input member '{other}' is unexpected")),
-                        id,
-                    )
-                }
-            }
-        }
-        let Some(command) = command else {
-            return Handled::err(QmpError::generic("QMP input lacks member 'execute'"), id);
-        };
-        if !self.negotiated {
-            if command != "qmp_capabilities" {
-                return Handled::err(
-                    QmpError::command_not_found(
-                        "Expecting capabilities negotiation with 'qmp_capabilities'",
-                    ),
-                    id,
-                );
-            }
-            let result = negotiate(args);
-            return Handled {
-                negotiated: result.is_ok(),
-                result,
-                id,
-                hooks: Vec::new(),
-            };
-        }
-        let result = match command.as_str() {
-            "qmp_capabilities" => Err(QmpError::command_not_found(
-                "Capabilities negotiation is already complete, command ignored",
-            )),
-            "query-commands" => no_args(&args).map(|()| self.query_commands()),
-            name => return self.dispatch(name, args, id),
-        };
-        Handled {
-            result,
-            id,
-            negotiated: false,
-            hooks: Vec::new(),
-        }
-    }
-
-    fn query_commands(&self) -> Value {
-        let mut names = vec!["qmp_capabilities", "query-commands"];
-        for name in self.inner.dispatcher.commands() {
-            if !names.contains(&name) {
-                names.push(name);
-            }
-        }
-        Value::Array(
-            names
-                .into_iter()
-                .map(|n| serde_json::json!({ "name": n }))
-                .collect(),
-        )
-    }
-
-    fn dispatch(&mut self, name: &str, args: Map<String, Value>, id: Option<Value>) -> Handled {
-        let dispatcher = Arc::clone(&self.inner.dispatcher);
-        if !dispatcher.commands().contains(&name) {
-            return Handled::err(
-                QmpError::command_not_found(format!("The command {name} has not been found")),
-                id,
-            );
-        }
-        let ctx = ClientCtx {
-            id: self.shared.id,
-            events: self.inner.events.clone(),
-            after_reply: RefCell::new(Vec::new()),
-        };
-        let result = catch_unwind(AssertUnwindSafe(|| dispatcher.dispatch(&ctx, name, args)))
-            .unwrap_or_else(|_| {
-                tracing::error!("QMP command {name} panicked");
-                Err(QmpError::generic(format!(
-                    "internal error: command {name} failed"
-                )))
-            });
-        Handled {
-            result,
-            id,
-            negotiated: false,
-            hooks: ctx.after_reply.into_inner(),
-        }
-    }
-}
-
-fn negotiate(args: Map<String, Value>) -> Result<Value, QmpError> {
-    let caps: CapabilitiesArgs = parse_args(args)?;
-    if let Some(Capability::Oob) = caps.enable.first() {
-        return Err(QmpError::generic("Capability oob not available"));
-    }
-    Ok(Value::Object(Map::new()))
 }

@@ -12,6 +12,7 @@ use tern_migration::status::MigrationStatus;
 use tern_migration::transport::MigrationUri;
 use tern_qmp::{no_args, parse_args, QmpError};
 
+use super::migration_address::{self, Direction, MigrationChannel};
 use super::Controller;
 use crate::migrate::events::QmpMigrationEvents;
 use crate::migrate::incoming::Incoming;
@@ -50,7 +51,8 @@ fn param_err(e: impl std::fmt::Display) -> QmpError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MigrateArgs {
-    uri: String,
+    uri: Option<String>,
+    channels: Option<Vec<MigrationChannel>>,
     /// QEMU accepts and ignores `detach` (always detached).
     #[serde(default)]
     #[allow(dead_code)]
@@ -62,7 +64,8 @@ struct MigrateArgs {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IncomingArgs {
-    uri: String,
+    uri: Option<String>,
+    channels: Option<Vec<MigrationChannel>>,
     #[serde(default, rename = "exit-on-error")]
     exit_on_error: Option<bool>,
 }
@@ -70,7 +73,7 @@ struct IncomingArgs {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ContinueArgs {
-    state: String,
+    state: MigrationStatus,
 }
 
 impl Controller {
@@ -136,7 +139,7 @@ impl Controller {
                 "Cannot resume if there is no paused migration",
             ));
         }
-        let uri: MigrationUri = a.uri.parse().map_err(param_err)?;
+        let uri = migration_address::resolve(a.uri, a.channels, Direction::Outgoing)?;
         let mut m = self.mig();
         check_not_running(m.status()).map_err(param_err)?;
         // A VM that arrived by migration is an ordinary VM again once the load completed.
@@ -183,19 +186,29 @@ impl Controller {
     pub(super) fn migrate_incoming(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
         let a: IncomingArgs = parse_args(args)?;
         let _ = a.exit_on_error;
-        self.start_incoming(&a.uri)?;
+        self.start_incoming_at(|| {
+            migration_address::resolve(a.uri, a.channels, Direction::Incoming)
+        })?;
         Ok(json!({}))
     }
 
-    /// Starts listening for an incoming migration at `uri` (QMP `migrate-incoming`, or
-    /// `--incoming URI` on the command line).
+    /// Starts listening for an incoming migration at `uri` (`--incoming URI` on the command
+    /// line).
     pub fn start_incoming(&self, uri: &str) -> Result<(), QmpError> {
+        self.start_incoming_at(|| uri.parse().map_err(param_err))
+    }
+
+    /// Starts listening at the address `address` gives (read after the state checks, as QEMU).
+    fn start_incoming_at(
+        &self,
+        address: impl FnOnce() -> Result<MigrationUri, QmpError>,
+    ) -> Result<(), QmpError> {
         if self.run_state() != super::RunState::InMigrate {
             return Err(QmpError::generic(
                 "'-incoming' was not specified on the command line",
             ));
         }
-        let uri: MigrationUri = uri.parse().map_err(param_err)?;
+        let uri = address()?;
         let mut m = self.mig();
         if m.incoming.is_some() {
             return Err(QmpError::generic(
@@ -239,8 +252,7 @@ impl Controller {
                 MigrationStatus::None.as_str()
             ))
         })?;
-        if a.state != MigrationStatus::PreSwitchover.as_str()
-            || o.status() != MigrationStatus::PreSwitchover
+        if a.state != MigrationStatus::PreSwitchover || o.status() != MigrationStatus::PreSwitchover
         {
             return Err(QmpError::generic(format!(
                 "Migration not in expected state: {}",

@@ -3,48 +3,27 @@
 //!
 //! * [`runstate`]: QEMU's RunState as `query-status` reports it, and the STOP/RESUME events.
 //! * [`vm_cmds`]: machine commands (`stop`, `cont`, `quit`, `pmemsave`, `x-tern-*`).
+//! * [`schema`]: the QAPI types of the commands' arguments and replies, and the events.
+//!
+//! [`COMMANDS`] is the one table of commands: the QMP server lists it (`query-commands`,
+//! `query-qmp-schema`), checks arguments against it, and dispatch runs its handlers.
 
+mod migration_address;
 mod migration_cmds;
 mod runstate;
+mod schema;
 mod vm_cmds;
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::{Map, Value};
+use tern_qmp::schema::{Command, Event, Member, Type, EMPTY};
 use tern_qmp::{ClientCtx, Dispatcher, EventSink, QmpError};
 use tern_statedev::StateDevice;
 use tern_vmm::Vm;
 
 pub use runstate::RunState;
-
-/// Every command this dispatcher answers (the QMP server adds `qmp_capabilities` and
-/// `query-commands`).
-const COMMANDS: &[&str] = &[
-    "query-version",
-    "query-status",
-    "query-name",
-    "query-uuid",
-    "stop",
-    "cont",
-    "quit",
-    "pmemsave",
-    "x-tern-heartbeats",
-    "x-tern-wait-heartbeat",
-    "x-tern-guest-stats",
-    "x-tern-serial",
-    "x-tern-dirty-log",
-    "x-tern-statedev",
-    "migrate",
-    "migrate-incoming",
-    "query-migrate",
-    "migrate_cancel",
-    "migrate-continue",
-    "migrate-set-capabilities",
-    "migrate-set-parameters",
-    "query-migrate-capabilities",
-    "query-migrate-parameters",
-];
 
 /// Shared state of one `tern run` process, as seen by QMP.
 pub struct Controller {
@@ -94,12 +73,126 @@ impl Controller {
     }
 }
 
+/// Runs one command (arguments already checked against the entry's schema).
+type Handler = fn(&Controller, &ClientCtx, Map<String, Value>) -> Result<Value, QmpError>;
+
+/// A command: its schema and its handler.
+struct Entry {
+    spec: Command,
+    run: Handler,
+}
+
+const fn entry(name: &'static str, args: &'static [Member], ret: Type, run: Handler) -> Entry {
+    Entry {
+        spec: Command { name, args, ret },
+        run,
+    }
+}
+
+/// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
+/// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
+static COMMANDS: [Entry; 23] = [
+    entry("query-version", &[], schema::VERSION, |_, _, a| {
+        vm_cmds::query_version(a)
+    }),
+    entry("query-status", &[], schema::STATUS, |c, _, a| {
+        c.query_status(a)
+    }),
+    entry("query-name", &[], schema::NAME, |_, _, a| {
+        vm_cmds::query_name(a)
+    }),
+    entry("query-uuid", &[], schema::UUID, |c, _, a| c.query_uuid(a)),
+    entry("stop", &[], EMPTY, |c, _, a| c.stop(a)),
+    entry("cont", &[], EMPTY, |c, _, a| c.cont(a)),
+    entry("quit", &[], EMPTY, |c, ctx, a| c.quit(ctx, a)),
+    entry("pmemsave", &schema::PMEMSAVE_ARGS, EMPTY, |c, _, a| {
+        c.pmemsave(a)
+    }),
+    entry(
+        "x-tern-heartbeats",
+        &schema::SINCE_ARGS,
+        schema::HEARTBEATS,
+        |c, _, a| c.heartbeats(a),
+    ),
+    entry(
+        "x-tern-wait-heartbeat",
+        &schema::WAIT_HEARTBEAT_ARGS,
+        schema::WAIT_HEARTBEAT,
+        |c, _, a| c.wait_heartbeat(a),
+    ),
+    entry("x-tern-guest-stats", &[], schema::GUEST_STATS, |c, _, a| {
+        c.guest_stats(a)
+    }),
+    entry(
+        "x-tern-serial",
+        &schema::SERIAL_ARGS,
+        schema::SERIAL,
+        |c, _, a| c.serial(a),
+    ),
+    entry(
+        "x-tern-dirty-log",
+        &schema::DIRTY_LOG_ARGS,
+        EMPTY,
+        |c, _, a| c.dirty_log(a),
+    ),
+    entry("x-tern-statedev", &[], schema::STATEDEVS, |c, _, a| {
+        c.statedev(a)
+    }),
+    entry("migrate", &schema::MIGRATE_ARGS, EMPTY, |c, _, a| {
+        c.migrate(a)
+    }),
+    entry(
+        "migrate-incoming",
+        &schema::INCOMING_ARGS,
+        EMPTY,
+        |c, _, a| c.migrate_incoming(a),
+    ),
+    entry("query-migrate", &[], schema::MIGRATION, |c, _, a| {
+        c.query_migrate(a)
+    }),
+    entry("migrate_cancel", &[], EMPTY, |c, _, a| c.migrate_cancel(a)),
+    entry(
+        "migrate-continue",
+        &schema::CONTINUE_ARGS,
+        EMPTY,
+        |c, _, a| c.migrate_continue(a),
+    ),
+    entry(
+        "migrate-set-capabilities",
+        &schema::SET_CAPABILITIES_ARGS,
+        EMPTY,
+        |c, _, a| c.migrate_set_capabilities(a),
+    ),
+    entry(
+        "migrate-set-parameters",
+        &schema::SET_PARAMETERS_ARGS,
+        EMPTY,
+        |c, _, a| c.migrate_set_parameters(a),
+    ),
+    entry(
+        "query-migrate-capabilities",
+        &[],
+        schema::CAPABILITIES,
+        |c, _, a| c.query_migrate_capabilities(a),
+    ),
+    entry(
+        "query-migrate-parameters",
+        &[],
+        schema::PARAMETERS_INFO,
+        |c, _, a| c.query_migrate_parameters(a),
+    ),
+];
+
 /// QMP dispatch over an `Arc<Controller>`.
 pub struct QmpDispatch(pub Arc<Controller>);
 
 impl Dispatcher for QmpDispatch {
-    fn commands(&self) -> Vec<&'static str> {
-        COMMANDS.to_vec()
+    fn commands(&self) -> Vec<&'static Command> {
+        COMMANDS.iter().map(|e| &e.spec).collect()
+    }
+
+    fn events(&self) -> Vec<&'static Event> {
+        schema::EVENTS.iter().collect()
     }
 
     fn dispatch(
@@ -108,33 +201,10 @@ impl Dispatcher for QmpDispatch {
         command: &str,
         args: Map<String, Value>,
     ) -> Result<Value, QmpError> {
-        let c = &self.0;
-        match command {
-            "query-version" => vm_cmds::query_version(args),
-            "query-status" => c.query_status(args),
-            "query-name" => vm_cmds::query_name(args),
-            "query-uuid" => c.query_uuid(args),
-            "stop" => c.stop(args),
-            "cont" => c.cont(args),
-            "quit" => c.quit(ctx, args),
-            "pmemsave" => c.pmemsave(args),
-            "x-tern-heartbeats" => c.heartbeats(args),
-            "x-tern-wait-heartbeat" => c.wait_heartbeat(args),
-            "x-tern-guest-stats" => c.guest_stats(args),
-            "x-tern-serial" => c.serial(args),
-            "x-tern-dirty-log" => c.dirty_log(args),
-            "x-tern-statedev" => c.statedev(args),
-            "migrate" => c.migrate(args),
-            "migrate-incoming" => c.migrate_incoming(args),
-            "query-migrate" => c.query_migrate(args),
-            "migrate_cancel" => c.migrate_cancel(args),
-            "migrate-continue" => c.migrate_continue(args),
-            "migrate-set-capabilities" => c.migrate_set_capabilities(args),
-            "migrate-set-parameters" => c.migrate_set_parameters(args),
-            "query-migrate-capabilities" => c.query_migrate_capabilities(args),
-            "query-migrate-parameters" => c.query_migrate_parameters(args),
-            other => Err(QmpError::command_not_found(format!(
-                "The command {other} has not been found"
+        match COMMANDS.iter().find(|e| e.spec.name == command) {
+            Some(e) => (e.run)(&self.0, ctx, args),
+            None => Err(QmpError::command_not_found(format!(
+                "The command {command} has not been found"
             ))),
         }
     }
