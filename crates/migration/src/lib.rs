@@ -7,6 +7,7 @@ pub mod convergence;
 pub mod dest;
 pub mod events;
 pub mod fakes;
+pub mod liveness;
 pub mod machine;
 pub mod params;
 pub mod source;

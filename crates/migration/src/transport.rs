@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
+use crate::liveness::{self, Direction};
+
 /// Socket buffer size requested for migration sockets (best effort: `SO_*BUFFORCE` needs
 /// CAP_NET_ADMIN; without it the kernel's autotuning is kept, which beats a clamped fixed size).
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
@@ -323,23 +325,27 @@ impl AsFd for Stream {
     }
 }
 
+/// Reads and writes report a liveness timeout (`SO_RCVTIMEO`, `SO_SNDTIMEO`, `ETIMEDOUT`) as an
+/// `io::Error` carrying a [`crate::liveness::Inactivity`].
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Self::Tcp(s) => s.read(buf),
             Self::Unix(s) => s.read(buf),
             Self::File(s) => s.read(buf),
-        }
+        };
+        r.map_err(|e| liveness::classify(&*self, e, Direction::Receive))
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Self::Tcp(s) => s.write(buf),
             Self::Unix(s) => s.write(buf),
             Self::File(s) => s.write(buf),
-        }
+        };
+        r.map_err(|e| liveness::classify(&*self, e, Direction::Send))
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -113,6 +113,7 @@ fn start(ack: bool, src_opts: &str, dst_opts: &str) -> Run {
         switchover_ack: ack,
         pause_before_switchover: false,
         tuning: converge(),
+        ..SourceOptions::default()
     };
     let src = source::migrate(
         sm,

@@ -162,6 +162,7 @@ pub fn src_opts(tuning: Tuning, ack: bool) -> SourceOptions {
         switchover_ack: ack,
         pause_before_switchover: false,
         tuning,
+        ..SourceOptions::default()
     }
 }
 
