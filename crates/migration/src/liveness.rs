@@ -87,13 +87,10 @@ pub enum Inactivity {
         /// The limit, ms.
         ms: u64,
     },
-    /// `ETIMEDOUT`: the kernel ended the connection (data or keepalive probes unacknowledged
-    /// for `TCP_USER_TIMEOUT`).
-    #[error("the connection timed out: data or keepalive probes unacknowledged for {ms} ms")]
-    Connection {
-        /// `TCP_USER_TIMEOUT`, ms (0 = the kernel's own retransmission limit).
-        ms: u64,
-    },
+    /// `ETIMEDOUT`: the kernel ended the connection (data, window probes or keepalive probes
+    /// unacknowledged for `TCP_USER_TIMEOUT`, or its own retransmission limit).
+    #[error("the connection timed out (TCP: unacknowledged data or keepalive probes)")]
+    Connection,
 }
 
 impl Inactivity {
@@ -106,13 +103,9 @@ impl Inactivity {
             Self::Send { ms } => {
                 format!("the {peer} stopped reading for {ms} ms: the {peer} or the link is gone")
             }
-            Self::Connection { ms: 0 } => format!(
-                "the connection to the {peer} timed out (unacknowledged data or keepalive \
+            Self::Connection => format!(
+                "the connection to the {peer} timed out (TCP: unacknowledged data or keepalive \
                  probes): the {peer} or the link is gone"
-            ),
-            Self::Connection { ms } => format!(
-                "the connection to the {peer} timed out ({ms} ms without acknowledgement of \
-                 data or keepalive probes): the {peer} or the link is gone"
             ),
         }
     }
@@ -172,8 +165,7 @@ pub(crate) fn classify(fd: &impl AsFd, e: io::Error, dir: Direction) -> io::Erro
         };
     }
     if e.raw_os_error() == Some(libc::ETIMEDOUT) {
-        let ms = ms(sock.tcp_user_timeout().ok().flatten()).unwrap_or(0);
-        return Inactivity::Connection { ms }.into_io();
+        return Inactivity::Connection.into_io();
     }
     e
 }

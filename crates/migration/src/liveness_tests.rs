@@ -138,10 +138,12 @@ fn other_errors_are_not_inactivity() {
         io::Error::from_raw_os_error(libc::ETIMEDOUT),
         Direction::Send,
     );
-    assert!(matches!(
-        Inactivity::of_io(&e),
-        Some(Inactivity::Connection { .. })
-    ));
+    assert_eq!(Inactivity::of_io(&e), Some(Inactivity::Connection));
+    assert_eq!(
+        Inactivity::Connection.describe("destination"),
+        "the connection to the destination timed out (TCP: unacknowledged data or keepalive \
+         probes): the destination or the link is gone"
+    );
 }
 
 #[test]

@@ -66,8 +66,24 @@ impl StateLoader for BusyLoader {
     fn load_cleanup(&mut self) {}
 }
 
-#[test]
-fn busy_destination_does_not_time_the_source_out() {
+/// A connected TCP pair on loopback with small socket buffers (so that a destination that
+/// stops reading closes its receive window quickly): (source end, destination end).
+fn small_buffer_tcp_pair() -> (Stream, Stream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let src = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (dst, _) = l.accept().unwrap();
+    for s in [&src, &dst] {
+        let sock = socket2::SockRef::from(s);
+        sock.set_send_buffer_size(64 << 10).unwrap();
+        sock.set_recv_buffer_size(64 << 10).unwrap();
+    }
+    (Stream::Tcp(src), Stream::Tcp(dst))
+}
+
+/// The destination's receiver is busy for 4 limits while the source has more to send: the
+/// source blocks in write (its peer's window closed) for longer than the limit, and the
+/// destination's keepalive (its latest PONG, repeated) shows it alive. Completes.
+fn busy_destination_completes(a: Stream, b: Stream) {
     let setup = Setup {
         loader: LoaderKind::NoAckNeeded,
         ..Setup::default()
@@ -78,20 +94,30 @@ fn busy_destination_does_not_time_the_source_out() {
         busy: Duration::from_millis(4 * LIMIT_MS),
         calls: 0,
     }));
-    let (a, b) = socketpair();
     let mut dopts = dst_opts(false);
     dopts.liveness = limit();
     let d = start_dest(&dst, dm, Incoming::Stream(b), dopts);
     let mut opts = src_opts(converge(), false);
     opts.liveness = limit();
     let s = start_source(&src, sm, Target::Stream(a), opts);
-    // The source fills the socket and blocks in write for longer than the limit; the
-    // destination's keepalive (its latest PONG, repeated) shows it alive.
     let so = s.join().unwrap();
     assert_eq!(so.status, S::Completed, "{:?}", so.error);
     let dout = d.join().unwrap();
     assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
     assert_ram_equal(&src, &dst);
+}
+
+#[test]
+fn busy_destination_does_not_time_the_source_out() {
+    let (a, b) = socketpair();
+    busy_destination_completes(a, b);
+}
+
+#[test]
+fn busy_destination_over_tcp_does_not_time_the_source_out() {
+    // Over TCP the kernel's TCP_USER_TIMEOUT also counts a closed window (Linux >= 5.11).
+    let (a, b) = small_buffer_tcp_pair();
+    busy_destination_completes(a, b);
 }
 
 #[test]

@@ -101,6 +101,9 @@ impl Sender {
             },
         )?;
         let live = stream.has_return_path();
+        if !live {
+            self.keepalive.disable();
+        }
         let rp_stream = if self.opts.return_path && live {
             stream
                 .try_clone_for_return_path()

@@ -21,11 +21,15 @@ use crate::wire::{Command, WireError};
 ///   fail, unless the destination was heard from on the return path within the limit; then it
 ///   is alive and only busy (a device loading for long), so keep waiting;
 /// * **read** (the return path; `SO_RCVTIMEO` = a check interval expired): fail when a `PING`
-///   is unanswered and nothing at all arrived for the limit; otherwise read on.
+///   is unanswered and nothing at all arrived for the limit; otherwise read on;
+/// * **TCP_USER_TIMEOUT**: the limit, extended whenever the destination is heard (see
+///   [`Watched::heard`]).
 pub(super) struct Watched {
     stream: Stream,
     shared: Arc<Shared>,
     limit: Option<Duration>,
+    /// When the channel was set up (no closed window can be older).
+    since: Instant,
 }
 
 impl Watched {
@@ -34,6 +38,23 @@ impl Watched {
             stream,
             shared,
             limit: liveness.limit(),
+            since: Instant::now(),
+        }
+    }
+
+    /// The destination sent something: it and the link are alive. Linux (since 5.11) counts a
+    /// receive window that stays closed against `TCP_USER_TIMEOUT` even while the peer answers
+    /// the window probes, so a destination busy for longer than the limit (a device loading,
+    /// not reading meanwhile) would have its connection cut by the kernel. Raise the timeout
+    /// past any window closed so far, by the limit: the kernel still ends the connection once
+    /// the destination is silent, and the rules above end the migration sooner.
+    fn heard(&self) {
+        let (Some(limit), Stream::Tcp(tcp)) = (self.limit, &self.stream) else {
+            return;
+        };
+        let timeout = self.since.elapsed() + limit;
+        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout)) {
+            tracing::debug!(error = %e, "cannot raise TCP_USER_TIMEOUT");
         }
     }
 
@@ -82,6 +103,10 @@ impl Read for Watched {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.stream.read(buf) {
+                Ok(n) if n > 0 => {
+                    self.heard();
+                    return Ok(n);
+                }
                 Err(e) if matches!(Inactivity::of_io(&e), Some(Inactivity::Receive { .. })) => {
                     if let Some(limit) = self.ping_overdue() {
                         let ms = limit.as_millis() as u64;
@@ -97,7 +122,8 @@ impl Read for Watched {
 /// When the sender last wrote, to send a keepalive `PING` after a period of silence.
 #[derive(Debug)]
 pub(super) struct Keepalive {
-    period: Duration,
+    /// `None`: no keepalives (a `file:` stream has nobody to keep alive).
+    period: Option<Duration>,
     bytes: u64,
     at: Instant,
 }
@@ -105,10 +131,15 @@ pub(super) struct Keepalive {
 impl Keepalive {
     pub(super) fn new(liveness: LivenessTimeout, now: Instant) -> Self {
         Self {
-            period: liveness.keepalive_period(),
+            period: Some(liveness.keepalive_period()),
             bytes: 0,
             at: now,
         }
+    }
+
+    /// No keepalives on this stream.
+    pub(super) fn disable(&mut self) {
+        self.period = None;
     }
 
     /// Notes the stream position; true when nothing was written for a whole period.
@@ -118,7 +149,8 @@ impl Keepalive {
             self.at = now;
             return false;
         }
-        now.saturating_duration_since(self.at) >= self.period
+        self.period
+            .is_some_and(|p| now.saturating_duration_since(self.at) >= p)
     }
 
     /// Notes a write that just happened.
@@ -128,8 +160,8 @@ impl Keepalive {
     }
 
     /// When the next keepalive is due if nothing is written until then.
-    fn next(&self) -> Instant {
-        self.at + self.period
+    fn next(&self) -> Option<Instant> {
+        self.period.map(|p| self.at + p)
     }
 }
 
@@ -169,7 +201,7 @@ impl Sender {
                 if self.keepalive.due(w.bytes_written(), now) {
                     self.send_ping()?;
                 }
-                keepalive_at = Some(self.keepalive.next());
+                keepalive_at = self.keepalive.next();
             }
             let f = shared.lock();
             if pred(&f) || f.aborting() || deadline.is_some_and(|d| now >= d) {
