@@ -114,9 +114,13 @@ fn sigstopped_destination_fails_the_source_which_runs_on() {
     let dir = tmpdir();
     let (mut src, mut dst) = stuck_migration(dir.path());
     signal(&dst, "-STOP");
+    let stopped = Instant::now();
     let q = src.wait_mig(&["failed"], NOTICE);
     let desc = error_desc(&q);
-    eprintln!("source error-desc: {desc}");
+    eprintln!(
+        "source failed {:?} after the SIGSTOP: {desc}",
+        stopped.elapsed()
+    );
     assert!(is_inactivity(&desc), "source error-desc: {desc}");
     assert!(desc.contains("destination"), "{desc}");
     assert_source_runs_on(&mut src);
@@ -134,7 +138,12 @@ fn sigstopped_source_makes_the_destination_give_up() {
     let dir = tmpdir();
     let (mut src, mut dst) = stuck_migration(dir.path());
     signal(&src, "-STOP");
+    let stopped = Instant::now();
     let why = wait_gave_up(&mut dst, NOTICE);
+    eprintln!(
+        "destination gave up {:?} after the SIGSTOP",
+        stopped.elapsed()
+    );
     assert!(
         why.contains("no data from the source for 1500 ms: the source or the link is gone"),
         "destination: {why}"
@@ -292,13 +301,21 @@ fn link_down_between_namespaces_fails_both_sides() {
     wait_transferred(&mut src, 1 << 20);
 
     net.set_link(false);
+    let down = Instant::now();
     let q = src.wait_mig(&["failed"], NOTICE);
     let desc = error_desc(&q);
-    eprintln!("source {SRC_ADDR} error-desc with the link down: {desc}");
+    eprintln!(
+        "source {SRC_ADDR} failed {:?} after the link went down: {desc}",
+        down.elapsed()
+    );
     assert!(!desc.is_empty(), "{q}");
     assert_source_runs_on(&mut src);
     // The destination gives up while the link is still down.
     let why = wait_gave_up(&mut dst, NOTICE);
+    eprintln!(
+        "destination {DST_ADDR} gave up {:?} after the link went down",
+        down.elapsed()
+    );
     assert!(
         why.contains("no data from the source for 1500 ms: the source or the link is gone"),
         "destination: {why}"
