@@ -19,7 +19,7 @@ use tern_migration::transport::Stream;
 use tern_migration::wire::{StreamConfig, StreamWriter};
 
 /// The short limit of these tests, ms.
-const LIMIT_MS: u64 = 300;
+const LIMIT_MS: u64 = 500;
 
 fn limit() -> LivenessTimeout {
     LivenessTimeout::from_millis(LIMIT_MS)
@@ -146,7 +146,7 @@ fn silent_source_fails_the_destination() {
     assert_eq!(dout.status, S::Failed);
     assert_eq!(
         dout.error.as_deref(),
-        Some("no data from the source for 300 ms: the source or the link is gone")
+        Some("no data from the source for 500 ms: the source or the link is gone")
     );
     assert!(!dst.vcpus.is_running(), "a failed destination never runs");
     drop(w);
@@ -165,7 +165,7 @@ fn destination_that_stops_reading_fails_the_source_which_runs_on() {
     assert_eq!(so.status, S::Failed);
     assert_eq!(
         so.error.as_deref(),
-        Some("the destination stopped reading for 300 ms: the destination or the link is gone")
+        Some("the destination stopped reading for 500 ms: the destination or the link is gone")
     );
     assert_source_restored(&src, true);
     assert_eq!(
@@ -194,7 +194,7 @@ fn destination_that_never_answers_a_ping_fails_the_source() {
     assert_eq!(so.status, S::Failed);
     assert_eq!(
         so.error.as_deref(),
-        Some("no data from the destination for 300 ms: the destination or the link is gone")
+        Some("no data from the destination for 500 ms: the destination or the link is gone")
     );
     assert_source_restored(&src, true);
     let _ = reader.join();
