@@ -23,12 +23,13 @@
 //! is reached and the return path is open, `SWITCHOVER_ACK` is sent, at once when nobody needs it.
 
 use std::io::{BufReader, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::events::EventSink;
+use crate::liveness::{self, Inactivity, LivenessTimeout, Ticker};
 use crate::machine::{
     ComponentState, ComponentVersion, MachineError, MachineState, RamSink, StateLoader,
     SwitchoverApproval, VcpuControl,
@@ -56,6 +57,8 @@ pub struct DestOptions {
     pub autostart: bool,
     /// Limits applied to the incoming stream.
     pub limits: Limits,
+    /// `x-tern-liveness-timeout`: fail when nothing arrives from the source for this long.
+    pub liveness: LivenessTimeout,
 }
 
 impl Default for DestOptions {
@@ -65,6 +68,7 @@ impl Default for DestOptions {
             switchover_ack: false,
             autostart: true,
             limits: Limits::default(),
+            liveness: LivenessTimeout::default(),
         }
     }
 }
@@ -77,6 +81,7 @@ impl DestOptions {
             switchover_ack: caps.get(Capability::SwitchoverAck),
             autostart,
             limits: Limits::default(),
+            liveness: LivenessTimeout::default(),
         }
     }
 }
@@ -113,7 +118,11 @@ pub enum DestError {
     Transport(#[from] TransportError),
     /// The stream is invalid, truncated, or does not match this machine.
     #[error("invalid migration stream")]
-    Wire(#[from] WireError),
+    Wire(#[source] WireError),
+    /// Nothing arrived from the source for `x-tern-liveness-timeout` (or the kernel timed the
+    /// connection out).
+    #[error("{}", .0.describe("source"))]
+    Inactive(Inactivity),
     /// A machine operation failed.
     #[error("{op}")]
     Machine {
@@ -145,6 +154,15 @@ pub enum DestError {
     /// The receiver thread panicked.
     #[error("the incoming migration thread panicked")]
     Panicked,
+}
+
+impl From<WireError> for DestError {
+    fn from(e: WireError) -> Self {
+        match Inactivity::find(&e) {
+            Some(i) => Self::Inactive(i),
+            None => Self::Wire(e),
+        }
+    }
 }
 
 /// The end of an incoming migration.
@@ -230,6 +248,7 @@ pub fn incoming(
         rp_spare: None,
         ack: None,
         source_running: None,
+        last_pong: Arc::new(AtomicU32::new(0)),
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -250,7 +269,12 @@ fn send_rp(rp: &RpWriter, msg: &RpMessage) -> Result<(), std::io::Error> {
     match g.as_mut() {
         Some(s) => {
             s.write_all(&msg.encode())?;
-            s.flush()
+            s.flush()?;
+            // Nothing follows SHUT (stream format §8): later sends, e.g. keepalives, are no-ops.
+            if matches!(msg, RpMessage::Shut { .. }) {
+                *g = None;
+            }
+            Ok(())
         }
         None => Ok(()),
     }
@@ -322,6 +346,8 @@ struct Receiver {
     ack: Option<Arc<AckState>>,
     /// The source's run state at the switchover (`RUN_STATE`); `None` = not sent.
     source_running: Option<bool>,
+    /// Sequence number of the latest `PONG` sent (0 = none yet), repeated as the keepalive.
+    last_pong: Arc<AtomicU32>,
 }
 
 /// The receiver's explicit state.
@@ -459,6 +485,12 @@ impl Receiver {
         if self.shared.cancel.load(Ordering::SeqCst) {
             return Err(DestError::Cancelled);
         }
+        liveness::arm(&stream, self.opts.liveness, None).map_err(|source| TransportError::Io {
+            op: "set the liveness options on",
+            target: "the migration socket".into(),
+            source,
+        })?;
+        let _keepalive = self.start_keepalive(&stream);
         self.rp_spare = stream
             .try_clone_for_return_path()
             .map_err(|e| DestError::Protocol(format!("cannot clone the socket: {e}")))?;
@@ -562,6 +594,7 @@ impl Receiver {
                 Record::Command(Command::Ping { seq }) => {
                     send_rp(&self.rp, &RpMessage::Pong { seq })
                         .map_err(|e| DestError::Protocol(format!("sending PONG: {e}")))?;
+                    self.last_pong.store(seq, Ordering::SeqCst);
                 }
                 Record::Command(Command::IterationEnd { pass }) => {
                     tracing::trace!(pass, "source pass ended");
@@ -574,6 +607,32 @@ impl Receiver {
         }
         *state = RxState::Finishing;
         self.finish(finals)
+    }
+
+    /// The `mig-dst-ka` thread (stopped when dropped): repeats the latest `PONG` on the return
+    /// path every keepalive period, so that the source sees this side alive while the receiver
+    /// is busy (a device loading for a long time) and its own `PING` waits in the stream. A
+    /// repeated `PONG` tells the source nothing new about what was loaded. Without the thread
+    /// (it could not start) the migration goes on; only that patience is lost.
+    fn start_keepalive(&self, stream: &Stream) -> Option<Ticker> {
+        if !stream.has_return_path() {
+            return None;
+        }
+        let (rp, last) = (self.rp.clone(), self.last_pong.clone());
+        let tick = move || {
+            let seq = last.load(Ordering::SeqCst);
+            if seq != 0 {
+                // Best effort: a return path that broke fails the migration elsewhere.
+                let _ = send_rp(&rp, &RpMessage::Pong { seq });
+            }
+        };
+        match Ticker::spawn("mig-dst-ka", self.opts.liveness.keepalive_period(), tick) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the return-path keepalive thread");
+                None
+            }
+        }
     }
 
     /// Counts the loaders needing an ACK and calls every `load_setup`.

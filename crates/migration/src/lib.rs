@@ -8,6 +8,7 @@ pub mod dest;
 pub mod events;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fakes;
+pub mod liveness;
 pub mod machine;
 pub mod params;
 pub mod source;

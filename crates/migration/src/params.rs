@@ -21,6 +21,10 @@ pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
 /// Target page size used by the `xbzrle-cache-size` check.
 pub const TARGET_PAGE_SIZE: u64 = 4096;
+/// Tern: default `x-tern-liveness-timeout`, ms.
+pub const DEFAULT_LIVENESS_TIMEOUT_MS: u64 = 10_000;
+/// Tern: largest `x-tern-liveness-timeout` (one hour), ms.
+pub const MAX_LIVENESS_TIMEOUT_MS: u64 = 3_600_000;
 
 /// Error of a capability or parameter command; `Display` is the QMP error `desc`
 /// (class `GenericError`).
@@ -403,6 +407,9 @@ pub struct Parameters {
     pub zero_page_detection: ZeroPageDetection,
     /// O_DIRECT for mapped-ram files.
     pub direct_io: bool,
+    /// Tern: inactivity limit of a migration on both ends, and `TCP_USER_TIMEOUT`, ms (0 = off;
+    /// read when the migration starts; `docs/migration-engine.md` §5.1).
+    pub x_tern_liveness_timeout: u64,
 }
 
 impl Default for Parameters {
@@ -436,6 +443,7 @@ impl Default for Parameters {
             mode: MigMode::Normal,
             zero_page_detection: ZeroPageDetection::Multifd,
             direct_io: false,
+            x_tern_liveness_timeout: DEFAULT_LIVENESS_TIMEOUT_MS,
         }
     }
 }
@@ -495,6 +503,7 @@ pub const PARAMETERS: &[(&str, ParamType)] = &[
     ("mode", ParamType::MigMode),
     ("zero-page-detection", ParamType::ZeroPageDetection),
     ("direct-io", ParamType::Bool),
+    ("x-tern-liveness-timeout", ParamType::U64),
 ];
 
 fn get_u64(name: &str, v: &Value, ty: &str) -> Result<u64, ParamError> {
@@ -645,6 +654,13 @@ impl Parameters {
                 "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s".into(),
             ));
         }
+        if has("x-tern-liveness-timeout") && self.x_tern_liveness_timeout > MAX_LIVENESS_TIMEOUT_MS
+        {
+            return Err(expects(
+                "x-tern-liveness-timeout",
+                &format!("a value between 0 and {MAX_LIVENESS_TIMEOUT_MS} (ms, 0 = off)"),
+            ));
+        }
         // Tern: values it cannot honour.
         if self.mode != MigMode::Normal {
             return Err(ParamError::NotSupported(format!(
@@ -706,6 +722,9 @@ impl Parameters {
                 "mode" => next.mode = get_enum(n, v)?,
                 "zero-page-detection" => next.zero_page_detection = get_enum(n, v)?,
                 "direct-io" => next.direct_io = get_bool(n, v)?,
+                "x-tern-liveness-timeout" => {
+                    next.x_tern_liveness_timeout = get_u64(n, v, "uint64")?
+                }
                 "block-bitmap-mapping" => {
                     return Err(ParamError::NotSupported(
                         "Parameter 'block-bitmap-mapping'".into(),

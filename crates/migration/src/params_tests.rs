@@ -210,6 +210,7 @@ fn parameter_defaults() {
         ("mode", json!("normal")),
         ("zero-page-detection", json!("multifd")),
         ("x-checkpoint-delay", json!(20000)),
+        ("x-tern-liveness-timeout", json!(10_000)),
     ] {
         assert_eq!(q[k], v, "{k}");
     }
@@ -271,6 +272,11 @@ fn parameter_ranges_and_messages() {
         (json!({"no-such": 1}), "Parameter 'no-such' is unexpected"),
         (json!({"mode": "cpr-reboot"}), "Migration mode 'cpr-reboot' is not yet supported by Tern"),
         (json!({"tls-creds": "tls0"}), "TLS ('tls-creds') is not yet supported by Tern"),
+        (
+            json!({"x-tern-liveness-timeout": 3_600_001}),
+            "Parameter 'x-tern-liveness-timeout' expects a value between 0 and 3600000 (ms, 0 = off)",
+        ),
+        (json!({"x-tern-liveness-timeout": -1}), "Parameter 'x-tern-liveness-timeout' expects uint64"),
         (json!([1]), "Invalid parameter type for 'arguments', expected: object"),
     ] {
         let mut p = Parameters::default();
@@ -287,7 +293,8 @@ fn parameter_set_applies_all_or_nothing() {
     p.apply_json(
         &json!({"downtime-limit": 2_000_000, "max-bandwidth": 0, "avail-switchover-bandwidth": 1_000_000_000u64,
                 "multifd-compression": "zstd", "multifd-zstd-level": 20, "tls-creds": null,
-                "tls-hostname": "host", "max-cpu-throttle": 20, "zero-page-detection": "legacy"}),
+                "tls-hostname": "host", "max-cpu-throttle": 20, "zero-page-detection": "legacy",
+                "x-tern-liveness-timeout": 0}),
         &caps,
     )
     .unwrap();
@@ -296,6 +303,10 @@ fn parameter_set_applies_all_or_nothing() {
     assert_eq!(p.multifd_compression, MultifdCompression::Zstd);
     assert_eq!(p.zero_page_detection, ZeroPageDetection::Legacy);
     assert_eq!(p.tls_hostname, "host");
+    assert_eq!(p.x_tern_liveness_timeout, 0);
+    p.apply_json(&json!({"x-tern-liveness-timeout": 3_600_000}), &caps)
+        .unwrap();
+    assert_eq!(p.x_tern_liveness_timeout, 3_600_000);
     let before = p.clone();
     assert!(p
         .apply_json(&json!({"downtime-limit": 5, "multifd-channels": 0}), &caps)

@@ -7,13 +7,17 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+
+use crate::liveness::{self, Direction};
 
 /// Socket buffer size requested for migration sockets (best effort: `SO_*BUFFORCE` needs
 /// CAP_NET_ADMIN; without it the kernel's autotuning is kept, which beats a clamped fixed size).
@@ -278,11 +282,9 @@ impl CancelToken {
 }
 
 fn shutdown(fd: BorrowedFd<'_>) {
-    // SAFETY: shutdown(2) on a valid fd we own a duplicate of; it only changes socket state and
-    // reports ENOTSOCK/ENOTCONN harmlessly for fds where it does not apply.
-    unsafe {
-        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
-    }
+    // Errors (ENOTCONN on a socket that never connected) do not matter: whatever blocks on it
+    // returns either way.
+    let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
 }
 
 /// One end of a migration channel.
@@ -332,23 +334,27 @@ impl AsFd for Stream {
     }
 }
 
+/// Reads and writes report a liveness timeout (`SO_RCVTIMEO`, `SO_SNDTIMEO`, `ETIMEDOUT`) as an
+/// `io::Error` carrying a [`crate::liveness::Inactivity`].
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Self::Tcp(s) => s.read(buf),
             Self::Unix(s) => s.read(buf),
             Self::File(s) => s.read(buf),
-        }
+        };
+        r.map_err(|e| liveness::classify(&*self, e, Direction::Receive))
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Self::Tcp(s) => s.write(buf),
             Self::Unix(s) => s.write(buf),
             Self::File(s) => s.write(buf),
-        }
+        };
+        r.map_err(|e| liveness::classify(&*self, e, Direction::Send))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -423,8 +429,6 @@ pub fn connect(uri: &MigrationUri, cancel: &CancelToken) -> Result<Stream, Trans
     Ok(stream)
 }
 
-/// A TCP connect that `cancel` can interrupt: the socket exists (and is registered) before
-/// `connect(2)` blocks.
 /// How often a `unix:` connect to a listener with a full backlog is retried.
 const UNIX_CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 
@@ -433,13 +437,14 @@ const UNIX_CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis
 /// not wake it; a non-blocking connect returns `EAGAIN` instead, so retry until it goes through
 /// or the migration is cancelled.
 fn unix_connect(path: &std::path::Path, cancel: &CancelToken) -> io::Result<UnixStream> {
-    let addr = std::os::unix::net::SocketAddr::from_pathname(path)?;
+    let addr = SockAddr::unix(path)?;
     loop {
-        let sock = socket2_unix()?;
-        match connect_unix_raw(&sock, &addr) {
+        // socket2 creates every socket close-on-exec.
+        let sock = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)?;
+        match sock.connect(&addr) {
             Ok(()) => {
+                sock.set_nonblocking(false)?;
                 let s = UnixStream::from(sock);
-                s.set_nonblocking(false)?;
                 cancel.register(s.as_fd())?;
                 return Ok(s);
             }
@@ -455,114 +460,29 @@ fn unix_connect(path: &std::path::Path, cancel: &CancelToken) -> io::Result<Unix
     }
 }
 
-/// A non-blocking, close-on-exec `AF_UNIX` stream socket.
-fn socket2_unix() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the result is checked below.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh fd returned by socket(2) and owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-fn connect_unix_raw(fd: &OwnedFd, addr: &std::os::unix::net::SocketAddr) -> io::Result<()> {
-    let path = addr
-        .as_pathname()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unnamed unix address"))?;
-    let bytes = path.as_os_str().as_encoded_bytes();
-    // SAFETY: sockaddr_un is plain old data, all-zero is a valid value.
-    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= sun.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "unix socket path too long",
-        ));
-    }
-    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in sun.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: `sun` is a valid sockaddr_un of `len` bytes (path NUL-terminated by the zeroing).
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            &sun as *const libc::sockaddr_un as *const libc::sockaddr,
-            len as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
+/// A TCP connect that `cancel` can interrupt: the socket exists (and is registered) before
+/// `connect(2)` blocks, so the cancel's `shutdown(2)` makes it return.
 fn tcp_connect(addr: &SocketAddr, cancel: &CancelToken) -> io::Result<TcpStream> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket(2) call; the result is checked below.
-    let raw = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh fd returned by socket(2) and owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    cancel.register(fd.as_fd())?;
-    set_buffer_opts(fd.as_fd());
-    // SAFETY: sockaddr_storage is plain old data, all-zero is a valid value.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in.
-            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            sin6.sin6_flowinfo = a.flowinfo();
-            sin6.sin6_scope_id = a.scope_id();
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
+    // socket2 creates every socket close-on-exec.
+    let sock = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    cancel.register(sock.as_fd())?;
+    set_buffer_opts(sock.as_fd());
+    let to = SockAddr::from(*addr);
     loop {
-        // SAFETY: `storage` holds a valid sockaddr of `len` bytes for the socket's family.
-        let r = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                &storage as *const _ as *const libc::sockaddr,
-                len as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match sock.connect(&to) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     if cancel.is_cancelled() {
         return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
     }
-    Ok(TcpStream::from(fd))
+    Ok(TcpStream::from(sock))
 }
 
 fn set_buffers(stream: &Stream) {
@@ -571,6 +491,9 @@ fn set_buffers(stream: &Stream) {
     }
 }
 
+/// `SO_SNDBUFFORCE` / `SO_RCVBUFFORCE` = [`SOCKET_BUFFER_BYTES`], best effort. socket2 has only
+/// the plain `SO_*BUF` options, which are clamped to `net.core.[rw]mem_max` and switch the
+/// kernel's autotuning off: worse than leaving the buffers alone.
 fn set_buffer_opts(fd: BorrowedFd<'_>) {
     let size = SOCKET_BUFFER_BYTES as libc::c_int;
     for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
@@ -879,3 +802,7 @@ mod tests {
         assert!(e.contains("open file:"), "{e}");
     }
 }
+
+#[cfg(test)]
+#[path = "transport_socket_tests.rs"]
+mod socket_tests;

@@ -19,19 +19,6 @@ fn small() -> Machine {
     Machine::dirty(1, 32, 32)
 }
 
-/// The source lives on after a migration that did not complete: running, heartbeats and
-/// counters advance, `query-status` says `running`.
-fn assert_source_runs_on(src: &mut Vm) {
-    assert_eq!(
-        src.run_status(),
-        "running",
-        "source after an unsuccessful migration"
-    );
-    src.assert_running_guest(20);
-    let p0 = src.pages_written();
-    src.wait_pages_advance(&p0, T);
-}
-
 /// Cancels `src`'s migration and waits for `cancelled`.
 fn cancel(src: &mut Vm) {
     src.c("migrate_cancel", json!({}));

@@ -91,7 +91,19 @@ impl Sender {
             None => return Err(SourceError::Cancelled),
         };
         self.check_abort()?;
+        // The return-path reader checks every keepalive period whether a PING is overdue.
+        let liveness = self.opts.liveness;
+        crate::liveness::arm(&stream, liveness, Some(liveness.keepalive_period())).map_err(
+            |source| TransportError::Io {
+                op: "set the liveness options on",
+                target: "the migration socket".into(),
+                source,
+            },
+        )?;
         let live = stream.has_return_path();
+        if !live {
+            self.keepalive.disable();
+        }
         let rp_stream = if self.opts.return_path && live {
             stream
                 .try_clone_for_return_path()
@@ -109,6 +121,7 @@ impl Sender {
             cpuid: d.cpuid,
             machine_blob: d.machine_blob,
         };
+        let stream = Watched::new(stream, self.shared.clone(), liveness);
         let mut w = StreamWriter::new(BufWriter::with_capacity(WRITE_BUFFER, stream), &config)?;
         let capabilities = Command::Capabilities {
             switchover_ack: self.opts.switchover_ack && rp_stream.is_some(),
@@ -123,6 +136,7 @@ impl Sender {
             // After OPEN_RETURN_PATH, so that a destination refusing them can say why.
             w.write_command(capabilities)?;
             let (cfg, shared) = (config.clone(), self.shared.clone());
+            let rp = Watched::new(rp, shared.clone(), liveness);
             let t = std::thread::Builder::new()
                 .name("mig-rp".into())
                 .spawn(move || rp::run(rp, &cfg, shared))
@@ -300,12 +314,12 @@ impl Sender {
             if sent == 0 || (decision == Decision::AwaitAck && self.devices_pending(false)? == 0) {
                 // Nothing to send now (or everything that fits is sent and the ACK is missing):
                 // the ACK, an abort or the next window wakes us, never a busy loop.
-                self.wait_for(Some(BUFFER_DELAY), move |f| f.acked && !acked);
+                self.wait_alive(Some(BUFFER_DELAY), move |f| f.acked && !acked)?;
                 continue;
             }
             let delay = self.limiter.delay(Instant::now());
             if !delay.is_zero() {
-                self.wait_for(Some(delay), |_| false);
+                self.wait_alive(Some(delay), |_| false)?;
             }
         }
     }
@@ -313,14 +327,10 @@ impl Sender {
     /// Sends a `PING` and waits (bounded) for its `PONG`: the destination has then loaded
     /// everything sent before it.
     fn drain_destination(&mut self, downtime_limit_ms: u64) -> Result<(), SourceError> {
-        self.ping_seq = self.ping_seq.wrapping_add(1).max(2);
-        let seq = self.ping_seq;
-        let w = self.writer()?;
-        w.write_command(Command::Ping { seq })?;
-        w.flush()?;
+        let seq = self.send_ping()?;
         // A destination slower than this is not waited for: the switchover goes ahead.
         let limit = Duration::from_millis(downtime_limit_ms.clamp(100, 5_000) * 4);
-        self.wait_for(Some(limit), move |f| f.last_pong >= seq);
+        self.wait_alive(Some(limit), move |f| f.last_pong >= seq)?;
         self.check_abort()?;
         self.drained = true;
         Ok(())
@@ -500,7 +510,7 @@ impl Sender {
         }
         if self.opts.pause_before_switchover {
             self.set_status(MigrationStatus::PreSwitchover);
-            self.wait_for(None, |f| f.cont);
+            self.wait_alive(None, |f| f.cont)?;
             self.check_abort()?;
             self.timeline.pre_switchover = self.lap();
         }

@@ -24,6 +24,7 @@
 //!   cause (the destination's own text when it sent one).
 //! * **`file:`**: non-live: pause, one pass, END; the VM stays paused (like QEMU).
 
+mod liveness;
 mod ram;
 mod rp;
 
@@ -37,12 +38,14 @@ use crate::convergence::{
     BandwidthEstimator, Decision, DowntimeMinimizer, RateLimiter, SwitchoverInputs, BUFFER_DELAY,
 };
 use crate::events::EventSink;
+use crate::liveness::{Inactivity, LivenessTimeout};
 use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuControl};
 use crate::params::{Capabilities, Capability, Parameters, ZeroPageDetection};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats, SwitchoverTimeline};
 use crate::status::MigrationStatus;
 use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
 use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
+use liveness::{Keepalive, Watched};
 use ram::{RamError, RamSender, BATCH_PAGES};
 
 /// Largest pre-copy chunk asked of a device per round.
@@ -97,6 +100,9 @@ pub struct SourceOptions {
     pub detect_zero_pages: bool,
     /// Initial tuning.
     pub tuning: Tuning,
+    /// `x-tern-liveness-timeout`: give up on a destination that reads nothing and says nothing
+    /// for this long; keepalive `PING`s while idle.
+    pub liveness: LivenessTimeout,
 }
 
 impl Default for SourceOptions {
@@ -115,6 +121,7 @@ impl SourceOptions {
             validate_uuid: caps.get(Capability::ValidateUuid),
             detect_zero_pages: params.zero_page_detection != ZeroPageDetection::None,
             tuning: Tuning::from_params(params),
+            liveness: LivenessTimeout::from_millis(params.x_tern_liveness_timeout),
         }
     }
 }
@@ -151,7 +158,11 @@ pub enum SourceError {
     Transport(#[from] TransportError),
     /// Writing the stream failed (network cut, destination gone).
     #[error("cannot write the migration stream")]
-    Wire(#[from] WireError),
+    Wire(#[source] WireError),
+    /// The destination read nothing and said nothing for `x-tern-liveness-timeout` (or the
+    /// kernel timed the connection out).
+    #[error("{}", .0.describe("destination"))]
+    Inactive(Inactivity),
     /// Reading guest RAM failed.
     #[error("cannot read guest RAM block {block} page {page}")]
     RamRead {
@@ -215,6 +226,15 @@ pub enum SourceError {
     Panicked,
 }
 
+impl From<WireError> for SourceError {
+    fn from(e: WireError) -> Self {
+        match Inactivity::find(&e) {
+            Some(i) => Self::Inactive(i),
+            None => Self::Wire(e),
+        }
+    }
+}
+
 impl From<RamError> for SourceError {
     fn from(e: RamError) -> Self {
         match e {
@@ -231,7 +251,7 @@ impl From<RamError> for SourceError {
                 op: "syncing the dirty log",
                 source,
             },
-            RamError::Wire(w) => Self::Wire(w),
+            RamError::Wire(w) => Self::from(w),
         }
     }
 }
@@ -269,6 +289,12 @@ struct Flags {
     pongs: u32,
     /// Sequence number of the last `PONG`.
     last_pong: u32,
+    /// When the destination last said anything on the return path.
+    heard_at: Option<Instant>,
+    /// Sequence number of the last `PING` sent by the sender's waits.
+    ping_sent: u32,
+    /// Since when a `PING` is unanswered (cleared by the `PONG` of the last one).
+    ping_pending_since: Option<Instant>,
     tuning: Tuning,
 }
 
@@ -374,6 +400,7 @@ pub fn migrate(
         ..Default::default()
     });
     events.migration_status(MigrationStatus::Setup);
+    let keepalive = Keepalive::new(opts.liveness, Instant::now());
     let sender = Sender {
         m: machine,
         opts,
@@ -395,6 +422,7 @@ pub fn migrate(
         chunk: Vec::new(),
         minimizer: DowntimeMinimizer::default(),
         ping_seq: 1,
+        keepalive,
         drained: false,
         timeline: SwitchoverTimeline::default(),
         mark: Instant::now(),
@@ -413,7 +441,7 @@ pub fn migrate(
     })
 }
 
-type Writer = StreamWriter<BufWriter<Stream>>;
+type Writer = StreamWriter<BufWriter<Watched>>;
 
 struct Sender {
     m: SourceMachine,
@@ -440,6 +468,8 @@ struct Sender {
     minimizer: DowntimeMinimizer,
     /// Sequence number of the last `PING` sent.
     ping_seq: u32,
+    /// When to send the next keepalive `PING` of an idle wait.
+    keepalive: Keepalive,
     /// The destination has caught up with the stream since the last switchover decision.
     drained: bool,
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Shared;
+use crate::liveness::Inactivity;
 use crate::wire::{Limits, ReturnPathReader, RpMessage, StreamConfig};
 
 pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>) {
@@ -14,6 +15,9 @@ pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>
     loop {
         let msg = reader.read_message();
         let mut f = shared.lock();
+        if let Ok(Some(_)) = msg {
+            f.heard_at = Some(Instant::now());
+        }
         match msg {
             Ok(Some(RpMessage::SwitchoverAck)) => {
                 tracing::debug!("return path: SWITCHOVER_ACK");
@@ -26,6 +30,9 @@ pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>
                 tracing::debug!(seq, "return path: PONG");
                 f.pongs += 1;
                 f.last_pong = f.last_pong.max(seq);
+                if seq >= f.ping_sent {
+                    f.ping_pending_since = None;
+                }
             }
             Ok(Some(RpMessage::Resumed)) => {
                 tracing::debug!("return path: RESUMED");
@@ -68,9 +75,11 @@ pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>
             }
             Err(e) => {
                 if !shared.io.is_cancelled() {
-                    f.rp_fault.get_or_insert_with(|| {
-                        format!("return path: {}", crate::stats::error_chain(&e))
-                    });
+                    f.rp_fault
+                        .get_or_insert_with(|| match Inactivity::find(&e) {
+                            Some(i) => i.describe("destination"),
+                            None => format!("return path: {}", crate::stats::error_chain(&e)),
+                        });
                 }
                 f.rp_closed = true;
                 drop(f);

@@ -215,9 +215,9 @@ impl Controller {
                 "The incoming migration has already been started",
             ));
         }
-        let caps = m.caps.clone();
+        let (caps, params) = (m.caps.clone(), m.params.clone());
         let autostart = *self.autostart.lock().unwrap_or_else(|p| p.into_inner());
-        let inc = Incoming::start(self, uri, &caps, autostart)?;
+        let inc = Incoming::start(self, uri, &caps, &params, autostart)?;
         m.incoming = Some(inc);
         Ok(())
     }

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use tern_migration::dest::{self, DestHandle, DestOptions};
-use tern_migration::params::{Capabilities, Capability};
+use tern_migration::liveness::LivenessTimeout;
+use tern_migration::params::{Capabilities, Capability, Parameters};
 use tern_migration::stats::{MigrationStats, Role};
 use tern_migration::transport::{Listener, MigrationUri};
 use tern_qmp::QmpError;
@@ -24,10 +25,12 @@ impl Incoming {
         ctl: &Controller,
         uri: MigrationUri,
         caps: &Capabilities,
+        params: &Parameters,
         autostart: bool,
     ) -> Result<Self, QmpError> {
         let listener = Listener::bind(&uri).map_err(|e| QmpError::generic(format!("{e}")))?;
-        let opts = DestOptions::from_qemu(caps, autostart);
+        let mut opts = DestOptions::from_qemu(caps, autostart);
+        opts.liveness = LivenessTimeout::from_millis(params.x_tern_liveness_timeout);
         let events = Arc::new(QmpMigrationEvents::destination(
             ctl.weak(),
             caps.get(Capability::Events),

@@ -143,13 +143,19 @@ impl Drop for Vm {
 
 /// Spawns `tern run --qmp DIR/NAME.qmp ARGS` and waits for its ready line.
 pub fn spawn(dir: &Path, name: &str, args: &[String]) -> Vm {
+    spawn_in(dir, name, args, None)
+}
+
+/// [`spawn`] inside network namespace `netns` (`ip netns exec`, which execs: the child's pid is
+/// `tern`'s own).
+pub fn spawn_in(dir: &Path, name: &str, args: &[String], netns: Option<&str>) -> Vm {
     let qmp = dir.join(format!("{name}.qmp"));
     let mut args = args.to_vec();
     args.extend([
         "--serial".into(),
         format!("file:{}", dir.join(format!("{name}.serial")).display()),
     ]);
-    let p = TernProcess::spawn(name, &exe(), &qmp, &args, None)
+    let p = TernProcess::spawn(name, &exe(), &qmp, &args, netns)
         .unwrap_or_else(|e| panic!("spawning {name}: {e:#}"));
     Vm {
         name: name.to_owned(),
@@ -171,6 +177,11 @@ pub fn dest(dir: &Path, name: &str, m: &Machine) -> Vm {
 
 /// A destination `tern run --memory M --vcpus N --incoming defer EXTRA`.
 pub fn dest_with(dir: &Path, name: &str, memory_mib: u64, vcpus: u32, extra: &[&str]) -> Vm {
+    spawn(dir, name, &dest_args(memory_mib, vcpus, extra))
+}
+
+/// The arguments of [`dest_with`].
+pub fn dest_args(memory_mib: u64, vcpus: u32, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--memory".into(),
         format!("{memory_mib}M"),
@@ -180,7 +191,7 @@ pub fn dest_with(dir: &Path, name: &str, memory_mib: u64, vcpus: u32, extra: &[&
         "defer".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    spawn(dir, name, &args)
+    args
 }
 
 impl Vm {
@@ -512,6 +523,19 @@ pub fn error_desc(q: &Value) -> String {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned()
+}
+
+/// The source lives on after a migration that did not complete: running, heartbeats and
+/// counters advance, `query-status` says `running`.
+pub fn assert_source_runs_on(src: &mut Vm) {
+    assert_eq!(
+        src.run_status(),
+        "running",
+        "source after an unsuccessful migration"
+    );
+    src.assert_running_guest(20);
+    let p0 = src.pages_written();
+    src.wait_pages_advance(&p0, T);
 }
 
 /// Sets up the QEMU "cannot converge" knobs (migrate_ensure_non_converge).
