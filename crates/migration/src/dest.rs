@@ -21,11 +21,11 @@
 //! are counted after CONFIG; each approves through its [`SwitchoverApproval`]; when the count
 //! is reached and the return path is open, `SWITCHOVER_ACK` is sent, at once when nobody needs it.
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::events::EventSink;
 use crate::machine::{
@@ -42,6 +42,8 @@ use crate::wire::{
 };
 
 const READ_BUFFER: usize = 256 << 10;
+/// Longest a failed destination waits for the source to close after `SHUT{1}`.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// How the receiver behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +230,7 @@ pub fn incoming(
         rp_spare: None,
         ack: None,
         source_running: None,
+        rp_open: false,
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -320,6 +323,8 @@ struct Receiver {
     ack: Option<Arc<AckState>>,
     /// The source's run state at the switchover (`RUN_STATE`); `None` = not sent.
     source_running: Option<bool>,
+    /// `OPEN_RETURN_PATH` arrived: the source reads the return path.
+    rp_open: bool,
 }
 
 /// The receiver's explicit state.
@@ -360,6 +365,7 @@ impl Receiver {
                     },
                 );
                 let _ = send_rp(&self.rp, &RpMessage::Shut { error: true });
+                self.linger();
                 (MigrationStatus::Failed, Some(desc))
             }
         };
@@ -372,6 +378,43 @@ impl Receiver {
             status,
             error,
             machine: self.m,
+        }
+    }
+
+    /// After `ERROR` + `SHUT{1}`: half-closes the return path and reads (and drops) the
+    /// source's stream until the source closes its end, at most [`LINGER`]. Closing a socket
+    /// with unread data sends a reset, which can destroy the `ERROR` before the source read it
+    /// (and the glue may exit the process right after this, `exit-on-error`). Only when the
+    /// source opened the return path: it closes as soon as it reads `SHUT{1}`; a source without
+    /// one would go on sending instead of noticing the failure.
+    fn linger(&mut self) {
+        if !self.rp_open || self.shared.io.is_cancelled() {
+            return;
+        }
+        let Some(mut s) = self.rp.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        s.shutdown_write();
+        let deadline = Instant::now() + LINGER;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::debug!("the source did not close within {LINGER:?}");
+                return;
+            }
+            let timeout = match &s {
+                Stream::Tcp(t) => t.set_read_timeout(Some(left)),
+                Stream::Unix(u) => u.set_read_timeout(Some(left)),
+                Stream::File(_) => return,
+            };
+            if timeout.is_err() {
+                return;
+            }
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
     }
 
@@ -501,6 +544,7 @@ impl Receiver {
                         )
                     })?;
                     *self.rp.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                    self.rp_open = true;
                     if let Some(ack) = &self.ack {
                         ack.rp_opened().map_err(DestError::Protocol)?;
                     }

@@ -21,6 +21,10 @@ pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2000 * 1000;
 /// Target page size used by the `xbzrle-cache-size` check.
 pub const TARGET_PAGE_SIZE: u64 = 4096;
+/// Tern's default `x-tern-resume-timeout`, ms.
+pub const DEFAULT_RESUME_TIMEOUT_MS: u64 = 10_000;
+/// Largest `x-tern-resume-timeout` (one hour), ms.
+pub const MAX_RESUME_TIMEOUT_MS: u64 = 3_600_000;
 
 /// Error of a capability or parameter command; `Display` is the QMP error `desc`
 /// (class `GenericError`).
@@ -403,6 +407,10 @@ pub struct Parameters {
     pub zero_page_detection: ZeroPageDetection,
     /// O_DIRECT for mapped-ram files.
     pub direct_io: bool,
+    /// Tern: how long the source waits, after END was flushed, for the destination to confirm
+    /// it runs (`RESUMED`) or to say it stays paused or failed (`SHUT`), ms; on expiry the
+    /// migration ends `x-tern-unconfirmed`. 1..=3600000.
+    pub x_tern_resume_timeout: u64,
 }
 
 impl Default for Parameters {
@@ -436,6 +444,7 @@ impl Default for Parameters {
             mode: MigMode::Normal,
             zero_page_detection: ZeroPageDetection::Multifd,
             direct_io: false,
+            x_tern_resume_timeout: DEFAULT_RESUME_TIMEOUT_MS,
         }
     }
 }
@@ -471,6 +480,7 @@ pub const PARAMETER_NAMES: &[&str] = &[
     "zero-page-detection",
     "direct-io",
     "block-bitmap-mapping",
+    "x-tern-resume-timeout",
 ];
 
 fn get_u64(name: &str, v: &Value, ty: &str) -> Result<u64, ParamError> {
@@ -621,6 +631,14 @@ impl Parameters {
                 "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s".into(),
             ));
         }
+        if has("x-tern-resume-timeout")
+            && !(1..=MAX_RESUME_TIMEOUT_MS).contains(&self.x_tern_resume_timeout)
+        {
+            return Err(expects(
+                "x-tern-resume-timeout",
+                &format!("a value between 1 and {MAX_RESUME_TIMEOUT_MS} ms"),
+            ));
+        }
         // Tern: values it cannot honour.
         if self.mode != MigMode::Normal {
             return Err(ParamError::NotSupported(format!(
@@ -682,6 +700,7 @@ impl Parameters {
                 "mode" => next.mode = get_enum(n, v)?,
                 "zero-page-detection" => next.zero_page_detection = get_enum(n, v)?,
                 "direct-io" => next.direct_io = get_bool(n, v)?,
+                "x-tern-resume-timeout" => next.x_tern_resume_timeout = get_u64(n, v, "uint64")?,
                 "block-bitmap-mapping" => {
                     return Err(ParamError::NotSupported(
                         "Parameter 'block-bitmap-mapping'".into(),

@@ -46,6 +46,7 @@ fn converge() -> Tuning {
         downtime_limit_ms: 30_000,
         max_bandwidth: 1_000_000_000,
         avail_switchover_bandwidth: 0,
+        ..Tuning::default()
     }
 }
 
@@ -113,6 +114,7 @@ fn start(ack: bool, src_opts: &str, dst_opts: &str) -> Run {
         switchover_ack: ack,
         pause_before_switchover: false,
         tuning: converge(),
+        stopped_by_earlier_migration: false,
     };
     let src = source::migrate(
         sm,

@@ -24,6 +24,7 @@
 //!   cause (the destination's own text when it sent one).
 //! * **`file:`**: non-live: pause, one pass, END; the VM stays paused (like QEMU).
 
+mod confirm;
 mod ram;
 mod rp;
 
@@ -59,6 +60,9 @@ pub struct Tuning {
     pub max_bandwidth: u64,
     /// `avail-switchover-bandwidth`, bytes/s, 0 = use the measured bandwidth.
     pub avail_switchover_bandwidth: u64,
+    /// `x-tern-resume-timeout`, ms: the longest wait, after END was flushed, for the
+    /// destination's `RESUMED` or `SHUT` (then `x-tern-unconfirmed`).
+    pub resume_timeout_ms: u64,
 }
 
 impl Default for Tuning {
@@ -74,6 +78,7 @@ impl Tuning {
             downtime_limit_ms: p.downtime_limit,
             max_bandwidth: p.max_bandwidth,
             avail_switchover_bandwidth: p.avail_switchover_bandwidth,
+            resume_timeout_ms: p.x_tern_resume_timeout,
         }
     }
 }
@@ -90,6 +95,11 @@ pub struct SourceOptions {
     pub pause_before_switchover: bool,
     /// Initial tuning.
     pub tuning: Tuning,
+    /// The vCPUs are stopped because an earlier migration stopped them and nobody has decided
+    /// yet where the guest runs (it ended `x-tern-unconfirmed`, or completed without
+    /// `RESUMED`): the guest counts as running, so the destination resumes it (`RUN_STATE` 1).
+    /// This migration did not pause it, so a failure leaves it paused.
+    pub stopped_by_earlier_migration: bool,
 }
 
 impl SourceOptions {
@@ -100,6 +110,7 @@ impl SourceOptions {
             switchover_ack: caps.get(Capability::SwitchoverAck),
             pause_before_switchover: caps.get(Capability::PauseBeforeSwitchover),
             tuning: Tuning::from_params(params),
+            stopped_by_earlier_migration: false,
         }
     }
 }
@@ -176,13 +187,19 @@ pub enum SourceError {
     /// The return path broke or carried something unexpected.
     #[error("{0}")]
     ReturnPath(String),
-    /// The whole state was sent, then the return path closed without `RESUMED`: the
-    /// destination may be running, so the source stays paused.
+    /// The whole state was sent (END flushed), then neither `RESUMED` nor an explicit
+    /// destination failure arrived: the destination may be running, so the source stays
+    /// paused (`x-tern-unconfirmed`).
     #[error(
-        "the destination did not confirm it resumed (return path closed after the whole state \
-         was sent); the source stays paused because the destination may be running"
+        "the destination did not confirm that it runs ({reason}) after the whole state was \
+         sent; the source stays paused because the destination may be running: check the \
+         destination; if it is not running, `cont` here resumes the guest, or `migrate` to \
+         another destination"
     )]
-    Unconfirmed,
+    Unconfirmed {
+        /// What happened instead of the confirmation.
+        reason: String,
+    },
     /// A thread could not be started.
     #[error("cannot start thread {name}")]
     Spawn {
@@ -223,7 +240,7 @@ impl From<RamError> for SourceError {
 
 /// The end of a migration.
 pub struct SourceOutcome {
-    /// `completed`, `failed` or `cancelled`.
+    /// `completed`, `failed`, `cancelled` or `x-tern-unconfirmed`.
     pub status: MigrationStatus,
     /// `error-desc`.
     pub error: Option<String>,
@@ -321,6 +338,14 @@ impl SourceHandle {
     /// The current status.
     pub fn status(&self) -> MigrationStatus {
         self.shared.lock().status
+    }
+
+    /// The migration completed and the destination confirmed that the guest runs there
+    /// (`RESUMED`): the source must not run it too. False for every other outcome, including a
+    /// completion without `RESUMED` (no return path, or a destination that stays paused).
+    pub fn destination_confirmed_running(&self) -> bool {
+        let f = self.shared.lock();
+        f.status == MigrationStatus::Completed && f.resumed_at.is_some()
     }
 
     /// Whether the migration thread has ended.
