@@ -12,7 +12,7 @@ use common::*;
 use tern_migration::dest::Incoming;
 use tern_migration::fakes::FakeMachine;
 use tern_migration::machine::VcpuControl;
-use tern_migration::source::{SourceOutcome, Target};
+use tern_migration::source::{Handover, SourceOutcome, Target};
 use tern_migration::status::MigrationStatus as S;
 
 /// Asserts the outcome is `x-tern-unconfirmed` with a reason containing `why`, and that the
@@ -45,7 +45,8 @@ fn return_path_closed_after_end_is_unconfirmed() {
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
     let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
     let dout = d.join().unwrap();
-    assert!(!s.destination_confirmed_running());
+    src.events.wait_status(S::Unconfirmed);
+    assert_eq!(s.handover(), Handover::Unconfirmed);
     let so = s.join().unwrap();
     guest.stop();
     // The destination got everything and runs: a source that resumed now would be a second
@@ -126,11 +127,13 @@ fn paused_destination_completes_without_confirming_it_runs() {
         let d = start_dest(&dst, dm, Incoming::Stream(b), dopts);
         let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
         src.events.wait_status(S::Completed);
-        assert_eq!(
-            s.destination_confirmed_running(),
-            autostart,
-            "autostart {autostart}"
-        );
+        let want = if autostart {
+            Handover::DestinationRuns
+        } else {
+            Handover::DestinationPaused
+        };
+        assert_eq!(s.handover(), want);
+        assert_eq!(dst.vcpus.is_running(), autostart);
         assert_eq!(s.join().unwrap().status, S::Completed);
         assert_eq!(d.join().unwrap().status, S::Completed);
         assert_eq!(dst.vcpus.is_running(), autostart);
@@ -158,4 +161,20 @@ fn guest_stopped_by_an_earlier_migration_runs_on_the_next_destination() {
     dst.vcpus.wait_running(Duration::from_secs(10));
     assert!(dst.vcpus.is_running());
     assert_eq!(src.vcpus.counts(), (0, 0));
+}
+
+#[test]
+fn without_a_return_path_the_source_completes_at_the_flush_knowing_nothing() {
+    let setup = Setup::default();
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let (a, b) = socketpair();
+    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let mut opts = src_opts(converge(), false);
+    opts.return_path = false;
+    let s = start_source(&src, sm, Target::Stream(a), opts);
+    src.events.wait_status(S::Completed);
+    assert_eq!(s.handover(), Handover::NoReturnPath);
+    assert_eq!(s.join().unwrap().status, S::Completed);
+    assert_eq!(d.join().unwrap().status, S::Completed);
 }

@@ -130,6 +130,7 @@ impl Sender {
                     source,
                 })?;
             self.rp_thread = Some(t);
+            self.shared.lock().return_path = true;
         }
         w.flush()?;
         self.writer = Some(w);

@@ -238,6 +238,26 @@ impl From<RamError> for SourceError {
     }
 }
 
+/// Where the guest may run after a migration, as far as the source knows: the basis of the
+/// switchover rule "`cont` on the source is refused only when the destination said it runs".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Not (yet) handed over: running, or ended before END was flushed (`failed`,
+    /// `cancelled`: the source was restored). The guest is the source's.
+    NotHandedOver,
+    /// `RESUMED`: the guest runs on the destination; the source must not run it too.
+    DestinationRuns,
+    /// `SHUT{0}` without `RESUMED`: the destination loaded the guest and stays paused (`-S`,
+    /// or a paused guest). Nothing runs; `cont` on exactly one side decides.
+    DestinationPaused,
+    /// Completed at the END flush without a return path (QEMU's rule): the destination runs
+    /// unless it failed, and the source cannot know which.
+    NoReturnPath,
+    /// `x-tern-unconfirmed`: END was flushed, no answer came. Check the destination, then
+    /// `cont` here or `migrate` elsewhere.
+    Unconfirmed,
+}
+
 /// The end of a migration.
 pub struct SourceOutcome {
     /// `completed`, `failed`, `cancelled` or `x-tern-unconfirmed`.
@@ -268,6 +288,8 @@ struct Flags {
     dest_error: Option<String>,
     rp_fault: Option<String>,
     rp_closed: bool,
+    /// The return path was opened (the `mig-rp` thread runs).
+    return_path: bool,
     pongs: u32,
     /// Sequence number of the last `PONG`.
     last_pong: u32,
@@ -340,12 +362,16 @@ impl SourceHandle {
         self.shared.lock().status
     }
 
-    /// The migration completed and the destination confirmed that the guest runs there
-    /// (`RESUMED`): the source must not run it too. False for every other outcome, including a
-    /// completion without `RESUMED` (no return path, or a destination that stays paused).
-    pub fn destination_confirmed_running(&self) -> bool {
+    /// What this migration says about where the guest may run (see [`Handover`]).
+    pub fn handover(&self) -> Handover {
         let f = self.shared.lock();
-        f.status == MigrationStatus::Completed && f.resumed_at.is_some()
+        match f.status {
+            MigrationStatus::Unconfirmed => Handover::Unconfirmed,
+            MigrationStatus::Completed if f.resumed_at.is_some() => Handover::DestinationRuns,
+            MigrationStatus::Completed if f.return_path => Handover::DestinationPaused,
+            MigrationStatus::Completed => Handover::NoReturnPath,
+            _ => Handover::NotHandedOver,
+        }
     }
 
     /// Whether the migration thread has ended.

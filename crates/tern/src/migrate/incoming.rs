@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tern_migration::dest::{self, DestHandle, DestOptions};
 use tern_migration::params::{Capabilities, Capability};
 use tern_migration::stats::{MigrationStats, Role};
+use tern_migration::status::MigrationStatus;
 use tern_migration::transport::{Listener, MigrationUri};
 use tern_qmp::QmpError;
 
@@ -19,18 +20,22 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Binds `uri` and starts the receiver thread.
+    /// Binds `uri` and starts the receiver thread. With `exit_on_error` (QEMU's default) a
+    /// failed incoming migration ends the process with a non-zero status.
     pub fn start(
         ctl: &Controller,
         uri: MigrationUri,
         caps: &Capabilities,
         autostart: bool,
+        exit_on_error: bool,
     ) -> Result<Self, QmpError> {
         let listener = Listener::bind(&uri).map_err(|e| QmpError::generic(format!("{e}")))?;
         let opts = DestOptions::from_qemu(caps, autostart);
+        let stats = MigrationStats::new(Role::Destination);
         let events = Arc::new(QmpMigrationEvents::destination(
             ctl.weak(),
             caps.get(Capability::Events),
+            exit_on_error.then(|| stats.clone()),
         ));
         let machine = machine_for_destination(&ctl.vm, &ctl.devices);
         let handle = dest::incoming(
@@ -38,7 +43,7 @@ impl Incoming {
             dest::Incoming::Listener(listener),
             opts,
             events,
-            MigrationStats::new(Role::Destination),
+            stats,
         )
         .map_err(|e| QmpError::generic(e.to_string()))?;
         Ok(Self { handle })
@@ -50,6 +55,17 @@ impl Incoming {
 
     pub fn finished(&self) -> bool {
         self.handle.is_finished()
+    }
+
+    /// The incoming migration failed (cancelled included): this process holds no guest.
+    pub fn failed(&self) -> bool {
+        self.handle.status() == MigrationStatus::Failed
+    }
+
+    /// `migrate_cancel` on the destination: the migration ends `failed` ("incoming migration
+    /// cancelled"); a no-op once it ended.
+    pub fn cancel(&self) {
+        self.handle.cancel();
     }
 
     /// Cancels a receive in progress and waits for the thread.
