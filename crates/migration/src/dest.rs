@@ -15,7 +15,10 @@
 //! * **finishing** (only after END and its checksum were verified): loaders' final states,
 //!   `restore_components`, resume (unless `autostart` is off), `RESUMED`, `SHUT{0}`.
 //! * **failed**: nothing runs; loaders clean up; the return path carries `ERROR{text}` and
-//!   `SHUT{1}` so the source can show the reason.
+//!   `SHUT{1}` so the source can show the reason, and (when the source opened it) the receiver
+//!   waits, at most [`LINGER`], for the source to close before it reports `failed`: the glue
+//!   may end the process then (`exit-on-error`). Cancel: `failed`, "incoming migration
+//!   cancelled".
 //!
 //! Switchover-ack: with the capability on, the loaders whose `switchover_ack_needed()` is true
 //! are counted after CONFIG; each approves through its [`SwitchoverApproval`]; when the count

@@ -233,8 +233,8 @@ fn switchover_ack_on_one_side_only_fails_with_a_clear_error() {
             e.contains("switchover-ack") && e.contains("both sides"),
             "source error-desc does not say why: {q}"
         );
-        let d = dst.query_migrate().unwrap();
-        assert_eq!(status(&d), "failed", "{d}");
+        // The destination reports `failed` once the source, having read its ERROR, closed.
+        assert_eq!(wait_status(&mut dst, &["failed"]), "failed");
         let (last, _) = src.last_heartbeat().unwrap();
         src.wait_heartbeat_after(last, T)
             .expect("source keeps running");

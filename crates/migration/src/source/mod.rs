@@ -1,12 +1,12 @@
 //! The sender: an explicit state machine run by the `mig-src` thread.
 //!
 //! ```text
-//!  setup ──> active ──────────────────────────────> device ──> completed
-//!    │         │ (iterate: RAM + devices, fairly)  ^   │
-//!    │         └─> [pre-switchover] ──(continue)───┘   │
-//!    │                  │                              │
-//!    └──────────────────┴──── error ──> failed         │ (RESUMED lost after END sent:
-//!                       └──── cancel ─> cancelling ─> cancelled    failed, source stays paused)
+//!  setup ──> active ────────────────────────────> device ──END flushed──> wait for the verdict
+//!    │         │ (iterate: RAM + devices, fairly) ^                        │ (≤ x-tern-resume-timeout)
+//!    │         └─> [pre-switchover] ──(continue)──┘    RESUMED / SHUT{0} ──┼──> completed
+//!    │                  │                              ERROR / SHUT{1} ────┼──> failed (resumed)
+//!    └── error ─────────┴──────────> failed            closed, cut, cancel,└──> x-tern-unconfirmed
+//!        cancel ──> cancelling ──> cancelled           timeout                  (stays paused)
 //! ```
 //!
 //! * **setup**: connect, header + CONFIG, `OPEN_RETURN_PATH` + `PING` (return path), device
@@ -18,10 +18,20 @@
 //!   applies.
 //! * **switchover**: pause the vCPUs (downtime starts), [pre-switchover: wait for
 //!   `migrate-continue`], `device`: `SWITCHOVER_START`, final sync, last pages, device final
-//!   states, component states, END; then wait for `RESUMED` on the return path (downtime ends).
+//!   states, component states, END.
+//! * **the decision** (`confirm.rs`): once END is flushed the destination decides, and the
+//!   source waits, at most `x-tern-resume-timeout`, for what it says. `RESUMED` (downtime
+//!   ends): `completed`, and the glue refuses `cont` (the guest runs there). `SHUT{0}` without
+//!   `RESUMED` (`-S` destination): `completed`, nobody runs, `cont` on one side decides.
+//!   `ERROR`/`SHUT{1}`: the destination never runs, so `failed` and the source resumes. No
+//!   answer (return path closed, broken, cancel, timeout): `x-tern-unconfirmed`, the source
+//!   stays paused with its memory (the destination may run); the operator checks the
+//!   destination, then `cont` here or `migrate` elsewhere ([`Handover`]). Without a return
+//!   path: `completed` at the flush, like QEMU.
 //! * **failure / cancel before END was sent**: the source VM runs again exactly as before (it is
-//!   resumed only if the migration paused it), dirty logging is off, `error-desc` holds the
-//!   cause (the destination's own text when it sent one).
+//!   resumed only if the migration paused it), first, then the cleanup (dirty logging off,
+//!   devices, sockets, return-path thread); `error-desc` holds the cause (the destination's
+//!   own text when it sent one; "migration cancelled by the user" for a cancel).
 //! * **`file:`**: non-live: pause, one pass, END; the VM stays paused (like QEMU).
 
 mod confirm;
