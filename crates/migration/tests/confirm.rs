@@ -178,3 +178,22 @@ fn without_a_return_path_the_source_completes_at_the_flush_knowing_nothing() {
     assert_eq!(s.join().unwrap().status, S::Completed);
     assert_eq!(d.join().unwrap().status, S::Completed);
 }
+
+/// `migrate-set-parameters` during the wait: a shorter `x-tern-resume-timeout` ends it.
+#[test]
+fn resume_timeout_can_be_shortened_while_waiting() {
+    let setup = Setup::default();
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let (a, b, end_seen) = end_proxy(AfterEnd::StallReturnPath);
+    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let mut opts = src_opts(converge(), false);
+    opts.tuning.resume_timeout_ms = 3_600_000;
+    let s = start_source(&src, sm, Target::Stream(a), opts.clone());
+    end_seen.wait();
+    opts.tuning.resume_timeout_ms = 50;
+    s.set_tuning(opts.tuning);
+    let so = s.join().unwrap();
+    assert_unconfirmed(&src, &so, "no RESUMED within 50 ms");
+    assert_eq!(d.join().unwrap().status, S::Completed);
+}
