@@ -164,7 +164,7 @@ fn run(
             last_status = status.clone();
         }
         match status.as_str() {
-            "completed" | "failed" | "cancelled" => break q,
+            "completed" | "failed" | "cancelled" | "x-tern-unconfirmed" => break q,
             _ => {}
         }
         match cancelled_at {

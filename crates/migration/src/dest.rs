@@ -16,17 +16,20 @@
 //! * **finishing** (only after END and its checksum were verified): loaders' final states,
 //!   `restore_components`, resume (unless `autostart` is off), `RESUMED`, `SHUT{0}`.
 //! * **failed**: nothing runs; loaders clean up; the return path carries `ERROR{text}` and
-//!   `SHUT{1}` so the source can show the reason.
+//!   `SHUT{1}` so the source can show the reason, and (when the source opened it) the receiver
+//!   waits, at most [`LINGER`], for the source to close before it reports `failed`: the glue
+//!   may end the process then (`exit-on-error`). Cancel: `failed`, "incoming migration
+//!   cancelled".
 //!
 //! Switchover-ack: with the capability on, the loaders whose `switchover_ack_needed()` is true
 //! are counted after CONFIG; each approves through its [`SwitchoverApproval`]; when the count
 //! is reached and the return path is open, `SWITCHOVER_ACK` is sent, at once when nobody needs it.
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::events::EventSink;
 use crate::liveness::{self, Inactivity, LivenessTimeout, Ticker};
@@ -44,6 +47,8 @@ use crate::wire::{
 };
 
 const READ_BUFFER: usize = 256 << 10;
+/// Longest a failed destination waits for the source to close after `SHUT{1}`.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// How the receiver behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,6 +254,7 @@ pub fn incoming(
         ack: None,
         source_running: None,
         last_pong: Arc::new(AtomicU32::new(0)),
+        rp_open: false,
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -348,6 +354,8 @@ struct Receiver {
     source_running: Option<bool>,
     /// Sequence number of the latest `PONG` sent (0 = none yet), repeated as the keepalive.
     last_pong: Arc<AtomicU32>,
+    /// `OPEN_RETURN_PATH` arrived: the source reads the return path.
+    rp_open: bool,
 }
 
 /// The receiver's explicit state.
@@ -388,6 +396,7 @@ impl Receiver {
                     },
                 );
                 let _ = send_rp(&self.rp, &RpMessage::Shut { error: true });
+                self.linger();
                 (MigrationStatus::Failed, Some(desc))
             }
         };
@@ -400,6 +409,43 @@ impl Receiver {
             status,
             error,
             machine: self.m,
+        }
+    }
+
+    /// After `ERROR` + `SHUT{1}`: half-closes the return path and reads (and drops) the
+    /// source's stream until the source closes its end, at most [`LINGER`]. Closing a socket
+    /// with unread data sends a reset, which can destroy the `ERROR` before the source read it
+    /// (and the glue may exit the process right after this, `exit-on-error`). Only when the
+    /// source opened the return path: it closes as soon as it reads `SHUT{1}`; a source without
+    /// one would go on sending instead of noticing the failure.
+    fn linger(&mut self) {
+        if !self.rp_open || self.shared.io.is_cancelled() {
+            return;
+        }
+        let Some(mut s) = self.rp.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        s.shutdown_write();
+        let deadline = Instant::now() + LINGER;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::debug!("the source did not close within {LINGER:?}");
+                return;
+            }
+            let timeout = match &s {
+                Stream::Tcp(t) => t.set_read_timeout(Some(left)),
+                Stream::Unix(u) => u.set_read_timeout(Some(left)),
+                Stream::File(_) => return,
+            };
+            if timeout.is_err() {
+                return;
+            }
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
     }
 
@@ -573,6 +619,7 @@ impl Receiver {
                         )
                     })?;
                     *self.rp.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                    self.rp_open = true;
                     if let Some(ack) = &self.ack {
                         ack.rp_opened().map_err(DestError::Protocol)?;
                     }

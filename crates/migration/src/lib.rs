@@ -14,5 +14,6 @@ pub mod params;
 pub mod source;
 pub mod stats;
 pub mod status;
+pub mod tap;
 pub mod transport;
 pub mod wire;

@@ -25,6 +25,10 @@ pub const TARGET_PAGE_SIZE: u64 = 4096;
 pub const DEFAULT_LIVENESS_TIMEOUT_MS: u64 = 10_000;
 /// Tern: largest `x-tern-liveness-timeout` (one hour), ms.
 pub const MAX_LIVENESS_TIMEOUT_MS: u64 = 3_600_000;
+/// Tern's default `x-tern-resume-timeout`, ms.
+pub const DEFAULT_RESUME_TIMEOUT_MS: u64 = 10_000;
+/// Largest `x-tern-resume-timeout` (one hour), ms.
+pub const MAX_RESUME_TIMEOUT_MS: u64 = 3_600_000;
 
 /// Error of a capability or parameter command; `Display` is the QMP error `desc`
 /// (class `GenericError`).
@@ -410,6 +414,10 @@ pub struct Parameters {
     /// Tern: inactivity limit of a migration on both ends, and `TCP_USER_TIMEOUT`, ms (0 = off;
     /// read when the migration starts; `docs/migration-engine.md` §5.1).
     pub x_tern_liveness_timeout: u64,
+    /// Tern: how long the source waits, after END was flushed, for the destination to confirm
+    /// it runs (`RESUMED`) or to say it stays paused or failed (`SHUT`), ms; on expiry the
+    /// migration ends `x-tern-unconfirmed`. 1..=3600000.
+    pub x_tern_resume_timeout: u64,
 }
 
 impl Default for Parameters {
@@ -444,6 +452,7 @@ impl Default for Parameters {
             zero_page_detection: ZeroPageDetection::Multifd,
             direct_io: false,
             x_tern_liveness_timeout: DEFAULT_LIVENESS_TIMEOUT_MS,
+            x_tern_resume_timeout: DEFAULT_RESUME_TIMEOUT_MS,
         }
     }
 }
@@ -504,6 +513,7 @@ pub const PARAMETERS: &[(&str, ParamType)] = &[
     ("zero-page-detection", ParamType::ZeroPageDetection),
     ("direct-io", ParamType::Bool),
     ("x-tern-liveness-timeout", ParamType::U64),
+    ("x-tern-resume-timeout", ParamType::U64),
 ];
 
 fn get_u64(name: &str, v: &Value, ty: &str) -> Result<u64, ParamError> {
@@ -661,6 +671,14 @@ impl Parameters {
                 &format!("a value between 0 and {MAX_LIVENESS_TIMEOUT_MS} (ms, 0 = off)"),
             ));
         }
+        if has("x-tern-resume-timeout")
+            && !(1..=MAX_RESUME_TIMEOUT_MS).contains(&self.x_tern_resume_timeout)
+        {
+            return Err(expects(
+                "x-tern-resume-timeout",
+                &format!("a value between 1 and {MAX_RESUME_TIMEOUT_MS} ms"),
+            ));
+        }
         // Tern: values it cannot honour.
         if self.mode != MigMode::Normal {
             return Err(ParamError::NotSupported(format!(
@@ -725,6 +743,7 @@ impl Parameters {
                 "x-tern-liveness-timeout" => {
                     next.x_tern_liveness_timeout = get_u64(n, v, "uint64")?
                 }
+                "x-tern-resume-timeout" => next.x_tern_resume_timeout = get_u64(n, v, "uint64")?,
                 "block-bitmap-mapping" => {
                     return Err(ParamError::NotSupported(
                         "Parameter 'block-bitmap-mapping'".into(),

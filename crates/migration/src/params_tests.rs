@@ -350,3 +350,30 @@ fn parameters_table_matches_apply_json() {
         );
     }
 }
+
+#[test]
+fn resume_timeout_parameter() {
+    let caps = Capabilities::default();
+    let mut p = Parameters::default();
+    assert_eq!(p.to_query_json()["x-tern-resume-timeout"], json!(10_000));
+    p.apply_json(&json!({"x-tern-resume-timeout": 250}), &caps)
+        .unwrap();
+    assert_eq!(p.x_tern_resume_timeout, 250);
+    for bad in [0u64, MAX_RESUME_TIMEOUT_MS + 1] {
+        let e = p
+            .apply_json(&json!({"x-tern-resume-timeout": bad}), &caps)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Parameter 'x-tern-resume-timeout' expects a value between 1 and 3600000 ms"
+        );
+        assert_eq!(
+            p.x_tern_resume_timeout, 250,
+            "a refused value changes nothing"
+        );
+    }
+    let e = p
+        .apply_json(&json!({"x-tern-resume-timeout": "1s"}), &caps)
+        .unwrap_err();
+    assert!(e.to_string().contains("expected: integer"), "{e}");
+}

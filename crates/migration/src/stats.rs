@@ -329,7 +329,8 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
             | S::PostcopyRecoverSetup
             | S::PostcopyRecover
             | S::PostcopyDevice
-            | S::Completed => {
+            | S::Completed
+            | S::Unconfirmed => {
                 m.insert("status".into(), json!(s.status));
                 time_info(&mut m, s);
                 m.insert("ram".into(), ram_info(s));
@@ -391,13 +392,15 @@ fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
 fn time_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
     m.insert("setup-time".into(), json!(s.setup_time_ms));
     m.insert("total-time".into(), json!(s.total_time_ms));
-    if matches!(
-        s.status,
-        MigrationStatus::Completed | MigrationStatus::PostcopyActive
-    ) {
-        m.insert("downtime".into(), json!(s.downtime_ms.unwrap_or(0)));
-    } else {
-        m.insert("expected-downtime".into(), json!(s.expected_downtime_ms));
+    match s.status {
+        MigrationStatus::Completed | MigrationStatus::PostcopyActive => {
+            m.insert("downtime".into(), json!(s.downtime_ms.unwrap_or(0)));
+        }
+        // Nobody knows whether (or when) the guest ran again: no downtime to report.
+        MigrationStatus::Unconfirmed => {}
+        _ => {
+            m.insert("expected-downtime".into(), json!(s.expected_downtime_ms));
+        }
     }
 }
 
@@ -405,7 +408,11 @@ fn time_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
 /// `dirty-pages-rate` reading 0 once completed.
 fn ram_info(s: &StatsSnapshot) -> Value {
     let r = &s.ram;
-    let done = s.status == MigrationStatus::Completed;
+    // Everything was sent: nothing remains (also when the destination never confirmed).
+    let done = matches!(
+        s.status,
+        MigrationStatus::Completed | MigrationStatus::Unconfirmed
+    );
     json!({
         "transferred": r.transferred,
         "remaining": if done { 0 } else { r.remaining },
@@ -506,6 +513,32 @@ mod tests {
         // A new migration starts clean.
         st.begin(Instant::now());
         assert_eq!(st.to_query_migrate_json(), json!({"status": "setup"}));
+    }
+
+    #[test]
+    fn unconfirmed_shows_the_transfer_and_the_reason_but_no_downtime() {
+        let st = MigrationStats::new(Role::Source);
+        let t0 = Instant::now();
+        st.begin(t0);
+        st.update(|r, _| r.remaining = 4096);
+        st.downtime_start(t0);
+        st.set_switchover_timeline(SwitchoverTimeline::default());
+        st.set_error("the destination did not confirm that it runs");
+        st.set_status(MigrationStatus::Unconfirmed);
+        let v = st.to_query_migrate_json();
+        assert_eq!(
+            keys(&v),
+            [
+                "error-desc",
+                "ram",
+                "setup-time",
+                "status",
+                "total-time",
+                "x-tern-downtime-breakdown"
+            ]
+        );
+        assert_eq!(v["status"], "x-tern-unconfirmed");
+        assert_eq!(v["ram"]["remaining"], 0);
     }
 
     #[test]

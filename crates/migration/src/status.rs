@@ -44,11 +44,18 @@ pub enum MigrationStatus {
     WaitUnplug,
     /// Like `postcopy-active`, but the destination still loads device state.
     PostcopyDevice,
+    /// Tern (source only, final): the whole state was sent (END flushed) but the destination
+    /// never confirmed that it runs (no `RESUMED`, no explicit failure: the return path closed,
+    /// broke, or `x-tern-resume-timeout` expired). The source stays paused with its memory; it
+    /// accepts `cont` (the operator checked that the destination does not run) and a new
+    /// `migrate`. Not a plain `failed`, which QEMU tooling reads as "safe to resume the source".
+    #[serde(rename = "x-tern-unconfirmed")]
+    Unconfirmed,
 }
 
 impl MigrationStatus {
-    /// Every status, in QEMU's enum order.
-    pub const ALL: [MigrationStatus; 17] = [
+    /// Every status, in QEMU's enum order, then Tern's own.
+    pub const ALL: [MigrationStatus; 18] = [
         Self::None,
         Self::Setup,
         Self::Cancelling,
@@ -66,6 +73,7 @@ impl MigrationStatus {
         Self::PreSwitchover,
         Self::Device,
         Self::WaitUnplug,
+        Self::Unconfirmed,
     ];
 
     /// QEMU's string for this status.
@@ -88,6 +96,7 @@ impl MigrationStatus {
             Self::Device => "device",
             Self::WaitUnplug => "wait-unplug",
             Self::PostcopyDevice => "postcopy-device",
+            Self::Unconfirmed => "x-tern-unconfirmed",
         }
     }
 
@@ -137,10 +146,13 @@ impl MigrationStatus {
         )
     }
 
-    /// A final state: `completed`, `failed` or `cancelled` (a new migration may start;
-    /// `none` is also "not running" but not an end).
+    /// A final state: `completed`, `failed`, `cancelled` or Tern's `x-tern-unconfirmed` (a new
+    /// migration may start; `none` is also "not running" but not an end).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::Unconfirmed
+        )
     }
 
     /// `migrate_cancel` has something to cancel in this state.
@@ -178,7 +190,7 @@ mod tests {
 
     #[test]
     fn strings_round_trip_and_match_serde() {
-        assert_eq!(MigrationStatus::ALL.len(), 17);
+        assert_eq!(MigrationStatus::ALL.len(), 18);
         for s in MigrationStatus::ALL {
             assert_eq!(s.as_str().parse::<MigrationStatus>(), Ok(s));
             let j = serde_json::to_value(s).unwrap();
@@ -195,11 +207,19 @@ mod tests {
         assert!(S::Active.is_running() && S::Active.is_active());
         assert!(S::Setup.is_running() && !S::Setup.is_active());
         assert!(S::PreSwitchover.is_running() && S::Device.is_active());
-        for s in [S::None, S::Completed, S::Failed, S::Cancelled] {
+        for s in [
+            S::None,
+            S::Completed,
+            S::Failed,
+            S::Cancelled,
+            S::Unconfirmed,
+        ] {
             assert!(!s.is_running(), "{s}");
             assert!(!s.is_active(), "{s}");
         }
         assert!(S::Completed.is_terminal() && !S::None.is_terminal());
+        assert!(S::Unconfirmed.is_terminal() && !S::Unconfirmed.is_cancellable());
+        assert_eq!(S::Unconfirmed.as_str(), "x-tern-unconfirmed");
         assert!(S::PostcopyPaused.is_postcopy() && !S::Active.is_postcopy());
         assert!(S::Active.is_cancellable() && !S::Cancelling.is_cancellable());
     }

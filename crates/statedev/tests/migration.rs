@@ -46,6 +46,7 @@ fn converge() -> Tuning {
         downtime_limit_ms: 30_000,
         max_bandwidth: 1_000_000_000,
         avail_switchover_bandwidth: 0,
+        ..Tuning::default()
     }
 }
 

@@ -150,7 +150,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             ram.get("mbps").and_then(Value::as_f64).unwrap_or(0.0)
         ));
         match status(&q) {
-            "completed" | "failed" | "cancelled" => break q,
+            "completed" | "failed" | "cancelled" | "x-tern-unconfirmed" => break q,
             _ => {}
         }
         if t0.elapsed() > Duration::from_secs(a.timeout) {

@@ -6,8 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -26,6 +26,8 @@ pub struct TernProcess {
     /// The QMP socket path.
     pub qmp_path: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set when the child's stderr reached EOF (it exited).
+    stderr_closed: Arc<(Mutex<bool>, Condvar)>,
     name: String,
 }
 
@@ -60,8 +62,9 @@ impl TernProcess {
             .take()
             .ok_or_else(|| anyhow!("{name}: no stderr pipe"))?;
         let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr_closed = Arc::new((Mutex::new(false), Condvar::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let log2 = log.clone();
+        let (log2, closed) = (log.clone(), stderr_closed.clone());
         std::thread::Builder::new()
             .name(format!("log-{name}"))
             .spawn(move || {
@@ -73,6 +76,8 @@ impl TernProcess {
                         l.push(line);
                     }
                 }
+                *closed.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                closed.1.notify_all();
             })
             .context("spawning the log reader thread")?;
         match ready_rx.recv_timeout(READY_TIMEOUT) {
@@ -92,6 +97,7 @@ impl TernProcess {
             qmp: qmp_client,
             qmp_path: qmp.to_path_buf(),
             log,
+            stderr_closed,
             name: name.to_owned(),
         })
     }
@@ -138,6 +144,26 @@ impl TernProcess {
     /// Whether the process has exited, without blocking.
     pub fn try_exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits (at most `timeout`) for the process to exit on its own and reaps it: the end of
+    /// its stderr is the signal, so nothing polls.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.stderr_closed;
+        let mut closed = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !*closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            closed = cv
+                .wait_timeout(closed, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        drop(closed);
+        self.child.wait().context("waiting for the child")
     }
 
     /// The last heartbeat the VMM recorded: (seq, CLOCK_REALTIME ns).

@@ -10,7 +10,7 @@ use tern_statedev::{StateDevConfig, StateDevice};
 use tern_vmm::{SerialTarget, Vm, VmConfig};
 
 use crate::args::RunArgs;
-use crate::control::{Controller, QmpDispatch, RunState};
+use crate::control::{Controller, ExitRequest, QmpDispatch, RunState};
 
 /// First word of the line `tern run` prints on stderr once its QMP socket accepts clients.
 pub const READY_PREFIX: &str = "tern: ready";
@@ -138,7 +138,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         ctl.machine().resume().context("starting the vCPUs")?;
     }
     if let Some(uri) = incoming.filter(|u| u != "defer") {
-        ctl.start_incoming(&uri)
+        ctl.start_incoming(&uri, true)
             .map_err(|e| anyhow::anyhow!("--incoming {uri}: {}", e.desc))?;
     }
 
@@ -149,16 +149,25 @@ pub fn run(a: RunArgs) -> Result<()> {
         std::process::id()
     );
 
-    // Wait for `quit`. A closed channel (controller dropped) also ends the process.
-    let _ = quit_rx.recv();
+    // Wait for `quit` (or a failed incoming migration with `exit-on-error`). A closed channel
+    // (controller dropped) also ends the process.
+    let why = quit_rx.recv().unwrap_or(ExitRequest::Quit);
+    let reason = match why {
+        ExitRequest::Quit => "host-qmp-quit",
+        ExitRequest::IncomingFailed(_) => "host-error",
+    };
     events.emit(
         "SHUTDOWN",
-        Some(serde_json::json!({"guest": false, "reason": "host-qmp-quit"})),
+        Some(serde_json::json!({"guest": false, "reason": reason})),
     );
     ctl.set_run_state(RunState::Shutdown);
     ctl.shutdown_migration();
     let vm_result = vm.shutdown();
     server.shutdown();
     vm_result.context("shutting the VM down")?;
+    if let ExitRequest::IncomingFailed(e) = why {
+        // QEMU's exit-on-error: the error on stderr, a non-zero status.
+        bail!("incoming migration failed (exit-on-error): {e}");
+    }
     Ok(())
 }

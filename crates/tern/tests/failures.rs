@@ -19,11 +19,17 @@ fn small() -> Machine {
     Machine::dirty(1, 32, 32)
 }
 
-/// Cancels `src`'s migration and waits for `cancelled`.
+/// Cancels `src`'s migration and waits for `cancelled`, which says who cancelled.
 fn cancel(src: &mut Vm) {
     src.c("migrate_cancel", json!({}));
     src.wait_mig(&["cancelled"], T);
-    assert_eq!(src.mig_status(), "cancelled");
+    let q = src.qm();
+    assert_eq!(q["status"], "cancelled");
+    assert_eq!(
+        error_desc(&q),
+        "migration cancelled by the user (migrate_cancel)",
+        "{q}"
+    );
 }
 
 #[test]
@@ -458,6 +464,7 @@ fn validate_uuid_same_completes() {
     src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     assert_handover(&mut src, &mut dst);
+    assert_cont_refused(&mut src);
     assert_eq!(dst.c("query-uuid", json!({}))["UUID"], u);
     dst.quit_ok();
     src.quit_ok();
@@ -486,6 +493,7 @@ fn validate_uuid_different_fails_source_runs_on() {
     src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     dst2.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     assert_handover(&mut src, &mut dst2);
+    assert_cont_refused(&mut src);
     dst2.quit_ok();
     dst.quit_ok();
     src.quit_ok();

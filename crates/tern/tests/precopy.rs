@@ -59,6 +59,11 @@ fn precopy_pattern(transport: &str, return_path: bool) {
         "completed query-migrate without downtime: {q}"
     );
     assert_handover(&mut src, &mut dst);
+    if return_path {
+        // The destination confirmed it runs: the source refuses a second copy. (Without a
+        // return path it cannot know, and allows `cont` like QEMU.)
+        assert_cont_refused(&mut src);
+    }
     // The guest runs on the destination: its counters move on.
     let p0 = dst.pages_written();
     dst.wait_pages_advance(&p0, T);
@@ -268,7 +273,8 @@ fn precopy_chain_a_to_b_to_c() {
     assert_pattern_ok(&mut c, &m, dir.path(), "c");
     c.c("cont", json!({}));
     c.event("RESUME", T);
-    // And C, restored by migration, can be saved to a file.
+    // And C, restored by migration, can be saved to a file (no return path to a file).
+    c.caps(&[("return-path", false)]);
     let file = dir.path().join("c.tern");
     c.c(
         "migrate",

@@ -253,9 +253,10 @@ fn paused_vm_snapshot_and_restore_cli() {
 
 use tern::harness::status;
 
-/// Fails an incoming migration from `file` on a fresh destination of shape `mem`/`vcpus`;
-/// checks `failed`, an `error-desc` naming one of `words`, that the destination lives on
-/// (answers QMP, the guest never ran) and quits cleanly.
+/// Fails an incoming migration from `file` on a fresh destination of shape `mem`/`vcpus`
+/// (`exit-on-error: false`); checks `failed`, an `error-desc` naming one of `words`, that the
+/// destination lives on (answers QMP, the guest never ran, `cont` is refused) and quits
+/// cleanly.
 fn expect_load_failure(
     dir: &Path,
     name: &str,
@@ -268,7 +269,7 @@ fn expect_load_failure(
     d.caps(&[("events", true)]);
     d.c(
         "migrate-incoming",
-        json!({"uri": format!("file:{}", file.display())}),
+        json!({"uri": format!("file:{}", file.display()), "exit-on-error": false}),
     );
     let q = d.wait_mig(&["failed"], MIGRATION_TIMEOUT);
     let desc = error_desc(&q);
@@ -281,6 +282,8 @@ fn expect_load_failure(
     let st = d.run_status();
     assert_ne!(st, "running", "{name}: the VM runs after a failed load");
     d.assert_no_hb_after(0, Duration::from_millis(100));
+    let e = d.err("cont", json!({}));
+    assert!(e.contains("incoming migration failed"), "{name}: cont: {e}");
     // A second migrate-incoming is refused (one per process, like QEMU), the process survives.
     let e = d.err("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
     assert!(!e.is_empty());

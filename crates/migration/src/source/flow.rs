@@ -3,7 +3,11 @@
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use super::confirm::Confirmation;
 use super::*;
+
+/// `error-desc` of a cancelled migration (QEMU gives none; a reason is more useful).
+pub(crate) const CANCELLED_DESC: &str = "migration cancelled by the user (migrate_cancel)";
 
 /// Which phase the sender is in: the explicit state of the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +149,7 @@ impl Sender {
                     source,
                 })?;
             self.rp_thread = Some(t);
+            self.shared.lock().return_path = true;
         }
         w.flush()?;
         self.writer = Some(w);
@@ -213,29 +218,6 @@ impl Sender {
             ));
         }
         Ok(())
-    }
-
-    /// Waits until `pred`, an abort, or `timeout` (None = no timeout).
-    fn wait_for(&self, timeout: Option<Duration>, pred: impl Fn(&Flags) -> bool) {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut f = self.shared.lock();
-        while !pred(&f) && !f.aborting() {
-            match deadline {
-                None => f = self.shared.cv.wait(f).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        break;
-                    }
-                    f = self
-                        .shared
-                        .cv
-                        .wait_timeout(f, d - now)
-                        .map(|(g, _)| g)
-                        .unwrap_or_else(|p| p.into_inner().0);
-                }
-            }
-        }
     }
 
     fn ram(&mut self) -> Result<&mut RamSender, SourceError> {
@@ -517,8 +499,9 @@ impl Sender {
         self.set_status(MigrationStatus::Device);
         let before_ram = self.writer()?.bytes_written();
         self.writer()?.write_command(Command::SwitchoverStart)?;
-        // QEMU's global state: a guest that was paused before the migration stays paused.
-        let running = self.paused_by_us;
+        // QEMU's global state: a guest that was paused before the migration stays paused. A
+        // guest an earlier, undecided migration stopped counts as running.
+        let running = self.paused_by_us || self.opts.stopped_by_earlier_migration;
         self.writer()?
             .write_command(Command::RunState { running })?;
         if self.dirty_log_on {
@@ -557,38 +540,30 @@ impl Sender {
         self.update_counters(Instant::now(), 0.0);
         let w = self.writer.take().ok_or(SourceError::Cancelled)?;
         let _stream = w.finish()?;
+        let flushed_at = Instant::now();
         self.timeline.end_flush = self.lap();
         // `finish` wrote the END record (5-byte frame + 12-byte body).
         self.stats.update(|r, _| {
             r.transferred += 17;
             r.downtime_bytes += 17;
         });
+        // Published now, so `query-migrate` shows that END is out (the destination may run
+        // from here on) while the source still waits in `device`.
+        self.stats.set_switchover_timeline(self.timeline);
         if self.rp_thread.is_none() {
-            self.stats.downtime_end(Instant::now());
-            self.stats.set_switchover_timeline(self.timeline);
+            self.stats.downtime_end(flushed_at);
             return Ok(());
         }
-        self.wait_for(None, |f| f.resumed_at.is_some() || f.shut_at.is_some());
-        let f = self.shared.lock();
-        if let Some(at) = f.resumed_at {
-            drop(f);
-            self.stats.downtime_end(at);
-            self.timeline.destination = at.saturating_duration_since(self.mark);
-            self.stats.set_switchover_timeline(self.timeline);
-            return Ok(());
-        }
-        if let Some(d) = &f.dest_error {
-            return Err(SourceError::Destination(d.clone()));
-        }
-        if let Some((at, false)) = f.shut_at {
-            // Clean end without RESUMED: the destination stays paused (no autostart).
-            drop(f);
-            self.stats.downtime_end(at);
-            self.timeline.destination = at.saturating_duration_since(self.mark);
-            self.stats.set_switchover_timeline(self.timeline);
-            return Ok(());
-        }
-        Err(SourceError::Unconfirmed)
+        // From here the destination decides (see `confirm.rs`).
+        let at = match self.await_destination(flushed_at) {
+            Confirmation::Resumed(at) | Confirmation::LoadedPaused(at) => at,
+            Confirmation::Failed(d) => return Err(SourceError::Destination(d)),
+            Confirmation::Unknown(reason) => return Err(SourceError::Unconfirmed { reason }),
+        };
+        self.stats.downtime_end(at);
+        self.timeline.destination = at.saturating_duration_since(self.mark);
+        self.stats.set_switchover_timeline(self.timeline);
+        Ok(())
     }
 
     /// Time since the previous mark of the switchover timeline; moves the mark.
@@ -683,27 +658,21 @@ impl Sender {
     }
 
     /// Failure or cancel: undo everything, say why. Returns (status, error-desc).
+    ///
+    /// The guest runs again first and the cleanup follows (QEMU restarts the VM in
+    /// `migration_iteration_finish`, before its cleanup): turning dirty logging off
+    /// re-registers every memslot and joining the return-path thread waits for the socket, none
+    /// of which needs the vCPUs stopped. The status turns final only after the cleanup, so a
+    /// new `migrate` cannot race with it.
     fn fail(&mut self, e: SourceError) -> (MigrationStatus, Option<String>) {
-        let cancelled = matches!(e, SourceError::Cancelled) || self.shared.lock().cancel;
-        let unconfirmed = matches!(e, SourceError::Unconfirmed);
-        if cancelled && !unconfirmed {
+        // After END the destination may be running: the source stays paused (not resumed, no
+        // `cancelled`), whatever else happened.
+        let unconfirmed = matches!(e, SourceError::Unconfirmed { .. });
+        let cancelled =
+            !unconfirmed && (matches!(e, SourceError::Cancelled) || self.shared.lock().cancel);
+        if cancelled {
             self.set_status(MigrationStatus::Cancelling);
         }
-        // Aborting the sockets lets the return-path thread drain what the destination said.
-        self.cleanup();
-        let f = self.shared.lock();
-        let desc = if unconfirmed {
-            Some(error_chain(&e))
-        } else if let Some(d) = &f.dest_error {
-            Some(format!("destination failed: {d}"))
-        } else if cancelled {
-            None
-        } else if let (SourceError::Wire(_), Some(r)) = (&e, &f.rp_fault) {
-            Some(r.clone())
-        } else {
-            Some(error_chain(&e))
-        };
-        drop(f);
         if self.paused_by_us && !unconfirmed {
             match self.m.vcpus.resume() {
                 Ok(()) => {
@@ -716,15 +685,30 @@ impl Sender {
         if !unconfirmed {
             self.stats.downtime_abort();
         }
-        if let Some(d) = &desc {
-            tracing::warn!(error = %d, "outgoing migration failed");
-            self.stats.set_error(d.clone());
-        }
-        let status = if cancelled && !unconfirmed {
+        // Aborting the sockets lets the return-path thread drain what the destination said.
+        self.cleanup();
+        let f = self.shared.lock();
+        let desc = if unconfirmed {
+            error_chain(&e)
+        } else if cancelled {
+            CANCELLED_DESC.to_owned()
+        } else if let Some(d) = &f.dest_error {
+            format!("destination failed: {d}")
+        } else if let (SourceError::Wire(_), Some(r)) = (&e, &f.rp_fault) {
+            r.clone()
+        } else {
+            error_chain(&e)
+        };
+        drop(f);
+        tracing::warn!(error = %desc, "outgoing migration did not complete");
+        self.stats.set_error(desc.clone());
+        let status = if unconfirmed {
+            MigrationStatus::Unconfirmed
+        } else if cancelled {
             MigrationStatus::Cancelled
         } else {
             MigrationStatus::Failed
         };
-        (status, desc)
+        (status, Some(desc))
     }
 }

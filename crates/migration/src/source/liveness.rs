@@ -184,8 +184,7 @@ impl Sender {
         Ok(seq)
     }
 
-    /// Waits until `pred`, an abort, or `timeout` (None = no timeout), like
-    /// [`Sender::wait_for`], and meanwhile sends a keepalive `PING` whenever nothing was
+    /// Waits until `pred`, an abort, or `timeout` (None = no timeout), and meanwhile sends a keepalive `PING` whenever nothing was
     /// written for the keepalive period (while the stream is open: not after END).
     pub(super) fn wait_alive(
         &mut self,

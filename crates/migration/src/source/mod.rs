@@ -1,12 +1,12 @@
 //! The sender: an explicit state machine run by the `mig-src` thread.
 //!
 //! ```text
-//!  setup ──> active ──────────────────────────────> device ──> completed
-//!    │         │ (iterate: RAM + devices, fairly)  ^   │
-//!    │         └─> [pre-switchover] ──(continue)───┘   │
-//!    │                  │                              │
-//!    └──────────────────┴──── error ──> failed         │ (RESUMED lost after END sent:
-//!                       └──── cancel ─> cancelling ─> cancelled    failed, source stays paused)
+//!  setup ──> active ────────────────────────────> device ──END flushed──> wait for the verdict
+//!    │         │ (iterate: RAM + devices, fairly) ^                        │ (≤ x-tern-resume-timeout)
+//!    │         └─> [pre-switchover] ──(continue)──┘    RESUMED / SHUT{0} ──┼──> completed
+//!    │                  │                              ERROR / SHUT{1} ────┼──> failed (resumed)
+//!    └── error ─────────┴──────────> failed            closed, cut, cancel,└──> x-tern-unconfirmed
+//!        cancel ──> cancelling ──> cancelled           timeout                  (stays paused)
 //! ```
 //!
 //! * **setup**: connect, header + CONFIG, `OPEN_RETURN_PATH` + `PING` (return path), device
@@ -18,12 +18,23 @@
 //!   applies.
 //! * **switchover**: pause the vCPUs (downtime starts), [pre-switchover: wait for
 //!   `migrate-continue`], `device`: `SWITCHOVER_START`, final sync, last pages, device final
-//!   states, component states, END; then wait for `RESUMED` on the return path (downtime ends).
+//!   states, component states, END.
+//! * **the decision** (`confirm.rs`): once END is flushed the destination decides, and the
+//!   source waits, at most `x-tern-resume-timeout`, for what it says. `RESUMED` (downtime
+//!   ends): `completed`, and the glue refuses `cont` (the guest runs there). `SHUT{0}` without
+//!   `RESUMED` (`-S` destination): `completed`, nobody runs, `cont` on one side decides.
+//!   `ERROR`/`SHUT{1}`: the destination never runs, so `failed` and the source resumes. No
+//!   answer (return path closed, broken, cancel, timeout): `x-tern-unconfirmed`, the source
+//!   stays paused with its memory (the destination may run); the operator checks the
+//!   destination, then `cont` here or `migrate` elsewhere ([`Handover`]). Without a return
+//!   path: `completed` at the flush, like QEMU.
 //! * **failure / cancel before END was sent**: the source VM runs again exactly as before (it is
-//!   resumed only if the migration paused it), dirty logging is off, `error-desc` holds the
-//!   cause (the destination's own text when it sent one).
+//!   resumed only if the migration paused it), first, then the cleanup (dirty logging off,
+//!   devices, sockets, return-path thread); `error-desc` holds the cause (the destination's
+//!   own text when it sent one; "migration cancelled by the user" for a cancel).
 //! * **`file:`**: non-live: pause, one pass, END; the VM stays paused (like QEMU).
 
+mod confirm;
 mod liveness;
 mod ram;
 mod rp;
@@ -62,6 +73,9 @@ pub struct Tuning {
     pub max_bandwidth: u64,
     /// `avail-switchover-bandwidth`, bytes/s, 0 = use the measured bandwidth.
     pub avail_switchover_bandwidth: u64,
+    /// `x-tern-resume-timeout`, ms: the longest wait, after END was flushed, for the
+    /// destination's `RESUMED` or `SHUT` (then `x-tern-unconfirmed`).
+    pub resume_timeout_ms: u64,
 }
 
 impl Default for Tuning {
@@ -77,6 +91,7 @@ impl Tuning {
             downtime_limit_ms: p.downtime_limit,
             max_bandwidth: p.max_bandwidth,
             avail_switchover_bandwidth: p.avail_switchover_bandwidth,
+            resume_timeout_ms: p.x_tern_resume_timeout,
         }
     }
 }
@@ -103,6 +118,11 @@ pub struct SourceOptions {
     /// `x-tern-liveness-timeout`: give up on a destination that reads nothing and says nothing
     /// for this long; keepalive `PING`s while idle.
     pub liveness: LivenessTimeout,
+    /// The vCPUs are stopped because an earlier migration stopped them and nobody has decided
+    /// yet where the guest runs (it ended `x-tern-unconfirmed`, or completed without
+    /// `RESUMED`): the guest counts as running, so the destination resumes it (`RUN_STATE` 1).
+    /// This migration did not pause it, so a failure leaves it paused.
+    pub stopped_by_earlier_migration: bool,
 }
 
 impl Default for SourceOptions {
@@ -122,6 +142,7 @@ impl SourceOptions {
             detect_zero_pages: params.zero_page_detection != ZeroPageDetection::None,
             tuning: Tuning::from_params(params),
             liveness: LivenessTimeout::from_millis(params.x_tern_liveness_timeout),
+            stopped_by_earlier_migration: false,
         }
     }
 }
@@ -202,13 +223,19 @@ pub enum SourceError {
     /// The return path broke or carried something unexpected.
     #[error("{0}")]
     ReturnPath(String),
-    /// The whole state was sent, then the return path closed without `RESUMED`: the
-    /// destination may be running, so the source stays paused.
+    /// The whole state was sent (END flushed), then neither `RESUMED` nor an explicit
+    /// destination failure arrived: the destination may be running, so the source stays
+    /// paused (`x-tern-unconfirmed`).
     #[error(
-        "the destination did not confirm it resumed (return path closed after the whole state \
-         was sent); the source stays paused because the destination may be running"
+        "the destination did not confirm that it runs ({reason}) after the whole state was \
+         sent; the source stays paused because the destination may be running: check the \
+         destination; if it is not running, `cont` here resumes the guest, or `migrate` to \
+         another destination"
     )]
-    Unconfirmed,
+    Unconfirmed {
+        /// What happened instead of the confirmation.
+        reason: String,
+    },
     /// A thread could not be started.
     #[error("cannot start thread {name}")]
     Spawn {
@@ -256,9 +283,29 @@ impl From<RamError> for SourceError {
     }
 }
 
+/// Where the guest may run after a migration, as far as the source knows: the basis of the
+/// switchover rule "`cont` on the source is refused only when the destination said it runs".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Not (yet) handed over: running, or ended before END was flushed (`failed`,
+    /// `cancelled`: the source was restored). The guest is the source's.
+    NotHandedOver,
+    /// `RESUMED`: the guest runs on the destination; the source must not run it too.
+    DestinationRuns,
+    /// `SHUT{0}` without `RESUMED`: the destination loaded the guest and stays paused (`-S`,
+    /// or a paused guest). Nothing runs; `cont` on exactly one side decides.
+    DestinationPaused,
+    /// Completed at the END flush without a return path (QEMU's rule): the destination runs
+    /// unless it failed, and the source cannot know which.
+    NoReturnPath,
+    /// `x-tern-unconfirmed`: END was flushed, no answer came. Check the destination, then
+    /// `cont` here or `migrate` elsewhere.
+    Unconfirmed,
+}
+
 /// The end of a migration.
 pub struct SourceOutcome {
-    /// `completed`, `failed` or `cancelled`.
+    /// `completed`, `failed`, `cancelled` or `x-tern-unconfirmed`.
     pub status: MigrationStatus,
     /// `error-desc`.
     pub error: Option<String>,
@@ -286,6 +333,8 @@ struct Flags {
     dest_error: Option<String>,
     rp_fault: Option<String>,
     rp_closed: bool,
+    /// The return path was opened (the `mig-rp` thread runs).
+    return_path: bool,
     pongs: u32,
     /// Sequence number of the last `PONG`.
     last_pong: u32,
@@ -362,6 +411,18 @@ impl SourceHandle {
     /// The current status.
     pub fn status(&self) -> MigrationStatus {
         self.shared.lock().status
+    }
+
+    /// What this migration says about where the guest may run (see [`Handover`]).
+    pub fn handover(&self) -> Handover {
+        let f = self.shared.lock();
+        match f.status {
+            MigrationStatus::Unconfirmed => Handover::Unconfirmed,
+            MigrationStatus::Completed if f.resumed_at.is_some() => Handover::DestinationRuns,
+            MigrationStatus::Completed if f.return_path => Handover::DestinationPaused,
+            MigrationStatus::Completed => Handover::NoReturnPath,
+            _ => Handover::NotHandedOver,
+        }
     }
 
     /// Whether the migration thread has ended.

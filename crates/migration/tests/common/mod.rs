@@ -25,6 +25,7 @@ pub fn converge() -> Tuning {
         downtime_limit_ms: 30_000,
         max_bandwidth: 1_000_000_000,
         avail_switchover_bandwidth: 0,
+        ..Tuning::default()
     }
 }
 
@@ -35,6 +36,7 @@ pub fn non_converge() -> Tuning {
         downtime_limit_ms: 1,
         max_bandwidth: 30_000_000,
         avail_switchover_bandwidth: 0,
+        ..Tuning::default()
     }
 }
 
@@ -268,4 +270,116 @@ pub fn assert_ram_equal(src: &SrcSide, dst: &DstSide) {
         None,
         "first differing (block, page)"
     );
+}
+
+/// What [`end_proxy`] does once the source's END record has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterEnd {
+    /// Forward all but the last `k` bytes of the stream (at most what follows
+    /// `SWITCHOVER_START`), then cut both directions.
+    CutLast(usize),
+    /// Forward the whole stream; drop everything the destination says from then on and close
+    /// the source's side (the source sees its return path close).
+    CloseReturnPath,
+    /// Forward the whole stream; drop everything the destination says from then on, keep the
+    /// connection open (the source waits).
+    StallReturnPath,
+}
+
+/// A proxy that knows where the stream ends ([`tern_migration::tap::EndTracker`]) and acts
+/// there (see [`AfterEnd`]). Returns (source end, destination end, set once END was read from
+/// the source).
+pub fn end_proxy(after: AfterEnd) -> (Stream, Stream, Signal) {
+    use std::net::Shutdown;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tern_migration::tap::EndTracker;
+
+    let (src_end, proxy_a) = UnixStream::pair().expect("socketpair");
+    let (proxy_b, dst_end) = UnixStream::pair().expect("socketpair");
+    let (mut a_r, mut b_w) = (
+        proxy_a.try_clone().expect("clone"),
+        proxy_b.try_clone().expect("clone"),
+    );
+    let (mut b_r, mut a_w) = (proxy_b, proxy_a);
+    let end_seen = Signal::new();
+    let mute = Arc::new(AtomicBool::new(false));
+    let (seen, mute_rp) = (end_seen.clone(), mute.clone());
+    std::thread::Builder::new()
+        .name("proxy-fwd".into())
+        .spawn(move || {
+            let hold = match after {
+                AfterEnd::CutLast(k) => k as u64,
+                _ => 0,
+            };
+            let mut t = EndTracker::new();
+            let (mut sent, mut held) = (0u64, Vec::new());
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match a_r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let before = t.position();
+                let end = t.feed(&buf[..n]);
+                held.extend_from_slice(&buf[..(t.position() - before) as usize]);
+                if end.is_some() {
+                    // Silence the return path before the destination can answer END.
+                    mute.store(true, Ordering::SeqCst);
+                }
+                // Hold back only from SWITCHOVER_START on: earlier, a held-back PING would
+                // stall the source's drain step.
+                let allowed = match t.switchover() {
+                    Some(at) => t.position().saturating_sub(hold).max(at),
+                    None => t.position(),
+                };
+                let go = (allowed - sent) as usize;
+                if b_w.write_all(&held[..go]).is_err() {
+                    break;
+                }
+                held.drain(..go);
+                sent = allowed;
+                if end.is_some() {
+                    seen.set();
+                    match after {
+                        AfterEnd::CutLast(_) => {
+                            let _ = b_w.shutdown(Shutdown::Both);
+                            let _ = a_r.shutdown(Shutdown::Both);
+                        }
+                        AfterEnd::CloseReturnPath => {
+                            let _ = a_r.shutdown(Shutdown::Both);
+                        }
+                        AfterEnd::StallReturnPath => {}
+                    }
+                    // Keep both sockets open until the test ends (stall), or until the
+                    // destination goes away.
+                    let _ = std::io::copy(&mut a_r, &mut std::io::sink());
+                    return;
+                }
+            }
+            let _ = a_r.shutdown(Shutdown::Both);
+            let _ = b_w.shutdown(Shutdown::Both);
+        })
+        .expect("spawn");
+    std::thread::Builder::new()
+        .name("proxy-rp".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = match b_r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if mute_rp.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if a_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            if !mute_rp.load(Ordering::SeqCst) {
+                let _ = a_w.shutdown(Shutdown::Both);
+            }
+        })
+        .expect("spawn");
+    (Stream::Unix(src_end), Stream::Unix(dst_end), end_seen)
 }

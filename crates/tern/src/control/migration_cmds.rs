@@ -1,19 +1,20 @@
 //! Migration commands, QEMU's names and semantics: capabilities, parameters, `migrate`,
 //! `migrate-incoming`, `query-migrate`, `migrate_cancel`, `migrate-continue`.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tern_migration::params::{check_not_running, Capabilities, Capability, Parameters};
-use tern_migration::source::{SourceHandle, SourceOptions, Target, Tuning};
+use tern_migration::source::{Handover, SourceHandle, SourceOptions, Target, Tuning};
 use tern_migration::stats::{MigrationStats, Role};
 use tern_migration::status::MigrationStatus;
 use tern_migration::transport::MigrationUri;
 use tern_qmp::{no_args, parse_args, QmpError};
 
 use super::migration_address::{self, Direction, MigrationChannel};
-use super::Controller;
+use super::{Controller, RunState};
 use crate::migrate::events::QmpMigrationEvents;
 use crate::migrate::incoming::Incoming;
 use crate::migrate::machine_for_source;
@@ -141,24 +142,24 @@ impl Controller {
         }
         let uri = migration_address::resolve(a.uri, a.channels, Direction::Outgoing)?;
         let mut m = self.mig();
-        check_not_running(m.status()).map_err(param_err)?;
-        // A VM that arrived by migration is an ordinary VM again once the load completed.
-        match m
-            .incoming
-            .as_ref()
-            .map(|i| (i.finished(), i.stats().status()))
-        {
-            None | Some((true, MigrationStatus::Completed)) => {}
-            Some((false, _)) => {
-                return Err(QmpError::generic(
-                    "Guest is waiting for an incoming migration",
-                ));
-            }
-            Some((true, st)) => {
+        // QEMU's migrate_prepare order: an outgoing migration in progress, then a guest that
+        // is still (or was, and failed) waiting for an incoming one: sending the empty VM of a
+        // destination would hand a guest that does not exist to the next one.
+        if let Some(o) = &m.outgoing {
+            check_not_running(o.status()).map_err(param_err)?;
+        }
+        if let Some(st) = m.incoming.as_ref().map(|i| i.stats().status()) {
+            if st.is_terminal() && st != MigrationStatus::Completed {
                 return Err(QmpError::generic(format!(
                     "The incoming migration ended {st}: this VM holds no complete guest to migrate",
                 )));
             }
+        }
+        let state = self.run_state();
+        if state == RunState::InMigrate {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ));
         }
         if uri.is_file()
             && (m.caps.get(Capability::ReturnPath) || m.caps.get(Capability::SwitchoverAck))
@@ -168,7 +169,20 @@ impl Controller {
             ));
         }
         let to_file = uri.is_file();
-        let opts = SourceOptions::from_qemu(&m.caps, &m.params);
+        let mut opts = SourceOptions::from_qemu(&m.caps, &m.params);
+        // A guest that an earlier migration stopped, and that nobody has run since because that
+        // migration stayed undecided (unconfirmed, or a destination that stays paused), was
+        // running: the next destination runs it. (Not after a file snapshot, a completion
+        // without a return path, or a destination that runs it: there it travels paused.)
+        opts.stopped_by_earlier_migration = state == RunState::PostMigrate
+            && self.stopped_by_migration.load(Ordering::SeqCst)
+            && !m.last_to_file
+            && m.outgoing.as_ref().is_some_and(|o| {
+                matches!(
+                    o.handover(),
+                    Handover::Unconfirmed | Handover::DestinationPaused
+                )
+            });
         let events = Arc::new(QmpMigrationEvents::source(
             self.weak(),
             m.caps.get(Capability::Events),
@@ -185,23 +199,28 @@ impl Controller {
 
     pub(super) fn migrate_incoming(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
         let a: IncomingArgs = parse_args(args)?;
-        let _ = a.exit_on_error;
-        self.start_incoming_at(|| {
-            migration_address::resolve(a.uri, a.channels, Direction::Incoming)
-        })?;
+        let exit_on_error = a.exit_on_error.unwrap_or(true);
+        self.start_incoming_at(
+            || migration_address::resolve(a.uri, a.channels, Direction::Incoming),
+            exit_on_error,
+        )?;
         Ok(json!({}))
     }
 
     /// Starts listening for an incoming migration at `uri` (`--incoming URI` on the command
-    /// line).
-    pub fn start_incoming(&self, uri: &str) -> Result<(), QmpError> {
-        self.start_incoming_at(|| uri.parse().map_err(param_err))
+    /// line, which implies `exit_on_error`, as QEMU's `-incoming`).
+    pub fn start_incoming(&self, uri: &str, exit_on_error: bool) -> Result<(), QmpError> {
+        self.start_incoming_at(|| uri.parse().map_err(param_err), exit_on_error)
     }
 
     /// Starts listening at the address `address` gives (read after the state checks, as QEMU).
+    /// With `exit_on_error` a failed incoming migration ends the process with a non-zero status
+    /// and the error on stderr; without, it stays in `inmigrate` with the error in
+    /// `query-migrate` and refuses `cont`.
     fn start_incoming_at(
         &self,
         address: impl FnOnce() -> Result<MigrationUri, QmpError>,
+        exit_on_error: bool,
     ) -> Result<(), QmpError> {
         if self.run_state() != super::RunState::InMigrate {
             return Err(QmpError::generic(
@@ -217,7 +236,7 @@ impl Controller {
         }
         let (caps, params) = (m.caps.clone(), m.params.clone());
         let autostart = *self.autostart.lock().unwrap_or_else(|p| p.into_inner());
-        let inc = Incoming::start(self, uri, &caps, &params, autostart)?;
+        let inc = Incoming::start(self, uri, &caps, &params, autostart, exit_on_error)?;
         m.incoming = Some(inc);
         Ok(())
     }
@@ -239,6 +258,11 @@ impl Controller {
         let m = self.mig();
         if let Some(o) = &m.outgoing {
             o.cancel();
+        }
+        // On the destination: the incoming migration ends `failed` ("incoming migration
+        // cancelled"), then `exit-on-error` applies.
+        if let Some(i) = &m.incoming {
+            i.cancel();
         }
         Ok(json!({}))
     }

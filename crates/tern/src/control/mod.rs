@@ -14,6 +14,7 @@ mod runstate;
 mod schema;
 mod vm_cmds;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -25,6 +26,16 @@ use tern_vmm::Vm;
 
 pub use runstate::RunState;
 
+/// Why the main thread of `tern run` should end the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitRequest {
+    /// QMP `quit`: exit 0.
+    Quit,
+    /// The incoming migration failed and `exit-on-error` is on (QEMU's default): exit non-zero
+    /// with this error on stderr.
+    IncomingFailed(String),
+}
+
 /// Shared state of one `tern run` process, as seen by QMP.
 pub struct Controller {
     pub(crate) vm: Arc<Vm>,
@@ -35,20 +46,25 @@ pub struct Controller {
     /// Whether the vCPUs start when an incoming migration completes (QEMU's `autostart`:
     /// cleared by `-S` or `stop` during `inmigrate`, set by `cont`).
     pub(crate) autostart: Mutex<bool>,
-    quit_tx: Mutex<Sender<()>>,
+    /// The vCPUs are stopped because an outgoing migration stopped a running guest (not the
+    /// user): cleared when anything resumes them. A guest stopped this way whose migration
+    /// stayed undecided travels to the next destination as running.
+    pub(crate) stopped_by_migration: AtomicBool,
+    quit_tx: Mutex<Sender<ExitRequest>>,
     pub(crate) migration: Mutex<migration_cmds::MigrationCtl>,
     me: Weak<Controller>,
 }
 
 impl Controller {
-    /// A controller for `vm`, in `state`. `quit_tx` wakes the main thread for an orderly exit.
+    /// A controller for `vm`, in `state`. `quit_tx` wakes the main thread for an orderly exit
+    /// (and says why).
     pub fn new(
         vm: Arc<Vm>,
         devices: Vec<StateDevice>,
         events: EventSink,
         state: RunState,
         autostart: bool,
-        quit_tx: Sender<()>,
+        quit_tx: Sender<ExitRequest>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             vm,
@@ -56,6 +72,7 @@ impl Controller {
             events,
             run_state: Mutex::new(state),
             autostart: Mutex::new(autostart),
+            stopped_by_migration: AtomicBool::new(false),
             quit_tx: Mutex::new(quit_tx),
             migration: Mutex::new(migration_cmds::MigrationCtl::default()),
             me: me.clone(),
@@ -70,6 +87,13 @@ impl Controller {
     /// A weak handle on this controller (for callbacks from migration threads).
     pub(crate) fn weak(&self) -> Weak<Controller> {
         self.me.clone()
+    }
+
+    /// Asks the main thread to end the process (best effort: it may already be exiting).
+    pub(crate) fn request_exit(&self, why: ExitRequest) {
+        if let Ok(tx) = self.quit_tx.lock() {
+            let _ = tx.send(why);
+        }
     }
 }
 

@@ -2,13 +2,15 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::sync::atomic::Ordering;
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tern_migration::source::Handover;
 use tern_qmp::{no_args, parse_args, ClientCtx, QmpError};
 use tern_vmm::VmStatus;
 
-use super::{Controller, RunState};
+use super::{Controller, ExitRequest, RunState};
 
 /// The QEMU release whose QMP surface Tern mirrors (tools gate features on it).
 const QEMU_COMPAT: (u32, u32, u32) = (10, 0, 0);
@@ -93,6 +95,7 @@ impl Controller {
     /// Resumes the vCPUs and emits `RESUME`.
     pub(crate) fn resume_vm(&self) -> Result<(), QmpError> {
         self.machine().resume().map_err(generic)?;
+        self.stopped_by_migration.store(false, Ordering::SeqCst);
         self.set_run_state(RunState::Running);
         self.events.emit("RESUME", None);
         Ok(())
@@ -119,22 +122,43 @@ impl Controller {
                 self.resume_vm()?;
                 Ok(json!({}))
             }
+            // A failed incoming migration left no guest here (`exit-on-error: false`).
+            RunState::InMigrate if self.mig().incoming.as_ref().is_some_and(|i| i.failed()) => {
+                Err(QmpError::generic(
+                    "The incoming migration failed: this process holds no guest to run (see \
+                     query-migrate; quit it and start a new destination)",
+                ))
+            }
             // QEMU: `cont` during an incoming migration sets autostart.
             RunState::InMigrate => {
                 *self.autostart.lock().unwrap_or_else(|p| p.into_inner()) = true;
                 Ok(json!({}))
             }
-            // After a snapshot to a file the source may go on; after a live migration the guest
-            // runs on the destination and a second running copy would diverge from it.
-            RunState::PostMigrate if self.mig().last_to_file => {
+            // The switchover rule: `cont` is refused only when the destination said the guest
+            // runs there (`RESUMED`). After a file snapshot, a completion without a return
+            // path (QEMU allows `cont` in `postmigrate`), a destination that stays paused
+            // (`-S`) or an unconfirmed switchover, the operator decides.
+            RunState::PostMigrate => {
+                let runs_elsewhere = {
+                    let m = self.mig();
+                    !m.last_to_file
+                        && m.outgoing
+                            .as_ref()
+                            .is_some_and(|o| o.handover() == Handover::DestinationRuns)
+                };
+                if runs_elsewhere {
+                    return Err(QmpError::generic(
+                        "The VM was migrated to another host and runs there (the destination \
+                         confirmed it resumed); refusing to run a second copy of it",
+                    ));
+                }
                 self.resume_vm()?;
                 Ok(json!({}))
             }
-            RunState::PostMigrate => Err(QmpError::generic(
-                "The VM was migrated to another host; refusing to run a second copy of it",
-            )),
             RunState::FinishMigrate => Err(QmpError::generic(
-                "Migration is completing; the VM cannot be resumed now",
+                "Migration is completing; the VM cannot be resumed now (wait for a final \
+                 query-migrate status: the wait for the destination is bounded by \
+                 x-tern-resume-timeout)",
             )),
             RunState::InternalError => Err(QmpError::generic(
                 "Resetting the Virtual Machine is required",
@@ -155,10 +179,10 @@ impl Controller {
     }
 
     fn quit_handle(&self) -> impl FnOnce() + Send + 'static {
-        let tx = self.quit_tx.lock().map(|t| t.clone()).ok();
+        let me = self.weak();
         move || {
-            if let Some(tx) = tx {
-                let _ = tx.send(());
+            if let Some(ctl) = me.upgrade() {
+                ctl.request_exit(ExitRequest::Quit);
             }
         }
     }

@@ -1,19 +1,25 @@
 //! Engine events → QMP: `MIGRATION` / `MIGRATION_PASS` (only with the `events` capability, as
-//! QEMU), `STOP` / `RESUME` (always), and the run state `query-status` reports.
+//! QEMU), `STOP` / `RESUME` (always), the run state `query-status` reports, and the end of the
+//! process after a failed incoming migration with `exit-on-error`.
 
+use std::sync::atomic::Ordering;
 use std::sync::Weak;
 
 use serde_json::json;
 use tern_migration::events::EventSink;
+use tern_migration::stats::MigrationStats;
 use tern_migration::status::MigrationStatus;
 
-use crate::control::{Controller, RunState};
+use crate::control::{Controller, ExitRequest, RunState};
 
 /// Which end of the migration this process is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Side {
     Source,
-    Destination,
+    /// The destination; with `exit-on-error`, the stats to take the error from.
+    Destination {
+        exit_on_error: Option<MigrationStats>,
+    },
 }
 
 /// Forwards one migration's events to the QMP clients.
@@ -32,10 +38,17 @@ impl QmpMigrationEvents {
         }
     }
 
-    pub fn destination(ctl: Weak<Controller>, events_cap: bool) -> Self {
+    /// The destination's events. With `exit_on_error` (its stats), a failed incoming migration
+    /// ends the process: the engine reports `failed` only after it sent `ERROR` + `SHUT{1}` on
+    /// the return path and gave the source the time to read them.
+    pub fn destination(
+        ctl: Weak<Controller>,
+        events_cap: bool,
+        exit_on_error: Option<MigrationStats>,
+    ) -> Self {
         Self {
             ctl,
-            side: Side::Destination,
+            side: Side::Destination { exit_on_error },
             events_cap,
         }
     }
@@ -46,11 +59,13 @@ impl EventSink for QmpMigrationEvents {
         let Some(ctl) = self.ctl.upgrade() else {
             return;
         };
-        match (self.side, status) {
-            // The source's VM stays stopped after a successful migration: the destination owns
-            // the guest now (QEMU's `postmigrate`).
-            (Side::Source, MigrationStatus::Completed) => ctl.set_run_state(RunState::PostMigrate),
-            (Side::Destination, MigrationStatus::Completed)
+        match (&self.side, status) {
+            // The source's VM stays stopped after a successful migration (QEMU's
+            // `postmigrate`), and after an unconfirmed one: `cont` decides (see `cont`).
+            (Side::Source, MigrationStatus::Completed | MigrationStatus::Unconfirmed) => {
+                ctl.set_run_state(RunState::PostMigrate)
+            }
+            (Side::Destination { .. }, MigrationStatus::Completed)
                 if ctl.run_state() == RunState::InMigrate =>
             {
                 ctl.set_run_state(RunState::Paused);
@@ -60,6 +75,19 @@ impl EventSink for QmpMigrationEvents {
         if self.events_cap {
             ctl.events
                 .emit("MIGRATION", Some(json!({ "status": status.as_str() })));
+        }
+        if let (
+            Side::Destination {
+                exit_on_error: Some(stats),
+            },
+            MigrationStatus::Failed,
+        ) = (&self.side, status)
+        {
+            let error = stats
+                .snapshot()
+                .error_desc
+                .unwrap_or_else(|| "no reason given".into());
+            ctl.request_exit(ExitRequest::IncomingFailed(error));
         }
     }
 
@@ -75,6 +103,7 @@ impl EventSink for QmpMigrationEvents {
 
     fn vm_stopped(&self) {
         if let Some(ctl) = self.ctl.upgrade() {
+            ctl.stopped_by_migration.store(true, Ordering::SeqCst);
             ctl.set_run_state(RunState::FinishMigrate);
             ctl.events.emit("STOP", None);
         }
@@ -82,6 +111,7 @@ impl EventSink for QmpMigrationEvents {
 
     fn vm_resumed(&self) {
         if let Some(ctl) = self.ctl.upgrade() {
+            ctl.stopped_by_migration.store(false, Ordering::SeqCst);
             ctl.set_run_state(RunState::Running);
             ctl.events.emit("RESUME", None);
         }

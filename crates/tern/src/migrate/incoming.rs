@@ -6,6 +6,7 @@ use tern_migration::dest::{self, DestHandle, DestOptions};
 use tern_migration::liveness::LivenessTimeout;
 use tern_migration::params::{Capabilities, Capability, Parameters};
 use tern_migration::stats::{MigrationStats, Role};
+use tern_migration::status::MigrationStatus;
 use tern_migration::transport::{Listener, MigrationUri};
 use tern_qmp::QmpError;
 
@@ -20,20 +21,24 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Binds `uri` and starts the receiver thread.
+    /// Binds `uri` and starts the receiver thread. With `exit_on_error` (QEMU's default) a
+    /// failed incoming migration ends the process with a non-zero status.
     pub fn start(
         ctl: &Controller,
         uri: MigrationUri,
         caps: &Capabilities,
         params: &Parameters,
         autostart: bool,
+        exit_on_error: bool,
     ) -> Result<Self, QmpError> {
         let listener = Listener::bind(&uri).map_err(|e| QmpError::generic(format!("{e}")))?;
         let mut opts = DestOptions::from_qemu(caps, autostart);
         opts.liveness = LivenessTimeout::from_millis(params.x_tern_liveness_timeout);
+        let stats = MigrationStats::new(Role::Destination);
         let events = Arc::new(QmpMigrationEvents::destination(
             ctl.weak(),
             caps.get(Capability::Events),
+            exit_on_error.then(|| stats.clone()),
         ));
         let machine = machine_for_destination(&ctl.vm, &ctl.devices);
         let handle = dest::incoming(
@@ -41,7 +46,7 @@ impl Incoming {
             dest::Incoming::Listener(listener),
             opts,
             events,
-            MigrationStats::new(Role::Destination),
+            stats,
         )
         .map_err(|e| QmpError::generic(e.to_string()))?;
         Ok(Self { handle })
@@ -53,6 +58,17 @@ impl Incoming {
 
     pub fn finished(&self) -> bool {
         self.handle.is_finished()
+    }
+
+    /// The incoming migration failed (cancelled included): this process holds no guest.
+    pub fn failed(&self) -> bool {
+        self.handle.status() == MigrationStatus::Failed
+    }
+
+    /// `migrate_cancel` on the destination: the migration ends `failed` ("incoming migration
+    /// cancelled"); a no-op once it ended.
+    pub fn cancel(&self) {
+        self.handle.cancel();
     }
 
     /// Cancels a receive in progress and waits for the thread.

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -318,7 +320,10 @@ impl Vm {
             if want.contains(&st.as_str()) {
                 return self.qm();
             }
-            if matches!(st.as_str(), "completed" | "failed" | "cancelled") {
+            if matches!(
+                st.as_str(),
+                "completed" | "failed" | "cancelled" | "x-tern-unconfirmed"
+            ) {
                 let q = self.qm();
                 panic!(
                     "{name}: migration ended '{st}' while waiting for {want:?}; query-migrate: {q}"
@@ -432,20 +437,60 @@ impl Vm {
         assert_eq!(st, "paused", "{}: query-status after stop", self.name);
     }
 
-    /// Sets up a TCP incoming migration on 127.0.0.1 (any port); returns the URI to give the
+    /// Sets up a TCP incoming migration on 127.0.0.1 (any port) with `exit-on-error: false`, so
+    /// a test can inspect a destination whose migration failed; returns the URI to give the
     /// source.
     pub fn listen_tcp(&mut self) -> String {
-        self.c("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}));
+        self.listen_tcp_with(Some(false))
+    }
+
+    /// [`Vm::listen_tcp`] with `exit-on-error` as given (`None`: not passed, QEMU's default
+    /// `true`: a failed destination exits).
+    pub fn listen_tcp_with(&mut self, exit_on_error: Option<bool>) -> String {
+        let mut args = json!({"uri": "tcp:127.0.0.1:0"});
+        if let Some(e) = exit_on_error {
+            args["exit-on-error"] = json!(e);
+        }
+        self.c("migrate-incoming", args);
         let q = self.qm();
         let port = incoming_port(&q).unwrap_or_else(|| panic!("no port in {q}"));
         format!("tcp:127.0.0.1:{port}")
     }
 
-    /// Sets up a unix-socket incoming migration at `path`; returns the URI.
+    /// Sets up a unix-socket incoming migration at `path` (`exit-on-error: false`); returns
+    /// the URI.
     pub fn listen_unix(&mut self, path: &Path) -> String {
         let uri = format!("unix:{}", path.display());
-        self.c("migrate-incoming", json!({ "uri": uri }));
+        self.c(
+            "migrate-incoming",
+            json!({ "uri": uri, "exit-on-error": false }),
+        );
         uri
+    }
+
+    /// Sends `sig` to the process (e.g. `libc::SIGSTOP` to freeze a destination).
+    pub fn signal(&mut self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on our own child's pid, which stays reserved (not reaped) while the
+        // `Child` lives.
+        let r = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            r,
+            0,
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits for the process to exit on its own (e.g. `exit-on-error`); returns its status
+    /// and its log.
+    pub fn wait_gone(&mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let name = self.name.clone();
+        let st = match self.wait_exit(timeout) {
+            Ok(st) => st,
+            Err(e) => panic!("{name}: {e:#}"),
+        };
+        (st, self.log())
     }
 
     /// `quit`: must exit with status 0 and remove its QMP socket.
@@ -565,9 +610,21 @@ pub fn ram_num(q: &Value, key: &str) -> u64 {
     q.get("ram").map(|r| num(r, key)).unwrap_or(0)
 }
 
-/// After a completed live migration: the source is `postmigrate` (and refuses `cont`), the
-/// destination runs, and the guest's heartbeat sequence continues on the destination at
-/// exactly the source's last beat + 1, without duplicates. Returns the source's last seq.
+/// A source whose destination confirmed it runs (`RESUMED`: return path on, destination
+/// without `-S`) refuses `cont`, and says why.
+pub fn assert_cont_refused(src: &mut Vm) {
+    let e = src.err("cont", json!({}));
+    assert!(
+        e.contains("migrated") && e.contains("runs there"),
+        "cont on a migrated source: {e}"
+    );
+    assert_eq!(src.run_status(), "postmigrate");
+}
+
+/// After a completed live migration: the source is `postmigrate`, the destination runs, and
+/// the guest's heartbeat sequence continues on the destination at exactly the source's last
+/// beat + 1, without duplicates. Returns the source's last seq. (Whether the source refuses
+/// `cont` depends on what the destination said: [`assert_cont_refused`].)
 pub fn assert_handover(src: &mut Vm, dst: &mut Vm) -> u64 {
     assert_eq!(
         src.run_status(),
@@ -576,8 +633,6 @@ pub fn assert_handover(src: &mut Vm, dst: &mut Vm) -> u64 {
     );
     let last = src.last_seq();
     src.assert_no_hb_after(last, Duration::from_millis(100));
-    let e = src.err("cont", json!({}));
-    assert!(e.contains("migrated"), "cont on a migrated source: {e}");
     assert_eq!(
         dst.run_status(),
         "running",
@@ -602,18 +657,21 @@ pub fn assert_handover(src: &mut Vm, dst: &mut Vm) -> u64 {
 }
 
 /// A complete live migration of `src` to a fresh destination over TCP with QEMU's "converge"
-/// limits: both sides `completed`, handover checked. Returns the destination.
+/// limits and libvirt's capabilities (`events`, `return-path`): both sides `completed`,
+/// handover checked, the source refuses `cont`. Returns the destination.
 pub fn migrate_fully(dir: &Path, name: &str, src: &mut Vm, m: &Machine) -> Vm {
     let mut dst = dest(dir, name, m);
-    dst.caps(&[("events", true)]);
+    let caps = [("events", true), ("return-path", true)];
+    dst.caps(&caps);
     src.drain_events();
-    src.caps(&[("events", true)]);
+    src.caps(&caps);
     converge(src);
     let uri = dst.listen_tcp();
     src.c("migrate", json!({ "uri": uri }));
     src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     assert_handover(src, &mut dst);
+    assert_cont_refused(src);
     dst
 }
 

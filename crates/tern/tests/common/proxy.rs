@@ -1,0 +1,247 @@
+//! A fault-injecting TCP proxy between a migration source and its destination. It forwards
+//! both directions and follows the stream's record framing
+//! ([`tern_migration::tap::EndTracker`]), so it can cut the source→destination stream after
+//! N bytes or exactly K bytes before its end (the END record), and silence or close the
+//! return path the moment END has passed. The test waits on its progress (END seen, cut done)
+//! through a condition variable: no polling, no sleeps.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_migration::tap::EndTracker;
+
+/// What the proxy does to the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything, both ways.
+    None,
+    /// Forward the first `n` bytes of the stream, then cut both directions.
+    CutAfter(u64),
+    /// Forward all but the last `k` bytes of the stream (counted back from the end of END;
+    /// bytes are held back only after `SWITCHOVER_START`, so a drain `PING` is never held),
+    /// then cut both directions once the source has sent END.
+    CutBeforeEnd(u64),
+    /// Forward the whole stream; from END on drop what the destination says and close the
+    /// source's connection (its return path closes without `RESUMED`).
+    CloseReturnPathAtEnd,
+    /// Forward the whole stream; from END on drop what the destination says, connections stay
+    /// open (the source waits for `RESUMED` until its `x-tern-resume-timeout`).
+    StallReturnPathAtEnd,
+}
+
+/// What the proxy has seen so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The source connected (and the proxy reached the destination).
+    pub connected: bool,
+    /// Stream bytes the destination was given.
+    pub forwarded: u64,
+    /// The stream's length, once END was read from the source.
+    pub end: Option<u64>,
+    /// Both directions were cut.
+    pub cut: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    progress: Mutex<Progress>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.progress.lock().unwrap_or_else(|p| p.into_inner()));
+        self.cv.notify_all();
+    }
+}
+
+/// A proxy for one migration connection.
+pub struct FaultProxy {
+    uri: String,
+    shared: Arc<Shared>,
+}
+
+impl FaultProxy {
+    /// Listens on 127.0.0.1 (any port); the first connection is forwarded to `to`
+    /// (`tcp:HOST:PORT`, the destination's `migrate-incoming` URI) with `fault`.
+    pub fn start(to: &str, fault: Fault) -> Self {
+        let target = to
+            .strip_prefix("tcp:")
+            .unwrap_or_else(|| panic!("proxy target {to} is not tcp:"))
+            .to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let port = listener.local_addr().expect("proxy address").port();
+        let shared = Arc::new(Shared::default());
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("proxy-accept".into())
+            .spawn(move || {
+                let Ok((src, _)) = listener.accept() else {
+                    return;
+                };
+                let dst = TcpStream::connect(&target).expect("proxy connects to the destination");
+                let _ = src.set_nodelay(true);
+                let _ = dst.set_nodelay(true);
+                sh.update(|p| p.connected = true);
+                let mute = Arc::new(AtomicBool::new(false));
+                let (s2, d2, m2) = (
+                    src.try_clone().expect("clone"),
+                    dst.try_clone().expect("clone"),
+                    mute.clone(),
+                );
+                std::thread::Builder::new()
+                    .name("proxy-rp".into())
+                    .spawn(move || return_path(d2, s2, &m2))
+                    .expect("spawn proxy-rp");
+                forward(src, dst, fault, &sh, &mute);
+            })
+            .expect("spawn proxy-accept");
+        Self {
+            uri: format!("tcp:127.0.0.1:{port}"),
+            shared,
+        }
+    }
+
+    /// The URI to give the source's `migrate`.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The progress so far.
+    pub fn progress(&self) -> Progress {
+        *self
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until `pred` holds (panics after `timeout`); returns the progress.
+    pub fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Progress) -> bool,
+    ) -> Progress {
+        let deadline = Instant::now() + timeout;
+        let mut g = self
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while !pred(&g) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "proxy: no '{what}' within {timeout:?}: {:?}",
+                *g
+            );
+            g = self
+                .shared
+                .cv
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        *g
+    }
+
+    /// Waits until END was read from the source; returns the stream's length.
+    pub fn wait_end(&self, timeout: Duration) -> u64 {
+        let p = self.wait("END", timeout, |p| p.end.is_some());
+        p.end.unwrap_or_default()
+    }
+}
+
+fn cut(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
+}
+
+/// Source → destination, with the fault.
+fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mute: &AtomicBool) {
+    let mut t = EndTracker::new();
+    let (mut sent, mut held) = (0u64, Vec::new());
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let before = t.position();
+        let end = t.feed(&buf[..n]);
+        held.extend_from_slice(&buf[..(t.position() - before) as usize]);
+        let at_end_fault = matches!(
+            fault,
+            Fault::CutBeforeEnd(_) | Fault::CloseReturnPathAtEnd | Fault::StallReturnPathAtEnd
+        );
+        if end.is_some() && at_end_fault {
+            // Silence the return path before the destination can answer END.
+            mute.store(true, Ordering::SeqCst);
+        }
+        let allowed = match fault {
+            Fault::CutAfter(c) => t.position().min(c),
+            Fault::CutBeforeEnd(k) => match t.switchover() {
+                Some(at) => t.position().saturating_sub(k).max(at),
+                None => t.position(),
+            },
+            _ => t.position(),
+        };
+        let go = (allowed - sent) as usize;
+        if dst.write_all(&held[..go]).is_err() {
+            break;
+        }
+        held.drain(..go);
+        sent = allowed;
+        sh.update(|p| {
+            p.forwarded = sent;
+            p.end = end;
+        });
+        let cut_now = match fault {
+            Fault::CutAfter(c) => sent >= c,
+            Fault::CutBeforeEnd(_) => end.is_some(),
+            _ => false,
+        };
+        if cut_now {
+            cut(&src, &dst);
+            sh.update(|p| p.cut = true);
+            return;
+        }
+        if end.is_some() {
+            if fault == Fault::CloseReturnPathAtEnd {
+                let _ = src.shutdown(Shutdown::Both);
+            }
+            // Nothing follows END; wait for the source to close.
+            let _ = std::io::copy(&mut src, &mut std::io::sink());
+            if fault == Fault::None {
+                let _ = dst.shutdown(Shutdown::Write);
+            }
+            return;
+        }
+    }
+    cut(&src, &dst);
+}
+
+/// Destination → source (`PONG`, `SWITCHOVER_ACK`, `RESUMED`, `ERROR`, `SHUT`), dropped once
+/// `mute` is set.
+fn return_path(mut dst: TcpStream, mut src: TcpStream, mute: &AtomicBool) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match dst.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if mute.load(Ordering::SeqCst) {
+            continue;
+        }
+        if src.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    if !mute.load(Ordering::SeqCst) {
+        let _ = src.shutdown(Shutdown::Both);
+    }
+}
