@@ -639,9 +639,17 @@ impl Receiver {
                     )?;
                 }
                 Record::Command(Command::Ping { seq }) => {
-                    send_rp(&self.rp, &RpMessage::Pong { seq })
-                        .map_err(|e| DestError::Protocol(format!("sending PONG: {e}")))?;
-                    self.last_pong.store(seq, Ordering::SeqCst);
+                    // A source that went away closes both directions: the PONG then fails
+                    // (EPIPE) before the reader sees the truncated stream, whose error says
+                    // what happened. So a failed PONG closes the return path and reading goes
+                    // on: the forward stream decides. (A source that still sends but cannot
+                    // read fails by its own liveness rule: its PINGs go unanswered.)
+                    if let Err(e) = send_rp(&self.rp, &RpMessage::Pong { seq }) {
+                        tracing::warn!(error = %e, "return path broken while sending PONG; closing it");
+                        *self.rp.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    } else {
+                        self.last_pong.store(seq, Ordering::SeqCst);
+                    }
                 }
                 Record::Command(Command::IterationEnd { pass }) => {
                     tracing::trace!(pass, "source pass ended");

@@ -257,7 +257,6 @@ fn precopy_unix_stop_during_inmigrate_keeps_destination_paused() {
 
 /// A → B → C: a guest that arrived by migration migrates again (and can be snapshotted).
 #[test]
-
 fn precopy_chain_a_to_b_to_c() {
     let dir = tmpdir();
     let m = Machine::pattern(1, 32);

@@ -147,6 +147,14 @@ impl Controller {
         // destination would hand a guest that does not exist to the next one.
         if let Some(o) = &m.outgoing {
             check_not_running(o.status()).map_err(param_err)?;
+            // The guest runs on the destination (it said `RESUMED`): this copy is stale, and
+            // shipping it would hand a second copy to a third host (QEMU refuses every
+            // `postmigrate` source with this text; Tern still lets an undecided one go on).
+            if !m.last_to_file && o.handover() == Handover::DestinationRuns {
+                return Err(QmpError::generic(
+                    "Can't migrate the vm that was paused due to previous migration",
+                ));
+            }
         }
         if let Some(st) = m.incoming.as_ref().map(|i| i.stats().status()) {
             if st.is_terminal() && st != MigrationStatus::Completed {

@@ -611,12 +611,18 @@ pub fn ram_num(q: &Value, key: &str) -> u64 {
 }
 
 /// A source whose destination confirmed it runs (`RESUMED`: return path on, destination
-/// without `-S`) refuses `cont`, and says why.
+/// without `-S`) refuses `cont` and `migrate`, and says why.
 pub fn assert_cont_refused(src: &mut Vm) {
     let e = src.err("cont", json!({}));
     assert!(
         e.contains("migrated") && e.contains("runs there"),
         "cont on a migrated source: {e}"
+    );
+    // Nor may the stale copy leave for a third host (QEMU's text).
+    let e = src.err("migrate", json!({"uri": "tcp:127.0.0.1:1"}));
+    assert!(
+        e.contains("paused due to previous migration"),
+        "migrate from a source whose guest runs elsewhere: {e}"
     );
     assert_eq!(src.run_status(), "postmigrate");
 }
