@@ -184,6 +184,12 @@ struct Shared {
     status: Mutex<MigrationStatus>,
     cancel: AtomicBool,
     io: CancelToken,
+    /// QEMU's autostart as it is now: `stop` / `cont` during `inmigrate` change it until the
+    /// guest is loaded ([`DestHandle::set_autostart`]).
+    autostart: AtomicBool,
+    /// The guest is loaded and about to resume (or stay paused): from here `migrate_cancel`
+    /// can no longer undo the migration. Set and read under `status`'s lock.
+    committed: AtomicBool,
 }
 
 /// Control of an incoming migration.
@@ -194,13 +200,34 @@ pub struct DestHandle {
 }
 
 impl DestHandle {
-    /// Cancels (the destination ends `failed`); a no-op once it ended.
-    pub fn cancel(&self) {
-        if self.status().is_terminal() {
-            return;
+    /// Cancels (the destination ends `failed`); a no-op once it ended. Returns false, and
+    /// changes nothing, when it is too late: the whole stream was loaded and the guest is
+    /// being resumed (or kept paused) here.
+    pub fn cancel(&self) -> bool {
+        {
+            let st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+            if st.is_terminal() {
+                return true;
+            }
+            if self.shared.committed.load(Ordering::SeqCst) {
+                return false;
+            }
+            self.shared.cancel.store(true, Ordering::SeqCst);
         }
-        self.shared.cancel.store(true, Ordering::SeqCst);
         self.shared.io.cancel();
+        true
+    }
+
+    /// QEMU's autostart changed during `inmigrate` (`stop`: stay paused when loaded; `cont`:
+    /// run when loaded). Returns false when the guest was already loaded and the choice was
+    /// made.
+    pub fn set_autostart(&self, on: bool) -> bool {
+        let _st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        if self.shared.committed.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.shared.autostart.store(on, Ordering::SeqCst);
+        true
     }
 
     /// Live statistics (`query-migrate` on the destination).
@@ -237,6 +264,8 @@ pub fn incoming(
         status: Mutex::new(MigrationStatus::Setup),
         cancel: AtomicBool::new(false),
         io: CancelToken::new(),
+        autostart: AtomicBool::new(opts.autostart),
+        committed: AtomicBool::new(false),
     });
     if let Incoming::Listener(l) = &from {
         stats.set_socket_address(l.local_uri().socket_address_json().into_iter().collect());
@@ -776,9 +805,19 @@ impl Receiver {
                 op: "restoring the machine state".into(),
                 source,
             })?;
+        // The point of no return: a `migrate_cancel` before it fails the migration, after it
+        // is refused; `stop` / `cont` during the load decided autostart.
+        let autostart = {
+            let _st = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+            if self.shared.cancel.load(Ordering::SeqCst) {
+                return Err(DestError::Cancelled);
+            }
+            self.shared.committed.store(true, Ordering::SeqCst);
+            self.shared.autostart.load(Ordering::SeqCst)
+        };
         // Resume unless told to stay paused (`-S`, `stop` during inmigrate) or the guest was
         // paused on the source (QEMU keeps the source's run state).
-        if self.opts.autostart && self.source_running != Some(false) {
+        if autostart && self.source_running != Some(false) {
             self.m.vcpus.resume().map_err(|source| DestError::Machine {
                 op: "resuming the vCPUs".into(),
                 source,

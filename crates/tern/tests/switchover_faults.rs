@@ -176,6 +176,12 @@ fn unconfirmed_then_migrate_to_another_destination() {
     src.c("migrate", json!({"uri": proxy.uri()}));
     assert_unconfirmed(&mut src, "return path");
     assert_exited_with(&mut dst1, CUT);
+    // A retry that fails before END (nobody listens there) decides nothing: the guest stays
+    // undecided and still travels as running to the next destination.
+    src.drain_events();
+    src.c("migrate", json!({"uri": "tcp:127.0.0.1:1"}));
+    src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
+    assert_eq!(src.run_status(), "postmigrate");
     let (mut dst2, uri) = destination(dir.path(), "dst2", &m, &[]);
     src.drain_events();
     src.c("migrate", json!({ "uri": uri }));
@@ -186,6 +192,40 @@ fn unconfirmed_then_migrate_to_another_destination() {
     assert_runs_only_on(&mut dst2, &mut src);
     assert_pattern_ok(&mut dst2, &m, dir.path(), "dst2");
     src.quit_ok();
+    dst2.quit_ok();
+}
+
+/// While a new migration carries a guest that an undecided one stopped, the source's run
+/// state stays `postmigrate`, yet `cont` is refused until that migration ends: after END went
+/// out, a `cont` there would run the guest beside the destination that resumes it. A
+/// `migrate_cancel` after END cannot undo the switchover either: it ends `x-tern-unconfirmed`.
+#[test]
+fn cont_is_refused_while_a_new_migration_carries_an_undecided_guest() {
+    let dir = tmpdir();
+    let m = Machine::pattern(1, 32);
+    let mut src = source(dir.path(), "src", &m);
+    let (mut dst1, uri) = destination(dir.path(), "dst1", &m, &[]);
+    let proxy = FaultProxy::start(&uri, Fault::CutBeforeEnd(17));
+    src.c("migrate", json!({"uri": proxy.uri()}));
+    assert_unconfirmed(&mut src, "return path");
+    assert_exited_with(&mut dst1, CUT);
+    src.params(json!({"x-tern-resume-timeout": 3_600_000}));
+    let (mut dst2, uri) = destination(dir.path(), "dst2", &m, &[]);
+    let proxy = FaultProxy::start(&uri, Fault::StallReturnPathAtEnd);
+    src.drain_events();
+    src.c("migrate", json!({"uri": proxy.uri()}));
+    proxy.wait_end(MIGRATION_TIMEOUT);
+    let e = src.err("cont", json!({}));
+    assert!(
+        e.contains("migration is in progress"),
+        "cont after END: {e}"
+    );
+    dst2.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    src.c("migrate_cancel", json!({}));
+    assert_unconfirmed(&mut src, "cancel");
+    assert_runs_only_on(&mut dst2, &mut src);
+    src.quit_ok();
+    assert_pattern_ok(&mut dst2, &m, dir.path(), "dst2");
     dst2.quit_ok();
 }
 
@@ -250,6 +290,39 @@ fn paused_destination_then_cont_on_exactly_one_side() {
             cont_source(&mut src);
             assert_runs_only_on(&mut src, &mut dst);
             assert_pattern_ok(&mut src, &m, dir.path(), "src");
+        }
+        src.quit_ok();
+        dst.quit_ok();
+    }
+}
+
+/// QEMU's autostart is live during `inmigrate`: `cont` on a destination started with `-S`,
+/// after `migrate-incoming`, makes it run the guest once loaded (and say so: the source then
+/// refuses `cont`); `stop` on one started without `-S` keeps it paused.
+#[test]
+fn autostart_changes_during_inmigrate_take_effect() {
+    let dir = tmpdir();
+    let m = Machine::pattern(1, 32);
+    for (flag, cmd) in [("-S", "cont"), ("", "stop")] {
+        let name = if flag.is_empty() { "plain" } else { "paused" };
+        let mut src = source(dir.path(), &format!("src-{name}"), &m);
+        let extra: Vec<&str> = [flag].into_iter().filter(|f| !f.is_empty()).collect();
+        let (mut dst, uri) = destination(dir.path(), &format!("dst-{name}"), &m, &extra);
+        assert_eq!(dst.run_status(), "inmigrate");
+        dst.c(cmd, json!({}));
+        src.c("migrate", json!({ "uri": uri }));
+        src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+        dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+        if cmd == "cont" {
+            assert_handover(&mut src, &mut dst);
+            assert_cont_refused(&mut src);
+            assert_runs_only_on(&mut dst, &mut src);
+        } else {
+            assert_eq!(dst.run_status(), "paused", "stop during inmigrate");
+            let last = src.last_seq();
+            dst.assert_no_hb_after(last, Duration::from_millis(200));
+            cont_source(&mut src);
+            assert_runs_only_on(&mut src, &mut dst);
         }
         src.quit_ok();
         dst.quit_ok();

@@ -30,6 +30,12 @@ pub(super) struct Watched {
     limit: Option<Duration>,
     /// When the channel was set up (no closed window can be older).
     since: Instant,
+    /// A write failed: every later write fails at once without touching the socket. The
+    /// stream writer's `BufWriter` retries its buffer when it is dropped, and after a write
+    /// timed out on a live socket (the destination stopped reading for the limit) such a
+    /// retry could still deliver the rest of the stream, END included, while the sender
+    /// treats the migration as failed before END and resumes the source: two running copies.
+    write_failed: bool,
 }
 
 impl Watched {
@@ -39,6 +45,7 @@ impl Watched {
             shared,
             limit: liveness.limit(),
             since: Instant::now(),
+            write_failed: false,
         }
     }
 
@@ -79,6 +86,11 @@ impl Watched {
 
 impl Write for Watched {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.write_failed {
+            return Err(io::Error::other(
+                "an earlier write on the migration stream failed: nothing more is sent",
+            ));
+        }
         loop {
             match self.stream.write(buf) {
                 Err(e)
@@ -88,6 +100,11 @@ impl Write for Watched {
                     tracing::debug!(
                         "the destination reads nothing but answers on the return path: waiting on"
                     );
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
+                Err(e) => {
+                    self.write_failed = true;
+                    return Err(e);
                 }
                 r => return r,
             }
@@ -224,5 +241,60 @@ impl Sender {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Condvar, Mutex};
+
+    use super::*;
+    use crate::source::Flags;
+    use crate::transport::CancelToken;
+
+    /// After a write timed out (the destination stopped reading for the limit), nothing more
+    /// reaches the socket, not even once the destination reads again: the stream writer's
+    /// buffer, flushed again when it is dropped, must not deliver the rest of the stream (END
+    /// included) after the sender decided the migration failed before END.
+    #[test]
+    fn a_failed_write_is_final() {
+        let (a, mut b) = UnixStream::pair().expect("socketpair");
+        let stream = Stream::Unix(a);
+        let limit = LivenessTimeout::from_millis(200);
+        crate::liveness::arm(&stream, limit, None).expect("arm");
+        let shared = Arc::new(Shared {
+            flags: Mutex::new(Flags::default()),
+            cv: Condvar::new(),
+            io: CancelToken::new(),
+        });
+        let mut w = Watched::new(stream, shared, limit);
+        let chunk = vec![0x5a; 64 << 10];
+        let mut sent = 0usize;
+        let err = loop {
+            match w.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) => break e,
+            }
+            assert!(
+                sent < 256 << 20,
+                "the peer never read, yet every write succeeded"
+            );
+        };
+        assert!(
+            matches!(Inactivity::of_io(&err), Some(Inactivity::Send { .. })),
+            "first failure is the send timeout: {err}"
+        );
+        // The destination reads everything that was sent: the socket is writable again.
+        let mut got = vec![0u8; sent];
+        b.read_exact(&mut got).expect("drain");
+        let again = w.write(b"END").expect_err("a write after a failed one");
+        assert!(again.to_string().contains("earlier write"), "{again}");
+        b.set_nonblocking(true).expect("nonblocking");
+        let mut one = [0u8; 1];
+        assert!(
+            matches!(b.read(&mut one), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "nothing may follow the failed write"
+        );
     }
 }

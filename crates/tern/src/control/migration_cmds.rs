@@ -30,6 +30,10 @@ pub(crate) struct MigrationCtl {
     pub(crate) incoming: Option<Incoming>,
     /// Whether the last outgoing migration went to a file (a snapshot: the source may `cont`).
     pub(crate) last_to_file: bool,
+    /// An outgoing migration handed the guest over without learning where it runs
+    /// (`x-tern-unconfirmed`, or a destination that stays paused), and no later migration
+    /// decided it (one that failed before END leaves this as it was).
+    pub(crate) undecided: bool,
 }
 
 impl MigrationCtl {
@@ -182,15 +186,18 @@ impl Controller {
         // migration stayed undecided (unconfirmed, or a destination that stays paused), was
         // running: the next destination runs it. (Not after a file snapshot, a completion
         // without a return path, or a destination that runs it: there it travels paused.)
+        if let Some(o) = &m.outgoing {
+            match o.handover() {
+                Handover::Unconfirmed | Handover::DestinationPaused => m.undecided = true,
+                // Failed or cancelled before END: the earlier verdict still stands.
+                Handover::NotHandedOver => {}
+                Handover::DestinationRuns | Handover::NoReturnPath => m.undecided = false,
+            }
+        }
         opts.stopped_by_earlier_migration = state == RunState::PostMigrate
             && self.stopped_by_migration.load(Ordering::SeqCst)
             && !m.last_to_file
-            && m.outgoing.as_ref().is_some_and(|o| {
-                matches!(
-                    o.handover(),
-                    Handover::Unconfirmed | Handover::DestinationPaused
-                )
-            });
+            && m.undecided;
         let events = Arc::new(QmpMigrationEvents::source(
             self.weak(),
             m.caps.get(Capability::Events),
@@ -270,7 +277,12 @@ impl Controller {
         // On the destination: the incoming migration ends `failed` ("incoming migration
         // cancelled"), then `exit-on-error` applies.
         if let Some(i) = &m.incoming {
-            i.cancel();
+            if !i.cancel() {
+                return Err(QmpError::generic(
+                    "The incoming migration has loaded the whole guest and is handing it over; \
+                     it can no longer be cancelled (see query-migrate and query-status)",
+                ));
+            }
         }
         Ok(json!({}))
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tern_migration::source::Handover;
+use tern_migration::status::MigrationStatus;
 use tern_qmp::{no_args, parse_args, ClientCtx, QmpError};
 use tern_vmm::VmStatus;
 
@@ -107,7 +108,10 @@ impl Controller {
             RunState::Running => self.stop_vm(RunState::Paused)?,
             // QEMU: during an incoming migration `stop` means "stay paused when it completes".
             RunState::InMigrate => {
-                *self.autostart.lock().unwrap_or_else(|p| p.into_inner()) = false
+                *self.autostart.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                if let Some(i) = &self.mig().incoming {
+                    i.set_autostart(false);
+                }
             }
             _ => {}
         }
@@ -116,7 +120,29 @@ impl Controller {
 
     pub(super) fn cont(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
         no_args(&args)?;
-        match self.run_state() {
+        let state = self.run_state();
+        // An outgoing migration that is switching over (or undoing itself) owns the vCPUs: a
+        // `cont` then would run the source while its final state is on the way, or after END
+        // beside a destination that runs it. So would a `cont` of a guest stopped by an
+        // undecided earlier migration while a new migration carries it (`postmigrate`).
+        let outgoing = self.mig().outgoing.as_ref().map(|o| o.status());
+        if let Some(st) = outgoing {
+            let switching = matches!(
+                st,
+                MigrationStatus::PreSwitchover
+                    | MigrationStatus::Device
+                    | MigrationStatus::Cancelling
+            );
+            if state != RunState::Running
+                && (switching || (st.is_running() && state == RunState::PostMigrate))
+            {
+                return Err(QmpError::generic(format!(
+                    "A migration is in progress ({st}); the VM cannot be resumed now (wait for a \
+                     final query-migrate status, or migrate_cancel it first)"
+                )));
+            }
+        }
+        match state {
             RunState::Running => Ok(json!({})),
             RunState::Prelaunch | RunState::Paused => {
                 self.resume_vm()?;
@@ -132,6 +158,9 @@ impl Controller {
             // QEMU: `cont` during an incoming migration sets autostart.
             RunState::InMigrate => {
                 *self.autostart.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                if let Some(i) = &self.mig().incoming {
+                    i.set_autostart(true);
+                }
                 Ok(json!({}))
             }
             // The switchover rule: `cont` is refused only when the destination said the guest

@@ -66,9 +66,15 @@ impl Incoming {
     }
 
     /// `migrate_cancel` on the destination: the migration ends `failed` ("incoming migration
-    /// cancelled"); a no-op once it ended.
-    pub fn cancel(&self) {
-        self.handle.cancel();
+    /// cancelled"); a no-op once it ended; false (nothing done) once the guest was loaded.
+    pub fn cancel(&self) -> bool {
+        self.handle.cancel()
+    }
+
+    /// `stop` / `cont` during `inmigrate`: whether the guest runs once loaded. False when the
+    /// guest was already loaded and that was decided.
+    pub fn set_autostart(&self, on: bool) -> bool {
+        self.handle.set_autostart(on)
     }
 
     /// Cancels a receive in progress and waits for the thread.
