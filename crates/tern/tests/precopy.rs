@@ -339,10 +339,7 @@ fn precopy_pattern_2vcpu_64mib_at_default_bandwidth_completes() {
     dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     let dec = &q["x-tern-switchover-decision"];
     assert_eq!(dec["switch"], true, "{q}");
-    assert!(
-        dec["reason"].as_str().is_some_and(|r| !r.is_empty()),
-        "{q}"
-    );
+    assert!(dec["reason"].as_str().is_some_and(|r| !r.is_empty()), "{q}");
     let since = dec["passes-since-qemu-would-switch"]
         .as_u64()
         .unwrap_or_else(|| panic!("switched before QEMU's rule held: {q}"));
