@@ -14,6 +14,8 @@ fn threshold(bw: f64) -> u64 {
 
 /// One sync: (pending bytes, bandwidth bytes/ms, dirty rate bytes/ms, ms since the previous sync).
 type Row = (u64, f64, f64, u64);
+/// What a decision is checked on: (switch, rule, passes since QEMU's rule held).
+type Want = (bool, RuleName, Option<u32>);
 
 /// Runs the rows through one rule; the sender's side is modelled: bytes sent between syncs are
 /// the pending bytes of the previous sync (a full pass), time advances by the row's interval.
@@ -45,7 +47,7 @@ fn run(rows: &[Row]) -> Vec<RuleDecision> {
     out
 }
 
-fn rules(ds: &[RuleDecision]) -> Vec<(bool, RuleName, Option<u32>)> {
+fn rules(ds: &[RuleDecision]) -> Vec<Want> {
     ds.iter()
         .map(|d| (d.switch, d.rule, d.passes_since_qemu_would_switch))
         .collect()
@@ -58,7 +60,7 @@ fn table_of_sequences() {
     let t = threshold(BW_128); // ≈ 38.4 MiB
     let slow = 1.0 * MIB as f64 / 1000.0; // 1 MiB/s dirtied
     let fast = 200.0 * MIB as f64 / 1000.0; // faster than the link
-    let cases: Vec<(&str, Vec<Row>, Vec<(bool, RuleName, Option<u32>)>)> =
+    let cases: Vec<(&str, Vec<Row>, Vec<Want>)> =
         vec![
         (
             "above, then fits with a slow writer: extra passes while they halve, then good enough",
