@@ -16,7 +16,12 @@ pub const DOWNTIME_LIMIT_MS: u64 = 300;
 struct Scenario {
     name: String,
     guest: Guest,
+    /// `max-bandwidth` for this row instead of the link's (loopback rows at QEMU's default).
+    max_bandwidth: Option<u64>,
 }
+
+/// QEMU's default `max-bandwidth` (128 MiB/s).
+pub const QEMU_DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
 
 fn scenarios(quick: bool) -> Vec<Scenario> {
     let (idle, d1, d2) = if quick {
@@ -28,14 +33,23 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         Scenario {
             name: format!("idle {idle} MiB filled"),
             guest: Guest::new("idle", idle, 0),
+            max_bandwidth: None,
         },
         Scenario {
             name: format!("dirty {d1} MiB @ 50 MiB/s"),
             guest: Guest::new("dirty", d1, 50),
+            max_bandwidth: None,
         },
         Scenario {
             name: format!("dirty {d2} MiB @ max"),
             guest: Guest::new("dirty", d2, 0),
+            max_bandwidth: None,
+        },
+        // The edge of convergence at QEMU's default cap (issue 13: the switchover rule).
+        Scenario {
+            name: "pattern 64 MiB @ max-bandwidth 128 MiB/s".into(),
+            guest: Guest::new("pattern", 64, 0),
+            max_bandwidth: Some(QEMU_DEFAULT_MAX_BANDWIDTH),
         },
     ]
 }
@@ -159,7 +173,7 @@ fn one(
         // both sides (QEMU then also learns when the destination is done).
         caps: vec!["events".into(), "return-path".into()],
         downtime_limit_ms: DOWNTIME_LIMIT_MS,
-        max_bandwidth: link.max_bandwidth,
+        max_bandwidth: sc.max_bandwidth.unwrap_or(link.max_bandwidth),
         timeout_s: ctx.timeout_s,
     };
     let out = migrate_pair(ctx, link, &sc.guest, kind, vcpus, None, &p, "pc");

@@ -9,8 +9,12 @@
 //! * Switch over when `pending <= threshold` and, with `switchover-ack` on and the VM running,
 //!   the destination has acknowledged.
 //! * `max-bandwidth` limits pre-copy in 100 ms windows; the stop-and-copy is never limited.
+//! * Tern's refinement (bounded extra passes after QEMU's rule held): [`rule`].
 
 use std::time::{Duration, Instant};
+
+pub mod rule;
+pub use rule::{RuleDecision, RuleName, SwitchoverRule, SyncSample};
 
 /// Length of one measurement / rate-limit window (QEMU `BUFFER_DELAY`).
 pub const BUFFER_DELAY: Duration = Duration::from_millis(100);
@@ -165,100 +169,6 @@ pub fn decide(i: &SwitchoverInputs) -> Decision {
         Decision::AwaitAck
     } else {
         Decision::Switchover
-    }
-}
-
-/// Tern's refinement of QEMU's switchover rule. QEMU switches as soon as the pending bytes fit
-/// in `bandwidth * downtime-limit`, so it spends the whole budget (300 ms by default) even when a
-/// few more short passes would shrink the final copy to a millisecond. Once QEMU's rule says
-/// "fits", this keeps iterating while every pass still at least halves the pending bytes (the
-/// dirty set has not yet shrunk to the guest's steady write set), at most [`MAX_EXTRA_PASSES`]
-/// times, and never when the expected downtime is already below [`GOOD_ENOUGH_DOWNTIME_MS`].
-/// `downtime-limit` stays the upper bound: this only ever switches earlier in downtime terms,
-/// never later than the limit allows.
-#[derive(Debug, Clone, Default)]
-pub struct DowntimeMinimizer {
-    previous: Option<u64>,
-    extra_passes: u32,
-    /// When the current deferral ends (set when it starts).
-    deferral_deadline: Option<Instant>,
-}
-
-/// Shortest time [`DowntimeMinimizer`] waits for a pass to finish before it lets QEMU's rule
-/// switch (a guest dirtying almost as fast as the link never lets a pass finish). The bound is
-/// twice the time the rest of the pass needs at the measured bandwidth, and at least this.
-pub const MAX_DEFERRAL: Duration = Duration::from_secs(1);
-
-/// Most extra passes [`DowntimeMinimizer`] adds after QEMU's rule said "fits".
-pub const MAX_EXTRA_PASSES: u32 = 8;
-/// Expected downtime below which another pass is not worth it.
-pub const GOOD_ENOUGH_DOWNTIME_MS: f64 = 1.0;
-
-impl DowntimeMinimizer {
-    /// Called when [`decide`] returned [`Decision::Switchover`] for `pending` exact bytes right
-    /// after a dirty-log sync. `pass_done`: the sync came after everything dirty had been sent
-    /// (a pass boundary; only there can two syncs be compared). Returns true to switch now,
-    /// false to go on first.
-    pub fn switch_now(
-        &mut self,
-        pending: u64,
-        bandwidth_bytes_per_ms: f64,
-        pass_done: bool,
-        now: Instant,
-    ) -> bool {
-        let expected_ms = if bandwidth_bytes_per_ms > 0.0 {
-            pending as f64 / bandwidth_bytes_per_ms
-        } else {
-            f64::INFINITY
-        };
-        if pending == 0 || expected_ms <= GOOD_ENOUGH_DOWNTIME_MS {
-            return true;
-        }
-        if !pass_done {
-            // Mid-pass (the first pass above all): finish it before judging, within a bound.
-            self.note_deferral(now, pending, bandwidth_bytes_per_ms);
-            return self.deferral_expired(now);
-        }
-        self.deferral_deadline = None;
-        let shrinking = self
-            .previous
-            .is_none_or(|prev| pending.saturating_mul(2) <= prev);
-        self.previous = Some(pending);
-        if !shrinking || self.extra_passes >= MAX_EXTRA_PASSES {
-            return true;
-        }
-        self.extra_passes += 1;
-        false
-    }
-
-    /// Records that a pass with `remaining` bytes left is being finished before judging: starts
-    /// the deferral clock, with room for twice the time those bytes need at the measured
-    /// bandwidth (slow links have long passes), and at least [`MAX_DEFERRAL`].
-    pub fn note_deferral(&mut self, now: Instant, remaining: u64, bandwidth_bytes_per_ms: f64) {
-        if self.deferral_deadline.is_none() {
-            let need_ms = if bandwidth_bytes_per_ms > 0.0 {
-                2.0 * remaining as f64 / bandwidth_bytes_per_ms
-            } else {
-                0.0
-            };
-            let need = Duration::from_millis(need_ms.min(600_000.0) as u64);
-            self.deferral_deadline = Some(now + need.max(MAX_DEFERRAL));
-        }
-    }
-
-    /// A pass ended (everything dirty was sent): the next deferral gets a fresh bound.
-    pub fn pass_ended(&mut self) {
-        self.deferral_deadline = None;
-    }
-
-    /// Whether finishing the current pass has taken longer than its deferral bound.
-    pub fn deferral_expired(&self, now: Instant) -> bool {
-        self.deferral_deadline.is_some_and(|d| now >= d)
-    }
-
-    /// Extra passes taken so far.
-    pub fn extra_passes(&self) -> u32 {
-        self.extra_passes
     }
 }
 
@@ -486,71 +396,5 @@ mod tests {
         assert_eq!(rate_per_second(500, Duration::ZERO), 0);
         assert_eq!(mbps(1_000_000, Duration::from_secs(1)), 8.0);
         assert_eq!(mbps(1, Duration::ZERO), 0.0);
-    }
-
-    #[test]
-    fn minimizer_iterates_while_passes_halve() {
-        let mut m = DowntimeMinimizer::default();
-        let t = Instant::now();
-        // 100 MB/s. 20 MB fits a 300 ms limit, but the next pass is much smaller: go on.
-        let bw = 100_000.0;
-        assert!(!m.switch_now(20_000_000, bw, true, t));
-        assert!(!m.switch_now(2_000_000, bw, true, t));
-        assert!(!m.switch_now(400_000, bw, true, t));
-        // Plateau: less than halved. Switch.
-        assert!(m.switch_now(300_000, bw, true, t));
-        assert_eq!(m.extra_passes(), 3);
-    }
-
-    #[test]
-    fn minimizer_waits_for_the_pass_to_end_but_not_forever() {
-        let mut m = DowntimeMinimizer::default();
-        let t = Instant::now();
-        let ms = Duration::from_millis;
-        let bw = 100_000.0;
-        // Mid-pass, the remaining bytes hardly move between rounds: that is no plateau.
-        assert!(!m.switch_now(20_000_000, bw, false, t));
-        assert!(!m.switch_now(19_900_000, bw, false, t + ms(10)));
-        // 20 MB at 100 MB/s need 200 ms: the bound is the 1 s floor here.
-        // The pass ends: now it is judged (first judgement: one more pass).
-        assert!(!m.switch_now(5_000_000, bw, true, t + ms(20)));
-        // A pass that never ends (dirtying as fast as the link) switches after the bound.
-        assert!(!m.switch_now(4_000_000, bw, false, t + ms(30)));
-        assert!(m.switch_now(4_000_000, bw, false, t + ms(30) + MAX_DEFERRAL));
-    }
-
-    #[test]
-    fn minimizer_deferral_scales_with_slow_links() {
-        let mut m = DowntimeMinimizer::default();
-        let t = Instant::now();
-        // 300 MB left at 125 MB/s (1 Gbit/s) need 2.4 s: the pass may take up to 4.8 s.
-        m.note_deferral(t, 300_000_000, 125_000.0);
-        assert!(!m.deferral_expired(t + Duration::from_secs(2)));
-        assert!(!m.deferral_expired(t + Duration::from_millis(4700)));
-        assert!(m.deferral_expired(t + Duration::from_millis(4800)));
-    }
-
-    #[test]
-    fn minimizer_switches_when_good_enough_or_bounded() {
-        let mut m = DowntimeMinimizer::default();
-        let t = Instant::now();
-        assert!(m.switch_now(0, 1.0, true, t));
-        let mut m = DowntimeMinimizer::default();
-        assert!(m.switch_now(50_000, 100_000.0, false, t)); // 0.5 ms expected
-        let mut m = DowntimeMinimizer::default();
-        let mut p = u64::MAX / 4;
-        let mut extra = 0;
-        while !m.switch_now(p, 1.0, true, t) {
-            p /= 4;
-            extra += 1;
-        }
-        assert_eq!(extra, MAX_EXTRA_PASSES);
-        // Unknown bandwidth never loops forever either.
-        let mut m = DowntimeMinimizer::default();
-        let mut n = 0;
-        while !m.switch_now(1_000_000 >> n, 0.0, true, t) {
-            n += 1;
-        }
-        assert!(n <= MAX_EXTRA_PASSES);
     }
 }

@@ -157,6 +157,8 @@ pub struct StatsSnapshot {
     pub socket_address: Vec<Value>,
     /// Source, once completed: where the downtime went.
     pub switchover: Option<SwitchoverTimeline>,
+    /// Source: the switchover rule's latest decision and why.
+    pub switchover_decision: Option<crate::convergence::RuleDecision>,
 }
 
 #[derive(Debug, Default)]
@@ -260,6 +262,11 @@ impl MigrationStats {
         self.lock().snap.switchover = Some(t);
     }
 
+    /// Records the switchover rule's latest decision.
+    pub fn set_switchover_decision(&self, d: crate::convergence::RuleDecision) {
+        self.lock().snap.switchover_decision = Some(d);
+    }
+
     /// Starts the downtime clock.
     pub fn downtime_start(&self, now: Instant) {
         self.lock().downtime.start(now);
@@ -361,9 +368,12 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
 }
 
 /// Tern's own members (QEMU tools ignore members they do not know): the switchover-ack state
-/// (whether the ACK arrived and how long the source waited for it) and, once the switchover
-/// happened, where the downtime went.
+/// (whether the ACK arrived and how long the source waited for it), the switchover rule's
+/// latest decision and, once the switchover happened, where the downtime went.
 fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
+    if let Some(d) = &s.switchover_decision {
+        m.insert("x-tern-switchover-decision".into(), decision_json(d));
+    }
     let a = &s.switchover_ack;
     if a.enabled {
         m.insert(
@@ -386,6 +396,22 @@ fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
             }),
         );
     }
+}
+
+/// `x-tern-switchover-decision`.
+fn decision_json(d: &crate::convergence::RuleDecision) -> Value {
+    let mut v = json!({
+        "rule": d.rule.as_str(),
+        "switch": d.switch,
+        "reason": d.reason,
+    });
+    if let Some(n) = d.passes_since_qemu_would_switch {
+        v["passes-since-qemu-would-switch"] = n.into();
+    }
+    if let Some(ms) = d.expected_downtime_ms {
+        v["expected-downtime-ms"] = ms.into();
+    }
+    v
 }
 
 /// QEMU `populate_time_info`.

@@ -356,3 +356,84 @@ fn without_return_path_the_source_completes_after_the_flush() {
     assert!(!src.vcpus.is_running());
     assert_ram_equal(&src, &dst);
 }
+
+/// The switchover rule at the edge of convergence: a guest dirtying about as fast as a
+/// rate-limited link carries (4 MB/s, ~1000 pages/s; the fake dirties ~1 page per ms). QEMU's
+/// rule holds only now and then; once it held, the migration must switch within the bound,
+/// counted in passes (`MIGRATION_PASS` events and the decision's own count), never in time.
+#[test]
+fn edge_of_convergence_switches_within_the_bound_after_qemus_rule_held() {
+    use tern_migration::convergence::rule::MAX_EXTRA_PASSES;
+    use tern_migration::convergence::RuleName;
+    // A failure guard, not a timing: this many passes means the rule lost the moment.
+    const GUARD_PASSES: u64 = 3_000;
+    for round in 0..3 {
+        let setup = Setup {
+            loader: LoaderKind::None,
+            ..Setup::default()
+        };
+        let (src, sm) = source_side(&setup);
+        let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+        let guest = dirty(&src, 1_000);
+        let (a, b) = socketpair();
+        let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+        let tuning = tern_migration::source::Tuning {
+            downtime_limit_ms: 100,
+            max_bandwidth: 4_000_000,
+            ..converge()
+        };
+        let s = start_source(&src, sm, Target::Stream(a), src_opts(tuning, false));
+        let ev = src.events.clone();
+        let guard = std::thread::spawn(move || {
+            ev.wait_for(|e| match e {
+                Event::Pass(n) => *n >= GUARD_PASSES,
+                Event::Status(st) => st.is_terminal(),
+                _ => false,
+            })
+        });
+        let stats = s.stats().clone();
+        if let Event::Pass(_) = guard.join().unwrap() {
+            s.cancel();
+        }
+        let so = s.join().unwrap();
+        d.join().unwrap();
+        guest.stop();
+        let q = stats.to_query_migrate_json();
+        assert_eq!(so.status, S::Completed, "round {round}: {:?} {q}", so.error);
+        assert_ram_equal(&src, &dst);
+        let dec = stats.snapshot().switchover_decision.expect("a decision");
+        assert!(dec.switch, "{dec:?}");
+        assert!(
+            !matches!(
+                dec.rule,
+                RuleName::AboveThreshold | RuleName::AwaitAck | RuleName::MinimizerExtraPass
+            ),
+            "{dec:?}"
+        );
+        let since = dec
+            .passes_since_qemu_would_switch
+            .expect("switched only after QEMU's rule held");
+        assert!(since <= MAX_EXTRA_PASSES, "{dec:?}");
+        // The passes of the events: the last pre-copy pass, the one the decision was taken at,
+        // then the switchover's final sync.
+        let passes: Vec<u64> = src
+            .events
+            .events()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Pass(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let last = *passes.last().unwrap();
+        eprintln!("round {round}: {last} passes, decision {dec:?}");
+        assert_eq!(q["ram"]["dirty-sync-count"], last, "{q}");
+        assert!(
+            last > u64::from(since) + 1,
+            "QEMU's rule held at pass {} or later",
+            last - 1 - u64::from(since)
+        );
+        assert_eq!(q["x-tern-switchover-decision"]["switch"], true, "{q}");
+        assert_eq!(q["x-tern-switchover-decision"]["rule"], dec.rule.as_str());
+    }
+}

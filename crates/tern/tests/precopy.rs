@@ -315,3 +315,47 @@ fn precopy_paused_source_stays_paused_on_destination() {
     src.quit_ok();
     dst.quit_ok();
 }
+
+/// Issue 13: the 2-vCPU `pattern` guest over 64 MiB at QEMU's default `max-bandwidth`
+/// (128 MiB/s) sits at the edge of convergence on loopback (it took 0.2 s to 71 s, or never,
+/// under the old rule). The bounded rule must complete it, with every page right and the
+/// decision's reason in `query-migrate`. `MIGRATION_TIMEOUT` is a failure guard, not a timing.
+#[test]
+fn precopy_pattern_2vcpu_64mib_at_default_bandwidth_completes() {
+    let dir = tmpdir();
+    let m = Machine::pattern(2, 64);
+    let mut src = boot(dir.path(), "src", &m);
+    src.wait_workload_running(T);
+    let mut dst = dest(dir.path(), "dst", &m);
+    let caps = [("events", true), ("return-path", true)];
+    src.caps(&caps);
+    dst.caps(&caps);
+    src.params(json!({"max-bandwidth": 128u64 << 20, "downtime-limit": 300}));
+    let uri = dst.listen_tcp();
+    src.c("migrate", json!({ "uri": uri }));
+    src.wait_mig(&["active"], T);
+    let q = src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    let dec = &q["x-tern-switchover-decision"];
+    assert_eq!(dec["switch"], true, "{q}");
+    assert!(dec["reason"].as_str().is_some_and(|r| !r.is_empty()), "{q}");
+    let since = dec["passes-since-qemu-would-switch"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("switched before QEMU's rule held: {q}"));
+    assert!(
+        since <= u64::from(tern_migration::convergence::rule::MAX_EXTRA_PASSES),
+        "{q}"
+    );
+    eprintln!(
+        "pattern 2 vCPU 64 MiB @ 128 MiB/s: passes {} total {} ms downtime {} ms transferred {} decision {}",
+        ram_num(&q, "dirty-sync-count"),
+        q["total-time"],
+        q["downtime"],
+        ram_num(&q, "transferred"),
+        dec
+    );
+    assert_handover(&mut src, &mut dst);
+    assert_pattern_ok(&mut dst, &m, dir.path(), "dst");
+    src.quit_ok();
+    dst.quit_ok();
+}

@@ -226,7 +226,7 @@ impl Sender {
             .ok_or(SourceError::Wire(WireError::Finished("not set up")))
     }
 
-    /// Pre-copy: iterate until the switchover decision says go.
+    /// Pre-copy: iterate until the switchover rule says go (`convergence::rule`).
     fn precopy(&mut self) -> Result<(), SourceError> {
         let ack_gate = self.opts.switchover_ack && self.rp_thread.is_some();
         loop {
@@ -240,60 +240,54 @@ impl Sender {
             );
             let threshold = threshold_bytes(bw, tuning.downtime_limit_ms);
             let remaining = self.ram()?.remaining_bytes();
-            let mut pending = remaining + self.devices_pending(false)?;
-            let mut pass_done = false;
-            let fits = wants_exact_pending(pending, threshold);
-            // Tern: sync the dirty log at pass boundaries only (not every round once the
-            // estimate fits): a pass is finished before it is judged, within a time bound.
-            let mid_pass = fits
-                && remaining > 0
-                && self.m.vcpus.is_running()
-                && !self.drained
-                && !self.minimizer.deferral_expired(now);
-            if mid_pass {
-                self.minimizer.note_deferral(now, remaining, bw);
-            }
-            if remaining == 0 {
-                self.minimizer.pass_ended();
-            }
-            if fits && !mid_pass {
-                pass_done = remaining == 0;
-                self.sync_pass(now)?;
-                pending = self.ram()?.remaining_bytes() + self.devices_pending(true)?;
-            }
-            self.update_counters(now, bw);
+            let estimate = remaining + self.devices_pending(false)?;
+            let at = now.saturating_duration_since(self.started);
             let acked = self.shared.lock().acked;
-            let decision = if mid_pass {
-                Decision::IteratePending
-            } else {
-                decide(&SwitchoverInputs {
+            let mut decided = None;
+            if self.rule.should_sync(estimate, threshold, remaining, at) {
+                self.sync_pass(now)?;
+                let pending = self.ram()?.remaining_bytes() + self.devices_pending(true)?;
+                let running = self.m.vcpus.is_running();
+                let ram = self.ram()?;
+                let dirty_rate = ram.dirty_pages_rate as f64 * ram.page_size() as f64 / 1000.0;
+                let transferred = self.writer()?.bytes_written();
+                let d = self.rule.at_sync(&SyncSample {
                     pending,
                     threshold,
-                    switchover_ack: ack_gate,
-                    vm_running: self.m.vcpus.is_running(),
-                    acked,
-                })
-            };
-            self.note_ack(decision, now);
-            let running = self.m.vcpus.is_running();
-            if decision == Decision::Switchover
-                && (!running
-                    || self.drained
-                    || self.minimizer.switch_now(pending, bw, pass_done, now))
-            {
-                if !running || self.drained || self.rp_thread.is_none() {
-                    return Ok(());
-                }
-                // Before stopping the VM, let the destination catch up with what is still
-                // queued in the socket buffers (pre-copy data it has not loaded yet): otherwise
-                // that backlog is loaded inside the downtime. PING and wait for its PONG, then
-                // take one more short pass and switch.
-                self.drain_destination(tuning.downtime_limit_ms)?;
-                continue;
+                    bandwidth: bw,
+                    dirty_rate,
+                    gate_open: can_switchover(ack_gate, running, acked),
+                    vm_running: running,
+                    transferred,
+                    at,
+                    downtime_limit_ms: tuning.downtime_limit_ms,
+                });
+                tracing::debug!(
+                    pending,
+                    threshold,
+                    bw,
+                    dirty_rate,
+                    rule = d.rule.as_str(),
+                    switch = d.switch,
+                    reason = %d.reason,
+                    "switchover decision"
+                );
+                self.stats.set_switchover_decision(d.clone());
+                decided = Some((d, pending));
             }
-            self.drained = false;
+            self.update_counters(now, bw);
+            let awaiting_ack = decided
+                .as_ref()
+                .is_some_and(|(d, _)| d.rule == RuleName::AwaitAck);
+            self.note_ack(awaiting_ack, now);
+            if let Some((_, pending)) = decided.filter(|(d, _)| d.switch) {
+                if self.m.vcpus.is_running() && self.rp_thread.is_some() {
+                    self.drain_destination(pending, threshold, tuning.downtime_limit_ms)?;
+                }
+                return Ok(());
+            }
             let sent = self.iterate_round()?;
-            if sent == 0 || (decision == Decision::AwaitAck && self.devices_pending(false)? == 0) {
+            if sent == 0 || (awaiting_ack && self.devices_pending(false)? == 0) {
                 // Nothing to send now (or everything that fits is sent and the ACK is missing):
                 // the ACK, an abort or the next window wakes us, never a busy loop.
                 self.wait_alive(Some(BUFFER_DELAY), move |f| f.acked && !acked)?;
@@ -306,23 +300,46 @@ impl Sender {
         }
     }
 
-    /// Sends a `PING` and waits (bounded) for its `PONG`: the destination has then loaded
-    /// everything sent before it.
-    fn drain_destination(&mut self, downtime_limit_ms: u64) -> Result<(), SourceError> {
+    /// Before stopping the VM, lets the destination load what is still queued in the socket
+    /// buffers (otherwise it loads that backlog inside the downtime): `PING`, then wait for its
+    /// `PONG`, but only as long as the guest may dirty before the final copy would exceed the
+    /// threshold (at the fastest recent dirty rate), and at most the downtime limit. No pass
+    /// follows: what the guest dirtied meanwhile is part of the final copy.
+    fn drain_destination(
+        &mut self,
+        pending: u64,
+        threshold: u64,
+        downtime_limit_ms: u64,
+    ) -> Result<(), SourceError> {
+        let rate = self.rule.recent_max_dirty_rate();
+        let slack = threshold.saturating_sub(pending) as f64;
+        let limit_ms = downtime_limit_ms as f64;
+        let ms = if rate > 0.0 {
+            (slack / rate).min(limit_ms)
+        } else {
+            limit_ms
+        };
+        let limit = Duration::from_secs_f64(ms.max(0.0) / 1000.0);
+        if limit < Duration::from_millis(1) {
+            return Ok(());
+        }
         let seq = self.send_ping()?;
-        // A destination slower than this is not waited for: the switchover goes ahead.
-        let limit = Duration::from_millis(downtime_limit_ms.clamp(100, 5_000) * 4);
+        let start = Instant::now();
         self.wait_alive(Some(limit), move |f| f.last_pong >= seq)?;
         self.check_abort()?;
-        self.drained = true;
+        tracing::debug!(
+            waited_us = start.elapsed().as_micros() as u64,
+            limit_us = limit.as_micros() as u64,
+            "drained the destination before the switchover"
+        );
         Ok(())
     }
 
-    fn note_ack(&mut self, decision: Decision, now: Instant) {
+    fn note_ack(&mut self, awaiting: bool, now: Instant) {
         if !self.opts.switchover_ack {
             return;
         }
-        if decision == Decision::AwaitAck {
+        if awaiting {
             self.ack_wait_since.get_or_insert(now);
         } else if let Some(since) = self.ack_wait_since.take() {
             self.ack_waited += now.saturating_duration_since(since);

@@ -45,8 +45,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::convergence::{
-    decide, expected_downtime_ms, switchover_bandwidth, threshold_bytes, wants_exact_pending,
-    BandwidthEstimator, Decision, DowntimeMinimizer, RateLimiter, SwitchoverInputs, BUFFER_DELAY,
+    can_switchover, expected_downtime_ms, switchover_bandwidth, threshold_bytes,
+    BandwidthEstimator, RateLimiter, RuleName, SwitchoverRule, SyncSample, BUFFER_DELAY,
 };
 use crate::events::EventSink;
 use crate::liveness::{Inactivity, LivenessTimeout};
@@ -481,10 +481,10 @@ pub fn migrate(
         ack_waited: Duration::ZERO,
         bytes_at_stop: None,
         chunk: Vec::new(),
-        minimizer: DowntimeMinimizer::default(),
+        rule: SwitchoverRule::default(),
+        started: Instant::now(),
         ping_seq: 1,
         keepalive,
-        drained: false,
         timeline: SwitchoverTimeline::default(),
         mark: Instant::now(),
     };
@@ -525,14 +525,14 @@ struct Sender {
     chunk: Vec<u8>,
     timeline: SwitchoverTimeline,
     mark: Instant,
-    /// Tern's "a few more short passes" refinement of the switchover rule.
-    minimizer: DowntimeMinimizer,
+    /// The switchover rule (QEMU's, plus bounded extra passes).
+    rule: SwitchoverRule,
+    /// When the sender started (the rule's clock).
+    started: Instant,
     /// Sequence number of the last `PING` sent.
     ping_seq: u32,
     /// When to send the next keepalive `PING` of an idle wait.
     keepalive: Keepalive,
-    /// The destination has caught up with the stream since the last switchover decision.
-    drained: bool,
 }
 
 mod flow;

@@ -6,6 +6,7 @@
 //! and the migration parameters come from `tern_migration::params::PARAMETERS`, so none of them
 //! can drift from what the engine accepts.
 
+use tern_migration::convergence::RuleName;
 use tern_migration::params::{Capability, ParamType, PARAMETERS};
 use tern_migration::status::MigrationStatus;
 use tern_qmp::schema::{
@@ -408,6 +409,20 @@ static DOWNTIME_BREAKDOWN: Object = object(
         Member::req("destination-us", U64),
     ],
 );
+static SWITCHOVER_RULE: Enum = Enum {
+    name: "x-tern-SwitchoverRule",
+    values: Values::From(|| RuleName::ALL.iter().map(|r| r.as_str()).collect()),
+};
+static SWITCHOVER_DECISION: Object = object(
+    "x-tern-SwitchoverDecision",
+    &[
+        Member::req("rule", Type::Enum(&SWITCHOVER_RULE)),
+        Member::req("switch", Type::Bool),
+        Member::req("reason", Type::Str),
+        Member::opt("passes-since-qemu-would-switch", U64),
+        Member::opt("expected-downtime-ms", U64),
+    ],
+);
 static MIGRATION_INFO: Object = object(
     "MigrationInfo",
     &[
@@ -423,6 +438,10 @@ static MIGRATION_INFO: Object = object(
             Type::Array(&Type::Object(&LISTEN_ADDRESS)),
         ),
         Member::opt("x-tern-switchover-ack", Type::Object(&SWITCHOVER_ACK)),
+        Member::opt(
+            "x-tern-switchover-decision",
+            Type::Object(&SWITCHOVER_DECISION),
+        ),
         Member::opt(
             "x-tern-downtime-breakdown",
             Type::Object(&DOWNTIME_BREAKDOWN),
