@@ -136,9 +136,10 @@ impl Sender {
         }
         if let Some(rp) = rp_stream {
             w.write_command(Command::OpenReturnPath)?;
-            w.write_command(Command::Ping { seq: 1 })?;
-            // After OPEN_RETURN_PATH, so that a destination refusing them can say why.
+            // After OPEN_RETURN_PATH, so that a destination refusing them can say why; before
+            // PING 1, whose PONG thus says CONFIG and CAPABILITIES were accepted.
             w.write_command(capabilities)?;
+            w.write_command(Command::Ping { seq: 1 })?;
             let (cfg, shared) = (config.clone(), self.shared.clone());
             let rp = Watched::new(rp, shared.clone(), liveness);
             let t = std::thread::Builder::new()
@@ -281,6 +282,14 @@ impl Sender {
                 .is_some_and(|(d, _)| d.rule == RuleName::AwaitAck);
             self.note_ack(awaiting_ack, now);
             if let Some((_, pending)) = decided.filter(|(d, _)| d.switch) {
+                if self.rp_thread.is_some() {
+                    // Never stop the guest before the destination accepted CONFIG and
+                    // CAPABILITIES: it answers the setup PING (seq 1) only after checking them,
+                    // so a CPU, TSC, UUID or capability mismatch fails the migration while the
+                    // guest still runs. Normally that PONG came long ago; bounded by liveness.
+                    self.wait_alive(None, |f| f.last_pong >= 1)?;
+                    self.check_abort()?;
+                }
                 if self.m.vcpus.is_running() && self.rp_thread.is_some() {
                     self.drain_destination(pending, threshold, tuning.downtime_limit_ms)?;
                 }
