@@ -157,6 +157,20 @@ pub struct StatsSnapshot {
     pub socket_address: Vec<Value>,
     /// Source, once completed: where the downtime went.
     pub switchover: Option<SwitchoverTimeline>,
+    /// Source: the largest vCPU stall before the switchover, as the machine measured it
+    /// (the engine only carries it; see [`MigrationStats::set_vcpu_stall`]).
+    pub vcpu_stall: Option<VcpuStall>,
+    /// Source: when the downtime clock started, since the start of the migration.
+    pub downtime_at: Option<Duration>,
+}
+
+/// A stall of the guest's vCPUs measured by the machine outside the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VcpuStall {
+    /// How long.
+    pub len: Duration,
+    /// When it began, since the start of the migration.
+    pub at: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -262,7 +276,24 @@ impl MigrationStats {
 
     /// Starts the downtime clock.
     pub fn downtime_start(&self, now: Instant) {
-        self.lock().downtime.start(now);
+        let mut g = self.lock();
+        g.downtime.start(now);
+        if let Some(start) = g.start {
+            g.snap.downtime_at = Some(now.saturating_duration_since(start));
+        }
+    }
+
+    /// Source: the machine's largest vCPU stall of this migration so far (`len`, begun at
+    /// `began`); shown with the downtime as `x-tern-max-guest-stall`. The machine measures it
+    /// (the engine knows no vCPU threads); a stall that began before the migration counts from
+    /// its start.
+    pub fn set_vcpu_stall(&self, len: Duration, began: Instant) {
+        let mut g = self.lock();
+        let at = g
+            .start
+            .map(|s| began.saturating_duration_since(s))
+            .unwrap_or_default();
+        g.snap.vcpu_stall = Some(VcpuStall { len, at });
     }
 
     /// Stops the downtime clock.
@@ -278,6 +309,7 @@ impl MigrationStats {
         let mut g = self.lock();
         g.downtime.abort();
         g.snap.downtime_ms = None;
+        g.snap.downtime_at = None;
     }
 
     /// A consistent copy, with `total-time` computed now.
@@ -335,6 +367,7 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
                 time_info(&mut m, s);
                 m.insert("ram".into(), ram_info(s));
                 tern_info(&mut m, s);
+                guest_stall_info(&mut m, s);
             }
             _ => {
                 m.insert("status".into(), json!(s.status));
@@ -386,6 +419,34 @@ fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
             }),
         );
     }
+}
+
+/// `x-tern-max-guest-stall` (ms, like `downtime`): the longest the guest could not run during
+/// this migration, the larger of the machine's largest vCPU stall before the switchover and the
+/// downtime (once known); `x-tern-max-guest-stall-detail` says when (ms after the start), in
+/// which phase, and the vCPU stall alone in µs.
+fn guest_stall_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
+    let vcpu = s.vcpu_stall.unwrap_or_default();
+    let downtime = s.downtime_ms.map(|ms| Duration::from_millis(ms));
+    if s.vcpu_stall.is_none() && downtime.is_none() {
+        return;
+    }
+    let (len, at, phase) = match downtime {
+        Some(d) if d >= vcpu.len => (d, s.downtime_at.unwrap_or_default(), "switchover"),
+        _ => (vcpu.len, vcpu.at, "pre-copy"),
+    };
+    m.insert(
+        "x-tern-max-guest-stall".into(),
+        json!(len.as_millis() as u64),
+    );
+    m.insert(
+        "x-tern-max-guest-stall-detail".into(),
+        json!({
+            "at-ms": at.as_millis() as u64,
+            "phase": phase,
+            "vcpu-stall-us": vcpu.len.as_micros() as u64,
+        }),
+    );
 }
 
 /// QEMU `populate_time_info`.

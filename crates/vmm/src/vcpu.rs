@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -9,6 +10,7 @@ use crate::devices::control::ControlAction;
 use crate::devices::PioBus;
 use crate::error::{Error, Result};
 use crate::runctl::{Request, RunControl};
+use crate::stall::StallMeter;
 
 /// Why a vCPU stopped for good.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,6 +30,8 @@ pub struct Shared {
     pub bus: PioBus,
     /// The first vCPU failure.
     pub failure: Mutex<Option<VcpuFailure>>,
+    /// The longest time a vCPU that wanted to run was kept out of `KVM_RUN`.
+    pub stalls: StallMeter,
 }
 
 impl Shared {
@@ -102,9 +106,16 @@ fn run_loop(index: u32, fd: &SharedVcpu, shared: &Shared) {
         if !shared.ctl.enter_run(index as usize) {
             continue;
         }
+        // When the vCPU last wanted to run (None after a park: a VMM pause is not a stall).
+        let mut due: Option<Instant> = None;
         while shared.ctl.requested() == Request::Run {
-            let outcome = match vcpu.run() {
-                Ok(exit) => handle_exit(index, exit, shared),
+            if let Some(d) = due {
+                shared.stalls.record(index, d, Instant::now());
+            }
+            let result = vcpu.run();
+            due = Some(Instant::now());
+            let outcome = match result {
+                Ok(exit) => handle_exit(index, exit, shared, &mut due),
                 Err(e) if e.errno() == libc::EINTR => {
                     shared
                         .bus
@@ -139,7 +150,13 @@ fn complete_pending_io(index: u32, vcpu: &mut VcpuFd) {
     }
 }
 
-fn handle_exit(index: u32, exit: VcpuExit<'_>, shared: &Shared) -> Outcome {
+/// Dispatches one exit. An idle-wait moves `due` to the end of the wait the guest asked for.
+fn handle_exit(
+    index: u32,
+    exit: VcpuExit<'_>,
+    shared: &Shared,
+    due: &mut Option<Instant>,
+) -> Outcome {
     match exit {
         VcpuExit::IoIn(port, data) => {
             shared.bus.pio_in(port, data);
@@ -147,7 +164,10 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, shared: &Shared) -> Outcome {
         }
         VcpuExit::IoOut(port, data) => {
             if let ControlAction::IdleWait(d) = shared.bus.pio_out(index, port, data) {
+                let start = Instant::now();
                 shared.ctl.idle_wait(d);
+                // Woken early (a pause): due now; otherwise due when the wait should have ended.
+                *due = Some(Instant::now().min(start + d));
             }
             Outcome::Continue
         }

@@ -22,6 +22,7 @@ use crate::devices::{ExitCounters, ExitStats, PioBus};
 use crate::error::{Error, Result};
 use crate::memory::{ram_layout, GuestRam, RamRegionInfo};
 use crate::runctl::{register_kick_handler, Request, RunControl};
+use crate::stall::{MaxStall, StallMeter};
 use crate::state::snapshot::{restore_all, save_all, MachineParts, SaveBreakdown};
 use crate::state::ComponentState;
 use crate::vcpu::{self, lock_vcpu, Shared, SharedVcpu, VcpuFailure};
@@ -239,6 +240,7 @@ impl Vm {
                 counters: ExitCounters::default(),
             },
             failure: Mutex::new(None),
+            stalls: StallMeter::default(),
         });
         Ok(Vm {
             config: RwLock::new(config),
@@ -431,6 +433,17 @@ impl Vm {
     }
 
     // ---- heartbeats, events, serial -------------------------------------------------------
+
+    /// The longest time a vCPU that wanted to run was kept out of `KVM_RUN` since the last
+    /// [`Vm::reset_vcpu_stall`] (see `stall.rs` for what counts).
+    pub fn max_vcpu_stall(&self) -> MaxStall {
+        self.shared.stalls.max()
+    }
+
+    /// Starts a new vCPU stall measurement window.
+    pub fn reset_vcpu_stall(&self) {
+        self.shared.stalls.reset()
+    }
 
     /// Heartbeat statistics: last, count, largest gap.
     pub fn heartbeats(&self) -> HeartbeatSummary {
