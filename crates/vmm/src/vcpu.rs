@@ -67,6 +67,7 @@ pub fn spawn(index: u32, fd: SharedVcpu, shared: Arc<Shared>) -> Result<JoinHand
     std::thread::Builder::new()
         .name(format!("vcpu-{index}"))
         .spawn(move || {
+            crate::stall::prefer_wakeup(index);
             let run = std::panic::AssertUnwindSafe(|| run_loop(index, &fd, &shared));
             if std::panic::catch_unwind(run).is_err() {
                 // Keep the machine observable: record the failure and stay parked until stop.

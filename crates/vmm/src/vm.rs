@@ -149,6 +149,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Turns on `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `KVM_DIRTY_LOG_INITIALLY_SET` when the host
+/// offers both (as QEMU does): dirty logging then starts without a write-protect walk over
+/// every slot, and `GuestRam` write-protects in bounded chunks. False: the classic
+/// `KVM_GET_DIRTY_LOG` (fetch, clear and write-protect in one call) is used.
+fn enable_manual_dirty_protect(vm_fd: &kvm_ioctls::VmFd) -> bool {
+    let want = u64::from(
+        kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET,
+    );
+    let offered = vm_fd.check_extension_raw(u64::from(
+        kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    ));
+    if offered < 0 || (offered as u64) & want != want {
+        tracing::debug!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = {offered}: not used");
+        return false;
+    }
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
+    cap.args[0] = want;
+    match vm_fd.enable_cap(&cap) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {e}; using KVM_GET_DIRTY_LOG alone");
+            false
+        }
+    }
+}
+
 impl Vm {
     /// Builds a machine with the test guest loaded; the vCPUs wait for [`Vm::start`].
     pub fn new(config: VmConfig) -> Result<Vm> {
@@ -205,11 +234,13 @@ impl Vm {
             })
             .map_err(|e| Error::kvm("vm", "KVM_CREATE_PIT2", e))?;
 
-        let ram = Arc::new(GuestRam::new(
+        let ram = Arc::new(GuestRam::with_huge_pages(
             &ram_layout(config.memory_bytes),
             config.ram_backend,
+            config.huge_pages,
         )?);
         ram.register(&vm_fd)?;
+        ram.set_manual_protect(enable_manual_dirty_protect(&vm_fd));
 
         let irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("serial irq eventfd", e))?;
