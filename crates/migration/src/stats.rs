@@ -509,6 +509,36 @@ mod tests {
     }
 
     #[test]
+    fn guest_stall_is_the_larger_of_vcpu_stall_and_downtime() {
+        let st = MigrationStats::new(Role::Source);
+        let t0 = Instant::now();
+        st.begin(t0);
+        st.set_status(MigrationStatus::Active);
+        assert!(st.to_query_migrate_json().get("x-tern-max-guest-stall").is_none());
+        st.set_vcpu_stall(Duration::from_micros(7_400), t0 + Duration::from_millis(30));
+        let v = st.to_query_migrate_json();
+        assert_eq!(v["x-tern-max-guest-stall"], 7);
+        assert_eq!(
+            v["x-tern-max-guest-stall-detail"],
+            json!({"at-ms": 30, "phase": "pre-copy", "vcpu-stall-us": 7400})
+        );
+        // A downtime longer than the vCPU stall is the largest stall, at the switchover.
+        st.downtime_start(t0 + Duration::from_millis(100));
+        st.downtime_end(t0 + Duration::from_millis(112));
+        st.set_status(MigrationStatus::Completed);
+        let v = st.to_query_migrate_json();
+        assert_eq!(v["x-tern-max-guest-stall"], 12);
+        assert_eq!(v["x-tern-max-guest-stall-detail"]["phase"], "switchover");
+        assert_eq!(v["x-tern-max-guest-stall-detail"]["at-ms"], 100);
+        // A longer vCPU stall wins over a short downtime.
+        st.set_vcpu_stall(Duration::from_millis(20), t0 + Duration::from_millis(50));
+        let v = st.to_query_migrate_json();
+        assert_eq!(v["x-tern-max-guest-stall"], 20);
+        assert_eq!(v["x-tern-max-guest-stall-detail"]["phase"], "pre-copy");
+        assert!(v["x-tern-max-guest-stall"].as_u64() >= v["downtime"].as_u64());
+    }
+
+    #[test]
     fn source_shapes_follow_qemu() {
         let st = MigrationStats::new(Role::Source);
         assert_eq!(st.to_query_migrate_json(), json!({}));

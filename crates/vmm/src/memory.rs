@@ -134,17 +134,7 @@ impl GuestRam {
                 .build()
                 .map_err(|e| Error::Memory(format!("mmap of {size:#x} bytes: {e}")))?;
             if huge_pages {
-                // SAFETY: the range is the mapping just created (page aligned, `len` bytes),
-                // owned by `mapping`; MADV_HUGEPAGE only changes how the kernel backs it.
-                let r = unsafe {
-                    libc::madvise(mapping.as_ptr() as *mut libc::c_void, len, libc::MADV_HUGEPAGE)
-                };
-                if r != 0 {
-                    tracing::warn!(
-                        "madvise(MADV_HUGEPAGE) on guest RAM {gpa:#x}+{size:#x}: {}; 4 KiB pages",
-                        std::io::Error::last_os_error()
-                    );
-                }
+                advise_huge(mapping.as_ptr(), len, gpa);
             }
             let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
                 .ok_or_else(|| Error::Memory(format!("region {gpa:#x}+{size:#x} overflows")))?;
@@ -168,6 +158,14 @@ impl GuestRam {
             dirty: Mutex::new(None),
             manual_protect: AtomicBool::new(false),
         })
+    }
+
+    /// `madvise(MADV_HUGEPAGE)` on every region (e.g. once an incoming migration has written
+    /// RAM); failures are logged.
+    pub fn advise_huge_pages(&self) {
+        for r in &self.regions {
+            advise_huge(r.host_addr as *mut u8, r.size as usize, r.gpa);
+        }
     }
 
     /// The vm-memory view (for loaders).
@@ -485,6 +483,19 @@ impl GuestRam {
         self.set_slots(vm, false)?;
         *dirty = None;
         Ok(())
+    }
+}
+
+/// `madvise(MADV_HUGEPAGE)` on one guest RAM mapping; a refusal is logged (4 KiB pages then).
+fn advise_huge(addr: *mut u8, len: usize, gpa: u64) {
+    // SAFETY: `addr..addr+len` is a live guest RAM mapping owned by a `GuestRam` (page aligned);
+    // MADV_HUGEPAGE only changes how the kernel backs it, never its contents.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        tracing::warn!(
+            "madvise(MADV_HUGEPAGE) on guest RAM {gpa:#x}+{len:#x}: {}; 4 KiB pages",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -164,11 +164,30 @@ fn handle_exit(
             Outcome::Continue
         }
         VcpuExit::IoOut(port, data) => {
-            if let ControlAction::IdleWait(d) = shared.bus.pio_out(index, port, data) {
+            let t = Instant::now();
+            let action = shared.bus.pio_out(index, port, data);
+            let took = t.elapsed();
+            if took >= crate::stall::LOG_STALL {
+                tracing::debug!(
+                    vcpu = index,
+                    port,
+                    took_us = took.as_micros() as u64,
+                    "slow port write"
+                );
+            }
+            if let ControlAction::IdleWait(d) = action {
                 let start = Instant::now();
                 shared.ctl.idle_wait(d);
                 // Woken early (a pause): due now; otherwise due when the wait should have ended.
-                *due = Some(Instant::now().min(start + d));
+                let now = Instant::now();
+                *due = Some(now.min(start + d));
+                if now.saturating_duration_since(start + d) >= crate::stall::LOG_STALL {
+                    tracing::debug!(
+                        vcpu = index,
+                        late_us = now.saturating_duration_since(start + d).as_micros() as u64,
+                        "idle-wait ended late"
+                    );
+                }
             }
             Outcome::Continue
         }
