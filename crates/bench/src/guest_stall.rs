@@ -34,7 +34,10 @@ const COLUMNS: &[&str] = &[
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let (idle, dirty) = if ctx.quick { (256, 128) } else { (2048, 1024) };
     let scenarios = [
-        (format!("idle {idle} MiB filled"), Guest::new("idle", idle, 0)),
+        (
+            format!("idle {idle} MiB filled"),
+            Guest::new("idle", idle, 0),
+        ),
         (
             format!("dirty {dirty} MiB @ 100 MiB/s"),
             Guest::new("dirty", dirty, 100),
@@ -120,7 +123,9 @@ fn one(
         ms(out.vmm_max_stall_ms),
         ms(out.window_max_gap_ms),
         ms(out.window_max_gap_at_ms),
-        out.window_max_gap_phase.clone().unwrap_or_else(|| "-".into()),
+        out.window_max_gap_phase
+            .clone()
+            .unwrap_or_else(|| "-".into()),
         ms(out.src_max_hb_interval_ms),
         ms(out.hb_gap_ms),
         result_cell(&out),

@@ -514,7 +514,10 @@ mod tests {
         let t0 = Instant::now();
         st.begin(t0);
         st.set_status(MigrationStatus::Active);
-        assert!(st.to_query_migrate_json().get("x-tern-max-guest-stall").is_none());
+        assert!(st
+            .to_query_migrate_json()
+            .get("x-tern-max-guest-stall")
+            .is_none());
         st.set_vcpu_stall(Duration::from_micros(7_400), t0 + Duration::from_millis(30));
         let v = st.to_query_migrate_json();
         assert_eq!(v["x-tern-max-guest-stall"], 7);

@@ -23,7 +23,13 @@ fn precopy_pattern_with(transport: &str, return_path: bool, huge_pages: bool) {
     let m = Machine::pattern(2, 32).arg("--huge-pages").arg(hp);
     let mut src = boot(dir.path(), "src", &m);
     src.wait_workload_running(T);
-    let mut dst = dest_with(dir.path(), "dst", m.memory_mib, m.vcpus, &["--huge-pages", hp]);
+    let mut dst = dest_with(
+        dir.path(),
+        "dst",
+        m.memory_mib,
+        m.vcpus,
+        &["--huge-pages", hp],
+    );
     let caps = [("events", true), ("return-path", return_path)];
     src.caps(&caps);
     dst.caps(&caps);
@@ -104,7 +110,10 @@ fn assert_guest_stall(q: &serde_json::Value) {
         .as_u64()
         .unwrap_or_else(|| panic!("no x-tern-max-guest-stall: {q}"));
     let downtime = q["downtime"].as_u64().unwrap_or(0);
-    assert!(stall >= downtime, "stall {stall} ms < downtime {downtime} ms: {q}");
+    assert!(
+        stall >= downtime,
+        "stall {stall} ms < downtime {downtime} ms: {q}"
+    );
     let d = &q["x-tern-max-guest-stall-detail"];
     let phase = d["phase"].as_str().unwrap_or_default();
     assert!(
@@ -116,7 +125,10 @@ fn assert_guest_stall(q: &serde_json::Value) {
         "stall after the end of the migration: {q}"
     );
     // The vCPU part alone never exceeds the reported maximum (µs vs ms, rounded down).
-    assert!(d["vcpu-stall-us"].as_u64().unwrap_or(u64::MAX) / 1000 <= stall, "{q}");
+    assert!(
+        d["vcpu-stall-us"].as_u64().unwrap_or(u64::MAX) / 1000 <= stall,
+        "{q}"
+    );
 }
 
 #[test]

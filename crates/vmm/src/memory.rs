@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_dirty_log, kvm_userspace_memory_region, KVMIO,
-    KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_clear_dirty_log, kvm_dirty_log, kvm_userspace_memory_region, KVMIO, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};

@@ -155,11 +155,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// `KVM_GET_DIRTY_LOG` (fetch, clear and write-protect in one call) is used.
 fn enable_manual_dirty_protect(vm_fd: &kvm_ioctls::VmFd) -> bool {
     let want = u64::from(
-        kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET,
+        kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            | kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET,
     );
-    let offered = vm_fd.check_extension_raw(u64::from(
-        kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    ));
+    let offered =
+        vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
     if offered < 0 || (offered as u64) & want != want {
         tracing::debug!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = {offered}: not used");
         return false;
@@ -172,7 +172,9 @@ fn enable_manual_dirty_protect(vm_fd: &kvm_ioctls::VmFd) -> bool {
     match vm_fd.enable_cap(&cap) {
         Ok(()) => true,
         Err(e) => {
-            tracing::warn!("enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {e}; using KVM_GET_DIRTY_LOG alone");
+            tracing::warn!(
+                "enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {e}; using KVM_GET_DIRTY_LOG alone"
+            );
             false
         }
     }

@@ -78,7 +78,11 @@ fn two_vcpus_both_advance() {
 /// slow sequential writer dirties about as many pages as it wrote, not whole 2 MiB pages.
 #[test]
 fn dirty_log_is_4k_granular_on_huge_pages() {
-    let vm = boot("workload=dirty mem=16 rate=4 order=seq hb=1 status=0", 1, 64);
+    let vm = boot(
+        "workload=dirty mem=16 rate=4 order=seq hb=1 status=0",
+        1,
+        64,
+    );
     assert!(vm.config().huge_pages);
     wait_stats(&vm, 1, "running", |_, s| s.pages_written >= 4096);
     let huge_kib = std::fs::read_to_string("/proc/self/smaps_rollup")
@@ -87,7 +91,10 @@ fn dirty_log_is_4k_granular_on_huge_pages() {
         .find(|l| l.starts_with("AnonHugePages:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .unwrap_or(0);
-    assert!(huge_kib >= 2048, "no huge page backs guest RAM ({huge_kib} KiB)");
+    assert!(
+        huge_kib >= 2048,
+        "no huge page backs guest RAM ({huge_kib} KiB)"
+    );
     let regions = vm.regions();
     let fresh = || -> Vec<Vec<u64>> { regions.iter().map(|r| vec![0; r.bitmap_words()]).collect() };
     vm.start_dirty_log().unwrap();
@@ -104,14 +111,21 @@ fn dirty_log_is_4k_granular_on_huge_pages() {
     let dirty_work = (base..base + work)
         .filter(|&p| second[0][(p / 64) as usize] & (1 << (p % 64)) != 0)
         .count() as u64;
-    eprintln!("wrote {} pages, {dirty_work} dirty in the work area", w1 - w0);
+    eprintln!(
+        "wrote {} pages, {dirty_work} dirty in the work area",
+        w1 - w0
+    );
     assert!(dirty_work > 0, "guest writes not reported");
     assert!(
         dirty_work <= (w1 - w0) + 64,
         "{dirty_work} dirty pages for {} written: not 4 KiB granular",
         w1 - w0
     );
-    assert!(w1 - w0 < 448, "the writer outran the test ({} pages)", w1 - w0);
+    assert!(
+        w1 - w0 < 448,
+        "the writer outran the test ({} pages)",
+        w1 - w0
+    );
     vm.stop_dirty_log().unwrap();
     vm.resume().unwrap();
 }

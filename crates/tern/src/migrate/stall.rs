@@ -36,8 +36,7 @@ pub fn publish(vm: &Vm, stats: &MigrationStats) {
     let began = if max.ns == 0 {
         now
     } else {
-        now.checked_sub(Duration::from_nanos(ago_ns))
-            .unwrap_or(now)
+        now.checked_sub(Duration::from_nanos(ago_ns)).unwrap_or(now)
     };
     stats.set_vcpu_stall(Duration::from_nanos(max.ns), began);
 }
