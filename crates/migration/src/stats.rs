@@ -427,7 +427,7 @@ fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
 /// which phase, and the vCPU stall alone in µs.
 fn guest_stall_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
     let vcpu = s.vcpu_stall.unwrap_or_default();
-    let downtime = s.downtime_ms.map(|ms| Duration::from_millis(ms));
+    let downtime = s.downtime_ms.map(Duration::from_millis);
     if s.vcpu_stall.is_none() && downtime.is_none() {
         return;
     }
