@@ -583,9 +583,18 @@ mod tests {
         let v = st.to_query_migrate_json();
         assert_eq!(
             keys(&v),
-            ["downtime", "ram", "setup-time", "status", "total-time"]
+            [
+                "downtime",
+                "ram",
+                "setup-time",
+                "status",
+                "total-time",
+                "x-tern-max-guest-stall",
+                "x-tern-max-guest-stall-detail"
+            ]
         );
         assert_eq!(v["downtime"], 3);
+        assert_eq!(v["x-tern-max-guest-stall"], 3);
         assert_eq!(v["ram"]["remaining"], 0);
         assert_eq!(v["ram"]["dirty-pages-rate"], 0);
         // total-time is frozen once completed.
