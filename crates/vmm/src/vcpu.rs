@@ -109,14 +109,30 @@ fn run_loop(index: u32, fd: &SharedVcpu, shared: &Shared) {
         }
         // When the vCPU last wanted to run (None after a park: a VMM pause is not a stall).
         let mut due: Option<Instant> = None;
+        let mut exited = Instant::now();
+        let mut woke: Option<Instant> = None;
         while shared.ctl.requested() == Request::Run {
             if let Some(d) = due {
-                shared.stalls.record(index, d, Instant::now());
+                let now = Instant::now();
+                shared.stalls.record(index, d, now);
+                if now.saturating_duration_since(d) >= crate::stall::LOG_STALL {
+                    tracing::debug!(
+                        vcpu = index,
+                        since_exit_us = now.saturating_duration_since(exited).as_micros() as u64,
+                        woke_late_us =
+                            woke.map(|w| w.saturating_duration_since(d).as_micros() as u64),
+                        since_woke_us =
+                            woke.map(|w| now.saturating_duration_since(w).as_micros() as u64),
+                        "stall detail"
+                    );
+                }
             }
             let result = vcpu.run();
-            due = Some(Instant::now());
+            exited = Instant::now();
+            due = Some(exited);
+            woke = None;
             let outcome = match result {
-                Ok(exit) => handle_exit(index, exit, shared, &mut due),
+                Ok(exit) => handle_exit(index, exit, shared, &mut due, &mut woke),
                 Err(e) if e.errno() == libc::EINTR => {
                     shared
                         .bus
@@ -157,6 +173,7 @@ fn handle_exit(
     exit: VcpuExit<'_>,
     shared: &Shared,
     due: &mut Option<Instant>,
+    woke: &mut Option<Instant>,
 ) -> Outcome {
     match exit {
         VcpuExit::IoIn(port, data) => {
@@ -181,6 +198,7 @@ fn handle_exit(
                 // Woken early (a pause): due now; otherwise due when the wait should have ended.
                 let now = Instant::now();
                 *due = Some(now.min(start + d));
+                *woke = Some(now);
                 if now.saturating_duration_since(start + d) >= crate::stall::LOG_STALL {
                     tracing::debug!(
                         vcpu = index,
