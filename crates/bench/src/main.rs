@@ -2,6 +2,7 @@
 //! and writes `<out>/<suite>.json` + `<out>/<suite>.md`. See `bench/README.md`.
 
 mod facts;
+mod guest_stall;
 mod link;
 mod machine;
 mod migrate;
@@ -27,6 +28,7 @@ use crate::vm::{Bins, Kind};
 enum Suite {
     Precopy,
     SwitchoverAck,
+    GuestStall,
     Machine,
     Snapshot,
     All,
@@ -235,6 +237,7 @@ fn main() -> anyhow::Result<()> {
         let r = match s {
             Suite::Precopy => precopy::run(&ctx),
             Suite::SwitchoverAck => switchover::run(&ctx),
+            Suite::GuestStall => guest_stall::run(&ctx),
             Suite::Machine => machine::run(&ctx),
             Suite::Snapshot => snapshot::run(&ctx),
             Suite::All => Ok(()),

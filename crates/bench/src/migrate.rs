@@ -10,6 +10,9 @@ use serde_json::{json, Value};
 use crate::facts::realtime_ns;
 use crate::vm::{Kind, Vm};
 
+/// How long after the destination's first heartbeat the migration window extends.
+pub const TAIL: Duration = Duration::from_millis(500);
+
 /// Migration parameters, identical on both VMMs.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigParams {
@@ -36,6 +39,17 @@ pub struct Outcome {
     pub hb_gap_ms: Option<f64>,
     /// Largest interval between source heartbeats while migrating (before the switchover).
     pub src_max_hb_interval_ms: Option<f64>,
+    /// Largest gap between consecutive guest heartbeats anywhere in the migration window
+    /// (`migrate` .. the destination's first beat + [`TAIL`]), source and destination beats
+    /// merged on the host clock: what the guest felt, switchover included.
+    pub window_max_gap_ms: Option<f64>,
+    /// When that gap started, in ms after `migrate`.
+    pub window_max_gap_at_ms: Option<f64>,
+    /// `pre-copy` (both beats on the source), `switchover` (source's last → destination's
+    /// first) or `destination` (both on the destination, within the tail).
+    pub window_max_gap_phase: Option<String>,
+    /// Tern's own `x-tern-max-guest-stall` (ms) from the source's final `query-migrate`.
+    pub vmm_max_stall_ms: Option<f64>,
     /// Host wall time from `migrate` to the final status.
     pub wall_ms: f64,
     /// One sample per new `dirty-sync-count` / status (as guestperf's progress history).
@@ -68,6 +82,28 @@ fn status_of(v: &Value) -> String {
         .and_then(Value::as_str)
         .unwrap_or("none")
         .to_string()
+}
+
+/// The largest gap between consecutive beats of `src` (host ns, ascending, all after
+/// `migrate`) followed by `dst` (ascending): `(length ns, start ns, phase)`.
+pub fn window_max_gap(src: &[u64], dst: &[u64]) -> Option<(u64, u64, &'static str)> {
+    let mut best: Option<(u64, u64, &'static str)> = None;
+    let mut consider = |a: u64, b: u64, phase: &'static str| {
+        let len = b.saturating_sub(a);
+        if best.is_none_or(|(l, _, _)| len > l) {
+            best = Some((len, a, phase));
+        }
+    };
+    for w in src.windows(2) {
+        consider(w[0], w[1], "pre-copy");
+    }
+    if let (Some(&a), Some(&b)) = (src.last(), dst.first()) {
+        consider(a, b, "switchover");
+    }
+    for w in dst.windows(2) {
+        consider(w[0], w[1], "destination");
+    }
+    best
 }
 
 /// Starts `migrate-incoming` on `dst` at `tcp:host:0` and returns the bound port.
@@ -241,6 +277,29 @@ fn run(
         std::thread::sleep(Duration::from_millis(20));
     };
     out.hb_gap_ms = Some(first.1 as f64 / 1e6 - last.1 as f64 / 1e6);
+    let tail_end = first.1 + TAIL.as_nanos() as u64;
+    // QEMU's serial bytes reach the harness a little later than they were sent.
+    while realtime_ns() < tail_end + 100_000_000 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kind = dst.kind;
+    let dst_beats: Vec<u64> = dst
+        .heartbeats()?
+        .iter()
+        .filter(|h| kind == Kind::Qemu || h.0 > last.0)
+        .map(|h| h.1)
+        .filter(|&ns| ns <= tail_end)
+        .collect();
+    let gap = window_max_gap(&during, &dst_beats);
+    if let Some((len, at, phase)) = gap {
+        out.window_max_gap_ms = Some(len as f64 / 1e6);
+        out.window_max_gap_at_ms = Some(at.saturating_sub(start_ns) as f64 / 1e6);
+        out.window_max_gap_phase = Some(phase.to_string());
+    }
+    out.vmm_max_stall_ms = out
+        .src_final
+        .get("x-tern-max-guest-stall")
+        .and_then(Value::as_f64);
     out.dst_final = dst.exec("query-migrate", json!({})).unwrap_or(Value::Null);
     Ok(())
 }

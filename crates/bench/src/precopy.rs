@@ -67,6 +67,7 @@ pub const COLUMNS: &[&str] = &[
     "total time",
     "downtime (VMM)",
     "heartbeat gap (host)",
+    "largest gap (window)",
     "bytes sent",
     "dirty passes",
     "wire limit",
@@ -92,7 +93,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         }),
     );
     report.notes.extend([
-        "downtime: `downtime` from the source's query-migrate. heartbeat gap: destination's first \
+        "downtime: `downtime` from the source's query-migrate. largest gap (window): the largest \
+         interval between consecutive heartbeats from `migrate` until 500 ms after the destination's \
+         first beat (source and destination beats merged; see guest-stall). heartbeat gap: destination's first \
          heartbeat after the source's last, both stamped with the host's CLOCK_REALTIME (Tern: by the \
          VMM on the control-port exit; QEMU: by the harness when the serial byte arrives on the socket)."
             .into(),
@@ -191,6 +194,7 @@ fn one(
         },
         ms(out.downtime_ms),
         ms(out.hb_gap_ms),
+        ms(out.window_max_gap_ms),
         mib(out.transferred),
         num(out.dirty_sync_count),
         secs(wire_s),

@@ -11,6 +11,7 @@ pub mod fakes;
 pub mod liveness;
 pub mod machine;
 pub mod params;
+mod priority;
 pub mod source;
 pub mod stats;
 pub mod status;

@@ -159,6 +159,20 @@ pub struct StatsSnapshot {
     pub switchover: Option<SwitchoverTimeline>,
     /// Source: the switchover rule's latest decision and why.
     pub switchover_decision: Option<crate::convergence::RuleDecision>,
+    /// Source: the largest vCPU stall before the switchover, as the machine measured it
+    /// (the engine only carries it; see [`MigrationStats::set_vcpu_stall`]).
+    pub vcpu_stall: Option<VcpuStall>,
+    /// Source: when the downtime clock started, since the start of the migration.
+    pub downtime_at: Option<Duration>,
+}
+
+/// A stall of the guest's vCPUs measured by the machine outside the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VcpuStall {
+    /// How long.
+    pub len: Duration,
+    /// When it began, since the start of the migration.
+    pub at: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -269,7 +283,24 @@ impl MigrationStats {
 
     /// Starts the downtime clock.
     pub fn downtime_start(&self, now: Instant) {
-        self.lock().downtime.start(now);
+        let mut g = self.lock();
+        g.downtime.start(now);
+        if let Some(start) = g.start {
+            g.snap.downtime_at = Some(now.saturating_duration_since(start));
+        }
+    }
+
+    /// Source: the machine's largest vCPU stall of this migration so far (`len`, begun at
+    /// `began`); shown with the downtime as `x-tern-max-guest-stall`. The machine measures it
+    /// (the engine knows no vCPU threads); a stall that began before the migration counts from
+    /// its start.
+    pub fn set_vcpu_stall(&self, len: Duration, began: Instant) {
+        let mut g = self.lock();
+        let at = g
+            .start
+            .map(|s| began.saturating_duration_since(s))
+            .unwrap_or_default();
+        g.snap.vcpu_stall = Some(VcpuStall { len, at });
     }
 
     /// Stops the downtime clock.
@@ -285,6 +316,7 @@ impl MigrationStats {
         let mut g = self.lock();
         g.downtime.abort();
         g.snap.downtime_ms = None;
+        g.snap.downtime_at = None;
     }
 
     /// A consistent copy, with `total-time` computed now.
@@ -342,6 +374,7 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
                 time_info(&mut m, s);
                 m.insert("ram".into(), ram_info(s));
                 tern_info(&mut m, s);
+                guest_stall_info(&mut m, s);
             }
             _ => {
                 m.insert("status".into(), json!(s.status));
@@ -414,6 +447,34 @@ fn decision_json(d: &crate::convergence::RuleDecision) -> Value {
     v
 }
 
+/// `x-tern-max-guest-stall` (ms, like `downtime`): the longest the guest could not run during
+/// this migration, the larger of the machine's largest vCPU stall before the switchover and the
+/// downtime (once known); `x-tern-max-guest-stall-detail` says when (ms after the start), in
+/// which phase, and the vCPU stall alone in µs.
+fn guest_stall_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
+    let vcpu = s.vcpu_stall.unwrap_or_default();
+    let downtime = s.downtime_ms.map(Duration::from_millis);
+    if s.vcpu_stall.is_none() && downtime.is_none() {
+        return;
+    }
+    let (len, at, phase) = match downtime {
+        Some(d) if d >= vcpu.len => (d, s.downtime_at.unwrap_or_default(), "switchover"),
+        _ => (vcpu.len, vcpu.at, "pre-copy"),
+    };
+    m.insert(
+        "x-tern-max-guest-stall".into(),
+        json!(len.as_millis() as u64),
+    );
+    m.insert(
+        "x-tern-max-guest-stall-detail".into(),
+        json!({
+            "at-ms": at.as_millis() as u64,
+            "phase": phase,
+            "vcpu-stall-us": vcpu.len.as_micros() as u64,
+        }),
+    );
+}
+
 /// QEMU `populate_time_info`.
 fn time_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
     m.insert("setup-time".into(), json!(s.setup_time_ms));
@@ -474,6 +535,39 @@ mod tests {
     }
 
     #[test]
+    fn guest_stall_is_the_larger_of_vcpu_stall_and_downtime() {
+        let st = MigrationStats::new(Role::Source);
+        let t0 = Instant::now();
+        st.begin(t0);
+        st.set_status(MigrationStatus::Active);
+        assert!(st
+            .to_query_migrate_json()
+            .get("x-tern-max-guest-stall")
+            .is_none());
+        st.set_vcpu_stall(Duration::from_micros(7_400), t0 + Duration::from_millis(30));
+        let v = st.to_query_migrate_json();
+        assert_eq!(v["x-tern-max-guest-stall"], 7);
+        assert_eq!(
+            v["x-tern-max-guest-stall-detail"],
+            json!({"at-ms": 30, "phase": "pre-copy", "vcpu-stall-us": 7400})
+        );
+        // A downtime longer than the vCPU stall is the largest stall, at the switchover.
+        st.downtime_start(t0 + Duration::from_millis(100));
+        st.downtime_end(t0 + Duration::from_millis(112));
+        st.set_status(MigrationStatus::Completed);
+        let v = st.to_query_migrate_json();
+        assert_eq!(v["x-tern-max-guest-stall"], 12);
+        assert_eq!(v["x-tern-max-guest-stall-detail"]["phase"], "switchover");
+        assert_eq!(v["x-tern-max-guest-stall-detail"]["at-ms"], 100);
+        // A longer vCPU stall wins over a short downtime.
+        st.set_vcpu_stall(Duration::from_millis(20), t0 + Duration::from_millis(50));
+        let v = st.to_query_migrate_json();
+        assert_eq!(v["x-tern-max-guest-stall"], 20);
+        assert_eq!(v["x-tern-max-guest-stall-detail"]["phase"], "pre-copy");
+        assert!(v["x-tern-max-guest-stall"].as_u64() >= v["downtime"].as_u64());
+    }
+
+    #[test]
     fn source_shapes_follow_qemu() {
         let st = MigrationStats::new(Role::Source);
         assert_eq!(st.to_query_migrate_json(), json!({}));
@@ -515,9 +609,18 @@ mod tests {
         let v = st.to_query_migrate_json();
         assert_eq!(
             keys(&v),
-            ["downtime", "ram", "setup-time", "status", "total-time"]
+            [
+                "downtime",
+                "ram",
+                "setup-time",
+                "status",
+                "total-time",
+                "x-tern-max-guest-stall",
+                "x-tern-max-guest-stall-detail"
+            ]
         );
         assert_eq!(v["downtime"], 3);
+        assert_eq!(v["x-tern-max-guest-stall"], 3);
         assert_eq!(v["ram"]["remaining"], 0);
         assert_eq!(v["ram"]["dirty-pages-rate"], 0);
         // total-time is frozen once completed.

@@ -86,6 +86,10 @@ pub struct RunArgs {
     /// VM UUID (default: random).
     #[arg(long)]
     pub uuid: Option<uuid::Uuid>,
+    /// Back guest RAM with transparent huge pages (`madvise(MADV_HUGEPAGE)`, as QEMU does);
+    /// `--huge-pages false` keeps 4 KiB pages. Host-side only: both ends of a migration may differ.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub huge_pages: bool,
     /// Extra device, e.g. `statedev,size=300M,setup-ms=1400` (a VFIO-like device with pre-copy
     /// initial data, see docs/statedev.md). Source and destination need the same devices.
     #[arg(long = "device")]

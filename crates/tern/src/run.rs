@@ -59,6 +59,7 @@ pub fn vm_config(a: &RunArgs) -> Result<VmConfig> {
     }
     let mut cfg = VmConfig::new(a.memory, a.vcpus, opts.to_cmdline());
     cfg.serial = parse_serial(&a.serial)?;
+    cfg.huge_pages = a.huge_pages;
     if let Some(u) = a.uuid {
         cfg.uuid = u;
     }

@@ -150,6 +150,7 @@ pub fn restore(a: RestoreArgs) -> Result<()> {
         incoming: Some(format!("file:{}", std::path::absolute(&a.file)?.display())),
         paused: a.paused,
         uuid: Some(cfg.vm_uuid),
+        huge_pages: true,
         devices: Vec::new(),
         x_test_only_cpuid_xor: None,
         x_test_only_tsc_khz: None,

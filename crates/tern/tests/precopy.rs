@@ -12,11 +12,24 @@ use serde_json::json;
 /// QEMU's `test_precopy_common`, live: force at least two dirty passes with tiny limits, open
 /// them up, then check the handover and the destination's memory.
 fn precopy_pattern(transport: &str, return_path: bool) {
+    precopy_pattern_with(transport, return_path, true);
+}
+
+/// [`precopy_pattern`] with guest RAM on transparent huge pages (`tern run`'s default) or not,
+/// on both ends.
+fn precopy_pattern_with(transport: &str, return_path: bool, huge_pages: bool) {
     let dir = tmpdir();
-    let m = Machine::pattern(2, 32);
+    let hp = if huge_pages { "true" } else { "false" };
+    let m = Machine::pattern(2, 32).arg("--huge-pages").arg(hp);
     let mut src = boot(dir.path(), "src", &m);
     src.wait_workload_running(T);
-    let mut dst = dest(dir.path(), "dst", &m);
+    let mut dst = dest_with(
+        dir.path(),
+        "dst",
+        m.memory_mib,
+        m.vcpus,
+        &["--huge-pages", hp],
+    );
     let caps = [("events", true), ("return-path", return_path)];
     src.caps(&caps);
     dst.caps(&caps);
@@ -58,6 +71,7 @@ fn precopy_pattern(transport: &str, return_path: bool) {
         q.get("downtime").is_some(),
         "completed query-migrate without downtime: {q}"
     );
+    assert_guest_stall(&q);
     assert_handover(&mut src, &mut dst);
     if return_path {
         // The destination confirmed it runs: the source refuses a second copy. (Without a
@@ -84,6 +98,40 @@ fn precopy_tcp_pattern_2vcpu_forced_passes_return_path() {
 }
 
 #[test]
+fn precopy_tcp_pattern_2vcpu_without_huge_pages() {
+    precopy_pattern_with("tcp", true, false);
+}
+
+/// `x-tern-max-guest-stall` after a completed migration: present, at least the downtime (it is
+/// the larger of the downtime and the largest vCPU stall before the switchover), and its
+/// detail names a phase and a time inside the migration.
+fn assert_guest_stall(q: &serde_json::Value) {
+    let stall = q["x-tern-max-guest-stall"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no x-tern-max-guest-stall: {q}"));
+    let downtime = q["downtime"].as_u64().unwrap_or(0);
+    assert!(
+        stall >= downtime,
+        "stall {stall} ms < downtime {downtime} ms: {q}"
+    );
+    let d = &q["x-tern-max-guest-stall-detail"];
+    let phase = d["phase"].as_str().unwrap_or_default();
+    assert!(
+        phase == "pre-copy" || phase == "switchover",
+        "phase {phase:?}: {q}"
+    );
+    assert!(
+        d["at-ms"].as_u64().unwrap_or(u64::MAX) <= q["total-time"].as_u64().unwrap_or(0),
+        "stall after the end of the migration: {q}"
+    );
+    // The vCPU part alone never exceeds the reported maximum (µs vs ms, rounded down).
+    assert!(
+        d["vcpu-stall-us"].as_u64().unwrap_or(u64::MAX) / 1000 <= stall,
+        "{q}"
+    );
+}
+
+#[test]
 fn precopy_dirty_converges_with_default_limits() {
     let dir = tmpdir();
     let m = Machine::dirty(1, 64, 32);
@@ -93,6 +141,7 @@ fn precopy_dirty_converges_with_default_limits() {
     start_tcp_migration(&mut src, &mut dst, &[("events", true)], false);
     let q = src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    assert_guest_stall(&q);
     assert!(ram_num(&q, "transferred") > 0, "{q}");
     assert!(ram_num(&q, "total") >= m.memory_bytes(), "{q}");
     let final_pages = src.pages_written();

@@ -29,6 +29,14 @@ pub struct VmConfig {
     pub uuid: Uuid,
     /// How RAM is backed (host-side; not compared on restore).
     pub ram_backend: RamBackend,
+    /// Ask for transparent huge pages on guest RAM (`madvise(MADV_HUGEPAGE)`, as QEMU does):
+    /// host-side, not compared on restore (docs/machine.md "Guest RAM on huge pages").
+    #[serde(default = "huge_pages_default")]
+    pub huge_pages: bool,
+}
+
+fn huge_pages_default() -> bool {
+    true
 }
 
 impl Default for VmConfig {
@@ -40,6 +48,7 @@ impl Default for VmConfig {
             serial: SerialTarget::None,
             uuid: Uuid::nil(),
             ram_backend: RamBackend::AnonymousPrivate,
+            huge_pages: true,
         }
     }
 }

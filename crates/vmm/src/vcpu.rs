@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -9,6 +10,7 @@ use crate::devices::control::ControlAction;
 use crate::devices::PioBus;
 use crate::error::{Error, Result};
 use crate::runctl::{Request, RunControl};
+use crate::stall::StallMeter;
 
 /// Why a vCPU stopped for good.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,6 +30,8 @@ pub struct Shared {
     pub bus: PioBus,
     /// The first vCPU failure.
     pub failure: Mutex<Option<VcpuFailure>>,
+    /// The longest time a vCPU that wanted to run was kept out of `KVM_RUN`.
+    pub stalls: StallMeter,
 }
 
 impl Shared {
@@ -63,6 +67,7 @@ pub fn spawn(index: u32, fd: SharedVcpu, shared: Arc<Shared>) -> Result<JoinHand
     std::thread::Builder::new()
         .name(format!("vcpu-{index}"))
         .spawn(move || {
+            crate::stall::prefer_wakeup(index);
             let run = std::panic::AssertUnwindSafe(|| run_loop(index, &fd, &shared));
             if std::panic::catch_unwind(run).is_err() {
                 // Keep the machine observable: record the failure and stay parked until stop.
@@ -102,9 +107,32 @@ fn run_loop(index: u32, fd: &SharedVcpu, shared: &Shared) {
         if !shared.ctl.enter_run(index as usize) {
             continue;
         }
+        // When the vCPU last wanted to run (None after a park: a VMM pause is not a stall).
+        let mut due: Option<Instant> = None;
+        let mut exited = Instant::now();
+        let mut woke: Option<Instant> = None;
         while shared.ctl.requested() == Request::Run {
-            let outcome = match vcpu.run() {
-                Ok(exit) => handle_exit(index, exit, shared),
+            if let Some(d) = due {
+                let now = Instant::now();
+                shared.stalls.record(index, d, now);
+                if now.saturating_duration_since(d) >= crate::stall::LOG_STALL {
+                    tracing::debug!(
+                        vcpu = index,
+                        since_exit_us = now.saturating_duration_since(exited).as_micros() as u64,
+                        woke_late_us =
+                            woke.map(|w| w.saturating_duration_since(d).as_micros() as u64),
+                        since_woke_us =
+                            woke.map(|w| now.saturating_duration_since(w).as_micros() as u64),
+                        "stall detail"
+                    );
+                }
+            }
+            let result = vcpu.run();
+            exited = Instant::now();
+            due = Some(exited);
+            woke = None;
+            let outcome = match result {
+                Ok(exit) => handle_exit(index, exit, shared, &mut due, &mut woke),
                 Err(e) if e.errno() == libc::EINTR => {
                     shared
                         .bus
@@ -139,15 +167,45 @@ fn complete_pending_io(index: u32, vcpu: &mut VcpuFd) {
     }
 }
 
-fn handle_exit(index: u32, exit: VcpuExit<'_>, shared: &Shared) -> Outcome {
+/// Dispatches one exit. An idle-wait moves `due` to the end of the wait the guest asked for.
+fn handle_exit(
+    index: u32,
+    exit: VcpuExit<'_>,
+    shared: &Shared,
+    due: &mut Option<Instant>,
+    woke: &mut Option<Instant>,
+) -> Outcome {
     match exit {
         VcpuExit::IoIn(port, data) => {
             shared.bus.pio_in(port, data);
             Outcome::Continue
         }
         VcpuExit::IoOut(port, data) => {
-            if let ControlAction::IdleWait(d) = shared.bus.pio_out(index, port, data) {
+            let t = Instant::now();
+            let action = shared.bus.pio_out(index, port, data);
+            let took = t.elapsed();
+            if took >= crate::stall::LOG_STALL {
+                tracing::debug!(
+                    vcpu = index,
+                    port,
+                    took_us = took.as_micros() as u64,
+                    "slow port write"
+                );
+            }
+            if let ControlAction::IdleWait(d) = action {
+                let start = Instant::now();
                 shared.ctl.idle_wait(d);
+                // Woken early (a pause): due now; otherwise due when the wait should have ended.
+                let now = Instant::now();
+                *due = Some(now.min(start + d));
+                *woke = Some(now);
+                if now.saturating_duration_since(start + d) >= crate::stall::LOG_STALL {
+                    tracing::debug!(
+                        vcpu = index,
+                        late_us = now.saturating_duration_since(start + d).as_micros() as u64,
+                        "idle-wait ended late"
+                    );
+                }
             }
             Outcome::Continue
         }

@@ -22,6 +22,7 @@ use crate::devices::{ExitCounters, ExitStats, PioBus};
 use crate::error::{Error, Result};
 use crate::memory::{ram_layout, GuestRam, RamRegionInfo};
 use crate::runctl::{register_kick_handler, Request, RunControl};
+use crate::stall::{MaxStall, StallMeter};
 use crate::state::snapshot::{restore_all, save_all, MachineParts, SaveBreakdown};
 use crate::state::ComponentState;
 use crate::vcpu::{self, lock_vcpu, Shared, SharedVcpu, VcpuFailure};
@@ -148,6 +149,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Turns on `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `KVM_DIRTY_LOG_INITIALLY_SET` when the host
+/// offers both (as QEMU does): dirty logging then starts without a write-protect walk over
+/// every slot, and `GuestRam` write-protects in bounded chunks. False: the classic
+/// `KVM_GET_DIRTY_LOG` (fetch, clear and write-protect in one call) is used.
+fn enable_manual_dirty_protect(vm_fd: &kvm_ioctls::VmFd) -> bool {
+    let want = u64::from(
+        kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            | kvm_bindings::KVM_DIRTY_LOG_INITIALLY_SET,
+    );
+    let offered =
+        vm_fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+    if offered < 0 || (offered as u64) & want != want {
+        tracing::debug!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = {offered}: not used");
+        return false;
+    }
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
+    cap.args[0] = want;
+    match vm_fd.enable_cap(&cap) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                "enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {e}; using KVM_GET_DIRTY_LOG alone"
+            );
+            false
+        }
+    }
+}
+
 impl Vm {
     /// Builds a machine with the test guest loaded; the vCPUs wait for [`Vm::start`].
     pub fn new(config: VmConfig) -> Result<Vm> {
@@ -204,11 +236,16 @@ impl Vm {
             })
             .map_err(|e| Error::kvm("vm", "KVM_CREATE_PIT2", e))?;
 
-        let ram = Arc::new(GuestRam::new(
+        // An incoming machine's RAM is written page by page by the migration: 4 KiB pages restore
+        // 2–2.5x faster here than huge pages (docs/machine.md "Guest RAM on huge pages"), so the
+        // advice waits until the state is restored.
+        let ram = Arc::new(GuestRam::with_huge_pages(
             &ram_layout(config.memory_bytes),
             config.ram_backend,
+            config.huge_pages && phase != Phase::Incoming,
         )?);
         ram.register(&vm_fd)?;
+        ram.set_manual_protect(enable_manual_dirty_protect(&vm_fd));
 
         let irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::io("serial irq eventfd", e))?;
@@ -239,6 +276,7 @@ impl Vm {
                 counters: ExitCounters::default(),
             },
             failure: Mutex::new(None),
+            stalls: StallMeter::default(),
         });
         Ok(Vm {
             config: RwLock::new(config),
@@ -432,6 +470,17 @@ impl Vm {
 
     // ---- heartbeats, events, serial -------------------------------------------------------
 
+    /// The longest time a vCPU that wanted to run was kept out of `KVM_RUN` since the last
+    /// [`Vm::reset_vcpu_stall`] (see `stall.rs` for what counts).
+    pub fn max_vcpu_stall(&self) -> MaxStall {
+        self.shared.stalls.max()
+    }
+
+    /// Starts a new vCPU stall measurement window.
+    pub fn reset_vcpu_stall(&self) {
+        self.shared.stalls.reset()
+    }
+
     /// Heartbeat statistics: last, count, largest gap.
     pub fn heartbeats(&self) -> HeartbeatSummary {
         self.shared.bus.control.heartbeats()
@@ -594,8 +643,13 @@ impl Vm {
             *lock(&self.cpu) = CpuSnapshot::read(&lock_vcpu(fd))?;
         }
         lock(&self.timings).last_restore = Some(t0.elapsed());
+        let huge_pages = self.config().huge_pages;
         let mut phase = lock(&self.phase);
         if *phase == Phase::Incoming {
+            // RAM is in: from now on the guest's own faults may get huge pages.
+            if huge_pages {
+                self.ram.advise_huge_pages();
+            }
             *phase = Phase::Started;
         }
         Ok(())

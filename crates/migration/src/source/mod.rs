@@ -490,7 +490,10 @@ pub fn migrate(
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
-        .spawn(move || sender.run(target))
+        .spawn(move || {
+            crate::priority::background_thread();
+            sender.run(target)
+        })
         .map_err(|source| SourceError::Spawn {
             name: "mig-src",
             source,

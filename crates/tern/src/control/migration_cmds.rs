@@ -18,6 +18,7 @@ use super::{Controller, RunState};
 use crate::migrate::events::QmpMigrationEvents;
 use crate::migrate::incoming::Incoming;
 use crate::migrate::machine_for_source;
+use crate::migrate::stall::StallFeed;
 
 /// Migration state of one process (either direction).
 #[derive(Default)]
@@ -198,12 +199,13 @@ impl Controller {
             && self.stopped_by_migration.load(Ordering::SeqCst)
             && !m.last_to_file
             && m.undecided;
+        let stats = MigrationStats::new(Role::Source);
         let events = Arc::new(QmpMigrationEvents::source(
             self.weak(),
             m.caps.get(Capability::Events),
+            StallFeed::start(self.vm.clone(), stats.clone()),
         ));
         let machine = machine_for_source(&self.vm, &self.devices);
-        let stats = MigrationStats::new(Role::Source);
         let handle =
             tern_migration::source::migrate(machine, Target::Uri(uri), opts, events, stats)
                 .map_err(param_err)?;
@@ -260,7 +262,15 @@ impl Controller {
         no_args(&args)?;
         let m = self.mig();
         if let Some(o) = &m.outgoing {
-            return Ok(o.stats().to_query_migrate_json());
+            let stats = o.stats();
+            // Live while the guest runs on this side; frozen at the stop and at the end.
+            if matches!(
+                stats.status(),
+                MigrationStatus::Setup | MigrationStatus::Active
+            ) {
+                crate::migrate::stall::publish(&self.vm, stats);
+            }
+            return Ok(stats.to_query_migrate_json());
         }
         if let Some(i) = &m.incoming {
             return Ok(i.stats().to_query_migrate_json());

@@ -423,6 +423,18 @@ static SWITCHOVER_DECISION: Object = object(
         Member::opt("expected-downtime-ms", U64),
     ],
 );
+static GUEST_STALL_PHASE: Enum = Enum {
+    name: "x-tern-GuestStallPhase",
+    values: Values::List(&["pre-copy", "switchover"]),
+};
+static GUEST_STALL_DETAIL: Object = object(
+    "x-tern-GuestStallDetail",
+    &[
+        Member::req("at-ms", U64),
+        Member::req("phase", Type::Enum(&GUEST_STALL_PHASE)),
+        Member::req("vcpu-stall-us", U64),
+    ],
+);
 static MIGRATION_INFO: Object = object(
     "MigrationInfo",
     &[
@@ -445,6 +457,11 @@ static MIGRATION_INFO: Object = object(
         Member::opt(
             "x-tern-downtime-breakdown",
             Type::Object(&DOWNTIME_BREAKDOWN),
+        ),
+        Member::opt("x-tern-max-guest-stall", U64),
+        Member::opt(
+            "x-tern-max-guest-stall-detail",
+            Type::Object(&GUEST_STALL_DETAIL),
         ),
     ],
 );

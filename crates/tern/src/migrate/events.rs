@@ -11,11 +11,13 @@ use tern_migration::stats::MigrationStats;
 use tern_migration::status::MigrationStatus;
 
 use crate::control::{Controller, ExitRequest, RunState};
+use crate::migrate::stall::StallFeed;
 
 /// Which end of the migration this process is.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Side {
-    Source,
+    /// The source; the vCPU stall meter goes into the stats at the stop and at the end.
+    Source { stall: StallFeed },
     /// The destination; with `exit-on-error`, the stats to take the error from.
     Destination {
         exit_on_error: Option<MigrationStats>,
@@ -30,10 +32,10 @@ pub struct QmpMigrationEvents {
 }
 
 impl QmpMigrationEvents {
-    pub fn source(ctl: Weak<Controller>, events_cap: bool) -> Self {
+    pub fn source(ctl: Weak<Controller>, events_cap: bool, stall: StallFeed) -> Self {
         Self {
             ctl,
-            side: Side::Source,
+            side: Side::Source { stall },
             events_cap,
         }
     }
@@ -59,10 +61,15 @@ impl EventSink for QmpMigrationEvents {
         let Some(ctl) = self.ctl.upgrade() else {
             return;
         };
+        if let Side::Source { stall } = &self.side {
+            if status.is_terminal() {
+                stall.publish();
+            }
+        }
         match (&self.side, status) {
             // The source's VM stays stopped after a successful migration (QEMU's
             // `postmigrate`), and after an unconfirmed one: `cont` decides (see `cont`).
-            (Side::Source, MigrationStatus::Completed | MigrationStatus::Unconfirmed) => {
+            (Side::Source { .. }, MigrationStatus::Completed | MigrationStatus::Unconfirmed) => {
                 ctl.set_run_state(RunState::PostMigrate)
             }
             (Side::Destination { .. }, MigrationStatus::Completed)
@@ -102,6 +109,9 @@ impl EventSink for QmpMigrationEvents {
     }
 
     fn vm_stopped(&self) {
+        if let Side::Source { stall } = &self.side {
+            stall.publish();
+        }
         if let Some(ctl) = self.ctl.upgrade() {
             ctl.stopped_by_migration.store(true, Ordering::SeqCst);
             ctl.set_run_state(RunState::FinishMigrate);

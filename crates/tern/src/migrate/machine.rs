@@ -11,6 +11,15 @@ use tern_migration::machine::{
 use tern_statedev::StateDevice;
 use tern_vmm::{RamRegionInfo, Vm, PAGE_SIZE};
 
+/// Runs `f` and logs (debug) how long it took, with the wall clock, so a guest-felt stall can be
+/// matched to what the migration did at that moment (`TERN_LOG=tern::migrate=debug`).
+fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let r = f();
+    tracing::debug!(took_us = t.elapsed().as_micros() as u64, "{what}");
+    r
+}
+
 fn failed(op: &str, e: tern_vmm::Error) -> MachineError {
     MachineError::Failed(format!("{op}: {e}"))
 }
@@ -120,15 +129,14 @@ impl RamSource for VmRam {
     }
 
     fn start_dirty_log(&mut self) -> Result<(), MachineError> {
-        self.vm
-            .start_dirty_log()
+        timed("start_dirty_log", || self.vm.start_dirty_log())
             .map_err(|e| failed("starting dirty logging", e))
     }
 
     fn sync_dirty_log(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<(), MachineError> {
         let vm = self.vm.clone();
         self.collect(bitmaps, |scratch| {
-            vm.sync_dirty_log(scratch)
+            timed("sync_dirty_log", || vm.sync_dirty_log(scratch))
                 .map(|()| true)
                 .map_err(|e| failed("syncing the dirty log", e))
         })
@@ -136,15 +144,14 @@ impl RamSource for VmRam {
     }
 
     fn stop_dirty_log(&mut self) -> Result<(), MachineError> {
-        self.vm
-            .stop_dirty_log()
+        timed("stop_dirty_log", || self.vm.stop_dirty_log())
             .map_err(|e| failed("stopping dirty logging", e))
     }
 
     fn known_zero_pages(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError> {
         let vm = self.vm.clone();
         self.collect(bitmaps, |scratch| {
-            vm.untouched_pages(scratch)
+            timed("untouched_pages (mincore)", || vm.untouched_pages(scratch))
                 .map_err(|e| failed("finding untouched guest RAM", e))
         })
     }

@@ -4,6 +4,7 @@
 pub mod events;
 pub mod incoming;
 pub mod machine;
+pub mod stall;
 
 use std::sync::Arc;
 
