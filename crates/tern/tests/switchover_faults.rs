@@ -78,6 +78,19 @@ fn assert_runs_only_on(running: &mut Vm, other: &mut Vm) {
     }
 }
 
+/// A source whose migration to a first destination ended `x-tern-unconfirmed`: the stream was
+/// cut 17 bytes before its end, so that destination failed and exited, and the source is
+/// paused in `postmigrate` with its guest undecided.
+fn undecided_source(dir: &std::path::Path, m: &Machine) -> Vm {
+    let mut src = source(dir, "src", m);
+    let (mut dst1, uri) = destination(dir, "dst1", m, &[]);
+    let proxy = FaultProxy::start(&uri, Fault::CutBeforeEnd(17));
+    src.c("migrate", json!({"uri": proxy.uri()}));
+    assert_unconfirmed(&mut src, "return path");
+    assert_exited_with(&mut dst1, CUT);
+    src
+}
+
 /// `cont` on an undecided source: accepted, the guest continues at the next heartbeat.
 fn cont_source(src: &mut Vm) {
     let last = src.last_seq();
@@ -170,12 +183,7 @@ fn destination_killed_after_end_then_cont_on_the_source() {
 fn unconfirmed_then_migrate_to_another_destination() {
     let dir = tmpdir();
     let m = Machine::pattern(1, 32);
-    let mut src = source(dir.path(), "src", &m);
-    let (mut dst1, uri) = destination(dir.path(), "dst1", &m, &[]);
-    let proxy = FaultProxy::start(&uri, Fault::CutBeforeEnd(17));
-    src.c("migrate", json!({"uri": proxy.uri()}));
-    assert_unconfirmed(&mut src, "return path");
-    assert_exited_with(&mut dst1, CUT);
+    let mut src = undecided_source(dir.path(), &m);
     // A retry that fails before END (nobody listens there) decides nothing: the guest stays
     // undecided and still travels as running to the next destination.
     src.drain_events();
@@ -203,12 +211,7 @@ fn unconfirmed_then_migrate_to_another_destination() {
 fn cont_is_refused_while_a_new_migration_carries_an_undecided_guest() {
     let dir = tmpdir();
     let m = Machine::pattern(1, 32);
-    let mut src = source(dir.path(), "src", &m);
-    let (mut dst1, uri) = destination(dir.path(), "dst1", &m, &[]);
-    let proxy = FaultProxy::start(&uri, Fault::CutBeforeEnd(17));
-    src.c("migrate", json!({"uri": proxy.uri()}));
-    assert_unconfirmed(&mut src, "return path");
-    assert_exited_with(&mut dst1, CUT);
+    let mut src = undecided_source(dir.path(), &m);
     src.params(json!({"x-tern-resume-timeout": 3_600_000}));
     let (mut dst2, uri) = destination(dir.path(), "dst2", &m, &[]);
     let proxy = FaultProxy::start(&uri, Fault::StallReturnPathAtEnd);
