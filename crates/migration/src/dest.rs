@@ -490,15 +490,7 @@ impl Receiver {
     /// to the SECTIONs this machine and its loaders take.
     fn expectations(&self) -> (StreamConfig, Expectations, Limits) {
         let d = self.m.state.describe();
-        let local = StreamConfig {
-            page_size: self.m.ram.page_size(),
-            vcpu_count: d.vcpu_count,
-            tsc_khz: d.tsc_khz,
-            vm_uuid: d.uuid,
-            ram_blocks: self.m.ram.blocks(),
-            cpuid: d.cpuid,
-            machine_blob: d.machine_blob,
-        };
+        let local = d.stream_config(self.m.ram.page_size(), self.m.ram.blocks());
         let mut expect = Expectations::from_config(&local, self.opts.validate_uuid);
         expect.tsc_tolerance_khz = d.tsc_tolerance_khz;
         expect.tsc_scaling = d.tsc_scaling;

@@ -16,6 +16,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::wire::StreamConfig;
 pub use crate::wire::{ComponentVersion, CpuidEntry, RamBlockInfo};
 use uuid::Uuid;
 
@@ -328,6 +329,22 @@ pub struct MachineDescription {
     /// machine; with the loaders it bounds the SECTIONs the receiver keeps until END. `None`:
     /// only the stream's `Limits::max_sections` applies.
     pub component_sections: Option<u32>,
+}
+
+impl MachineDescription {
+    /// The CONFIG record for this machine with its RAM (`page_size`, `ram_blocks`): what a
+    /// source sends and what a destination expects.
+    pub fn stream_config(&self, page_size: u32, ram_blocks: Vec<RamBlockInfo>) -> StreamConfig {
+        StreamConfig {
+            page_size,
+            vcpu_count: self.vcpu_count,
+            tsc_khz: self.tsc_khz,
+            vm_uuid: self.uuid,
+            ram_blocks,
+            cpuid: self.cpuid.clone(),
+            machine_blob: self.machine_blob.clone(),
+        }
+    }
 }
 
 /// The non-iterative part of the machine (vCPU registers, irqchip, PIT, clock, UART, control

@@ -116,15 +116,7 @@ impl Sender {
             None
         };
         let d = self.m.state.describe();
-        let config = StreamConfig {
-            page_size: self.m.ram.page_size(),
-            vcpu_count: d.vcpu_count,
-            tsc_khz: d.tsc_khz,
-            vm_uuid: d.uuid,
-            ram_blocks: self.m.ram.blocks(),
-            cpuid: d.cpuid,
-            machine_blob: d.machine_blob,
-        };
+        let config = d.stream_config(self.m.ram.page_size(), self.m.ram.blocks());
         let stream = Watched::new(stream, self.shared.clone(), liveness);
         let mut w = StreamWriter::new(BufWriter::with_capacity(WRITE_BUFFER, stream), &config)?;
         let capabilities = Command::Capabilities {
