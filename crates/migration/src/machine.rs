@@ -16,6 +16,7 @@
 
 use std::sync::{Arc, Mutex};
 
+pub use crate::digest::RamView;
 use crate::wire::StreamConfig;
 pub use crate::wire::{ComponentVersion, CpuidEntry, RamBlockInfo};
 use uuid::Uuid;
@@ -179,6 +180,10 @@ pub trait RamSource: Send {
     /// this call is in the next sync). Returns false when the machine cannot tell (nothing
     /// marked).
     fn known_zero_pages(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError>;
+    /// Read access to guest RAM for the RAM digest (`x-tern-ram-digest`), used from other
+    /// threads while the vCPUs are stopped. It must read memory where it lies (never answer
+    /// "zero" from a guess a swapped-out page could defeat).
+    fn view(&self) -> Arc<dyn RamView>;
 }
 
 /// Guest RAM on the destination. The engine has checked `block` and `page` against
@@ -193,6 +198,10 @@ pub trait RamSink: Send {
     /// Makes the page all zeroes. Fresh anonymous memory is already zero, so an implementation
     /// may skip the write when it knows the page was never written (keeps it unallocated).
     fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError>;
+    /// Read access to guest RAM for checking the source's RAM digest, used once every page
+    /// arrived and before the guest runs. It may answer "zero" for ranges nothing has written
+    /// since the machine was created.
+    fn view(&self) -> Arc<dyn RamView>;
 }
 
 /// Run control of the vCPUs. The engine calls `pause` at the switchover (source), `resume` on
