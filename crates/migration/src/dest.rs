@@ -617,6 +617,7 @@ impl Receiver {
                             op: format!("loading RAM block {block} page {page}"),
                             source,
                         })?;
+                        self.digest.page_loaded(self.m.ram.as_mut(), block, page)?;
                     }
                 }
                 Record::DeviceChunk(c) => {
@@ -666,8 +667,11 @@ impl Receiver {
                     validate_uuid,
                     ram_digest,
                 }) => {
-                    self.digest
-                        .on_capabilities(ram_digest, self.opts.ram_digest)?;
+                    self.digest.on_capabilities(
+                        ram_digest,
+                        self.opts.ram_digest,
+                        self.m.ram.as_ref(),
+                    )?;
                     self.check_capabilities(
                         switchover_ack,
                         validate_uuid,
@@ -769,7 +773,7 @@ impl Receiver {
 
     /// After a verified END: final device states, components, resume, tell the source.
     fn finish(&mut self, finals: Vec<ComponentState>) -> Result<(), DestError> {
-        if let Some(d) = self.digest.verify(self.m.ram.as_ref())? {
+        if let Some(d) = self.digest.verify(&self.m.ram.blocks())? {
             self.stats.set_ram_digest(d);
         }
         let mut components = Vec::with_capacity(finals.len());

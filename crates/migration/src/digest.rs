@@ -1,12 +1,15 @@
 //! The RAM digest (`x-tern-ram-digest`, stream record `RAM_DIGEST`, `docs/stream-format.md`
 //! §7a): every migration can prove that the destination's memory is the source's.
 //!
-//! The source hashes its guest memory with the vCPUs stopped, chunk by chunk (XXH3-64 of each
-//! [`DEFAULT_CHUNK_SHIFT`]-sized chunk), and sends the digests before END. The destination hashes
-//! its own memory the same way once every page has arrived and before anything is restored; a
-//! difference fails the migration (the source resumes). Memory is read where it lies (a
-//! [`RamView`]), not from what was sent, so a page the dirty log missed, a page written to the
-//! wrong place or one lost in transit is caught, not only a flipped byte on the wire.
+//! Digest of a chunk (2 MiB): XXH3-64 of the list of the XXH3-64 of each of its pages. The
+//! source reads its guest memory in place with the vCPUs stopped ([`RamView`]), in the
+//! background while the final pages and device state go out, and sends the chunk digests before
+//! END. The destination keeps the digest of every page up to date as it loads them, from the
+//! page it reads back out of guest memory right after writing it (so a page written to the wrong
+//! place or with the wrong bytes is caught, not only a flipped byte on the wire), and at END only
+//! combines them per chunk and compares: its part of the check costs no full pass over memory in
+//! the downtime. A page the dirty log missed keeps its old content on the destination while the
+//! source hashes the new one: caught too.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,10 +18,10 @@ use std::time::{Duration, Instant};
 use crate::machine::{MachineError, RamBlockInfo, RamSink, RamSource};
 use crate::stats::RamDigestStats;
 
-/// Threads that hash (the vCPUs are stopped while they do: their cores are free).
+/// Threads that hash on the source (its vCPUs are stopped while they do: their cores are free).
 pub const HASH_THREADS: usize = 2;
 
-/// `algorithm` 1: XXH3-64 (seed 0) of each chunk's bytes.
+/// `algorithm` 1: XXH3-64 (seed 0) of the page digests (XXH3-64 of each page) of a chunk.
 pub const ALGORITHM_XXH3_64: u16 = 1;
 /// 2 MiB chunks: 4 KiB of digests per GiB of RAM, and a mismatch located to 2 MiB.
 pub const DEFAULT_CHUNK_SHIFT: u32 = 21;
@@ -26,34 +29,29 @@ pub const DEFAULT_CHUNK_SHIFT: u32 = 21;
 pub const MAX_CHUNK_SHIFT: u32 = 30;
 
 /// Read access to guest RAM for hashing, shareable between hashing threads. The engine calls it
-/// only with the vCPUs stopped (source) or before the guest first runs (destination).
+/// only with the vCPUs stopped.
 pub trait RamView: Send + Sync {
     /// Hands `f` the `len` bytes of block `block` starting at byte `offset` (inside the block;
-    /// page aligned), or `None` when the machine knows without reading that they are all zero
-    /// (e.g. destination memory that nothing has written since it was created).
+    /// page aligned), read where they lie.
     fn with_range(
         &self,
         block: usize,
         offset: u64,
         len: u64,
-        f: &mut dyn FnMut(Option<&[u8]>),
+        f: &mut dyn FnMut(&[u8]),
     ) -> Result<(), MachineError>;
 }
 
-/// XXH3-64 of one chunk.
-pub fn chunk_digest(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytes)
+/// XXH3-64 of one page.
+pub fn page_digest(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
 }
 
-/// Digest of `len` zero bytes (chunks known to be zero are not read).
-fn zero_digest(len: u64) -> u64 {
+/// Digest of a chunk from its pages' digests.
+pub fn chunk_digest(page_digests: &[u64]) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let zeros = [0u8; 64 << 10];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        h.update(&zeros[..n]);
-        left -= n as u64;
+    for d in page_digests {
+        h.update(&d.to_le_bytes());
     }
     h.digest()
 }
@@ -98,9 +96,11 @@ impl RamDigest {
     pub fn compute(
         view: &Arc<dyn RamView>,
         blocks: &[RamBlockInfo],
+        page_size: u32,
         chunk_shift: u32,
         threads: usize,
     ) -> Result<Self, MachineError> {
+        let ps = page_size.max(1) as usize;
         let chunk = 1u64 << chunk_shift;
         let jobs: Vec<(usize, u64, u64)> = blocks
             .iter()
@@ -121,16 +121,16 @@ impl RamDigest {
                         .name(format!("mig-digest-{t}"))
                         .spawn_scoped(s, move || {
                             let mut out = Vec::new();
+                            let mut pages = Vec::with_capacity((chunk as usize) / ps);
                             for (j, &(b, off, len)) in jobs.iter().enumerate() {
                                 if j % threads != t {
                                     continue;
                                 }
                                 let mut d = 0;
                                 view.with_range(b, off, len, &mut |bytes| {
-                                    d = match bytes {
-                                        Some(bytes) => chunk_digest(bytes),
-                                        None => zero_digest(len),
-                                    }
+                                    pages.clear();
+                                    pages.extend(bytes.chunks(ps).map(page_digest));
+                                    d = chunk_digest(&pages);
                                 })?;
                                 out.push((j, d));
                             }
@@ -216,11 +216,12 @@ impl RamDigestJob {
     /// Starts hashing `ram` (vCPUs stopped) with [`DEFAULT_CHUNK_SHIFT`] chunks.
     pub fn start(ram: &dyn RamSource) -> Self {
         let (view, blocks, shift) = (ram.view(), ram.blocks(), DEFAULT_CHUNK_SHIFT);
+        let page_size = ram.page_size();
         let handle = std::thread::Builder::new()
             .name("mig-digest".into())
             .spawn(move || {
                 let t = Instant::now();
-                let d = RamDigest::compute(&view, &blocks, shift, HASH_THREADS)?;
+                let d = RamDigest::compute(&view, &blocks, page_size, shift, HASH_THREADS)?;
                 Ok((d, t.elapsed()))
             })
             .ok();
@@ -243,17 +244,24 @@ impl RamDigestJob {
             chunks: d.blocks.iter().map(|b| b.len() as u64).sum(),
             chunk_bytes: 1 << self.chunk_shift,
             hash,
+            verify: Duration::ZERO,
             verified: false,
         };
         Ok((d, stats))
     }
 }
 
-/// The destination's side: whether a digest was announced (`CAPABILITIES` bit 3), the one that
-/// arrived, and the check before the guest runs.
+/// The destination's side: whether a digest was announced (`CAPABILITIES` bit 3), the digest
+/// of every page as loaded, the source's digest, and the check before the guest runs.
 #[derive(Debug, Default)]
 pub struct DigestCheck {
     announced: bool,
+    /// Per block, the digest of each page as this side holds it (announced only).
+    pages: Vec<Vec<u64>>,
+    page_size: u32,
+    buf: Vec<u8>,
+    /// Time spent reading back and hashing pages.
+    hashing: Duration,
     received: Option<RamDigest>,
 }
 
@@ -275,18 +283,72 @@ pub enum DigestError {
     /// The memories differ.
     #[error(transparent)]
     Mismatch(#[from] DigestMismatch),
-    /// Hashing this side's memory failed.
-    #[error("hashing guest RAM for the digest check")]
-    Hash(#[source] MachineError),
+    /// Reading back a loaded page failed.
+    #[error("reading back RAM block {block} page {page} for the digest")]
+    ReadBack {
+        /// Block index.
+        block: usize,
+        /// Page index.
+        page: u64,
+        /// The machine's error.
+        #[source]
+        source: MachineError,
+    },
 }
 
 impl DigestCheck {
-    /// `CAPABILITIES` arrived: `announced` = bit 3; `required` = this side's capability.
-    pub fn on_capabilities(&mut self, announced: bool, required: bool) -> Result<(), DigestError> {
+    /// `CAPABILITIES` arrived: `announced` = bit 3; `required` = this side's capability. With
+    /// a digest coming, every page starts as a zero page (fresh memory) until it is loaded.
+    pub fn on_capabilities(
+        &mut self,
+        announced: bool,
+        required: bool,
+        ram: &dyn RamSink,
+    ) -> Result<(), DigestError> {
         if required && !announced {
             return Err(DigestError::NotAnnounced);
         }
         self.announced = announced;
+        if announced && self.pages.is_empty() {
+            let ps = ram.page_size();
+            let zero = page_digest(&vec![0u8; ps as usize]);
+            self.pages = ram
+                .blocks()
+                .iter()
+                .map(|b| vec![zero; b.pages(ps) as usize])
+                .collect();
+            self.page_size = ps;
+            self.buf = vec![0; ps as usize];
+        }
+        Ok(())
+    }
+
+    /// A page was loaded (written or zeroed): reads it back out of guest memory and records
+    /// its digest. Nothing when no digest was announced.
+    pub fn page_loaded(
+        &mut self,
+        ram: &mut dyn RamSink,
+        block: usize,
+        page: u64,
+    ) -> Result<(), DigestError> {
+        if !self.announced {
+            return Ok(());
+        }
+        let t = Instant::now();
+        ram.read_page(block, page, &mut self.buf)
+            .map_err(|source| DigestError::ReadBack {
+                block,
+                page,
+                source,
+            })?;
+        if let Some(slot) = self
+            .pages
+            .get_mut(block)
+            .and_then(|b| b.get_mut(page as usize))
+        {
+            *slot = page_digest(&self.buf);
+        }
+        self.hashing += t.elapsed();
         Ok(())
     }
 
@@ -299,23 +361,33 @@ impl DigestCheck {
         Ok(())
     }
 
-    /// After a verified END, before anything is restored: hashes `ram` and compares. `None`
-    /// when no digest was announced.
-    pub fn verify(&mut self, ram: &dyn RamSink) -> Result<Option<RamDigestStats>, DigestError> {
+    /// After a verified END, before anything is restored: combines the page digests per chunk
+    /// and compares. `None` when no digest was announced.
+    pub fn verify(
+        &mut self,
+        blocks: &[RamBlockInfo],
+    ) -> Result<Option<RamDigestStats>, DigestError> {
         if !self.announced {
             return Ok(None);
         }
         let source = self.received.take().ok_or(DigestError::Missing)?;
-        let (view, blocks) = (ram.view(), ram.blocks());
         let t = Instant::now();
-        let mine = RamDigest::compute(&view, &blocks, source.chunk_shift, HASH_THREADS)
-            .map_err(DigestError::Hash)?;
-        let hash = t.elapsed();
-        mine.compare(&source, &blocks)?;
+        let per_chunk = (1usize << source.chunk_shift) / self.page_size.max(1) as usize;
+        let mine = RamDigest {
+            chunk_shift: source.chunk_shift,
+            blocks: self
+                .pages
+                .iter()
+                .map(|p| p.chunks(per_chunk.max(1)).map(chunk_digest).collect())
+                .collect(),
+        };
+        mine.compare(&source, blocks)?;
+        let verify = t.elapsed();
         Ok(Some(RamDigestStats {
             chunks: mine.blocks.iter().map(|b| b.len() as u64).sum(),
             chunk_bytes: 1 << source.chunk_shift,
-            hash,
+            hash: self.hashing + verify,
+            verify,
             verified: true,
         }))
     }
@@ -326,25 +398,20 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    struct Mem(Mutex<Vec<Vec<u8>>>, bool);
+    struct Mem(Mutex<Vec<Vec<u8>>>);
     impl RamView for Mem {
         fn with_range(
             &self,
             block: usize,
             offset: u64,
             len: u64,
-            f: &mut dyn FnMut(Option<&[u8]>),
+            f: &mut dyn FnMut(&[u8]),
         ) -> Result<(), MachineError> {
             let g = self
                 .0
                 .lock()
                 .map_err(|_| MachineError::Failed("poisoned".into()))?;
-            let b = &g[block][offset as usize..(offset + len) as usize];
-            if self.1 && b.iter().all(|&x| x == 0) {
-                f(None)
-            } else {
-                f(Some(b))
-            }
+            f(&g[block][offset as usize..(offset + len) as usize]);
             Ok(())
         }
     }
@@ -364,34 +431,51 @@ mod tests {
         ]
     }
 
-    fn mem(skip_zero: bool) -> Arc<dyn RamView> {
+    fn mem() -> Arc<dyn RamView> {
         let mut a = vec![0u8; 3 << 20];
         a[5] = 1;
         a[(2 << 20) + 7] = 9;
-        Arc::new(Mem(Mutex::new(vec![a, vec![0u8; 8 << 12]]), skip_zero))
+        Arc::new(Mem(Mutex::new(vec![a, vec![0u8; 8 << 12]])))
     }
 
     #[test]
-    fn known_zero_chunks_hash_like_read_ones_and_threads_agree() {
+    fn threads_agree_and_page_digests_combine_to_the_same_chunks() {
         let b = blocks();
-        let read = RamDigest::compute(&mem(false), &b, DEFAULT_CHUNK_SHIFT, 1).unwrap();
-        let skipped = RamDigest::compute(&mem(true), &b, DEFAULT_CHUNK_SHIFT, 3).unwrap();
-        assert_eq!(read, skipped);
+        let one = RamDigest::compute(&mem(), &b, 4096, DEFAULT_CHUNK_SHIFT, 1).unwrap();
+        let three = RamDigest::compute(&mem(), &b, 4096, DEFAULT_CHUNK_SHIFT, 3).unwrap();
+        assert_eq!(one, three);
         // 3 MiB in 2 MiB chunks: 2 chunks (the last one 1 MiB); 32 KiB: 1 chunk.
-        assert_eq!(read.blocks.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1]);
-        assert_eq!(read.compare(&skipped, &b), Ok(()));
+        assert_eq!(one.blocks.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(one.compare(&three, &b), Ok(()));
+        // The destination's way: every page's digest, combined per chunk at the end.
+        let mut check = DigestCheck::default();
+        let mut ram =
+            crate::fakes::FakeRam::new(4096, &[("ram0", 0, 3 << 20), ("ram1", 1 << 32, 8 << 12)]);
+        let mut a = vec![0u8; 4096];
+        a[5] = 1;
+        ram.write_page(0, 0, &a).unwrap();
+        a[5] = 0;
+        a[7] = 9;
+        ram.write_page(0, 512, &a).unwrap();
+        check.on_capabilities(true, false, &ram).unwrap();
+        check.page_loaded(&mut ram, 0, 0).unwrap();
+        check.page_loaded(&mut ram, 0, 512).unwrap();
+        check.on_record(one.clone()).unwrap();
+        let stats = check.verify(&b).unwrap().unwrap();
+        assert!(stats.verified);
+        assert_eq!(stats.chunks, 3);
     }
 
     #[test]
     fn a_flipped_byte_is_located() {
         let b = blocks();
-        let src = RamDigest::compute(&mem(false), &b, 16, 2).unwrap();
+        let src = RamDigest::compute(&mem(), &b, 4096, 16, 2).unwrap();
         let mut a = vec![0u8; 3 << 20];
         a[5] = 1;
         a[(2 << 20) + 7] = 9;
         a[(1 << 20) + 3] = 0xff; // chunk 16 of 48 (64 KiB chunks)
-        let view: Arc<dyn RamView> = Arc::new(Mem(Mutex::new(vec![a, vec![0u8; 8 << 12]]), true));
-        let dst = RamDigest::compute(&view, &b, 16, 2).unwrap();
+        let view: Arc<dyn RamView> = Arc::new(Mem(Mutex::new(vec![a, vec![0u8; 8 << 12]])));
+        let dst = RamDigest::compute(&view, &b, 4096, 16, 2).unwrap();
         let e = dst.compare(&src, &b).unwrap_err();
         assert_eq!(e.block, "ram0");
         assert_eq!(e.differing, 1);

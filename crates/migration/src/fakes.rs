@@ -295,7 +295,7 @@ impl RamView for FakeRam {
         block: usize,
         offset: u64,
         len: u64,
-        f: &mut dyn FnMut(Option<&[u8]>),
+        f: &mut dyn FnMut(&[u8]),
     ) -> Result<(), MachineError> {
         let g = lock(&self.inner);
         let bytes = usize::try_from(offset)
@@ -305,7 +305,7 @@ impl RamView for FakeRam {
             .ok_or_else(|| {
                 MachineError::rejected("with_range", format!("{block}/{offset:#x}+{len:#x}"))
             })?;
-        f(Some(bytes));
+        f(bytes);
         Ok(())
     }
 }
@@ -345,8 +345,8 @@ impl RamSink for FakeRam {
         Ok(())
     }
 
-    fn view(&self) -> Arc<dyn RamView> {
-        Arc::new(self.clone())
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        RamSource::read_page(self, block, page, buf)
     }
 }
 

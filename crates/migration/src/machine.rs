@@ -181,8 +181,8 @@ pub trait RamSource: Send {
     /// marked).
     fn known_zero_pages(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError>;
     /// Read access to guest RAM for the RAM digest (`x-tern-ram-digest`), used from other
-    /// threads while the vCPUs are stopped. It must read memory where it lies (never answer
-    /// "zero" from a guess a swapped-out page could defeat).
+    /// threads while the vCPUs are stopped. It reads memory where it lies (never "zero" from a
+    /// guess such as `mincore`, which a swapped-out page would defeat).
     fn view(&self) -> Arc<dyn RamView>;
 }
 
@@ -198,10 +198,9 @@ pub trait RamSink: Send {
     /// Makes the page all zeroes. Fresh anonymous memory is already zero, so an implementation
     /// may skip the write when it knows the page was never written (keeps it unallocated).
     fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError>;
-    /// Read access to guest RAM for checking the source's RAM digest, used once every page
-    /// arrived and before the guest runs. It may answer "zero" for ranges nothing has written
-    /// since the machine was created.
-    fn view(&self) -> Arc<dyn RamView>;
+    /// Copies page `page` of block `block` out of guest memory into `buf` (`buf.len() ==
+    /// page_size()`): the RAM digest reads back every page it loaded.
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError>;
 }
 
 /// Run control of the vCPUs. The engine calls `pause` at the switchover (source), `resume` on

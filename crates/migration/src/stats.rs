@@ -178,8 +178,12 @@ pub struct RamDigestStats {
     pub chunks: u64,
     /// Chunk size in bytes.
     pub chunk_bytes: u64,
-    /// Time spent hashing this side's memory.
+    /// Time spent hashing this side's memory (destination: reading back and hashing every
+    /// page as it was loaded, mostly during pre-copy).
     pub hash: Duration,
+    /// Destination: the check at END (combining page digests per chunk and comparing), the
+    /// part of its hashing inside the downtime besides the final pages.
+    pub verify: Duration,
     /// Destination: the digests matched (source: the destination said so, i.e. `completed`).
     pub verified: bool,
 }
@@ -474,6 +478,7 @@ fn digest_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
                 "chunks": d.chunks,
                 "chunk-bytes": d.chunk_bytes,
                 "hash-us": d.hash.as_micros() as u64,
+                "verify-us": d.verify.as_micros() as u64,
                 "verified": d.verified,
             }),
         );

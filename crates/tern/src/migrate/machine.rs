@@ -162,7 +162,6 @@ impl RamSource for VmRam {
         Arc::new(VmRamView {
             vm: self.vm.clone(),
             regions: self.regions.clone(),
-            written: None,
         })
     }
 }
@@ -171,9 +170,6 @@ impl RamSource for VmRam {
 struct VmRamView {
     vm: Arc<Vm>,
     regions: Vec<RamRegionInfo>,
-    /// Destination: pages written since the machine was created; a range with none reads as
-    /// zero without being touched (fresh anonymous memory).
-    written: Option<Vec<DirtyBitmap>>,
 }
 
 impl RamView for VmRamView {
@@ -182,22 +178,15 @@ impl RamView for VmRamView {
         block: usize,
         offset: u64,
         len: u64,
-        f: &mut dyn FnMut(Option<&[u8]>),
+        f: &mut dyn FnMut(&[u8]),
     ) -> Result<(), MachineError> {
         let r = self
             .regions
             .get(block)
             .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "no such block"))?;
-        if let Some(w) = self.written.as_ref().and_then(|w| w.get(block)) {
-            let (first, end) = (offset / PAGE_SIZE, (offset + len).div_ceil(PAGE_SIZE));
-            if !(first..end).any(|p| w.get(p)) {
-                f(None);
-                return Ok(());
-            }
-        }
         self.vm
             .ram()
-            .with_host_slice(r.gpa + offset, len, |b| f(Some(b)))
+            .with_host_slice(r.gpa + offset, len, |b| f(b))
             .map_err(|e| failed("reading guest RAM for the digest", e))
     }
 }
@@ -245,12 +234,8 @@ impl RamSink for VmRam {
             .map_err(|e| failed("zeroing guest RAM", e))
     }
 
-    fn view(&self) -> Arc<dyn RamView> {
-        Arc::new(VmRamView {
-            vm: self.vm.clone(),
-            regions: self.regions.clone(),
-            written: self.written.clone(),
-        })
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        RamSource::read_page(self, block, page, buf)
     }
 }
 
