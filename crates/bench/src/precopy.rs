@@ -243,7 +243,7 @@ pub fn migrate_pair(
     let spec = |role: &str, ns, incoming| Spec {
         kind,
         name: format!("{base}-{role}"),
-        memory_mib: vm_memory(guest.mem),
+        memory_mib: guest.ram_mib.unwrap_or(vm_memory(guest.mem)),
         vcpus,
         guest: guest.clone(),
         netns: ns,

@@ -50,6 +50,10 @@ pub struct Guest {
     pub rate: u64,
     pub order: &'static str,
     pub hb_ms: u64,
+    /// Guest RAM in MiB when it is not the working set plus 64 MiB (a working set must end
+    /// below the 3 GiB PCI hole; a larger guest has RAM it never touches above it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ram_mib: Option<u64>,
 }
 
 impl Guest {
@@ -60,6 +64,7 @@ impl Guest {
             rate,
             order: "seq",
             hb_ms: 1,
+            ram_mib: None,
         }
     }
 }

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::digest::{DigestCheck, DigestError};
 use crate::events::EventSink;
 use crate::liveness::{self, Inactivity, LivenessTimeout, Ticker};
 use crate::machine::{
@@ -64,6 +65,9 @@ pub struct DestOptions {
     pub limits: Limits,
     /// `x-tern-liveness-timeout`: fail when nothing arrives from the source for this long.
     pub liveness: LivenessTimeout,
+    /// `x-tern-ram-digest`: require the source's RAM digest (a stream without one fails at
+    /// `CAPABILITIES`); a digest the source sends is checked whatever this setting.
+    pub ram_digest: bool,
 }
 
 impl Default for DestOptions {
@@ -74,6 +78,7 @@ impl Default for DestOptions {
             autostart: true,
             limits: Limits::default(),
             liveness: LivenessTimeout::default(),
+            ram_digest: false,
         }
     }
 }
@@ -87,6 +92,7 @@ impl DestOptions {
             autostart,
             limits: Limits::default(),
             liveness: LivenessTimeout::default(),
+            ram_digest: caps.get(Capability::XTernRamDigest),
         }
     }
 }
@@ -153,6 +159,9 @@ pub enum DestError {
     /// The stream is well-formed but breaks the protocol (a chunk for an unknown device, …).
     #[error("{0}")]
     Protocol(String),
+    /// `x-tern-ram-digest`: the digest was refused, missing, or the memories differ.
+    #[error(transparent)]
+    Digest(#[from] DigestError),
     /// The `mig-dst` thread could not be started.
     #[error("cannot start thread mig-dst")]
     Spawn(#[source] std::io::Error),
@@ -284,6 +293,7 @@ pub fn incoming(
         source_running: None,
         last_pong: Arc::new(AtomicU32::new(0)),
         rp_open: false,
+        digest: DigestCheck::default(),
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -385,6 +395,8 @@ struct Receiver {
     last_pong: Arc<AtomicU32>,
     /// `OPEN_RETURN_PATH` arrived: the source reads the return path.
     rp_open: bool,
+    /// `x-tern-ram-digest`: announced, received, checked before the guest runs.
+    digest: DigestCheck,
 }
 
 /// The receiver's explicit state.
@@ -605,6 +617,7 @@ impl Receiver {
                             op: format!("loading RAM block {block} page {page}"),
                             source,
                         })?;
+                        self.digest.page_loaded(self.m.ram.as_mut(), block, page)?;
                     }
                 }
                 Record::DeviceChunk(c) => {
@@ -648,10 +661,17 @@ impl Receiver {
                 Record::Command(Command::RunState { running }) => {
                     self.source_running = Some(running);
                 }
+                Record::RamDigest(d) => self.digest.on_record(d)?,
                 Record::Command(Command::Capabilities {
                     switchover_ack,
                     validate_uuid,
+                    ram_digest,
                 }) => {
+                    self.digest.on_capabilities(
+                        ram_digest,
+                        self.opts.ram_digest,
+                        self.m.ram.as_ref(),
+                    )?;
                     self.check_capabilities(
                         switchover_ack,
                         validate_uuid,
@@ -753,6 +773,9 @@ impl Receiver {
 
     /// After a verified END: final device states, components, resume, tell the source.
     fn finish(&mut self, finals: Vec<ComponentState>) -> Result<(), DestError> {
+        if let Some(d) = self.digest.verify(&self.m.ram.blocks())? {
+            self.stats.set_ram_digest(d);
+        }
         let mut components = Vec::with_capacity(finals.len());
         let mut loaded = vec![false; self.m.loaders.len()];
         for c in finals {

@@ -18,7 +18,8 @@ use uuid::Uuid;
 
 use crate::machine::{
     ComponentState, ComponentVersion, DirtyBitmap, MachineDescription, MachineError, MachineState,
-    RamBlockInfo, RamSink, RamSource, StateHandler, StateLoader, SwitchoverApproval, VcpuControl,
+    RamBlockInfo, RamSink, RamSource, RamView, StateHandler, StateLoader, SwitchoverApproval,
+    VcpuControl,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -282,6 +283,31 @@ impl RamSource for FakeRam {
     fn known_zero_pages(&mut self, _bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError> {
         Ok(false)
     }
+
+    fn view(&self) -> Arc<dyn RamView> {
+        Arc::new(self.clone())
+    }
+}
+
+impl RamView for FakeRam {
+    fn with_range(
+        &self,
+        block: usize,
+        offset: u64,
+        len: u64,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), MachineError> {
+        let g = lock(&self.inner);
+        let bytes = usize::try_from(offset)
+            .ok()
+            .zip(usize::try_from(offset.saturating_add(len)).ok())
+            .and_then(|(a, b)| g.mem.get(block).and_then(|m| m.get(a..b)))
+            .ok_or_else(|| {
+                MachineError::rejected("with_range", format!("{block}/{offset:#x}+{len:#x}"))
+            })?;
+        f(bytes);
+        Ok(())
+    }
 }
 
 impl RamSink for FakeRam {
@@ -317,6 +343,10 @@ impl RamSink for FakeRam {
             .ok_or_else(|| MachineError::rejected("zero_page", format!("{block}/{page}")))?;
         dst.fill(0);
         Ok(())
+    }
+
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        RamSource::read_page(self, block, page, buf)
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod convergence;
 pub mod dest;
+pub mod digest;
 pub mod events;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fakes;

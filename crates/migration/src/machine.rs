@@ -16,6 +16,7 @@
 
 use std::sync::{Arc, Mutex};
 
+pub use crate::digest::RamView;
 use crate::wire::StreamConfig;
 pub use crate::wire::{ComponentVersion, CpuidEntry, RamBlockInfo};
 use uuid::Uuid;
@@ -179,6 +180,10 @@ pub trait RamSource: Send {
     /// this call is in the next sync). Returns false when the machine cannot tell (nothing
     /// marked).
     fn known_zero_pages(&mut self, bitmaps: &mut [DirtyBitmap]) -> Result<bool, MachineError>;
+    /// Read access to guest RAM for the RAM digest (`x-tern-ram-digest`), used from other
+    /// threads while the vCPUs are stopped. It reads memory where it lies (never "zero" from a
+    /// guess such as `mincore`, which a swapped-out page would defeat).
+    fn view(&self) -> Arc<dyn RamView>;
 }
 
 /// Guest RAM on the destination. The engine has checked `block` and `page` against
@@ -193,6 +198,9 @@ pub trait RamSink: Send {
     /// Makes the page all zeroes. Fresh anonymous memory is already zero, so an implementation
     /// may skip the write when it knows the page was never written (keeps it unallocated).
     fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError>;
+    /// Copies page `page` of block `block` out of guest memory into `buf` (`buf.len() ==
+    /// page_size()`): the RAM digest reads back every page it loaded.
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError>;
 }
 
 /// Run control of the vCPUs. The engine calls `pause` at the switchover (source), `resume` on

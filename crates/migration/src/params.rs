@@ -109,6 +109,9 @@ capabilities! {
     SwitchoverAck = "switchover-ack", true;
     DirtyLimit = "dirty-limit", false;
     MappedRam = "mapped-ram", false;
+    // Tern: the destination checks a digest of the source's memory before it runs
+    // (`docs/stream-format.md` §7a).
+    XTernRamDigest = "x-tern-ram-digest", true;
 }
 
 impl Capability {

@@ -81,6 +81,9 @@ pub struct SwitchoverTimeline {
     pub device_state: Duration,
     /// END record and flush.
     pub end_flush: Duration,
+    /// Waiting for the RAM digest (`x-tern-ram-digest`) after the device state: the part of
+    /// the hashing that did not overlap with sending the final state.
+    pub digest_wait: Duration,
     /// From the flush to `RESUMED`: destination load, restore, resume, and the network.
     pub destination: Duration,
 }
@@ -164,6 +167,25 @@ pub struct StatsSnapshot {
     pub vcpu_stall: Option<VcpuStall>,
     /// Source: when the downtime clock started, since the start of the migration.
     pub downtime_at: Option<Duration>,
+    /// `x-tern-ram-digest`: what each side hashed and whether the destination's memory matched.
+    pub ram_digest: Option<RamDigestStats>,
+}
+
+/// `x-tern-ram-digest` in `query-migrate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RamDigestStats {
+    /// Chunks hashed.
+    pub chunks: u64,
+    /// Chunk size in bytes.
+    pub chunk_bytes: u64,
+    /// Time spent hashing this side's memory (destination: reading back and hashing every
+    /// page as it was loaded, mostly during pre-copy).
+    pub hash: Duration,
+    /// Destination: the check at END (combining page digests per chunk and comparing), the
+    /// part of its hashing inside the downtime besides the final pages.
+    pub verify: Duration,
+    /// Destination: the digests matched (source: the destination said so, i.e. `completed`).
+    pub verified: bool,
 }
 
 /// A stall of the guest's vCPUs measured by the machine outside the engine.
@@ -274,6 +296,18 @@ impl MigrationStats {
     /// Records the switchover timeline.
     pub fn set_switchover_timeline(&self, t: SwitchoverTimeline) {
         self.lock().snap.switchover = Some(t);
+    }
+
+    /// Records the RAM digest's statistics.
+    pub fn set_ram_digest(&self, d: RamDigestStats) {
+        self.lock().snap.ram_digest = Some(d);
+    }
+
+    /// Source: the destination loaded everything, the digest check included.
+    pub fn ram_digest_verified(&self) {
+        if let Some(d) = self.lock().snap.ram_digest.as_mut() {
+            d.verified = true;
+        }
     }
 
     /// Records the switchover rule's latest decision.
@@ -392,6 +426,7 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
                     m.insert("status".into(), json!(s.status));
                 }
             }
+            digest_info(&mut m, s);
         }
     }
     if let Some(e) = &s.error_desc {
@@ -404,6 +439,7 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
 /// (whether the ACK arrived and how long the source waited for it), the switchover rule's
 /// latest decision and, once the switchover happened, where the downtime went.
 fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
+    digest_info(m, s);
     if let Some(d) = &s.switchover_decision {
         m.insert("x-tern-switchover-decision".into(), decision_json(d));
     }
@@ -425,7 +461,25 @@ fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
                 "final-ram-bytes": t.final_ram_bytes,
                 "device-state-us": us(t.device_state),
                 "end-flush-us": us(t.end_flush),
+                "digest-wait-us": us(t.digest_wait),
                 "destination-us": us(t.destination),
+            }),
+        );
+    }
+}
+
+/// `x-tern-ram-digest` (both sides): chunks hashed, this side's hashing time, and whether the
+/// destination found its memory equal to the source's (on the source: it said so).
+fn digest_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
+    if let Some(d) = &s.ram_digest {
+        m.insert(
+            "x-tern-ram-digest".into(),
+            json!({
+                "chunks": d.chunks,
+                "chunk-bytes": d.chunk_bytes,
+                "hash-us": d.hash.as_micros() as u64,
+                "verify-us": d.verify.as_micros() as u64,
+                "verified": d.verified,
             }),
         );
     }

@@ -102,6 +102,19 @@ pub struct RunArgs {
     /// its host could not scale the TSC.
     #[arg(long, hide = true)]
     pub x_test_only_tsc_khz: Option<u32>,
+    /// TEST ONLY (destination): flips the byte at this guest physical address whenever an
+    /// incoming migration writes its page, as a placement or decoding bug would, which the
+    /// stream's checksum cannot see and `x-tern-ram-digest` must catch.
+    #[arg(long, hide = true, value_parser = parse_u64_auto)]
+    pub x_test_only_corrupt_ram: Option<u64>,
+}
+
+fn parse_u64_auto(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("'{s}': {e}"))
 }
 
 fn parse_cpuid_xor(s: &str) -> Result<(u32, u32, usize, u32), String> {

@@ -100,6 +100,9 @@ pub fn run(a: RunArgs) -> Result<()> {
             tsc_khz: a.x_test_only_tsc_khz,
         },
     );
+    if let Some(gpa) = a.x_test_only_corrupt_ram {
+        crate::migrate::machine::set_test_only_corrupt_ram(gpa);
+    }
     let incoming = a.incoming.clone();
     let vm = Arc::new(if incoming.is_some() {
         Vm::new_for_incoming(cfg).context("creating the VM for an incoming migration")?

@@ -154,6 +154,7 @@ pub fn restore(a: RestoreArgs) -> Result<()> {
         devices: Vec::new(),
         x_test_only_cpuid_xor: None,
         x_test_only_tsc_khz: None,
+        x_test_only_corrupt_ram: None,
     };
     crate::run::run(run)
 }

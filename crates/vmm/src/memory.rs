@@ -247,6 +247,27 @@ impl GuestRam {
             .map_err(|e| Error::Memory(format!("read {gpa:#x}+{:#x}: {e}", buf.len())))
     }
 
+    /// Hands `f` guest memory `gpa..gpa+len` (inside one region) in place, without a copy: for
+    /// hashing the whole of RAM (the migration's RAM digest) at memory speed. Only meaningful
+    /// while nothing writes that range (vCPUs stopped, no device writing): a concurrent guest
+    /// write would only make the bytes stale, not the access unsound for the host.
+    pub fn with_host_slice<T>(&self, gpa: u64, len: u64, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
+        let n = usize::try_from(len).map_err(|_| Error::BadAddress { gpa, len })?;
+        self.check(gpa, n)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size)
+            .ok_or(Error::BadAddress { gpa, len })?;
+        let host = (r.host_addr + (gpa - r.gpa)) as *const u8;
+        // SAFETY: `check` proved the range lies inside one region, whose host mapping
+        // (`r.host_addr`, `r.size` bytes, readable, owned by `self.mem`) lives as long as `self`,
+        // which the borrow keeps alive for the call. Guest RAM is plain anonymous memory: every
+        // byte is initialised (zero or written). Callers only read it while the guest is stopped.
+        let bytes = unsafe { std::slice::from_raw_parts(host, n) };
+        Ok(f(bytes))
+    }
+
     /// Writes guest memory (must lie inside one region); marks the pages dirty in the VMM bitmap.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<()> {
         self.check(gpa, buf.len())?;

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use super::confirm::Confirmation;
 use super::*;
+use crate::digest::RamDigestJob;
+use crate::wire;
 
 /// `error-desc` of a cancelled migration (QEMU gives none; a reason is more useful).
 pub(crate) const CANCELLED_DESC: &str = "migration cancelled by the user (migrate_cancel)";
@@ -118,10 +120,22 @@ impl Sender {
         let d = self.m.state.describe();
         let config = d.stream_config(self.m.ram.page_size(), self.m.ram.blocks());
         let stream = Watched::new(stream, self.shared.clone(), liveness);
-        let mut w = StreamWriter::new(BufWriter::with_capacity(WRITE_BUFFER, stream), &config)?;
+        // The lowest stream version with every record this migration writes (spec §10).
+        let version = if self.opts.ram_digest {
+            wire::VERSION_RAM_DIGEST
+        } else {
+            wire::VERSION_1
+        };
+        let mut w = StreamWriter::with_version(
+            BufWriter::with_capacity(WRITE_BUFFER, stream),
+            &config,
+            &wire::Limits::default(),
+            version,
+        )?;
         let capabilities = Command::Capabilities {
             switchover_ack: self.opts.switchover_ack && rp_stream.is_some(),
             validate_uuid: self.opts.validate_uuid,
+            ram_digest: self.opts.ram_digest,
         };
         if rp_stream.is_none() {
             w.write_command(capabilities)?;
@@ -515,6 +529,12 @@ impl Sender {
             self.timeline.pre_switchover = self.lap();
         }
         self.set_status(MigrationStatus::Device);
+        // The vCPUs are stopped: memory is final. Hash it while the last pages and the device
+        // state go out (docs/stream-format.md §7a).
+        let digest = self
+            .opts
+            .ram_digest
+            .then(|| RamDigestJob::start(self.m.ram.as_ref()));
         let before_ram = self.writer()?.bytes_written();
         self.writer()?.write_command(Command::SwitchoverStart)?;
         // QEMU's global state: a guest that was paused before the migration stays paused. A
@@ -552,6 +572,15 @@ impl Sender {
                 .write_section(&c.id, c.instance, c.version, &c.data)?;
         }
         self.timeline.device_state = self.lap();
+        if let Some(job) = digest {
+            let (digest, stats) = job.wait().map_err(|source| SourceError::Machine {
+                op: "hashing guest RAM (x-tern-ram-digest)",
+                source,
+            })?;
+            self.writer()?.write_ram_digest(&digest)?;
+            self.stats.set_ram_digest(stats);
+            self.timeline.digest_wait = self.lap();
+        }
         // Dirty logging stays on until the cleanup, after the downtime: turning it off
         // re-registers every memslot, which costs milliseconds per GiB (QEMU and Cloud
         // Hypervisor moved the same step out of the downtime). A stopped VM dirties nothing.
@@ -579,6 +608,7 @@ impl Sender {
             Confirmation::Unknown(reason) => return Err(SourceError::Unconfirmed { reason }),
         };
         self.stats.downtime_end(at);
+        self.stats.ram_digest_verified();
         self.timeline.destination = at.saturating_duration_since(self.mark);
         self.stats.set_switchover_timeline(self.timeline);
         Ok(())

@@ -123,6 +123,9 @@ pub struct SourceOptions {
     /// `RESUMED`): the guest counts as running, so the destination resumes it (`RUN_STATE` 1).
     /// This migration did not pause it, so a failure leaves it paused.
     pub stopped_by_earlier_migration: bool,
+    /// `x-tern-ram-digest`: send a digest of guest memory taken with the vCPUs stopped
+    /// (`RAM_DIGEST`, stream version 2), which the destination checks before it runs.
+    pub ram_digest: bool,
 }
 
 impl Default for SourceOptions {
@@ -143,6 +146,7 @@ impl SourceOptions {
             tuning: Tuning::from_params(params),
             liveness: LivenessTimeout::from_millis(params.x_tern_liveness_timeout),
             stopped_by_earlier_migration: false,
+            ram_digest: caps.get(Capability::XTernRamDigest),
         }
     }
 }

@@ -145,14 +145,22 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                     Command::Capabilities {
                         switchover_ack,
                         validate_uuid,
+                        ram_digest,
                     } => {
                         v["switchover-ack"] = json!(switchover_ack);
                         v["validate-uuid"] = json!(validate_uuid);
+                        v["x-tern-ram-digest"] = json!(ram_digest);
                     }
                     Command::OpenReturnPath | Command::SwitchoverStart => {}
                 }
                 v
             }
+            Record::RamDigest(d) => json!({
+                "offset": offset,
+                "type": "ram-digest",
+                "chunk_bytes": 1u64 << d.chunk_shift,
+                "chunks": d.blocks.iter().map(Vec::len).sum::<usize>(),
+            }),
             Record::End(e) => {
                 out.insert(
                     "end".into(),

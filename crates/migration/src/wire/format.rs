@@ -5,8 +5,13 @@ use super::error::WireError;
 
 /// Stream magic, `"TERNMIG\0"`.
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
-/// Stream version written by this code; the reader accepts `1..=CURRENT_VERSION`.
-pub const CURRENT_VERSION: u32 = 1;
+/// Newest stream version this code reads and writes; the reader accepts `1..=CURRENT_VERSION`.
+/// A writer writes the lowest version whose records it uses (`docs/stream-format.md` §10).
+pub const CURRENT_VERSION: u32 = 2;
+/// The version of a stream without any version-2 record.
+pub const VERSION_1: u32 = 1;
+/// The version that added `RAM_DIGEST` (and `CAPABILITIES` bit 3).
+pub const VERSION_RAM_DIGEST: u32 = 2;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).
@@ -38,6 +43,8 @@ pub enum RecordKind {
     Command = 0x05,
     /// End marker with the checksum.
     End = 0x06,
+    /// Digest of the source's guest memory at the switchover (version 2).
+    RamDigest = 0x07,
 }
 
 impl RecordKind {
@@ -50,6 +57,7 @@ impl RecordKind {
             0x04 => Self::Ram,
             0x05 => Self::Command,
             0x06 => Self::End,
+            0x07 => Self::RamDigest,
             _ => return None,
         })
     }
@@ -63,6 +71,7 @@ impl RecordKind {
             Self::Ram => "ram",
             Self::Command => "command",
             Self::End => "end",
+            Self::RamDigest => "ram-digest",
         }
     }
 }
@@ -95,8 +104,11 @@ pub mod cmd {
     /// `CAPABILITIES` flag: `validate-uuid` is on at the source; the destination compares the
     /// UUIDs whatever its own setting.
     pub const CAP_VALIDATE_UUID: u32 = 2;
+    /// `CAPABILITIES` flag (version 2): `x-tern-ram-digest` is on at the source; a RAM_DIGEST
+    /// record precedes END.
+    pub const CAP_RAM_DIGEST: u32 = 8;
     /// Every `CAPABILITIES` flag this reader knows.
-    pub const CAP_KNOWN: u32 = CAP_SWITCHOVER_ACK | CAP_VALIDATE_UUID;
+    pub const CAP_KNOWN: u32 = CAP_SWITCHOVER_ACK | CAP_VALIDATE_UUID | CAP_RAM_DIGEST;
     /// `u8 running`: whether the source VM was running when the migration stopped it (QEMU's
     /// global-state run state): a paused guest stays paused on the destination.
     pub const RUN_STATE: u16 = 6;
@@ -132,6 +144,8 @@ pub struct Limits {
     pub max_sections: u32,
     /// Most bytes of all SECTION bodies together.
     pub max_section_bytes_total: u64,
+    /// Largest RAM_DIGEST body.
+    pub max_digest_size: u32,
 }
 
 impl Default for Limits {
@@ -148,6 +162,7 @@ impl Default for Limits {
             max_error_len: 4096,
             max_sections: 4096,
             max_section_bytes_total: 256 << 20,
+            max_digest_size: 16 << 20,
         }
     }
 }

@@ -11,7 +11,11 @@ use super::*;
 
 /// Reads a whole stream; returns the number of records before END. Also asserts that the
 /// reader's buffer never grew beyond what the limits allow.
-fn drain(bytes: &[u8], limits: &Limits, expect: Expectations) -> Result<usize, WireError> {
+pub(super) fn drain(
+    bytes: &[u8],
+    limits: &Limits,
+    expect: Expectations,
+) -> Result<usize, WireError> {
     let bound = 2
         * (limits.max_section_size as usize)
             .max(limits.max_config_size as usize)
@@ -35,16 +39,21 @@ fn drain(bytes: &[u8], limits: &Limits, expect: Expectations) -> Result<usize, W
 
 const MAX_PS: u32 = 2 << 20;
 
-fn expect() -> Expectations {
+pub(super) fn expect() -> Expectations {
     Expectations::from_config(&sample_config(), true)
 }
 
 /// Raw stream builder: header + valid CONFIG + arbitrary records + a correct END, so that the
 /// checks behind the checksum are reached.
 fn raw(records: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    raw_v(CURRENT_VERSION, records)
+}
+
+/// [`raw`] with a given stream version in the header.
+pub(super) fn raw_v(version: u32, records: &[(u8, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&CURRENT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     let cfg = sample_config().encode();
     let mut all = vec![(RecordKind::Config as u8, cfg)];
@@ -65,7 +74,7 @@ fn raw(records: &[(u8, Vec<u8>)]) -> Vec<u8> {
 }
 
 /// The `SWITCHOVER_START` command as a raw record.
-fn switchover_start() -> (u8, Vec<u8>) {
+pub(super) fn switchover_start() -> (u8, Vec<u8>) {
     (
         RecordKind::Command as u8,
         cmd::SWITCHOVER_START.to_le_bytes().to_vec(),
@@ -129,7 +138,7 @@ fn bad_header() {
     let mut b = good.clone();
     b[0] = b'X';
     assert!(matches!(err_of(&b), WireError::BadMagic { .. }));
-    for v in [0u32, 2, u32::MAX] {
+    for v in [0u32, CURRENT_VERSION + 1, u32::MAX] {
         let mut b = good.clone();
         b[8..12].copy_from_slice(&v.to_le_bytes());
         let e = err_of(&b);
@@ -248,8 +257,8 @@ fn out_of_range_pages() {
 
 #[test]
 fn unknown_and_misplaced_records() {
-    let e = err_of(&raw(&[(0x07, vec![1, 2, 3])]));
-    assert!(e.to_string().contains("unknown record kind 0x07"), "{e}");
+    let e = err_of(&raw(&[(0x08, vec![1, 2, 3])]));
+    assert!(e.to_string().contains("unknown record kind 0x08"), "{e}");
     let e = err_of(&raw(&[(0x00, vec![])]));
     assert!(
         matches!(e, WireError::UnknownRecordKind { kind: 0, .. }),

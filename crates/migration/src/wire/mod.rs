@@ -18,6 +18,8 @@ mod return_path;
 mod writer;
 
 #[cfg(test)]
+mod digest_tests;
+#[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
 mod tests;
@@ -27,6 +29,7 @@ pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, Strea
 pub use error::WireError;
 pub use format::{
     cmd, is_zero_page, page_kind, Limits, RecordKind, CURRENT_VERSION, HEADER_LEN, MAGIC,
+    VERSION_1, VERSION_RAM_DIGEST,
 };
 pub use reader::{Header, StreamReader};
 pub use record::{

@@ -8,9 +8,10 @@ use super::config::{Expectations, StreamConfig};
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, Cursor, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, FRAME_LEN,
-    HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN,
+    HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN, VERSION_RAM_DIGEST,
 };
 use super::record::{Command, ComponentRecord, EndRecord, RamBatch, Record};
+use crate::digest::{chunk_count, RamDigest, ALGORITHM_XXH3_64, MAX_CHUNK_SHIFT};
 
 /// The stream header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +59,8 @@ struct OrderState {
     sections: HashSet<(String, u32)>,
     /// Bytes of all SECTION bodies so far.
     section_bytes: u64,
+    /// A RAM_DIGEST came: only END may follow.
+    digest_seen: bool,
 }
 
 impl OrderState {
@@ -310,12 +313,21 @@ impl<R: Read> StreamReader<R> {
         let frame_at = self.pos;
         let (kind_byte, len) = read_frame(&mut self.inner, &mut self.pos, &mut self.crc)?;
         let body_at = frame_at + FRAME_LEN as u64;
-        let Some(kind) = RecordKind::from_u8(kind_byte) else {
+        let known = RecordKind::from_u8(kind_byte)
+            .filter(|k| *k != RecordKind::RamDigest || self.header.version >= VERSION_RAM_DIGEST);
+        let Some(kind) = known else {
             return Err(WireError::UnknownRecordKind {
                 kind: kind_byte,
                 offset: frame_at,
             });
         };
+        if self.order.digest_seen && kind != RecordKind::End {
+            return Err(WireError::OutOfOrder {
+                record: kind.name(),
+                offset: frame_at,
+                reason: "a record after RAM_DIGEST (only END may follow the digest)".into(),
+            });
+        }
         let limit = match kind {
             RecordKind::Config => return Err(WireError::DuplicateConfig { offset: frame_at }),
             RecordKind::Section => u64::from(self.limits.max_section_size),
@@ -323,8 +335,17 @@ impl<R: Read> StreamReader<R> {
             RecordKind::Ram => self.max_ram_body,
             RecordKind::Command => u64::from(MAX_COMMAND_LEN),
             RecordKind::End => END_BODY_LEN as u64,
+            RecordKind::RamDigest => u64::from(self.limits.max_digest_size),
         };
         check_len(kind.name(), len, limit, frame_at + 1)?;
+        if kind == RecordKind::RamDigest && !self.order.switchover_started {
+            return Err(WireError::OutOfOrder {
+                record: "ram-digest",
+                offset: frame_at,
+                reason: "a RAM_DIGEST before SWITCHOVER_START (the digest is of the stopped VM)"
+                    .into(),
+            });
+        }
         if kind == RecordKind::Section {
             self.check_section_frame(len, frame_at)?;
         }
@@ -361,8 +382,13 @@ impl<R: Read> StreamReader<R> {
                 })
             }
             RecordKind::Ram => self.parse_ram(body_at),
+            RecordKind::RamDigest => {
+                let digest = self.parse_digest(body, body_at)?;
+                self.order.digest_seen = true;
+                Ok(Parsed::RamDigest(digest))
+            }
             RecordKind::Command => {
-                let command = parse_command(body, body_at)?;
+                let command = parse_command(body, body_at, self.header.version)?;
                 if command == Command::SwitchoverStart {
                     if self.order.switchover_started {
                         return Err(WireError::OutOfOrder {
@@ -432,6 +458,68 @@ impl<R: Read> StreamReader<R> {
             });
         }
         Ok(())
+    }
+
+    /// RAM_DIGEST body (§7a): algorithm, chunk size, and exactly one digest per chunk of every
+    /// CONFIG block.
+    fn parse_digest(&self, body: &[u8], body_at: u64) -> Result<RamDigest, WireError> {
+        let mut c = Cursor::new(body, body_at, "ram-digest");
+        let algorithm = c.u16("digest algorithm")?;
+        if algorithm != ALGORITHM_XXH3_64 {
+            return Err(WireError::Invalid {
+                field: "digest algorithm",
+                offset: body_at,
+                reason: format!("{algorithm} (this reader knows 1 = XXH3-64)"),
+            });
+        }
+        if c.u16("reserved")? != 0 {
+            return Err(WireError::Invalid {
+                field: "ram-digest reserved",
+                offset: body_at + 2,
+                reason: "must be 0".into(),
+            });
+        }
+        let shift = c.u32("chunk shift")?;
+        let page_shift = self.config.page_size.trailing_zeros();
+        if !(page_shift..=MAX_CHUNK_SHIFT).contains(&shift) {
+            return Err(WireError::Invalid {
+                field: "chunk shift",
+                offset: body_at + 4,
+                reason: format!("{shift}, expected {page_shift}..={MAX_CHUNK_SHIFT}"),
+            });
+        }
+        let counts: Vec<u64> = self
+            .config
+            .ram_blocks
+            .iter()
+            .map(|b| chunk_count(b.size, shift))
+            .collect();
+        let expected = counts
+            .iter()
+            .sum::<u64>()
+            .saturating_mul(8)
+            .saturating_add(8);
+        if expected != body.len() as u64 {
+            return Err(WireError::LengthMismatch {
+                what: "ram-digest record",
+                offset: body_at,
+                len: body.len() as u64,
+                expected,
+            });
+        }
+        let mut blocks = Vec::with_capacity(counts.len());
+        for n in counts {
+            let mut v = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                v.push(c.u64("chunk digest")?);
+            }
+            blocks.push(v);
+        }
+        c.finish()?;
+        Ok(RamDigest {
+            chunk_shift: shift,
+            blocks,
+        })
     }
 
     fn parse_ram(&self, body_at: u64) -> Result<Parsed, WireError> {
@@ -538,7 +626,7 @@ fn read_frame<R: Read>(
     Ok((kind, u32::from_le_bytes([a, b, c, d])))
 }
 
-fn parse_command(body: &[u8], body_at: u64) -> Result<Command, WireError> {
+fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<Command, WireError> {
     let mut c = Cursor::new(body, body_at, "command");
     let n = c.u16("command")?;
     let command = match n {
@@ -561,19 +649,25 @@ fn parse_command(body: &[u8], body_at: u64) -> Result<Command, WireError> {
         },
         cmd::CAPABILITIES => {
             let flags = c.u32("capability flags")?;
-            if flags & !cmd::CAP_KNOWN != 0 {
+            let known = if version >= VERSION_RAM_DIGEST {
+                cmd::CAP_KNOWN
+            } else {
+                cmd::CAP_KNOWN & !cmd::CAP_RAM_DIGEST
+            };
+            if flags & !known != 0 {
                 return Err(WireError::Invalid {
                     field: "capability flags",
                     offset: body_at,
                     reason: format!(
                         "reserved bits set: {:#x} (a capability of the source this reader does not know)",
-                        flags & !cmd::CAP_KNOWN
+                        flags & !known
                     ),
                 });
             }
             Command::Capabilities {
                 switchover_ack: flags & cmd::CAP_SWITCHOVER_ACK != 0,
                 validate_uuid: flags & cmd::CAP_VALIDATE_UUID != 0,
+                ram_digest: flags & cmd::CAP_RAM_DIGEST != 0,
             }
         }
         cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {
@@ -608,6 +702,7 @@ enum Parsed {
     },
     Command(Command),
     End(EndRecord),
+    RamDigest(RamDigest),
 }
 
 impl Parsed {
@@ -652,6 +747,7 @@ impl Parsed {
             }
             Self::Command(c) => Record::Command(c),
             Self::End(e) => Record::End(e),
+            Self::RamDigest(d) => Record::RamDigest(d),
         }
     }
 }

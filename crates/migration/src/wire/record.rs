@@ -1,6 +1,7 @@
 //! Decoded records. Payloads borrow the reader's buffer: no copy per page or per section.
 
 use super::format::{page_kind, RAM_ENTRY_LEN};
+use crate::digest::RamDigest;
 
 /// One record of the stream, as returned by [`super::StreamReader::next_record`].
 #[derive(Debug, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub enum Record<'a> {
     Command(Command),
     /// The end marker; its checksum has been verified.
     End(EndRecord),
+    /// The source's RAM digest at the switchover (shape checked against the CONFIG).
+    RamDigest(RamDigest),
 }
 
 impl Record<'_> {
@@ -26,6 +29,7 @@ impl Record<'_> {
             Self::Ram(_) => "ram",
             Self::Command(_) => "command",
             Self::End(_) => "end",
+            Self::RamDigest(_) => "ram-digest",
         }
     }
 }
@@ -67,6 +71,8 @@ pub enum Command {
         switchover_ack: bool,
         /// `validate-uuid` is on at the source: the destination compares the UUIDs.
         validate_uuid: bool,
+        /// `x-tern-ram-digest` is on at the source: a RAM_DIGEST record precedes END.
+        ram_digest: bool,
     },
     /// Whether the source VM was running when the switchover stopped it.
     RunState {

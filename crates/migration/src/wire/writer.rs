@@ -6,9 +6,10 @@ use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, MAGIC,
-    RAM_ENTRY_LEN,
+    RAM_ENTRY_LEN, VERSION_1, VERSION_RAM_DIGEST,
 };
 use super::record::{Command, PageData, RamPage};
+use crate::digest::{chunk_count, RamDigest, ALGORITHM_XXH3_64, MAX_CHUNK_SHIFT};
 
 /// Writes a stream: the header and CONFIG in [`StreamWriter::new`], records, then END in
 /// [`StreamWriter::finish`]. Wrap sockets and files in a `BufWriter`: records are written with
@@ -29,6 +30,8 @@ pub struct StreamWriter<W: Write> {
     max_section_size: u32,
     table: Vec<u8>,
     poisoned: bool,
+    /// The stream version in the header: records newer than it are refused.
+    version: u32,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -44,6 +47,22 @@ impl<W: Write> StreamWriter<W> {
         config: &StreamConfig,
         limits: &Limits,
     ) -> Result<Self, WireError> {
+        Self::with_version(inner, config, limits, VERSION_1)
+    }
+
+    /// Like [`StreamWriter::with_limits`] writing stream `version` (`1..=CURRENT_VERSION`): the
+    /// lowest version that has every record the caller will write (`docs/stream-format.md` §10).
+    pub fn with_version(
+        inner: W,
+        config: &StreamConfig,
+        limits: &Limits,
+        version: u32,
+    ) -> Result<Self, WireError> {
+        if !(VERSION_1..=CURRENT_VERSION).contains(&version) {
+            return Err(WireError::InvalidArgument(format!(
+                "stream version {version} (this writer writes 1..={CURRENT_VERSION})"
+            )));
+        }
         config
             .validate(limits, 0)
             .map_err(|e| WireError::InvalidArgument(format!("config: {e}")))?;
@@ -70,10 +89,11 @@ impl<W: Write> StreamWriter<W> {
             max_section_size: limits.max_section_size,
             table: Vec::new(),
             poisoned: false,
+            version,
         };
         let mut header = [0u8; 16];
         header[..8].copy_from_slice(&MAGIC);
-        header[8..12].copy_from_slice(&CURRENT_VERSION.to_le_bytes());
+        header[8..12].copy_from_slice(&version.to_le_bytes());
         w.inner
             .write_all(&header)
             .map_err(|e| w.io_err(e, "writing the header"))?;
@@ -169,6 +189,7 @@ impl<W: Write> StreamWriter<W> {
             Command::Capabilities {
                 switchover_ack,
                 validate_uuid,
+                ram_digest,
             } => {
                 body[..2].copy_from_slice(&cmd::CAPABILITIES.to_le_bytes());
                 let mut flags = 0;
@@ -178,11 +199,60 @@ impl<W: Write> StreamWriter<W> {
                 if validate_uuid {
                     flags |= cmd::CAP_VALIDATE_UUID;
                 }
+                if ram_digest {
+                    self.need_version(VERSION_RAM_DIGEST, "CAPABILITIES x-tern-ram-digest")?;
+                    flags |= cmd::CAP_RAM_DIGEST;
+                }
                 body[2..6].copy_from_slice(&flags.to_le_bytes());
                 6
             }
         };
         self.record(RecordKind::Command, &[&body[..n]])
+    }
+
+    /// Writes a RAM_DIGEST record (§7a; version 2). `digest` must cover exactly the CONFIG's
+    /// blocks; it must be the last record before [`StreamWriter::finish`].
+    pub fn write_ram_digest(&mut self, digest: &RamDigest) -> Result<(), WireError> {
+        self.check()?;
+        self.need_version(VERSION_RAM_DIGEST, "RAM_DIGEST")?;
+        let shift_ok =
+            (self.page_size.trailing_zeros()..=MAX_CHUNK_SHIFT).contains(&digest.chunk_shift);
+        let block_sizes: Vec<u64> = self
+            .block_pages
+            .iter()
+            .map(|p| p * u64::from(self.page_size))
+            .collect();
+        let shape_ok = shift_ok
+            && digest.blocks.len() == block_sizes.len()
+            && digest
+                .blocks
+                .iter()
+                .zip(&block_sizes)
+                .all(|(d, &size)| d.len() as u64 == chunk_count(size, digest.chunk_shift));
+        if !shape_ok {
+            return Err(WireError::InvalidArgument(
+                "RAM digest does not match the stream's RAM blocks".into(),
+            ));
+        }
+        let mut body =
+            Vec::with_capacity(8 + 8 * digest.blocks.iter().map(Vec::len).sum::<usize>());
+        body.extend_from_slice(&ALGORITHM_XXH3_64.to_le_bytes());
+        body.extend_from_slice(&0u16.to_le_bytes());
+        body.extend_from_slice(&digest.chunk_shift.to_le_bytes());
+        for d in digest.blocks.iter().flatten() {
+            body.extend_from_slice(&d.to_le_bytes());
+        }
+        self.record(RecordKind::RamDigest, &[&body])
+    }
+
+    fn need_version(&mut self, version: u32, what: &str) -> Result<(), WireError> {
+        if self.version < version {
+            return Err(WireError::InvalidArgument(format!(
+                "{what} needs stream version {version}; this stream is version {}",
+                self.version
+            )));
+        }
+        Ok(())
     }
 
     /// Writes the END record (checksum of everything since the header), flushes and returns the

@@ -406,7 +406,18 @@ static DOWNTIME_BREAKDOWN: Object = object(
         Member::req("final-ram-bytes", U64),
         Member::req("device-state-us", U64),
         Member::req("end-flush-us", U64),
+        Member::req("digest-wait-us", U64),
         Member::req("destination-us", U64),
+    ],
+);
+static RAM_DIGEST: Object = object(
+    "x-tern-RamDigest",
+    &[
+        Member::req("chunks", U64),
+        Member::req("chunk-bytes", U64),
+        Member::req("hash-us", U64),
+        Member::req("verify-us", U64),
+        Member::req("verified", Type::Bool),
     ],
 );
 static SWITCHOVER_RULE: Enum = Enum {
@@ -463,6 +474,7 @@ static MIGRATION_INFO: Object = object(
             "x-tern-max-guest-stall-detail",
             Type::Object(&GUEST_STALL_DETAIL),
         ),
+        Member::opt("x-tern-ram-digest", Type::Object(&RAM_DIGEST)),
     ],
 );
 /// `query-migrate`.

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use tern_migration::machine::{
     ComponentState, ComponentVersion, CpuidEntry, DirtyBitmap, MachineDescription, MachineError,
-    MachineState, RamBlockInfo, RamSink, RamSource, VcpuControl,
+    MachineState, RamBlockInfo, RamSink, RamSource, RamView, VcpuControl,
 };
 use tern_statedev::StateDevice;
 use tern_vmm::{RamRegionInfo, Vm, PAGE_SIZE};
@@ -155,6 +155,40 @@ impl RamSource for VmRam {
                 .map_err(|e| failed("finding untouched guest RAM", e))
         })
     }
+
+    fn view(&self) -> Arc<dyn RamView> {
+        // The source reads everything: `mincore` cannot tell a never-touched page from one
+        // swapped out, and the digest must not share the sender's assumptions.
+        Arc::new(VmRamView {
+            vm: self.vm.clone(),
+            regions: self.regions.clone(),
+        })
+    }
+}
+
+/// Guest RAM read in place for the RAM digest (`x-tern-ram-digest`).
+struct VmRamView {
+    vm: Arc<Vm>,
+    regions: Vec<RamRegionInfo>,
+}
+
+impl RamView for VmRamView {
+    fn with_range(
+        &self,
+        block: usize,
+        offset: u64,
+        len: u64,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), MachineError> {
+        let r = self
+            .regions
+            .get(block)
+            .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "no such block"))?;
+        self.vm
+            .ram()
+            .with_host_slice(r.gpa + offset, len, |b| f(b))
+            .map_err(|e| failed("reading guest RAM for the digest", e))
+    }
 }
 
 impl RamSink for VmRam {
@@ -171,6 +205,18 @@ impl RamSink for VmRam {
         if let Some(w) = self.written.as_mut().and_then(|w| w.get_mut(block)) {
             w.set(page);
         }
+        if let Some(&bad) = TEST_ONLY_CORRUPT_RAM.get() {
+            if bad / PAGE_SIZE == gpa / PAGE_SIZE {
+                let mut copy = data.to_vec();
+                if let Some(b) = copy.get_mut((bad % PAGE_SIZE) as usize) {
+                    *b ^= 0x5a;
+                }
+                return self
+                    .vm
+                    .write_page(gpa, &copy)
+                    .map_err(|e| failed("writing guest RAM", e));
+            }
+        }
         self.vm
             .write_page(gpa, data)
             .map_err(|e| failed("writing guest RAM", e))
@@ -186,6 +232,10 @@ impl RamSink for VmRam {
         self.vm
             .zero_page(gpa)
             .map_err(|e| failed("zeroing guest RAM", e))
+    }
+
+    fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        RamSource::read_page(self, block, page, buf)
     }
 }
 
@@ -278,6 +328,15 @@ pub fn set_test_only_cpu_overrides(o: TestOnlyCpuOverrides) {
     if o != TestOnlyCpuOverrides::default() {
         let _ = TEST_ONLY_CPU_OVERRIDES.set(o);
     }
+}
+
+static TEST_ONLY_CORRUPT_RAM: OnceLock<u64> = OnceLock::new();
+
+/// TEST ONLY (`tern run --x-test-only-corrupt-ram GPA`): an incoming migration writes the page
+/// holding `gpa` with that byte flipped, a fault the stream checksum cannot see (the RAM digest
+/// must). Set once, at start; never in normal operation.
+pub fn set_test_only_corrupt_ram(gpa: u64) {
+    let _ = TEST_ONLY_CORRUPT_RAM.set(gpa);
 }
 
 /// The CPU part of CONFIG: the masked CPUID of vCPU 0 and the TSC frequency, with the test-only
