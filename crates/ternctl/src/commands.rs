@@ -201,10 +201,7 @@ pub fn run(uri: &str, cmd: Cmd) -> Result<()> {
                 println!("{}", j.to_virsh_text());
             }
         }
-        Cmd::Domjobabort { domain, postcopy } => {
-            if postcopy {
-                bail!("domjobabort --postcopy: needs post-copy migration (issue 9), which is not available yet");
-            }
+        Cmd::Domjobabort { domain, .. } => {
             expect_unit(call(Call::JobAbort { domain })?)?;
         }
         Cmd::MigrateSetmaxdowntime { domain, downtime } => {
@@ -220,31 +217,18 @@ pub fn run(uri: &str, cmd: Cmd) -> Result<()> {
             println!("{n}\n");
         }
         Cmd::MigrateSetspeed {
-            domain,
-            bandwidth,
-            postcopy,
+            domain, bandwidth, ..
         } => {
-            if postcopy {
-                bail!("migrate-setspeed --postcopy: needs post-copy migration (issue 9), which is not available yet");
-            }
             expect_unit(call(Call::SetMaxSpeed {
                 domain,
                 mib_s: bandwidth,
             })?)?;
         }
-        Cmd::MigrateGetspeed { domain, postcopy } => {
-            if postcopy {
-                bail!("migrate-getspeed --postcopy: needs post-copy migration (issue 9), which is not available yet");
-            }
+        Cmd::MigrateGetspeed { domain, .. } => {
             let Reply::Number(n) = call(Call::GetMaxSpeed { domain })? else {
                 bail!("unexpected reply");
             };
             println!("{n}\n");
-        }
-        Cmd::MigratePostcopy { domain: _ } => {
-            bail!(
-                "migrate-postcopy: needs post-copy migration (issue 9), which is not available yet"
-            );
         }
         Cmd::QemuMonitorCommand { domain, command } => {
             let Reply::Text(t) = call(Call::MonitorCommand { domain, command })? else {
@@ -252,7 +236,9 @@ pub fn run(uri: &str, cmd: Cmd) -> Result<()> {
             };
             println!("{t}");
         }
-        Cmd::Migrate(_) | Cmd::Event { .. } => unreachable!("handled in main"),
+        Cmd::Migrate(_) | Cmd::Event { .. } | Cmd::MigratePostcopy { .. } => {
+            bail!("handled in main")
+        }
     }
     Ok(())
 }

@@ -224,7 +224,6 @@ fn gone(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, saw_shutdown: bool) {
     if transient {
         d.forget(dom);
     }
-    dom.changed.notify_all();
     let detail = match reason {
         "destroyed" => "Destroyed",
         "shutdown" => "Shutdown",
@@ -233,8 +232,10 @@ fn gone(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, saw_shutdown: bool) {
         _ => "Crashed",
     };
     tracing::info!("{}: VMM {} exited ({reason})", dom.name, vmm.pid);
+    // The event is queued before waiters (destroy, shutdown) return.
     d.events
         .lifecycle(&dom.name, LifecycleEvent::Stopped, detail);
+    dom.changed.notify_all();
 }
 
 /// Finds the VMMs of a previous daemon again (status files in the run directory). An

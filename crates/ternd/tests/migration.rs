@@ -1,0 +1,206 @@
+//! End-to-end migration through the management layer: two `ternd` in two network
+//! namespaces (one per "host"), one `ternctl migrate` command, real Tern VMMs, the `pattern`
+//! check on the destination; aborts and faults leave the VM running on exactly one host.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+const MEM: u64 = 128;
+
+/// A non-converging migration: the guest dirties 64 MiB as fast as it can, the link is
+/// capped at 32 MiB/s and the downtime limit is 1 ms.
+fn start_stuck_migration(h: &Hosts, dir: &std::path::Path) -> Bg {
+    let xml = write_xml(dir, "busy", &domain_xml("busy", MEM, "dirty", 64, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "busy"]);
+    wait_workload_running(&h.src, "busy");
+    h.src.ok(&["migrate-setmaxdowntime", "busy", "1"]);
+    h.src.ok(&["migrate-setspeed", "busy", "32"]);
+    assert_eq!(h.src.ok(&["migrate-getspeed", "busy"]).trim(), "32");
+    assert_eq!(h.src.ok(&["migrate-getmaxdowntime", "busy"]).trim(), "1");
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &["migrate", "busy", &h.dst.tcp_uri(), "--live", "--p2p"],
+    );
+    wait_migration_iteration(&h.src, "busy");
+    bg
+}
+
+#[test]
+fn migrate_tern_vm_between_hosts_with_one_command() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "vm1", &domain_xml("vm1", MEM, "pattern", 64, 0));
+    assert!(h.src.ok(&["define", &xml]).contains("Domain 'vm1' defined"));
+    h.src.ok(&["start", "vm1"]);
+    assert_eq!(h.src.state("vm1"), "running (booted)");
+    let info = h.src.ok(&["dominfo", "vm1"]);
+    assert!(info.contains("Driver:         tern"), "{info}");
+    wait_workload_running(&h.src, "vm1");
+
+    let mut events = Bg::spawn(
+        &h.dst.uri(),
+        &["event", "--all", "--loop", "--timeout", "120"],
+    );
+    let (ok, _out, err) = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            "vm1",
+            &h.dst.tcp_uri(),
+            "--live",
+            "--p2p",
+            "--verbose",
+        ],
+    )
+    .wait();
+    assert!(
+        ok,
+        "migrate failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert!(err.contains("Migration: [100 %]"), "{err}");
+
+    // The source keeps the (persistent) definition, shut off; the destination runs it.
+    let list = h.src.ok(&["list", "--all"]);
+    assert!(list.contains("vm1") && list.contains("shut off"), "{list}");
+    assert_eq!(h.src.state("vm1"), "shut off (migrated)");
+    assert_eq!(h.dst.state("vm1"), "running (migrated)");
+    let job = h.src.ok(&["domjobinfo", "vm1", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(
+        job.contains("Operation:        Outgoing migration"),
+        "{job}"
+    );
+    assert!(job.contains("return-path: on"), "{job}");
+    assert!(job.contains("switchover-ack: on"), "{job}");
+    assert!(job.contains("Total downtime:"), "{job}");
+    let raw = h
+        .src
+        .ok(&["domjobinfo", "vm1", "--completed", "--rawstats"]);
+    assert!(raw.contains("success: true"), "{raw}");
+    assert!(raw.contains("memory_iteration: "), "{raw}");
+
+    assert_guest_runs(&h.dst, "vm1");
+    assert_pattern_ok(&h.dst, "vm1", MEM, dir.path());
+
+    h.dst.ok(&["destroy", "vm1"]);
+    let out = events.wait_for_line("Stopped Destroyed");
+    assert!(
+        out.contains("event 'lifecycle' for domain 'vm1': Resumed Migrated"),
+        "{out}"
+    );
+    assert!(
+        out.contains("event 'lifecycle' for domain 'vm1': Stopped Destroyed"),
+        "{out}"
+    );
+}
+
+#[test]
+fn domjobabort_in_perform_keeps_the_vm_on_the_source_only() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let bg = start_stuck_migration(&h, dir.path());
+    let job = h.src.ok(&["domjobinfo", "busy"]);
+    assert!(job.contains("Job type:         Unbounded"), "{job}");
+    assert!(job.contains("Phase:            perform"), "{job}");
+    h.src.ok(&["domjobabort", "busy"]);
+    let (ok, _, err) = bg.wait();
+    assert!(!ok, "the aborted migration succeeded");
+    assert!(err.contains("operation aborted"), "{err}");
+    // Cancelled before the switchover: the guest never stopped.
+    assert!(h.src.state("busy").starts_with("running"));
+    assert_guest_runs(&h.src, "busy");
+    let job = h.src.ok(&["domjobinfo", "busy", "--completed"]);
+    assert!(job.contains("Job type:         Cancelled"), "{job}");
+    // Nothing is left on the destination.
+    let list = h.dst.ok(&["list", "--all"]);
+    assert!(!list.contains("busy"), "{list}");
+    assert!(h.dst.vmm_pids().iter().all(|p| !pid_alive(*p)));
+}
+
+#[test]
+fn destination_daemon_killed_in_perform_leaves_the_vm_on_the_source_only() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let bg = start_stuck_migration(&h, dir.path());
+    let dst_vmms = h.dst.vmm_pids();
+    assert_eq!(dst_vmms.len(), 1, "one incoming VMM on the destination");
+    h.dst.kill();
+    let (ok, _, err) = bg.wait();
+    assert!(
+        !ok,
+        "the migration succeeded without its destination daemon"
+    );
+    assert!(err.contains("migration"), "{err}");
+    assert!(h.src.state("busy").starts_with("running"));
+    assert_guest_runs(&h.src, "busy");
+    let job = h.src.ok(&["domjobinfo", "busy", "--completed"]);
+    assert!(
+        job.contains("destination daemon stopped answering"),
+        "{job}"
+    );
+    // The destination daemon, restarted, does not keep the unfinished incoming VMM.
+    h.dst.restart();
+    let list = h.dst.ok(&["list", "--all"]);
+    assert!(!list.contains("busy"), "{list}");
+    for p in dst_vmms {
+        // The VMM was killed by the restarted daemon (or had exited when the source went);
+        // it is not ours to reap, so wait for init to do it.
+        let deadline = std::time::Instant::now() + T;
+        while pid_alive(p) {
+            assert!(std::time::Instant::now() < deadline, "VMM {p} still alive");
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[test]
+fn unreachable_destination_and_refused_options_leave_the_vm_running() {
+    let dir = tmpdir();
+    let src = Daemon::start(dir.path(), "solo", None, None);
+    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "idle", 0, 0));
+    src.ok(&["define", &xml]);
+    src.ok(&["start", "vm"]);
+    let err = src.fails(&[
+        "migrate",
+        "vm",
+        "tern+tcp://127.0.0.1:1/system",
+        "--live",
+        "--p2p",
+    ]);
+    assert!(err.contains("cannot reach the destination daemon"), "{err}");
+    assert_eq!(src.state("vm"), "running (booted)");
+    let job = src.ok(&["domjobinfo", "vm", "--completed"]);
+    assert!(job.contains("Job type:         Failed"), "{job}");
+    for (opt, needle) in [
+        ("--postcopy", "post-copy"),
+        ("--tls", "TLS"),
+        ("--parallel", "multifd"),
+        ("--compressed", "compression"),
+        ("--auto-converge", "auto-converge"),
+        ("--tunnelled", "tunnelled"),
+    ] {
+        let err = src.fails(&[
+            "migrate",
+            "vm",
+            "tern+tcp://127.0.0.1:1/system",
+            "--live",
+            opt,
+        ]);
+        assert!(err.contains(needle), "{opt}: {err}");
+    }
+    let err = src.fails(&["migrate", "vm", "tern+tls://h/system", "--live"]);
+    assert!(err.contains("TLS"), "{err}");
+    assert_eq!(src.state("vm"), "running (booted)");
+    let _ = json!({});
+}
