@@ -4,6 +4,7 @@ mod daemon;
 mod dispatch;
 mod domain;
 mod events;
+mod fault;
 mod migration;
 mod runtime;
 mod server;

@@ -86,6 +86,7 @@ fn prepare_vmm(
     local_ip: Option<IpAddr>,
 ) -> Result<MigrationCookie> {
     let vmm = vmm::launch(d, dom, LaunchMode::Incoming)?;
+    crate::fault::point("prepare");
     dom.set_state(DomainState::Paused, "incoming migration");
     let caps = vmm
         .monitor
@@ -224,6 +225,7 @@ fn finish_vmm(
         )));
     }
     // From here a restarted daemon keeps the VMM (it is about to run).
+    crate::fault::point("finish-before-cont");
     vmm::mark(d, dom, false, false);
     if !suspend {
         vmm.qmp("cont", json!({}))?;

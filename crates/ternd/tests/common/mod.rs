@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -45,7 +46,10 @@ pub struct Daemon {
     pub run_dir: PathBuf,
     pub netns: Option<String>,
     pub tcp: Option<String>,
+    /// Extra environment (fault injection: `TERND_X_TEST_STALL`).
+    pub env: Vec<(String, String)>,
     log: PathBuf,
+    lines: Arc<(Mutex<Vec<String>>, Condvar)>,
 }
 
 impl Daemon {
@@ -58,10 +62,32 @@ impl Daemon {
             run_dir: dir.join(name).join("run"),
             netns: netns.map(str::to_string),
             tcp: tcp.map(str::to_string),
+            env: Vec::new(),
             log: dir.join(format!("{name}.log")),
+            lines: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
         };
         d.restart();
         d
+    }
+
+    /// Waits (at most [`T`]) until the daemon printed a line containing `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + T;
+        let (lock, cv) = &*self.lines;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !g.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{}: no log line '{needle}':\n{}",
+                self.name,
+                g.join("\n")
+            );
+            g = cv
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     /// Starts (again) on the same directories.
@@ -84,6 +110,7 @@ impl Daemon {
         if let Some(t) = &self.tcp {
             cmd.args(["--listen-tcp", t]);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.env("RUST_LOG", "info,ternd=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -92,6 +119,7 @@ impl Daemon {
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
         let log = self.log.clone();
+        let lines = self.lines.clone();
         std::thread::Builder::new()
             .name(format!("log-{}", self.name))
             .spawn(move || {
@@ -106,6 +134,9 @@ impl Daemon {
                         let _ = tx.send(());
                     }
                     let _ = writeln!(f, "{line}");
+                    let (lock, cv) = &*lines;
+                    lock.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    cv.notify_all();
                 }
             })
             .expect("log thread");
@@ -226,6 +257,27 @@ pub fn pid_alive(pid: u32) -> bool {
         ),
         Err(_) => false,
     }
+}
+
+/// Waits (at most [`T`]) until `pid` has exited, on a pidfd (works for processes that are not
+/// our children; no polling).
+pub fn wait_pid_exit(pid: u32) {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return; // already gone
+    }
+    let fd = fd as libc::c_int;
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, T.as_millis() as libc::c_int) };
+    // SAFETY: closing the fd this function opened.
+    unsafe { libc::close(fd) };
+    assert!(r == 1, "process {pid} did not exit within {T:?}");
 }
 
 pub fn ctl(uri: &str, args: &[&str]) -> Output {
@@ -412,11 +464,24 @@ pub struct Hosts {
 
 impl Hosts {
     pub fn up(dir: &Path) -> Option<Hosts> {
+        Self::up_with(dir, &[])
+    }
+
+    /// With extra environment for the destination daemon (fault injection).
+    pub fn up_with(dir: &Path, dst_env: &[(&str, &str)]) -> Option<Hosts> {
         let net = Netns::up()?;
         let src_tcp = format!("{}:16509", net.src_addr);
         let dst_tcp = format!("{}:16509", net.dst_addr);
         let src = Daemon::start(dir, "src", Some(&net.src), Some(&src_tcp));
-        let dst = Daemon::start(dir, "dst", Some(&net.dst), Some(&dst_tcp));
+        let mut dst = Daemon::start(dir, "dst", Some(&net.dst), Some(&dst_tcp));
+        if !dst_env.is_empty() {
+            dst.env = dst_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            dst.kill();
+            dst.restart();
+        }
         Some(Hosts { src, dst, net })
     }
 }
