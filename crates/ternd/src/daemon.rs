@@ -24,6 +24,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Sockets, pid files, status files, VMM logs.
     pub run_dir: PathBuf,
+    /// Capabilities this daemon's cookies never offer (`--x-hide-capability`: testing the
+    /// negotiation against a VMM without them).
+    pub hide_capabilities: Vec<String>,
 }
 
 pub struct Daemon {

@@ -45,6 +45,9 @@ struct Args {
     /// the run directory at startup)
     #[arg(long)]
     qemu_guest_image: Option<PathBuf>,
+    /// Testing: never offer this migration capability in cookies, as if the VMMs lacked it
+    #[arg(long = "x-hide-capability", value_name = "CAP", hide = true)]
+    hide_capabilities: Vec<String>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -105,6 +108,7 @@ fn main() -> Result<()> {
         Config {
             state_dir: args.state_dir.clone(),
             run_dir: args.run_dir.clone(),
+            hide_capabilities: args.hide_capabilities.clone(),
         },
         drivers,
     );

@@ -273,3 +273,27 @@ fn unreachable_destination_and_refused_options_leave_the_vm_running() {
     assert_eq!(src.state("vm"), "running (booted)");
     let _ = json!({});
 }
+
+#[test]
+fn switchover_ack_off_with_the_reason_when_the_destination_does_not_offer_it() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up_full(dir.path(), &[], &["--x-hide-capability", "switchover-ack"])
+    else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "vm"]);
+    wait_workload_running(&h.src, "vm");
+    h.src
+        .ok(&["migrate", "vm", &h.dst.tcp_uri(), "--live", "--p2p"]);
+    let job = h.src.ok(&["domjobinfo", "vm", "--completed"]);
+    assert!(job.contains("return-path: on"), "{job}");
+    assert!(
+        job.contains("switchover-ack: off (the destination's VMM")
+            && job.contains("does not support it)"),
+        "{job}"
+    );
+    assert_eq!(h.dst.state("vm"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "vm", MEM, dir.path());
+}

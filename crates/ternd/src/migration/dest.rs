@@ -93,7 +93,10 @@ fn prepare_vmm(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .supported_capabilities(COOKIE_CAPABILITIES)
-        .map_err(|e| Error::Monitor(e.to_string()))?;
+        .map_err(|e| Error::Monitor(e.to_string()))?
+        .into_iter()
+        .filter(|c| !d.cfg.hide_capabilities.contains(c))
+        .collect::<Vec<_>>();
     let both = |c: &str| cookie.supports(c) && caps.iter().any(|x| x == c);
     let rp = both("return-path");
     let sack = rp && both("switchover-ack");

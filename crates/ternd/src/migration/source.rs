@@ -108,7 +108,10 @@ fn run(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .supported_capabilities(COOKIE_CAPABILITIES)
-        .map_err(|e| Error::Monitor(e.to_string()))?;
+        .map_err(|e| Error::Monitor(e.to_string()))?
+        .into_iter()
+        .filter(|c| !d.cfg.hide_capabilities.contains(c))
+        .collect::<Vec<_>>();
     let (xml, driver) = {
         let g = dom.lock();
         (virt::conf::format_domain(&g.def, None), g.def.driver())

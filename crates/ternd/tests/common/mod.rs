@@ -48,6 +48,8 @@ pub struct Daemon {
     pub tcp: Option<String>,
     /// Extra environment (fault injection: `TERND_X_TEST_STALL`).
     pub env: Vec<(String, String)>,
+    /// Extra daemon arguments.
+    pub args: Vec<String>,
     log: PathBuf,
     lines: Arc<(Mutex<Vec<String>>, Condvar)>,
 }
@@ -63,6 +65,7 @@ impl Daemon {
             netns: netns.map(str::to_string),
             tcp: tcp.map(str::to_string),
             env: Vec::new(),
+            args: Vec::new(),
             log: dir.join(format!("{name}.log")),
             lines: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
         };
@@ -110,6 +113,7 @@ impl Daemon {
         if let Some(t) = &self.tcp {
             cmd.args(["--listen-tcp", t]);
         }
+        cmd.args(&self.args);
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.env("RUST_LOG", "info,ternd=debug")
             .stdin(Stdio::null())
@@ -469,12 +473,18 @@ impl Hosts {
 
     /// With extra environment for the destination daemon (fault injection).
     pub fn up_with(dir: &Path, dst_env: &[(&str, &str)]) -> Option<Hosts> {
+        Self::up_full(dir, dst_env, &[])
+    }
+
+    /// With extra environment and arguments for the destination daemon.
+    pub fn up_full(dir: &Path, dst_env: &[(&str, &str)], dst_args: &[&str]) -> Option<Hosts> {
         let net = Netns::up()?;
         let src_tcp = format!("{}:16509", net.src_addr);
         let dst_tcp = format!("{}:16509", net.dst_addr);
         let src = Daemon::start(dir, "src", Some(&net.src), Some(&src_tcp));
         let mut dst = Daemon::start(dir, "dst", Some(&net.dst), Some(&dst_tcp));
-        if !dst_env.is_empty() {
+        if !dst_env.is_empty() || !dst_args.is_empty() {
+            dst.args = dst_args.iter().map(|a| a.to_string()).collect();
             dst.env = dst_env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
