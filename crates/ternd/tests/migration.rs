@@ -297,3 +297,34 @@ fn switchover_ack_off_with_the_reason_when_the_destination_does_not_offer_it() {
     assert_eq!(h.dst.state("vm"), "running (migrated)");
     assert_pattern_ok(&h.dst, "vm", MEM, dir.path());
 }
+
+#[test]
+fn source_daemon_restarted_in_perform_cancels_and_the_vm_runs_on_the_source() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let bg = start_stuck_migration(&h, dir.path());
+    let dst_vmms = h.dst.vmm_pids();
+    assert_eq!(dst_vmms.len(), 1);
+    h.src.kill();
+    let (ok, _, err) = bg.wait();
+    assert!(!ok && err.contains("RPC failure"), "{err}");
+    // The VMMs went on migrating without the daemon; the restarted daemon finds the source
+    // VMM with an outgoing migration in flight and cancels it: it resumes by itself.
+    h.src.restart();
+    h.src
+        .wait_log("cancelling the outgoing migration left by the previous daemon");
+    assert!(h.src.state("busy").starts_with("running"));
+    assert_guest_runs(&h.src, "busy");
+    assert!(h
+        .src
+        .ok(&["domjobinfo", "busy"])
+        .contains("Job type:         None"));
+    // The destination VMM's stream was cut: it fails and exits, and its daemon forgets it
+    // (the log line follows the forgetting).
+    for p in dst_vmms {
+        h.dst.wait_log(&format!("busy: VMM {p} exited"));
+    }
+    assert!(!h.dst.ok(&["list", "--all"]).contains("busy"));
+}
