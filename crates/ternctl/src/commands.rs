@@ -191,10 +191,18 @@ pub fn run(uri: &str, cmd: Cmd) -> Result<()> {
             completed,
             rawstats,
             keep_completed: _,
+            report,
         } => {
-            let Reply::Job(j) = call(Call::JobInfo { domain, completed })? else {
+            let Reply::Job(j) = call(Call::JobInfo {
+                domain: domain.clone(),
+                completed,
+            })?
+            else {
                 bail!("unexpected reply");
             };
+            if let Some(path) = report {
+                crate::report::write_svg(&domain, &j, &path)?;
+            }
             if rawstats {
                 println!("{}", j.to_raw_text());
             } else {

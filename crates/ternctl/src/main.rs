@@ -2,6 +2,7 @@
 
 mod commands;
 mod migrate;
+mod report;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -87,6 +88,10 @@ pub enum Cmd {
         /// Accepted for virsh compatibility: keep the completed job's statistics
         #[arg(long)]
         keep_completed: bool,
+        /// With --completed: draw the migration (remaining data, bandwidth, dirty rate, passes,
+        /// switchover, downtime) into FILE.svg
+        #[arg(long, value_name = "FILE.svg", requires = "completed")]
+        report: Option<std::path::PathBuf>,
     },
     /// Abort the running job
     Domjobabort {

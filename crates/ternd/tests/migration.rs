@@ -85,6 +85,20 @@ fn migrate_tern_vm_between_hosts_with_one_command() {
         .ok(&["domjobinfo", "vm1", "--completed", "--rawstats"]);
     assert!(raw.contains("success: true"), "{raw}");
     assert!(raw.contains("memory_iteration: "), "{raw}");
+    let svg = dir.path().join("report.svg");
+    h.src.ok(&[
+        "domjobinfo",
+        "vm1",
+        "--completed",
+        "--report",
+        &svg.display().to_string(),
+    ]);
+    let text = std::fs::read_to_string(&svg).expect("the report");
+    assert!(
+        text.starts_with("<svg") && text.contains("<polyline"),
+        "{text}"
+    );
+    assert!(text.contains("ms downtime"), "the title names the downtime");
 
     assert_guest_runs(&h.dst, "vm1");
     assert_pattern_ok(&h.dst, "vm1", MEM, dir.path());

@@ -59,6 +59,26 @@ pub struct JobInfo {
     /// Capability negotiation, one line each, e.g. `switchover-ack: off (the destination's
     /// VMM does not support it)`: Tern's addition, printed after the statistics.
     pub notes: Vec<String>,
+    /// The source's samples over the job (completed jobs only; for `--report`).
+    #[serde(default)]
+    pub samples: Vec<JobSample>,
+}
+
+/// One sample of a running migration (the source's `query-migrate`), for the report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobSample {
+    /// Milliseconds since the job started.
+    pub t_ms: u64,
+    /// RAM bytes sent so far.
+    pub transferred: u64,
+    /// RAM bytes still to send.
+    pub remaining: u64,
+    /// bytes/s
+    pub bandwidth: u64,
+    /// pages/s
+    pub dirty_rate: u64,
+    /// The dirty pass (`dirty-sync-count`).
+    pub pass: u64,
 }
 
 /// Bytes in virsh's `vshPrettyCapacity` style: `1.234 GiB`.

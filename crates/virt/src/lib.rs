@@ -14,7 +14,7 @@ pub mod uri;
 
 pub use driver::{HypervisorDriver, LaunchCommand, LaunchMode, VmmPaths};
 pub use error::{Error, Result};
-pub use job::{JobInfo, JobType};
+pub use job::{pretty_bytes, JobInfo, JobSample, JobType};
 pub use migrate::{MigrateOptions, MigrationCookie};
 pub use remote::{Connection, EventStream};
 pub use types::{DomainEvent, DomainInfo, DomainState, DomainSummary, LifecycleEvent};

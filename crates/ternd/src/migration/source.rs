@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use virt::protocol::{Call, Reply};
 use virt::{
-    Connection, DomainEvent, DomainState, Error, JobInfo, JobType, MigrateOptions, MigrationCookie,
-    Result,
+    Connection, DomainEvent, DomainState, Error, JobInfo, JobSample, JobType, MigrateOptions,
+    MigrationCookie, Result,
 };
 
 use super::stats::from_query_migrate;
@@ -25,10 +25,15 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 const OP: &str = "Outgoing migration";
 
+/// How often Perform samples `query-migrate` for the report.
+const SAMPLE_PERIOD: Duration = Duration::from_millis(200);
+
 /// What the job ends with.
 struct Ctx {
     last: Option<Value>,
     notes: Vec<String>,
+    samples: Vec<JobSample>,
+    started: Instant,
 }
 
 /// `ternctl migrate`: the whole migration, driven by this (the source) daemon.
@@ -48,6 +53,8 @@ pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions
     let mut ctx = Ctx {
         last: None,
         notes: Vec::new(),
+        samples: Vec::new(),
+        started: Instant::now(),
     };
     let r = run(d, &dom, &vmm, dest_uri, opts, &mut ctx);
     if dom.lock().vmm.is_some() {
@@ -70,6 +77,7 @@ pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions
         info.errmsg = Some(e.to_string());
     }
     info.notes = ctx.notes;
+    info.samples = ctx.samples;
     dom.end_job(info.clone());
     d.events.emit(DomainEvent::JobCompleted {
         domain: dom.name.clone(),
@@ -281,8 +289,9 @@ fn wait_perform(
     ctx: &mut Ctx,
 ) -> Result<String> {
     let mut cancelled = false;
+    let mut last_ping = Instant::now();
     loop {
-        dom.wait_until(KEEPALIVE, |g| {
+        dom.wait_until(SAMPLE_PERIOD, |g| {
             g.vmm.is_none() || g.mig_status.as_deref().is_some_and(is_terminal)
         });
         if dom.lock().vmm.is_none() {
@@ -296,13 +305,15 @@ fn wait_perform(
             .and_then(Value::as_str)
             .unwrap_or("none")
             .to_string();
+        ctx.samples.push(sample(&q, ctx.started));
         ctx.last = Some(q);
         if is_terminal(&status) {
             return Ok(status);
         }
-        if cancelled {
+        if cancelled || last_ping.elapsed() < KEEPALIVE {
             continue;
         }
+        last_ping = Instant::now();
         let t0 = Instant::now();
         let alive = peer
             .set_timeout(Some(PING_TIMEOUT))
@@ -320,6 +331,21 @@ fn wait_perform(
             vmm.qmp("migrate_cancel", json!({}))?;
             cancelled = true;
         }
+    }
+}
+
+fn sample(q: &Value, started: Instant) -> JobSample {
+    let ram = &q["ram"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    JobSample {
+        t_ms: started.elapsed().as_millis() as u64,
+        transferred: n(&ram["transferred"]),
+        remaining: n(&ram["remaining"]),
+        bandwidth: ram["mbps"]
+            .as_f64()
+            .map_or(0, |m| (m * 1_000_000.0 / 8.0) as u64),
+        dirty_rate: n(&ram["dirty-pages-rate"]),
+        pass: n(&ram["dirty-sync-count"]),
     }
 }
 

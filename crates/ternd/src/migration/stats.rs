@@ -48,6 +48,7 @@ pub fn from_query_migrate(q: &Value, job_type: JobType, operation: &str) -> JobI
             .and_then(Value::as_str)
             .map(str::to_string),
         notes: Vec::new(),
+        samples: Vec::new(),
     }
 }
 
