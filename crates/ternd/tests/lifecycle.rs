@@ -151,3 +151,39 @@ fn daemon_restart_finds_running_vms_again() {
     d.ok(&["destroy", "p"]);
     assert_eq!(d.state("p"), "shut off (destroyed)");
 }
+
+/// `ctl` as another user (uid/gid 65534).
+fn ctl_as_nobody(uri: &str, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(sibling("ternctl"))
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("running ternctl as nobody")
+}
+
+#[test]
+fn the_socket_mode_decides_who_may_manage_vms() {
+    // SAFETY: getuid(2) has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipping: needs root to run a client as another user");
+        return;
+    }
+    let dir = tmpdir();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut d = Daemon::start(dir.path(), "host", None, None);
+    let o = ctl_as_nobody(&d.uri(), &["list"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "an unprivileged client got in");
+    assert!(err.contains("permission denied"), "{err}");
+    // 0666: anyone may.
+    d.kill();
+    d.args = vec!["--socket-mode".into(), "666".into()];
+    d.restart();
+    let o = ctl_as_nobody(&d.uri(), &["list", "--all"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

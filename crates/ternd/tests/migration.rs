@@ -342,3 +342,39 @@ fn source_daemon_restarted_in_perform_cancels_and_the_vm_runs_on_the_source() {
     }
     assert!(!h.dst.ok(&["list", "--all"]).contains("busy"));
 }
+
+#[test]
+fn timeout_suspend_lets_a_stuck_migration_finish() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "busy", &domain_xml("busy", MEM, "dirty", 64, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "busy"]);
+    wait_workload_running(&h.src, "busy");
+    h.src.ok(&["migrate-setmaxdowntime", "busy", "1"]);
+    h.src.ok(&["migrate-setspeed", "busy", "32"]);
+    let (ok, _, err) = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            "busy",
+            &h.dst.tcp_uri(),
+            "--live",
+            "--p2p",
+            "--timeout",
+            "2",
+            "--timeout-suspend",
+        ],
+    )
+    .wait();
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("suspended to let the migration finish"),
+        "{err}"
+    );
+    assert_eq!(h.src.state("busy"), "shut off (migrated)");
+    assert!(h.dst.state("busy").starts_with("running"));
+    assert_guest_runs(&h.dst, "busy");
+}
