@@ -5,6 +5,7 @@ mod facts;
 mod guest_stall;
 mod link;
 mod machine;
+mod mgmt;
 mod migrate;
 mod precopy;
 mod report;
@@ -31,6 +32,8 @@ enum Suite {
     GuestStall,
     Machine,
     Snapshot,
+    /// The management layer's orchestration overhead (ternctl migrate vs raw QMP)
+    Mgmt,
     All,
 }
 
@@ -240,6 +243,7 @@ fn main() -> anyhow::Result<()> {
             Suite::GuestStall => guest_stall::run(&ctx),
             Suite::Machine => machine::run(&ctx),
             Suite::Snapshot => snapshot::run(&ctx),
+            Suite::Mgmt => mgmt::run(&ctx),
             Suite::All => Ok(()),
         };
         if let Err(e) = r {

@@ -10,7 +10,7 @@ use tern_qmp::{ClientError, QmpClient};
 use crate::UtilError;
 
 /// Pause between connection attempts while a just-started VMM creates its socket.
-const CONNECT_RETRY: Duration = Duration::from_millis(10);
+const CONNECT_RETRY: Duration = Duration::from_millis(2);
 
 fn connect_retry(
     path: &Path,

@@ -7,16 +7,10 @@ pub mod jobs;
 pub mod source;
 mod stats;
 
-/// Capabilities the cookies report (those the orchestration uses or refuses by name).
-pub const COOKIE_CAPABILITIES: &[&str] = &[
-    "events",
-    "return-path",
-    "switchover-ack",
-    "pause-before-switchover",
-    "postcopy-ram",
-    "auto-converge",
-    "multifd",
-];
+/// Capabilities the cookies report: those the orchestration negotiates. (Each one found off
+/// costs two QMP round trips to probe, in Begin and in Prepare: options needing others, e.g.
+/// post-copy or multifd, are refused before Begin.)
+pub const COOKIE_CAPABILITIES: &[&str] = &["events", "return-path", "switchover-ack"];
 
 /// Terminal `query-migrate` statuses (Tern's `x-tern-unconfirmed` included).
 pub fn is_terminal(status: &str) -> bool {
