@@ -135,3 +135,45 @@ impl HypervisorDriver for QemuDriver {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines() {
+        let def = virt::conf::parse_domain(
+            "<domain type='kvm' xmlns:tern='http://tern.dev/schemas/domain/1.0'><name>q</name>\
+             <memory unit='MiB'>256</memory><os><type>hvm</type></os>\
+             <devices><emulator>/bin/sh</emulator></devices>\
+             <tern:workload type='pattern' mem='32'/></domain>",
+        )
+        .expect("xml");
+        let p = VmmPaths {
+            dir: "/r".into(),
+            qmp: "/r/qmp.sock".into(),
+            qmp_events: "/r/qmp-events.sock".into(),
+            log: "/r/vmm.log".into(),
+        };
+        let d = QemuDriver::new(Some("/r/guest.elf".into()));
+        let inc = d.launch(&def, &p, LaunchMode::Incoming).expect("incoming");
+        let a = inc.args.join(" ");
+        assert!(a.contains("-accel kvm -cpu host"), "{a}");
+        assert!(
+            a.contains("-kernel /r/guest.elf -append workload=pattern mem=32 rate=0 order=seq"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-qmp unix:/r/qmp.sock,server=on,wait=off -qmp unix:/r/qmp-events.sock"),
+            "{a}"
+        );
+        assert!(a.ends_with("-S -incoming defer"), "{a}");
+        let two = virt::conf::parse_domain(
+            "<domain type='kvm'><name>q</name><memory unit='MiB'>256</memory><vcpu>2</vcpu>\
+             <os><type>hvm</type></os><devices><emulator>/bin/sh</emulator></devices></domain>",
+        )
+        .expect("xml");
+        let e = d.check(&two).expect_err("2 vCPUs");
+        assert!(e.to_string().contains("one vCPU"), "{e}");
+    }
+}

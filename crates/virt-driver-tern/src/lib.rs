@@ -97,3 +97,61 @@ impl HypervisorDriver for TernDriver {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> VmmPaths {
+        VmmPaths {
+            dir: "/run/tern/domains/vm".into(),
+            qmp: "/run/tern/domains/vm/qmp.sock".into(),
+            qmp_events: "/run/tern/domains/vm/qmp.sock".into(),
+            log: "/run/tern/domains/vm/vmm.log".into(),
+        }
+    }
+
+    #[test]
+    fn command_lines() {
+        let def = virt::conf::parse_domain(
+            "<domain type='kvm' xmlns:tern='http://tern.dev/schemas/domain/1.0'><name>vm</name>\
+             <memory unit='GiB'>1</memory><vcpu>2</vcpu><os><type>hvm</type>\
+             <kernel>/k</kernel><cmdline>a=b</cmdline></os>\
+             <devices><emulator>/bin/sh</emulator></devices>\
+             <tern:workload type='dirty' mem='64' rate='50'/></domain>",
+        )
+        .expect("xml");
+        let d = TernDriver::new("/nonexistent/tern".into());
+        let run = d.launch(&def, &paths(), LaunchMode::Run).expect("run");
+        let a = run.args.join(" ");
+        assert_eq!(run.program, std::path::PathBuf::from("/bin/sh"));
+        assert!(
+            a.starts_with("run --qmp /run/tern/domains/vm/qmp.sock --memory 1024M --vcpus 2"),
+            "{a}"
+        );
+        assert!(
+            a.contains("--workload dirty --work-mem 64 --rate 50 --order seq"),
+            "{a}"
+        );
+        assert!(
+            a.contains("--kernel /k") && a.contains("--append a=b"),
+            "{a}"
+        );
+        assert!(!a.contains("-S"), "{a}");
+        let inc = d
+            .launch(&def, &paths(), LaunchMode::Incoming)
+            .expect("incoming");
+        assert!(inc.args.join(" ").ends_with("-S --incoming defer"));
+        let e = TernDriver::new("/nonexistent/tern".into())
+            .launch(
+                &virt::conf::parse_domain(
+                    "<domain type='kvm'><name>x</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>",
+                )
+                .expect("xml"),
+                &paths(),
+                LaunchMode::Run,
+            )
+            .expect_err("no tern binary");
+        assert!(e.to_string().contains("/nonexistent/tern"), "{e}");
+    }
+}
