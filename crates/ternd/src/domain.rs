@@ -53,6 +53,8 @@ pub struct ActiveJob {
     /// persistent (`--persistent`).
     pub suspend: bool,
     pub persistent: bool,
+    /// Source: closes the connection to the destination daemon (an abort in Prepare).
+    pub peer: Option<virt::ShutdownHandle>,
 }
 
 /// Mutable state of a domain.
@@ -163,6 +165,7 @@ impl Domain {
             notes: Vec::new(),
             suspend: false,
             persistent: false,
+            peer: None,
         });
         g.mig_status = None;
         Ok(())

@@ -378,3 +378,39 @@ fn timeout_suspend_lets_a_stuck_migration_finish() {
     assert!(h.dst.state("busy").starts_with("running"));
     assert_guest_runs(&h.dst, "busy");
 }
+
+#[test]
+fn domjobabort_in_prepare_ends_the_job_and_leaves_nothing_on_the_destination() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up_with(dir.path(), &[("TERND_X_TEST_STALL", "prepare")]) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "idle", 0, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "vm"]);
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &["migrate", "vm", &h.dst.tcp_uri(), "--live", "--p2p"],
+    );
+    // The destination hangs in Prepare with its VMM started.
+    h.dst.wait_log("x-test: stalling at prepare");
+    let dst_vmms = h.dst.vmm_pids();
+    assert_eq!(dst_vmms.len(), 1);
+    let job = h.src.ok(&["domjobinfo", "vm"]);
+    assert!(job.contains("Phase:            prepare"), "{job}");
+    h.src.ok(&["domjobabort", "vm"]);
+    let (ok, _, err) = bg.wait();
+    assert!(!ok);
+    assert!(err.contains("operation aborted"), "{err}");
+    assert_eq!(h.src.state("vm"), "running (booted)");
+    assert_guest_runs(&h.src, "vm");
+    assert!(h
+        .src
+        .ok(&["domjobinfo", "vm", "--completed"])
+        .contains("Cancelled"));
+    // Finish(cancelled) reached the destination on a new connection: its VMM is gone.
+    assert!(!h.dst.ok(&["list", "--all"]).contains("vm"));
+    for p in dst_vmms {
+        wait_pid_exit(p);
+    }
+}

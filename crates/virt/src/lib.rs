@@ -16,6 +16,6 @@ pub use driver::{HypervisorDriver, LaunchCommand, LaunchMode, VmmPaths};
 pub use error::{Error, Result};
 pub use job::{pretty_bytes, JobInfo, JobSample, JobType};
 pub use migrate::{MigrateOptions, MigrationCookie};
-pub use remote::{Connection, EventStream};
+pub use remote::{Connection, EventStream, ShutdownHandle};
 pub use types::{DomainEvent, DomainInfo, DomainState, DomainSummary, LifecycleEvent};
 pub use virt_conf as conf;

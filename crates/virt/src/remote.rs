@@ -16,6 +16,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 trait Transport: Read + Write + Send {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
     fn shutdown(&self);
+    fn handle(&self) -> std::io::Result<Box<dyn Transport>>;
 }
 
 impl Transport for UnixStream {
@@ -25,6 +26,9 @@ impl Transport for UnixStream {
     fn shutdown(&self) {
         let _ = UnixStream::shutdown(self, std::net::Shutdown::Both);
     }
+    fn handle(&self) -> std::io::Result<Box<dyn Transport>> {
+        Ok(Box::new(self.try_clone()?))
+    }
 }
 
 impl Transport for TcpStream {
@@ -33,6 +37,9 @@ impl Transport for TcpStream {
     }
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+    fn handle(&self) -> std::io::Result<Box<dyn Transport>> {
+        Ok(Box::new(self.try_clone()?))
     }
 }
 
@@ -138,6 +145,26 @@ impl Connection {
     /// Closes the connection now (a blocked call elsewhere returns).
     pub fn shutdown(&self) {
         self.stream.shutdown();
+    }
+
+    /// A handle that closes this connection from another thread (aborting a blocked call).
+    pub fn shutdown_handle(&self) -> Result<ShutdownHandle> {
+        let t = self.stream.handle().map_err(|e| Error::Rpc {
+            message: format!("{}: {e}", self.uri),
+            sent: false,
+        })?;
+        Ok(ShutdownHandle { t })
+    }
+}
+
+/// Closes a [`Connection`] from another thread.
+pub struct ShutdownHandle {
+    t: Box<dyn Transport>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.t.shutdown();
     }
 }
 

@@ -59,6 +59,12 @@ pub fn abort(d: &Daemon, key: &str) -> Result<()> {
         }
         j.abort_requested = true;
         let phase = j.phase;
+        if phase == "prepare" {
+            // The call to the destination may hang: close it.
+            if let Some(p) = &j.peer {
+                p.shutdown();
+            }
+        }
         let vmm = g.vmm.clone();
         drop(g);
         dom.changed.notify_all();

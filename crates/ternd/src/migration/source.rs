@@ -139,6 +139,12 @@ fn run(
     let mut peer = Connection::open(dest_uri)
         .map_err(|e| Error::OperationFailed(format!("cannot reach the destination daemon: {e}")))?;
     peer.set_timeout(Some(PEER_CALL_TIMEOUT))?;
+    if let Some(j) = dom.lock().job.as_mut() {
+        j.peer = peer.shutdown_handle().ok();
+    }
+    if dom.abort_requested() {
+        return Err(aborted());
+    }
     let dc = match peer.call(Call::MigratePrepare {
         xml,
         cookie: cookie.clone(),
@@ -146,6 +152,11 @@ fn run(
     }) {
         Ok(Reply::Cookie(c)) => c,
         Ok(other) => return Err(Error::Internal(format!("Prepare answered {other:?}"))),
+        Err(_) if dom.abort_requested() => {
+            // domjobabort closed the connection: the destination may have started its VMM.
+            finish_cancelled(dest_uri, &dom.name);
+            return Err(aborted());
+        }
         Err(e) => {
             return Err(match e {
                 Error::Rpc { message, .. } => Error::OperationFailed(format!(
@@ -160,7 +171,7 @@ fn run(
         .clone()
         .ok_or_else(|| Error::Internal("the destination's cookie has no URI".into()))?;
     if dom.abort_requested() {
-        finish_cancelled(dest_uri, &mut peer, &dom.name);
+        finish_cancelled_on(dest_uri, &mut peer, &dom.name);
         return Err(aborted());
     }
 
@@ -232,14 +243,14 @@ fn run(
         Ok(())
     })();
     if let Err(e) = perform {
-        finish_cancelled(dest_uri, &mut peer, &dom.name);
+        finish_cancelled_on(dest_uri, &mut peer, &dom.name);
         confirm_failed(dom, vmm, was_running);
         return Err(e);
     }
     let status = wait_perform(dom, vmm, &mut peer, ctx)?;
     let q = ctx.last.clone().unwrap_or(Value::Null);
     if status == "failed" || status == "cancelled" {
-        finish_cancelled(dest_uri, &mut peer, &dom.name);
+        finish_cancelled_on(dest_uri, &mut peer, &dom.name);
         confirm_failed(dom, vmm, was_running);
         if dom.abort_requested() {
             return Err(aborted());
@@ -413,10 +424,15 @@ fn finish(dest_uri: &str, peer: &mut Connection, name: &str) -> FinishOutcome {
 
 /// Finish with `cancelled`: the destination kills its VMM. Best effort: a destination daemon
 /// that cannot be reached kills its unfinished incoming VMM when it restarts.
-fn finish_cancelled(dest_uri: &str, peer: &mut Connection, name: &str) {
+fn finish_cancelled_on(dest_uri: &str, peer: &mut Connection, name: &str) {
     if call_finish(peer, name, true).is_ok() {
         return;
     }
+    finish_cancelled(dest_uri, name);
+}
+
+/// Finish with `cancelled` on a new connection.
+fn finish_cancelled(dest_uri: &str, name: &str) {
     let r = Connection::open(dest_uri).and_then(|mut c| {
         c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
         call_finish(&mut c, name, true)
