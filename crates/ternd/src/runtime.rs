@@ -19,6 +19,9 @@ pub struct Status {
     pub incoming: bool,
     /// An outgoing migration was in flight (the source side's recovery).
     pub outgoing: bool,
+    /// Its destination daemon's URI (a restarted source daemon calls Finish there).
+    #[serde(default)]
+    pub dest_uri: Option<String>,
 }
 
 pub fn status_path(run_dir: &Path, name: &str) -> PathBuf {

@@ -101,19 +101,21 @@ pub fn launch(d: &Arc<Daemon>, dom: &Arc<Domain>, mode: LaunchMode) -> Result<Ar
         persistent,
         incoming: mode == LaunchMode::Incoming,
         outgoing: false,
+        dest_uri: None,
     };
     runtime::save(&d.cfg.run_dir, &dom.name, &st).map_err(Error::OperationFailed)?;
     watch(d, dom, &vmm, events, Some(child))?;
     Ok(vmm)
 }
 
-/// Updates the status file's migration flags.
-pub fn mark(d: &Daemon, dom: &Domain, incoming: bool, outgoing: bool) {
+/// Updates the status file's migration flags (`outgoing`: the destination's URI).
+pub fn mark(d: &Daemon, dom: &Domain, incoming: bool, outgoing: Option<&str>) {
     let path = runtime::status_path(&d.cfg.run_dir, &dom.name);
     match runtime::load(&path) {
         Ok(mut st) => {
             st.incoming = incoming;
-            st.outgoing = outgoing;
+            st.outgoing = outgoing.is_some();
+            st.dest_uri = outgoing.map(str::to_string);
             st.persistent = dom.lock().persistent;
             if let Err(e) = runtime::save(&d.cfg.run_dir, &dom.name, &st) {
                 tracing::warn!("{}: status file: {e}", dom.name);
@@ -320,17 +322,10 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
                 .to_string();
         }
     }
-    if st.outgoing {
-        let q = vmm.qmp("query-migrate", json!({}))?;
-        let s = q.get("status").and_then(Value::as_str).unwrap_or("none");
-        if matches!(s, "setup" | "active" | "pre-switchover" | "device") {
-            tracing::warn!("{name}: cancelling the outgoing migration left by the previous daemon");
-            vmm.qmp("migrate_cancel", json!({}))?;
-        } else {
-            tracing::warn!("{name}: the previous daemon's outgoing migration ended '{s}'; the domain is left as it is (check the destination before resuming it)");
-        }
-        mark(d, &dom, false, false);
-    }
     watch(d, &dom, &vmm, events, None)?;
+    if st.outgoing {
+        crate::migration::source::recover(d, &dom, &vmm, st.dest_uri.as_deref());
+        mark(d, &dom, false, None);
+    }
     Ok(name)
 }

@@ -414,3 +414,44 @@ fn domjobabort_in_prepare_ends_the_job_and_leaves_nothing_on_the_destination() {
         wait_pid_exit(p);
     }
 }
+
+#[test]
+fn source_daemon_restarted_after_the_stream_completed_finishes_the_migration() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    h.src.env = vec![("TERND_X_TEST_STALL".into(), "perform-done".into())];
+    h.src.kill();
+    h.src.restart();
+    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "vm"]);
+    wait_workload_running(&h.src, "vm");
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &["migrate", "vm", &h.dst.tcp_uri(), "--live", "--p2p"],
+    );
+    // The stream is complete, both VMMs are paused, nobody has called Finish: the source
+    // daemon dies here.
+    h.src.wait_log("x-test: stalling at perform-done");
+    assert_eq!(h.dst.state("vm"), "paused (incoming migration)");
+    h.src.kill();
+    let (ok, _, _) = bg.wait();
+    assert!(!ok);
+    // The restarted source daemon calls Finish: the destination runs the domain, the
+    // source's VMM is quit.
+    h.src.env.clear();
+    h.src.restart();
+    h.src
+        .wait_log("recovered migration: finished on the destination");
+    assert_eq!(h.src.state("vm"), "shut off (migrated)");
+    assert_eq!(h.dst.state("vm"), "running (migrated)");
+    let job = h.src.ok(&["domjobinfo", "vm", "--completed"]);
+    assert!(
+        job.contains("recovered after a daemon restart: finished on the destination"),
+        "{job}"
+    );
+    assert_guest_runs(&h.dst, "vm");
+    assert_pattern_ok(&h.dst, "vm", MEM, dir.path());
+}

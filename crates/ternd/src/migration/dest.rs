@@ -229,7 +229,7 @@ fn finish_vmm(
     }
     // From here a restarted daemon keeps the VMM (it is about to run).
     crate::fault::point("finish-before-cont");
-    vmm::mark(d, dom, false, false);
+    vmm::mark(d, dom, false, None);
     if !suspend {
         vmm.qmp("cont", json!({}))?;
         dom.wait_until(COMPLETE_WAIT, |g| g.state == DomainState::Running);

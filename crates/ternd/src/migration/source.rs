@@ -49,7 +49,7 @@ pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions
     }
     let vmm = dom.vmm()?;
     dom.begin_job(JobKind::MigrationOut)?;
-    vmm::mark(d, &dom, false, true);
+    vmm::mark(d, &dom, false, Some(dest_uri));
     let mut ctx = Ctx {
         last: None,
         notes: Vec::new(),
@@ -58,7 +58,7 @@ pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions
     };
     let r = run(d, &dom, &vmm, dest_uri, opts, &mut ctx);
     if dom.lock().vmm.is_some() {
-        vmm::mark(d, &dom, false, false);
+        vmm::mark(d, &dom, false, None);
     }
     let job_type = match &r {
         Ok(()) => JobType::Completed,
@@ -266,6 +266,7 @@ fn run(
 
     // Finish, on the destination: it resumes the domain (or reports it could not and
     // killed its VMM).
+    crate::fault::point("perform-done");
     dom.set_phase("finish");
     match finish(dest_uri, &mut peer, &dom.name) {
         FinishOutcome::Done => {
@@ -456,4 +457,74 @@ fn offline(dom: &Domain, dest_uri: &str) -> Result<()> {
     let mut peer = Connection::open(dest_uri)?;
     peer.call(Call::DefineXml { xml })?;
     Ok(())
+}
+
+/// A restarted daemon found a source VMM whose outgoing migration its predecessor was driving
+/// (status file `outgoing`). Still running → cancel it (the VMM resumes by itself before END)
+/// and cancel on the destination. Ended `completed`/`x-tern-unconfirmed` → call Finish on the
+/// destination again (idempotent there): done → quit the source; answered failure → resume the
+/// source; no answer → leave it paused (the predecessor may have delivered a Finish: only the
+/// destination knows). Ended `failed`/`cancelled` → cancel on the destination.
+pub fn recover(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, dest_uri: Option<&str>) {
+    let name = dom.name.clone();
+    let q = match vmm.qmp("query-migrate", json!({})) {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::error!("{name}: recovering the outgoing migration: {e}");
+            return;
+        }
+    };
+    let status = q
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("none")
+        .to_string();
+    let mut info = from_query_migrate(&q, JobType::Failed, OP);
+    let outcome: String = match (status.as_str(), dest_uri) {
+        ("setup" | "active" | "pre-switchover" | "device", _) => {
+            tracing::warn!("{name}: cancelling the outgoing migration left by the previous daemon");
+            let _ = vmm.qmp("migrate_cancel", json!({}));
+            if let Some(uri) = dest_uri {
+                finish_cancelled(uri, &name);
+            }
+            "cancelled by the restarted daemon".into()
+        }
+        ("completed" | "x-tern-unconfirmed", Some(uri)) => {
+            let first = Connection::open(uri).and_then(|mut c| {
+                c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
+                call_finish(&mut c, &name, false)
+            });
+            match first {
+                Ok(()) => {
+                    tracing::warn!("{name}: recovered migration: finished on the destination; quitting the source");
+                    info.job_type = JobType::Completed;
+                    if let Err(e) = d.quit_domain(dom, "migrated") {
+                        tracing::error!("{name}: quitting the source: {e}");
+                    }
+                    "finished on the destination by the restarted daemon".into()
+                }
+                Err(e @ (Error::Rpc { .. } | Error::Connect { .. })) => {
+                    tracing::warn!("{name}: recovered migration ended '{status}' but the destination cannot be asked ({e}): the domain stays paused here; check the destination");
+                    format!(
+                        "the destination could not be asked ({e}): check it before resuming here"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!("{name}: recovered migration: the destination failed ({e}); resuming the source");
+                    confirm_failed(dom, vmm, true);
+                    format!("the destination failed ({e}); resumed here")
+                }
+            }
+        }
+        (s, uri) => {
+            if let Some(uri) = uri {
+                finish_cancelled(uri, &name);
+            }
+            tracing::warn!("{name}: the previous daemon's outgoing migration ended '{s}'");
+            format!("ended '{s}' while the daemon was down")
+        }
+    };
+    info.notes
+        .push(format!("recovered after a daemon restart: {outcome}"));
+    dom.end_job(info);
 }
