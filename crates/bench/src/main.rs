@@ -6,6 +6,7 @@ mod facts;
 mod guest_stall;
 mod link;
 mod machine;
+mod mgmt;
 mod migrate;
 mod precopy;
 mod report;
@@ -33,6 +34,8 @@ enum Suite {
     Machine,
     Snapshot,
     Digest,
+    /// The management layer's orchestration overhead (ternctl migrate vs raw QMP)
+    Mgmt,
     All,
 }
 
@@ -243,6 +246,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Machine => machine::run(&ctx),
             Suite::Snapshot => snapshot::run(&ctx),
             Suite::Digest => digest::run(&ctx),
+            Suite::Mgmt => mgmt::run(&ctx),
             Suite::All => Ok(()),
         };
         if let Err(e) = r {

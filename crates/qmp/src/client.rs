@@ -136,6 +136,23 @@ impl QmpClient {
         }
     }
 
+    /// Waits for the next event of any name (the oldest buffered one first); `None` waits for
+    /// ever. Replies that arrive meanwhile (none are pending on an event-only connection) are
+    /// dropped.
+    pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Value, ClientError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(e);
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let msg = self.read_message(deadline, "an event")?;
+            if msg.get("event").is_some() {
+                return Ok(msg);
+            }
+            tracing::debug!("QMP client: ignoring non-event message {msg}");
+        }
+    }
+
     /// Takes every buffered event, oldest first, after reading those already received.
     pub fn take_events(&mut self) -> Vec<Value> {
         // Collect what is already in the socket without blocking.

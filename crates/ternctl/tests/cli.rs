@@ -1,0 +1,74 @@
+//! `ternctl` without a daemon: virsh's command names exist, options needing features not
+//! built yet are refused by name before anything is contacted, connection errors are clear.
+
+use std::process::Command;
+
+fn ternctl(args: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_ternctl"))
+        .args(args)
+        .output()
+        .expect("running ternctl");
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[test]
+fn virsh_command_names() {
+    let (ok, help) = ternctl(&["--help"]);
+    assert!(ok, "{help}");
+    for c in [
+        "list",
+        "define",
+        "undefine",
+        "create",
+        "start",
+        "shutdown",
+        "destroy",
+        "suspend",
+        "resume",
+        "dominfo",
+        "domstate",
+        "dumpxml",
+        "domjobinfo",
+        "domjobabort",
+        "migrate-setmaxdowntime",
+        "migrate-getmaxdowntime",
+        "migrate-setspeed",
+        "migrate-getspeed",
+        "migrate-postcopy",
+        "migrate",
+        "event",
+        "qemu-monitor-command",
+    ] {
+        assert!(help.contains(&format!("  {c} ")), "{c} missing:\n{help}");
+    }
+}
+
+#[test]
+fn unbuilt_features_are_refused_by_name() {
+    let sock = "tern+unix:///system?socket=/nonexistent.sock";
+    for (opt, needle) in [
+        ("--postcopy", "post-copy"),
+        ("--postcopy-after", "post-copy"),
+        ("--parallel", "multifd"),
+        ("--tls", "TLS"),
+        ("--compressed", "compression"),
+        ("--auto-converge", "auto-converge"),
+        ("--direct", "--p2p"),
+    ] {
+        let (ok, out) = ternctl(&["-c", sock, "migrate", "vm", "tern+tcp://h/system", opt]);
+        assert!(!ok && out.contains(needle), "{opt}: {out}");
+    }
+    let (ok, out) = ternctl(&["-c", sock, "migrate-postcopy", "vm"]);
+    assert!(!ok && out.contains("post-copy"), "{out}");
+    let (ok, out) = ternctl(&["-c", sock, "list"]);
+    assert!(!ok && out.contains("Failed to connect to"), "{out}");
+    let (ok, out) = ternctl(&["-c", "tern+tls://h/system", "list"]);
+    assert!(!ok && out.contains("TLS"), "{out}");
+}

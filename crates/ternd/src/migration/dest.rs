@@ -1,0 +1,244 @@
+//! The destination side: Prepare (start the VMM paused, waiting for the stream) and Finish
+//! (resume it, or kill it).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use virt::conf::parse_domain;
+use virt::{
+    DomainState, Error, JobInfo, JobType, LaunchMode, MigrateOptions, MigrationCookie, Result,
+};
+
+use super::stats::from_query_migrate;
+use super::COOKIE_CAPABILITIES;
+use crate::daemon::Daemon;
+use crate::domain::{Domain, JobKind};
+use crate::vmm;
+
+/// How long Finish waits for the destination VMM to report `completed` (it normally has
+/// already: the source's status follows the destination's answer on the return path).
+const COMPLETE_WAIT: Duration = Duration::from_secs(30);
+
+const OP: &str = "Incoming migration";
+
+pub fn prepare(
+    d: &Arc<Daemon>,
+    xml: &str,
+    cookie: &MigrationCookie,
+    opts: &MigrateOptions,
+    local_ip: Option<IpAddr>,
+) -> Result<MigrationCookie> {
+    opts.check_supported()?;
+    let def = parse_domain(xml)?;
+    let kind = def.driver();
+    if cookie.driver != kind.name() {
+        return Err(Error::Unsupported(format!(
+            "migration across drivers is refused: the domain runs under the '{}' driver on the source, its definition selects '{}' here",
+            cookie.driver,
+            kind.name()
+        )));
+    }
+    if let Ok(existing) = d.lookup(&def.name) {
+        let g = existing.lock();
+        if g.state.is_active() {
+            return Err(Error::OperationInvalid(format!(
+                "domain '{}' is already active on {}",
+                def.name, d.hostname
+            )));
+        }
+        if g.def.driver() != kind {
+            return Err(Error::Unsupported(format!(
+                "migration across drivers is refused: '{}' is defined here for the '{}' driver, the source runs it under '{}'",
+                def.name,
+                g.def.driver().name(),
+                kind.name()
+            )));
+        }
+    }
+    d.driver(kind)?.check(&def)?;
+    let dom = d.adopt(def, false)?;
+    dom.begin_job(JobKind::MigrationIn)?;
+    if let Some(j) = dom.lock().job.as_mut() {
+        j.phase = "prepare";
+        j.suspend = opts.suspend;
+        j.persistent = opts.persistent;
+    }
+    match prepare_vmm(d, &dom, cookie, local_ip) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            if dom.lock().vmm.is_some() {
+                let _ = d.destroy_domain(&dom, "failed");
+            } else if !dom.lock().persistent {
+                d.forget(&dom);
+            }
+            end(&dom, JobType::Failed, None, Some(e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+fn prepare_vmm(
+    d: &Arc<Daemon>,
+    dom: &Arc<Domain>,
+    cookie: &MigrationCookie,
+    local_ip: Option<IpAddr>,
+) -> Result<MigrationCookie> {
+    let vmm = vmm::launch(d, dom, LaunchMode::Incoming)?;
+    crate::fault::point("prepare");
+    dom.set_state(DomainState::Paused, "incoming migration");
+    let caps = vmm
+        .monitor
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .supported_capabilities(COOKIE_CAPABILITIES)
+        .map_err(|e| Error::Monitor(e.to_string()))?
+        .into_iter()
+        .filter(|c| !d.cfg.hide_capabilities.contains(c))
+        .collect::<Vec<_>>();
+    let both = |c: &str| cookie.supports(c) && caps.iter().any(|x| x == c);
+    let rp = both("return-path");
+    let sack = rp && both("switchover-ack");
+    vmm.monitor
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_capabilities(&[
+            ("events", true),
+            ("return-path", rp),
+            ("switchover-ack", sack),
+        ])
+        .map_err(|e| Error::Monitor(e.to_string()))?;
+    let ip = local_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let host = match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    };
+    vmm.qmp(
+        "migrate-incoming",
+        json!({ "uri": format!("tcp:{host}:0") }),
+    )?;
+    let q = vmm.qmp("query-migrate", json!({}))?;
+    let port = incoming_port(&q).ok_or_else(|| {
+        Error::Monitor(format!("the incoming VMM reports no listening port: {q}"))
+    })?;
+    dom.set_phase("prepared");
+    Ok(MigrationCookie {
+        host: d.hostname.clone(),
+        driver: dom.lock().def.driver().name().to_string(),
+        capabilities: caps,
+        uri: Some(format!("tcp:{host}:{port}")),
+    })
+}
+
+/// The port of the first socket address of a destination's `query-migrate`.
+fn incoming_port(q: &Value) -> Option<u16> {
+    let a = q.get("socket-address")?.as_array()?.first()?;
+    match a.get("port")? {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        _ => None,
+    }
+}
+
+fn end(dom: &Domain, t: JobType, q: Option<&Value>, err: Option<String>) {
+    let mut info = match q {
+        Some(q) => from_query_migrate(q, t, OP),
+        None => JobInfo {
+            job_type: t,
+            operation: Some(OP.into()),
+            ..Default::default()
+        },
+    };
+    if err.is_some() {
+        info.errmsg = err;
+    }
+    dom.end_job(info);
+}
+
+/// Finish: `cancelled` → kill the VMM; otherwise check the incoming migration completed,
+/// resume (unless `--suspend`), make persistent if asked. Any failure kills the VMM and is
+/// reported (the source then resumes). Idempotent: a repeated Finish of a finished domain
+/// succeeds.
+pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
+    let dom = d.lookup(name)?;
+    let (incoming, suspend, persistent) = {
+        let g = dom.lock();
+        match &g.job {
+            Some(j) if j.kind == JobKind::MigrationIn => (true, j.suspend, j.persistent),
+            _ => (false, false, false),
+        }
+    };
+    if !incoming {
+        let active = dom.lock().state.is_active();
+        return if !cancelled && active {
+            Ok(())
+        } else {
+            Err(Error::OperationInvalid(format!(
+                "domain '{name}' has no incoming migration"
+            )))
+        };
+    }
+    dom.set_phase("finish");
+    if cancelled {
+        if dom.lock().vmm.is_some() {
+            d.destroy_domain(&dom, "failed")?;
+        }
+        end(
+            &dom,
+            JobType::Cancelled,
+            None,
+            Some("cancelled by the source".into()),
+        );
+        return Ok(());
+    }
+    match finish_vmm(d, &dom, suspend, persistent) {
+        Ok(q) => {
+            end(&dom, JobType::Completed, Some(&q), None);
+            Ok(())
+        }
+        Err(e) => {
+            if dom.lock().vmm.is_some() {
+                let _ = d.destroy_domain(&dom, "failed");
+            }
+            end(&dom, JobType::Failed, None, Some(e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+fn finish_vmm(
+    d: &Arc<Daemon>,
+    dom: &Arc<Domain>,
+    suspend: bool,
+    persistent: bool,
+) -> Result<Value> {
+    let vmm = dom
+        .vmm()
+        .map_err(|_| Error::OperationFailed("the destination VMM exited before Finish".into()))?;
+    dom.wait_until(COMPLETE_WAIT, |g| {
+        g.vmm.is_none() || g.mig_status.as_deref().is_some_and(super::is_terminal)
+    });
+    let q = vmm.qmp("query-migrate", json!({}))?;
+    let status = q.get("status").and_then(Value::as_str).unwrap_or("none");
+    if status != "completed" {
+        return Err(Error::OperationFailed(format!(
+            "the incoming migration on the destination is '{status}': {}",
+            q.get("error-desc").and_then(Value::as_str).unwrap_or("-")
+        )));
+    }
+    // From here a restarted daemon keeps the VMM (it is about to run).
+    crate::fault::point("finish-before-cont");
+    vmm::mark(d, dom, false, None);
+    if !suspend {
+        vmm.qmp("cont", json!({}))?;
+        dom.wait_until(COMPLETE_WAIT, |g| g.state == DomainState::Running);
+    } else {
+        dom.set_state(DomainState::Paused, "migration");
+    }
+    if persistent {
+        let xml = virt::conf::format_domain(&dom.lock().def, None);
+        d.define(&xml)?;
+    }
+    Ok(q)
+}

@@ -1,0 +1,530 @@
+//! The source side: Begin, (Prepare on the peer), Perform, (Finish on the peer), Confirm.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use virt::protocol::{Call, Reply};
+use virt::{
+    Connection, DomainEvent, DomainState, Error, JobInfo, JobSample, JobType, MigrateOptions,
+    MigrationCookie, Result,
+};
+
+use super::stats::from_query_migrate;
+use super::{is_terminal, COOKIE_CAPABILITIES};
+use crate::daemon::Daemon;
+use crate::domain::{Domain, JobKind, Vmm};
+use crate::vmm;
+
+/// How long a call to the peer daemon may take (Prepare starts a VMM).
+const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often Perform checks the peer daemon is alive (libvirt's keepalive, 5 s x 5 there).
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// How long the peer may take to answer a keepalive.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+const OP: &str = "Outgoing migration";
+
+/// How often Perform samples `query-migrate` for the report.
+const SAMPLE_PERIOD: Duration = Duration::from_millis(200);
+
+/// What the job ends with.
+struct Ctx {
+    last: Option<Value>,
+    notes: Vec<String>,
+    samples: Vec<JobSample>,
+    started: Instant,
+}
+
+/// `ternctl migrate`: the whole migration, driven by this (the source) daemon.
+pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()> {
+    opts.check_supported()?;
+    let dom = d.lookup(key)?;
+    if opts.offline {
+        offline(&dom, dest_uri)?;
+        if opts.undefine_source {
+            d.undefine(&dom.name)?;
+        }
+        return Ok(());
+    }
+    let vmm = dom.vmm()?;
+    dom.begin_job(JobKind::MigrationOut)?;
+    vmm::mark(d, &dom, false, Some(dest_uri));
+    let mut ctx = Ctx {
+        last: None,
+        notes: Vec::new(),
+        samples: Vec::new(),
+        started: Instant::now(),
+    };
+    let r = run(d, &dom, &vmm, dest_uri, opts, &mut ctx);
+    if dom.lock().vmm.is_some() {
+        vmm::mark(d, &dom, false, None);
+    }
+    let job_type = match &r {
+        Ok(()) => JobType::Completed,
+        Err(Error::Aborted(_)) => JobType::Cancelled,
+        Err(_) => JobType::Failed,
+    };
+    let mut info = match &ctx.last {
+        Some(q) => from_query_migrate(q, job_type, OP),
+        None => JobInfo {
+            job_type,
+            operation: Some(OP.into()),
+            ..Default::default()
+        },
+    };
+    if let Err(e) = &r {
+        info.errmsg = Some(e.to_string());
+    }
+    info.notes = ctx.notes;
+    info.samples = ctx.samples;
+    dom.end_job(info.clone());
+    d.events.emit(DomainEvent::JobCompleted {
+        domain: dom.name.clone(),
+        info: Box::new(info),
+    });
+    if opts.undefine_source && r.is_ok() && dom.lock().persistent {
+        d.undefine(&dom.name)?;
+    }
+    r
+}
+
+fn aborted() -> Error {
+    Error::Aborted("migration job: canceled by client".into())
+}
+
+fn note(dom: &Domain, ctx: &mut Ctx, s: String) {
+    tracing::info!("{}: {s}", dom.name);
+    if let Some(j) = dom.lock().job.as_mut() {
+        j.notes.push(s.clone());
+    }
+    ctx.notes.push(s);
+}
+
+fn run(
+    d: &Arc<Daemon>,
+    dom: &Arc<Domain>,
+    vmm: &Arc<Vmm>,
+    dest_uri: &str,
+    opts: &MigrateOptions,
+    ctx: &mut Ctx,
+) -> Result<()> {
+    // Begin: the definition and a cookie with what this VMM supports.
+    dom.set_phase("begin");
+    let caps = vmm
+        .monitor
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .supported_capabilities(COOKIE_CAPABILITIES)
+        .map_err(|e| Error::Monitor(e.to_string()))?
+        .into_iter()
+        .filter(|c| !d.cfg.hide_capabilities.contains(c))
+        .collect::<Vec<_>>();
+    let (xml, driver) = {
+        let g = dom.lock();
+        (virt::conf::format_domain(&g.def, None), g.def.driver())
+    };
+    let cookie = MigrationCookie {
+        host: d.hostname.clone(),
+        driver: driver.name().to_string(),
+        capabilities: caps,
+        uri: None,
+    };
+    if dom.abort_requested() {
+        return Err(aborted());
+    }
+
+    // Prepare, on the destination daemon.
+    dom.set_phase("prepare");
+    let mut peer = Connection::open(dest_uri)
+        .map_err(|e| Error::OperationFailed(format!("cannot reach the destination daemon: {e}")))?;
+    peer.set_timeout(Some(PEER_CALL_TIMEOUT))?;
+    if let Some(j) = dom.lock().job.as_mut() {
+        j.peer = peer.shutdown_handle().ok();
+    }
+    if dom.abort_requested() {
+        return Err(aborted());
+    }
+    let dc = match peer.call(Call::MigratePrepare {
+        xml,
+        cookie: cookie.clone(),
+        options: opts.clone(),
+    }) {
+        Ok(Reply::Cookie(c)) => c,
+        Ok(other) => return Err(Error::Internal(format!("Prepare answered {other:?}"))),
+        Err(_) if dom.abort_requested() => {
+            // domjobabort closed the connection: the destination may have started its VMM.
+            finish_cancelled(dest_uri, &dom.name);
+            return Err(aborted());
+        }
+        Err(e) => {
+            return Err(match e {
+                Error::Rpc { message, .. } => Error::OperationFailed(format!(
+                    "the destination daemon failed during Prepare: {message}"
+                )),
+                e => e,
+            })
+        }
+    };
+    let uri = dc
+        .uri
+        .clone()
+        .ok_or_else(|| Error::Internal("the destination's cookie has no URI".into()))?;
+    if dom.abort_requested() {
+        finish_cancelled_on(dest_uri, &mut peer, &dom.name);
+        return Err(aborted());
+    }
+
+    // Negotiation: switchover-ack and return-path when both ends support them and the
+    // stream is not tunnelled (libvirt's rule).
+    let lacks = |cap: &str| -> Option<String> {
+        match (cookie.supports(cap), dc.supports(cap)) {
+            (true, true) => None,
+            (false, true) => Some(format!(
+                "the source's VMM ({}) does not support it",
+                cookie.host
+            )),
+            (true, false) => Some(format!(
+                "the destination's VMM ({}) does not support it",
+                dc.host
+            )),
+            (false, false) => Some("neither VMM supports it".into()),
+        }
+    };
+    let rp = lacks("return-path");
+    note(
+        dom,
+        ctx,
+        match &rp {
+            None => "return-path: on (both VMMs support it, not tunnelled)".into(),
+            Some(why) => format!("return-path: off ({why})"),
+        },
+    );
+    let sack = match (&rp, lacks("switchover-ack")) {
+        (Some(_), _) => Some("it needs the return path, which is off".to_string()),
+        (None, why) => why,
+    };
+    note(
+        dom,
+        ctx,
+        match &sack {
+            None => "switchover-ack: on (both VMMs support it, not tunnelled)".into(),
+            Some(why) => format!("switchover-ack: off ({why})"),
+        },
+    );
+
+    // Perform.
+    dom.set_phase("perform");
+    let was_running = dom.lock().state == DomainState::Running;
+    let perform = (|| -> Result<()> {
+        if !opts.live && was_running {
+            vmm.qmp("stop", json!({}))?;
+        }
+        let caps = [
+            ("events", true),
+            ("return-path", rp.is_none()),
+            ("switchover-ack", sack.is_none()),
+        ];
+        vmm.monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_capabilities(&caps)
+            .map_err(|e| Error::Monitor(e.to_string()))?;
+        if let Some(bw) = opts.bandwidth_mib_s {
+            vmm.qmp(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": bw.saturating_mul(1 << 20)}),
+            )?;
+        }
+        if dom.abort_requested() {
+            return Err(aborted());
+        }
+        vmm.qmp("migrate", json!({ "uri": uri }))?;
+        Ok(())
+    })();
+    if let Err(e) = perform {
+        finish_cancelled_on(dest_uri, &mut peer, &dom.name);
+        confirm_failed(dom, vmm, was_running);
+        return Err(e);
+    }
+    let status = wait_perform(dom, vmm, &mut peer, ctx)?;
+    let q = ctx.last.clone().unwrap_or(Value::Null);
+    if status == "failed" || status == "cancelled" {
+        finish_cancelled_on(dest_uri, &mut peer, &dom.name);
+        confirm_failed(dom, vmm, was_running);
+        if dom.abort_requested() {
+            return Err(aborted());
+        }
+        let desc = q
+            .get("error-desc")
+            .and_then(Value::as_str)
+            .unwrap_or("no error description");
+        return Err(Error::OperationFailed(format!(
+            "migration {status}: {desc}"
+        )));
+    }
+
+    // Finish, on the destination: it resumes the domain (or reports it could not and
+    // killed its VMM).
+    crate::fault::point("perform-done");
+    dom.set_phase("finish");
+    match finish(dest_uri, &mut peer, &dom.name) {
+        FinishOutcome::Done => {
+            dom.set_phase("confirm");
+            if let Err(e) = d.quit_domain(dom, "migrated") {
+                tracing::warn!("{}: quitting the source VMM: {e}", dom.name);
+                let _ = d.destroy_domain(dom, "migrated");
+            }
+            Ok(())
+        }
+        FinishOutcome::Failed(e) => {
+            dom.set_phase("confirm");
+            confirm_failed(dom, vmm, was_running);
+            Err(Error::OperationFailed(format!(
+                "the destination could not finish the migration ({e}); the domain runs on the source again"
+            )))
+        }
+        FinishOutcome::Unknown(e) => Err(Error::OperationFailed(format!(
+            "lost the destination daemon during Finish ({e}): it may run the domain; the domain stays paused here. \
+             Check `domstate {name}` on the destination: if it is not running there, `resume {name}` here",
+            name = dom.name
+        ))),
+    }
+}
+
+/// Waits until the VMM's migration ends, checking the peer daemon every [`KEEPALIVE`]:
+/// a destination daemon that is gone cancels the migration (libvirt's keepalive rule).
+fn wait_perform(
+    dom: &Arc<Domain>,
+    vmm: &Arc<Vmm>,
+    peer: &mut Connection,
+    ctx: &mut Ctx,
+) -> Result<String> {
+    let mut cancelled = false;
+    let mut last_ping = Instant::now();
+    loop {
+        dom.wait_until(SAMPLE_PERIOD, |g| {
+            g.vmm.is_none() || g.mig_status.as_deref().is_some_and(is_terminal)
+        });
+        if dom.lock().vmm.is_none() {
+            return Err(Error::OperationFailed(
+                "the source VMM exited during the migration".into(),
+            ));
+        }
+        let q = vmm.qmp("query-migrate", json!({}))?;
+        let status = q
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string();
+        ctx.samples.push(sample(&q, ctx.started));
+        ctx.last = Some(q);
+        if is_terminal(&status) {
+            return Ok(status);
+        }
+        if cancelled || last_ping.elapsed() < KEEPALIVE {
+            continue;
+        }
+        last_ping = Instant::now();
+        let t0 = Instant::now();
+        let alive = peer
+            .set_timeout(Some(PING_TIMEOUT))
+            .and_then(|_| peer.call(Call::Ping));
+        let _ = peer.set_timeout(Some(PEER_CALL_TIMEOUT));
+        if let Err(e) = alive {
+            note(
+                dom,
+                ctx,
+                format!(
+                    "the destination daemon stopped answering ({e}, after {} ms): migration cancelled",
+                    t0.elapsed().as_millis()
+                ),
+            );
+            vmm.qmp("migrate_cancel", json!({}))?;
+            cancelled = true;
+        }
+    }
+}
+
+fn sample(q: &Value, started: Instant) -> JobSample {
+    let ram = &q["ram"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    JobSample {
+        t_ms: started.elapsed().as_millis() as u64,
+        transferred: n(&ram["transferred"]),
+        remaining: n(&ram["remaining"]),
+        bandwidth: ram["mbps"]
+            .as_f64()
+            .map_or(0, |m| (m * 1_000_000.0 / 8.0) as u64),
+        dirty_rate: n(&ram["dirty-pages-rate"]),
+        pass: n(&ram["dirty-sync-count"]),
+    }
+}
+
+/// Confirm after a failure: the source runs again if it ran before.
+fn confirm_failed(dom: &Domain, vmm: &Vmm, was_running: bool) {
+    if !was_running {
+        return;
+    }
+    match vmm.qmp("query-status", json!({})) {
+        Ok(s) if s.get("running").and_then(Value::as_bool) == Some(true) => {}
+        Ok(_) => {
+            if let Err(e) = vmm.qmp("cont", json!({})) {
+                tracing::error!("{}: resuming the source failed: {e}", dom.name);
+            }
+        }
+        Err(e) => tracing::error!("{}: query-status: {e}", dom.name),
+    }
+}
+
+enum FinishOutcome {
+    Done,
+    /// The destination answered that it failed (and killed its VMM), or never got the call.
+    Failed(Error),
+    /// The call was sent and no answer came: the destination may run the domain.
+    Unknown(Error),
+}
+
+fn call_finish(peer: &mut Connection, name: &str, cancelled: bool) -> Result<()> {
+    match peer.call(Call::MigrateFinish {
+        domain: name.to_string(),
+        cancelled,
+    })? {
+        Reply::Unit => Ok(()),
+        other => Err(Error::Internal(format!("Finish answered {other:?}"))),
+    }
+}
+
+/// Finish, retried once on a fresh connection (Finish is idempotent on the destination).
+fn finish(dest_uri: &str, peer: &mut Connection, name: &str) -> FinishOutcome {
+    let first = call_finish(peer, name, false);
+    let first_err = match first {
+        Ok(()) => return FinishOutcome::Done,
+        Err(e @ (Error::Rpc { .. } | Error::Connect { .. })) => e,
+        Err(e) => return FinishOutcome::Failed(e),
+    };
+    let sent_once = matches!(first_err, Error::Rpc { sent: true, .. });
+    let retry = Connection::open(dest_uri).and_then(|mut c| {
+        c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
+        call_finish(&mut c, name, false)
+    });
+    match retry {
+        Ok(()) => FinishOutcome::Done,
+        Err(Error::Rpc { sent: true, .. }) => FinishOutcome::Unknown(first_err),
+        Err(e @ (Error::Rpc { .. } | Error::Connect { .. })) if sent_once => {
+            FinishOutcome::Unknown(Error::OperationFailed(format!("{first_err}; then {e}")))
+        }
+        Err(e @ (Error::Rpc { .. } | Error::Connect { .. })) => {
+            // Never delivered: the destination's VMM stays paused and its daemon kills it
+            // when it restarts (an unfinished incoming migration).
+            FinishOutcome::Failed(Error::OperationFailed(format!("{first_err}; then {e}")))
+        }
+        Err(e) => FinishOutcome::Failed(e),
+    }
+}
+
+/// Finish with `cancelled`: the destination kills its VMM. Best effort: a destination daemon
+/// that cannot be reached kills its unfinished incoming VMM when it restarts.
+fn finish_cancelled_on(dest_uri: &str, peer: &mut Connection, name: &str) {
+    if call_finish(peer, name, true).is_ok() {
+        return;
+    }
+    finish_cancelled(dest_uri, name);
+}
+
+/// Finish with `cancelled` on a new connection.
+fn finish_cancelled(dest_uri: &str, name: &str) {
+    let r = Connection::open(dest_uri).and_then(|mut c| {
+        c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
+        call_finish(&mut c, name, true)
+    });
+    if let Err(e) = r {
+        tracing::warn!("{name}: cancelling on the destination: {e}");
+    }
+}
+
+/// `--offline --persistent`: only the definition moves.
+fn offline(dom: &Domain, dest_uri: &str) -> Result<()> {
+    let (xml, active) = {
+        let g = dom.lock();
+        (virt::conf::format_domain(&g.def, None), g.state.is_active())
+    };
+    if active {
+        return Err(Error::OperationInvalid(
+            "--offline migrates an inactive domain's definition; the domain is running".into(),
+        ));
+    }
+    let mut peer = Connection::open(dest_uri)?;
+    peer.call(Call::DefineXml { xml })?;
+    Ok(())
+}
+
+/// A restarted daemon found a source VMM whose outgoing migration its predecessor was driving
+/// (status file `outgoing`). Still running → cancel it (the VMM resumes by itself before END)
+/// and cancel on the destination. Ended `completed`/`x-tern-unconfirmed` → call Finish on the
+/// destination again (idempotent there): done → quit the source; answered failure → resume the
+/// source; no answer → leave it paused (the predecessor may have delivered a Finish: only the
+/// destination knows). Ended `failed`/`cancelled` → cancel on the destination.
+pub fn recover(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, dest_uri: Option<&str>) {
+    let name = dom.name.clone();
+    let q = match vmm.qmp("query-migrate", json!({})) {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::error!("{name}: recovering the outgoing migration: {e}");
+            return;
+        }
+    };
+    let status = q
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("none")
+        .to_string();
+    let mut info = from_query_migrate(&q, JobType::Failed, OP);
+    let outcome: String = match (status.as_str(), dest_uri) {
+        ("setup" | "active" | "pre-switchover" | "device", _) => {
+            tracing::warn!("{name}: cancelling the outgoing migration left by the previous daemon");
+            let _ = vmm.qmp("migrate_cancel", json!({}));
+            if let Some(uri) = dest_uri {
+                finish_cancelled(uri, &name);
+            }
+            "cancelled by the restarted daemon".into()
+        }
+        ("completed" | "x-tern-unconfirmed", Some(uri)) => {
+            let first = Connection::open(uri).and_then(|mut c| {
+                c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
+                call_finish(&mut c, &name, false)
+            });
+            match first {
+                Ok(()) => {
+                    tracing::warn!("{name}: recovered migration: finished on the destination; quitting the source");
+                    info.job_type = JobType::Completed;
+                    if let Err(e) = d.quit_domain(dom, "migrated") {
+                        tracing::error!("{name}: quitting the source: {e}");
+                    }
+                    "finished on the destination by the restarted daemon".into()
+                }
+                Err(e @ (Error::Rpc { .. } | Error::Connect { .. })) => {
+                    tracing::warn!("{name}: recovered migration ended '{status}' but the destination cannot be asked ({e}): the domain stays paused here; check the destination");
+                    format!(
+                        "the destination could not be asked ({e}): check it before resuming here"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!("{name}: recovered migration: the destination failed ({e}); resuming the source");
+                    confirm_failed(dom, vmm, true);
+                    format!("the destination failed ({e}); resumed here")
+                }
+            }
+        }
+        (s, uri) => {
+            if let Some(uri) = uri {
+                finish_cancelled(uri, &name);
+            }
+            tracing::warn!("{name}: the previous daemon's outgoing migration ended '{s}'");
+            format!("ended '{s}' while the daemon was down")
+        }
+    };
+    info.notes
+        .push(format!("recovered after a daemon restart: {outcome}"));
+    dom.end_job(info);
+}

@@ -1,0 +1,145 @@
+//! Migration options (virsh `migrate` flags) and the cookies the v3 phases exchange.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// `virDomainMigrate3` flags and parameters that Tern understands. Options needing an engine
+/// feature Tern does not have yet are carried so that [`MigrateOptions::check_supported`] can
+/// refuse them by name (they start working as the features land).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    pub live: bool,
+    pub offline: bool,
+    pub p2p: bool,
+    pub tunnelled: bool,
+    pub persistent: bool,
+    pub undefine_source: bool,
+    /// Leave the domain paused on the destination.
+    pub suspend: bool,
+    pub abort_on_error: bool,
+    /// `--bandwidth` in MiB/s (libvirt's unit).
+    pub bandwidth_mib_s: Option<u64>,
+    pub postcopy: bool,
+    pub postcopy_after_precopy: bool,
+    pub postcopy_bandwidth: Option<u64>,
+    pub auto_converge: bool,
+    pub parallel: bool,
+    pub parallel_connections: Option<u32>,
+    pub compressed: bool,
+    pub comp_methods: Option<String>,
+    pub tls: bool,
+    pub available_switchover_bandwidth: Option<u64>,
+}
+
+impl MigrateOptions {
+    /// Refuses options that need something not built yet, naming the missing feature.
+    pub fn check_supported(&self) -> Result<()> {
+        let missing: &[(bool, &str, &str)] = &[
+            (
+                self.postcopy || self.postcopy_after_precopy || self.postcopy_bandwidth.is_some(),
+                "--postcopy / --postcopy-after-precopy / --postcopy-bandwidth",
+                "post-copy migration (the engine's postcopy-ram capability, issue 9)",
+            ),
+            (
+                self.parallel || self.parallel_connections.is_some(),
+                "--parallel / --parallel-connections",
+                "multifd (parallel migration channels) in the Tern engine",
+            ),
+            (
+                self.compressed || self.comp_methods.is_some(),
+                "--compressed / --comp-methods",
+                "compression (xbzrle / multifd compression) in the Tern engine",
+            ),
+            (
+                self.tls,
+                "--tls",
+                "TLS migration channels and TLS between daemons (issue 10)",
+            ),
+            (
+                self.auto_converge,
+                "--auto-converge",
+                "auto-converge (vCPU throttling) in the Tern engine",
+            ),
+            (
+                self.tunnelled,
+                "--tunnelled",
+                "a tunnelled stream through the daemons' connection (not built in ternd yet)",
+            ),
+            (
+                self.available_switchover_bandwidth.is_some(),
+                "--available-switchover-bandwidth",
+                "the avail-switchover-bandwidth parameter in the Tern engine",
+            ),
+        ];
+        for (set, opt, feature) in missing {
+            if *set {
+                return Err(Error::Unsupported(format!(
+                    "{opt}: needs {feature}, which is not available yet"
+                )));
+            }
+        }
+        if self.offline && !self.persistent {
+            return Err(Error::InvalidArg(
+                "--offline needs --persistent (an offline migration only copies the definition)"
+                    .into(),
+            ));
+        }
+        if self.offline && self.live {
+            return Err(Error::InvalidArg(
+                "--offline and --live are mutually exclusive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A cookie (libvirt's migration cookie): what one side's VMM supports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationCookie {
+    /// The sender's hostname (for messages).
+    pub host: String,
+    /// The driver (`tern` / `qemu`).
+    pub driver: String,
+    /// Migration capabilities the VMM supports (QEMU names).
+    pub capabilities: Vec<String>,
+    /// Destination only: where the source's VMM sends the stream (`tcp:HOST:PORT`).
+    pub uri: Option<String>,
+}
+
+impl MigrationCookie {
+    pub fn supports(&self, cap: &str) -> bool {
+        self.capabilities.iter().any(|c| c == cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_features_are_named() {
+        let o = MigrateOptions {
+            postcopy: true,
+            ..Default::default()
+        };
+        let e = o.check_supported().expect_err("postcopy").to_string();
+        assert!(e.contains("post-copy"), "{e}");
+        let o = MigrateOptions {
+            tls: true,
+            ..Default::default()
+        };
+        assert!(o
+            .check_supported()
+            .expect_err("tls")
+            .to_string()
+            .contains("TLS"));
+        assert!(MigrateOptions {
+            live: true,
+            p2p: true,
+            ..Default::default()
+        }
+        .check_supported()
+        .is_ok());
+    }
+}
