@@ -12,6 +12,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::boot::kernel::{load_kernel, KernelEntry, KernelImage};
 use crate::boot::{self, BootInfo};
 use crate::caps::HostCaps;
 use crate::config::VmConfig;
@@ -23,8 +24,9 @@ use crate::error::{Error, Result};
 use crate::memory::{ram_layout, GuestRam, RamRegionInfo};
 use crate::runctl::{register_kick_handler, Request, RunControl};
 use crate::stall::{MaxStall, StallMeter};
+use crate::state::cpu::{VcpuComponent, VcpuState};
 use crate::state::snapshot::{restore_all, save_all, MachineParts, SaveBreakdown};
-use crate::state::ComponentState;
+use crate::state::{ComponentState, Persist};
 use crate::vcpu::{self, lock_vcpu, Shared, SharedVcpu, VcpuFailure};
 use crate::{abi, vcpu::describe_regs};
 
@@ -49,6 +51,50 @@ pub enum GuestImage<'a> {
         /// The code.
         code: &'a [u8],
     },
+    /// A kernel (`tern run --kernel`): PVH ELF, vmlinux or bzImage, with the machine's command
+    /// line (docs/machine.md "Boot paths").
+    Kernel(&'a KernelImage),
+}
+
+/// What a reset reloads: an owned copy of the image the machine booted.
+#[derive(Clone, Debug)]
+enum BootSource {
+    Builtin,
+    Elf(Vec<u8>),
+    Raw { load: u64, code: Vec<u8> },
+    Kernel(Arc<KernelImage>),
+}
+
+impl BootSource {
+    fn from_image(image: GuestImage<'_>) -> Self {
+        match image {
+            GuestImage::Builtin => BootSource::Builtin,
+            GuestImage::Elf(e) => BootSource::Elf(e.to_vec()),
+            GuestImage::Raw { load, code } => BootSource::Raw {
+                load,
+                code: code.to_vec(),
+            },
+            GuestImage::Kernel(k) => BootSource::Kernel(Arc::new(k.clone())),
+        }
+    }
+
+    fn image(&self) -> GuestImage<'_> {
+        match self {
+            BootSource::Builtin => GuestImage::Builtin,
+            BootSource::Elf(e) => GuestImage::Elf(e),
+            BootSource::Raw { load, code } => GuestImage::Raw { load: *load, code },
+            BootSource::Kernel(k) => GuestImage::Kernel(k),
+        }
+    }
+}
+
+/// Where the vCPUs start.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    /// The test guest's direct entry: every vCPU in long mode at CPL 3.
+    Direct(BootInfo),
+    /// A kernel: the boot CPU at the kernel's entry, the others waiting for INIT/SIPI.
+    Kernel(KernelEntry),
 }
 
 /// The machine's lifecycle as the API sees it.
@@ -107,6 +153,10 @@ pub struct Vm {
     /// build and after a restore), so [`Vm::cpu_identity`] never waits for a running vCPU.
     cpu: Mutex<CpuSnapshot>,
     caps: &'static HostCaps,
+    /// Each vCPU's state as KVM created it (the architectural reset state), for `system_reset`.
+    pristine: Vec<VcpuState>,
+    /// The image a reset reloads (`None`: an incoming machine not given one).
+    boot: Mutex<Option<BootSource>>,
     vm_fd: VmFd,
     _kvm: Kvm,
     /// Declared last: dropped after the VM fd, so KVM never sees unmapped slots.
@@ -190,12 +240,8 @@ impl Vm {
     pub fn with_image(config: VmConfig, image: GuestImage<'_>) -> Result<Vm> {
         let t0 = Instant::now();
         let vm = Self::build(config, Phase::Created)?;
-        let boot = vm.load(image)?;
-        for (i, fd) in vm.vcpus.iter().enumerate() {
-            let fd = lock_vcpu(fd);
-            let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
-            boot::setup_vcpu(&fd, i as u32, vm.vcpus.len() as u32, &boot, tsc_khz)?;
-        }
+        vm.boot_vcpus(image)?;
+        *lock(&vm.boot) = Some(BootSource::from_image(image));
         vm.spawn_threads()?;
         lock(&vm.timings).create = t0.elapsed();
         Ok(vm)
@@ -205,8 +251,19 @@ impl Vm {
     /// no guest image and nothing running. Receive RAM, then [`Vm::restore_components`], then
     /// [`Vm::resume`].
     pub fn new_for_incoming(config: VmConfig) -> Result<Vm> {
+        Self::new_for_incoming_with_image(config, None)
+    }
+
+    /// [`Vm::new_for_incoming`] that keeps `image` for a later [`Vm::system_reset`] (nothing
+    /// is loaded now: RAM comes from the source). The test guest is always known; a kernel
+    /// guest migrated to a destination without its image cannot be reset there.
+    pub fn new_for_incoming_with_image(
+        config: VmConfig,
+        image: Option<GuestImage<'_>>,
+    ) -> Result<Vm> {
         let t0 = Instant::now();
         let vm = Self::build(config, Phase::Incoming)?;
+        *lock(&vm.boot) = Some(BootSource::from_image(image.unwrap_or(GuestImage::Builtin)));
         vm.spawn_threads()?;
         lock(&vm.timings).create = t0.elapsed();
         Ok(vm)
@@ -268,15 +325,29 @@ impl Vm {
             Some(fd) => CpuSnapshot::read(&lock_vcpu(fd))?,
             None => CpuSnapshot::default(),
         };
+        let pristine = vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                VcpuComponent {
+                    index: i as u32,
+                    fd: &lock_vcpu(fd),
+                    caps,
+                }
+                .save()
+            })
+            .collect::<Result<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             ctl,
             bus: PioBus {
                 serial,
                 control: GuestControl::new(),
+                i8042: Default::default(),
                 counters: ExitCounters::default(),
             },
             failure: Mutex::new(None),
             stalls: StallMeter::default(),
+            resets: Default::default(),
         });
         Ok(Vm {
             config: RwLock::new(config),
@@ -287,28 +358,60 @@ impl Vm {
             vcpus,
             cpu: Mutex::new(cpu),
             caps,
+            pristine,
+            boot: Mutex::new(None),
             vm_fd,
             _kvm: kvm,
             ram,
         })
     }
 
-    fn load(&self, image: GuestImage<'_>) -> Result<BootInfo> {
+    /// Loads `image` and puts every vCPU at its entry (vCPUs parked or not yet started).
+    fn boot_vcpus(&self, image: GuestImage<'_>) -> Result<()> {
+        let count = self.vcpus.len() as u32;
+        match self.load(image)? {
+            Entry::Direct(boot) => {
+                for (i, fd) in self.vcpus.iter().enumerate() {
+                    let fd = lock_vcpu(fd);
+                    let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
+                    boot::setup_vcpu(&fd, i as u32, count, &boot, tsc_khz)?;
+                }
+            }
+            Entry::Kernel(entry) => {
+                for (i, fd) in self.vcpus.iter().enumerate() {
+                    let fd = lock_vcpu(fd);
+                    boot::cpu::set_boot_msrs(&fd, i as u32)?;
+                    if i == 0 {
+                        boot::cpu::setup_boot_cpu(&fd, &entry)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&self, image: GuestImage<'_>) -> Result<Entry> {
         let cmdline = self.config().cmdline;
         match image {
-            GuestImage::Builtin => boot::load_guest(&self.ram, abi::guest_elf(), &cmdline),
-            GuestImage::Elf(elf) => boot::load_guest(&self.ram, elf, &cmdline),
+            GuestImage::Builtin => {
+                boot::load_guest(&self.ram, abi::guest_elf(), &cmdline).map(Entry::Direct)
+            }
+            GuestImage::Elf(elf) => boot::load_guest(&self.ram, elf, &cmdline).map(Entry::Direct),
+            GuestImage::Kernel(k) => {
+                boot::cpu::write_gdt(&self.ram)?;
+                load_kernel(&self.ram, self.vcpus.len() as u32, k, &cmdline).map(Entry::Kernel)
+            }
             GuestImage::Raw { load, code } => {
                 self.ram.write(load, code)?;
                 let gdt = boot::write_page_tables(&self.ram)?;
                 let mut cmd = cmdline.into_bytes();
                 cmd.push(0);
                 self.ram.write(abi::CMDLINE, &cmd)?;
-                Ok(BootInfo {
+                Ok(Entry::Direct(BootInfo {
                     entry: load,
                     gdt,
                     image_end: load + code.len() as u64,
-                })
+                }))
             }
         }
     }
@@ -378,6 +481,75 @@ impl Vm {
             }
         }
         self.shared.ctl.resume()
+    }
+
+    /// Resets the machine as a reset button would: every vCPU back to the state KVM created it
+    /// in (LAPIC, MSRs, TSC...), the boot image and its boot structures loaded again, the vCPUs
+    /// at their entry; RAM is otherwise kept (as QEMU does). Runs again if it ran before.
+    /// Also clears a vCPU failure (a reset is how a triple-faulted machine comes back).
+    pub fn system_reset(&self) -> Result<()> {
+        let phase = *lock(&self.phase);
+        if matches!(phase, Phase::Shutdown | Phase::Incoming) {
+            return Err(Error::State(format!(
+                "cannot reset a machine that is {}",
+                if phase == Phase::Shutdown {
+                    "shut down"
+                } else {
+                    "waiting for its incoming state"
+                }
+            )));
+        }
+        let source = lock(&self.boot).clone().ok_or_else(|| {
+            Error::State(
+                "this machine has no boot image to reset to (an incoming kernel guest started without --kernel)"
+                    .into(),
+            )
+        })?;
+        let was_running =
+            self.is_running() || (self.shared.failure().is_some() && phase == Phase::Started);
+        self.pause()?;
+        for (i, (fd, state)) in self.vcpus.iter().zip(&self.pristine).enumerate() {
+            VcpuComponent {
+                index: i as u32,
+                fd: &lock_vcpu(fd),
+                caps: self.caps,
+            }
+            .restore(state)?;
+        }
+        self.boot_vcpus(source.image())?;
+        self.shared.bus.i8042.set_state(&Default::default());
+        self.shared
+            .resets
+            .completed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.shared.clear_failure() {
+            tracing::info!("system reset cleared the vCPU failure");
+        }
+        if was_running {
+            self.resume()?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` (on the vCPU thread) each time the guest asks for a reset (i8042); the
+    /// machine does not reset by itself: the owner calls [`Vm::system_reset`] from another
+    /// thread (a vCPU thread cannot wait for itself to park).
+    pub fn on_guest_reset(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self
+            .shared
+            .resets
+            .callback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Guest reset requests so far, and resets done.
+    pub fn reset_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.resets.requested.load(Relaxed),
+            self.shared.resets.completed.load(Relaxed),
+        )
     }
 
     /// Whether the vCPUs are (asked to be) running and none has failed.

@@ -49,8 +49,10 @@ fn raw_heartbeat_loop() {
     assert_eq!(s.last.unwrap().seq, s.count);
 }
 
+/// `hlt` at CPL 3 is a #GP; without an IDT that is a triple fault (`SHUTDOWN`). (A `hlt` at
+/// CPL 0 blocks inside `KVM_RUN`: `tests/pvh_guest.rs` in the tern crate halts its APs.)
 #[test]
-fn hlt_fails_the_machine_without_killing_the_process() {
+fn cpl3_hlt_faults_and_fails_the_machine_without_killing_the_process() {
     let vm = raw_vm(&[0xf4]);
     let d = Instant::now() + DEADLINE;
     while !matches!(vm.status(), VmStatus::Failed(_)) {
@@ -62,7 +64,47 @@ fn hlt_fails_the_machine_without_killing_the_process() {
     };
     eprintln!("failure: {f:?}");
     assert_eq!(f.vcpu, 0);
+    assert!(f.reason.contains("SHUTDOWN"), "{}", f.reason);
     assert!(vm.resume().is_err());
     vm.pause().unwrap();
+    vm.shutdown().unwrap();
+}
+
+/// `ebx = 1; loop { out 0xf10, ebx; ebx += 1; if ebx == 5 { out 0x64, 0xfe; jmp $ } }`
+const BEATS_THEN_I8042_RESET: &[u8] = &[
+    0xbb, 0x01, 0x00, 0x00, 0x00, // mov ebx, 1
+    0x89, 0xd8, // mov eax, ebx
+    0x66, 0xba, 0x10, 0x0f, // mov dx, 0xf10
+    0xef, // out dx, eax
+    0xff, 0xc3, // inc ebx
+    0x83, 0xfb, 0x05, // cmp ebx, 5
+    0x75, 0xf2, // jne -14 (mov eax, ebx)
+    0xb0, 0xfe, // mov al, 0xfe
+    0xe6, 0x64, // out 0x64, al
+    0xeb, 0xfe, // jmp $
+];
+
+/// The i8042 reset command is reported; `system_reset` puts the vCPU back at its entry with
+/// the image reloaded, and the guest starts over (its heartbeats restart at 1).
+#[test]
+fn i8042_reset_request_and_system_reset_restart_the_guest() {
+    let vm = raw_vm(BEATS_THEN_I8042_RESET);
+    let d = Instant::now() + DEADLINE;
+    while vm.reset_counts().0 == 0 {
+        assert!(
+            Instant::now() < d,
+            "no reset request; {:?}",
+            vm.heartbeats()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(vm.heartbeats().last.unwrap().seq, 4);
+    vm.system_reset().unwrap();
+    assert_eq!(vm.reset_counts().1, 1);
+    let s = vm.wait_heartbeats(5, deadline());
+    assert!(s.count > 5, "{s:?}");
+    let seqs: Vec<u64> = vm.heartbeats_since(0).iter().map(|h| h.seq).collect();
+    assert_eq!(&seqs[..5], &[1, 2, 3, 4, 1], "{seqs:?}");
+    assert_eq!(vm.status(), VmStatus::Running);
     vm.shutdown().unwrap();
 }

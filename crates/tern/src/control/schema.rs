@@ -488,7 +488,18 @@ static SHUTDOWN_CAUSE: Enum = Enum {
 };
 
 /// Every event Tern emits.
-pub(super) static EVENTS: [Event; 5] = [
+pub(super) static EVENTS: [Event; 7] = [
+    Event {
+        name: "RESET",
+        data: &[
+            Member::req("guest", Type::Bool),
+            Member::req("reason", Type::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    Event {
+        name: "POWERDOWN",
+        data: &[],
+    },
     Event {
         name: "SHUTDOWN",
         data: &[

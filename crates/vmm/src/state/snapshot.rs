@@ -3,13 +3,14 @@
 use kvm_ioctls::VmFd;
 
 use super::cpu::{VcpuComponent, VcpuState};
-use super::devices::{ControlComponent, SerialComponent};
+use super::devices::{ControlComponent, I8042Component, SerialComponent};
 use super::machine::{MachineComponent, MachineState};
 use super::vm::{ClockState, Irqchip, IrqchipState, KvmClock, Pit};
 use super::{decode_component, save_component, ComponentState, Persist};
 use crate::caps::HostCaps;
 use crate::config::VmConfig;
 use crate::devices::control::GuestControlState;
+use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDeviceState;
 use crate::error::{Error, Result};
 use crate::memory::RamRegionInfo;
@@ -29,6 +30,7 @@ pub fn known_components() -> Vec<(&'static str, u32, u32)> {
         entry::<Pit<'static>>(),
         entry::<SerialComponent<'static>>(),
         entry::<ControlComponent<'static>>(),
+        entry::<I8042Component<'static>>(),
         entry::<VcpuComponent<'static>>(),
     ]
 }
@@ -63,7 +65,7 @@ pub struct SaveBreakdown {
     pub vcpus: std::time::Duration,
 }
 
-/// Saves every component: machine, kvmclock, irqchip, pit, serial, guest-control, cpu 0..n.
+/// Saves every component: machine, kvmclock, irqchip, pit, serial, guest-control, i8042, cpu 0..n.
 pub fn save_all(
     parts: &MachineParts<'_>,
     config: &VmConfig,
@@ -89,6 +91,7 @@ pub fn save_all(
         &ControlComponent(&parts.shared.bus.control),
         0,
     )?);
+    out.push(save_component(&I8042Component(&parts.shared.bus.i8042), 0)?);
     let t1 = std::time::Instant::now();
     for (i, fd) in parts.vcpus.iter().enumerate() {
         let fd = lock_vcpu(fd);
@@ -116,6 +119,7 @@ struct Decoded {
     pit: kvm_bindings::kvm_pit_state2,
     serial: SerialDeviceState,
     control: GuestControlState,
+    i8042: I8042State,
     cpus: Vec<VcpuState>,
 }
 
@@ -145,6 +149,7 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
     let mut pit = None;
     let mut serial = None;
     let mut control = None;
+    let mut i8042 = None;
     let mut cpus: Vec<Option<VcpuState>> = vec![None; vcpus];
     for c in states {
         match c.id.as_str() {
@@ -159,6 +164,7 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
                     .map_err(|reason| Error::component(&c.id, c.instance, reason))?;
                 put(&mut control, c, s)?
             }
+            I8042Component::ID => put(&mut i8042, c, decode_component::<I8042Component>(c)?)?,
             VcpuComponent::ID => {
                 let state = decode_component::<VcpuComponent>(c)?;
                 let slot = cpus.get_mut(c.instance as usize).ok_or_else(|| {
@@ -190,12 +196,13 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
         pit: pit.ok_or_else(|| missing(Pit::ID, 0))?,
         serial: serial.ok_or_else(|| missing(SerialComponent::ID, 0))?,
         control: control.ok_or_else(|| missing(ControlComponent::ID, 0))?,
+        i8042: i8042.ok_or_else(|| missing(I8042Component::ID, 0))?,
         cpus,
     })
 }
 
 /// Validates the whole set (ids, instances, versions, payloads, machine shape) and only then
-/// restores: machine, PIT, kvmclock, irqchip, serial, guest-control, then the vCPUs in order.
+/// restores: machine, PIT, kvmclock, irqchip, serial, guest-control, i8042, then the vCPUs in order.
 pub fn restore_all(
     parts: &MachineParts<'_>,
     config: &mut VmConfig,
@@ -214,6 +221,7 @@ pub fn restore_all(
     Irqchip(parts.vm).restore(&d.irqchip)?;
     SerialComponent(&parts.shared.bus.serial).restore(&d.serial)?;
     ControlComponent(&parts.shared.bus.control).restore(&d.control)?;
+    I8042Component(&parts.shared.bus.i8042).restore(&d.i8042)?;
     for (i, (fd, state)) in parts.vcpus.iter().zip(&d.cpus).enumerate() {
         let fd = lock_vcpu(fd);
         VcpuComponent {
