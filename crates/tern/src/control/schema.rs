@@ -490,17 +490,6 @@ static SHUTDOWN_CAUSE: Enum = Enum {
 /// Every event Tern emits.
 pub(super) static EVENTS: [Event; 7] = [
     Event {
-        name: "RESET",
-        data: &[
-            Member::req("guest", Type::Bool),
-            Member::req("reason", Type::Enum(&SHUTDOWN_CAUSE)),
-        ],
-    },
-    Event {
-        name: "POWERDOWN",
-        data: &[],
-    },
-    Event {
         name: "SHUTDOWN",
         data: &[
             Member::req("guest", Type::Bool),
@@ -522,5 +511,16 @@ pub(super) static EVENTS: [Event; 7] = [
     Event {
         name: "MIGRATION_PASS",
         data: &[Member::req("pass", INT)],
+    },
+    Event {
+        name: "RESET",
+        data: &[
+            Member::req("guest", Type::Bool),
+            Member::req("reason", Type::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    Event {
+        name: "POWERDOWN",
+        data: &[],
     },
 ];
