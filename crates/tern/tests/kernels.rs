@@ -202,6 +202,11 @@ fn pvh_guest_migrates_between_two_tern_processes() {
     let dst_out = wait_pass(&serial_file(dir.path(), "dst"), 1, last1 + 3);
     assert_eq!(dst.run_status(), "running");
     assert_consecutive_ok(&format!("{src_out}{dst_out}"), 2);
+    // Without the kernel, this destination cannot reset the guest (and does not boot the test
+    // guest instead): the `boot` component said what the source booted.
+    let e = dst.err("system_reset", json!({}));
+    assert!(e.contains("no boot image"), "{e}");
+    assert_eq!(dst.run_status(), "running");
     dst.quit_ok();
 }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::kernel::{load_kernel, KernelEntry, KernelImage};
+use crate::boot::source::BootSource;
 use crate::boot::{self, BootInfo};
 use crate::caps::HostCaps;
 use crate::config::VmConfig;
@@ -54,38 +55,6 @@ pub enum GuestImage<'a> {
     /// A kernel (`tern run --kernel`): PVH ELF, vmlinux or bzImage, with the machine's command
     /// line (docs/machine.md "Boot paths").
     Kernel(&'a KernelImage),
-}
-
-/// What a reset reloads: an owned copy of the image the machine booted.
-#[derive(Clone, Debug)]
-enum BootSource {
-    Builtin,
-    Elf(Vec<u8>),
-    Raw { load: u64, code: Vec<u8> },
-    Kernel(Arc<KernelImage>),
-}
-
-impl BootSource {
-    fn from_image(image: GuestImage<'_>) -> Self {
-        match image {
-            GuestImage::Builtin => BootSource::Builtin,
-            GuestImage::Elf(e) => BootSource::Elf(e.to_vec()),
-            GuestImage::Raw { load, code } => BootSource::Raw {
-                load,
-                code: code.to_vec(),
-            },
-            GuestImage::Kernel(k) => BootSource::Kernel(Arc::new(k.clone())),
-        }
-    }
-
-    fn image(&self) -> GuestImage<'_> {
-        match self {
-            BootSource::Builtin => GuestImage::Builtin,
-            BootSource::Elf(e) => GuestImage::Elf(e),
-            BootSource::Raw { load, code } => GuestImage::Raw { load: *load, code },
-            BootSource::Kernel(k) => GuestImage::Kernel(k),
-        }
-    }
 }
 
 /// Where the vCPUs start.
@@ -773,6 +742,7 @@ impl Vm {
             shared: &self.shared,
             regions: self.ram.regions(),
             caps: self.caps,
+            boot: &self.boot,
         }
     }
 

@@ -14,5 +14,6 @@ pub mod layout;
 pub mod linux;
 pub mod memmap;
 pub mod pvh;
+pub mod source;
 
 pub use direct::*;

@@ -2,11 +2,13 @@
 
 use kvm_ioctls::VmFd;
 
+use super::boot::BootComponent;
 use super::cpu::{VcpuComponent, VcpuState};
 use super::devices::{ControlComponent, I8042Component, SerialComponent};
 use super::machine::{MachineComponent, MachineState};
 use super::vm::{ClockState, Irqchip, IrqchipState, KvmClock, Pit};
 use super::{decode_component, save_component, ComponentState, Persist};
+use crate::boot::source::{BootKind, BootSource};
 use crate::caps::HostCaps;
 use crate::config::VmConfig;
 use crate::devices::control::GuestControlState;
@@ -31,6 +33,7 @@ pub fn known_components() -> Vec<(&'static str, u32, u32)> {
         entry::<SerialComponent<'static>>(),
         entry::<ControlComponent<'static>>(),
         entry::<I8042Component<'static>>(),
+        entry::<BootComponent<'static>>(),
         entry::<VcpuComponent<'static>>(),
     ]
 }
@@ -54,6 +57,8 @@ pub struct MachineParts<'a> {
     pub regions: &'a [RamRegionInfo],
     /// Host capabilities.
     pub caps: &'static HostCaps,
+    /// What the machine booted (and resets into).
+    pub boot: &'a std::sync::Mutex<Option<BootSource>>,
 }
 
 /// How long the parts of a save took.
@@ -65,7 +70,7 @@ pub struct SaveBreakdown {
     pub vcpus: std::time::Duration,
 }
 
-/// Saves every component: machine, kvmclock, irqchip, pit, serial, guest-control, i8042, cpu 0..n.
+/// Saves every component: machine, kvmclock, irqchip, pit, serial, guest-control, i8042, boot, cpu 0..n.
 pub fn save_all(
     parts: &MachineParts<'_>,
     config: &VmConfig,
@@ -92,6 +97,7 @@ pub fn save_all(
         0,
     )?);
     out.push(save_component(&I8042Component(&parts.shared.bus.i8042), 0)?);
+    out.push(save_component(&BootComponent(parts.boot), 0)?);
     let t1 = std::time::Instant::now();
     for (i, fd) in parts.vcpus.iter().enumerate() {
         let fd = lock_vcpu(fd);
@@ -120,6 +126,7 @@ struct Decoded {
     serial: SerialDeviceState,
     control: GuestControlState,
     i8042: I8042State,
+    boot: BootKind,
     cpus: Vec<VcpuState>,
 }
 
@@ -150,6 +157,7 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
     let mut serial = None;
     let mut control = None;
     let mut i8042 = None;
+    let mut boot = None;
     let mut cpus: Vec<Option<VcpuState>> = vec![None; vcpus];
     for c in states {
         match c.id.as_str() {
@@ -165,6 +173,7 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
                 put(&mut control, c, s)?
             }
             I8042Component::ID => put(&mut i8042, c, decode_component::<I8042Component>(c)?)?,
+            BootComponent::ID => put(&mut boot, c, decode_component::<BootComponent>(c)?)?,
             VcpuComponent::ID => {
                 let state = decode_component::<VcpuComponent>(c)?;
                 let slot = cpus.get_mut(c.instance as usize).ok_or_else(|| {
@@ -198,12 +207,14 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
         control: control.ok_or_else(|| missing(ControlComponent::ID, 0))?,
         // Optional: a stream from a Tern without the i8042 restores it in its reset state.
         i8042: i8042.unwrap_or_default(),
+        // Optional too: a Tern without it only booted the test guest.
+        boot: boot.unwrap_or_default(),
         cpus,
     })
 }
 
 /// Validates the whole set (ids, instances, versions, payloads, machine shape) and only then
-/// restores: machine, PIT, kvmclock, irqchip, serial, guest-control, i8042, then the vCPUs in order.
+/// restores: machine, PIT, kvmclock, irqchip, serial, guest-control, i8042, boot, then the vCPUs in order.
 pub fn restore_all(
     parts: &MachineParts<'_>,
     config: &mut VmConfig,
@@ -223,6 +234,7 @@ pub fn restore_all(
     SerialComponent(&parts.shared.bus.serial).restore(&d.serial)?;
     ControlComponent(&parts.shared.bus.control).restore(&d.control)?;
     I8042Component(&parts.shared.bus.i8042).restore(&d.i8042)?;
+    BootComponent(parts.boot).restore(&d.boot)?;
     for (i, (fd, state)) in parts.vcpus.iter().zip(&d.cpus).enumerate() {
         let fd = lock_vcpu(fd);
         VcpuComponent {
