@@ -1,6 +1,7 @@
 //! `tern-bench`: runs migration benchmark suites against Tern and QEMU on the same test guest
 //! and writes `<out>/<suite>.json` + `<out>/<suite>.md`. See `bench/README.md`.
 
+mod boot;
 mod facts;
 mod guest_stall;
 mod link;
@@ -31,6 +32,7 @@ enum Suite {
     GuestStall,
     Machine,
     Snapshot,
+    Boot,
     All,
 }
 
@@ -240,6 +242,7 @@ fn main() -> anyhow::Result<()> {
             Suite::GuestStall => guest_stall::run(&ctx),
             Suite::Machine => machine::run(&ctx),
             Suite::Snapshot => snapshot::run(&ctx),
+            Suite::Boot => boot::run(&ctx),
             Suite::All => Ok(()),
         };
         if let Err(e) = r {

@@ -24,6 +24,10 @@ pub enum Command {
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
+        /// Write the PVH test guest of the `--kernel` tests instead (tests/guests/pvh_guest.rs;
+        /// the benchmark's `boot` suite uses it).
+        #[arg(long, hide = true)]
+        x_pvh_test: bool,
     },
     /// Check a memory dump of a `pattern` guest (QEMU migration-test rule).
     CheckPattern(CheckPatternArgs),

@@ -179,7 +179,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             .spawn(move || {
                 if let Some(ctl) = weak.upgrade() {
                     if let Err(e) = ctl.reset_machine(true) {
-                        tracing::warn!("guest reset: {}", e.desc);
+                        tracing::warn!("guest reset request dropped: {}", e.desc);
+                        ctl.vm.finish_reset_request();
                     }
                 }
             });

@@ -43,6 +43,9 @@ pub struct ResetRequests {
     pub requested: std::sync::atomic::AtomicU64,
     /// Resets done.
     pub completed: std::sync::atomic::AtomicU64,
+    /// A request was passed to the callback and not yet served: further requests are only
+    /// counted (a guest writing 0xfe in a loop must not start a reset per write).
+    pub pending: std::sync::atomic::AtomicBool,
     /// Called on the vCPU thread for each request.
     #[allow(clippy::type_complexity)]
     pub callback: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
@@ -232,15 +235,20 @@ fn handle_exit(
                     .resets
                     .requested
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(vcpu = index, "the guest asked for a system reset");
-                if let Some(f) = shared
+                let first = !shared
                     .resets
-                    .callback
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
-                    f();
+                    .pending
+                    .swap(true, std::sync::atomic::Ordering::AcqRel);
+                if first {
+                    tracing::info!(vcpu = index, "the guest asked for a system reset");
+                    let callback = shared
+                        .resets
+                        .callback
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if let Some(f) = callback.as_ref() {
+                        f();
+                    }
                 }
             }
             if let ControlAction::IdleWait(d) = action {

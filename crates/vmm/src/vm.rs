@@ -500,9 +500,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Calls `f` (on the vCPU thread) each time the guest asks for a reset (i8042); the
-    /// machine does not reset by itself: the owner calls [`Vm::system_reset`] from another
-    /// thread (a vCPU thread cannot wait for itself to park).
+    /// Calls `f` (on the vCPU thread) when the guest asks for a reset (i8042) and no earlier
+    /// request is pending; the machine does not reset by itself: the owner calls
+    /// [`Vm::system_reset`] from another thread (a vCPU thread cannot wait for itself to park),
+    /// or [`Vm::finish_reset_request`] when it refuses.
     pub fn on_guest_reset(&self, f: impl Fn() + Send + Sync + 'static) {
         *self
             .shared
@@ -510,6 +511,15 @@ impl Vm {
             .callback
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Forgets a pending guest reset request (done by [`Vm::system_reset`]; the owner calls it
+    /// when it refuses a request), so the next one reaches the callback again.
+    pub fn finish_reset_request(&self) {
+        self.shared
+            .resets
+            .pending
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Guest reset requests so far, and resets done.

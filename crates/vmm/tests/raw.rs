@@ -108,3 +108,42 @@ fn i8042_reset_request_and_system_reset_restart_the_guest() {
     assert_eq!(vm.status(), VmStatus::Running);
     vm.shutdown().unwrap();
 }
+
+/// `mov al, 0xfe; loop { out 0x64, al }`: a guest flooding reset requests.
+const I8042_RESET_FLOOD: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfc];
+
+/// The owner's callback hears of one request until it is served (or refused): a flood of
+/// requests starts no flood of resets.
+#[test]
+fn a_flood_of_reset_requests_reaches_the_callback_once_until_served() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let vm = Vm::with_image(
+        VmConfig::new(64 << 20, 1, ""),
+        GuestImage::Raw {
+            load: 0x10_0000,
+            code: I8042_RESET_FLOOD,
+        },
+    )
+    .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = calls.clone();
+    vm.on_guest_reset(move || {
+        c.fetch_add(1, Ordering::SeqCst);
+    });
+    vm.start().unwrap();
+    let d = Instant::now() + DEADLINE;
+    while vm.reset_counts().0 < 100 {
+        assert!(Instant::now() < d, "requests {:?}", vm.reset_counts());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    vm.finish_reset_request();
+    let seen = vm.reset_counts().0;
+    while vm.reset_counts().0 < seen + 100 {
+        assert!(Instant::now() < d, "requests {:?}", vm.reset_counts());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    vm.shutdown().unwrap();
+}
