@@ -147,3 +147,37 @@ fn a_flood_of_reset_requests_reaches_the_callback_once_until_served() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     vm.shutdown().unwrap();
 }
+
+/// `out 0x3f9, 2` (IER: THR-empty interrupt on), `out 0x3f8, 'x'`, `out 0xf10, 1`, `jmp $`.
+const UART_THR_INTERRUPT: &[u8] = &[
+    0x66, 0xba, 0xf9, 0x03, // mov dx, 0x3f9
+    0xb0, 0x02, // mov al, 2
+    0xee, // out dx, al
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, 0x78, // mov al, 'x'
+    0xee, // out dx, al
+    0xb8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
+    0x66, 0xba, 0x10, 0x0f, // mov dx, 0xf10
+    0xef, // out dx, eax
+    0xeb, 0xfe, // jmp $
+];
+
+/// COM1's interrupt reaches the in-kernel irqchip through the irqfd on GSI 4: after the guest
+/// enables the THR-empty interrupt and writes a byte, the master PIC has IRQ 4 requested (with
+/// IER = 0 it has not: checked by hand).
+#[test]
+fn serial_interrupt_reaches_the_in_kernel_pic() {
+    let vm = raw_vm(UART_THR_INTERRUPT);
+    let s = vm.wait_heartbeats(0, deadline());
+    assert_eq!(s.count, 1, "the guest did not get past its UART writes");
+    vm.pause().unwrap();
+    let states = vm.save_components().unwrap();
+    let chip = states.iter().find(|c| c.id == "irqchip").unwrap();
+    let chip =
+        tern_vmm::state::decode_component::<tern_vmm::state::vm::Irqchip<'static>>(chip).unwrap();
+    // SAFETY: `pic_master` was read with KVM_GET_IRQCHIP for chip 0 (the master PIC), so the
+    // union holds a `kvm_pic_state`.
+    let irr = unsafe { chip.pic_master.chip.pic.irr };
+    assert_ne!(irr & (1 << 4), 0, "IRR {irr:#x}: IRQ 4 not requested");
+    vm.shutdown().unwrap();
+}
