@@ -195,7 +195,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     report.notes.extend([
         "Time from spawning the VMM process to the first byte in its serial file and to the marker \
          (PVH test guest: `hb 0 00000000 ok`, its first pass at CPL 3 done; Linux: `Linux version`), \
-         host clock, file polled every 1 ms. Each VMM alone on the machine during its run."
+         host clock, file polled every 1 ms. One VMM at a time, but the 2-core host was shared with other work (load average in the facts and per run)."
             .to_string(),
         "QEMU boots an ELF with the PVH note through PVH (SeaBIOS and its PVH option ROM first, emulated \
          here); its Linux rows are PVH only. Tern enters the kernel directly (no firmware), through PVH or \
