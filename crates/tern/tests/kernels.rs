@@ -270,28 +270,33 @@ fn pvh_guest_system_reset_reboots_it_and_powerdown_is_only_an_event() {
 }
 
 /// `reset` on the command line: the guest writes 0xfe to the i8042 after its pass 3; Tern
-/// resets the machine (`RESET` with `guest: true`) and the guest boots again.
+/// resets the machine (`RESET` with `guest: true`) and the guest boots again, and again (each
+/// served request lets the next one through).
 #[test]
 fn pvh_guest_resets_itself_through_the_i8042() {
     let dir = tmpdir();
     let mut vm = spawn(dir.path(), "vm", &pvh_args(1, "reset"));
-    let ev = vm.event("RESET", T);
-    assert_eq!(ev["data"], json!({"guest": true, "reason": "guest-reset"}));
+    for _ in 0..2 {
+        let ev = vm.event("RESET", T);
+        assert_eq!(ev["data"], json!({"guest": true, "reason": "guest-reset"}));
+    }
     let out = wait_file(&serial_file(dir.path(), "vm"), T, |t| {
-        t.matches("PVH test guest").count() >= 2
+        t.matches("PVH test guest").count() >= 3
     });
-    let first = &out[..out[1..].find("PVH test guest").unwrap() + 1];
-    let passes: Vec<u64> = heartbeat_lines(first).iter().map(|l| l.1).collect();
-    assert_eq!(passes.first(), Some(&0));
-    assert!(
-        passes.iter().all(|&p| p <= 4),
-        "the reset came late: {passes:?}"
-    );
+    for boot in out.split("PVH test guest\n").skip(1).take(2) {
+        let passes: Vec<u64> = heartbeat_lines(boot).iter().map(|l| l.1).collect();
+        assert_eq!(passes.first(), Some(&0), "{boot}");
+        assert!(
+            passes.iter().all(|&p| p <= 4),
+            "the reset came late: {passes:?}"
+        );
+    }
     vm.quit_ok();
 }
 
-/// Time the banner may take here: the kernel runs emulated (TESTBED: ~14 s to the banner).
-const LINUX_BANNER_WAIT: Duration = Duration::from_secs(90);
+/// Time the banner may take here: the kernel runs emulated (TESTBED: ~14 s to the banner on a
+/// quiet host; 21-57 s measured at load 5-7, and the Linux tests of this file run side by side).
+const LINUX_BANNER_WAIT: Duration = Duration::from_secs(180);
 
 fn linux_banner(protocol: &str, kernel_of: impl Fn(&Path, &Path) -> std::path::PathBuf) {
     let bz = match linux_bzimage() {

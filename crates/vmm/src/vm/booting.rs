@@ -100,6 +100,8 @@ impl Vm {
             .resets
             .completed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Served: the guest's next request reaches the owner again.
+        self.finish_reset_request();
         if self.shared.clear_failure() {
             tracing::info!("system reset cleared the vCPU failure");
         }
