@@ -374,3 +374,29 @@ fn linux_bzimage_runs_emulated_without_faulting_for_10s() {
     }
     vm.quit_ok();
 }
+
+/// A reset while an outgoing migration owns the vCPUs is refused: the migration (which decides
+/// when the source stops) and the guest go on untouched. After `migrate_cancel` the source
+/// runs on and resets. (A guest's i8042 request at that moment is dropped the same way.)
+#[test]
+fn system_reset_is_refused_while_the_guest_migrates_out() {
+    let dir = tmpdir();
+    let mut src = spawn(dir.path(), "src", &pvh_args(1, ""));
+    let file = serial_file(dir.path(), "src");
+    wait_pass(&file, 0, 1);
+    let mut dst = dest_with(dir.path(), "dst", 64, 1, &[]);
+    start_tcp_migration(&mut src, &mut dst, &[("events", true)], true);
+    src.wait_mig(&["active"], T);
+    let e = src.err("system_reset", json!({}));
+    assert!(e.contains("migration is in progress"), "{e}");
+    assert_eq!(src.mig_status(), "active");
+    src.c("migrate_cancel", json!({}));
+    src.wait_mig(&["cancelled"], T);
+    assert_eq!(src.run_status(), "running");
+    let before = wait_pass(&file, 0, 2);
+    assert_eq!(before.matches("PVH test guest").count(), 1);
+    src.c("system_reset", json!({}));
+    src.event("RESET", T);
+    wait_file(&file, T, |t| t.matches("PVH test guest").count() == 2);
+    src.quit_ok();
+}
