@@ -68,35 +68,9 @@ fn pvh_guest_prints_the_same_under_tern_and_qemu() {
         t.lines().count() > SAME_LINES
     });
     vm.assert_alive();
-    let Some(qemu) = qemu_binary() else {
-        eprintln!("SKIP the QEMU half: qemu-system-x86_64 not found (scripts/install-deps.sh installs it)");
+    let Some(qemu_out) = qemu_serial(dir.path(), 1, |t| t.lines().count() > SAME_LINES) else {
         return;
     };
-    let qemu_serial = dir.path().join("qemu.serial");
-    let cpu = tern_guest::host_cpu::qemu_cpu().expect("choosing QEMU's -cpu");
-    let mut child = Command::new(qemu)
-        .args(["-accel", "kvm", "-cpu", &cpu, "-m", "64M", "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", qemu_serial.display()))
-        .arg("-kernel")
-        .arg(pvh_guest())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting QEMU");
-    let qemu_out =
-        std::panic::catch_unwind(|| wait_file(&qemu_serial, T, |t| t.lines().count() > SAME_LINES));
-    let _ = child.kill();
-    let _ = child.wait();
-    let qemu_out = qemu_out.unwrap_or_else(|e| std::panic::resume_unwind(e));
     let first = |t: &str| {
         t.lines()
             .take(SAME_LINES)
@@ -109,6 +83,41 @@ fn pvh_guest_prints_the_same_under_tern_and_qemu() {
         ["PVH test guest", "cpu 0 up", "hb 0 00000000 ok"]
     );
     vm.quit_ok();
+}
+
+/// Boots the PVH test guest under QEMU (`-kernel`, `-smp vcpus`) until its serial output
+/// satisfies `done`; `None` (with a SKIP message) without QEMU.
+fn qemu_serial(dir: &Path, vcpus: u32, done: impl Fn(&str) -> bool) -> Option<String> {
+    let Some(qemu) = qemu_binary() else {
+        eprintln!("SKIP the QEMU half: qemu-system-x86_64 not found (scripts/install-deps.sh installs it)");
+        return None;
+    };
+    let serial = dir.join(format!("qemu-{vcpus}.serial"));
+    let cpu = tern_guest::host_cpu::qemu_cpu().expect("choosing QEMU's -cpu");
+    let mut child = Command::new(qemu)
+        .args(["-accel", "kvm", "-cpu", &cpu, "-m", "64M"])
+        .args(["-smp", &vcpus.to_string()])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(pvh_guest())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting QEMU");
+    let out =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_file(&serial, T, done)));
+    let _ = child.kill();
+    let _ = child.wait();
+    Some(out.unwrap_or_else(|e| std::panic::resume_unwind(e)))
 }
 
 fn qemu_binary() -> Option<std::path::PathBuf> {
@@ -157,7 +166,7 @@ fn madt_apic_ids(vm: &mut Vm, dir: &Path) -> Vec<u8> {
 }
 
 #[test]
-fn pvh_guest_on_two_vcpus_runs_both_and_the_madt_lists_both() {
+fn pvh_guest_on_two_vcpus_runs_both_and_the_madt_lists_both_also_under_qemu() {
     let dir = tmpdir();
     let mut vm = spawn(dir.path(), "two", &pvh_args(2, ""));
     let out = wait_pass(&serial_file(dir.path(), "two"), 1, 3);
@@ -167,6 +176,13 @@ fn pvh_guest_on_two_vcpus_runs_both_and_the_madt_lists_both() {
     assert_consecutive_ok(&out, 2);
     assert_eq!(madt_apic_ids(&mut vm, dir.path()), vec![0, 1]);
     vm.quit_ok();
+    // The same guest starts its AP under QEMU too (no Tern-specific start-up).
+    if let Some(out) = qemu_serial(dir.path(), 2, |t| {
+        heartbeat_lines(t).iter().any(|&(c, p, _)| c == 1 && p > 2)
+    }) {
+        assert!(out.contains("cpu 1 up"), "{out}");
+        assert_consecutive_ok(&out, 2);
+    }
 }
 
 /// Source `--kernel` guest on 2 vCPUs, destination started without `--kernel` (RAM and state
