@@ -2,6 +2,7 @@
 //! and writes `<out>/<suite>.json` + `<out>/<suite>.md`. See `bench/README.md`.
 
 mod digest;
+mod boot;
 mod facts;
 mod guest_stall;
 mod link;
@@ -36,6 +37,7 @@ enum Suite {
     Digest,
     /// The management layer's orchestration overhead (ternctl migrate vs raw QMP)
     Mgmt,
+    Boot,
     All,
 }
 
@@ -247,6 +249,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Snapshot => snapshot::run(&ctx),
             Suite::Digest => digest::run(&ctx),
             Suite::Mgmt => mgmt::run(&ctx),
+            Suite::Boot => boot::run(&ctx),
             Suite::All => Ok(()),
         };
         if let Err(e) = r {

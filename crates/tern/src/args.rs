@@ -24,6 +24,10 @@ pub enum Command {
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
+        /// Write the PVH test guest of the `--kernel` tests instead (tests/guests/pvh_guest.rs;
+        /// the benchmark's `boot` suite uses it).
+        #[arg(long, hide = true)]
+        x_pvh_test: bool,
     },
     /// Check a memory dump of a `pattern` guest (QEMU migration-test rule).
     CheckPattern(CheckPatternArgs),
@@ -54,6 +58,13 @@ pub enum WorkloadArg {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BootProtocolArg {
+    Auto,
+    Pvh,
+    Linux,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OrderArg {
     Seq,
     Random,
@@ -76,6 +87,18 @@ pub struct RunArgs {
     pub serial: String,
     #[command(flatten)]
     pub guest: GuestArgs,
+    /// Boot this kernel instead of the test guest: a PVH ELF, a vmlinux or a bzImage
+    /// (docs/machine.md "Boot paths"); `--append` is then its command line. On an incoming
+    /// machine it is only kept for a later reset (RAM comes from the source).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initrd for `--kernel` (PVH: module 0; Linux: `ramdisk_image`).
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Entry of `--kernel`: auto (PVH when the ELF has the Xen PVH note, as QEMU does), pvh,
+    /// or linux (the 64-bit boot protocol).
+    #[arg(long, value_enum, default_value = "auto", requires = "kernel")]
+    pub boot_protocol: BootProtocolArg,
     /// Wait for an incoming migration: `defer` (then QMP migrate-incoming), or a URI
     /// (tcp:HOST:PORT, unix:PATH, file:PATH).
     #[arg(long)]
@@ -151,7 +174,8 @@ pub struct GuestArgs {
     /// Status line period in ms (0 = off).
     #[arg(long, default_value_t = 1000)]
     pub status_ms: u64,
-    /// Raw guest options appended to the command line (`key=value ...`), overriding the flags.
+    /// Raw guest options appended to the command line (`key=value ...`), overriding the flags;
+    /// with `--kernel`, the kernel's whole command line.
     #[arg(long)]
     pub append: Option<String>,
 }

@@ -16,7 +16,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Run(a) => run::run(a),
-        Command::GuestImage { output } => tools::guest_image(&output),
+        Command::GuestImage { output, x_pvh_test } => tools::guest_image(&output, x_pvh_test),
         Command::CheckPattern(a) => tools::check_pattern(&a),
         Command::AnalyzeStream { file } => tools::analyze_stream(&file),
         Command::Snapshot { qmp, file } => tools::snapshot(&qmp, &file),

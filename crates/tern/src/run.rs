@@ -7,9 +7,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tern_qmp::{EventSink, QemuVersion, QmpServer, ServerConfig};
 use tern_statedev::{StateDevConfig, StateDevice};
-use tern_vmm::{SerialTarget, Vm, VmConfig};
+use tern_vmm::boot::kernel::{BootProtocol, KernelImage};
+use tern_vmm::{GuestImage, SerialTarget, Vm, VmConfig};
 
-use crate::args::RunArgs;
+use crate::args::{BootProtocolArg, RunArgs};
 use crate::control::{Controller, ExitRequest, QmpDispatch, RunState};
 
 /// First word of the line `tern run` prints on stderr once its QMP socket accepts clients.
@@ -34,6 +35,20 @@ pub fn parse_serial(s: &str) -> Result<SerialTarget> {
 
 /// Builds the machine configuration from the command line.
 pub fn vm_config(a: &RunArgs) -> Result<VmConfig> {
+    if a.kernel.is_some() {
+        let mut cfg = VmConfig::new(
+            a.memory,
+            a.vcpus,
+            a.guest.append.clone().unwrap_or_default(),
+        );
+        cfg.serial = parse_serial(&a.serial)?;
+        cfg.huge_pages = a.huge_pages;
+        if let Some(u) = a.uuid {
+            cfg.uuid = u;
+        }
+        cfg.validate().context("machine configuration")?;
+        return Ok(cfg);
+    }
     let opts = a.guest.options().context("guest options")?;
     if opts.min_ram_bytes() > a.memory {
         bail!(
@@ -65,6 +80,25 @@ pub fn vm_config(a: &RunArgs) -> Result<VmConfig> {
     }
     cfg.validate().context("machine configuration")?;
     Ok(cfg)
+}
+
+/// Reads `--kernel` and `--initrd`.
+pub fn kernel_image(a: &RunArgs) -> Result<Option<KernelImage>> {
+    let Some(k) = &a.kernel else { return Ok(None) };
+    let kernel = std::fs::read(k).with_context(|| format!("--kernel {}", k.display()))?;
+    let initrd = match &a.initrd {
+        Some(i) => Some(std::fs::read(i).with_context(|| format!("--initrd {}", i.display()))?),
+        None => None,
+    };
+    Ok(Some(KernelImage {
+        kernel,
+        initrd,
+        protocol: match a.boot_protocol {
+            BootProtocolArg::Auto => BootProtocol::Auto,
+            BootProtocolArg::Pvh => BootProtocol::Pvh,
+            BootProtocolArg::Linux => BootProtocol::Linux,
+        },
+    }))
 }
 
 /// Builds the `--device` devices (`statedev,...`); `incoming` ones wait for their state.
@@ -104,10 +138,13 @@ pub fn run(a: RunArgs) -> Result<()> {
         crate::migrate::machine::set_test_only_corrupt_ram(gpa);
     }
     let incoming = a.incoming.clone();
+    let kernel = kernel_image(&a)?;
+    let image = kernel.as_ref().map(GuestImage::Kernel);
     let vm = Arc::new(if incoming.is_some() {
-        Vm::new_for_incoming(cfg).context("creating the VM for an incoming migration")?
+        Vm::new_for_incoming_with_image(cfg, image)
+            .context("creating the VM for an incoming migration")?
     } else {
-        Vm::new(cfg).context("creating the VM")?
+        Vm::with_image(cfg, image.unwrap_or(GuestImage::Builtin)).context("creating the VM")?
     });
 
     let devices = devices(&a.devices, incoming.is_some())?;
@@ -135,6 +172,25 @@ pub fn run(a: RunArgs) -> Result<()> {
         format!("tern-{}", env!("CARGO_PKG_VERSION")),
     );
     scfg.events = events.clone();
+    // A guest reset request (i8042) comes on a vCPU thread, which cannot wait for itself to
+    // park: the reset runs on its own short-lived thread.
+    let weak = Arc::downgrade(&ctl);
+    vm.on_guest_reset(move || {
+        let weak = weak.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vm-reset".into())
+            .spawn(move || {
+                if let Some(ctl) = weak.upgrade() {
+                    if let Err(e) = ctl.reset_machine(true) {
+                        tracing::warn!("guest reset request dropped: {}", e.desc);
+                        ctl.vm.finish_reset_request();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("guest reset: cannot spawn vm-reset: {e}");
+        }
+    });
     let server = QmpServer::bind(&a.qmp, Arc::new(QmpDispatch(ctl.clone())), scfg)
         .with_context(|| format!("QMP socket {}", a.qmp.display()))?;
 

@@ -9,8 +9,15 @@ use serde_json::json;
 use crate::args::{CheckPatternArgs, GuestArgs, OrderArg, RestoreArgs, RunArgs, WorkloadArg};
 use crate::harness::{num, status};
 
-/// `tern guest-image -o FILE`.
-pub fn guest_image(out: &Path) -> Result<()> {
+/// The PVH test guest (built by `build.rs` from `tests/guests/pvh_guest.rs`).
+const PVH_TEST_GUEST: &[u8] = include_bytes!(env!("TERN_PVH_GUEST_ELF"));
+
+/// `tern guest-image -o FILE [--x-pvh-test]`.
+pub fn guest_image(out: &Path, pvh_test: bool) -> Result<()> {
+    if pvh_test {
+        return std::fs::write(out, PVH_TEST_GUEST)
+            .with_context(|| format!("writing {}", out.display()));
+    }
     std::fs::write(out, tern_guest::GUEST_ELF)
         .with_context(|| format!("writing {}", out.display()))?;
     // The -cpu model QEMU needs on this host's CPU vendor (`host` aborts on the AMD hosts).
@@ -147,6 +154,9 @@ pub fn restore(a: RestoreArgs) -> Result<()> {
             status_ms: 1000,
             append: None,
         },
+        kernel: None,
+        initrd: None,
+        boot_protocol: crate::args::BootProtocolArg::Auto,
         incoming: Some(format!("file:{}", std::path::absolute(&a.file)?.display())),
         paused: a.paused,
         uuid: Some(cfg.vm_uuid),

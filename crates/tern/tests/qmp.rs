@@ -143,7 +143,15 @@ fn qmp_schema_is_the_dispatcher_table() {
     assert_eq!(s.names("command"), names);
     assert_eq!(
         s.names("event"),
-        ["SHUTDOWN", "STOP", "RESUME", "MIGRATION", "MIGRATION_PASS"]
+        [
+            "SHUTDOWN",
+            "STOP",
+            "RESUME",
+            "MIGRATION",
+            "MIGRATION_PASS",
+            "RESET",
+            "POWERDOWN"
+        ]
     );
     // Every listed command is dispatched (its arguments are checked, it is not unknown), and
     // nothing else is: a bogus member is refused before anything runs. (`qmp_capabilities`

@@ -32,6 +32,32 @@ pub struct Shared {
     pub failure: Mutex<Option<VcpuFailure>>,
     /// The longest time a vCPU that wanted to run was kept out of `KVM_RUN`.
     pub stalls: StallMeter,
+    /// Guest reset requests.
+    pub resets: ResetRequests,
+}
+
+/// Guest reset requests (i8042) and who is told.
+#[derive(Default)]
+pub struct ResetRequests {
+    /// Requests seen.
+    pub requested: std::sync::atomic::AtomicU64,
+    /// Resets done.
+    pub completed: std::sync::atomic::AtomicU64,
+    /// A request was passed to the callback and not yet served: further requests are only
+    /// counted (a guest writing 0xfe in a loop must not start a reset per write).
+    pub pending: std::sync::atomic::AtomicBool,
+    /// Called on the vCPU thread for each request.
+    #[allow(clippy::type_complexity)]
+    pub callback: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for ResetRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResetRequests")
+            .field("requested", &self.requested)
+            .field("completed", &self.completed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -41,6 +67,15 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Forgets the failure (after a reset); true if there was one.
+    pub fn clear_failure(&self) -> bool {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some()
     }
 
     fn fail(&self, vcpu: u32, reason: String) {
@@ -77,6 +112,9 @@ pub fn spawn(index: u32, fd: SharedVcpu, shared: Arc<Shared>) -> Result<JoinHand
         })
         .map_err(|e| Error::io(format!("spawning vcpu-{index}"), e))
 }
+
+/// How long a vCPU thread waits after a `KVM_EXIT_HLT` before it runs the vCPU again.
+const HLT_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 enum Outcome {
     Continue,
@@ -192,6 +230,27 @@ fn handle_exit(
                     "slow port write"
                 );
             }
+            if let ControlAction::Reset = action {
+                shared
+                    .resets
+                    .requested
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let first = !shared
+                    .resets
+                    .pending
+                    .swap(true, std::sync::atomic::Ordering::AcqRel);
+                if first {
+                    tracing::info!(vcpu = index, "the guest asked for a system reset");
+                    let callback = shared
+                        .resets
+                        .callback
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if let Some(f) = callback.as_ref() {
+                        f();
+                    }
+                }
+            }
             if let ControlAction::IdleWait(d) = action {
                 let start = Instant::now();
                 shared.ctl.idle_wait(d);
@@ -219,7 +278,15 @@ fn handle_exit(
             Outcome::Continue
         }
         VcpuExit::Intr | VcpuExit::IrqWindowOpen => Outcome::Continue,
-        VcpuExit::Hlt => Outcome::Fatal("HLT".into()),
+        // With the in-kernel irqchip KVM keeps a halted vCPU inside KVM_RUN until an interrupt
+        // (a kick still gets it out: pause works, and the halted MP state is saved). This exit
+        // only comes without an in-kernel LAPIC: wait briefly (interruptible by a pause) and
+        // run again, never spin.
+        VcpuExit::Hlt => {
+            shared.ctl.idle_wait(HLT_WAIT);
+            *due = None;
+            Outcome::Continue
+        }
         VcpuExit::Shutdown => Outcome::Fatal("SHUTDOWN (triple fault)".into()),
         VcpuExit::FailEntry(reason, cpu) => Outcome::Fatal(format!(
             "FAIL_ENTRY (hardware entry failure reason {reason:#x}, cpu {cpu})"

@@ -115,7 +115,7 @@ const fn entry(name: &'static str, args: &'static [Member], ret: Type, run: Hand
 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
-static COMMANDS: [Entry; 23] = [
+static COMMANDS: [Entry; 25] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
@@ -129,6 +129,10 @@ static COMMANDS: [Entry; 23] = [
     entry("stop", &[], EMPTY, |c, _, a| c.stop(a)),
     entry("cont", &[], EMPTY, |c, _, a| c.cont(a)),
     entry("quit", &[], EMPTY, |c, ctx, a| c.quit(ctx, a)),
+    entry("system_reset", &[], EMPTY, |c, _, a| c.system_reset(a)),
+    entry("system_powerdown", &[], EMPTY, |c, _, a| {
+        c.system_powerdown(a)
+    }),
     entry("pmemsave", &schema::PMEMSAVE_ARGS, EMPTY, |c, _, a| {
         c.pmemsave(a)
     }),

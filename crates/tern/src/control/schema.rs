@@ -500,7 +500,7 @@ static SHUTDOWN_CAUSE: Enum = Enum {
 };
 
 /// Every event Tern emits.
-pub(super) static EVENTS: [Event; 5] = [
+pub(super) static EVENTS: [Event; 7] = [
     Event {
         name: "SHUTDOWN",
         data: &[
@@ -523,5 +523,16 @@ pub(super) static EVENTS: [Event; 5] = [
     Event {
         name: "MIGRATION_PASS",
         data: &[Member::req("pass", INT)],
+    },
+    Event {
+        name: "RESET",
+        data: &[
+            Member::req("guest", Type::Bool),
+            Member::req("reason", Type::Enum(&SHUTDOWN_CAUSE)),
+        ],
+    },
+    Event {
+        name: "POWERDOWN",
+        data: &[],
     },
 ];

@@ -196,6 +196,46 @@ impl Controller {
         }
     }
 
+    /// QMP `system_reset`: the machine restarts from its boot image (docs/machine.md "Reset").
+    pub(super) fn system_reset(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        no_args(&args)?;
+        self.reset_machine(false)?;
+        Ok(json!({}))
+    }
+
+    /// Resets the machine (`guest`: the guest asked, through the i8042) and emits `RESET`.
+    /// Refused while a migration owns the vCPUs or the machine waits for its incoming state.
+    pub(crate) fn reset_machine(&self, guest: bool) -> Result<(), QmpError> {
+        if let Some(st) = self.mig().outgoing.as_ref().map(|o| o.status()) {
+            if st.is_running() {
+                return Err(QmpError::generic(format!(
+                    "A migration is in progress ({st}); reset the VM after it ends or migrate_cancel it"
+                )));
+            }
+        }
+        if matches!(self.run_state(), RunState::InMigrate) {
+            return Err(QmpError::generic(
+                "The VM waits for an incoming migration; there is nothing to reset yet",
+            ));
+        }
+        self.vm.system_reset().map_err(generic)?;
+        self.events.emit(
+            "RESET",
+            Some(json!({"guest": guest, "reason": if guest { "guest-reset" } else { "host-qmp-system-reset" }})),
+        );
+        Ok(())
+    }
+
+    /// QMP `system_powerdown`: QEMU presses the ACPI power button and the guest decides. Tern's
+    /// machine has no ACPI event hardware (hardware-reduced FADT, no GED or PM1 block), so
+    /// no guest can see the press: the request is acknowledged and `POWERDOWN` emitted, and the
+    /// guest keeps running (`quit` stops the VM). docs/machine.md "Reset and power".
+    pub(super) fn system_powerdown(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        no_args(&args)?;
+        self.events.emit("POWERDOWN", None);
+        Ok(json!({}))
+    }
+
     pub(super) fn quit(
         &self,
         ctx: &ClientCtx,

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod kernels;
 pub mod proxy;
 
 use std::ops::{Deref, DerefMut};

@@ -87,6 +87,8 @@ pub enum ControlAction {
     None,
     /// Park this long (interruptible by pause/shutdown).
     IdleWait(Duration),
+    /// The guest asked for a system reset (i8042).
+    Reset,
 }
 
 /// Saved state of the guest-control port.

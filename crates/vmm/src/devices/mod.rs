@@ -1,6 +1,7 @@
 //! Port-I/O devices and the port dispatch of the vCPU exits.
 
 pub mod control;
+pub mod i8042;
 pub mod log_limit;
 pub mod serial;
 
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::abi;
 use control::{ControlAction, GuestControl};
+use i8042::{I8042Action, I8042};
 use serial::SerialDevice;
 
 /// Exit counters (for diagnostics and the `info` commands of the glue).
@@ -57,6 +59,8 @@ pub struct PioBus {
     pub serial: SerialDevice,
     /// The guest-control port.
     pub control: GuestControl,
+    /// The i8042 (reset only).
+    pub i8042: I8042,
     /// Exit counters.
     pub counters: ExitCounters,
 }
@@ -67,6 +71,9 @@ impl PioBus {
         self.counters.io_exits.fetch_add(1, Ordering::Relaxed);
         if (serial::COM1..serial::COM1 + serial::SPAN).contains(&port) && data.len() == 1 {
             data[0] = self.serial.read((port - serial::COM1) as u8);
+        } else if port == i8042::DATA_PORT || port == i8042::COMMAND_PORT {
+            data.fill(0);
+            data[0] = self.i8042.read(port);
         } else {
             self.counters
                 .pio_unhandled_reads
@@ -86,6 +93,11 @@ impl PioBus {
             ControlAction::None
         } else if (abi::CONTROL_PORT..abi::CONTROL_PORT + control::SPAN).contains(&port) {
             self.control.write(vcpu, port - abi::CONTROL_PORT, data)
+        } else if port == i8042::DATA_PORT || port == i8042::COMMAND_PORT {
+            match data.first().map(|&b| self.i8042.write(port, b)) {
+                Some(I8042Action::Reset) => ControlAction::Reset,
+                _ => ControlAction::None,
+            }
         } else {
             self.counters
                 .pio_unhandled_writes

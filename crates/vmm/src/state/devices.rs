@@ -1,7 +1,8 @@
-//! Device components: COM1 and the guest-control port.
+//! Device components: COM1, the guest-control port and the i8042.
 
 use super::Persist;
 use crate::devices::control::{GuestControl, GuestControlState};
+use crate::devices::i8042::{I8042State, I8042};
 use crate::devices::serial::{SerialDevice, SerialDeviceState};
 use crate::error::{Error, Result};
 
@@ -41,6 +42,24 @@ impl Persist for ControlComponent<'_> {
     }
 }
 
+/// The i8042 as a component.
+pub struct I8042Component<'a>(pub &'a I8042);
+
+impl Persist for I8042Component<'_> {
+    const ID: &'static str = "i8042";
+    const VERSION: u32 = 1;
+    type State = I8042State;
+
+    fn save(&self) -> Result<I8042State> {
+        Ok(self.0.state())
+    }
+
+    fn restore(&mut self, state: &I8042State) -> Result<()> {
+        self.0.set_state(state);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,6 +67,20 @@ mod tests {
     use crate::devices::serial::SerialTarget;
     use crate::state::test_util::round_trip;
     use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn i8042_round_trip() {
+        use crate::devices::i8042::{CMD_WRITE_OUTPUT, COMMAND_PORT, DATA_PORT};
+        let (a, b) = (I8042::default(), I8042::default());
+        a.write(COMMAND_PORT, CMD_WRITE_OUTPUT);
+        let (first, _) = round_trip(&I8042Component(&a), &mut I8042Component(&b), |_| {});
+        assert_eq!(first.pending_command, Some(CMD_WRITE_OUTPUT));
+        // The restored controller finishes the command the source started.
+        assert_eq!(
+            b.write(DATA_PORT, 0),
+            crate::devices::i8042::I8042Action::Reset
+        );
+    }
 
     #[test]
     fn serial_round_trip() {

@@ -4,6 +4,7 @@
 //! mandatory `save`/`restore` (no defaults: a component without them does not compile). States
 //! travel as [`ComponentState`]s whose payload is the postcard encoding of the state struct.
 
+pub mod boot;
 pub mod cpu;
 pub mod devices;
 pub mod machine;

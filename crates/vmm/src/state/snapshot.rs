@@ -2,14 +2,17 @@
 
 use kvm_ioctls::VmFd;
 
+use super::boot::BootComponent;
 use super::cpu::{VcpuComponent, VcpuState};
-use super::devices::{ControlComponent, SerialComponent};
+use super::devices::{ControlComponent, I8042Component, SerialComponent};
 use super::machine::{MachineComponent, MachineState};
 use super::vm::{ClockState, Irqchip, IrqchipState, KvmClock, Pit};
 use super::{decode_component, save_component, ComponentState, Persist};
+use crate::boot::source::{BootKind, BootSource};
 use crate::caps::HostCaps;
 use crate::config::VmConfig;
 use crate::devices::control::GuestControlState;
+use crate::devices::i8042::I8042State;
 use crate::devices::serial::SerialDeviceState;
 use crate::error::{Error, Result};
 use crate::memory::RamRegionInfo;
@@ -29,6 +32,8 @@ pub fn known_components() -> Vec<(&'static str, u32, u32)> {
         entry::<Pit<'static>>(),
         entry::<SerialComponent<'static>>(),
         entry::<ControlComponent<'static>>(),
+        entry::<I8042Component<'static>>(),
+        entry::<BootComponent<'static>>(),
         entry::<VcpuComponent<'static>>(),
     ]
 }
@@ -52,6 +57,8 @@ pub struct MachineParts<'a> {
     pub regions: &'a [RamRegionInfo],
     /// Host capabilities.
     pub caps: &'static HostCaps,
+    /// What the machine booted (and resets into).
+    pub boot: &'a std::sync::Mutex<Option<BootSource>>,
 }
 
 /// How long the parts of a save took.
@@ -63,7 +70,7 @@ pub struct SaveBreakdown {
     pub vcpus: std::time::Duration,
 }
 
-/// Saves every component: machine, kvmclock, irqchip, pit, serial, guest-control, cpu 0..n.
+/// Saves every component: machine, kvmclock, irqchip, pit, serial, guest-control, i8042, boot, cpu 0..n.
 pub fn save_all(
     parts: &MachineParts<'_>,
     config: &VmConfig,
@@ -89,6 +96,8 @@ pub fn save_all(
         &ControlComponent(&parts.shared.bus.control),
         0,
     )?);
+    out.push(save_component(&I8042Component(&parts.shared.bus.i8042), 0)?);
+    out.push(save_component(&BootComponent(parts.boot), 0)?);
     let t1 = std::time::Instant::now();
     for (i, fd) in parts.vcpus.iter().enumerate() {
         let fd = lock_vcpu(fd);
@@ -116,6 +125,8 @@ struct Decoded {
     pit: kvm_bindings::kvm_pit_state2,
     serial: SerialDeviceState,
     control: GuestControlState,
+    i8042: I8042State,
+    boot: BootKind,
     cpus: Vec<VcpuState>,
 }
 
@@ -145,6 +156,8 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
     let mut pit = None;
     let mut serial = None;
     let mut control = None;
+    let mut i8042 = None;
+    let mut boot = None;
     let mut cpus: Vec<Option<VcpuState>> = vec![None; vcpus];
     for c in states {
         match c.id.as_str() {
@@ -159,6 +172,8 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
                     .map_err(|reason| Error::component(&c.id, c.instance, reason))?;
                 put(&mut control, c, s)?
             }
+            I8042Component::ID => put(&mut i8042, c, decode_component::<I8042Component>(c)?)?,
+            BootComponent::ID => put(&mut boot, c, decode_component::<BootComponent>(c)?)?,
             VcpuComponent::ID => {
                 let state = decode_component::<VcpuComponent>(c)?;
                 let slot = cpus.get_mut(c.instance as usize).ok_or_else(|| {
@@ -190,12 +205,16 @@ fn decode_all(states: &[ComponentState], vcpus: usize) -> Result<Decoded> {
         pit: pit.ok_or_else(|| missing(Pit::ID, 0))?,
         serial: serial.ok_or_else(|| missing(SerialComponent::ID, 0))?,
         control: control.ok_or_else(|| missing(ControlComponent::ID, 0))?,
+        // Optional: a stream from a Tern without the i8042 restores it in its reset state.
+        i8042: i8042.unwrap_or_default(),
+        // Optional too: a Tern without it only booted the test guest.
+        boot: boot.unwrap_or_default(),
         cpus,
     })
 }
 
 /// Validates the whole set (ids, instances, versions, payloads, machine shape) and only then
-/// restores: machine, PIT, kvmclock, irqchip, serial, guest-control, then the vCPUs in order.
+/// restores: machine, PIT, kvmclock, irqchip, serial, guest-control, i8042, boot, then the vCPUs in order.
 pub fn restore_all(
     parts: &MachineParts<'_>,
     config: &mut VmConfig,
@@ -214,6 +233,8 @@ pub fn restore_all(
     Irqchip(parts.vm).restore(&d.irqchip)?;
     SerialComponent(&parts.shared.bus.serial).restore(&d.serial)?;
     ControlComponent(&parts.shared.bus.control).restore(&d.control)?;
+    I8042Component(&parts.shared.bus.i8042).restore(&d.i8042)?;
+    BootComponent(parts.boot).restore(&d.boot)?;
     for (i, (fd, state)) in parts.vcpus.iter().zip(&d.cpus).enumerate() {
         let fd = lock_vcpu(fd);
         VcpuComponent {

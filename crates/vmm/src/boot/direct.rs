@@ -182,12 +182,19 @@ pub fn setup_vcpu(
     Ok(())
 }
 
-/// CPUID for vCPU `index`: the supported set with the APIC ID patched in.
+/// CPUID leaf 1 ECX: running under a hypervisor.
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+
+/// CPUID for vCPU `index`: the supported set (`KVM_GET_SUPPORTED_CPUID`, which has KVM's
+/// leaves 0x4000_0000/0x4000_0001) with the APIC ID patched in and the hypervisor bit set.
 pub fn vcpu_cpuid(supported: &CpuId, index: u32) -> CpuId {
     let mut cpuid = supported.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
-            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24),
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24);
+                e.ecx |= CPUID_1_ECX_HYPERVISOR;
+            }
             0xb | 0x1f => e.edx = index,
             _ => {}
         }

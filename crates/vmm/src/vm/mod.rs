@@ -1,4 +1,7 @@
 //! The machine: one KVM VM, its RAM, devices and vCPU threads, and the API the glue uses.
+//! Booting an image and resetting: `booting.rs`.
+
+mod booting;
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -12,6 +15,8 @@ use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::boot::kernel::{KernelEntry, KernelImage};
+use crate::boot::source::BootSource;
 use crate::boot::{self, BootInfo};
 use crate::caps::HostCaps;
 use crate::config::VmConfig;
@@ -23,8 +28,9 @@ use crate::error::{Error, Result};
 use crate::memory::{ram_layout, GuestRam, RamRegionInfo};
 use crate::runctl::{register_kick_handler, Request, RunControl};
 use crate::stall::{MaxStall, StallMeter};
+use crate::state::cpu::{VcpuComponent, VcpuState};
 use crate::state::snapshot::{restore_all, save_all, MachineParts, SaveBreakdown};
-use crate::state::ComponentState;
+use crate::state::{ComponentState, Persist};
 use crate::vcpu::{self, lock_vcpu, Shared, SharedVcpu, VcpuFailure};
 use crate::{abi, vcpu::describe_regs};
 
@@ -49,6 +55,18 @@ pub enum GuestImage<'a> {
         /// The code.
         code: &'a [u8],
     },
+    /// A kernel (`tern run --kernel`): PVH ELF, vmlinux or bzImage, with the machine's command
+    /// line (docs/machine.md "Boot paths").
+    Kernel(&'a KernelImage),
+}
+
+/// Where the vCPUs start.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    /// The test guest's direct entry: every vCPU in long mode at CPL 3.
+    Direct(BootInfo),
+    /// A kernel: the boot CPU at the kernel's entry, the others waiting for INIT/SIPI.
+    Kernel(KernelEntry),
 }
 
 /// The machine's lifecycle as the API sees it.
@@ -107,6 +125,10 @@ pub struct Vm {
     /// build and after a restore), so [`Vm::cpu_identity`] never waits for a running vCPU.
     cpu: Mutex<CpuSnapshot>,
     caps: &'static HostCaps,
+    /// Each vCPU's state as KVM created it (the architectural reset state), for `system_reset`.
+    pristine: Vec<VcpuState>,
+    /// The image a reset reloads (`None`: an incoming machine not given one).
+    boot: Mutex<Option<BootSource>>,
     vm_fd: VmFd,
     _kvm: Kvm,
     /// Declared last: dropped after the VM fd, so KVM never sees unmapped slots.
@@ -190,12 +212,8 @@ impl Vm {
     pub fn with_image(config: VmConfig, image: GuestImage<'_>) -> Result<Vm> {
         let t0 = Instant::now();
         let vm = Self::build(config, Phase::Created)?;
-        let boot = vm.load(image)?;
-        for (i, fd) in vm.vcpus.iter().enumerate() {
-            let fd = lock_vcpu(fd);
-            let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
-            boot::setup_vcpu(&fd, i as u32, vm.vcpus.len() as u32, &boot, tsc_khz)?;
-        }
+        vm.boot_vcpus(image)?;
+        *lock(&vm.boot) = Some(BootSource::from_image(image));
         vm.spawn_threads()?;
         lock(&vm.timings).create = t0.elapsed();
         Ok(vm)
@@ -205,8 +223,19 @@ impl Vm {
     /// no guest image and nothing running. Receive RAM, then [`Vm::restore_components`], then
     /// [`Vm::resume`].
     pub fn new_for_incoming(config: VmConfig) -> Result<Vm> {
+        Self::new_for_incoming_with_image(config, None)
+    }
+
+    /// [`Vm::new_for_incoming`] that keeps `image` for a later [`Vm::system_reset`] (nothing
+    /// is loaded now: RAM comes from the source). The test guest is always known; a kernel
+    /// guest migrated to a destination without its image cannot be reset there.
+    pub fn new_for_incoming_with_image(
+        config: VmConfig,
+        image: Option<GuestImage<'_>>,
+    ) -> Result<Vm> {
         let t0 = Instant::now();
         let vm = Self::build(config, Phase::Incoming)?;
+        *lock(&vm.boot) = Some(BootSource::from_image(image.unwrap_or(GuestImage::Builtin)));
         vm.spawn_threads()?;
         lock(&vm.timings).create = t0.elapsed();
         Ok(vm)
@@ -268,15 +297,29 @@ impl Vm {
             Some(fd) => CpuSnapshot::read(&lock_vcpu(fd))?,
             None => CpuSnapshot::default(),
         };
+        let pristine = vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                VcpuComponent {
+                    index: i as u32,
+                    fd: &lock_vcpu(fd),
+                    caps,
+                }
+                .save()
+            })
+            .collect::<Result<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             ctl,
             bus: PioBus {
                 serial,
                 control: GuestControl::new(),
+                i8042: Default::default(),
                 counters: ExitCounters::default(),
             },
             failure: Mutex::new(None),
             stalls: StallMeter::default(),
+            resets: Default::default(),
         });
         Ok(Vm {
             config: RwLock::new(config),
@@ -287,30 +330,12 @@ impl Vm {
             vcpus,
             cpu: Mutex::new(cpu),
             caps,
+            pristine,
+            boot: Mutex::new(None),
             vm_fd,
             _kvm: kvm,
             ram,
         })
-    }
-
-    fn load(&self, image: GuestImage<'_>) -> Result<BootInfo> {
-        let cmdline = self.config().cmdline;
-        match image {
-            GuestImage::Builtin => boot::load_guest(&self.ram, abi::guest_elf(), &cmdline),
-            GuestImage::Elf(elf) => boot::load_guest(&self.ram, elf, &cmdline),
-            GuestImage::Raw { load, code } => {
-                self.ram.write(load, code)?;
-                let gdt = boot::write_page_tables(&self.ram)?;
-                let mut cmd = cmdline.into_bytes();
-                cmd.push(0);
-                self.ram.write(abi::CMDLINE, &cmd)?;
-                Ok(BootInfo {
-                    entry: load,
-                    gdt,
-                    image_end: load + code.len() as u64,
-                })
-            }
-        }
     }
 
     fn spawn_threads(&self) -> Result<()> {
@@ -601,6 +626,7 @@ impl Vm {
             shared: &self.shared,
             regions: self.ram.regions(),
             caps: self.caps,
+            boot: &self.boot,
         }
     }
 
