@@ -1,8 +1,8 @@
 //! `tern-bench`: runs migration benchmark suites against Tern and QEMU on the same test guest
 //! and writes `<out>/<suite>.json` + `<out>/<suite>.md`. See `bench/README.md`.
 
-mod digest;
 mod boot;
+mod digest;
 mod facts;
 mod guest_stall;
 mod link;

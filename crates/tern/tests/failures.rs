@@ -374,6 +374,27 @@ fn feed_tcp(
     (d, q)
 }
 
+/// The offset of a byte of page data in the first RAM record (kind 4) that starts at or after
+/// `from` in a stream (docs/stream-format.md §2, §5: frame `u8 kind, u32 len`; RAM body `u32
+/// count`, `count` 8-byte entries, then the pages' data).
+fn page_data_byte_after(stream: &[u8], from: usize) -> usize {
+    let mut at = 16;
+    while at + 5 <= stream.len() {
+        let kind = stream[at];
+        let len = u32::from_le_bytes(stream[at + 1..at + 5].try_into().unwrap()) as usize;
+        let body = at + 5;
+        if kind == 4 && at >= from {
+            let count = u32::from_le_bytes(stream[body..body + 4].try_into().unwrap()) as usize;
+            let data = body + 4 + count * 8;
+            if data < body + len {
+                return data + (body + len - data) / 2;
+            }
+        }
+        at = body + len;
+    }
+    panic!("no RAM record with page data after byte {from}");
+}
+
 #[test]
 fn corrupt_streams_into_tcp_destination() {
     let dir = tmpdir();
@@ -401,8 +422,11 @@ fn corrupt_streams_into_tcp_destination() {
         (
             "flip",
             {
+                // A byte of page data (not of a frame or a page table, which the reader's
+                // structural checks would name first): only the checksum can see it.
                 let mut b = good.clone();
-                b[n / 2] ^= 0x40;
+                let at = page_data_byte_after(&good, n / 2);
+                b[at] ^= 0x40;
                 b
             },
             "checksum",
