@@ -27,6 +27,9 @@ pub struct Config {
     /// Capabilities this daemon's cookies never offer (`--x-hide-capability`: testing the
     /// negotiation against a VMM without them).
     pub hide_capabilities: Vec<String>,
+    /// How long a prepared incoming migration waits for its stream to start before the
+    /// destination gives up on it (the source daemon vanished after Prepare).
+    pub prepare_timeout: std::time::Duration,
 }
 
 pub struct Daemon {

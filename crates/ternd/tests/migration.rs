@@ -455,3 +455,32 @@ fn source_daemon_restarted_after_the_stream_completed_finishes_the_migration() {
     assert_guest_runs(&h.dst, "vm");
     assert_pattern_ok(&h.dst, "vm", MEM, dir.path());
 }
+
+#[test]
+fn destination_gives_up_a_prepared_migration_whose_source_vanished() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up_full(dir.path(), &[], &["--migration-prepare-timeout", "2"]) else {
+        return;
+    };
+    h.src.env = vec![("TERND_X_TEST_STALL".into(), "prepare-done".into())];
+    h.src.kill();
+    h.src.restart();
+    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "idle", 0, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "vm"]);
+    let _bg = Bg::spawn(
+        &h.src.uri(),
+        &["migrate", "vm", &h.dst.tcp_uri(), "--live", "--p2p"],
+    );
+    h.src.wait_log("x-test: stalling at prepare-done");
+    let dst_vmms = h.dst.vmm_pids();
+    assert_eq!(dst_vmms.len(), 1);
+    // The source daemon is stuck (as if its host vanished): the destination gives up.
+    h.dst.wait_log("no migration stream within 2s of Prepare");
+    for p in dst_vmms {
+        h.dst.wait_log(&format!("vm: VMM {p} exited"));
+    }
+    assert!(!h.dst.ok(&["list", "--all"]).contains("vm"));
+    // The source's VM never stopped.
+    assert_guest_runs(&h.src, "vm");
+}

@@ -66,7 +66,10 @@ pub fn prepare(
         j.persistent = opts.persistent;
     }
     match prepare_vmm(d, &dom, cookie, local_ip) {
-        Ok(c) => Ok(c),
+        Ok(c) => {
+            guard(d, &dom);
+            Ok(c)
+        }
         Err(e) => {
             if dom.lock().vmm.is_some() {
                 let _ = d.destroy_domain(&dom, "failed");
@@ -129,6 +132,54 @@ fn prepare_vmm(
         capabilities: caps,
         uri: Some(format!("tcp:{host}:{port}")),
     })
+}
+
+/// Gives up on a prepared incoming migration whose stream never starts (its source daemon
+/// vanished after Prepare): after `prepare_timeout` with no `MIGRATION` status from the VMM
+/// and the job still waiting, the VMM is killed. Once the stream runs, the VMM's own liveness
+/// limits apply; once it completed, only a Finish decides (the source may have resumed, or
+/// may be about to call Finish).
+fn guard(d: &Arc<Daemon>, dom: &Arc<Domain>) {
+    let name = dom.name.clone();
+    let (d, dom) = (d.clone(), dom.clone());
+    let timeout = d.cfg.prepare_timeout;
+    let started = dom.lock().job.as_ref().map(|j| j.started);
+    let r = std::thread::Builder::new()
+        .name(format!("mig-in-guard-{}", dom.name))
+        .spawn(move || {
+            let same_job = |g: &crate::domain::DomainInner| {
+                g.job.as_ref().map(|j| j.started) == started && started.is_some()
+            };
+            let moved = dom.wait_until(timeout, |g| {
+                !same_job(g) || g.mig_status.as_deref().is_some_and(|s| s != "setup")
+            });
+            if moved {
+                return;
+            }
+            let waiting = {
+                let g = dom.lock();
+                same_job(&g) && g.job.as_ref().is_some_and(|j| j.phase == "prepared")
+            };
+            if !waiting {
+                return;
+            }
+            tracing::warn!(
+                "{}: no migration stream within {timeout:?} of Prepare: killing the incoming VMM",
+                dom.name
+            );
+            if dom.lock().vmm.is_some() {
+                let _ = d.destroy_domain(&dom, "failed");
+            }
+            end(
+                &dom,
+                JobType::Failed,
+                None,
+                Some(format!("no migration stream within {timeout:?} of Prepare")),
+            );
+        });
+    if let Err(e) = r {
+        tracing::error!("{name}: spawning the Prepare guard: {e}");
+    }
 }
 
 /// The port of the first socket address of a destination's `query-migrate`.

@@ -166,6 +166,7 @@ fn run(
             })
         }
     };
+    crate::fault::point("prepare-done");
     let uri = dc
         .uri
         .clone()
