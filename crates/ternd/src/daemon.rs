@@ -198,15 +198,18 @@ impl Daemon {
         self.driver(def.driver())?.check(&def)?;
         let mut all = self.all();
         let existing = Self::check_unique(&all, &def)?;
+        if let Some(d) = &existing {
+            let g = d.lock();
+            if g.def.driver() != def.driver() && g.state.is_active() {
+                return Err(Error::OperationInvalid(
+                    "cannot change the driver of a running domain".into(),
+                ));
+            }
+        }
         self.save_def(&def)?;
         match existing {
             Some(d) => {
                 let mut g = d.lock();
-                if g.def.driver() != def.driver() && g.state.is_active() {
-                    return Err(Error::OperationInvalid(
-                        "cannot change the driver of a running domain".into(),
-                    ));
-                }
                 if !g.state.is_active() {
                     g.def = def.clone();
                 }
