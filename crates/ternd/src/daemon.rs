@@ -348,6 +348,11 @@ impl Daemon {
     pub fn suspend(&self, key: &str) -> Result<()> {
         let dom = self.lookup(key)?;
         let vmm = dom.vmm()?;
+        if let Some(j) = dom.lock().job.as_mut() {
+            // The guest now travels paused: the destination will not run it by itself.
+            j.user_suspended = true;
+        }
+        vmm::mark_decides(self, &dom, false);
         vmm.qmp("stop", json!({}))?;
         dom.wait_until(STOP_TIMEOUT, |g| g.state == DomainState::Paused);
         Ok(())
