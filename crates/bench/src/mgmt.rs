@@ -31,6 +31,19 @@ struct Run {
     spawn_ms: Option<f64>,
     total_ms: Option<f64>,
     downtime_ms: Option<f64>,
+    /// What the guest felt: the source's last heartbeat to the destination's first (host
+    /// CLOCK_REALTIME), the switchover and, with ternctl, Finish's `cont`.
+    hb_gap_ms: Option<f64>,
+}
+
+/// The first destination beat after the source's last: the gap in ms.
+fn gap_ms(src_last_ns: Option<u64>, dst: &[(u64, u64)]) -> Option<f64> {
+    let last = src_last_ns?;
+    dst.iter()
+        .map(|b| b.1)
+        .filter(|ns| *ns > last)
+        .min()
+        .map(|ns| (ns - last) as f64 / 1e6)
 }
 
 /// A `ternd` for the benchmark, killed (with its VMMs) when dropped.
@@ -147,6 +160,16 @@ fn raw_qmp(ctx: &Ctx, kind: Kind, g: &Guest, i: usize) -> anyhow::Result<Run> {
     let wall = t0.elapsed();
     let q = src.exec("query-migrate", json!({}))?;
     let f = |k: &str| q.get(k).and_then(Value::as_f64);
+    let src_last = src.heartbeats()?.last().map(|b| b.1);
+    // Let the destination beat at least once after resuming.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut hb_gap_ms = None;
+    while hb_gap_ms.is_none() && Instant::now() < deadline {
+        hb_gap_ms = gap_ms(src_last, dst.heartbeats()?);
+        if hb_gap_ms.is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     let run = Run {
         vmm: kind.label().into(),
         path: "raw QMP".into(),
@@ -154,6 +177,7 @@ fn raw_qmp(ctx: &Ctx, kind: Kind, g: &Guest, i: usize) -> anyhow::Result<Run> {
         spawn_ms: Some(spawn.as_secs_f64() * 1e3),
         total_ms: f("total-time"),
         downtime_ms: f("downtime"),
+        hb_gap_ms,
     };
     src.quit();
     dst.quit();
@@ -198,6 +222,34 @@ fn ternctl_migrate(
     // The idle guest fills its working set once; give it the time the raw path's
     // wait_ready measures (it is not what is compared).
     std::thread::sleep(Duration::from_secs(2));
+    // Tern: follow the source's heartbeats on a QMP connection of our own until its VMM exits.
+    let watcher = (kind == Kind::Tern).then(|| {
+        let sock = src.run_dir.join("domains/vm/qmp.sock");
+        std::thread::Builder::new()
+            .name("hb-src".into())
+            .spawn(move || {
+                let mut last: Option<(u64, u64)> = None;
+                let Ok(mut c) = tern_qmp::QmpClient::connect(&sock) else {
+                    return last;
+                };
+                loop {
+                    let since = last.map_or(0, |l| l.0);
+                    match c.execute("x-tern-heartbeats", json!({ "since": since })) {
+                        Ok(r) => {
+                            for rec in r["records"].as_array().into_iter().flatten() {
+                                if let (Some(seq), Some(ns)) = (rec[0].as_u64(), rec[1].as_u64()) {
+                                    if seq > last.map_or(0, |l| l.0) {
+                                        last = Some((seq, ns));
+                                    }
+                                }
+                            }
+                        }
+                        Err(_) => return last,
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+    });
     let t0 = Instant::now();
     ctl(
         ternctl,
@@ -205,6 +257,30 @@ fn ternctl_migrate(
         &["migrate", "vm", &dst.tcp, "--live", "--p2p"],
     )?;
     let wall = t0.elapsed();
+    let mut hb_gap_ms = None;
+    if let Some(Ok(w)) = watcher {
+        let src_last = w.join().ok().flatten();
+        if let Some((seq, ns)) = src_last {
+            let since = seq.saturating_sub(1);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while hb_gap_ms.is_none() && Instant::now() < deadline {
+                let cmd = json!({"execute": "x-tern-heartbeats", "arguments": {"since": since}})
+                    .to_string();
+                let out = ctl(ternctl, &dst.uri, &["qemu-monitor-command", "vm", &cmd])?;
+                let v: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+                let recs: Vec<(u64, u64)> = v["return"]["records"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| Some((r.get(0)?.as_u64()?, r.get(1)?.as_u64()?)))
+                    .collect();
+                hb_gap_ms = gap_ms(Some(ns), &recs);
+                if hb_gap_ms.is_none() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
     let raw = ctl(
         ternctl,
         &src.uri,
@@ -217,6 +293,7 @@ fn ternctl_migrate(
         spawn_ms: None,
         total_ms: raw_stat(&raw, "time_elapsed"),
         downtime_ms: raw_stat(&raw, "downtime"),
+        hb_gap_ms,
     })
 }
 
@@ -257,6 +334,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         "VMM total / downtime: the source VMM's `total-time` / `downtime` (raw: query-migrate; \
          ternctl: domjobinfo --completed --rawstats)."
             .into(),
+        "Heartbeat gap: the source's last guest heartbeat to the destination's first (host \
+         CLOCK_REALTIME): what the guest felt. Raw path: both VMMs' records (QEMU: serial \
+         bytes). ternctl path: Tern only (the source's beats followed on a QMP connection of \
+         the bench's own until its VMM exits; QEMU's serial belongs to the daemon's VMM)."
+            .into(),
         "The raw path polls `query-status` every 10 ms (up to 10 ms late); ternctl's path \
          includes Begin's capability probing (a few QMP round trips), the destination VMM \
          starting with -S, and the source VMM's exit."
@@ -285,6 +367,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "of which dest spawn",
             "VMM total",
             "downtime",
+            "heartbeat gap",
             "added to wall",
         ],
     );
@@ -319,6 +402,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
             let mut total: Vec<f64> = runs.iter().filter_map(|r| r.total_ms).collect();
             let mut down: Vec<f64> = runs.iter().filter_map(|r| r.downtime_ms).collect();
             let mut spawn: Vec<f64> = runs.iter().filter_map(|r| r.spawn_ms).collect();
+            let mut gap: Vec<f64> = runs.iter().filter_map(|r| r.hb_gap_ms).collect();
             let span = |v: &[f64]| {
                 let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
                 let hi = v.iter().cloned().fold(0.0, f64::max);
@@ -328,7 +412,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
                     format!(" ({lo:.0}-{hi:.0})")
                 }
             };
-            let (ws, ts, ds) = (span(&wall), span(&total), span(&down));
+            let (ws, ts, ds, gs) = (span(&wall), span(&total), span(&down), span(&gap));
             let wm = median(&mut wall);
             if label == "raw QMP" {
                 raw_wall_median = wm;
@@ -345,6 +429,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 ms(median(&mut spawn)),
                 format!("{}{ts}", ms(median(&mut total))),
                 format!("{}{ds}", ms(median(&mut down))),
+                format!("{}{gs}", ms(median(&mut gap))),
                 added,
             ]);
         }

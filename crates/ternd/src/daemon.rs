@@ -27,6 +27,9 @@ pub struct Config {
     /// Capabilities this daemon's cookies never offer (`--x-hide-capability`: testing the
     /// negotiation against a VMM without them).
     pub hide_capabilities: Vec<String>,
+    /// How long a prepared incoming migration waits for its stream to start before the
+    /// destination gives up on it (the source daemon vanished after Prepare).
+    pub prepare_timeout: std::time::Duration,
 }
 
 pub struct Daemon {
@@ -195,15 +198,18 @@ impl Daemon {
         self.driver(def.driver())?.check(&def)?;
         let mut all = self.all();
         let existing = Self::check_unique(&all, &def)?;
+        if let Some(d) = &existing {
+            let g = d.lock();
+            if g.def.driver() != def.driver() && g.state.is_active() {
+                return Err(Error::OperationInvalid(
+                    "cannot change the driver of a running domain".into(),
+                ));
+            }
+        }
         self.save_def(&def)?;
         match existing {
             Some(d) => {
                 let mut g = d.lock();
-                if g.def.driver() != def.driver() && g.state.is_active() {
-                    return Err(Error::OperationInvalid(
-                        "cannot change the driver of a running domain".into(),
-                    ));
-                }
                 if !g.state.is_active() {
                     g.def = def.clone();
                 }
@@ -342,6 +348,11 @@ impl Daemon {
     pub fn suspend(&self, key: &str) -> Result<()> {
         let dom = self.lookup(key)?;
         let vmm = dom.vmm()?;
+        if let Some(j) = dom.lock().job.as_mut() {
+            // The guest now travels paused: the destination will not run it by itself.
+            j.user_suspended = true;
+        }
+        vmm::mark_decides(self, &dom, false);
         vmm.qmp("stop", json!({}))?;
         dom.wait_until(STOP_TIMEOUT, |g| g.state == DomainState::Paused);
         Ok(())

@@ -55,6 +55,8 @@ pub struct ActiveJob {
     pub persistent: bool,
     /// Source: closes the connection to the destination daemon (an abort in Prepare).
     pub peer: Option<virt::ShutdownHandle>,
+    /// Source: `suspend` was called during the job (the guest travels paused).
+    pub user_suspended: bool,
 }
 
 /// Mutable state of a domain.
@@ -166,6 +168,7 @@ impl Domain {
             suspend: false,
             persistent: false,
             peer: None,
+            user_suspended: false,
         });
         g.mig_status = None;
         Ok(())

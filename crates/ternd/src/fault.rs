@@ -2,7 +2,8 @@
 //! environment the daemon stops at point NAME for ever (the test then kills it), after saying
 //! so on stderr. Points: `prepare` (destination, the incoming VMM started),
 //! `finish-before-cont` (destination, the incoming migration completed, not resumed yet),
-//! `perform-done` (source, the stream completed, Finish not called yet).
+//! `perform-done` (source, the stream completed, Finish not called yet), `prepare-done`
+//! (source, the destination prepared, Perform not started).
 
 /// The environment variable naming the point to stall at.
 pub const STALL_ENV: &str = "TERND_X_TEST_STALL";

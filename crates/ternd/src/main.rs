@@ -45,6 +45,10 @@ struct Args {
     /// the run directory at startup)
     #[arg(long)]
     qemu_guest_image: Option<PathBuf>,
+    /// Seconds a prepared incoming migration waits for the source's stream before this
+    /// (destination) daemon kills its VMM
+    #[arg(long, default_value_t = 60)]
+    migration_prepare_timeout: u64,
     /// Testing: never offer this migration capability in cookies, as if the VMMs lacked it
     #[arg(long = "x-hide-capability", value_name = "CAP", hide = true)]
     hide_capabilities: Vec<String>,
@@ -109,6 +113,7 @@ fn main() -> Result<()> {
             state_dir: args.state_dir.clone(),
             run_dir: args.run_dir.clone(),
             hide_capabilities: args.hide_capabilities.clone(),
+            prepare_timeout: std::time::Duration::from_secs(args.migration_prepare_timeout),
         },
         drivers,
     );

@@ -22,6 +22,10 @@ pub struct Status {
     /// Its destination daemon's URI (a restarted source daemon calls Finish there).
     #[serde(default)]
     pub dest_uri: Option<String>,
+    /// The outgoing migration's destination runs the guest by itself after the stream (a
+    /// `completed` source means it runs).
+    #[serde(default)]
+    pub dest_decides: bool,
 }
 
 pub fn status_path(run_dir: &Path, name: &str) -> PathBuf {

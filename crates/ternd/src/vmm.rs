@@ -102,6 +102,7 @@ pub fn launch(d: &Arc<Daemon>, dom: &Arc<Domain>, mode: LaunchMode) -> Result<Ar
         incoming: mode == LaunchMode::Incoming,
         outgoing: false,
         dest_uri: None,
+        dest_decides: false,
     };
     runtime::save(&d.cfg.run_dir, &dom.name, &st).map_err(Error::OperationFailed)?;
     watch(d, dom, &vmm, events, Some(child))?;
@@ -116,12 +117,26 @@ pub fn mark(d: &Daemon, dom: &Domain, incoming: bool, outgoing: Option<&str>) {
             st.incoming = incoming;
             st.outgoing = outgoing.is_some();
             st.dest_uri = outgoing.map(str::to_string);
+            st.dest_decides = false;
             st.persistent = dom.lock().persistent;
             if let Err(e) = runtime::save(&d.cfg.run_dir, &dom.name, &st) {
                 tracing::warn!("{}: status file: {e}", dom.name);
             }
         }
         Err(e) => tracing::warn!("{}: status file: {e}", dom.name),
+    }
+}
+
+/// Records whether the outgoing migration's destination decides by itself.
+pub fn mark_decides(d: &Daemon, dom: &Domain, decides: bool) {
+    let path = runtime::status_path(&d.cfg.run_dir, &dom.name);
+    if let Ok(mut st) = runtime::load(&path) {
+        if st.outgoing && st.dest_decides != decides {
+            st.dest_decides = decides;
+            if let Err(e) = runtime::save(&d.cfg.run_dir, &dom.name, &st) {
+                tracing::warn!("{}: status file: {e}", dom.name);
+            }
+        }
     }
 }
 
@@ -270,23 +285,11 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
     let def = virt::conf::parse_domain(&st.xml)?;
     let name = def.name.clone();
     let alive = process::is_alive(st.pid, &st.exe_name);
-    if !alive || st.incoming {
-        if alive {
-            tracing::warn!(
-                "{name}: killing VMM {} of an incoming migration that never finished",
-                st.pid
-            );
-            let _ = process::signal(st.pid, libc::SIGKILL);
-        }
+    if !alive {
         runtime::remove(&d.cfg.run_dir, &name);
         return Err(Error::OperationFailed(format!(
-            "{name}: VMM {} {}",
-            st.pid,
-            if alive {
-                "killed (unfinished incoming migration)"
-            } else {
-                "is gone"
-            }
+            "{name}: VMM {} is gone",
+            st.pid
         )));
     }
     let driver = d.driver(def.driver())?;
@@ -304,6 +307,22 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
     });
     let status = vmm.qmp("query-status", json!({}))?;
     let running = status.get("running").and_then(Value::as_bool) == Some(true);
+    if st.incoming && !running {
+        // An incoming migration that never finished and does not run: its source never heard
+        // that it runs here and may run the domain itself.
+        tracing::warn!(
+            "{name}: killing VMM {} of an incoming migration that never finished",
+            st.pid
+        );
+        let _ = process::signal(st.pid, libc::SIGKILL);
+        runtime::remove(&d.cfg.run_dir, &name);
+        return Err(Error::OperationFailed(format!(
+            "{name}: VMM {} killed (unfinished incoming migration)",
+            st.pid
+        )));
+    }
+    // An incoming VMM that runs decided by itself after the stream (its driver's protocol,
+    // the source refuses to run it then): it is the domain now.
     let dom = d.adopt(def, st.persistent)?;
     d.bump_id(st.id);
     {
@@ -323,8 +342,12 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
         }
     }
     watch(d, &dom, &vmm, events, None)?;
+    if st.incoming {
+        tracing::warn!("{name}: the incoming VMM runs by itself: kept");
+        mark(d, &dom, false, None);
+    }
     if st.outgoing {
-        crate::migration::source::recover(d, &dom, &vmm, st.dest_uri.as_deref());
+        crate::migration::source::recover(d, &dom, &vmm, st.dest_uri.as_deref(), st.dest_decides);
         mark(d, &dom, false, None);
     }
     Ok(name)

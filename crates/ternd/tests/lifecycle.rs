@@ -187,3 +187,34 @@ fn the_socket_mode_decides_who_may_manage_vms() {
     let o = ctl_as_nobody(&d.uri(), &["list", "--all"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn offline_migration_moves_the_definition_only() {
+    let dir = tmpdir();
+    let a = Daemon::start(dir.path(), "a", None, None);
+    let b = Daemon::start(dir.path(), "b", None, None);
+    let x = write_xml(dir.path(), "off", &domain_xml("off", 128, "idle", 0, 0));
+    a.ok(&["define", &x]);
+    let uuid = a
+        .ok(&["dominfo", "off"])
+        .lines()
+        .find_map(|l| l.strip_prefix("UUID:").map(|u| u.trim().to_string()))
+        .expect("uuid");
+    // --offline needs --persistent, and a running domain is refused.
+    let err = a.fails(&["migrate", "off", &b.uri(), "--offline"]);
+    assert!(err.contains("--offline needs --persistent"), "{err}");
+    a.ok(&[
+        "migrate",
+        "off",
+        &b.uri(),
+        "--offline",
+        "--persistent",
+        "--undefinesource",
+    ]);
+    assert!(!a.ok(&["list", "--all"]).contains("off"));
+    let info = b.ok(&["dominfo", "off"]);
+    assert!(info.contains("State:          shut off"), "{info}");
+    assert!(info.contains(&uuid), "the UUID travels: {info}");
+    b.ok(&["start", "off"]);
+    assert_guest_runs(&b, "off");
+}

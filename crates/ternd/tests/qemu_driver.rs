@@ -127,3 +127,37 @@ fn migration_across_drivers_is_refused() {
     assert_guest_runs(&h.src, "vm");
     assert_eq!(h.dst.state("vm"), "shut off (unknown)");
 }
+
+#[test]
+fn domjobabort_in_perform_keeps_the_qemu_vm_on_the_source_only() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let ser = dir.path().join("b.ser");
+    let xml = qemu_xml("b", &ser).replace(
+        "<tern:workload type='pattern' mem='32'/>",
+        "<tern:workload type='dirty' mem='64'/>",
+    );
+    let x = write_xml(dir.path(), "b", &xml);
+    h.src.ok(&["define", &x]);
+    h.src.ok(&["start", "b"]);
+    wait_serial(&ser, "#running");
+    h.src.ok(&["migrate-setmaxdowntime", "b", "1"]);
+    h.src.ok(&["migrate-setspeed", "b", "16"]);
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &["migrate", "b", &h.dst.tcp_uri(), "--live", "--p2p"],
+    );
+    wait_migration_iteration(&h.src, "b");
+    h.src.ok(&["domjobabort", "b"]);
+    let (ok, _, err) = bg.wait();
+    assert!(!ok && err.contains("operation aborted"), "{err}");
+    let st = h.src.qmp("b", "query-status", serde_json::json!({}));
+    assert_eq!(st["running"], true, "{st}");
+    assert!(h.src.state("b").starts_with("running"));
+    assert!(!h.dst.ok(&["list", "--all"]).contains(" b "));
+}

@@ -134,6 +134,10 @@ impl HypervisorDriver for QemuDriver {
     fn shares_qmp_socket(&self) -> bool {
         false
     }
+
+    fn destination_decides(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,10 @@ impl HypervisorDriver for TernDriver {
     fn shares_qmp_socket(&self) -> bool {
         true
     }
+
+    fn destination_decides(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

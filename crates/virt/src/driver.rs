@@ -56,4 +56,10 @@ pub trait HypervisorDriver: Send + Sync {
     /// Whether the VMM accepts several QMP clients on one socket (Tern) or needs a second
     /// `-qmp` for the event connection (QEMU).
     fn shares_qmp_socket(&self) -> bool;
+
+    /// Whether the VMM's own migration protocol makes the destination the decider after the
+    /// stream when the return path is on (Tern: the destination runs and says RESUMED, the
+    /// source refuses `cont` then and reports `x-tern-unconfirmed` without an answer), so
+    /// that the destination may start by itself instead of waiting for Finish's `cont`.
+    fn destination_decides(&self) -> bool;
 }

@@ -105,6 +105,10 @@ pub struct MigrationCookie {
     pub capabilities: Vec<String>,
     /// Destination only: where the source's VMM sends the stream (`tcp:HOST:PORT`).
     pub uri: Option<String>,
+    /// Destination only: its VMM runs the guest by itself after the stream (no `-S` wait for
+    /// Finish): the VMM's return-path verdict decides (Tern). See `docs/management.md` §5.
+    #[serde(default)]
+    pub autostart: bool,
 }
 
 impl MigrationCookie {

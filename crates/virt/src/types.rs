@@ -148,3 +148,45 @@ impl DomainEvent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{JobInfo, JobType};
+
+    #[test]
+    fn event_lines_as_virsh_prints_them() {
+        let l = DomainEvent::Lifecycle {
+            domain: "vm1".into(),
+            event: LifecycleEvent::Resumed,
+            detail: "Migrated".into(),
+        };
+        assert_eq!(
+            l.to_virsh_line(),
+            "event 'lifecycle' for domain 'vm1': Resumed Migrated"
+        );
+        let i = DomainEvent::MigrationIteration {
+            domain: "vm1".into(),
+            iteration: 3,
+        };
+        assert_eq!(
+            i.to_virsh_line(),
+            "event 'migration-iteration' for domain 'vm1': iteration: '3'"
+        );
+        let j = DomainEvent::JobCompleted {
+            domain: "vm1".into(),
+            info: Box::new(JobInfo {
+                job_type: JobType::Completed,
+                operation: Some("Outgoing migration".into()),
+                downtime_ms: Some(2),
+                ..Default::default()
+            }),
+        };
+        assert_eq!(
+            j.to_virsh_line(),
+            "event 'job-completed' for domain 'vm1':\n\toperation: Outgoing migration\n\tdowntime: 2\n\tsuccess: true"
+        );
+        assert_eq!(j.name(), "job-completed");
+        assert_eq!(DomainState::Shutoff.as_str(), "shut off");
+    }
+}

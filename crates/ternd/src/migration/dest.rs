@@ -65,8 +65,11 @@ pub fn prepare(
         j.suspend = opts.suspend;
         j.persistent = opts.persistent;
     }
-    match prepare_vmm(d, &dom, cookie, local_ip) {
-        Ok(c) => Ok(c),
+    match prepare_vmm(d, &dom, cookie, opts, local_ip) {
+        Ok(c) => {
+            guard(d, &dom);
+            Ok(c)
+        }
         Err(e) => {
             if dom.lock().vmm.is_some() {
                 let _ = d.destroy_domain(&dom, "failed");
@@ -83,6 +86,7 @@ fn prepare_vmm(
     d: &Arc<Daemon>,
     dom: &Arc<Domain>,
     cookie: &MigrationCookie,
+    opts: &MigrateOptions,
     local_ip: Option<IpAddr>,
 ) -> Result<MigrationCookie> {
     let vmm = vmm::launch(d, dom, LaunchMode::Incoming)?;
@@ -109,6 +113,13 @@ fn prepare_vmm(
             ("switchover-ack", sack),
         ])
         .map_err(|e| Error::Monitor(e.to_string()))?;
+    // With the return path, a VMM whose protocol makes the destination the decider runs the
+    // guest as soon as it has it (`cont` during `inmigrate` = autostart, as QEMU): no Finish
+    // round trip inside the guest's downtime. A guest that travels paused stays paused.
+    let autostart = rp && !opts.suspend && d.driver(dom.lock().def.driver())?.destination_decides();
+    if autostart {
+        vmm.qmp("cont", json!({}))?;
+    }
     let ip = local_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let host = match ip {
         IpAddr::V4(a) => a.to_string(),
@@ -128,7 +139,56 @@ fn prepare_vmm(
         driver: dom.lock().def.driver().name().to_string(),
         capabilities: caps,
         uri: Some(format!("tcp:{host}:{port}")),
+        autostart,
     })
+}
+
+/// Gives up on a prepared incoming migration whose stream never starts (its source daemon
+/// vanished after Prepare): after `prepare_timeout` with no `MIGRATION` status from the VMM
+/// and the job still waiting, the VMM is killed. Once the stream runs, the VMM's own liveness
+/// limits apply; once it completed, only a Finish decides (the source may have resumed, or
+/// may be about to call Finish).
+fn guard(d: &Arc<Daemon>, dom: &Arc<Domain>) {
+    let name = dom.name.clone();
+    let (d, dom) = (d.clone(), dom.clone());
+    let timeout = d.cfg.prepare_timeout;
+    let started = dom.lock().job.as_ref().map(|j| j.started);
+    let r = std::thread::Builder::new()
+        .name(format!("mig-in-guard-{}", dom.name))
+        .spawn(move || {
+            let same_job = |g: &crate::domain::DomainInner| {
+                g.job.as_ref().map(|j| j.started) == started && started.is_some()
+            };
+            let moved = dom.wait_until(timeout, |g| {
+                !same_job(g) || g.mig_status.as_deref().is_some_and(|s| s != "setup")
+            });
+            if moved {
+                return;
+            }
+            let waiting = {
+                let g = dom.lock();
+                same_job(&g) && g.job.as_ref().is_some_and(|j| j.phase == "prepared")
+            };
+            if !waiting {
+                return;
+            }
+            tracing::warn!(
+                "{}: no migration stream within {timeout:?} of Prepare: killing the incoming VMM",
+                dom.name
+            );
+            if dom.lock().vmm.is_some() {
+                let _ = d.destroy_domain(&dom, "failed");
+            }
+            end(
+                &dom,
+                JobType::Failed,
+                None,
+                Some(format!("no migration stream within {timeout:?} of Prepare")),
+            );
+        });
+    if let Err(e) = r {
+        tracing::error!("{name}: spawning the Prepare guard: {e}");
+    }
 }
 
 /// The port of the first socket address of a destination's `query-migrate`.
@@ -181,6 +241,15 @@ pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
     }
     dom.set_phase("finish");
     if cancelled {
+        if let Some(vmm) = dom.lock().vmm.clone() {
+            if is_running(&vmm) {
+                // Only the source's own failure before the end of the stream cancels; a VMM
+                // that runs decided after the stream: never kill it on a cancel.
+                return Err(Error::OperationInvalid(format!(
+                    "'{name}' runs here (its VMM decided after the stream); refusing to kill it"
+                )));
+            }
+        }
         if dom.lock().vmm.is_some() {
             d.destroy_domain(&dom, "failed")?;
         }
@@ -198,13 +267,32 @@ pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
             Ok(())
         }
         Err(e) => {
-            if dom.lock().vmm.is_some() {
-                let _ = d.destroy_domain(&dom, "failed");
+            let vmm = dom.lock().vmm.clone();
+            match vmm {
+                Some(v) if is_running(&v) => {
+                    // The VMM decided by itself and runs the guest: it is the domain; the
+                    // source must not run it again, so Finish succeeds.
+                    tracing::error!("{name}: Finish: {e}; the domain runs here: kept");
+                    vmm::mark(d, &dom, false, None);
+                    end(&dom, JobType::Completed, None, Some(e.to_string()));
+                    return Ok(());
+                }
+                Some(_) => {
+                    let _ = d.destroy_domain(&dom, "failed");
+                }
+                None => {}
             }
             end(&dom, JobType::Failed, None, Some(e.to_string()));
             Err(e)
         }
     }
+}
+
+fn is_running(vmm: &crate::domain::Vmm) -> bool {
+    vmm.qmp("query-status", json!({}))
+        .ok()
+        .and_then(|s| s.get("running").and_then(Value::as_bool))
+        == Some(true)
 }
 
 fn finish_vmm(
@@ -231,14 +319,19 @@ fn finish_vmm(
     crate::fault::point("finish-before-cont");
     vmm::mark(d, dom, false, None);
     if !suspend {
-        vmm.qmp("cont", json!({}))?;
+        if !is_running(&vmm) {
+            vmm.qmp("cont", json!({}))?;
+        }
         dom.wait_until(COMPLETE_WAIT, |g| g.state == DomainState::Running);
     } else {
         dom.set_state(DomainState::Paused, "migration");
     }
     if persistent {
         let xml = virt::conf::format_domain(&dom.lock().def, None);
-        d.define(&xml)?;
+        if let Err(e) = d.define(&xml) {
+            // The domain runs; only its persistence failed.
+            tracing::error!("{}: --persistent: {e}", dom.name);
+        }
     }
     Ok(q)
 }

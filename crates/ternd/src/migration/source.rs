@@ -129,6 +129,7 @@ fn run(
         driver: driver.name().to_string(),
         capabilities: caps,
         uri: None,
+        autostart: false,
     };
     if dom.abort_requested() {
         return Err(aborted());
@@ -166,6 +167,7 @@ fn run(
             })
         }
     };
+    crate::fault::point("prepare-done");
     let uri = dc
         .uri
         .clone()
@@ -216,6 +218,17 @@ fn run(
     // Perform.
     dom.set_phase("perform");
     let was_running = dom.lock().state == DomainState::Running;
+    // The destination runs a guest that travels running by itself (its VMM decides after the
+    // stream), unless someone suspends it meanwhile (`Daemon::suspend` clears this again).
+    let dest_decides = dc.autostart && was_running && opts.live;
+    if dc.autostart {
+        note(
+            dom,
+            ctx,
+            "handover: the destination runs the guest by itself after the stream (return-path verdict); Finish confirms".into(),
+        );
+    }
+    vmm::mark_decides(d, dom, dest_decides);
     let perform = (|| -> Result<()> {
         if !opts.live && was_running {
             vmm.qmp("stop", json!({}))?;
@@ -267,8 +280,36 @@ fn run(
     // Finish, on the destination: it resumes the domain (or reports it could not and
     // killed its VMM).
     crate::fault::point("perform-done");
+    let decides = dest_decides && !dom.lock().job.as_ref().is_some_and(|j| j.user_suspended);
     dom.set_phase("finish");
-    match finish(dest_uri, &mut peer, &dom.name) {
+    let outcome = finish(dest_uri, &mut peer, &dom.name);
+    if decides && status == "completed" {
+        // The destination confirmed on the return path that it runs the guest: the source is
+        // done whatever its daemon answers.
+        if let FinishOutcome::Refused(e)
+        | FinishOutcome::NotDelivered(e)
+        | FinishOutcome::Unknown(e) = &outcome
+        {
+            note(
+                dom,
+                ctx,
+                format!("the destination runs the domain (its VMM confirmed); its daemon did not finish the job: {e}"),
+            );
+        }
+        dom.set_phase("confirm");
+        if let Err(e) = d.quit_domain(dom, "migrated") {
+            tracing::warn!("{}: quitting the source VMM: {e}", dom.name);
+            let _ = d.destroy_domain(dom, "migrated");
+        }
+        return Ok(());
+    }
+    let outcome = match outcome {
+        // The destination may have run the guest by itself (x-tern-unconfirmed): a Finish
+        // that did not arrive says nothing.
+        FinishOutcome::NotDelivered(e) if decides => FinishOutcome::Unknown(e),
+        o => o,
+    };
+    match outcome {
         FinishOutcome::Done => {
             dom.set_phase("confirm");
             if let Err(e) = d.quit_domain(dom, "migrated") {
@@ -277,7 +318,7 @@ fn run(
             }
             Ok(())
         }
-        FinishOutcome::Failed(e) => {
+        FinishOutcome::Refused(e) | FinishOutcome::NotDelivered(e) => {
             dom.set_phase("confirm");
             confirm_failed(dom, vmm, was_running);
             Err(Error::OperationFailed(format!(
@@ -379,8 +420,10 @@ fn confirm_failed(dom: &Domain, vmm: &Vmm, was_running: bool) {
 
 enum FinishOutcome {
     Done,
-    /// The destination answered that it failed (and killed its VMM), or never got the call.
-    Failed(Error),
+    /// The destination answered that it failed (and killed its VMM).
+    Refused(Error),
+    /// The destination never got the call (not sent, twice).
+    NotDelivered(Error),
     /// The call was sent and no answer came: the destination may run the domain.
     Unknown(Error),
 }
@@ -401,7 +444,7 @@ fn finish(dest_uri: &str, peer: &mut Connection, name: &str) -> FinishOutcome {
     let first_err = match first {
         Ok(()) => return FinishOutcome::Done,
         Err(e @ (Error::Rpc { .. } | Error::Connect { .. })) => e,
-        Err(e) => return FinishOutcome::Failed(e),
+        Err(e) => return FinishOutcome::Refused(e),
     };
     let sent_once = matches!(first_err, Error::Rpc { sent: true, .. });
     let retry = Connection::open(dest_uri).and_then(|mut c| {
@@ -417,9 +460,9 @@ fn finish(dest_uri: &str, peer: &mut Connection, name: &str) -> FinishOutcome {
         Err(e @ (Error::Rpc { .. } | Error::Connect { .. })) => {
             // Never delivered: the destination's VMM stays paused and its daemon kills it
             // when it restarts (an unfinished incoming migration).
-            FinishOutcome::Failed(Error::OperationFailed(format!("{first_err}; then {e}")))
+            FinishOutcome::NotDelivered(Error::OperationFailed(format!("{first_err}; then {e}")))
         }
-        Err(e) => FinishOutcome::Failed(e),
+        Err(e) => FinishOutcome::Refused(e),
     }
 }
 
@@ -465,7 +508,13 @@ fn offline(dom: &Domain, dest_uri: &str) -> Result<()> {
 /// destination again (idempotent there): done → quit the source; answered failure → resume the
 /// source; no answer → leave it paused (the predecessor may have delivered a Finish: only the
 /// destination knows). Ended `failed`/`cancelled` → cancel on the destination.
-pub fn recover(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, dest_uri: Option<&str>) {
+pub fn recover(
+    d: &Daemon,
+    dom: &Arc<Domain>,
+    vmm: &Arc<Vmm>,
+    dest_uri: Option<&str>,
+    dest_decides: bool,
+) {
     let name = dom.name.clone();
     let q = match vmm.qmp("query-migrate", json!({})) {
         Ok(q) => q,
@@ -488,6 +537,24 @@ pub fn recover(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, dest_uri: Option<&
                 finish_cancelled(uri, &name);
             }
             "cancelled by the restarted daemon".into()
+        }
+        ("completed", _) if dest_decides => {
+            // The destination confirmed it runs the guest: quit here; tell its daemon.
+            if let Some(uri) = dest_uri {
+                let r = Connection::open(uri).and_then(|mut c| {
+                    c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
+                    call_finish(&mut c, &name, false)
+                });
+                if let Err(e) = r {
+                    tracing::warn!("{name}: Finish on the destination: {e}");
+                }
+            }
+            tracing::warn!("{name}: recovered migration: finished on the destination (it confirmed it runs); quitting the source");
+            info.job_type = JobType::Completed;
+            if let Err(e) = d.quit_domain(dom, "migrated") {
+                tracing::error!("{name}: quitting the source: {e}");
+            }
+            "finished on the destination by the restarted daemon".into()
         }
         ("completed" | "x-tern-unconfirmed", Some(uri)) => {
             let first = Connection::open(uri).and_then(|mut c| {
