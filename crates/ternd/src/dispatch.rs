@@ -78,9 +78,9 @@ pub fn dispatch(d: &Arc<Daemon>, call: Call, local_ip: Option<IpAddr>) -> Result
         Call::MonitorCommand { domain, command } => {
             Reply::Text(d.monitor_command(&domain, &command)?)
         }
-        Call::EventRegister { .. } => {
+        Call::EventRegister { .. } | Call::MigrateTunnel { .. } => {
             return Err(Error::Internal(
-                "EventRegister is handled by the server".into(),
+                "EventRegister and MigrateTunnel are handled by the server".into(),
             ))
         }
         Call::MigratePrepare {

@@ -57,6 +57,9 @@ pub struct ActiveJob {
     pub peer: Option<virt::ShutdownHandle>,
     /// Source: `suspend` was called during the job (the guest travels paused).
     pub user_suspended: bool,
+    /// Destination of a tunnelled migration: the incoming VMM's unix socket, which one
+    /// `MigrateTunnel` connection may feed (taken by it).
+    pub tunnel: Option<std::path::PathBuf>,
 }
 
 /// Mutable state of a domain.
@@ -169,6 +172,7 @@ impl Domain {
             persistent: false,
             peer: None,
             user_suspended: false,
+            tunnel: None,
         });
         g.mig_status = None;
         Ok(())

@@ -104,7 +104,32 @@ fn handle<S: Conn>(d: &Arc<Daemon>, mut s: S, local_ip: Option<IpAddr>) -> Resul
             }
             return Ok(());
         }
+        if let Call::MigrateTunnel { domain } = &req.call {
+            return tunnel(d, s, req.id, domain);
+        }
         let result = dispatch(d, req.call, local_ip);
         write_frame(&mut s, &ServerMessage::Reply { id: req.id, result })?;
     }
+}
+
+/// A tunnelled migration's stream (`Call::MigrateTunnel`): after the reply, every byte from
+/// the peer goes to the prepared incoming VMM's socket until the peer closes (or the VMM
+/// does: then the peer's writes fail and its source VMM's migration fails, and resumes).
+fn tunnel<S: Conn>(d: &Arc<Daemon>, mut s: S, id: u64, domain: &str) -> Result<(), FrameError> {
+    let mut vmm = match crate::migration::dest::open_tunnel(d, domain) {
+        Ok(v) => v,
+        Err(e) => {
+            write_frame(&mut s, &ServerMessage::Reply { id, result: Err(e) })?;
+            return Ok(());
+        }
+    };
+    let result = Ok(virt::protocol::Reply::Unit);
+    write_frame(&mut s, &ServerMessage::Reply { id, result })?;
+    let r = std::io::copy(&mut s, &mut vmm);
+    let _ = vmm.shutdown(std::net::Shutdown::Write);
+    match r {
+        Ok(n) => tracing::info!("{domain}: tunnel closed after {n} bytes"),
+        Err(e) => tracing::warn!("{domain}: tunnel: {e}"),
+    }
+    Ok(())
 }

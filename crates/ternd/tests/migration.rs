@@ -12,6 +12,10 @@ const MEM: u64 = 128;
 /// A non-converging migration: the guest dirties 64 MiB as fast as it can, the link is
 /// capped at 32 MiB/s and the downtime limit is 1 ms.
 fn start_stuck_migration(h: &Hosts, dir: &std::path::Path) -> Bg {
+    start_stuck_migration_with(h, dir, &[])
+}
+
+fn start_stuck_migration_with(h: &Hosts, dir: &std::path::Path, extra: &[&str]) -> Bg {
     let xml = write_xml(dir, "busy", &domain_xml("busy", MEM, "dirty", 64, 0));
     h.src.ok(&["define", &xml]);
     h.src.ok(&["start", "busy"]);
@@ -20,10 +24,10 @@ fn start_stuck_migration(h: &Hosts, dir: &std::path::Path) -> Bg {
     h.src.ok(&["migrate-setspeed", "busy", "32"]);
     assert_eq!(h.src.ok(&["migrate-getspeed", "busy"]).trim(), "32");
     assert_eq!(h.src.ok(&["migrate-getmaxdowntime", "busy"]).trim(), "1");
-    let bg = Bg::spawn(
-        &h.src.uri(),
-        &["migrate", "busy", &h.dst.tcp_uri(), "--live", "--p2p"],
-    );
+    let dst = h.dst.tcp_uri();
+    let mut args = vec!["migrate", "busy", &dst, "--live", "--p2p"];
+    args.extend_from_slice(extra);
+    let bg = Bg::spawn(&h.src.uri(), &args);
     wait_migration_iteration(&h.src, "busy");
     bg
 }
@@ -319,6 +323,100 @@ fn switchover_ack_off_with_the_reason_when_the_destination_does_not_offer_it() {
     );
     assert_eq!(h.dst.state("vm"), "running (migrated)");
     assert_pattern_ok(&h.dst, "vm", MEM, dir.path());
+}
+
+#[test]
+fn domjobabort_in_begin_cancels_before_the_destination_is_contacted() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    h.src.env = vec![("TERND_X_TEST_HOLD".into(), "begin".into())];
+    h.src.kill();
+    h.src.restart();
+    let xml = write_xml(dir.path(), "vb", &domain_xml("vb", MEM, "idle", 0, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "vb"]);
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &["migrate", "vb", &h.dst.tcp_uri(), "--live", "--p2p"],
+    );
+    h.src.wait_log("x-test: holding at begin");
+    let job = h.src.ok(&["domjobinfo", "vb"]);
+    assert!(job.contains("Phase:") && job.contains("begin"), "{job}");
+    h.src.ok(&["domjobabort", "vb"]);
+    let (ok, _, err) = bg.wait();
+    assert!(!ok && err.contains("operation aborted"), "{err}");
+    assert_eq!(h.src.state("vb"), "running (booted)");
+    assert_guest_runs(&h.src, "vb");
+    let job = h.src.ok(&["domjobinfo", "vb", "--completed"]);
+    assert!(job.contains("Job type:         Cancelled"), "{job}");
+    // The destination never heard of it.
+    assert!(!h.dst.ok(&["list", "--all"]).contains("vb"));
+    assert!(h.dst.vmm_pids().is_empty());
+}
+
+#[test]
+fn tunnelled_migration_carries_the_stream_through_the_daemons_without_return_path() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "tun", &domain_xml("tun", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "tun"]);
+    wait_workload_running(&h.src, "tun");
+    let err = h
+        .src
+        .fails(&["migrate", "tun", &h.dst.tcp_uri(), "--live", "--tunnelled"]);
+    assert!(err.contains("--tunnelled needs --p2p"), "{err}");
+    h.src.ok(&[
+        "migrate",
+        "tun",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--tunnelled",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "tun", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(
+        job.contains("return-path: off (the stream is tunnelled"),
+        "{job}"
+    );
+    assert!(
+        job.contains("switchover-ack: off (it needs the return path, which is off)"),
+        "{job}"
+    );
+    assert!(job.contains("tunnelled: the stream goes through"), "{job}");
+    assert_eq!(h.src.state("tun"), "shut off (migrated)");
+    assert_eq!(h.dst.state("tun"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "tun", MEM, dir.path());
+}
+
+#[test]
+fn destination_daemon_killed_during_a_tunnelled_migration_leaves_the_vm_on_the_source() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let bg = start_stuck_migration_with(&h, dir.path(), &["--tunnelled"]);
+    let dst_vmms = h.dst.vmm_pids();
+    assert_eq!(dst_vmms.len(), 1, "one incoming VMM on the destination");
+    h.dst.kill();
+    let (ok, _, err) = bg.wait();
+    assert!(
+        !ok,
+        "the migration succeeded without its destination daemon"
+    );
+    assert!(err.contains("migration"), "{err}");
+    assert!(h.src.state("busy").starts_with("running"));
+    assert_guest_runs(&h.src, "busy");
+    h.dst.restart();
+    assert!(!h.dst.ok(&["list", "--all"]).contains("busy"));
+    for p in dst_vmms {
+        wait_pid_exit(p);
+    }
 }
 
 #[test]

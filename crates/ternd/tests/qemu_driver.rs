@@ -104,6 +104,38 @@ fn migrate_qemu_vm_between_hosts_with_one_command() {
 }
 
 #[test]
+fn tunnelled_migration_of_a_qemu_vm() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let ser = dir.path().join("qt.ser");
+    let xml = write_xml(dir.path(), "qt", &qemu_xml("qt", &ser));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "qt"]);
+    wait_serial(&ser, "#running");
+    h.src.ok(&[
+        "migrate",
+        "qt",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--tunnelled",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "qt", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(
+        job.contains("return-path: off (the stream is tunnelled"),
+        "{job}"
+    );
+    assert_eq!(h.dst.state("qt"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "qt", MEM, dir.path());
+}
+
+#[test]
 fn migration_across_drivers_is_refused() {
     if !have_qemu() {
         return;

@@ -62,11 +62,6 @@ impl MigrateOptions {
                 "auto-converge (vCPU throttling) in the Tern engine",
             ),
             (
-                self.tunnelled,
-                "--tunnelled",
-                "a tunnelled stream through the daemons' connection (not built in ternd yet)",
-            ),
-            (
                 self.available_switchover_bandwidth.is_some(),
                 "--available-switchover-bandwidth",
                 "the avail-switchover-bandwidth parameter in the Tern engine",
@@ -85,6 +80,11 @@ impl MigrateOptions {
                     .into(),
             ));
         }
+        if self.tunnelled && !self.p2p {
+            return Err(Error::InvalidArg(
+                "--tunnelled needs --p2p (the source daemon carries the stream to its peer)".into(),
+            ));
+        }
         if self.offline && self.live {
             return Err(Error::InvalidArg(
                 "--offline and --live are mutually exclusive".into(),
@@ -93,6 +93,10 @@ impl MigrateOptions {
         Ok(())
     }
 }
+
+/// The destination cookie's `uri` of a tunnelled migration: the stream goes to the peer daemon
+/// over a [`crate::protocol::Call::MigrateTunnel`] connection, not to a VMM port.
+pub const TUNNEL_URI: &str = "tunnel:";
 
 /// A cookie (libvirt's migration cookie): what one side's VMM supports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -103,7 +107,8 @@ pub struct MigrationCookie {
     pub driver: String,
     /// Migration capabilities the VMM supports (QEMU names).
     pub capabilities: Vec<String>,
-    /// Destination only: where the source's VMM sends the stream (`tcp:HOST:PORT`).
+    /// Destination only: where the source's VMM sends the stream (`tcp:HOST:PORT`), or
+    /// [`TUNNEL_URI`] for a tunnelled migration.
     pub uri: Option<String>,
     /// Destination only: its VMM runs the guest by itself after the stream (no `-S` wait for
     /// Finish): the VMM's return-path verdict decides (Tern). See `docs/management.md` §5.

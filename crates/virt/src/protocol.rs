@@ -111,6 +111,11 @@ pub enum Call {
         cookie: MigrationCookie,
         options: MigrateOptions,
     },
+    /// Tunnelled migration (`VIR_MIGRATE_TUNNELLED`): after its `Unit` reply this connection
+    /// carries only the migration stream, raw, into the prepared incoming VMM of `domain`.
+    MigrateTunnel {
+        domain: String,
+    },
     /// v3 Finish on the destination: `cancelled` = the source's Perform failed.
     MigrateFinish {
         domain: String,

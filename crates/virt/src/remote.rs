@@ -147,6 +147,20 @@ impl Connection {
         self.stream.shutdown();
     }
 
+    /// Turns this connection into a raw migration tunnel into `domain`'s prepared incoming
+    /// VMM on the peer (`Call::MigrateTunnel`): after the reply, bytes written to the
+    /// [`RawStream`] reach the VMM unchanged.
+    pub fn into_tunnel(mut self, domain: &str) -> Result<RawStream> {
+        self.call(Call::MigrateTunnel {
+            domain: domain.to_string(),
+        })?;
+        self.stream.set_read_timeout(None).map_err(|e| Error::Rpc {
+            message: format!("{}: {e}", self.uri),
+            sent: true,
+        })?;
+        Ok(RawStream { t: self.stream })
+    }
+
     /// A handle that closes this connection from another thread (aborting a blocked call).
     pub fn shutdown_handle(&self) -> Result<ShutdownHandle> {
         let t = self.stream.handle().map_err(|e| Error::Rpc {
@@ -154,6 +168,40 @@ impl Connection {
             sent: false,
         })?;
         Ok(ShutdownHandle { t })
+    }
+}
+
+/// A connection that left the RPC protocol: a byte pipe (a tunnelled migration stream).
+pub struct RawStream {
+    t: Box<dyn Transport>,
+}
+
+impl RawStream {
+    /// Closes the connection (both directions).
+    pub fn shutdown(&self) {
+        self.t.shutdown();
+    }
+
+    /// A handle that closes this stream from another thread.
+    pub fn shutdown_handle(&self) -> std::io::Result<ShutdownHandle> {
+        Ok(ShutdownHandle {
+            t: self.t.handle()?,
+        })
+    }
+}
+
+impl Read for RawStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.t.read(buf)
+    }
+}
+
+impl Write for RawStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.t.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.t.flush()
     }
 }
 

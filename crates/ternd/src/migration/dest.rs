@@ -15,6 +15,7 @@ use super::stats::from_query_migrate;
 use super::COOKIE_CAPABILITIES;
 use crate::daemon::Daemon;
 use crate::domain::{Domain, JobKind};
+use crate::runtime;
 use crate::vmm;
 
 /// How long Finish waits for the destination VMM to report `completed` (it normally has
@@ -102,7 +103,8 @@ fn prepare_vmm(
         .filter(|c| !d.cfg.hide_capabilities.contains(c))
         .collect::<Vec<_>>();
     let both = |c: &str| cookie.supports(c) && caps.iter().any(|x| x == c);
-    let rp = both("return-path");
+    // A tunnelled stream has no return path (libvirt's rule), hence no switchover-ack.
+    let rp = !opts.tunnelled && both("return-path");
     let sack = rp && both("switchover-ack");
     vmm.monitor
         .lock()
@@ -119,6 +121,25 @@ fn prepare_vmm(
     let autostart = rp && !opts.suspend && d.driver(dom.lock().def.driver())?.destination_decides();
     if autostart {
         vmm.qmp("cont", json!({}))?;
+    }
+    if opts.tunnelled {
+        let path = runtime::vmm_dir(&d.cfg.run_dir, &dom.name).join("tunnel.sock");
+        let _ = std::fs::remove_file(&path);
+        vmm.qmp(
+            "migrate-incoming",
+            json!({ "uri": format!("unix:{}", path.display()) }),
+        )?;
+        if let Some(j) = dom.lock().job.as_mut() {
+            j.tunnel = Some(path);
+        }
+        dom.set_phase("prepared");
+        return Ok(MigrationCookie {
+            host: d.hostname.clone(),
+            driver: dom.lock().def.driver().name().to_string(),
+            capabilities: caps,
+            uri: Some(virt::TUNNEL_URI.to_string()),
+            autostart,
+        });
     }
     let ip = local_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let host = match ip {
@@ -140,6 +161,34 @@ fn prepare_vmm(
         capabilities: caps,
         uri: Some(format!("tcp:{host}:{port}")),
         autostart,
+    })
+}
+
+/// `MigrateTunnel`: the prepared incoming VMM's stream socket, connected, for the peer
+/// daemon's tunnel to feed. Only one tunnel per Prepare; only for a tunnelled Prepare.
+pub fn open_tunnel(d: &Arc<Daemon>, name: &str) -> Result<std::os::unix::net::UnixStream> {
+    let dom = d.lookup(name)?;
+    let path = {
+        let mut g = dom.lock();
+        let job = g.job.as_mut().filter(|j| j.kind == JobKind::MigrationIn);
+        match job {
+            Some(j) if j.phase == "prepared" => j.tunnel.take().ok_or_else(|| {
+                Error::OperationInvalid(format!(
+                    "domain '{name}': the incoming migration is not tunnelled, or its tunnel is already open"
+                ))
+            })?,
+            _ => {
+                return Err(Error::OperationInvalid(format!(
+                    "domain '{name}' has no prepared incoming migration"
+                )))
+            }
+        }
+    };
+    std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        Error::OperationFailed(format!(
+            "connecting the tunnel to the incoming VMM ({}): {e}",
+            path.display()
+        ))
     })
 }
 

@@ -6,6 +6,7 @@ pub mod dest;
 pub mod jobs;
 pub mod source;
 mod stats;
+mod tunnel;
 
 /// Capabilities the cookies report: those the orchestration negotiates. (Each one found off
 /// costs two QMP round trips to probe, in Begin and in Prepare: options needing others, e.g.

@@ -11,6 +11,7 @@ use virt::{
 };
 
 use super::stats::from_query_migrate;
+use super::tunnel::SourceTunnel;
 use super::{is_terminal, COOKIE_CAPABILITIES};
 use crate::daemon::Daemon;
 use crate::domain::{Domain, JobKind, Vmm};
@@ -131,6 +132,11 @@ fn run(
         uri: None,
         autostart: false,
     };
+    crate::fault::hold("begin", || {
+        dom.wait_until(Duration::from_secs(60), |g| {
+            g.job.as_ref().is_some_and(|j| j.abort_requested)
+        });
+    });
     if dom.abort_requested() {
         return Err(aborted());
     }
@@ -193,7 +199,11 @@ fn run(
             (false, false) => Some("neither VMM supports it".into()),
         }
     };
-    let rp = lacks("return-path");
+    let rp = if opts.tunnelled {
+        Some("the stream is tunnelled through the daemons' connection, one way".to_string())
+    } else {
+        lacks("return-path")
+    };
     note(
         dom,
         ctx,
@@ -229,7 +239,7 @@ fn run(
         );
     }
     vmm::mark_decides(d, dom, dest_decides);
-    let perform = (|| -> Result<()> {
+    let perform = (|| -> Result<Option<SourceTunnel>> {
         if !opts.live && was_running {
             vmm.qmp("stop", json!({}))?;
         }
@@ -252,15 +262,39 @@ fn run(
         if dom.abort_requested() {
             return Err(aborted());
         }
+        if uri == virt::TUNNEL_URI {
+            let dir = crate::runtime::vmm_dir(&d.cfg.run_dir, &dom.name);
+            let t = SourceTunnel::open(&dir, dest_uri, &dom.name)?;
+            vmm.qmp("migrate", json!({ "uri": t.uri }))?;
+            return Ok(Some(t));
+        }
         vmm.qmp("migrate", json!({ "uri": uri }))?;
-        Ok(())
+        Ok(None)
     })();
-    if let Err(e) = perform {
-        finish_cancelled_on(dest_uri, &mut peer, &dom.name);
-        confirm_failed(dom, vmm, was_running);
-        return Err(e);
+    let tunnel = match perform {
+        Ok(t) => t,
+        Err(e) => {
+            finish_cancelled_on(dest_uri, &mut peer, &dom.name);
+            confirm_failed(dom, vmm, was_running);
+            return Err(e);
+        }
+    };
+    if opts.tunnelled {
+        note(
+            dom,
+            ctx,
+            "tunnelled: the stream goes through the daemons' connection".into(),
+        );
     }
-    let status = wait_perform(dom, vmm, &mut peer, ctx)?;
+    let status = wait_perform(dom, vmm, &mut peer, ctx);
+    if let Some(t) = tunnel {
+        match status.as_deref() {
+            // The VMM closed its end after END: the pump carries the rest.
+            Ok("completed") => t.finish(),
+            _ => t.close(),
+        }
+    }
+    let status = status?;
     let q = ctx.last.clone().unwrap_or(Value::Null);
     if status == "failed" || status == "cancelled" {
         finish_cancelled_on(dest_uri, &mut peer, &dom.name);
