@@ -20,6 +20,7 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use crate::liveness::{self, Direction};
 
 pub mod authz;
+pub mod tls_config;
 
 /// Socket buffer size requested for migration sockets (best effort: `SO_*BUFFORCE` needs
 /// CAP_NET_ADMIN; without it the kernel's autotuning is kept, which beats a clamped fixed size).
