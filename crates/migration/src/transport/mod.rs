@@ -20,6 +20,7 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use crate::liveness::{self, Direction};
 
 pub mod authz;
+pub mod tls;
 pub mod tls_config;
 
 /// Socket buffer size requested for migration sockets (best effort: `SO_*BUFFORCE` needs

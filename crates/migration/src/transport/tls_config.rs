@@ -222,4 +222,4 @@ fn describe_cert(c: &CertificateError, whose: &str) -> String {
 
 #[cfg(test)]
 #[path = "tls_config_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -12,13 +12,13 @@ use rustls::{ClientConnection, ServerConnection, StreamOwned};
 use super::*;
 
 /// A CA and, in `dir`, the tls-creds-x509 files for a host named `host`.
-struct Ca {
+pub(crate) struct Ca {
     params: CertificateParams,
     key: KeyPair,
     pem: String,
 }
 
-fn ca(name: &str) -> Ca {
+pub(crate) fn ca(name: &str) -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -27,7 +27,7 @@ fn ca(name: &str) -> Ca {
     Ca { params, key, pem }
 }
 
-fn write_creds(ca: &Ca, dir: &Path, host: &str, client_cert: bool) {
+pub(crate) fn write_creds(ca: &Ca, dir: &Path, host: &str, client_cert: bool) {
     let issuer = Issuer::from_params(&ca.params, &ca.key);
     std::fs::write(dir.join("ca-cert.pem"), &ca.pem).unwrap();
     let mut roles = vec!["server"];
@@ -47,7 +47,7 @@ fn write_creds(ca: &Ca, dir: &Path, host: &str, client_cert: bool) {
     }
 }
 
-fn creds(dir: &Path, endpoint: TlsEndpoint, verify_peer: bool) -> X509Creds {
+pub(crate) fn creds(dir: &Path, endpoint: TlsEndpoint, verify_peer: bool) -> X509Creds {
     X509Creds {
         dir: dir.to_path_buf(),
         endpoint,
