@@ -25,6 +25,7 @@ need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tc >/dev/null || need+=(iproute2)
+command -v openssl >/dev/null || need+=(openssl) # scripts/tls-certs.sh
 if [ ${#need[@]} -eq 0 ]; then fetch_linux; exit 0; fi
 if [ "$(id -u)" != 0 ]; then echo "install-deps: need root to install ${need[*]}" >&2; exit 1; fi
 export DEBIAN_FRONTEND=noninteractive

@@ -19,6 +19,10 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::liveness::{self, Direction};
 
+pub mod authz;
+pub mod tls;
+pub mod tls_config;
+
 /// Socket buffer size requested for migration sockets (best effort: `SO_*BUFFORCE` needs
 /// CAP_NET_ADMIN; without it the kernel's autotuning is kept, which beats a clamped fixed size).
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
@@ -635,9 +639,7 @@ impl Drop for Listener {
 }
 
 #[cfg(test)]
-#[path = "transport_tests.rs"]
 mod tests;
 
 #[cfg(test)]
-#[path = "transport_socket_tests.rs"]
 mod socket_tests;
