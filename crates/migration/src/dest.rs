@@ -666,7 +666,17 @@ impl Receiver {
                     switchover_ack,
                     validate_uuid,
                     ram_digest,
+                    postcopy_ram,
                 }) => {
+                    if postcopy_ram {
+                        // Stream format §13 is specified and parsed; the destination side of
+                        // post-copy (userfaultfd) is not built yet (docs/migration-engine.md §9).
+                        return Err(DestError::Protocol(
+                            "capability 'postcopy-ram' is on at the source but this destination \
+                             does not support post-copy yet"
+                                .into(),
+                        ));
+                    }
                     self.digest.on_capabilities(
                         ram_digest,
                         self.opts.ram_digest,
@@ -699,6 +709,17 @@ impl Receiver {
                     tracing::debug!("source stopped: final state follows");
                 }
                 Record::End(_) => break,
+                // The reader admits these only after CAPABILITIES postcopy-ram, refused above.
+                Record::RamDiscard(_)
+                | Record::Command(
+                    Command::PostcopyAdvise { .. }
+                    | Command::PostcopyListen
+                    | Command::PostcopyRun { .. },
+                ) => {
+                    return Err(DestError::Protocol(
+                        "post-copy record received, but post-copy was not negotiated".into(),
+                    ));
+                }
             }
         }
         *state = RxState::Finishing;

@@ -294,6 +294,11 @@ fn qmp_schema_is_the_dispatcher_table() {
         vm.err("migrate-continue", json!({"state": "pre-switchover"})),
         "Migration not in expected state: none"
     );
+    // migrate-start-postcopy exists and refuses, with QEMU's message, while postcopy-ram
+    // cannot be enabled.
+    assert!(vm
+        .err("migrate-start-postcopy", json!({}))
+        .starts_with("Enable postcopy with migrate_set_capability before the start of migration"));
 
     // Duplicate keys: the whole request is refused, nothing runs (the guest keeps running).
     let (mut w, mut r) = raw(&vm.qmp_path);

@@ -136,6 +136,7 @@ impl Sender {
             switchover_ack: self.opts.switchover_ack && rp_stream.is_some(),
             validate_uuid: self.opts.validate_uuid,
             ram_digest: self.opts.ram_digest,
+            postcopy_ram: false,
         };
         if rp_stream.is_none() {
             w.write_command(capabilities)?;

@@ -146,12 +146,21 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                         switchover_ack,
                         validate_uuid,
                         ram_digest,
+                        postcopy_ram,
                     } => {
                         v["switchover-ack"] = json!(switchover_ack);
                         v["validate-uuid"] = json!(validate_uuid);
                         v["x-tern-ram-digest"] = json!(ram_digest);
+                        v["postcopy-ram"] = json!(postcopy_ram);
                     }
-                    Command::OpenReturnPath | Command::SwitchoverStart => {}
+                    Command::PostcopyAdvise { page_size } => v["page_size"] = json!(page_size),
+                    Command::PostcopyRun { crc32, total_bytes } => {
+                        v["crc32"] = json!(format!("{crc32:#010x}"));
+                        v["total_bytes"] = json!(total_bytes);
+                    }
+                    Command::OpenReturnPath
+                    | Command::SwitchoverStart
+                    | Command::PostcopyListen => {}
                 }
                 v
             }
@@ -160,6 +169,13 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                 "type": "ram-digest",
                 "chunk_bytes": 1u64 << d.chunk_shift,
                 "chunks": d.blocks.iter().map(Vec::len).sum::<usize>(),
+            }),
+            Record::RamDiscard(d) => json!({
+                "offset": offset,
+                "type": "ram-discard",
+                "block": d.block,
+                "ranges": d.ranges.len(),
+                "pages": d.ranges.iter().map(|r| u64::from(r.1)).sum::<u64>(),
             }),
             Record::End(e) => {
                 out.insert(

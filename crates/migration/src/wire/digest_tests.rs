@@ -54,6 +54,7 @@ fn written_and_read_back() {
         switchover_ack: false,
         validate_uuid: false,
         ram_digest: true,
+        postcopy_ram: false,
     })
     .unwrap();
     w.write_command(Command::SwitchoverStart).unwrap();
@@ -86,6 +87,7 @@ fn a_writer_writes_version_1_unless_asked_and_refuses_v2_records_in_it() {
             switchover_ack: false,
             validate_uuid: false,
             ram_digest: true,
+            postcopy_ram: false,
         })
         .unwrap_err();
     assert!(e.to_string().contains("needs stream version 2"), "{e}");
@@ -99,7 +101,10 @@ fn a_writer_writes_version_1_unless_asked_and_refuses_v2_records_in_it() {
     let mut bad = digest(13);
     bad.blocks[1].pop();
     assert!(w.write_ram_digest(&bad).is_err());
-    assert!(StreamWriter::with_version(Vec::new(), &cfg, &Limits::default(), 3).is_err());
+    assert!(
+        StreamWriter::with_version(Vec::new(), &cfg, &Limits::default(), CURRENT_VERSION + 1)
+            .is_err()
+    );
 }
 
 #[test]

@@ -7,11 +7,13 @@ use super::error::WireError;
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// Newest stream version this code reads and writes; the reader accepts `1..=CURRENT_VERSION`.
 /// A writer writes the lowest version whose records it uses (`docs/stream-format.md` §10).
-pub const CURRENT_VERSION: u32 = 2;
+pub const CURRENT_VERSION: u32 = 3;
 /// The version of a stream without any version-2 record.
 pub const VERSION_1: u32 = 1;
 /// The version that added `RAM_DIGEST` (and `CAPABILITIES` bit 3).
 pub const VERSION_RAM_DIGEST: u32 = 2;
+/// The version that added post-copy (`RAM_DISCARD`, commands 0x10..=0x12, `CAPABILITIES` bit 4).
+pub const VERSION_POSTCOPY: u32 = 3;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).
@@ -45,6 +47,8 @@ pub enum RecordKind {
     End = 0x06,
     /// Digest of the source's guest memory at the switchover (version 2).
     RamDigest = 0x07,
+    /// Re-dirtied pages the destination must drop before post-copy (version 3).
+    RamDiscard = 0x08,
 }
 
 impl RecordKind {
@@ -58,6 +62,7 @@ impl RecordKind {
             0x05 => Self::Command,
             0x06 => Self::End,
             0x07 => Self::RamDigest,
+            0x08 => Self::RamDiscard,
             _ => return None,
         })
     }
@@ -72,6 +77,7 @@ impl RecordKind {
             Self::Command => "command",
             Self::End => "end",
             Self::RamDigest => "ram-digest",
+            Self::RamDiscard => "ram-discard",
         }
     }
 }
@@ -107,12 +113,22 @@ pub mod cmd {
     /// `CAPABILITIES` flag (version 2): `x-tern-ram-digest` is on at the source; a RAM_DIGEST
     /// record precedes END.
     pub const CAP_RAM_DIGEST: u32 = 8;
+    /// `CAPABILITIES` flag (version 3): `postcopy-ram` is on at the source; `POSTCOPY_ADVISE`
+    /// follows.
+    pub const CAP_POSTCOPY_RAM: u32 = 0x10;
     /// Every `CAPABILITIES` flag this reader knows.
-    pub const CAP_KNOWN: u32 = CAP_SWITCHOVER_ACK | CAP_VALIDATE_UUID | CAP_RAM_DIGEST;
+    pub const CAP_KNOWN: u32 =
+        CAP_SWITCHOVER_ACK | CAP_VALIDATE_UUID | CAP_RAM_DIGEST | CAP_POSTCOPY_RAM;
     /// `u8 running`: whether the source VM was running when the migration stopped it (QEMU's
     /// global-state run state): a paused guest stays paused on the destination.
     pub const RUN_STATE: u16 = 6;
-    /// First reserved post-copy command.
+    /// Post-copy setup (version 3): `u32 page_size`, `u32 reserved`.
+    pub const POSTCOPY_ADVISE: u16 = 0x10;
+    /// The switch to post-copy (version 3): register the missing pages, start requesting.
+    pub const POSTCOPY_LISTEN: u16 = 0x11;
+    /// The device package is complete (version 3): `u32 crc32`, `u64 total_bytes`.
+    pub const POSTCOPY_RUN: u16 = 0x12;
+    /// First post-copy command.
     pub const POSTCOPY_FIRST: u16 = 0x10;
     /// Last reserved post-copy command.
     pub const POSTCOPY_LAST: u16 = 0x1f;
@@ -146,6 +162,8 @@ pub struct Limits {
     pub max_section_bytes_total: u64,
     /// Largest RAM_DIGEST body.
     pub max_digest_size: u32,
+    /// Most ranges in one RAM_DISCARD record.
+    pub max_discard_ranges: u32,
 }
 
 impl Default for Limits {
@@ -163,6 +181,7 @@ impl Default for Limits {
             max_sections: 4096,
             max_section_bytes_total: 256 << 20,
             max_digest_size: 16 << 20,
+            max_discard_ranges: 65536,
         }
     }
 }

@@ -45,7 +45,7 @@ pub(super) fn expect() -> Expectations {
 
 /// Raw stream builder: header + valid CONFIG + arbitrary records + a correct END, so that the
 /// checks behind the checksum are reached.
-fn raw(records: &[(u8, Vec<u8>)]) -> Vec<u8> {
+pub(super) fn raw(records: &[(u8, Vec<u8>)]) -> Vec<u8> {
     raw_v(CURRENT_VERSION, records)
 }
 
@@ -94,7 +94,7 @@ fn ram_body(entries: &[(u32, u16, u8, u8)], data_pages: usize) -> Vec<u8> {
     b
 }
 
-fn err_of(bytes: &[u8]) -> WireError {
+pub(super) fn err_of(bytes: &[u8]) -> WireError {
     drain(bytes, &Limits::default(), expect()).expect_err("hostile stream accepted")
 }
 
@@ -257,8 +257,8 @@ fn out_of_range_pages() {
 
 #[test]
 fn unknown_and_misplaced_records() {
-    let e = err_of(&raw(&[(0x08, vec![1, 2, 3])]));
-    assert!(e.to_string().contains("unknown record kind 0x08"), "{e}");
+    let e = err_of(&raw(&[(0x09, vec![1, 2, 3])]));
+    assert!(e.to_string().contains("unknown record kind 0x09"), "{e}");
     let e = err_of(&raw(&[(0x00, vec![])]));
     assert!(
         matches!(e, WireError::UnknownRecordKind { kind: 0, .. }),
@@ -266,9 +266,9 @@ fn unknown_and_misplaced_records() {
     );
     let e = err_of(&raw(&[(5, vec![0x99, 0])]));
     assert!(e.to_string().contains("unknown command 0x0099"), "{e}");
-    let e = err_of(&raw(&[(5, vec![0x11, 0])]));
+    let e = err_of(&raw(&[(5, vec![0x13, 0])]));
     assert!(
-        matches!(e, WireError::UnsupportedCommand { cmd: 0x11, .. }),
+        matches!(e, WireError::UnsupportedCommand { cmd: 0x13, .. }),
         "{e}"
     );
     let e = err_of(&raw(&[(1, sample_config().encode())]));

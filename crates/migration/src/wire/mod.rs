@@ -12,6 +12,7 @@ mod analyze;
 mod config;
 mod error;
 mod format;
+mod postcopy;
 mod reader;
 mod record;
 mod return_path;
@@ -22,6 +23,8 @@ mod digest_tests;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
+mod postcopy_tests;
+#[cfg(test)]
 mod tests;
 
 pub use analyze::{analyze, analyze_file};
@@ -29,11 +32,11 @@ pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, Strea
 pub use error::WireError;
 pub use format::{
     cmd, is_zero_page, page_kind, Limits, RecordKind, CURRENT_VERSION, HEADER_LEN, MAGIC,
-    VERSION_1, VERSION_RAM_DIGEST,
+    VERSION_1, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
 };
 pub use reader::{Header, StreamReader};
 pub use record::{
-    Command, ComponentRecord, EndRecord, PageData, RamBatch, RamPage, RamPages, Record,
+    Command, ComponentRecord, EndRecord, PageData, RamBatch, RamDiscard, RamPage, RamPages, Record,
 };
 pub use return_path::{rp_type, ReturnPathReader, RpMessage, RP_MAX_LEN, RP_MAX_REQ_PAGES};
 pub use writer::StreamWriter;

@@ -8,9 +8,10 @@ use super::config::{Expectations, StreamConfig};
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, Cursor, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, FRAME_LEN,
-    HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN, VERSION_RAM_DIGEST,
+    HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
 };
-use super::record::{Command, ComponentRecord, EndRecord, RamBatch, Record};
+use super::postcopy::{max_discard_body, parse_discard, PostcopyOrder};
+use super::record::{Command, ComponentRecord, EndRecord, RamBatch, RamDiscard, Record};
 use crate::digest::{chunk_count, RamDigest, ALGORITHM_XXH3_64, MAX_CHUNK_SHIFT};
 
 /// The stream header.
@@ -61,6 +62,8 @@ struct OrderState {
     section_bytes: u64,
     /// A RAM_DIGEST came: only END may follow.
     digest_seen: bool,
+    /// The post-copy rules (§13.1).
+    postcopy: PostcopyOrder,
 }
 
 impl OrderState {
@@ -314,7 +317,8 @@ impl<R: Read> StreamReader<R> {
         let (kind_byte, len) = read_frame(&mut self.inner, &mut self.pos, &mut self.crc)?;
         let body_at = frame_at + FRAME_LEN as u64;
         let known = RecordKind::from_u8(kind_byte)
-            .filter(|k| *k != RecordKind::RamDigest || self.header.version >= VERSION_RAM_DIGEST);
+            .filter(|k| *k != RecordKind::RamDigest || self.header.version >= VERSION_RAM_DIGEST)
+            .filter(|k| *k != RecordKind::RamDiscard || self.header.version >= VERSION_POSTCOPY);
         let Some(kind) = known else {
             return Err(WireError::UnknownRecordKind {
                 kind: kind_byte,
@@ -336,6 +340,7 @@ impl<R: Read> StreamReader<R> {
             RecordKind::Command => u64::from(MAX_COMMAND_LEN),
             RecordKind::End => END_BODY_LEN as u64,
             RecordKind::RamDigest => u64::from(self.limits.max_digest_size),
+            RecordKind::RamDiscard => max_discard_body(self.limits.max_discard_ranges),
         };
         check_len(kind.name(), len, limit, frame_at + 1)?;
         if kind == RecordKind::RamDigest && !self.order.switchover_started {
@@ -345,6 +350,11 @@ impl<R: Read> StreamReader<R> {
                 reason: "a RAM_DIGEST before SWITCHOVER_START (the digest is of the stopped VM)"
                     .into(),
             });
+        }
+        if kind != RecordKind::Command {
+            self.order
+                .postcopy
+                .check_frame(kind, self.order.switchover_started, frame_at)?;
         }
         if kind == RecordKind::Section {
             self.check_section_frame(len, frame_at)?;
@@ -387,8 +397,22 @@ impl<R: Read> StreamReader<R> {
                 self.order.digest_seen = true;
                 Ok(Parsed::RamDigest(digest))
             }
+            RecordKind::RamDiscard => Ok(Parsed::RamDiscard(parse_discard(
+                body,
+                body_at,
+                &self.block_pages,
+                self.limits.max_discard_ranges,
+            )?)),
             RecordKind::Command => {
                 let command = parse_command(body, body_at, self.header.version)?;
+                self.order.postcopy.check_command(
+                    &command,
+                    self.order.switchover_started,
+                    self.config.page_size,
+                    crc_before.clone().finalize(),
+                    bytes_before,
+                    frame_at,
+                )?;
                 if command == Command::SwitchoverStart {
                     if self.order.switchover_started {
                         return Err(WireError::OutOfOrder {
@@ -649,10 +673,12 @@ fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<Command, Wir
         },
         cmd::CAPABILITIES => {
             let flags = c.u32("capability flags")?;
-            let known = if version >= VERSION_RAM_DIGEST {
+            let known = if version >= VERSION_POSTCOPY {
                 cmd::CAP_KNOWN
+            } else if version >= VERSION_RAM_DIGEST {
+                cmd::CAP_KNOWN & !cmd::CAP_POSTCOPY_RAM
             } else {
-                cmd::CAP_KNOWN & !cmd::CAP_RAM_DIGEST
+                cmd::CAP_KNOWN & !cmd::CAP_RAM_DIGEST & !cmd::CAP_POSTCOPY_RAM
             };
             if flags & !known != 0 {
                 return Err(WireError::Invalid {
@@ -664,12 +690,37 @@ fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<Command, Wir
                     ),
                 });
             }
+            let both = cmd::CAP_RAM_DIGEST | cmd::CAP_POSTCOPY_RAM;
+            if flags & both == both {
+                return Err(WireError::Invalid {
+                    field: "capability flags",
+                    offset: body_at,
+                    reason: "x-tern-ram-digest and postcopy-ram together (decision 71)".into(),
+                });
+            }
             Command::Capabilities {
                 switchover_ack: flags & cmd::CAP_SWITCHOVER_ACK != 0,
                 validate_uuid: flags & cmd::CAP_VALIDATE_UUID != 0,
                 ram_digest: flags & cmd::CAP_RAM_DIGEST != 0,
+                postcopy_ram: flags & cmd::CAP_POSTCOPY_RAM != 0,
             }
         }
+        cmd::POSTCOPY_ADVISE if version >= VERSION_POSTCOPY => {
+            let page_size = c.u32("post-copy page size")?;
+            if c.u32("post-copy reserved")? != 0 {
+                return Err(WireError::Invalid {
+                    field: "post-copy reserved",
+                    offset: body_at + 6,
+                    reason: "must be 0".into(),
+                });
+            }
+            Command::PostcopyAdvise { page_size }
+        }
+        cmd::POSTCOPY_LISTEN if version >= VERSION_POSTCOPY => Command::PostcopyListen,
+        cmd::POSTCOPY_RUN if version >= VERSION_POSTCOPY => Command::PostcopyRun {
+            crc32: c.u32("crc32")?,
+            total_bytes: c.u64("total_bytes")?,
+        },
         cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {
             return Err(WireError::UnsupportedCommand {
                 cmd: n,
@@ -703,6 +754,7 @@ enum Parsed {
     Command(Command),
     End(EndRecord),
     RamDigest(RamDigest),
+    RamDiscard(RamDiscard),
 }
 
 impl Parsed {
@@ -748,6 +800,7 @@ impl Parsed {
             Self::Command(c) => Record::Command(c),
             Self::End(e) => Record::End(e),
             Self::RamDigest(d) => Record::RamDigest(d),
+            Self::RamDiscard(d) => Record::RamDiscard(d),
         }
     }
 }

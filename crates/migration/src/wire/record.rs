@@ -18,6 +18,8 @@ pub enum Record<'a> {
     End(EndRecord),
     /// The source's RAM digest at the switchover (shape checked against the CONFIG).
     RamDigest(RamDigest),
+    /// Page ranges the destination must drop before post-copy (checked against the CONFIG).
+    RamDiscard(RamDiscard),
 }
 
 impl Record<'_> {
@@ -30,6 +32,7 @@ impl Record<'_> {
             Self::Command(_) => "command",
             Self::End(_) => "end",
             Self::RamDigest(_) => "ram-digest",
+            Self::RamDiscard(_) => "ram-discard",
         }
     }
 }
@@ -73,6 +76,22 @@ pub enum Command {
         validate_uuid: bool,
         /// `x-tern-ram-digest` is on at the source: a RAM_DIGEST record precedes END.
         ram_digest: bool,
+        /// `postcopy-ram` is on at the source (version 3): `POSTCOPY_ADVISE` follows.
+        postcopy_ram: bool,
+    },
+    /// Post-copy setup (version 3); `page_size` equals the CONFIG's.
+    PostcopyAdvise {
+        /// The source's page size.
+        page_size: u32,
+    },
+    /// The switch to post-copy (version 3): the device package follows.
+    PostcopyListen,
+    /// The device package is complete (version 3): checksum of the stream before this record.
+    PostcopyRun {
+        /// CRC-32 of every byte after the header up to this record's frame.
+        crc32: u32,
+        /// How many bytes those were.
+        total_bytes: u64,
     },
     /// Whether the source VM was running when the switchover stopped it.
     RunState {
@@ -91,6 +110,9 @@ impl Command {
             Self::SwitchoverStart => "switchover-start",
             Self::Capabilities { .. } => "capabilities",
             Self::RunState { .. } => "run-state",
+            Self::PostcopyAdvise { .. } => "postcopy-advise",
+            Self::PostcopyListen => "postcopy-listen",
+            Self::PostcopyRun { .. } => "postcopy-run",
         }
     }
 }
@@ -220,3 +242,13 @@ impl<'a> Iterator for RamPages<'a> {
 }
 
 impl ExactSizeIterator for RamPages<'_> {}
+
+/// A RAM_DISCARD record (version 3): pages of one block the source sent before the switch and
+/// found dirty again; the destination drops them so the running guest never reads them stale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamDiscard {
+    /// Index into the CONFIG's block list.
+    pub block: u16,
+    /// `(first_page, pages)`, ascending, not overlapping, inside the block, `pages >= 1`.
+    pub ranges: Vec<(u32, u32)>,
+}

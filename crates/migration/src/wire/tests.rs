@@ -275,6 +275,7 @@ fn capabilities_round_trip() {
             switchover_ack,
             validate_uuid,
             ram_digest: false,
+            postcopy_ram: false,
         };
         let mut w = StreamWriter::new(Vec::new(), &cfg).unwrap();
         w.write_command(c).unwrap();

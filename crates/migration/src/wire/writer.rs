@@ -6,7 +6,7 @@ use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, MAGIC,
-    RAM_ENTRY_LEN, VERSION_1, VERSION_RAM_DIGEST,
+    RAM_ENTRY_LEN, VERSION_1, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
 };
 use super::record::{Command, PageData, RamPage};
 use crate::digest::{chunk_count, RamDigest, ALGORITHM_XXH3_64, MAX_CHUNK_SHIFT};
@@ -28,6 +28,7 @@ pub struct StreamWriter<W: Write> {
     max_pages_per_batch: usize,
     max_string_len: usize,
     max_section_size: u32,
+    max_discard_ranges: usize,
     table: Vec<u8>,
     poisoned: bool,
     /// The stream version in the header: records newer than it are refused.
@@ -87,6 +88,7 @@ impl<W: Write> StreamWriter<W> {
             max_pages_per_batch: limits.max_pages_per_batch.max(1) as usize,
             max_string_len: limits.max_string_len,
             max_section_size: limits.max_section_size,
+            max_discard_ranges: limits.max_discard_ranges.max(1) as usize,
             table: Vec::new(),
             poisoned: false,
             version,
@@ -161,7 +163,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes a COMMAND record.
     pub fn write_command(&mut self, command: Command) -> Result<(), WireError> {
-        let mut body = [0u8; 2 + 8];
+        let mut body = [0u8; 2 + 12];
         let n = match command {
             Command::IterationEnd { pass } => {
                 body[..2].copy_from_slice(&cmd::ITERATION_END.to_le_bytes());
@@ -186,10 +188,29 @@ impl<W: Write> StreamWriter<W> {
                 body[2] = u8::from(running);
                 3
             }
+            Command::PostcopyAdvise { page_size } => {
+                self.need_version(VERSION_POSTCOPY, "POSTCOPY_ADVISE")?;
+                body[..2].copy_from_slice(&cmd::POSTCOPY_ADVISE.to_le_bytes());
+                body[2..6].copy_from_slice(&page_size.to_le_bytes());
+                10
+            }
+            Command::PostcopyListen => {
+                self.need_version(VERSION_POSTCOPY, "POSTCOPY_LISTEN")?;
+                body[..2].copy_from_slice(&cmd::POSTCOPY_LISTEN.to_le_bytes());
+                2
+            }
+            Command::PostcopyRun { crc32, total_bytes } => {
+                self.need_version(VERSION_POSTCOPY, "POSTCOPY_RUN")?;
+                body[..2].copy_from_slice(&cmd::POSTCOPY_RUN.to_le_bytes());
+                body[2..6].copy_from_slice(&crc32.to_le_bytes());
+                body[6..14].copy_from_slice(&total_bytes.to_le_bytes());
+                14
+            }
             Command::Capabilities {
                 switchover_ack,
                 validate_uuid,
                 ram_digest,
+                postcopy_ram,
             } => {
                 body[..2].copy_from_slice(&cmd::CAPABILITIES.to_le_bytes());
                 let mut flags = 0;
@@ -202,6 +223,10 @@ impl<W: Write> StreamWriter<W> {
                 if ram_digest {
                     self.need_version(VERSION_RAM_DIGEST, "CAPABILITIES x-tern-ram-digest")?;
                     flags |= cmd::CAP_RAM_DIGEST;
+                }
+                if postcopy_ram {
+                    self.need_version(VERSION_POSTCOPY, "CAPABILITIES postcopy-ram")?;
+                    flags |= cmd::CAP_POSTCOPY_RAM;
                 }
                 body[2..6].copy_from_slice(&flags.to_le_bytes());
                 6
@@ -251,6 +276,51 @@ impl<W: Write> StreamWriter<W> {
                 "{what} needs stream version {version}; this stream is version {}",
                 self.version
             )));
+        }
+        Ok(())
+    }
+
+    /// Writes `POSTCOPY_RUN` with the checksum of everything written so far (§13.4).
+    pub fn write_postcopy_run(&mut self) -> Result<(), WireError> {
+        let crc32 = self.crc.clone().finalize();
+        let total_bytes = self.body_bytes;
+        self.write_command(Command::PostcopyRun { crc32, total_bytes })
+    }
+
+    /// Writes RAM_DISCARD records for `block` (§13.3; version 3), split at `max_discard_ranges`.
+    /// `ranges` are `(first_page, pages)`, ascending, not overlapping, inside the block.
+    pub fn write_ram_discard(
+        &mut self,
+        block: u16,
+        ranges: &[(u32, u32)],
+    ) -> Result<(), WireError> {
+        self.check()?;
+        self.need_version(VERSION_POSTCOPY, "RAM_DISCARD")?;
+        let pages = self
+            .block_pages
+            .get(usize::from(block))
+            .copied()
+            .ok_or_else(|| WireError::InvalidArgument(format!("discard of block {block}")))?;
+        let mut end = 0u64;
+        for &(first, n) in ranges {
+            let stop = u64::from(first) + u64::from(n);
+            if n == 0 || u64::from(first) < end || stop > pages {
+                return Err(WireError::InvalidArgument(format!(
+                    "discard range {first}+{n} of block {block} (ascending, non-empty, inside {pages} pages)"
+                )));
+            }
+            end = stop;
+        }
+        for chunk in ranges.chunks(self.max_discard_ranges) {
+            let mut body = Vec::with_capacity(8 + 8 * chunk.len());
+            body.extend_from_slice(&block.to_le_bytes());
+            body.extend_from_slice(&0u16.to_le_bytes());
+            body.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            for &(first, n) in chunk {
+                body.extend_from_slice(&first.to_le_bytes());
+                body.extend_from_slice(&n.to_le_bytes());
+            }
+            self.record(RecordKind::RamDiscard, &[&body])?;
         }
         Ok(())
     }

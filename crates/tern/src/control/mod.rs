@@ -115,7 +115,7 @@ const fn entry(name: &'static str, args: &'static [Member], ret: Type, run: Hand
 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
-static COMMANDS: [Entry; 25] = [
+static COMMANDS: [Entry; 26] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
@@ -179,6 +179,9 @@ static COMMANDS: [Entry; 25] = [
         c.query_migrate(a)
     }),
     entry("migrate_cancel", &[], EMPTY, |c, _, a| c.migrate_cancel(a)),
+    entry("migrate-start-postcopy", &[], EMPTY, |c, _, a| {
+        c.migrate_start_postcopy(a)
+    }),
     entry(
         "migrate-continue",
         &schema::CONTINUE_ARGS,

@@ -1,0 +1,272 @@
+//! The post-copy records' order rules and the RAM_DISCARD decoder (`docs/stream-format.md`
+//! §13, version 3). Kept apart from the reader so that each rule is in one place.
+
+use super::error::WireError;
+use super::format::{Cursor, RecordKind};
+use super::record::{Command, RamDiscard};
+
+/// What the post-copy order rules of §13.1 need to remember.
+#[derive(Debug, Default)]
+pub(crate) struct PostcopyOrder {
+    /// `CAPABILITIES` had `postcopy-ram`: the next record must be `POSTCOPY_ADVISE`.
+    advise_pending: bool,
+    /// `POSTCOPY_ADVISE` came.
+    advised: bool,
+    /// `RUN_STATE` came after `SWITCHOVER_START`.
+    run_state_seen: bool,
+    /// A RAM, SECTION, DEVICE_CHUNK or RAM_DIGEST came after `SWITCHOVER_START` before any
+    /// `POSTCOPY_LISTEN`: the migration ends in pre-copy.
+    precopy_tail: bool,
+    /// `POSTCOPY_LISTEN` came: the device package is being read.
+    listening: bool,
+    /// `POSTCOPY_RUN` came: the destination runs; only RAM, `PING` and END may follow.
+    running: bool,
+}
+
+fn out_of_order(record: &'static str, offset: u64, reason: &str) -> WireError {
+    WireError::OutOfOrder {
+        record,
+        offset,
+        reason: reason.into(),
+    }
+}
+
+impl PostcopyOrder {
+    /// The rules a non-COMMAND record's frame decides, checked before its body is read.
+    pub(crate) fn check_frame(
+        &mut self,
+        kind: RecordKind,
+        switchover_started: bool,
+        frame_at: u64,
+    ) -> Result<(), WireError> {
+        let name = kind.name();
+        if self.advise_pending {
+            return Err(out_of_order(
+                name,
+                frame_at,
+                "CAPABILITIES with postcopy-ram must be followed by POSTCOPY_ADVISE",
+            ));
+        }
+        match kind {
+            RecordKind::RamDiscard => self.check_switch_point(name, switchover_started, frame_at),
+            RecordKind::Ram if self.listening && !self.running => Err(out_of_order(
+                name,
+                frame_at,
+                "RAM inside the post-copy device package (between POSTCOPY_LISTEN and POSTCOPY_RUN)",
+            )),
+            RecordKind::Section | RecordKind::DeviceChunk if self.running => Err(out_of_order(
+                name,
+                frame_at,
+                "component state after POSTCOPY_RUN (the destination's devices are final)",
+            )),
+            RecordKind::RamDigest if self.listening => Err(out_of_order(
+                name,
+                frame_at,
+                "a RAM_DIGEST in a post-copy migration",
+            )),
+            RecordKind::End if self.listening && !self.running => Err(out_of_order(
+                name,
+                frame_at,
+                "END after POSTCOPY_LISTEN without POSTCOPY_RUN (the device package never completed)",
+            )),
+            _ => {
+                if switchover_started && !self.listening {
+                    self.precopy_tail = true;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// RAM_DISCARD and `POSTCOPY_LISTEN` belong between `RUN_STATE` and the first record of
+    /// either tail.
+    fn check_switch_point(
+        &self,
+        name: &'static str,
+        switchover_started: bool,
+        frame_at: u64,
+    ) -> Result<(), WireError> {
+        let reason = if !self.advised {
+            "a post-copy record without POSTCOPY_ADVISE (postcopy-ram was not negotiated)"
+        } else if !switchover_started || !self.run_state_seen {
+            "a post-copy switch record before SWITCHOVER_START and RUN_STATE"
+        } else if self.precopy_tail {
+            "a post-copy switch record after the pre-copy tail began (RAM or state after SWITCHOVER_START)"
+        } else if self.listening {
+            "a post-copy switch record after POSTCOPY_LISTEN"
+        } else {
+            return Ok(());
+        };
+        Err(out_of_order(name, frame_at, reason))
+    }
+
+    /// The rules for a parsed COMMAND. `crc_before`/`bytes_before` are the stream's checksum
+    /// and length up to this record's frame (checked by `POSTCOPY_RUN`).
+    pub(crate) fn check_command(
+        &mut self,
+        command: &Command,
+        switchover_started: bool,
+        page_size: u32,
+        crc_before: u32,
+        bytes_before: u64,
+        frame_at: u64,
+    ) -> Result<(), WireError> {
+        let body_at = frame_at + 5;
+        if self.advise_pending && !matches!(command, Command::PostcopyAdvise { .. }) {
+            return Err(out_of_order(
+                "command",
+                frame_at,
+                "CAPABILITIES with postcopy-ram must be followed by POSTCOPY_ADVISE",
+            ));
+        }
+        if self.listening && !self.running {
+            if !matches!(command, Command::Ping { .. } | Command::PostcopyRun { .. }) {
+                return Err(out_of_order(
+                    "command",
+                    frame_at,
+                    "only SECTION, DEVICE_CHUNK and PING may be inside the post-copy device package",
+                ));
+            }
+        } else if self.running && !matches!(command, Command::Ping { .. }) {
+            return Err(out_of_order(
+                "command",
+                frame_at,
+                "a command other than PING after POSTCOPY_RUN",
+            ));
+        }
+        match *command {
+            Command::Capabilities { postcopy_ram, .. } => self.advise_pending = postcopy_ram,
+            Command::PostcopyAdvise { page_size: p } => {
+                if !self.advise_pending {
+                    return Err(out_of_order(
+                        "command",
+                        frame_at,
+                        "POSTCOPY_ADVISE without CAPABILITIES postcopy-ram right before it",
+                    ));
+                }
+                if p != page_size {
+                    return Err(WireError::Invalid {
+                        field: "post-copy page size",
+                        offset: body_at + 2,
+                        reason: format!("{p}, but the CONFIG's page size is {page_size}"),
+                    });
+                }
+                self.advise_pending = false;
+                self.advised = true;
+            }
+            Command::RunState { .. } if switchover_started => self.run_state_seen = true,
+            Command::PostcopyListen => {
+                self.check_switch_point("command", switchover_started, frame_at)?;
+                self.listening = true;
+            }
+            Command::PostcopyRun { crc32, total_bytes } => {
+                if !self.listening || self.running {
+                    return Err(out_of_order(
+                        "command",
+                        frame_at,
+                        "POSTCOPY_RUN without POSTCOPY_LISTEN before it, or a second one",
+                    ));
+                }
+                if total_bytes != bytes_before {
+                    return Err(WireError::LengthMismatch {
+                        what: "postcopy-run total_bytes",
+                        offset: body_at + 6,
+                        len: total_bytes,
+                        expected: bytes_before,
+                    });
+                }
+                if crc32 != crc_before {
+                    return Err(WireError::ChecksumMismatch {
+                        expected: crc32,
+                        actual: crc_before,
+                        bytes: bytes_before,
+                        offset: frame_at,
+                    });
+                }
+                self.running = true;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Largest RAM_DISCARD body for `max_ranges`.
+pub(crate) fn max_discard_body(max_ranges: u32) -> u64 {
+    8 + 8 * u64::from(max_ranges)
+}
+
+/// Decodes and checks a RAM_DISCARD body (§13.3) against the CONFIG's blocks.
+pub(crate) fn parse_discard(
+    body: &[u8],
+    body_at: u64,
+    block_pages: &[u64],
+    max_ranges: u32,
+) -> Result<RamDiscard, WireError> {
+    let mut c = Cursor::new(body, body_at, "ram-discard");
+    let block_at = c.offset();
+    let block = c.u16("discard block")?;
+    let Some(&pages) = block_pages.get(usize::from(block)) else {
+        return Err(WireError::Invalid {
+            field: "discard block",
+            offset: block_at,
+            reason: format!("block {block}, the CONFIG has {}", block_pages.len()),
+        });
+    };
+    let reserved_at = c.offset();
+    if c.u16("discard reserved")? != 0 {
+        return Err(WireError::Invalid {
+            field: "discard reserved",
+            offset: reserved_at,
+            reason: "must be 0".into(),
+        });
+    }
+    let count_at = c.offset();
+    let count = c.u32("discard range count")?;
+    if count == 0 || count > max_ranges {
+        return Err(WireError::Invalid {
+            field: "discard range count",
+            offset: count_at,
+            reason: format!("{count}, must be 1..={max_ranges}"),
+        });
+    }
+    let expected = 8 + 8 * u64::from(count);
+    if body.len() as u64 != expected {
+        return Err(WireError::LengthMismatch {
+            what: "ram-discard body",
+            offset: body_at,
+            len: body.len() as u64,
+            expected,
+        });
+    }
+    let mut ranges = Vec::with_capacity(count as usize);
+    let mut end = 0u64;
+    for i in 0..count {
+        let at = c.offset();
+        let first = c.u32("discard first page")?;
+        let n = c.u32("discard pages")?;
+        let stop = u64::from(first) + u64::from(n);
+        let reason = if n == 0 {
+            Some("an empty range".to_string())
+        } else if u64::from(first) < end {
+            Some(format!(
+                "starts at page {first}, before the previous range's end {end}"
+            ))
+        } else if stop > pages {
+            Some(format!("ends at page {stop}, the block has {pages}"))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(WireError::Invalid {
+                field: "discard range",
+                offset: at,
+                reason: format!("range {i}: {reason}"),
+            });
+        }
+        end = stop;
+        ranges.push((first, n));
+    }
+    c.finish()?;
+    Ok(RamDiscard { block, ranges })
+}
