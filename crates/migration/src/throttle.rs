@@ -6,11 +6,11 @@
 //!
 //! Semantics follow QEMU's `migration/ram.c` (`migration_trigger_throttle`,
 //! `mig_throttle_guest_down`), `system/cpu-throttle.c` (10 ms timeslice, 1..=99 %) and the
-//! parameter checks of `migration/options.c` (`migrate_params_check`), error texts included.
+//! parameters of `migration/options.c` (checked in [`crate::params`]).
 
 use std::time::Duration;
 
-use crate::params::ParamError;
+use crate::params::Parameters;
 
 /// QEMU's default `cpu-throttle-initial`, percent.
 pub const DEFAULT_CPU_THROTTLE_INITIAL: u8 = 20;
@@ -56,38 +56,18 @@ impl Default for ThrottleParams {
     }
 }
 
-fn range_error(qemu_name: &str, max: u8) -> ParamError {
-    // QERR_INVALID_PARAMETER_VALUE with QEMU's underscore names, as `migrate_params_check`.
-    ParamError::Invalid(format!(
-        "Parameter '{qemu_name}' expects an integer in the range of 1 to {max}"
-    ))
-}
-
-fn check_range(qemu_name: &str, value: u64, max: u8) -> Result<u8, ParamError> {
-    match u8::try_from(value) {
-        Ok(v) if (1..=max).contains(&v) => Ok(v),
-        _ => Err(range_error(qemu_name, max)),
+impl ThrottleParams {
+    /// The auto-converge part of the migration parameters (checked there, with QEMU's
+    /// ranges and error texts, by [`Parameters::check`]).
+    pub fn from_parameters(p: &Parameters) -> Self {
+        Self {
+            initial: p.cpu_throttle_initial,
+            increment: p.cpu_throttle_increment,
+            tailslow: p.cpu_throttle_tailslow,
+            max: p.max_cpu_throttle,
+            trigger_threshold: p.throttle_trigger_threshold,
+        }
     }
-}
-
-/// `cpu-throttle-initial` as QEMU checks it.
-pub fn check_initial(value: u64) -> Result<u8, ParamError> {
-    check_range("cpu_throttle_initial", value, THROTTLE_PCT_MAX)
-}
-
-/// `cpu-throttle-increment` as QEMU checks it.
-pub fn check_increment(value: u64) -> Result<u8, ParamError> {
-    check_range("cpu_throttle_increment", value, THROTTLE_PCT_MAX)
-}
-
-/// `max-cpu-throttle` as QEMU checks it.
-pub fn check_max(value: u64) -> Result<u8, ParamError> {
-    check_range("max_cpu_throttle", value, THROTTLE_PCT_MAX)
-}
-
-/// `throttle-trigger-threshold` as QEMU checks it.
-pub fn check_trigger_threshold(value: u64) -> Result<u8, ParamError> {
-    check_range("throttle_trigger_threshold", value, 100)
 }
 
 /// One dirty sync period, as the engine counted it.

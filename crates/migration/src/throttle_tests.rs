@@ -1,4 +1,5 @@
 use super::*;
+use crate::params::Parameters;
 
 fn high() -> SyncPeriod {
     SyncPeriod {
@@ -87,22 +88,9 @@ fn reset_removes_the_throttle_and_the_count() {
 }
 
 #[test]
-fn parameter_checks_use_qemus_ranges_and_texts() {
-    assert_eq!(check_initial(1), Ok(1));
-    assert_eq!(check_initial(99), Ok(99));
-    assert_eq!(
-        check_initial(0).unwrap_err().to_string(),
-        "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99"
-    );
-    assert!(check_initial(100).is_err());
-    assert!(check_increment(0).is_err());
-    assert!(check_max(100).is_err());
-    assert_eq!(check_trigger_threshold(100), Ok(100));
-    assert_eq!(
-        check_trigger_threshold(101).unwrap_err().to_string(),
-        "Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100"
-    );
-    assert!(check_trigger_threshold(u64::MAX).is_err());
+fn params_come_from_the_migration_parameters_with_qemus_defaults() {
+    let p = ThrottleParams::from_parameters(&Parameters::default());
+    assert_eq!(p, ThrottleParams::default());
 }
 
 #[test]
