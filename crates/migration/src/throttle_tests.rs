@@ -102,3 +102,24 @@ fn sleep_per_timeslice_is_qemus_formula() {
     let s = sleep_per_timeslice(99).as_secs_f64();
     assert!((s - 0.99).abs() < 1e-6, "{s}");
 }
+
+#[test]
+fn a_machine_without_throttling_refuses_it_but_accepts_its_removal() {
+    struct Plain;
+    impl crate::machine::VcpuControl for Plain {
+        fn pause(&mut self) -> Result<(), crate::machine::MachineError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), crate::machine::MachineError> {
+            Ok(())
+        }
+        fn is_running(&self) -> bool {
+            true
+        }
+    }
+    use crate::machine::VcpuControl;
+    let mut m = Plain;
+    assert!(m.set_throttle(0).is_ok());
+    let e = m.set_throttle(20).unwrap_err().to_string();
+    assert_eq!(e, "auto-converge: this machine cannot throttle its vCPUs");
+}
