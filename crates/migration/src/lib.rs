@@ -17,5 +17,6 @@ pub mod source;
 pub mod stats;
 pub mod status;
 pub mod tap;
+pub mod throttle;
 pub mod transport;
 pub mod wire;

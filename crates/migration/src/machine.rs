@@ -213,6 +213,20 @@ pub trait VcpuControl: Send {
     fn resume(&mut self) -> Result<(), MachineError>;
     /// Whether the guest is running now.
     fn is_running(&self) -> bool;
+    /// Auto-converge: let every vCPU run only `100 - pct` % of the time by time slicing
+    /// (QEMU's `cpu_throttle`: a 10 ms run slice, then a sleep of
+    /// [`crate::throttle::sleep_per_timeslice`]); `pct == 0` removes the throttle. The
+    /// engine removes it whenever a migration ends. A machine that cannot throttle keeps
+    /// this default, and the `auto-converge` capability stays refused for it.
+    fn set_throttle(&mut self, pct: u8) -> Result<(), MachineError> {
+        if pct == 0 {
+            return Ok(());
+        }
+        Err(MachineError::rejected(
+            "auto-converge",
+            "this machine cannot throttle its vCPUs",
+        ))
+    }
 }
 
 /// A source-side device with state of its own beside RAM, QEMU's `SaveVMHandlers`.
