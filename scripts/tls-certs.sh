@@ -27,7 +27,7 @@ issue() { # dir role host
   local dir=$1 role=$2 host=$3 eku
   if [ "$role" = server ]; then eku=serverAuth; else eku=clientAuth; fi
   local ext; ext=$(mktemp)
-  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\nsubjectAltName=%s\n' \
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=%s\nsubjectAltName=%s\n' \
     "$eku" "$(san_of "$host")" > "$ext"
   openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/O=Tern/CN=$host" \
     -keyout "$dir/$role-key.pem" -out "$dir/$role.csr" 2>/dev/null

@@ -30,6 +30,9 @@ pub struct Config {
     /// How long a prepared incoming migration waits for its stream to start before the
     /// destination gives up on it (the source daemon vanished after Prepare).
     pub prepare_timeout: std::time::Duration,
+    /// `--migrate-tls-dir`: this host's certificates for `--tls` migrations, in QEMU's
+    /// `tls-creds-x509` layout (libvirt's `migrate_tls_x509_cert_dir`).
+    pub migrate_tls_dir: Option<PathBuf>,
 }
 
 pub struct Daemon {

@@ -49,6 +49,10 @@ struct Args {
     /// (destination) daemon kills its VMM
     #[arg(long, default_value_t = 60)]
     migration_prepare_timeout: u64,
+    /// This host's certificates for `migrate --tls` (QEMU's tls-creds-x509 layout: ca-cert.pem,
+    /// server-cert.pem, server-key.pem, client-cert.pem, client-key.pem; docs/tls.md)
+    #[arg(long, value_name = "DIR")]
+    migrate_tls_dir: Option<PathBuf>,
     /// Testing: never offer this migration capability in cookies, as if the VMMs lacked it
     #[arg(long = "x-hide-capability", value_name = "CAP", hide = true)]
     hide_capabilities: Vec<String>,
@@ -114,6 +118,7 @@ fn main() -> Result<()> {
             run_dir: args.run_dir.clone(),
             hide_capabilities: args.hide_capabilities.clone(),
             prepare_timeout: std::time::Duration::from_secs(args.migration_prepare_timeout),
+            migrate_tls_dir: args.migrate_tls_dir.clone(),
         },
         drivers,
     );

@@ -136,6 +136,35 @@ fn tunnelled_migration_of_a_qemu_vm() {
 }
 
 #[test]
+fn auto_converge_migration_of_a_qemu_vm() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let ser = dir.path().join("qa.ser");
+    let xml = write_xml(dir.path(), "qa", &qemu_xml("qa", &ser));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "qa"]);
+    wait_serial(&ser, "#running");
+    h.src.ok(&[
+        "migrate",
+        "qa",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--auto-converge",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "qa", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("auto-converge: on"), "{job}");
+    assert_eq!(h.dst.state("qa"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "qa", MEM, dir.path());
+}
+
+#[test]
 fn migration_across_drivers_is_refused() {
     if !have_qemu() {
         return;
@@ -192,4 +221,142 @@ fn domjobabort_in_perform_keeps_the_qemu_vm_on_the_source_only() {
     assert_eq!(st["running"], true, "{st}");
     assert!(h.src.state("b").starts_with("running"));
     assert!(!h.dst.ok(&["list", "--all"]).contains(" b "));
+}
+
+/// Certificates for `hosts` made by `scripts/tls-certs.sh` (the documented way, with
+/// `openssl`) under `dir/pki/HOST`; `None` (skip) without `openssl`.
+fn certificates(dir: &Path, hosts: &[&str]) -> Option<std::path::PathBuf> {
+    let out = dir.join("pki");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tls-certs.sh");
+    match std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .args(hosts)
+        .output()
+    {
+        Ok(o) if o.status.success() => Some(out),
+        Ok(o) => panic!("tls-certs.sh: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => {
+            eprintln!("skipping: running {}: {e}", script.display());
+            None
+        }
+    }
+}
+
+/// Restarts `d` with `--migrate-tls-dir DIR`.
+fn with_tls_dir(d: &mut Daemon, tls_dir: &Path) {
+    d.args = vec!["--migrate-tls-dir".into(), tls_dir.display().to_string()];
+    d.kill();
+    d.restart();
+}
+
+/// Two hosts whose daemons have certificates; the destination's server certificate names
+/// `dst_cert_host` (its own address when it is right).
+fn tls_hosts(dir: &Path, dst_cert_host: Option<&str>) -> Option<Hosts> {
+    let mut h = Hosts::up(dir)?;
+    let dst_name = dst_cert_host.unwrap_or(&h.net.dst_addr).to_string();
+    let pki = certificates(dir, &[&h.net.src_addr, &dst_name])?;
+    with_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));
+    with_tls_dir(&mut h.dst, &pki.join(&dst_name));
+    Some(h)
+}
+
+#[test]
+fn tls_migration_of_a_qemu_vm() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(h) = tls_hosts(dir.path(), None) else {
+        return;
+    };
+    let ser = dir.path().join("qs.ser");
+    let xml = write_xml(dir.path(), "qs", &qemu_xml("qs", &ser));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "qs"]);
+    wait_serial(&ser, "#running");
+    h.src.ok(&[
+        "migrate",
+        "qs",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--tls",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "qs", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("tls: on"), "{job}");
+    assert_eq!(h.dst.state("qs"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "qs", MEM, dir.path());
+}
+
+#[test]
+fn tls_migration_to_a_host_whose_certificate_names_another_fails_and_the_vm_stays() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(h) = tls_hosts(dir.path(), Some("impostor.example")) else {
+        return;
+    };
+    let ser = dir.path().join("qw.ser");
+    let xml = write_xml(dir.path(), "qw", &qemu_xml("qw", &ser));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "qw"]);
+    wait_serial(&ser, "#running");
+    let err = h.src.fails(&[
+        "migrate",
+        "qw",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--tls",
+    ]);
+    // QEMU's own words for the mismatch, relayed by the daemon.
+    assert!(
+        err.contains("does not match") || err.contains("hostname"),
+        "{err}"
+    );
+    assert_eq!(h.src.state("qw"), "running (booted)");
+    assert_pattern_ok(&h.src, "qw", MEM, dir.path());
+    // The destination killed its VMM and forgot the transient domain.
+    let gone = h.dst.fails(&["domstate", "qw"]);
+    assert!(gone.contains("Domain not found"), "{gone}");
+    // TLS is off again on the source: a plain migration to the same host works.
+    h.src
+        .ok(&["migrate", "qw", &h.dst.tcp_uri(), "--live", "--p2p"]);
+    assert_eq!(h.dst.state("qw"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "qw", MEM, dir.path());
+}
+
+#[test]
+fn tls_migration_to_a_daemon_without_certificates_is_refused_in_prepare() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let Some(pki) = certificates(dir.path(), &[&h.net.src_addr]) else {
+        return;
+    };
+    with_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));
+    let ser = dir.path().join("qn.ser");
+    let xml = write_xml(dir.path(), "qn", &qemu_xml("qn", &ser));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "qn"]);
+    wait_serial(&ser, "#running");
+    let err = h.src.fails(&[
+        "migrate",
+        "qn",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--tls",
+    ]);
+    assert!(err.contains("has no migration certificates"), "{err}");
+    assert!(err.contains("--migrate-tls-dir"), "{err}");
+    assert_eq!(h.src.state("qn"), "running (booted)");
+    assert_pattern_ok(&h.src, "qn", MEM, dir.path());
 }

@@ -52,16 +52,6 @@ impl MigrateOptions {
                 "compression (xbzrle / multifd compression) in the Tern engine",
             ),
             (
-                self.tls,
-                "--tls",
-                "TLS migration channels and TLS between daemons (issue 10)",
-            ),
-            (
-                self.auto_converge,
-                "--auto-converge",
-                "auto-converge (vCPU throttling) in the Tern engine",
-            ),
-            (
                 self.available_switchover_bandwidth.is_some(),
                 "--available-switchover-bandwidth",
                 "the avail-switchover-bandwidth parameter in the Tern engine",
@@ -78,6 +68,11 @@ impl MigrateOptions {
             return Err(Error::InvalidArg(
                 "--offline needs --persistent (an offline migration only copies the definition)"
                     .into(),
+            ));
+        }
+        if self.tunnelled && self.tls {
+            return Err(Error::InvalidArg(
+                "--tls and --tunnelled are mutually exclusive: a tunnelled stream goes through the daemons' connection, not between the VMMs".into(),
             ));
         }
         if self.tunnelled && !self.p2p {
@@ -136,13 +131,15 @@ mod tests {
         assert!(e.contains("post-copy"), "{e}");
         let o = MigrateOptions {
             tls: true,
+            tunnelled: true,
+            p2p: true,
             ..Default::default()
         };
         assert!(o
             .check_supported()
-            .expect_err("tls")
+            .expect_err("tls + tunnelled")
             .to_string()
-            .contains("TLS"));
+            .contains("mutually exclusive"));
         assert!(MigrateOptions {
             live: true,
             p2p: true,

@@ -12,6 +12,7 @@ use virt::{
 };
 
 use super::stats::from_query_migrate;
+use super::tls;
 use super::COOKIE_CAPABILITIES;
 use crate::daemon::Daemon;
 use crate::domain::{Domain, JobKind};
@@ -32,6 +33,13 @@ pub fn prepare(
     local_ip: Option<IpAddr>,
 ) -> Result<MigrationCookie> {
     opts.check_supported()?;
+    if opts.tls {
+        tls::check_dir(
+            d.cfg.migrate_tls_dir.as_deref(),
+            tls::Endpoint::Server,
+            &d.hostname,
+        )?;
+    }
     let def = parse_domain(xml)?;
     let kind = def.driver();
     if cookie.driver != kind.name() {
@@ -115,6 +123,14 @@ fn prepare_vmm(
             ("switchover-ack", sack),
         ])
         .map_err(|e| Error::Monitor(e.to_string()))?;
+    if opts.tls {
+        let dir = tls::check_dir(
+            d.cfg.migrate_tls_dir.as_deref(),
+            tls::Endpoint::Server,
+            &d.hostname,
+        )?;
+        tls::enable(&vmm, dir, tls::Endpoint::Server, None)?;
+    }
     // With the return path, a VMM whose protocol makes the destination the decider runs the
     // guest as soon as it has it (`cont` during `inmigrate` = autostart, as QEMU): no Finish
     // round trip inside the guest's downtime. A guest that travels paused stays paused.

@@ -6,6 +6,7 @@ pub mod dest;
 pub mod jobs;
 pub mod source;
 mod stats;
+mod tls;
 mod tunnel;
 
 /// Capabilities the cookies report: those the orchestration negotiates. (Each one found off

@@ -12,7 +12,7 @@ use virt::{
 
 use super::stats::from_query_migrate;
 use super::tunnel::SourceTunnel;
-use super::{is_terminal, COOKIE_CAPABILITIES};
+use super::{is_terminal, tls, COOKIE_CAPABILITIES};
 use crate::daemon::Daemon;
 use crate::domain::{Domain, JobKind, Vmm};
 use crate::vmm;
@@ -60,6 +60,9 @@ pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions
     let r = run(d, &dom, &vmm, dest_uri, opts, &mut ctx);
     if dom.lock().vmm.is_some() {
         vmm::mark(d, &dom, false, None);
+        if opts.tls && r.is_err() {
+            super::tls::disable(&vmm);
+        }
     }
     let job_type = match &r {
         Ok(()) => JobType::Completed,
@@ -132,6 +135,31 @@ fn run(
         uri: None,
         autostart: false,
     };
+    let tls_dir = if opts.tls {
+        Some(tls::check_dir(
+            d.cfg.migrate_tls_dir.as_deref(),
+            tls::Endpoint::Client,
+            &d.hostname,
+        )?)
+    } else {
+        None
+    };
+    // auto-converge is the source VMM's alone (QEMU's rule): refuse before the destination
+    // is contacted when this VMM cannot throttle its vCPUs.
+    if opts.auto_converge {
+        let ok = vmm
+            .monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .supported_capabilities(&["auto-converge"])
+            .map_err(|e| Error::Monitor(e.to_string()))?;
+        if ok.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "--auto-converge: the source's VMM ({} driver) refuses the auto-converge capability",
+                driver.name()
+            )));
+        }
+    }
     crate::fault::hold("begin", || {
         dom.wait_until(Duration::from_secs(60), |g| {
             g.job.as_ref().is_some_and(|j| j.abort_requested)
@@ -238,6 +266,13 @@ fn run(
             "handover: the destination runs the guest by itself after the stream (return-path verdict); Finish confirms".into(),
         );
     }
+    if opts.auto_converge {
+        note(
+            dom,
+            ctx,
+            "auto-converge: on (the source VMM throttles the vCPUs while pre-copy does not converge)".into(),
+        );
+    }
     vmm::mark_decides(d, dom, dest_decides);
     let perform = (|| -> Result<Option<SourceTunnel>> {
         if !opts.live && was_running {
@@ -247,12 +282,31 @@ fn run(
             ("events", true),
             ("return-path", rp.is_none()),
             ("switchover-ack", sack.is_none()),
+            ("auto-converge", opts.auto_converge),
         ];
         vmm.monitor
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_capabilities(&caps)
             .map_err(|e| Error::Monitor(e.to_string()))?;
+        if let Some(dir) = tls_dir {
+            // The destination's certificate must name the host the user gave for it (libvirt
+            // sets tls-hostname the same way); a local destination keeps QEMU's default.
+            let host = match virt::uri::parse(dest_uri) {
+                Ok(virt::uri::Target::Tcp { host, .. }) => Some(host),
+                _ => None,
+            };
+            tls::enable(vmm, dir, tls::Endpoint::Client, host.as_deref())?;
+            note(
+                dom,
+                ctx,
+                format!(
+                    "tls: on (tls-creds-x509 from {}, the destination's certificate checked for {})",
+                    dir.display(),
+                    host.as_deref().unwrap_or("the migration URI's host")
+                ),
+            );
+        }
         if let Some(bw) = opts.bandwidth_mib_s {
             vmm.qmp(
                 "migrate-set-parameters",
