@@ -223,6 +223,52 @@ fn domjobabort_in_perform_keeps_the_qemu_vm_on_the_source_only() {
     assert!(!h.dst.ok(&["list", "--all"]).contains(" b "));
 }
 
+#[test]
+fn destination_daemon_killed_in_perform_leaves_the_qemu_vm_on_the_source_only() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let ser = dir.path().join("k.ser");
+    let xml = qemu_xml("k", &ser).replace(
+        "<tern:workload type='pattern' mem='32'/>",
+        "<tern:workload type='dirty' mem='64'/>",
+    );
+    let x = write_xml(dir.path(), "k", &xml);
+    h.src.ok(&["define", &x]);
+    h.src.ok(&["start", "k"]);
+    wait_serial(&ser, "#running");
+    h.src.ok(&["migrate-setmaxdowntime", "k", "1"]);
+    h.src.ok(&["migrate-setspeed", "k", "16"]);
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &["migrate", "k", &h.dst.tcp_uri(), "--live", "--p2p"],
+    );
+    wait_migration_iteration(&h.src, "k");
+    let dst_vmms = h.dst.vmm_pids();
+    assert_eq!(dst_vmms.len(), 1, "one incoming QEMU on the destination");
+    h.dst.kill();
+    let (ok, _, err) = bg.wait();
+    assert!(
+        !ok,
+        "the migration succeeded without its destination daemon"
+    );
+    assert!(err.contains("migration"), "{err}");
+    let st = h.src.qmp("k", "query-status", serde_json::json!({}));
+    assert_eq!(st["running"], true, "{st}");
+    assert!(h.src.state("k").starts_with("running"));
+    // The restarted destination daemon does not keep the unfinished incoming QEMU.
+    h.dst.restart();
+    let list = h.dst.ok(&["list", "--all"]);
+    assert!(!list.contains(" k "), "{list}");
+    for p in dst_vmms {
+        wait_pid_exit(p);
+    }
+}
+
 /// Certificates for `hosts` made by `scripts/tls-certs.sh` (the documented way, with
 /// `openssl`) under `dir/pki/HOST`; `None` (skip) without `openssl`.
 fn certificates(dir: &Path, hosts: &[&str]) -> Option<std::path::PathBuf> {
