@@ -7,6 +7,8 @@
 #   scripts/tls-certs.sh OUT_DIR HOST [HOST...]
 #
 # OUT_DIR/ca/ca-key.pem is the CA's private key: keep it off the hosts.
+# The CA's name carries a random suffix: two CAs made by this script never share a name (a
+# verifier that finds a CA by name would report a bad signature instead of an unknown CA).
 # Names: HOST is the certificate's CN and subjectAltName (DNS, or IP if it parses as one);
 # the client certificate's subject is "CN=HOST,O=Tern" (what authz-simple's identity matches).
 set -euo pipefail
@@ -17,7 +19,7 @@ umask 077
 mkdir -p "$out/ca"
 if [ ! -f "$out/ca/ca-key.pem" ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days "$days" \
-    -subj "/O=Tern/CN=Tern migration CA" -keyout "$out/ca/ca-key.pem" -out "$out/ca/ca-cert.pem" \
+    -subj "/O=Tern/CN=Tern migration CA $(openssl rand -hex 4)" -keyout "$out/ca/ca-key.pem" -out "$out/ca/ca-cert.pem" \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
 fi
 san_of() {

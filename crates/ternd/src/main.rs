@@ -35,9 +35,18 @@ struct Args {
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
     /// INSECURE: also serve the remote API on plain TCP at ADDR (e.g. 0.0.0.0:16519): no
-    /// authentication, no encryption. Use only on a trusted network until TLS (issue 10).
+    /// authentication, no encryption. Use only on a trusted network; --listen-tls is the secure
+    /// remote API.
     #[arg(long, value_name = "ADDR")]
     listen_tcp: Option<SocketAddr>,
+    /// Serve the remote API over TLS at ADDR (e.g. 0.0.0.0:16524) with mutual
+    /// authentication: needs --tls-dir
+    #[arg(long, value_name = "ADDR", requires = "tls_dir")]
+    listen_tls: Option<SocketAddr>,
+    /// This daemon's certificates for --listen-tls (QEMU's tls-creds-x509 layout: ca-cert.pem,
+    /// server-cert.pem, server-key.pem; clients must present a certificate from that CA)
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
     /// The `tern` binary (default: next to this executable)
     #[arg(long)]
     tern: Option<PathBuf>,
@@ -140,6 +149,24 @@ fn main() -> Result<()> {
             l.local_addr()?
         );
         server::serve_tcp(d.clone(), l)?;
+    }
+    if let Some(addr) = args.listen_tls {
+        let dir = args
+            .tls_dir
+            .clone()
+            .context("--listen-tls needs --tls-dir")?;
+        let creds = tern_tls::x509::X509Creds {
+            dir,
+            endpoint: tern_tls::x509::TlsEndpoint::Server,
+            verify_peer: true,
+        };
+        let config = creds.server_config().context("--tls-dir")?;
+        let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        tracing::info!(
+            "remote API over TLS on {} (client certificates required)",
+            l.local_addr()?
+        );
+        server::serve_tls(d.clone(), l, config)?;
     }
     // The readiness line (tests and service managers wait for it).
     eprintln!("ternd: ready on {}", sock.display());

@@ -269,26 +269,6 @@ fn destination_daemon_killed_in_perform_leaves_the_qemu_vm_on_the_source_only() 
     }
 }
 
-/// Certificates for `hosts` made by `scripts/tls-certs.sh` (the documented way, with
-/// `openssl`) under `dir/pki/HOST`; `None` (skip) without `openssl`.
-fn certificates(dir: &Path, hosts: &[&str]) -> Option<std::path::PathBuf> {
-    let out = dir.join("pki");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tls-certs.sh");
-    match std::process::Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .args(hosts)
-        .output()
-    {
-        Ok(o) if o.status.success() => Some(out),
-        Ok(o) => panic!("tls-certs.sh: {}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) => {
-            eprintln!("skipping: running {}: {e}", script.display());
-            None
-        }
-    }
-}
-
 /// Restarts `d` with `--migrate-tls-dir DIR`.
 fn with_tls_dir(d: &mut Daemon, tls_dir: &Path) {
     d.args = vec!["--migrate-tls-dir".into(), tls_dir.display().to_string()];
@@ -301,7 +281,7 @@ fn with_tls_dir(d: &mut Daemon, tls_dir: &Path) {
 fn tls_hosts(dir: &Path, dst_cert_host: Option<&str>) -> Option<Hosts> {
     let mut h = Hosts::up(dir)?;
     let dst_name = dst_cert_host.unwrap_or(&h.net.dst_addr).to_string();
-    let pki = certificates(dir, &[&h.net.src_addr, &dst_name])?;
+    let pki = certificates(&dir.join("pki"), &[&h.net.src_addr, &dst_name])?;
     with_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));
     with_tls_dir(&mut h.dst, &pki.join(&dst_name));
     Some(h)
@@ -384,7 +364,7 @@ fn tls_migration_to_a_daemon_without_certificates_is_refused_in_prepare() {
     let Some(mut h) = Hosts::up(dir.path()) else {
         return;
     };
-    let Some(pki) = certificates(dir.path(), &[&h.net.src_addr]) else {
+    let Some(pki) = certificates(&dir.path().join("pki"), &[&h.net.src_addr]) else {
         return;
     };
     with_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));

@@ -17,6 +17,9 @@ pub const MAX_FRAME: usize = 16 << 20;
 
 /// The default TCP port of `ternd`'s remote API (libvirt's is 16509).
 pub const DEFAULT_TCP_PORT: u16 = 16519;
+/// The default port of the remote API over TLS, `tern+tls` (libvirt's is 16514; Tern's
+/// ports sit 10 above libvirt's so both can run on one host).
+pub const DEFAULT_TLS_PORT: u16 = 16524;
 
 /// A request: `id` is echoed in the reply.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +161,11 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
     TooLarge(usize),
+    /// The first bytes are a TLS record header (handshake or alert), not a frame length.
+    #[error(
+        "the peer speaks TLS on this connection (use tern+tls:// for a daemon's --listen-tls port)"
+    )]
+    PeerSpeaksTls,
     #[error("malformed message: {0}")]
     Json(#[from] serde_json::Error),
 }
@@ -189,6 +197,11 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameErro
             Err(e) => return Err(e.into()),
         }
     }
+    // A TLS record starts with its type (0x15 alert, 0x16 handshake) and version 0x03 0x0N:
+    // as a length that is far above MAX_FRAME, so it is never a real frame.
+    if matches!(len, [0x15 | 0x16, 0x03, 0..=0x04, _]) {
+        return Err(FrameError::PeerSpeaksTls);
+    }
     let n = u32::from_be_bytes(len) as usize;
     if n > MAX_FRAME {
         return Err(FrameError::TooLarge(n));
@@ -201,6 +214,17 @@ pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_record_is_named_not_taken_for_a_frame() {
+        for head in [[0x16, 0x03, 0x01, 0x02], [0x15, 0x03, 0x03, 0x00]] {
+            let mut r: &[u8] = &[head[0], head[1], head[2], head[3], 0, 0];
+            assert!(matches!(
+                read_frame::<Request>(&mut r),
+                Err(FrameError::PeerSpeaksTls)
+            ));
+        }
+    }
 
     #[test]
     fn frames_round_trip_and_limits_hold() {

@@ -4,7 +4,12 @@
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tern_tls::x509::{describe, TlsEndpoint, X509Creds};
 
 use crate::protocol::{read_frame, write_frame, Call, FrameError, Reply, Request, ServerMessage};
 use crate::uri::{self, Target};
@@ -43,6 +48,115 @@ impl Transport for TcpStream {
     }
 }
 
+fn connect_tcp(host: &str, port: u16) -> std::result::Result<TcpStream, String> {
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = Some(format!("{a}: {e}")),
+        }
+    }
+    Err(last.unwrap_or_else(|| format!("{host}: no address")))
+}
+
+/// A `tern+tls` connection: rustls over the TCP stream (reads and writes on the owning
+/// thread), the raw socket kept for timeouts and for closing from another thread.
+struct TlsClient {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl TlsClient {
+    /// The client configuration from the certificates in `pki`.
+    fn config(pki: &Path) -> std::result::Result<Arc<rustls::ClientConfig>, String> {
+        let creds = X509Creds {
+            dir: pki.to_path_buf(),
+            endpoint: TlsEndpoint::Client,
+            verify_peer: true,
+        };
+        creds.client_config().map_err(|e| e.to_string())
+    }
+
+    /// Handshakes (at most [`CONNECT_TIMEOUT`]) and checks that the daemon's certificate
+    /// names `host`.
+    fn connect(
+        tcp: TcpStream,
+        host: &str,
+        config: Arc<rustls::ClientConfig>,
+    ) -> std::result::Result<Self, String> {
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| format!("'{host}' is not a valid TLS server name: {e}"))?;
+        let mut conn = rustls::ClientConnection::new(config, name)
+            .map_err(|e| format!("TLS: {}", describe(&e)))?;
+        let mut tcp = tcp;
+        let _ = tcp.set_read_timeout(Some(CONNECT_TIMEOUT));
+        let _ = tcp.set_write_timeout(Some(CONNECT_TIMEOUT));
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)
+                .map_err(|e| tls_io_error(&e, host))?;
+        }
+        let _ = tcp.set_read_timeout(None);
+        let _ = tcp.set_write_timeout(None);
+        Ok(TlsClient {
+            tls: rustls::StreamOwned::new(conn, tcp),
+        })
+    }
+}
+
+/// A handshake failure in words: rustls' own error when it is one, else the socket's.
+fn tls_io_error(e: &std::io::Error, host: &str) -> String {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(r) => format!("TLS handshake with {host}: {}", describe(r)),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => format!(
+            "TLS handshake with {host}: the daemon closed the connection (is it serving TLS on this port, and does it accept our certificate?)"
+        ),
+        None => format!("TLS handshake with {host}: {e}"),
+    }
+}
+
+/// A TLS 1.3 server checks the client's certificate after the client's handshake is done: its
+/// verdict arrives as an alert on the first read, worded here as [`describe`] words it.
+fn tls_words(e: std::io::Error) -> std::io::Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(r) => std::io::Error::new(e.kind(), format!("TLS: {}", describe(r))),
+        None => e,
+    }
+}
+
+impl Read for TlsClient {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.tls.read(buf).map_err(tls_words)
+    }
+}
+
+impl Write for TlsClient {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tls.write(buf).map_err(tls_words)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tls.flush().map_err(tls_words)
+    }
+}
+
+impl Transport for TlsClient {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.tls.sock.set_read_timeout(t)
+    }
+    fn shutdown(&self) {
+        let _ = self.tls.sock.shutdown(std::net::Shutdown::Both);
+    }
+    fn handle(&self) -> std::io::Result<Box<dyn Transport>> {
+        // Only ever used to close the connection: the raw socket does that.
+        Ok(Box::new(self.tls.sock.try_clone()?))
+    }
+}
+
 /// A connection to a `ternd` (`virConnectPtr`).
 pub struct Connection {
     uri: String,
@@ -69,27 +183,12 @@ impl Connection {
                 })?;
                 Box::new(s)
             }
-            Target::Tcp { host, port } => {
-                let addrs: Vec<_> = (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map_err(|e| connect_err(format!("resolving {host}: {e}")))?
-                    .collect();
-                let mut last = None;
-                let mut stream = None;
-                for a in addrs {
-                    match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-                        Ok(s) => {
-                            stream = Some(s);
-                            break;
-                        }
-                        Err(e) => last = Some(format!("{a}: {e}")),
-                    }
-                }
-                let s = stream.ok_or_else(|| {
-                    connect_err(last.unwrap_or_else(|| format!("{host}: no address")))
-                })?;
-                let _ = s.set_nodelay(true);
-                Box::new(s)
+            Target::Tcp { host, port } => Box::new(connect_tcp(&host, port).map_err(connect_err)?),
+            Target::Tls { host, port, pki } => {
+                // The certificates first: a local mistake is named before any network wait.
+                let config = TlsClient::config(&pki).map_err(connect_err)?;
+                let tcp = connect_tcp(&host, port).map_err(connect_err)?;
+                Box::new(TlsClient::connect(tcp, &host, config).map_err(connect_err)?)
             }
         };
         Ok(Connection {

@@ -19,9 +19,9 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::liveness::{self, Direction};
 
-pub mod authz;
-pub mod tls;
-pub mod tls_config;
+// TLS lives in its own crate (shared with the management layer's remote API, decision 43);
+// re-exported under the names the engine uses.
+pub use tern_tls::{authz, session as tls, x509 as tls_config};
 
 /// Socket buffer size requested for migration sockets (best effort: `SO_*BUFFORCE` needs
 /// CAP_NET_ADMIN; without it the kernel's autotuning is kept, which beats a clamped fixed size).

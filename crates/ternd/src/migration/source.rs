@@ -293,7 +293,9 @@ fn run(
             // The destination's certificate must name the host the user gave for it (libvirt
             // sets tls-hostname the same way); a local destination keeps QEMU's default.
             let host = match virt::uri::parse(dest_uri) {
-                Ok(virt::uri::Target::Tcp { host, .. }) => Some(host),
+                Ok(virt::uri::Target::Tcp { host, .. } | virt::uri::Target::Tls { host, .. }) => {
+                    Some(host)
+                }
                 _ => None,
             };
             tls::enable(vmm, dir, tls::Endpoint::Client, host.as_deref())?;

@@ -589,3 +589,23 @@ pub fn wait_migration_iteration(d: &Daemon, dom: &str) {
         "no migration-iteration event: {out} {err}"
     );
 }
+
+/// Certificates for `hosts` made by `scripts/tls-certs.sh` (the documented way, with
+/// `openssl`) under `out/HOST`, one CA per `out`; `None` (skip) without `openssl`.
+pub fn certificates(out: &Path, hosts: &[&str]) -> Option<PathBuf> {
+    let out = out.to_path_buf();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tls-certs.sh");
+    match std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .args(hosts)
+        .output()
+    {
+        Ok(o) if o.status.success() => Some(out),
+        Ok(o) => panic!("tls-certs.sh: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => {
+            eprintln!("skipping: running {}: {e}", script.display());
+            None
+        }
+    }
+}

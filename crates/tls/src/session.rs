@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustls::Connection;
 
-use super::tls_config::describe;
+use crate::x509::describe;
 
 struct Shared {
     conn: Mutex<Connection>,
@@ -188,5 +188,5 @@ impl<W: Write> TlsWriter<W> {
 }
 
 #[cfg(test)]
-#[path = "tls_tests.rs"]
+#[path = "session_tests.rs"]
 mod tests;

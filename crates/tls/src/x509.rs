@@ -192,6 +192,9 @@ pub fn describe(err: &rustls::Error) -> String {
                 "the peer refused our certificate".into()
             }
             AlertDescription::AccessDenied => "the peer did not authorize our identity".into(),
+            AlertDescription::DecryptError => {
+                "the peer refused our certificate: its signature does not verify against the CA the peer trusts (another CA of the same name?)".into()
+            }
             other => format!("the peer aborted the handshake ({other:?})"),
         },
         E::InvalidMessage(_)
@@ -214,12 +217,14 @@ fn describe_cert(c: &CertificateError, whose: &str) -> String {
         C::NotValidForName | C::NotValidForNameContext { .. } => {
             format!("{whose} certificate does not match the expected host name (tls-hostname)")
         }
-        C::BadSignature => format!("{whose} certificate has a bad signature"),
+        C::BadSignature => format!(
+            "{whose} certificate has a bad signature (signed by another CA of the same name?)"
+        ),
         C::Revoked => format!("{whose} certificate is revoked"),
         other => format!("{whose} certificate is invalid ({other:?})"),
     }
 }
 
 #[cfg(test)]
-#[path = "tls_config_tests.rs"]
+#[path = "x509_tests.rs"]
 pub(crate) mod tests;
