@@ -60,6 +60,7 @@ fn capability_list_matches_qemu() {
     assert_eq!(
         implemented,
         [
+            "auto-converge",
             "events",
             "return-path",
             "pause-before-switchover",
