@@ -59,7 +59,7 @@ impl MigrateOptions {
             (
                 self.auto_converge,
                 "--auto-converge",
-                "auto-converge (vCPU throttling) in the Tern engine",
+                "auto-converge set by ternd on the source VMM (the engine and `tern` have it since issue 13; the daemon does not pass it yet)",
             ),
             (
                 self.available_switchover_bandwidth.is_some(),
