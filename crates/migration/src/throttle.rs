@@ -29,6 +29,9 @@ pub const THROTTLE_TIMESLICE: Duration = Duration::from_millis(10);
 /// QEMU's `migration_bitmap_sync` judges the dirty rate over sync periods longer than one
 /// second (the syncs in between add their dirtied pages to the period).
 pub const SYNC_PERIOD: Duration = Duration::from_secs(1);
+/// QEMU's `CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS` (9.2+): with auto-converge, a pass that has
+/// gone this long without a dirty sync gets one, so the policy is not starved by long passes.
+pub const PERIODIC_SYNC: Duration = Duration::from_secs(5);
 
 /// The auto-converge parameters (QEMU's `cpu-throttle-*`, `max-cpu-throttle`,
 /// `throttle-trigger-threshold`).

@@ -229,3 +229,40 @@ fn without_the_capability_nothing_is_throttled() {
     guest.stop();
     assert!(src.vcpus.throttle_log().is_empty());
 }
+
+#[test]
+fn long_passes_get_a_periodic_sync_that_feeds_the_policy() {
+    let setup = Setup::default();
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let guest = dirty(&src, u64::MAX);
+    let (a, b) = socketpair();
+    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    // 4 MB/s: a full pass over the 4 MiB takes about a second; 1 ms downtime: never converges.
+    let tuning = Tuning {
+        downtime_limit_ms: 1,
+        max_bandwidth: 4_000_000,
+        ..tight(fast_ramp(99))
+    };
+    let opts = SourceOptions {
+        throttle_sync_every: Duration::from_millis(50),
+        ..auto_converge(tuning)
+    };
+    let s = start_source(&src, sm, Target::Stream(a), opts);
+    src.events.wait_pass(8);
+    let q = s.stats().to_query_migrate_json();
+    let (sent, total) = (
+        q["ram"]["transferred"].as_u64().unwrap_or(0),
+        q["ram"]["total"].as_u64().unwrap_or(0),
+    );
+    // Seven syncs after less than two passes' worth of bytes: they did not wait for the end of
+    // each pass (which takes the whole dirty set, about `total`, each).
+    assert!(total > 0 && sent < 2 * total, "{q}");
+    wait_until("a throttle", || src.vcpus.throttle() > 0);
+    s.cancel();
+    let so = s.join().unwrap();
+    let _ = d.join();
+    guest.stop();
+    assert_eq!(so.status, S::Cancelled, "{:?}", so.error);
+    assert_eq!(src.vcpus.throttle_log().last(), Some(&0));
+}

@@ -82,6 +82,23 @@ impl Sender {
         Ok(())
     }
 
+    /// QEMU 9.2+'s periodic sync (`cpu_throttle_dirty_sync_timer_tick`): with auto-converge,
+    /// once the first pass is over and until the switchover rule arms, a pass that has gone
+    /// [`SourceOptions::throttle_sync_every`](super::SourceOptions) without a sync gets one, so
+    /// a slow link (passes of many seconds) still feeds the policy.
+    pub(super) fn periodic_sync_due(&self, now: Instant) -> bool {
+        if self.auto_converge.is_none() || self.rule.armed() {
+            return false;
+        }
+        let Some(ram) = self.ram.as_ref() else {
+            return false;
+        };
+        ram.dirty_sync_count >= 2
+            && ram
+                .last_sync()
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.opts.throttle_sync_every)
+    }
+
     /// Every end (completed, failed, cancelled, unconfirmed): the vCPUs run at full speed
     /// again, or stay paused without a throttle waiting for them.
     pub(super) fn remove_throttle(&mut self) {

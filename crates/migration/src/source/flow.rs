@@ -257,7 +257,9 @@ impl Sender {
             let at = now.saturating_duration_since(self.started);
             let acked = self.shared.lock().acked;
             let mut decided = None;
-            if self.rule.should_sync(estimate, threshold, remaining, at) {
+            if self.rule.should_sync(estimate, threshold, remaining, at)
+                || self.periodic_sync_due(now)
+            {
                 let dirtied = self.sync_pass(now)?;
                 let pending = self.ram()?.remaining_bytes() + self.devices_pending(true)?;
                 let running = self.m.vcpus.is_running();

@@ -138,6 +138,9 @@ pub struct SourceOptions {
     /// The shortest sync period the auto-converge policy judges
     /// ([`crate::throttle::SYNC_PERIOD`], QEMU's one second; tests shorten it).
     pub throttle_period: Duration,
+    /// With `auto-converge`, the longest a pass goes without a dirty sync
+    /// ([`crate::throttle::PERIODIC_SYNC`], QEMU's five seconds; tests shorten it).
+    pub throttle_sync_every: Duration,
 }
 
 impl Default for SourceOptions {
@@ -161,6 +164,7 @@ impl SourceOptions {
             ram_digest: caps.get(Capability::XTernRamDigest),
             auto_converge: caps.get(Capability::AutoConverge),
             throttle_period: crate::throttle::SYNC_PERIOD,
+            throttle_sync_every: crate::throttle::PERIODIC_SYNC,
         }
     }
 }
