@@ -68,6 +68,17 @@ fn auto_converge_completes_a_migration_that_does_not_converge_without_it() {
     );
     // Removed at the end, and not shown any more (QEMU shows it only while throttling).
     assert!(q.get("cpu-throttle-percentage").is_none(), "{q}");
+    // The bounded switchover rule still decides the moment: QEMU's rule held, then at most
+    // MAX_EXTRA_PASSES more (decisions 32 and 84).
+    let dec = &q["x-tern-switchover-decision"];
+    assert_eq!(dec["switch"], true, "{q}");
+    let since = dec["passes-since-qemu-would-switch"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("switched before QEMU's rule held: {q}"));
+    assert!(
+        since <= u64::from(tern_migration::convergence::rule::MAX_EXTRA_PASSES),
+        "{q}"
+    );
     dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
     eprintln!(
         "auto-converge pattern 2 vCPU 32 MiB @ 32 MiB/s: passes {} total {} ms downtime {} ms \
