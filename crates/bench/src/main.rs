@@ -1,6 +1,7 @@
 //! `tern-bench`: runs migration benchmark suites against Tern and QEMU on the same test guest
 //! and writes `<out>/<suite>.json` + `<out>/<suite>.md`. See `bench/README.md`.
 
+mod autoconverge;
 mod boot;
 mod digest;
 mod facts;
@@ -38,6 +39,8 @@ enum Suite {
     /// The management layer's orchestration overhead (ternctl migrate vs raw QMP)
     Mgmt,
     Boot,
+    /// The pattern 64 MiB @ 128 MiB/s row of `precopy` with auto-converge on for both VMMs
+    AutoConverge,
     All,
 }
 
@@ -250,6 +253,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Digest => digest::run(&ctx),
             Suite::Mgmt => mgmt::run(&ctx),
             Suite::Boot => boot::run(&ctx),
+            Suite::AutoConverge => autoconverge::run(&ctx),
             Suite::All => Ok(()),
         };
         if let Err(e) = r {

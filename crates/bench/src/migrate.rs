@@ -50,6 +50,8 @@ pub struct Outcome {
     pub window_max_gap_phase: Option<String>,
     /// Tern's own `x-tern-max-guest-stall` (ms) from the source's final `query-migrate`.
     pub vmm_max_stall_ms: Option<f64>,
+    /// `auto-converge`: the largest `cpu-throttle-percentage` seen while active.
+    pub max_cpu_throttle: Option<u64>,
     /// Host wall time from `migrate` to the final status.
     pub wall_ms: f64,
     /// One sample per new `dirty-sync-count` / status (as guestperf's progress history).
@@ -183,6 +185,9 @@ fn run(
         let status = status_of(&q);
         if status == "active" {
             last_active = q.clone();
+            if let Some(p) = q.get("cpu-throttle-percentage").and_then(Value::as_u64) {
+                out.max_cpu_throttle = Some(out.max_cpu_throttle.map_or(p, |m| m.max(p)));
+            }
         }
         let sync = ram_u64(&q, "dirty-sync-count").unwrap_or(0);
         if sync != last_sync || status != last_status {
@@ -195,6 +200,7 @@ fn run(
                 "mbps": q.get("ram").and_then(|r| r.get("mbps")).cloned(),
                 "dirty-pages-rate": ram_u64(&q, "dirty-pages-rate"),
                 "expected-downtime": q.get("expected-downtime").cloned(),
+                "cpu-throttle-percentage": q.get("cpu-throttle-percentage").cloned(),
             }));
             last_sync = sync;
             last_status = status.clone();

@@ -217,7 +217,8 @@ pub trait VcpuControl: Send {
     /// (QEMU's `cpu_throttle`: a 10 ms run slice, then a sleep of
     /// [`crate::throttle::sleep_per_timeslice`]); `pct == 0` removes the throttle. The
     /// engine removes it whenever a migration ends. A machine that cannot throttle keeps
-    /// this default, and the `auto-converge` capability stays refused for it.
+    /// this default and [`VcpuControl::can_throttle`]'s, and a migration with `auto-converge`
+    /// fails at its setup, before anything is sent.
     fn set_throttle(&mut self, pct: u8) -> Result<(), MachineError> {
         if pct == 0 {
             return Ok(());
@@ -226,6 +227,11 @@ pub trait VcpuControl: Send {
             "auto-converge",
             "this machine cannot throttle its vCPUs",
         ))
+    }
+    /// Whether [`VcpuControl::set_throttle`] works here (asked before an `auto-converge`
+    /// migration starts).
+    fn can_throttle(&self) -> bool {
+        false
     }
 }
 
@@ -399,6 +405,12 @@ impl<T: VcpuControl> VcpuControl for Arc<Mutex<T>> {
     }
     fn is_running(&self) -> bool {
         self.lock().map(|g| g.is_running()).unwrap_or(false)
+    }
+    fn set_throttle(&mut self, pct: u8) -> Result<(), MachineError> {
+        lock(self)?.set_throttle(pct)
+    }
+    fn can_throttle(&self) -> bool {
+        self.lock().map(|g| g.can_throttle()).unwrap_or(false)
     }
 }
 

@@ -89,7 +89,7 @@ macro_rules! capabilities {
 capabilities! {
     Xbzrle = "xbzrle", false;
     RdmaPinAll = "rdma-pin-all", false;
-    AutoConverge = "auto-converge", false;
+    AutoConverge = "auto-converge", true;
     ZeroBlocks = "zero-blocks", false;
     Events = "events", true;
     PostcopyRam = "postcopy-ram", false;

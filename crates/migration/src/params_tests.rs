@@ -60,6 +60,7 @@ fn capability_list_matches_qemu() {
     assert_eq!(
         implemented,
         [
+            "auto-converge",
             "events",
             "return-path",
             "pause-before-switchover",
@@ -140,6 +141,38 @@ fn capability_rules() {
     }
     // Disabling an unimplemented capability is fine.
     set_caps(&mut c, &[("xbzrle", false)]).unwrap();
+}
+
+#[test]
+fn auto_converge_is_accepted_and_dirty_limit_stays_refused() {
+    let mut c = Capabilities::default();
+    set_caps(&mut c, &[("auto-converge", true)]).unwrap();
+    assert!(c.get(Capability::AutoConverge));
+    // QEMU's conflict first, then Tern's refusal of dirty-limit on its own.
+    assert_eq!(
+        set_caps(&mut c, &[("dirty-limit", true)])
+            .unwrap_err()
+            .to_string(),
+        "dirty-limit conflicts with auto-converge either of then available currently"
+    );
+    let mut c = Capabilities::default();
+    assert_eq!(
+        set_caps(&mut c, &[("dirty-limit", true)])
+            .unwrap_err()
+            .to_string(),
+        "Capability 'dirty-limit' is not yet supported by Tern"
+    );
+    // The throttle parameters keep QEMU's checks.
+    let mut p = Parameters::default();
+    assert_eq!(
+        p.apply_json(
+            &json!({"max-cpu-throttle": 10, "cpu-throttle-initial": 20}),
+            &Capabilities::default(),
+        )
+            .unwrap_err()
+            .to_string(),
+        "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"
+    );
 }
 
 #[test]

@@ -26,6 +26,12 @@ pub const THROTTLE_PCT_MIN: u8 = 1;
 pub const THROTTLE_PCT_MAX: u8 = 99;
 /// QEMU's `CPU_THROTTLE_TIMESLICE_NS`: the running part of one throttle period.
 pub const THROTTLE_TIMESLICE: Duration = Duration::from_millis(10);
+/// QEMU's `migration_bitmap_sync` judges the dirty rate over sync periods longer than one
+/// second (the syncs in between add their dirtied pages to the period).
+pub const SYNC_PERIOD: Duration = Duration::from_secs(1);
+/// QEMU's `CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS` (9.2+): with auto-converge, a pass that has
+/// gone this long without a dirty sync gets one, so the policy is not starved by long passes.
+pub const PERIODIC_SYNC: Duration = Duration::from_secs(5);
 
 /// The auto-converge parameters (QEMU's `cpu-throttle-*`, `max-cpu-throttle`,
 /// `throttle-trigger-threshold`).
@@ -77,6 +83,52 @@ pub struct SyncPeriod {
     pub bytes_dirty: u64,
     /// Bytes put on the wire since the previous sync.
     pub bytes_transferred: u64,
+}
+
+/// Groups dirty syncs into the periods the policy judges (QEMU's `time_last_bitmap_sync`,
+/// `num_dirty_pages_period`, `bytes_xfer_prev`): a sync that ends a period of at least
+/// `min_period` yields the period's totals, shorter ones only add their dirtied bytes. Pure:
+/// times are offsets from the start of the migration.
+#[derive(Clone, Debug)]
+pub struct PeriodMeter {
+    min_period: Duration,
+    started: Duration,
+    transferred_at_start: u64,
+    bytes_dirty: u64,
+}
+
+impl PeriodMeter {
+    /// The first period starts at `at`, with `transferred` bytes already on the wire.
+    pub fn new(min_period: Duration, at: Duration, transferred: u64) -> Self {
+        Self {
+            min_period,
+            started: at,
+            transferred_at_start: transferred,
+            bytes_dirty: 0,
+        }
+    }
+
+    /// One sync at `at` found `bytes_dirty` dirty; `transferred` bytes are on the wire so far
+    /// (a running total). Returns the period when this sync ends one.
+    pub fn at_sync(
+        &mut self,
+        at: Duration,
+        bytes_dirty: u64,
+        transferred: u64,
+    ) -> Option<SyncPeriod> {
+        self.bytes_dirty = self.bytes_dirty.saturating_add(bytes_dirty);
+        if at.saturating_sub(self.started) < self.min_period {
+            return None;
+        }
+        let period = SyncPeriod {
+            bytes_dirty: self.bytes_dirty,
+            bytes_transferred: transferred.saturating_sub(self.transferred_at_start),
+        };
+        self.started = at;
+        self.transferred_at_start = transferred;
+        self.bytes_dirty = 0;
+        Some(period)
+    }
 }
 
 /// What the policy decided after a sync.

@@ -119,7 +119,38 @@ fn a_machine_without_throttling_refuses_it_but_accepts_its_removal() {
     }
     use crate::machine::VcpuControl;
     let mut m = Plain;
+    assert!(!m.can_throttle());
     assert!(m.set_throttle(0).is_ok());
     let e = m.set_throttle(20).unwrap_err().to_string();
     assert_eq!(e, "auto-converge: this machine cannot throttle its vCPUs");
+}
+
+#[test]
+fn periods_are_at_least_the_minimum_and_add_up_the_syncs_inside() {
+    let ms = Duration::from_millis;
+    let mut m = PeriodMeter::new(SYNC_PERIOD, ms(0), 1_000);
+    // Two short syncs: only counted.
+    assert_eq!(m.at_sync(ms(300), 10, 5_000), None);
+    assert_eq!(m.at_sync(ms(700), 20, 9_000), None);
+    // The third ends the period: dirtied bytes of all three, bytes sent since the start.
+    assert_eq!(
+        m.at_sync(ms(1_100), 30, 12_000),
+        Some(SyncPeriod {
+            bytes_dirty: 60,
+            bytes_transferred: 11_000,
+        })
+    );
+    // The next period starts from there.
+    assert_eq!(m.at_sync(ms(1_500), 1, 13_000), None);
+    assert_eq!(
+        m.at_sync(ms(2_100), 2, 20_000),
+        Some(SyncPeriod {
+            bytes_dirty: 3,
+            bytes_transferred: 8_000,
+        })
+    );
+    // A zero minimum judges every sync.
+    let mut m = PeriodMeter::new(Duration::ZERO, ms(0), 0);
+    assert!(m.at_sync(ms(0), 1, 1).is_some());
+    assert!(m.at_sync(ms(1), 1, 2).is_some());
 }

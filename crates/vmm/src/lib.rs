@@ -14,6 +14,7 @@ pub mod memory;
 pub mod runctl;
 pub mod stall;
 pub mod state;
+pub mod throttle;
 pub mod vcpu;
 pub mod vm;
 
@@ -26,5 +27,6 @@ pub use error::{Error, Result};
 pub use memory::{RamBackend, RamRegionInfo, PAGE_SIZE};
 pub use stall::MaxStall;
 pub use state::{ComponentState, Persist};
+pub use throttle::ThrottleStats;
 pub use vcpu::VcpuFailure;
 pub use vm::{GuestImage, Vm, VmStatus, VmTimings};

@@ -7,8 +7,13 @@
 //! top of its loop. A vCPU clears `immediate_exit` only under the same lock after it has seen
 //! `Run`, so a kick can never be lost. An idle-waiting vCPU waits on the condvar that the
 //! requester notifies.
+//!
+//! A throttle kick (`throttle.rs`) uses the same path without changing the request: it marks
+//! the vCPU's throttle flag, sets `immediate_exit` and signals, under the lock; the vCPU sees the
+//! flag after `KVM_RUN` returns, sleeps outside it (a wait on the same condvar, so a pause or a
+//! stop ends the sleep) and clears `immediate_exit` again through `enter_run`.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -100,6 +105,8 @@ pub struct RunControl {
     /// The VMM waits here for the parked count.
     vmm_cv: Condvar,
     vcpus: usize,
+    /// Per vCPU: a throttle kick is pending (see the module documentation).
+    throttle_due: Vec<AtomicBool>,
 }
 
 impl RunControl {
@@ -115,6 +122,7 @@ impl RunControl {
             vcpu_cv: Condvar::new(),
             vmm_cv: Condvar::new(),
             vcpus,
+            throttle_due: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -268,6 +276,43 @@ impl RunControl {
             .vcpu_cv
             .wait_timeout_while(g, dur, |g| g.request == Request::Run)
             .unwrap_or_else(|p| p.into_inner());
+    }
+
+    /// Throttle: kicks every running vCPU out of `KVM_RUN` and marks it due for a throttle
+    /// sleep. Does nothing unless the request is `Run` (a parked vCPU is not throttled).
+    pub fn throttle_kick(&self) {
+        let g = self.lock();
+        if g.request != Request::Run {
+            return;
+        }
+        for (k, due) in g.kicks.iter().zip(&self.throttle_due) {
+            due.store(true, Ordering::Release);
+            // SAFETY: see `Kick::immediate_exit`; written under the control mutex.
+            unsafe { k.immediate_exit.write_volatile(1) };
+            if let Some(t) = k.thread {
+                // ESRCH for a thread that already left is fine.
+                let _ = t.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Called by vCPU `index` after each `KVM_RUN`: whether a throttle kick is pending (and
+    /// takes it).
+    pub fn take_throttle_due(&self, index: usize) -> bool {
+        self.throttle_due
+            .get(index)
+            .is_some_and(|d| d.load(Ordering::Acquire) && d.swap(false, Ordering::AcqRel))
+    }
+
+    /// A throttle sleep of up to `dur`; returns true when a pause, stop or shutdown ended it
+    /// early.
+    pub fn throttle_wait(&self, dur: Duration) -> bool {
+        let g = self.lock();
+        let (g, r) = self
+            .vcpu_cv
+            .wait_timeout_while(g, dur, |g| g.request == Request::Run)
+            .unwrap_or_else(|p| p.into_inner());
+        !r.timed_out() || g.request != Request::Run
     }
 
     /// Puts the machine into `Pause` from a vCPU thread (fatal exit) without waiting.

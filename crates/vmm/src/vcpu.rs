@@ -34,6 +34,8 @@ pub struct Shared {
     pub stalls: StallMeter,
     /// Guest reset requests.
     pub resets: ResetRequests,
+    /// `auto-converge` time slicing.
+    pub throttle: crate::throttle::CpuThrottle,
 }
 
 /// Guest reset requests (i8042) and who is told.
@@ -149,6 +151,7 @@ fn run_loop(index: u32, fd: &SharedVcpu, shared: &Shared) {
         let mut due: Option<Instant> = None;
         let mut exited = Instant::now();
         let mut woke: Option<Instant> = None;
+        let mut throttled = false;
         while shared.ctl.requested() == Request::Run {
             if let Some(d) = due {
                 let now = Instant::now();
@@ -188,6 +191,16 @@ fn run_loop(index: u32, fd: &SharedVcpu, shared: &Shared) {
                 dead = true;
                 break;
             }
+            if shared.ctl.take_throttle_due(index as usize) {
+                throttled = true;
+                break;
+            }
+        }
+        drop(vcpu);
+        if throttled {
+            // Outside KVM_RUN, then back through `enter_run` (clears `immediate_exit`). Not a
+            // stall: `due` starts afresh.
+            shared.throttle.sleep(|d| shared.ctl.throttle_wait(d));
         }
     }
 }

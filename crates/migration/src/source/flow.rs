@@ -42,6 +42,8 @@ impl Sender {
                 Err(e) => break Err(e),
             }
         };
+        // Before anything else on every path: a failed migration resumes an unthrottled guest.
+        self.remove_throttle();
         let (status, error) = match result {
             Ok(()) => {
                 self.cleanup();
@@ -200,6 +202,9 @@ impl Sender {
             r.dirty_sync_count = 1;
         });
         let written = self.writer()?.bytes_written();
+        if live {
+            self.setup_auto_converge(now)?;
+        }
         self.estimator = Some(BandwidthEstimator::new(now, written, 0));
         self.limiter = RateLimiter::new(self.shared.lock().tuning.max_bandwidth, now);
         self.stats.setup_done(now);
@@ -252,8 +257,10 @@ impl Sender {
             let at = now.saturating_duration_since(self.started);
             let acked = self.shared.lock().acked;
             let mut decided = None;
-            if self.rule.should_sync(estimate, threshold, remaining, at) {
-                self.sync_pass(now)?;
+            if self.rule.should_sync(estimate, threshold, remaining, at)
+                || self.periodic_sync_due(now)
+            {
+                let dirtied = self.sync_pass(now)?;
                 let pending = self.ram()?.remaining_bytes() + self.devices_pending(true)?;
                 let running = self.m.vcpus.is_running();
                 let ram = self.ram()?;
@@ -281,6 +288,9 @@ impl Sender {
                     "switchover decision"
                 );
                 self.stats.set_switchover_decision(d.clone());
+                if !d.switch && !self.rule.armed() {
+                    self.throttle_after_sync(now, dirtied)?;
+                }
                 decided = Some((d, pending));
             }
             self.update_counters(now, bw);
@@ -386,13 +396,15 @@ impl Sender {
         Ok(sum)
     }
 
-    /// Dirty-log sync: ends the current pass, starts the next.
-    fn sync_pass(&mut self, now: Instant) -> Result<(), SourceError> {
+    /// Dirty-log sync: ends the current pass, starts the next. Returns the bytes the guest
+    /// dirtied since the previous sync.
+    fn sync_pass(&mut self, now: Instant) -> Result<u64, SourceError> {
         let pass = self.ram()?.dirty_sync_count;
         self.writer()?
             .write_command(Command::IterationEnd { pass })?;
         let ram = self.ram.as_mut().ok_or(SourceError::Cancelled)?;
-        ram.sync(self.m.ram.as_mut(), now)?;
+        let newly = ram.sync(self.m.ram.as_mut(), now)?;
+        let dirtied = newly.saturating_mul(ram.page_size() as u64);
         let (pass, remaining, rate) = (
             ram.dirty_sync_count,
             ram.remaining_bytes(),
@@ -405,7 +417,7 @@ impl Sender {
             r.dirty_pages_rate = rate;
         });
         self.events.migration_pass(pass);
-        Ok(())
+        Ok(dirtied)
     }
 
     /// One fair round: RAM and every iterative device with data get one bounded chunk each;

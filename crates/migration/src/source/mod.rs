@@ -34,6 +34,7 @@
 //!   own text when it sent one; "migration cancelled by the user" for a cancel).
 //! * **`file:`**: non-live: pause, one pass, END; the VM stays paused (like QEMU).
 
+mod autoconverge;
 mod confirm;
 mod liveness;
 mod ram;
@@ -54,6 +55,7 @@ use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuCo
 use crate::params::{Capabilities, Capability, Parameters, ZeroPageDetection};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats, SwitchoverTimeline};
 use crate::status::MigrationStatus;
+use crate::throttle::ThrottleParams;
 use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
 use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
 use liveness::{Keepalive, Watched};
@@ -76,6 +78,9 @@ pub struct Tuning {
     /// `x-tern-resume-timeout`, ms: the longest wait, after END was flushed, for the
     /// destination's `RESUMED` or `SHUT` (then `x-tern-unconfirmed`).
     pub resume_timeout_ms: u64,
+    /// `auto-converge` parameters (`cpu-throttle-*`, `max-cpu-throttle`,
+    /// `throttle-trigger-threshold`), read at each sync as QEMU does.
+    pub throttle: ThrottleParams,
 }
 
 impl Default for Tuning {
@@ -92,6 +97,7 @@ impl Tuning {
             max_bandwidth: p.max_bandwidth,
             avail_switchover_bandwidth: p.avail_switchover_bandwidth,
             resume_timeout_ms: p.x_tern_resume_timeout,
+            throttle: ThrottleParams::from_parameters(p),
         }
     }
 }
@@ -126,6 +132,15 @@ pub struct SourceOptions {
     /// `x-tern-ram-digest`: send a digest of guest memory taken with the vCPUs stopped
     /// (`RAM_DIGEST`, stream version 2), which the destination checks before it runs.
     pub ram_digest: bool,
+    /// `auto-converge`: throttle the vCPUs when the guest dirties memory faster than it is
+    /// sent (`crate::throttle`); the throttle is removed whenever the migration ends.
+    pub auto_converge: bool,
+    /// The shortest sync period the auto-converge policy judges
+    /// ([`crate::throttle::SYNC_PERIOD`], QEMU's one second; tests shorten it).
+    pub throttle_period: Duration,
+    /// With `auto-converge`, the longest a pass goes without a dirty sync
+    /// ([`crate::throttle::PERIODIC_SYNC`], QEMU's five seconds; tests shorten it).
+    pub throttle_sync_every: Duration,
 }
 
 impl Default for SourceOptions {
@@ -147,6 +162,9 @@ impl SourceOptions {
             liveness: LivenessTimeout::from_millis(params.x_tern_liveness_timeout),
             stopped_by_earlier_migration: false,
             ram_digest: caps.get(Capability::XTernRamDigest),
+            auto_converge: caps.get(Capability::AutoConverge),
+            throttle_period: crate::throttle::SYNC_PERIOD,
+            throttle_sync_every: crate::throttle::PERIODIC_SYNC,
         }
     }
 }
@@ -489,6 +507,7 @@ pub fn migrate(
         started: Instant::now(),
         ping_seq: 1,
         keepalive,
+        auto_converge: None,
         timeline: SwitchoverTimeline::default(),
         mark: Instant::now(),
     };
@@ -540,6 +559,8 @@ struct Sender {
     ping_seq: u32,
     /// When to send the next keepalive `PING` of an idle wait.
     keepalive: Keepalive,
+    /// `auto-converge`: the policy's state (set up with the dirty log).
+    auto_converge: Option<autoconverge::AutoConverge>,
 }
 
 mod flow;

@@ -121,6 +121,11 @@ impl RamSender {
         self.total_pages * self.page_size as u64
     }
 
+    /// When the dirty log was last synced (the setup counts).
+    pub fn last_sync(&self) -> Option<Instant> {
+        self.last_sync
+    }
+
     /// Bytes still dirty (QEMU `ram_bytes_remaining`).
     pub fn remaining_bytes(&self) -> u64 {
         self.remaining * self.page_size as u64

@@ -455,6 +455,7 @@ static MIGRATION_INFO: Object = object(
         Member::opt("expected-downtime", U64),
         Member::opt("downtime", U64),
         Member::opt("setup-time", U64),
+        Member::opt("cpu-throttle-percentage", U64),
         Member::opt("error-desc", Type::Str),
         Member::opt(
             "socket-address",

@@ -287,6 +287,16 @@ impl VcpuControl for VmVcpus {
     fn is_running(&self) -> bool {
         self.vm.is_running()
     }
+
+    fn set_throttle(&mut self, pct: u8) -> Result<(), MachineError> {
+        self.vm
+            .set_cpu_throttle(pct)
+            .map_err(|e| failed("throttling the vCPUs", e))
+    }
+
+    fn can_throttle(&self) -> bool {
+        true
+    }
 }
 
 /// What must match between source and destination beyond RAM and vCPU count.

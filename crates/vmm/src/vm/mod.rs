@@ -320,6 +320,7 @@ impl Vm {
             failure: Mutex::new(None),
             stalls: StallMeter::default(),
             resets: Default::default(),
+            throttle: Default::default(),
         });
         Ok(Vm {
             config: RwLock::new(config),
@@ -436,6 +437,7 @@ impl Vm {
             }
             *phase = Phase::Shutdown;
         }
+        self.shared.throttle.shutdown();
         self.shared.ctl.stop();
         let threads: Vec<_> = lock(&self.threads).drain(..).collect();
         let mut panicked = Vec::new();
@@ -499,6 +501,18 @@ impl Vm {
     /// [`Vm::reset_vcpu_stall`] (see `stall.rs` for what counts).
     pub fn max_vcpu_stall(&self) -> MaxStall {
         self.shared.stalls.max()
+    }
+
+    /// `auto-converge`: lets every vCPU run only `100 - pct` % of the time by time slicing
+    /// (`throttle.rs`, QEMU's cpu-throttle); 0 removes the throttle, values above 99 are
+    /// clamped. A pause, stop or shutdown is never delayed by it.
+    pub fn set_cpu_throttle(&self, pct: u8) -> Result<()> {
+        self.shared.throttle.set(&self.shared, pct)
+    }
+
+    /// The throttle in force and what it did.
+    pub fn cpu_throttle(&self) -> crate::throttle::ThrottleStats {
+        self.shared.throttle.stats()
     }
 
     /// Starts a new vCPU stall measurement window.
