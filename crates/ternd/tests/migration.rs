@@ -301,6 +301,33 @@ fn unreachable_destination_and_refused_options_leave_the_vm_running() {
 }
 
 #[test]
+fn auto_converge_migration_of_a_tern_vm() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "ac", &domain_xml("ac", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "ac"]);
+    wait_workload_running(&h.src, "ac");
+    h.src.ok(&["migrate-setmaxdowntime", "ac", "50"]);
+    h.src.ok(&["migrate-setspeed", "ac", "32"]);
+    h.src.ok(&[
+        "migrate",
+        "ac",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--auto-converge",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "ac", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("auto-converge: on"), "{job}");
+    assert_eq!(h.dst.state("ac"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "ac", MEM, dir.path());
+}
+
+#[test]
 fn switchover_ack_off_with_the_reason_when_the_destination_does_not_offer_it() {
     let dir = tmpdir();
     let Some(h) = Hosts::up_full(dir.path(), &[], &["--x-hide-capability", "switchover-ack"])
