@@ -26,6 +26,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tc >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl) # scripts/tls-certs.sh
+# The userfaultfd crate (post-copy pager, crates/vmm/src/postcopy) runs bindgen, which needs libclang.
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -eq 0 ]; then fetch_linux; exit 0; fi
 if [ "$(id -u)" != 0 ]; then echo "install-deps: need root to install ${need[*]}" >&2; exit 1; fi
 export DEBIAN_FRONTEND=noninteractive
