@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages Tern's build, tests and benchmarks need on a fresh Debian 12 machine:
 #   qemu-system-x86 (10.0 from bookworm-backports: the side-by-side reference VMM), iproute2 (netns, veth, tc),
-#   and Debian's Linux kernel image for the `--kernel` tests (unpacked into $TERN_LINUX_DIR, default
+#   libclang-dev (bindgen in the userfaultfd crate's build), and Debian's Linux kernel image for the `--kernel` tests (unpacked into $TERN_LINUX_DIR, default
 #   /var/cache/tern/linux, as vmlinuz; NOT installed into /boot).
 set -euo pipefail
 linux_dir=${TERN_LINUX_DIR:-/var/cache/tern/linux}

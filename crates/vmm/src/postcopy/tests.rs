@@ -236,8 +236,11 @@ fn only_pages_marked_missing_are_discarded_and_fetched() {
     assert!(e.to_string().contains("bitmap 0 words"), "{e}");
 }
 
+/// One scripted drain (or the error the source fails with).
+type Drain = Result<Vec<Fault>, PagerError>;
+
 /// Faults from a test script: each message is one drain; a closed channel is a stop.
-struct Script(mpsc::Receiver<Result<Vec<Fault>, PagerError>>);
+struct Script(mpsc::Receiver<Drain>);
 
 impl FaultSource for Script {
     fn wait(&mut self, out: &mut Vec<Fault>) -> Result<Wait, PagerError> {
@@ -252,13 +255,7 @@ impl FaultSource for Script {
     }
 }
 
-fn scripted(
-    req: Arc<Recorder>,
-) -> (
-    Pager,
-    Arc<GuestRam>,
-    mpsc::Sender<Result<Vec<Fault>, PagerError>>,
-) {
+fn scripted(req: Arc<Recorder>) -> (Pager, Arc<GuestRam>, mpsc::Sender<Drain>) {
     let ram = ram();
     let all = vec![vec![u64::MAX; 1]];
     let shared = Arc::new(Shared::prepare(ram.clone(), &all, req).unwrap());

@@ -1,0 +1,310 @@
+//! The post-copy demand pager under a real KVM guest: the source's RAM and state are saved,
+//! the state is restored into a fresh machine whose RAM is entirely missing (registered with
+//! the pager), and a fake requester answers page requests from the saved copy on another
+//! thread. The guest must run on exactly as after a normal restore.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use tern_vmm::postcopy::{GpaRange, PageRequester, Pager, Placement};
+use tern_vmm::{ComponentState, RamRegionInfo, Vm, PAGE_SIZE};
+
+/// The source's RAM, per region, as saved at its stop.
+struct SavedRam(Vec<(RamRegionInfo, Vec<u8>)>);
+
+impl SavedRam {
+    fn page(&self, gpa: u64) -> &[u8] {
+        let (r, bytes) = self
+            .0
+            .iter()
+            .find(|(r, _)| gpa >= r.gpa && gpa < r.gpa + r.size)
+            .expect("requested page is guest RAM");
+        let off = (gpa - r.gpa) as usize;
+        &bytes[off..off + PAGE_SIZE as usize]
+    }
+
+    fn whole(&self) -> &[u8] {
+        &self.0[0].1
+    }
+}
+
+/// Logs requests and forwards them to the serving thread.
+struct Requester {
+    log: Mutex<Vec<GpaRange>>,
+    tx: Mutex<mpsc::Sender<Option<Vec<GpaRange>>>>,
+}
+
+impl PageRequester for Requester {
+    fn request(&self, ranges: &[GpaRange]) -> Result<(), String> {
+        self.log.lock().unwrap().extend_from_slice(ranges);
+        self.tx
+            .lock()
+            .unwrap()
+            .send(Some(ranges.to_vec()))
+            .map_err(|e| format!("serving thread gone: {e}"))
+    }
+}
+
+impl Requester {
+    /// Every requested page, in request order (duplicates kept, to be asserted absent).
+    fn pages(&self) -> Vec<u64> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| (0..r.pages()).map(move |i| r.gpa + i * PAGE_SIZE))
+            .collect()
+    }
+}
+
+/// A destination with every page missing, served by the thread `test-source`.
+struct Dest {
+    vm: Vm,
+    pager: Arc<Pager>,
+    req: Arc<Requester>,
+    stop: mpsc::Sender<Option<Vec<GpaRange>>>,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts the pager over `vm`'s RAM and a serving thread; when `gate` is given, the server
+/// waits for it before answering its first batch.
+fn serve(vm: Vm, saved: Arc<SavedRam>, gate: Option<mpsc::Receiver<()>>) -> Dest {
+    let (tx, rx) = mpsc::channel::<Option<Vec<GpaRange>>>();
+    let req = Arc::new(Requester {
+        log: Mutex::new(Vec::new()),
+        tx: Mutex::new(tx.clone()),
+    });
+    let pager = Arc::new(Pager::start_all_missing(vm.ram().clone(), req.clone()).unwrap());
+    let p = pager.clone();
+    let server = std::thread::Builder::new()
+        .name("test-source".into())
+        .spawn(move || {
+            let mut gate = gate;
+            while let Ok(Some(ranges)) = rx.recv() {
+                if let Some(g) = gate.take() {
+                    g.recv().expect("gate opened");
+                }
+                for r in ranges {
+                    for i in 0..r.pages() {
+                        let gpa = r.gpa + i * PAGE_SIZE;
+                        let page = saved.page(gpa);
+                        let placed = if page.iter().all(|&b| b == 0) {
+                            p.place_zero(gpa)
+                        } else {
+                            p.place(gpa, page)
+                        };
+                        assert_eq!(placed.unwrap(), Placement::Placed, "page {gpa:#x} twice");
+                    }
+                }
+            }
+        })
+        .unwrap();
+    Dest {
+        vm,
+        pager,
+        req,
+        stop: tx,
+        server: Some(server),
+    }
+}
+
+impl Drop for Dest {
+    fn drop(&mut self) {
+        // Stop the guest first (it may still fault), then the server, then the pager.
+        let _ = self.vm.shutdown();
+        let _ = self.stop.send(None);
+        if let Some(s) = self.server.take() {
+            let _ = s.join();
+        }
+        let _ = self.pager.shutdown();
+    }
+}
+
+/// Boots `cmdline`, lets it run, pauses, and saves its components and RAM.
+fn save_source(cmdline: &str, vcpus: u32) -> (Vm, Vec<ComponentState>, Arc<SavedRam>) {
+    let src = boot(cmdline, vcpus, 64);
+    wait_stats(&src, vcpus, "running", |_, s| s.is_running());
+    wait_heartbeats(&src, src.heartbeats().count, 5);
+    src.pause().unwrap();
+    let states = src.save_components().unwrap();
+    let saved = src
+        .regions()
+        .into_iter()
+        .map(|r| {
+            let mut buf = vec![0u8; r.size as usize];
+            src.read_memory(r.gpa, &mut buf).unwrap();
+            (r, buf)
+        })
+        .collect();
+    (src, states, Arc::new(SavedRam(saved)))
+}
+
+/// The name of thread `tid` of this process.
+fn thread_name(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn dump(vm: &Vm) -> Vec<u8> {
+    let r = vm.regions()[0];
+    let mut buf = vec![0u8; r.size as usize];
+    vm.read_memory(r.gpa, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn guest_runs_on_ram_fetched_on_demand_two_vcpus_faulting_concurrently() {
+    let (src, states, saved) = save_source("workload=pattern mem=16 hb=1 status=0", 2);
+    let last = src.heartbeats().last.unwrap();
+    let before = tern_guest::pattern::check_dump(saved.whole(), 0).unwrap();
+    assert!(before.is_ok(), "source pattern broken: {before:?}");
+    // Each vCPU's own working set (the pattern writer's range).
+    let sets: Vec<(u64, u64)> = (0..2)
+        .map(|i| {
+            let s = src.guest_stats(i).unwrap();
+            (s.work_base, s.work_len)
+        })
+        .collect();
+    src.shutdown().unwrap();
+
+    let dst = serve(
+        Vm::new_for_incoming(src.config()).unwrap(),
+        saved.clone(),
+        None,
+    );
+    // Pages placed before anything faulted (a background push): every 32nd page, inside the
+    // working sets too. The final dump reads every page, so each would fault if it were missing.
+    let early: Vec<u64> = (0..dst.vm.regions()[0].pages())
+        .step_by(32)
+        .map(|p| p * PAGE_SIZE)
+        .collect();
+    for &gpa in &early {
+        let page = saved.page(gpa);
+        assert_eq!(dst.pager.place(gpa, page).unwrap(), Placement::Placed);
+    }
+    dst.vm.restore_components(&states).unwrap();
+    dst.vm.resume().unwrap();
+    wait_heartbeats(&dst.vm, dst.vm.heartbeats().count, 10);
+    let next = dst.vm.heartbeats_since(last.seq);
+    assert_eq!(
+        next.first().map(|h| h.seq),
+        Some(last.seq + 1),
+        "sequence broke"
+    );
+    let start: Vec<u64> = (0..2)
+        .map(|i| dst.vm.guest_stats(i).unwrap().pages_written)
+        .collect();
+    wait_stats(&dst.vm, 2, "pattern advancing on both vCPUs", |i, s| {
+        s.pages_written > start[i as usize] + 1000
+    });
+    dst.vm.pause().unwrap();
+
+    // Before the test reads any of it: the working sets' pages were faulted by the vCPUs
+    // themselves, i.e. by KVM inside KVM_RUN (kernel-mode faults), from both vCPU threads.
+    let by_vcpus = dst.req.pages();
+    for (i, &(base, len)) in sets.iter().enumerate() {
+        let n = by_vcpus
+            .iter()
+            .filter(|&&g| g >= base && g < base + len)
+            .count();
+        assert!(
+            n > 100,
+            "vCPU {i}'s working set {base:#x}+{len:#x}: only {n} pages requested"
+        );
+    }
+    let names: HashSet<String> = dst
+        .pager
+        .faulting_threads()
+        .into_iter()
+        .map(thread_name)
+        .collect();
+    assert!(
+        names.contains("vcpu-0") && names.contains("vcpu-1"),
+        "faulting threads {names:?}"
+    );
+
+    let report = tern_guest::pattern::check_dump(&dump(&dst.vm), 0).unwrap();
+    assert!(
+        report.is_ok(),
+        "pattern broken after demand paging: {report:?}"
+    );
+    assert!(dst.vm.guest_panic().is_none());
+
+    let pages = dst.req.pages();
+    let distinct: HashSet<u64> = pages.iter().copied().collect();
+    assert_eq!(distinct.len(), pages.len(), "a page was requested twice");
+    let early_requested: Vec<_> = early.iter().filter(|g| distinct.contains(g)).collect();
+    assert!(
+        early_requested.is_empty(),
+        "placed early, requested anyway: {early_requested:?}"
+    );
+    let st = dst.pager.stats();
+    assert_eq!(
+        st.pages_placed,
+        (pages.len() + early.len()) as u64,
+        "{st:?}"
+    );
+    assert_eq!(st.already_present, 0, "{st:?}");
+    assert_eq!(
+        dst.pager.missing_pages(),
+        0,
+        "the dump read every page: {st:?}"
+    );
+    assert!(st.faults >= st.pages_requested && st.requests <= st.pages_requested);
+    assert!(
+        st.batches < st.pages_requested,
+        "no batching at all: {st:?}"
+    );
+    assert!(st.blocktime > std::time::Duration::ZERO, "{st:?}");
+    eprintln!(
+        "post-copy restore: {st:?}; faulting threads {names:?}; early pages {}",
+        early.len()
+    );
+}
+
+#[test]
+fn a_vcpu_blocked_in_kvm_run_on_a_missing_page_resumes_when_it_is_placed() {
+    let (src, states, saved) = save_source("workload=idle mem=8 hb=1 status=0", 1);
+    src.shutdown().unwrap();
+    let (open, gate) = mpsc::channel();
+    let dst = serve(
+        Vm::new_for_incoming(src.config()).unwrap(),
+        saved,
+        Some(gate),
+    );
+    dst.vm.restore_components(&states).unwrap();
+    let count = dst.vm.heartbeats().count;
+    dst.vm.resume().unwrap();
+    // Nothing but the guest touches RAM now, so the first request comes from its vCPU in
+    // KVM_RUN; the server holds it. Wait for the fault thread to have seen it.
+    let d = deadline();
+    while dst.pager.stats().pages_requested == 0 {
+        assert!(std::time::Instant::now() < d, "no fault from the vCPU");
+        std::thread::yield_now();
+    }
+    let tids = dst.pager.faulting_threads();
+    assert_eq!(
+        tids.iter().map(|&t| thread_name(t)).collect::<Vec<_>>(),
+        vec!["vcpu-0".to_string()],
+        "the held-back fault is the vCPU's"
+    );
+    assert_eq!(dst.pager.stats().pages_placed, 0);
+    assert_eq!(
+        dst.vm.heartbeats().count,
+        count,
+        "heartbeat without its pages"
+    );
+    open.send(()).unwrap();
+    wait_heartbeats(&dst.vm, count, 5);
+    let st = dst.pager.stats();
+    assert!(
+        st.pages_placed > 0 && st.blocktime > std::time::Duration::ZERO,
+        "{st:?}"
+    );
+}
