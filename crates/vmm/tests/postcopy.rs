@@ -143,6 +143,14 @@ fn save_source(cmdline: &str, vcpus: u32) -> (Vm, Vec<ComponentState>, Arc<Saved
     (src, states, Arc::new(SavedRam(saved)))
 }
 
+/// The vCPU threads' kernel ids (all known once the machine is parked).
+fn vcpu_tids(vm: &Vm) -> Vec<i32> {
+    vm.vcpu_thread_ids()
+        .into_iter()
+        .map(|t| t.expect("vCPU thread started"))
+        .collect()
+}
+
 /// The name of thread `tid` of this process.
 fn thread_name(tid: i32) -> String {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
@@ -189,6 +197,8 @@ fn guest_runs_on_ram_fetched_on_demand_two_vcpus_faulting_concurrently() {
         assert_eq!(dst.pager.place(gpa, page).unwrap(), Placement::Placed);
     }
     dst.vm.restore_components(&states).unwrap();
+    let vcpu_tids = vcpu_tids(&dst.vm);
+    dst.pager.set_vcpu_threads(&vcpu_tids);
     dst.vm.resume().unwrap();
     wait_heartbeats(&dst.vm, dst.vm.heartbeats().count, 10);
     let next = dst.vm.heartbeats_since(last.seq);
@@ -218,16 +228,20 @@ fn guest_runs_on_ram_fetched_on_demand_two_vcpus_faulting_concurrently() {
             "vCPU {i}'s working set {base:#x}+{len:#x}: only {n} pages requested"
         );
     }
-    let names: HashSet<String> = dst
-        .pager
-        .faulting_threads()
-        .into_iter()
-        .map(thread_name)
-        .collect();
+    let faulting = dst.pager.faulting_threads();
+    let names: HashSet<String> = faulting.iter().map(|&t| thread_name(t)).collect();
     assert!(
-        names.contains("vcpu-0") && names.contains("vcpu-1"),
-        "faulting threads {names:?}"
+        vcpu_tids.iter().all(|t| faulting.contains(t))
+            && names.contains("vcpu-0")
+            && names.contains("vcpu-1"),
+        "faulting threads {names:?}, vCPU threads {vcpu_tids:?}"
     );
+    // QEMU's blocktimes: each vCPU waited; all of them at once at most as long as any one;
+    // a vCPU's time is made of waits for pages, each counted from its first fault.
+    let bt = dst.pager.blocktime();
+    assert_eq!(bt.per_vcpu.len(), 2);
+    assert!(bt.per_vcpu.iter().all(|d| !d.is_zero()), "{bt:?}");
+    assert!(bt.per_vcpu.iter().all(|&d| bt.all_vcpus <= d), "{bt:?}");
 
     let report = tern_guest::pattern::check_dump(&dump(&dst.vm), 0).unwrap();
     assert!(
@@ -261,9 +275,12 @@ fn guest_runs_on_ram_fetched_on_demand_two_vcpus_faulting_concurrently() {
         st.batches < st.pages_requested,
         "no batching at all: {st:?}"
     );
-    assert!(st.blocktime > std::time::Duration::ZERO, "{st:?}");
+    assert!(
+        st.page_wait_total >= bt.per_vcpu[0].max(bt.per_vcpu[1]),
+        "{st:?} {bt:?}"
+    );
     eprintln!(
-        "post-copy restore: {st:?}; faulting threads {names:?}; early pages {}",
+        "post-copy restore: {st:?}; {bt:?}; faulting threads {names:?}; early pages {}",
         early.len()
     );
 }
@@ -279,6 +296,8 @@ fn a_vcpu_blocked_in_kvm_run_on_a_missing_page_resumes_when_it_is_placed() {
         Some(gate),
     );
     dst.vm.restore_components(&states).unwrap();
+    let tids = vcpu_tids(&dst.vm);
+    dst.pager.set_vcpu_threads(&tids);
     let count = dst.vm.heartbeats().count;
     dst.vm.resume().unwrap();
     // Nothing but the guest touches RAM now, so the first request comes from its vCPU in
@@ -288,12 +307,12 @@ fn a_vcpu_blocked_in_kvm_run_on_a_missing_page_resumes_when_it_is_placed() {
         assert!(std::time::Instant::now() < d, "no fault from the vCPU");
         std::thread::yield_now();
     }
-    let tids = dst.pager.faulting_threads();
     assert_eq!(
-        tids.iter().map(|&t| thread_name(t)).collect::<Vec<_>>(),
-        vec!["vcpu-0".to_string()],
+        dst.pager.faulting_threads(),
+        tids,
         "the held-back fault is the vCPU's"
     );
+    assert_eq!(thread_name(tids[0]), "vcpu-0");
     assert_eq!(dst.pager.stats().pages_placed, 0);
     assert_eq!(
         dst.vm.heartbeats().count,
@@ -304,7 +323,13 @@ fn a_vcpu_blocked_in_kvm_run_on_a_missing_page_resumes_when_it_is_placed() {
     wait_heartbeats(&dst.vm, count, 5);
     let st = dst.pager.stats();
     assert!(
-        st.pages_placed > 0 && st.blocktime > std::time::Duration::ZERO,
+        st.pages_placed > 0 && !st.page_wait_total.is_zero(),
         "{st:?}"
     );
+    // One vCPU: all vCPUs were blocked exactly when it was, at least as long as the gate
+    // held its first page.
+    let bt = dst.pager.blocktime();
+    assert_eq!(bt.per_vcpu.len(), 1);
+    assert_eq!(bt.all_vcpus, bt.per_vcpu[0], "{bt:?}");
+    assert!(!bt.all_vcpus.is_zero(), "{bt:?}");
 }

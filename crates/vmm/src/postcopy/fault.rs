@@ -119,10 +119,10 @@ pub fn run(shared: &Shared, source: &mut dyn FaultSource) -> Result<(), PagerErr
                 .ok_or(PagerError::UnknownFault { addr: f.addr })?;
             match shared.tracker.on_fault(p) {
                 FaultVerdict::Request => {
-                    shared.start_wait(p, now);
+                    shared.start_wait(p, f.tid, now);
                     want.push(p);
                 }
-                FaultVerdict::InFlight => shared.start_wait(p, now),
+                FaultVerdict::InFlight => shared.start_wait(p, f.tid, now),
                 FaultVerdict::Present => shared.resolve_present(p)?,
             }
         }

@@ -7,10 +7,11 @@
 //! [`Pager::place`] / [`Pager::place_zero`], which wake the faulting threads. The pager knows
 //! nothing of the migration stream: the engine implements [`PageRequester`].
 //!
-//! Modules: `bitmap` (atomic page bitmap), `tracker` (requested/received decisions, range
+//! Modules: `bitmap` (atomic page bitmap), `blocktime` (waits, QEMU's blocktimes), `tracker` (requested/received decisions, range
 //! coalescing), `uffd` (the userfaultfd calls), `fault` (the fault thread), `stats`, `pager`.
 
 mod bitmap;
+mod blocktime;
 mod error;
 mod fault;
 mod pager;
@@ -22,6 +23,7 @@ mod uffd;
 mod tests;
 
 pub use bitmap::PageBitmap;
+pub use blocktime::Blocktime;
 pub use error::PagerError;
 pub use fault::MAX_RANGE_PAGES;
 pub use pager::{error_chain, PageRequester, Pager};

@@ -1,7 +1,6 @@
 //! [`Pager`]: the destination's demand pager. Owns the userfaultfd, the requested/received
 //! bitmaps and the fault thread; installs arriving pages.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -11,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{GuestRam, RamRegionInfo, PAGE_SIZE};
 
+use super::blocktime::{Blocktime, WaitBook};
 use super::error::PagerError;
 use super::fault::{self, FaultSource, UffdSource};
 use super::stats::{Counters, PagerStats};
@@ -42,8 +42,8 @@ pub(crate) struct Shared {
     pub tracker: PageTracker,
     pub counters: Counters,
     pub requester: Arc<dyn PageRequester>,
-    /// First fault time of pages faulted and not placed yet (blocktime).
-    waits: Mutex<HashMap<PageRef, Instant>>,
+    /// Open waits and blocktimes.
+    waits: Mutex<WaitBook>,
     threads: Mutex<Vec<i32>>,
     failure: Mutex<Option<String>>,
 }
@@ -94,7 +94,7 @@ impl Shared {
             tracker,
             counters: Counters::default(),
             requester,
-            waits: Mutex::new(HashMap::new()),
+            waits: Mutex::new(WaitBook::default()),
             threads: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
         })
@@ -107,18 +107,22 @@ impl Shared {
         }
     }
 
-    pub fn start_wait(&self, p: PageRef, now: Instant) {
+    /// Thread `tid` waits for page `p` since `now`.
+    pub fn start_wait(&self, p: PageRef, tid: i32, now: Instant) {
         let mut w = lock(&self.waits);
-        w.entry(p).or_insert(now);
-        // Placed between the verdict and here: no wait to account.
+        w.fault(p, tid, now);
+        // Placed between the verdict and here (its `end_wait` came first): close the wait.
+        // `mark_received` precedes `end_wait`'s lock, so one of the two sees the other.
         if self.tracker.is_received(p) {
-            w.remove(&p);
+            if let Some(d) = w.placed(p, Instant::now()) {
+                self.counters.waited(d);
+            }
         }
     }
 
     fn end_wait(&self, p: PageRef) {
-        if let Some(t) = lock(&self.waits).remove(&p) {
-            self.counters.waited(t.elapsed());
+        if let Some(d) = lock(&self.waits).placed(p, Instant::now()) {
+            self.counters.waited(d);
         }
     }
 
@@ -325,6 +329,18 @@ impl Pager {
     /// Kernel thread ids that faulted (first 256 distinct), in first-fault order.
     pub fn faulting_threads(&self) -> Vec<i32> {
         lock(&self.shared.threads).clone()
+    }
+
+    /// Names the vCPU threads (kernel thread ids by vCPU index, e.g. from
+    /// [`crate::Vm::vcpu_thread_ids`]) for [`Pager::blocktime`].
+    pub fn set_vcpu_threads(&self, tids: &[i32]) {
+        lock(&self.shared.waits).set_vcpus(tids, Instant::now());
+    }
+
+    /// QEMU's `postcopy-blocktime` and `postcopy-vcpu-blocktime` for the vCPU threads named
+    /// by [`Pager::set_vcpu_threads`] (waits still open are not counted yet).
+    pub fn blocktime(&self) -> Blocktime {
+        lock(&self.shared.waits).blocktime()
     }
 
     /// Why the fault thread stopped, if it failed (its error with causes).

@@ -27,11 +27,11 @@ pub struct PagerStats {
     /// Faults on pages already here that only needed a wake.
     pub wakes: u64,
     /// Sum over faulted pages of the time from the first fault on the page (as read by the
-    /// fault thread) to its placement: the pager's `postcopy-blocktime`. Counted per page,
-    /// not per vCPU: two vCPUs waiting on one page count once.
-    pub blocktime: Duration,
-    /// Longest single wait of a faulted page.
-    pub max_wait: Duration,
+    /// fault thread) to its placement. Per page: two threads waiting on one page count once.
+    /// QEMU's per-vCPU numbers are [`super::Pager::blocktime`].
+    pub page_wait_total: Duration,
+    /// Longest wait of one faulted page.
+    pub max_page_wait: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -72,8 +72,8 @@ impl Counters {
             bytes_placed: placed * page_size,
             already_present: get(&self.already_present),
             wakes: get(&self.wakes),
-            blocktime: Duration::from_nanos(get(&self.blocktime_ns)),
-            max_wait: Duration::from_nanos(get(&self.max_wait_ns)),
+            page_wait_total: Duration::from_nanos(get(&self.blocktime_ns)),
+            max_page_wait: Duration::from_nanos(get(&self.max_wait_ns)),
         }
     }
 }

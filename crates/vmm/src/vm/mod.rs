@@ -320,6 +320,7 @@ impl Vm {
             failure: Mutex::new(None),
             stalls: StallMeter::default(),
             resets: Default::default(),
+            thread_ids: Default::default(),
         });
         Ok(Vm {
             config: RwLock::new(config),
@@ -494,6 +495,14 @@ impl Vm {
     }
 
     // ---- heartbeats, events, serial -------------------------------------------------------
+
+    /// Kernel thread id of each vCPU thread, by index. Every thread records its id before it
+    /// first parks, so after [`Vm::pause`] or [`Vm::restore_components`] all are known.
+    pub fn vcpu_thread_ids(&self) -> Vec<Option<i32>> {
+        let mut ids = self.shared.thread_ids.get();
+        ids.resize(self.vcpus.len(), None);
+        ids
+    }
 
     /// The longest time a vCPU that wanted to run was kept out of `KVM_RUN` since the last
     /// [`Vm::reset_vcpu_stall`] (see `stall.rs` for what counts).
