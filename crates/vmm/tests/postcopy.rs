@@ -78,7 +78,13 @@ fn serve(vm: Vm, saved: Arc<SavedRam>, gate: Option<mpsc::Receiver<()>>) -> Dest
         log: Mutex::new(Vec::new()),
         tx: Mutex::new(tx.clone()),
     });
+    let t = std::time::Instant::now();
     let pager = Arc::new(Pager::start_all_missing(vm.ram().clone(), req.clone()).unwrap());
+    eprintln!(
+        "Pager::start over {} MiB: {:?}",
+        vm.ram().total_bytes() >> 20,
+        t.elapsed()
+    );
     let p = pager.clone();
     let server = std::thread::Builder::new()
         .name("test-source".into())

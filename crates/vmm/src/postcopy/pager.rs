@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{GuestRam, RamRegionInfo, PAGE_SIZE};
 
+use super::bitmap::set_runs;
 use super::blocktime::{Blocktime, WaitBook};
 use super::error::PagerError;
 use super::fault::{self, FaultSource, UffdSource};
@@ -79,11 +80,7 @@ impl Shared {
                 )));
             }
             discard_missing(r, bits)?;
-            for page in 0..r.pages() {
-                if !bit(bits, page) {
-                    tracker.mark_received(PageRef { region: i, page });
-                }
-            }
+            tracker.mark_received_words(i, bits.iter().map(|w| !w));
         }
         for r in &regions {
             uffd.register(r)?;
@@ -385,31 +382,15 @@ impl Drop for Pager {
     }
 }
 
-fn bit(bits: &[u64], page: u64) -> bool {
-    usize::try_from(page / 64)
-        .ok()
-        .and_then(|w| bits.get(w))
-        .is_some_and(|w| w & (1 << (page % 64)) != 0)
-}
-
 /// `MADV_DONTNEED` over every run of set bits of `bits` in region `r`.
 fn discard_missing(r: &RamRegionInfo, bits: &[u64]) -> Result<(), PagerError> {
-    let pages = r.pages();
-    let mut page = 0;
-    while page < pages {
-        if !bit(bits, page) {
-            page += 1;
-            continue;
-        }
-        let first = page;
-        while page < pages && bit(bits, page) {
-            page += 1;
-        }
-        let (off, len) = (first * PAGE_SIZE, (page - first) * PAGE_SIZE);
+    for (first, count) in set_runs(bits, r.pages()) {
+        let (off, len) = (first * PAGE_SIZE, count * PAGE_SIZE);
         // SAFETY: `host_addr + off .. + len` lies inside region `r`'s live anonymous private
-        // mapping (owned by the `GuestRam` the caller holds); MADV_DONTNEED only drops its
-        // pages, which then read as missing (zero-fill, or a fault once registered). The
-        // caller guarantees nothing uses guest RAM meanwhile.
+        // mapping (`set_runs` stays below `r.pages()`; the mapping is owned by the `GuestRam`
+        // the caller holds); MADV_DONTNEED only drops its pages, which then read as missing
+        // (zero-fill, or a fault once registered). The caller guarantees nothing uses guest
+        // RAM meanwhile.
         let ret = unsafe {
             libc::madvise(
                 (r.host_addr + off) as *mut libc::c_void,

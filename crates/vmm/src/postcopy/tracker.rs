@@ -150,6 +150,14 @@ impl PageTracker {
             == Some(false)
     }
 
+    /// Marks received, in bulk, the pages of region `region` whose bits are set in `words`
+    /// (bit i = page i).
+    pub fn mark_received_words(&self, region: usize, words: impl IntoIterator<Item = u64>) {
+        if let Some(r) = self.regions.get(region) {
+            r.received.or_words(words);
+        }
+    }
+
     /// Whether `p` is received (or was never missing).
     pub fn is_received(&self, p: PageRef) -> bool {
         self.regions
