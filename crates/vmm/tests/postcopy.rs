@@ -70,16 +70,31 @@ struct Dest {
     server: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Starts the pager over `vm`'s RAM and a serving thread; when `gate` is given, the server
-/// waits for it before answering its first batch.
+/// Starts the pager over `vm`'s RAM (every page missing) and a serving thread; when `gate` is
+/// given, the server waits for it before answering its first batch.
 fn serve(vm: Vm, saved: Arc<SavedRam>, gate: Option<mpsc::Receiver<()>>) -> Dest {
+    let all: Vec<Vec<u64>> = vm
+        .regions()
+        .iter()
+        .map(|r| vec![u64::MAX; r.bitmap_words()])
+        .collect();
+    serve_missing(vm, saved, &all, gate)
+}
+
+/// [`serve`] with only the pages of `missing` (one bitmap per region) missing.
+fn serve_missing(
+    vm: Vm,
+    saved: Arc<SavedRam>,
+    missing: &[Vec<u64>],
+    gate: Option<mpsc::Receiver<()>>,
+) -> Dest {
     let (tx, rx) = mpsc::channel::<Option<Vec<GpaRange>>>();
     let req = Arc::new(Requester {
         log: Mutex::new(Vec::new()),
         tx: Mutex::new(tx.clone()),
     });
     let t = std::time::Instant::now();
-    let pager = Arc::new(Pager::start_all_missing(vm.ram().clone(), req.clone()).unwrap());
+    let pager = Arc::new(Pager::start(vm.ram().clone(), missing, req.clone()).unwrap());
     eprintln!(
         "Pager::start over {} MiB: {:?}",
         vm.ram().total_bytes() >> 20,
@@ -136,6 +151,12 @@ fn save_source(cmdline: &str, vcpus: u32) -> (Vm, Vec<ComponentState>, Arc<Saved
     wait_stats(&src, vcpus, "running", |_, s| s.is_running());
     wait_heartbeats(&src, src.heartbeats().count, 5);
     src.pause().unwrap();
+    let (states, saved) = save_paused(&src);
+    (src, states, saved)
+}
+
+/// Components and RAM of a paused machine.
+fn save_paused(src: &Vm) -> (Vec<ComponentState>, Arc<SavedRam>) {
     let states = src.save_components().unwrap();
     let saved = src
         .regions()
@@ -146,7 +167,7 @@ fn save_source(cmdline: &str, vcpus: u32) -> (Vm, Vec<ComponentState>, Arc<Saved
             (r, buf)
         })
         .collect();
-    (src, states, Arc::new(SavedRam(saved)))
+    (states, Arc::new(SavedRam(saved)))
 }
 
 /// The vCPU threads' kernel ids (all known once the machine is parked).
@@ -338,4 +359,108 @@ fn a_vcpu_blocked_in_kvm_run_on_a_missing_page_resumes_when_it_is_placed() {
     assert_eq!(bt.per_vcpu.len(), 1);
     assert_eq!(bt.all_vcpus, bt.per_vcpu[0], "{bt:?}");
     assert!(!bt.all_vcpus.is_zero(), "{bt:?}");
+}
+
+/// The real flow: a pre-copy pass copies all RAM while the source runs on, the source stops,
+/// and only the pages it dirtied since are missing on the destination (QEMU's discard). Pages
+/// copied in pre-copy and not dirtied are never requested; dirtied ones are discarded and
+/// fetched, so the guest never reads the stale pre-copy bytes (the `pattern` check would see
+/// a stale page as two bad transitions).
+#[test]
+fn after_a_precopy_pass_only_the_redirtied_pages_are_discarded_and_fetched() {
+    let src = boot("workload=pattern mem=16 hb=1 status=0", 2, 64);
+    wait_stats(&src, 2, "running", |_, s| s.is_running());
+    let dst = Vm::new_for_incoming(src.config()).unwrap();
+    src.start_dirty_log().unwrap();
+    // The pre-copy pass, page by page while the guest writes.
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for r in src.regions() {
+        for p in 0..r.pages() {
+            let gpa = r.gpa + p * PAGE_SIZE;
+            src.read_page(gpa, &mut page).unwrap();
+            if page.iter().all(|&b| b == 0) {
+                dst.zero_page(gpa).unwrap();
+            } else {
+                dst.write_page(gpa, &page).unwrap();
+            }
+        }
+    }
+    let written: Vec<u64> = (0..2)
+        .map(|i| src.guest_stats(i).unwrap().pages_written)
+        .collect();
+    wait_stats(&src, 2, "pattern advancing after the pass", |i, s| {
+        s.pages_written > written[i as usize] + 500
+    });
+    src.pause().unwrap();
+    let mut dirty: Vec<Vec<u64>> = src
+        .regions()
+        .iter()
+        .map(|r| vec![0u64; r.bitmap_words()])
+        .collect();
+    src.sync_dirty_log(&mut dirty).unwrap();
+    src.stop_dirty_log().unwrap();
+    let (states, saved) = save_paused(&src);
+    let last = src.heartbeats().last.unwrap();
+    src.shutdown().unwrap();
+    let dirty_set: HashSet<u64> = src
+        .regions()
+        .iter()
+        .zip(&dirty)
+        .flat_map(|(r, bits)| {
+            (0..r.pages())
+                .filter(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+                .map(|p| r.gpa + p * PAGE_SIZE)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        dirty_set.len() > 500,
+        "only {} pages dirtied",
+        dirty_set.len()
+    );
+
+    let dst = serve_missing(dst, saved, &dirty, None);
+    assert_eq!(dst.pager.missing_pages(), dirty_set.len() as u64);
+    dst.vm.restore_components(&states).unwrap();
+    dst.vm.resume().unwrap();
+    wait_heartbeats(&dst.vm, dst.vm.heartbeats().count, 5);
+    let next = dst.vm.heartbeats_since(last.seq);
+    assert_eq!(
+        next.first().map(|h| h.seq),
+        Some(last.seq + 1),
+        "sequence broke"
+    );
+    let start: Vec<u64> = (0..2)
+        .map(|i| dst.vm.guest_stats(i).unwrap().pages_written)
+        .collect();
+    wait_stats(
+        &dst.vm,
+        2,
+        "pattern advancing on the destination",
+        |i, s| s.pages_written > start[i as usize] + 1000,
+    );
+    dst.vm.pause().unwrap();
+    let by_guest = dst.req.pages().len();
+    let report = tern_guest::pattern::check_dump(&dump(&dst.vm), 0).unwrap();
+    assert!(report.is_ok(), "stale or lost page: {report:?}");
+    let requested = dst.req.pages();
+    let outside: Vec<_> = requested
+        .iter()
+        .filter(|g| !dirty_set.contains(g))
+        .take(5)
+        .collect();
+    assert!(outside.is_empty(), "pre-copy pages requested: {outside:?}");
+    assert!(
+        !requested.is_empty(),
+        "the guest touched no re-dirtied page"
+    );
+    assert_eq!(dst.pager.missing_pages(), 0, "the dump read every page");
+    let st = dst.pager.stats();
+    assert_eq!(st.pages_placed, dirty_set.len() as u64, "{st:?}");
+    eprintln!(
+        "pre-copy then post-copy: {} re-dirtied pages, {} requested by the guest before the \
+         dump; {st:?}",
+        dirty_set.len(),
+        by_guest
+    );
 }
