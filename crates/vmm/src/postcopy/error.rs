@@ -68,9 +68,9 @@ pub enum PagerError {
     /// Reading fault events from userfaultfd failed: the fault thread stops.
     #[error("reading userfaultfd events")]
     Read(#[source] userfaultfd::Error),
-    /// Waiting for fault events failed.
-    #[error("polling userfaultfd: {context}")]
-    Poll {
+    /// A system call around the userfaultfd failed (poll, eventfd, the probe's mmap).
+    #[error("{context}")]
+    Os {
         /// What failed.
         context: &'static str,
         /// The error.

@@ -76,7 +76,7 @@ impl FaultSource for UffdSource {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(PagerError::Poll {
+                return Err(PagerError::Os {
                     context: "poll(userfaultfd, stop)",
                     source: e,
                 });
@@ -85,7 +85,7 @@ impl FaultSource for UffdSource {
                 return Ok(Wait::Stop);
             }
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-                return Err(PagerError::Poll {
+                return Err(PagerError::Os {
                     context: "userfaultfd reported an error condition",
                     source: std::io::Error::other(format!("revents {:#x}", fds[0].revents)),
                 });

@@ -30,3 +30,10 @@ pub use pager::{error_chain, PageRequester, Pager};
 pub use stats::PagerStats;
 pub use tracker::GpaRange;
 pub use uffd::Placement;
+
+/// Whether this host can page guest RAM on demand: userfaultfd with kernel-mode faults, and
+/// MISSING-mode registration of anonymous memory with copy, zeropage and wake (the
+/// destination's check when the source announces post-copy). The error says what is missing.
+pub fn probe() -> Result<(), PagerError> {
+    uffd::UserFd::probe()
+}

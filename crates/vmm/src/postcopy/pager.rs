@@ -209,11 +209,11 @@ impl Pager {
         requester: Arc<dyn PageRequester>,
     ) -> Result<Pager, PagerError> {
         let shared = Arc::new(Shared::prepare(ram, missing, requester)?);
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| PagerError::Poll {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| PagerError::Os {
             context: "creating the stop eventfd",
             source,
         })?;
-        let stop_clone = stop.try_clone().map_err(|source| PagerError::Poll {
+        let stop_clone = stop.try_clone().map_err(|source| PagerError::Os {
             context: "cloning the stop eventfd",
             source,
         })?;

@@ -96,6 +96,12 @@ fn read_page(ram: &GuestRam, gpa: u64) -> Vec<u8> {
 }
 
 #[test]
+fn this_host_can_page_on_demand() {
+    // The test bed's promise (TESTBED.md: /dev/userfaultfd as root, kernel-mode faults).
+    probe().unwrap();
+}
+
+#[test]
 fn a_thread_reading_a_missing_page_waits_for_it_and_reads_what_was_placed() {
     let ram = ram();
     let (tx, rx) = mpsc::channel();

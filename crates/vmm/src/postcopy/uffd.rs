@@ -64,6 +64,45 @@ impl UserFd {
         Ok(UserFd { uffd })
     }
 
+    /// Whether this host can page guest RAM on demand (the destination's check at
+    /// `POSTCOPY_ADVISE`, QEMU's `postcopy_ram_supported_by_host`): opens a userfaultfd as
+    /// [`UserFd::open`] does and registers one scratch page of anonymous memory, which must
+    /// offer copy, zeropage and wake.
+    pub fn probe() -> Result<(), PagerError> {
+        let uffd = Self::open()?;
+        let len = PAGE_SIZE as usize;
+        // SAFETY: a fresh private anonymous mapping of one page; no existing memory is
+        // affected, and it is unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(PagerError::Os {
+                context: "mmap of the probe page",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let scratch = RamRegionInfo {
+            id: 0,
+            gpa: 0,
+            size: PAGE_SIZE,
+            host_addr: addr as u64,
+        };
+        let r = uffd
+            .register(&scratch)
+            .and_then(|()| uffd.unregister(&scratch));
+        // SAFETY: `addr` is the one-page mapping made above, used by nothing else.
+        unsafe { libc::munmap(addr, len) };
+        r
+    }
+
     /// The fd, for `poll`.
     pub fn raw_fd(&self) -> i32 {
         self.uffd.as_raw_fd()
