@@ -202,6 +202,11 @@ fn run_loop(index: u32, fd: &SharedVcpu, shared: &Shared) {
                         .counters
                         .kicks
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // A kick whose pause was withdrawn before this vCPU saw it (a pause that
+                    // timed out — e.g. on a vCPU blocked on a post-copy page — then a resume)
+                    // left `immediate_exit` set: clear it again (under the lock, only if the
+                    // request is still Run), or every KVM_RUN would return EINTR at once.
+                    shared.ctl.enter_run(index as usize);
                     Outcome::Continue
                 }
                 Err(e) if e.errno() == libc::EAGAIN => Outcome::Continue,

@@ -464,3 +464,44 @@ fn after_a_precopy_pass_only_the_redirtied_pages_are_discarded_and_fetched() {
         by_guest
     );
 }
+
+/// On this host a kick does not get a vCPU out of a userfaultfd wait inside `KVM_RUN`: the
+/// kernel retries the fault (one event per retry, tens of thousands per second) until the page
+/// arrives, so a pause times out. The pager must absorb the storm (one request), and the
+/// machine must run on once the page is placed and it is resumed.
+#[test]
+fn a_pause_that_times_out_on_a_blocked_vcpu_does_not_wedge_it() {
+    let (src, states, saved) = save_source("workload=idle mem=8 hb=1 status=0", 1);
+    src.shutdown().unwrap();
+    let (open, gate) = mpsc::channel();
+    let dst = serve(
+        Vm::new_for_incoming(src.config()).unwrap(),
+        saved,
+        Some(gate),
+    );
+    dst.vm.restore_components(&states).unwrap();
+    dst.vm.resume().unwrap();
+    let d = deadline();
+    while dst.pager.stats().pages_requested == 0 {
+        assert!(std::time::Instant::now() < d, "no fault from the vCPU");
+        std::thread::yield_now();
+    }
+    let err = dst.vm.pause().unwrap_err();
+    assert!(
+        matches!(err, tern_vmm::Error::PauseTimeout { parked: 0, .. }),
+        "{err}"
+    );
+    let st = dst.pager.stats();
+    assert_eq!(
+        st.pages_requested, 1,
+        "the fault storm caused requests: {st:?}"
+    );
+    eprintln!(
+        "faults while the page was held and a pause waited: {}",
+        st.faults
+    );
+    open.send(()).unwrap();
+    dst.vm.resume().unwrap();
+    wait_heartbeats(&dst.vm, dst.vm.heartbeats().count, 5);
+    dst.vm.pause().unwrap();
+}
