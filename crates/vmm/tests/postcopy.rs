@@ -107,7 +107,9 @@ fn serve_missing(
             let mut gate = gate;
             while let Ok(Some(ranges)) = rx.recv() {
                 if let Some(g) = gate.take() {
-                    g.recv().expect("gate opened");
+                    if g.recv().is_err() {
+                        return; // the gate was dropped: these pages never come
+                    }
                 }
                 for r in ranges {
                     for i in 0..r.pages() {
@@ -504,4 +506,48 @@ fn a_pause_that_times_out_on_a_blocked_vcpu_does_not_wedge_it() {
     dst.vm.resume().unwrap();
     wait_heartbeats(&dst.vm, dst.vm.heartbeats().count, 5);
     dst.vm.pause().unwrap();
+}
+
+/// The source is lost and the held page never comes: the machine can still be torn down,
+/// in the order `Vm::request_stop`, `Pager::shutdown`, `Vm::shutdown` (decision 79), without
+/// the guest running another instruction (no heartbeat after the stop).
+#[test]
+fn a_destination_whose_pages_never_come_can_be_torn_down() {
+    let (src, states, saved) = save_source("workload=idle mem=8 hb=1 status=0", 1);
+    src.shutdown().unwrap();
+    let (_never, gate) = mpsc::channel::<()>();
+    let mut dst = serve(
+        Vm::new_for_incoming(src.config()).unwrap(),
+        saved,
+        Some(gate),
+    );
+    dst.vm.restore_components(&states).unwrap();
+    let count = dst.vm.heartbeats().count;
+    dst.vm.resume().unwrap();
+    let d = deadline();
+    while dst.pager.stats().pages_requested == 0 {
+        assert!(std::time::Instant::now() < d, "no fault from the vCPU");
+        std::thread::yield_now();
+    }
+    let (done_tx, done) = mpsc::channel();
+    std::thread::scope(|s| {
+        let dst = &dst;
+        s.spawn(move || {
+            dst.vm.request_stop();
+            dst.pager.shutdown().unwrap();
+            dst.vm.shutdown().unwrap();
+            done_tx.send(()).unwrap();
+        });
+        done.recv_timeout(DEADLINE)
+            .expect("teardown hung on the blocked vCPU");
+    });
+    assert_eq!(dst.vm.status(), tern_vmm::VmStatus::Shutdown);
+    assert_eq!(
+        dst.vm.heartbeats().count,
+        count,
+        "the guest ran on a page it never received"
+    );
+    assert_eq!(dst.pager.stats().pages_placed, 0);
+    // The server waits at the gate until `_never` drops, after `dst`: do not join it in Drop.
+    dst.server.take();
 }

@@ -428,6 +428,14 @@ impl Vm {
         }
     }
 
+    /// Asks every vCPU thread to leave (kicking it out of `KVM_RUN`) without waiting; the
+    /// machine cannot run again. For a post-copy destination whose pages will never come: a
+    /// vCPU blocked on a missing page leaves only once the pager lets go of the page, so the
+    /// order is this, then `postcopy::Pager::shutdown`, then [`Vm::shutdown`] (which joins).
+    pub fn request_stop(&self) {
+        self.shared.ctl.stop();
+    }
+
     /// Stops and joins the vCPU threads and the serial input thread. Idempotent.
     pub fn shutdown(&self) -> Result<()> {
         {
