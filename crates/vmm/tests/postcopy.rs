@@ -308,8 +308,16 @@ fn guest_runs_on_ram_fetched_on_demand_two_vcpus_faulting_concurrently() {
         st.page_wait_total >= bt.per_vcpu[0].max(bt.per_vcpu[1]),
         "{st:?} {bt:?}"
     );
+    // Every requested page was waited for (its fault came first); early pages never were.
+    assert_eq!(st.page_waits(), st.pages_requested, "{st:?}");
+    let (p50, p99) = (st.page_wait_quantile(0.5), st.page_wait_quantile(0.99));
+    assert!(
+        p50 <= p99 && p99 <= Some(st.max_page_wait),
+        "{p50:?} {p99:?} {st:?}"
+    );
     eprintln!(
-        "post-copy restore: {st:?}; {bt:?}; faulting threads {names:?}; early pages {}",
+        "post-copy restore: {st:?}; {bt:?}; page wait p50 <= {p50:?}, p99 <= {p99:?}; \
+         faulting threads {names:?}; early pages {}",
         early.len()
     );
 }

@@ -27,7 +27,7 @@ pub use blocktime::Blocktime;
 pub use error::PagerError;
 pub use fault::MAX_RANGE_PAGES;
 pub use pager::{error_chain, PageRequester, Pager};
-pub use stats::PagerStats;
+pub use stats::{PagerStats, WAIT_BUCKETS};
 pub use tracker::GpaRange;
 pub use uffd::Placement;
 
