@@ -202,7 +202,9 @@ impl Pager {
     /// fetched on first touch; every other page counts as received. Then every region is
     /// registered in MISSING mode (kernel-mode faults included) and the `uffd-fault` thread
     /// starts. Nothing may touch guest RAM between the call's start and its return (the guest
-    /// must be stopped).
+    /// must be stopped). On an error the pages marked missing may already be discarded (and
+    /// nothing stays registered): the destination cannot run that guest any more, so ADVISE
+    /// checks [`super::probe`] first.
     pub fn start(
         ram: Arc<GuestRam>,
         missing: &[Vec<u64>],
