@@ -299,11 +299,10 @@ fn guest_runs_on_ram_fetched_on_demand_two_vcpus_faulting_concurrently() {
         0,
         "the dump read every page: {st:?}"
     );
+    // (How many drains held more than one page depends on timing: batching itself is proven
+    // by the scripted unit test `one_drain_is_one_batch_of_coalesced_deduplicated_ranges`.)
     assert!(st.faults >= st.pages_requested && st.requests <= st.pages_requested);
-    assert!(
-        st.batches < st.pages_requested,
-        "no batching at all: {st:?}"
-    );
+    assert!(st.batches <= st.requests, "{st:?}");
     assert!(
         st.page_wait_total >= bt.per_vcpu[0].max(bt.per_vcpu[1]),
         "{st:?} {bt:?}"
