@@ -474,12 +474,13 @@ fn after_a_precopy_pass_only_the_redirtied_pages_are_discarded_and_fetched() {
     );
 }
 
-/// On this host a kick does not get a vCPU out of a userfaultfd wait inside `KVM_RUN`: the
-/// kernel retries the fault (one event per retry, tens of thousands per second) until the page
-/// arrives, so a pause times out. The pager must absorb the storm (one request), and the
-/// machine must run on once the page is placed and it is resumed.
+/// On the test bed (Intel, PVM) a kick does not get a vCPU out of a userfaultfd wait inside
+/// `KVM_RUN`: the kernel retries the fault (one event per retry, tens of thousands per second)
+/// until the page arrives, so a pause times out. A kernel whose kick does interrupt the wait
+/// parks the vCPU instead; either way the pager must absorb the retries (one request), and
+/// the machine must run on once the page is placed and it is resumed.
 #[test]
-fn a_pause_that_times_out_on_a_blocked_vcpu_does_not_wedge_it() {
+fn a_pause_while_a_vcpu_waits_for_a_page_does_not_wedge_it() {
     let (src, states, saved) = save_source("workload=idle mem=8 hb=1 status=0", 1);
     src.shutdown().unwrap();
     let (open, gate) = mpsc::channel();
@@ -495,11 +496,13 @@ fn a_pause_that_times_out_on_a_blocked_vcpu_does_not_wedge_it() {
         assert!(std::time::Instant::now() < d, "no fault from the vCPU");
         std::thread::yield_now();
     }
-    let err = dst.vm.pause().unwrap_err();
-    assert!(
-        matches!(err, tern_vmm::Error::PauseTimeout { parked: 0, .. }),
-        "{err}"
-    );
+    match dst.vm.pause() {
+        Err(tern_vmm::Error::PauseTimeout { parked: 0, .. }) => {
+            eprintln!("the kick left the vCPU in the fault: pause timed out")
+        }
+        Ok(_) => eprintln!("the kick got the vCPU out of the fault: parked"),
+        Err(e) => panic!("pause: {e}"),
+    }
     let st = dst.pager.stats();
     assert_eq!(
         st.pages_requested, 1,
