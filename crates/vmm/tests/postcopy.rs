@@ -474,9 +474,9 @@ fn after_a_precopy_pass_only_the_redirtied_pages_are_discarded_and_fetched() {
     );
 }
 
-/// On the test bed (AMD EPYC, kernel 6.18, PVM) a kick does not get a vCPU out of a userfaultfd wait inside
-/// `KVM_RUN`: the kernel retries the fault (one event per retry, tens of thousands per second)
-/// until the page arrives, so a pause times out. A kernel whose kick does interrupt the wait
+/// On the test bed (AMD EPYC, kernel 6.18, PVM) a kick does not get a vCPU out of a
+/// userfaultfd wait inside `KVM_RUN`: the kernel retries the fault (one event per retry, tens
+/// of thousands per second) until the page arrives, so a pause times out. A kernel whose kick does interrupt the wait
 /// parks the vCPU instead; either way the pager must absorb the retries (one request), and
 /// the machine must run on once the page is placed and it is resumed.
 #[test]
