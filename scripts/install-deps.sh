@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages Tern's build, tests and benchmarks need on a fresh Debian 12 machine:
 #   qemu-system-x86 (10.0 from bookworm-backports: the side-by-side reference VMM), iproute2 (netns, veth, tc),
-#   and Debian's Linux kernel image for the `--kernel` tests (unpacked into $TERN_LINUX_DIR, default
+#   libclang-dev (bindgen in the userfaultfd crate's build), and Debian's Linux kernel image for the `--kernel` tests (unpacked into $TERN_LINUX_DIR, default
 #   /var/cache/tern/linux, as vmlinuz; NOT installed into /boot).
 set -euo pipefail
 linux_dir=${TERN_LINUX_DIR:-/var/cache/tern/linux}
@@ -26,6 +26,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tc >/dev/null || need+=(iproute2)
 command -v openssl >/dev/null || need+=(openssl) # scripts/tls-certs.sh
+# The userfaultfd crate (post-copy pager, crates/vmm/src/postcopy) runs bindgen, which needs libclang.
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -eq 0 ]; then fetch_linux; exit 0; fi
 if [ "$(id -u)" != 0 ]; then echo "install-deps: need root to install ${need[*]}" >&2; exit 1; fi
 export DEBIAN_FRONTEND=noninteractive

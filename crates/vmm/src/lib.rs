@@ -11,6 +11,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod error;
 pub mod memory;
+pub mod postcopy;
 pub mod runctl;
 pub mod stall;
 pub mod state;

@@ -36,6 +36,29 @@ pub struct Shared {
     pub resets: ResetRequests,
     /// `auto-converge` time slicing.
     pub throttle: crate::throttle::CpuThrottle,
+    /// Kernel thread id of each vCPU thread, once it started.
+    pub thread_ids: VcpuThreadIds,
+}
+
+/// Kernel thread ids of the vCPU threads (to attribute userfaultfd faults to vCPUs: the
+/// post-copy pager's per-vCPU blocktime).
+#[derive(Debug, Default)]
+pub struct VcpuThreadIds(Mutex<Vec<Option<i32>>>);
+
+impl VcpuThreadIds {
+    fn set(&self, index: u32, tid: i32) {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let i = index as usize;
+        if v.len() <= i {
+            v.resize(i + 1, None);
+        }
+        v[i] = Some(tid);
+    }
+
+    /// The ids by vCPU index (`None`: that thread has not started yet).
+    pub fn get(&self) -> Vec<Option<i32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Guest reset requests (i8042) and who is told.
@@ -104,6 +127,8 @@ pub fn spawn(index: u32, fd: SharedVcpu, shared: Arc<Shared>) -> Result<JoinHand
     std::thread::Builder::new()
         .name(format!("vcpu-{index}"))
         .spawn(move || {
+            // SAFETY: gettid(2) has no preconditions and cannot fail.
+            shared.thread_ids.set(index, unsafe { libc::gettid() });
             crate::stall::prefer_wakeup(index);
             let run = std::panic::AssertUnwindSafe(|| run_loop(index, &fd, &shared));
             if std::panic::catch_unwind(run).is_err() {
@@ -180,6 +205,11 @@ fn run_loop(index: u32, fd: &SharedVcpu, shared: &Shared) {
                         .counters
                         .kicks
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // A kick whose pause was withdrawn before this vCPU saw it (a pause that
+                    // timed out — e.g. on a vCPU blocked on a post-copy page — then a resume)
+                    // left `immediate_exit` set: clear it again (under the lock, only if the
+                    // request is still Run), or every KVM_RUN would return EINTR at once.
+                    shared.ctl.enter_run(index as usize);
                     Outcome::Continue
                 }
                 Err(e) if e.errno() == libc::EAGAIN => Outcome::Continue,

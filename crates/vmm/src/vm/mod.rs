@@ -321,6 +321,7 @@ impl Vm {
             stalls: StallMeter::default(),
             resets: Default::default(),
             throttle: Default::default(),
+            thread_ids: Default::default(),
         });
         Ok(Vm {
             config: RwLock::new(config),
@@ -428,6 +429,14 @@ impl Vm {
         }
     }
 
+    /// Asks every vCPU thread to leave (kicking it out of `KVM_RUN`) without waiting; the
+    /// machine cannot run again. For a post-copy destination whose pages will never come: a
+    /// vCPU blocked on a missing page leaves only once the pager lets go of the page, so the
+    /// order is this, then `postcopy::Pager::shutdown`, then [`Vm::shutdown`] (which joins).
+    pub fn request_stop(&self) {
+        self.shared.ctl.stop();
+    }
+
     /// Stops and joins the vCPU threads and the serial input thread. Idempotent.
     pub fn shutdown(&self) -> Result<()> {
         {
@@ -496,6 +505,14 @@ impl Vm {
     }
 
     // ---- heartbeats, events, serial -------------------------------------------------------
+
+    /// Kernel thread id of each vCPU thread, by index. Every thread records its id before it
+    /// first parks, so after [`Vm::pause`] or [`Vm::restore_components`] all are known.
+    pub fn vcpu_thread_ids(&self) -> Vec<Option<i32>> {
+        let mut ids = self.shared.thread_ids.get();
+        ids.resize(self.vcpus.len(), None);
+        ids
+    }
 
     /// The longest time a vCPU that wanted to run was kept out of `KVM_RUN` since the last
     /// [`Vm::reset_vcpu_stall`] (see `stall.rs` for what counts).
