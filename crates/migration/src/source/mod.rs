@@ -54,6 +54,8 @@ use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuCo
 use crate::params::{Capabilities, Capability, Parameters, ZeroPageDetection};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats, SwitchoverTimeline};
 use crate::status::MigrationStatus;
+use crate::transport::tls_config::TlsError;
+use crate::transport::tls_stream::ClientTls;
 use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
 use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
 use liveness::{Keepalive, Watched};
@@ -126,6 +128,9 @@ pub struct SourceOptions {
     /// `x-tern-ram-digest`: send a digest of guest memory taken with the vCPUs stopped
     /// (`RAM_DIGEST`, stream version 2), which the destination checks before it runs.
     pub ram_digest: bool,
+    /// `tls-creds`: the channel runs over TLS (source = client), established and admitted by
+    /// the destination before the first byte of the stream.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for SourceOptions {
@@ -147,6 +152,7 @@ impl SourceOptions {
             liveness: LivenessTimeout::from_millis(params.x_tern_liveness_timeout),
             stopped_by_earlier_migration: false,
             ram_digest: caps.get(Capability::XTernRamDigest),
+            tls: None,
         }
     }
 }
@@ -181,6 +187,9 @@ pub enum SourceError {
     /// Opening the channel failed.
     #[error("cannot open the migration channel")]
     Transport(#[from] TransportError),
+    /// The TLS handshake or the destination's admission failed (the text says why).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Writing the stream failed (network cut, destination gone).
     #[error("cannot write the migration stream")]
     Wire(#[source] WireError),
