@@ -10,6 +10,7 @@
 
 mod migration_address;
 mod migration_cmds;
+pub mod objects;
 mod runstate;
 mod schema;
 mod vm_cmds;
@@ -52,6 +53,8 @@ pub struct Controller {
     pub(crate) stopped_by_migration: AtomicBool,
     quit_tx: Mutex<Sender<ExitRequest>>,
     pub(crate) migration: Mutex<migration_cmds::MigrationCtl>,
+    /// `object-add` objects (TLS credentials, authorizations).
+    pub(crate) objects: Mutex<objects::Objects>,
     me: Weak<Controller>,
 }
 
@@ -75,6 +78,7 @@ impl Controller {
             stopped_by_migration: AtomicBool::new(false),
             quit_tx: Mutex::new(quit_tx),
             migration: Mutex::new(migration_cmds::MigrationCtl::default()),
+            objects: Mutex::new(objects::Objects::default()),
             me: me.clone(),
         })
     }
@@ -115,7 +119,7 @@ const fn entry(name: &'static str, args: &'static [Member], ret: Type, run: Hand
 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
-static COMMANDS: [Entry; 26] = [
+static COMMANDS: [Entry; 28] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
@@ -206,6 +210,12 @@ static COMMANDS: [Entry; 26] = [
         schema::CAPABILITIES,
         |c, _, a| c.query_migrate_capabilities(a),
     ),
+    entry("object-add", &schema::OBJECT_ADD_ARGS, EMPTY, |c, _, a| {
+        c.object_add(a)
+    }),
+    entry("object-del", &schema::OBJECT_DEL_ARGS, EMPTY, |c, _, a| {
+        c.object_del(a)
+    }),
     entry(
         "query-migrate-parameters",
         &[],
@@ -213,6 +223,37 @@ static COMMANDS: [Entry; 26] = [
         |c, _, a| c.query_migrate_parameters(a),
     ),
 ];
+
+impl Controller {
+    fn objs(&self) -> std::sync::MutexGuard<'_, objects::Objects> {
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `object-add` (and `tern run --object`): the arguments are checked against the members
+    /// of the variant `qom-type` selects, then the object is built (its files read).
+    pub fn object_add(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let qom_type = args
+            .get("qom-type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let members = schema::object_members(qom_type).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Parameter 'qom-type' does not accept value '{qom_type}'"
+            ))
+        })?;
+        tern_qmp::schema::check_args(members, &args)?;
+        self.objs().add(&args)?;
+        Ok(Value::Object(Map::new()))
+    }
+
+    /// `object-del`: refused while a migration in progress uses the object.
+    fn object_del(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+        let in_use = self.tls_objects_in_use().iter().any(|o| o == id);
+        self.objs().del(id, in_use)?;
+        Ok(Value::Object(Map::new()))
+    }
+}
 
 /// QMP dispatch over an `Arc<Controller>`.
 pub struct QmpDispatch(pub Arc<Controller>);

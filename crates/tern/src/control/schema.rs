@@ -536,3 +536,107 @@ pub(super) static EVENTS: [Event; 7] = [
         data: &[],
     },
 ];
+
+// ---- user-creatable objects (QEMU's `ObjectOptions`, the types a migration uses) ----
+
+static OBJECT_TYPE: Enum = Enum {
+    name: "ObjectType",
+    values: Values::List(&[
+        "authz-list",
+        "authz-simple",
+        "tls-creds-psk",
+        "tls-creds-x509",
+    ]),
+};
+static TLS_ENDPOINT: Enum = Enum {
+    name: "QCryptoTLSCredsEndpoint",
+    values: Values::List(&["client", "server"]),
+};
+static AUTHZ_POLICY: Enum = Enum {
+    name: "QAuthZListPolicy",
+    values: Values::List(&["deny", "allow"]),
+};
+static AUTHZ_FORMAT: Enum = Enum {
+    name: "QAuthZListFormat",
+    values: Values::List(&["exact", "glob"]),
+};
+static AUTHZ_RULE: Object = object(
+    "QAuthZListRule",
+    &[
+        Member::req("match", Type::Str),
+        Member::req("policy", Type::Enum(&AUTHZ_POLICY)),
+        Member::opt("format", Type::Enum(&AUTHZ_FORMAT)),
+    ],
+);
+
+const QOM_TYPE: Member = Member::req("qom-type", Type::Enum(&OBJECT_TYPE));
+const ID: Member = Member::req("id", Type::Str);
+const VERIFY_PEER: Member = Member::opt("verify-peer", Type::Bool);
+const DIR: Member = Member::opt("dir", Type::Str);
+const ENDPOINT: Member = Member::opt("endpoint", Type::Enum(&TLS_ENDPOINT));
+const PRIORITY: Member = Member::opt("priority", Type::Str);
+const LOADED: Member = Member::opt("loaded", Type::Bool);
+const SANITY_CHECK: Member = Member::opt("sanity-check", Type::Bool);
+const PASSWORDID: Member = Member::opt("passwordid", Type::Str);
+const USERNAME: Member = Member::opt("username", Type::Str);
+const IDENTITY: Member = Member::opt("identity", Type::Str);
+const POLICY: Member = Member::opt("policy", Type::Enum(&AUTHZ_POLICY));
+static AUTHZ_RULE_TYPE: Type = Type::Object(&AUTHZ_RULE);
+const RULES: Member = Member::opt("rules", Type::Array(&AUTHZ_RULE_TYPE));
+
+/// `object-add`: QEMU's arguments are the flat union `ObjectOptions` on `qom-type`. A command's
+/// arguments here are one member list, so the list is the union of the variants' members (all
+/// optional); [`object_members`] gives the one `qom-type` selects, which the handler checks
+/// (decision 47).
+pub(super) static OBJECT_ADD_ARGS: [Member; 13] = [
+    QOM_TYPE,
+    ID,
+    VERIFY_PEER,
+    DIR,
+    ENDPOINT,
+    PRIORITY,
+    LOADED,
+    SANITY_CHECK,
+    PASSWORDID,
+    USERNAME,
+    IDENTITY,
+    POLICY,
+    RULES,
+];
+static X509_MEMBERS: [Member; 9] = [
+    QOM_TYPE,
+    ID,
+    VERIFY_PEER,
+    DIR,
+    ENDPOINT,
+    PRIORITY,
+    SANITY_CHECK,
+    PASSWORDID,
+    LOADED,
+];
+static PSK_MEMBERS: [Member; 8] = [
+    QOM_TYPE,
+    ID,
+    VERIFY_PEER,
+    DIR,
+    ENDPOINT,
+    PRIORITY,
+    USERNAME,
+    LOADED,
+];
+static AUTHZ_SIMPLE_MEMBERS: [Member; 3] = [QOM_TYPE, ID, Member::req("identity", Type::Str)];
+static AUTHZ_LIST_MEMBERS: [Member; 4] = [QOM_TYPE, ID, POLICY, RULES];
+
+/// The members of `object-add` for `qom-type` (its variant of `ObjectOptions`).
+pub(super) fn object_members(qom_type: &str) -> Option<&'static [Member]> {
+    Some(match qom_type {
+        "tls-creds-x509" => &X509_MEMBERS,
+        "tls-creds-psk" => &PSK_MEMBERS,
+        "authz-simple" => &AUTHZ_SIMPLE_MEMBERS,
+        "authz-list" => &AUTHZ_LIST_MEMBERS,
+        _ => return None,
+    })
+}
+
+/// `object-del`.
+pub(super) static OBJECT_DEL_ARGS: [Member; 1] = [Member::req("id", Type::Str)];
