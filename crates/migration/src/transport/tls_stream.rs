@@ -227,9 +227,9 @@ fn host_text(name: &ServerName<'_>) -> String {
     }
 }
 
-/// After a failed handshake on the destination: half-closes and reads what the source still
-/// sends (at most 1 s, 1 MiB), so that closing does not reset the connection before the
-/// source read the alert that says why.
+/// After a failed handshake: half-closes and reads what the peer still sends (at most 1 s,
+/// 1 MiB), so that closing does not reset the connection before the peer read the alert that
+/// says why.
 fn drain_briefly(sock: &mut Stream) {
     let _ = set_timeouts(sock, Some(Duration::from_secs(1)));
     sock.shutdown_write();
@@ -242,20 +242,35 @@ fn drain_briefly(sock: &mut Stream) {
     }
 }
 
-/// A socket that remembers the first byte it read (to tell a plain peer from a TLS one).
+/// A socket that remembers the first bytes it read (to tell a plain peer from a TLS one, and
+/// to show what a plain destination said).
 struct Spy<'a> {
     sock: &'a mut Stream,
-    first: Option<u8>,
+    head: Vec<u8>,
 }
+
+/// How much of a plain answer [`Spy`] keeps.
+const SPY_BYTES: usize = 512;
 
 impl Read for Spy<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.sock.read(buf)?;
-        if n > 0 && self.first.is_none() {
-            self.first = Some(buf[0]);
-        }
+        let keep = n.min(SPY_BYTES.saturating_sub(self.head.len()));
+        self.head.extend_from_slice(&buf[..keep]);
         Ok(n)
     }
+}
+
+/// The text of a plain destination's return-path `ERROR` (type 4, u16 length, UTF-8; stream
+/// format §8), when that is what `head` holds.
+fn plain_error_text(head: &[u8]) -> Option<String> {
+    let (ty, rest) = head.split_at_checked(2)?;
+    let (len, text) = rest.split_at_checked(2)?;
+    if ty != [4, 0] {
+        return None;
+    }
+    let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
+    Some(String::from_utf8_lossy(&text[..len.min(text.len())]).into_owned())
 }
 
 impl Write for Spy<'_> {
@@ -283,9 +298,10 @@ pub fn client(
     let mut conn = Connection::Client(conn);
     let mut spy = Spy {
         sock: &mut sock,
-        first: None,
+        head: Vec::new(),
     };
     if let Err(e) = handshake(&mut conn, &mut spy) {
+        drain_briefly(spy.sock);
         let name_mismatch = e
             .get_ref()
             .and_then(|i| i.downcast_ref::<TlsIoError>())
@@ -305,11 +321,15 @@ pub fn client(
                 host_text(&tls.name)
             )));
         }
-        return Err(fail(match spy.first {
-            Some(b) if !(0x14..=0x17).contains(&b) => {
-                "the destination answered without TLS: it is not set up for TLS \
-                 (set tls-creds on the destination too, or clear it here)"
-                    .to_owned()
+        return Err(fail(match spy.head.first() {
+            Some(b) if !(0x14..=0x17).contains(b) => {
+                let said = plain_error_text(&spy.head)
+                    .map(|t| format!(" (it said: {t})"))
+                    .unwrap_or_default();
+                format!(
+                    "the destination answered without TLS: it is not set up for TLS \
+                     (set tls-creds on the destination too, or clear it here){said}"
+                )
             }
             None if e.kind() == io::ErrorKind::UnexpectedEof => {
                 "the destination closed the connection during the TLS handshake".to_owned()
@@ -416,8 +436,9 @@ pub fn server(
         drain_briefly(&mut sock);
         fail(match e.kind() {
             io::ErrorKind::UnexpectedEof => {
-                "the source closed the connection during the TLS handshake (it may have \
-                 refused this destination's certificate: see its error)"
+                "the source closed the connection during the TLS handshake: it refused this \
+                 destination's certificate (a CA it does not trust, or not valid for the host \
+                 name it expects: see the source's error)"
                     .to_owned()
             }
             _ => io_text(&e),
