@@ -240,12 +240,11 @@ fn split_keyval(s: &str) -> Vec<String> {
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            ',' if chars.peek() == Some(&',') => {
-                chars.next();
-                parts.last_mut().map(|p| p.push(','));
-            }
-            ',' => parts.push(String::new()),
+            ',' if chars.peek() != Some(&',') => parts.push(String::new()),
             c => {
+                if c == ',' {
+                    chars.next(); // `,,`: one literal comma
+                }
                 if let Some(p) = parts.last_mut() {
                     p.push(c);
                 }
