@@ -20,7 +20,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::{Map, Value};
-use tern_qmp::schema::{Command, Event, Member, Type, EMPTY};
+use tern_qmp::schema::{Command, Event, Member, Object, Type, EMPTY};
 use tern_qmp::{ClientCtx, Dispatcher, EventSink, QmpError};
 use tern_statedev::StateDevice;
 use tern_vmm::Vm;
@@ -112,7 +112,25 @@ struct Entry {
 
 const fn entry(name: &'static str, args: &'static [Member], ret: Type, run: Handler) -> Entry {
     Entry {
-        spec: Command { name, args, ret },
+        spec: Command {
+            name,
+            args,
+            boxed: None,
+            ret,
+        },
+        run,
+    }
+}
+
+/// A command whose arguments are one type (QAPI `boxed`, e.g. a union).
+const fn boxed_entry(name: &'static str, args: &'static Object, ret: Type, run: Handler) -> Entry {
+    Entry {
+        spec: Command {
+            name,
+            args: &[],
+            boxed: Some(args),
+            ret,
+        },
         run,
     }
 }
@@ -210,7 +228,7 @@ static COMMANDS: [Entry; 28] = [
         schema::CAPABILITIES,
         |c, _, a| c.query_migrate_capabilities(a),
     ),
-    entry("object-add", &schema::OBJECT_ADD_ARGS, EMPTY, |c, _, a| {
+    boxed_entry("object-add", &schema::OBJECT_OPTIONS, EMPTY, |c, _, a| {
         c.object_add(a)
     }),
     entry("object-del", &schema::OBJECT_DEL_ARGS, EMPTY, |c, _, a| {
@@ -229,19 +247,14 @@ impl Controller {
         self.objects.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `object-add` (and `tern run --object`): the arguments are checked against the members
-    /// of the variant `qom-type` selects, then the object is built (its files read).
+    /// `object-add` (and `tern run --object`, whose arguments are checked here as QMP checks
+    /// a command's): the object is built (its files read) and kept.
     pub fn object_add(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
-        let qom_type = args
-            .get("qom-type")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let members = schema::object_members(qom_type).ok_or_else(|| {
-            QmpError::generic(format!(
-                "Parameter 'qom-type' does not accept value '{qom_type}'"
-            ))
-        })?;
-        tern_qmp::schema::check_args(members, &args)?;
+        let entry = COMMANDS
+            .iter()
+            .find(|e| e.spec.name == "object-add")
+            .ok_or_else(|| QmpError::generic("object-add is not in the command table"))?;
+        tern_qmp::schema::check_command_args(&entry.spec, &args)?;
         self.objs().add(&args)?;
         Ok(Value::Object(Map::new()))
     }

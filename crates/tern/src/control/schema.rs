@@ -569,74 +569,61 @@ static AUTHZ_RULE: Object = object(
     ],
 );
 
-const QOM_TYPE: Member = Member::req("qom-type", Type::Enum(&OBJECT_TYPE));
-const ID: Member = Member::req("id", Type::Str);
-const VERIFY_PEER: Member = Member::opt("verify-peer", Type::Bool);
-const DIR: Member = Member::opt("dir", Type::Str);
 const ENDPOINT: Member = Member::opt("endpoint", Type::Enum(&TLS_ENDPOINT));
-const PRIORITY: Member = Member::opt("priority", Type::Str);
-const LOADED: Member = Member::opt("loaded", Type::Bool);
-const SANITY_CHECK: Member = Member::opt("sanity-check", Type::Bool);
-const PASSWORDID: Member = Member::opt("passwordid", Type::Str);
-const USERNAME: Member = Member::opt("username", Type::Str);
-const IDENTITY: Member = Member::opt("identity", Type::Str);
-const POLICY: Member = Member::opt("policy", Type::Enum(&AUTHZ_POLICY));
 static AUTHZ_RULE_TYPE: Type = Type::Object(&AUTHZ_RULE);
-const RULES: Member = Member::opt("rules", Type::Array(&AUTHZ_RULE_TYPE));
 
-/// `object-add`: QEMU's arguments are the flat union `ObjectOptions` on `qom-type`. A command's
-/// arguments here are one member list, so the list is the union of the variants' members (all
-/// optional); [`object_members`] gives the one `qom-type` selects, which the handler checks
-/// (decision 47).
-pub(super) static OBJECT_ADD_ARGS: [Member; 13] = [
-    QOM_TYPE,
-    ID,
-    VERIFY_PEER,
-    DIR,
-    ENDPOINT,
-    PRIORITY,
-    LOADED,
-    SANITY_CHECK,
-    PASSWORDID,
-    USERNAME,
-    IDENTITY,
-    POLICY,
-    RULES,
-];
-static X509_MEMBERS: [Member; 9] = [
-    QOM_TYPE,
-    ID,
-    VERIFY_PEER,
-    DIR,
-    ENDPOINT,
-    PRIORITY,
-    SANITY_CHECK,
-    PASSWORDID,
-    LOADED,
-];
-static PSK_MEMBERS: [Member; 8] = [
-    QOM_TYPE,
-    ID,
-    VERIFY_PEER,
-    DIR,
-    ENDPOINT,
-    PRIORITY,
-    USERNAME,
-    LOADED,
-];
-static AUTHZ_SIMPLE_MEMBERS: [Member; 3] = [QOM_TYPE, ID, Member::req("identity", Type::Str)];
-static AUTHZ_LIST_MEMBERS: [Member; 4] = [QOM_TYPE, ID, POLICY, RULES];
-
-/// The members of `object-add` for `qom-type` (its variant of `ObjectOptions`).
-pub(super) fn object_members(qom_type: &str) -> Option<&'static [Member]> {
-    Some(match qom_type {
-        "tls-creds-x509" => &X509_MEMBERS,
-        "tls-creds-psk" => &PSK_MEMBERS,
-        "authz-simple" => &AUTHZ_SIMPLE_MEMBERS,
-        "authz-list" => &AUTHZ_LIST_MEMBERS,
-        _ => return None,
-    })
-}
+static TLS_CREDS_X509: Object = object(
+    "TlsCredsX509Properties",
+    &[
+        Member::opt("verify-peer", Type::Bool),
+        Member::opt("dir", Type::Str),
+        ENDPOINT,
+        Member::opt("priority", Type::Str),
+        Member::opt("sanity-check", Type::Bool),
+        Member::opt("passwordid", Type::Str),
+        Member::opt("loaded", Type::Bool),
+    ],
+);
+static TLS_CREDS_PSK: Object = object(
+    "TlsCredsPskProperties",
+    &[
+        Member::opt("verify-peer", Type::Bool),
+        Member::opt("dir", Type::Str),
+        ENDPOINT,
+        Member::opt("priority", Type::Str),
+        Member::opt("username", Type::Str),
+        Member::opt("loaded", Type::Bool),
+    ],
+);
+static AUTHZ_SIMPLE: Object = object(
+    "AuthZSimpleProperties",
+    &[Member::req("identity", Type::Str)],
+);
+static AUTHZ_LIST: Object = object(
+    "AuthZListProperties",
+    &[
+        Member::opt("policy", Type::Enum(&AUTHZ_POLICY)),
+        Member::opt("rules", Type::Array(&AUTHZ_RULE_TYPE)),
+    ],
+);
+/// `object-add`'s arguments (QAPI `boxed`): QEMU's flat union `ObjectOptions` on `qom-type`,
+/// with the types a migration uses.
+pub(super) static OBJECT_OPTIONS: Object = Object {
+    name: "ObjectOptions",
+    members: &[
+        Member::req("qom-type", Type::Enum(&OBJECT_TYPE)),
+        Member::req("id", Type::Str),
+    ],
+    variants: Some(Variants {
+        tag: "qom-type",
+        cases: &[
+            ("authz-list", &AUTHZ_LIST),
+            ("authz-simple", &AUTHZ_SIMPLE),
+            ("tls-creds-psk", &TLS_CREDS_PSK),
+            ("tls-creds-x509", &TLS_CREDS_X509),
+        ],
+    }),
+};
 
 /// `object-del`.
 pub(super) static OBJECT_DEL_ARGS: [Member; 1] = [Member::req("id", Type::Str)];
