@@ -47,6 +47,18 @@ pub(crate) fn write_creds(ca: &Ca, dir: &Path, host: &str, client_cert: bool) {
     }
 }
 
+/// Replaces the server certificate in `dir` by one for `host` that expired in 2001.
+pub(crate) fn write_expired_server(ca: &Ca, dir: &Path, host: &str) {
+    let issuer = Issuer::from_params(&ca.params, &ca.key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+}
+
 pub(crate) fn creds(dir: &Path, endpoint: TlsEndpoint, verify_peer: bool) -> X509Creds {
     X509Creds {
         dir: dir.to_path_buf(),

@@ -479,3 +479,7 @@ pub fn server(
     set_timeouts(s.plain(), None).map_err(|e| fail(format!("socket options: {e}")))?;
     Ok(s)
 }
+
+#[cfg(test)]
+#[path = "tls_stream_tests.rs"]
+mod tests;
