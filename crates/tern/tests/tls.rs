@@ -412,3 +412,39 @@ fn object_add_errors_are_qemu_like() {
     assert_eq!(vm.run_status(), "running");
     vm.quit_ok();
 }
+
+#[test]
+fn hostile_but_authenticated_client_sending_garbage_cannot_harm_the_destination() {
+    use tern_migration::transport::tls_config::{TlsEndpoint, X509Creds};
+    use tern_migration::transport::tls_stream::{self, ClientTls};
+    use tern_migration::transport::Stream;
+
+    let dir = tmpdir();
+    let root = dir.path();
+    let ca = new_ca("Tern test CA");
+    let sdir = server_dir(root, "dst", &ca, &["127.0.0.1"]);
+    let cdir = client_dir(root, "src", &ca, Some(&ca), "hosta.example.com");
+    let m = small();
+    let (mut dst, uri) = tls_dest(root, "dst", &m, Some((&sdir, true)), json!({}), None);
+    let addr = uri.strip_prefix("tcp:").expect("tcp URI");
+    let sock = std::net::TcpStream::connect(addr).expect("connect");
+    let creds = X509Creds {
+        dir: cdir,
+        endpoint: TlsEndpoint::Client,
+        verify_peer: true,
+    };
+    let tls = ClientTls::new(creds.client_config().expect("config"), Some("127.0.0.1"))
+        .expect("client tls");
+    let mut s = tls_stream::client(Stream::Tcp(sock), &tls, Some(T)).expect("admitted");
+    // Authenticated and admitted, then garbage instead of a stream.
+    let garbage: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    use std::io::Write;
+    let _ = s.write_all(&garbage).and_then(|()| s.flush());
+    let q = dst.wait_mig(&["failed"], T);
+    assert!(error_desc(&q).contains("magic"), "{q}");
+    dst.assert_alive();
+    assert_ne!(dst.run_status(), "running");
+    dst.quit_ok();
+}
