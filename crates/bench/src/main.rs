@@ -14,6 +14,7 @@ mod report;
 mod serial;
 mod snapshot;
 mod switchover;
+mod tls;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,8 @@ enum Suite {
     /// The management layer's orchestration overhead (ternctl migrate vs raw QMP)
     Mgmt,
     Boot,
+    /// What TLS costs: plain vs TLS, Tern vs QEMU (idle 1 GiB, 256 MiB dirtied at 50 MiB/s)
+    Tls,
     All,
 }
 
@@ -250,6 +253,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Digest => digest::run(&ctx),
             Suite::Mgmt => mgmt::run(&ctx),
             Suite::Boot => boot::run(&ctx),
+            Suite::Tls => tls::run(&ctx),
             Suite::All => Ok(()),
         };
         if let Err(e) = r {
