@@ -211,3 +211,25 @@ fn expired_destination_certificate_is_named() {
     .to_string();
     assert!(e.contains("expired"), "{e}");
 }
+
+#[test]
+fn host_name_mismatch_is_a_refusal_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    write_creds(&ca("CA"), dir.path(), "localhost", true);
+    let (a, b) = UnixStream::pair().unwrap();
+    let t = serve(b, server_tls(dir.path(), true, None));
+    let e = client(
+        Stream::Unix(a),
+        &client_tls(dir.path(), Some("other.example.com")),
+        T,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("not valid for host name 'other.example.com'"),
+        "{e}"
+    );
+    // The source's alert, or (when it is lost) its close: both say it refused the certificate.
+    let d = t.join().unwrap().unwrap_err();
+    assert!(d.contains("refused"), "{d}");
+}
