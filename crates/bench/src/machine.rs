@@ -24,6 +24,7 @@ fn spec(kind: Kind, name: &str, memory_mib: u64, vcpus: u32, guest: Guest, incom
         guest,
         incoming,
         device: None,
+        objects: Vec::new(),
     }
 }
 

@@ -15,6 +15,7 @@ mod report;
 mod serial;
 mod snapshot;
 mod switchover;
+mod tls;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,8 @@ enum Suite {
     Boot,
     /// The pattern 64 MiB @ 128 MiB/s row of `precopy` with auto-converge on for both VMMs
     AutoConverge,
+    /// What TLS costs: plain vs TLS, Tern vs QEMU (idle 1 GiB, 256 MiB dirtied at 50 MiB/s)
+    Tls,
     All,
 }
 
@@ -254,6 +257,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Mgmt => mgmt::run(&ctx),
             Suite::Boot => boot::run(&ctx),
             Suite::AutoConverge => autoconverge::run(&ctx),
+            Suite::Tls => tls::run(&ctx),
             Suite::All => Ok(()),
         };
         if let Err(e) = r {

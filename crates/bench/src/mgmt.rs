@@ -144,6 +144,7 @@ fn raw_qmp(ctx: &Ctx, kind: Kind, g: &Guest, i: usize) -> anyhow::Result<Run> {
         netns: None,
         incoming,
         device: None,
+        objects: Vec::new(),
     };
     let tag = format!("{}-mgmt-raw{i}", kind.label().to_lowercase());
     let mut src = Vm::spawn(&ctx.bins, &spec(format!("{tag}-src"), false))?;

@@ -249,6 +249,7 @@ pub fn migrate_pair(
         netns: ns,
         incoming,
         device: device.clone(),
+        objects: Vec::new(),
     };
     let res = (|| -> anyhow::Result<Outcome> {
         let mut dst = Vm::spawn(&ctx.bins, &spec("dst", link.dst_ns, true))?;

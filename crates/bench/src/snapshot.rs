@@ -56,6 +56,7 @@ fn spec(kind: Kind, name: String, memory: u64, g: &Guest, incoming: bool) -> Spe
         netns: None,
         incoming,
         device: None,
+        objects: Vec::new(),
     }
 }
 

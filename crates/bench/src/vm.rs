@@ -80,6 +80,8 @@ pub struct Spec {
     pub netns: Option<&'static str>,
     pub incoming: bool,
     pub device: Option<String>,
+    /// `-object` / `--object` specs (e.g. `tls-creds-x509,id=tls0,dir=...`).
+    pub objects: Vec<String>,
 }
 
 /// Guest counters summed over vCPUs.
@@ -104,6 +106,11 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// The process id (for its CPU time in `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn spawn(bins: &Bins, spec: &Spec) -> anyhow::Result<Vm> {
         let qmp_path = bins.work.join(format!("{}.qmp", spec.name));
         let log = bins.work.join(format!("{}.log", spec.name));
@@ -139,6 +146,9 @@ impl Vm {
                 ];
                 if let Some(d) = &spec.device {
                     a.extend(["--device".into(), d.clone()]);
+                }
+                for o in &spec.objects {
+                    a.extend(["--object".into(), o.clone()]);
                 }
                 if spec.incoming {
                     a.extend(["--incoming".into(), "defer".into()]);
@@ -182,6 +192,9 @@ impl Vm {
                     "-serial".into(),
                     "chardev:s0".into(),
                 ]);
+                for o in &spec.objects {
+                    a.extend(["-object".into(), o.clone()]);
+                }
                 if spec.incoming {
                     a.extend(["-incoming".into(), "defer".into()]);
                 }

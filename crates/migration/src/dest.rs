@@ -41,6 +41,8 @@ use crate::machine::{
 use crate::params::{Capabilities, Capability};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats};
 use crate::status::MigrationStatus;
+use crate::transport::tls_config::TlsError;
+use crate::transport::tls_stream::{self, ServerTls};
 use crate::transport::{CancelToken, Listener, Stream, TransportError};
 use crate::wire::{
     Command, Expectations, Limits, PageData, Record, RpMessage, StreamConfig, StreamReader,
@@ -68,6 +70,9 @@ pub struct DestOptions {
     /// `x-tern-ram-digest`: require the source's RAM digest (a stream without one fails at
     /// `CAPABILITIES`); a digest the source sends is checked whatever this setting.
     pub ram_digest: bool,
+    /// `tls-creds` (+ `tls-authz`): the source must complete a TLS handshake (destination =
+    /// server) and be admitted before one byte of the stream is read.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for DestOptions {
@@ -79,6 +84,7 @@ impl Default for DestOptions {
             limits: Limits::default(),
             liveness: LivenessTimeout::default(),
             ram_digest: false,
+            tls: None,
         }
     }
 }
@@ -93,6 +99,7 @@ impl DestOptions {
             limits: Limits::default(),
             liveness: LivenessTimeout::default(),
             ram_digest: caps.get(Capability::XTernRamDigest),
+            tls: None,
         }
     }
 }
@@ -127,6 +134,9 @@ pub enum DestError {
     /// Accepting the connection failed.
     #[error("cannot accept the migration channel")]
     Transport(#[from] TransportError),
+    /// The TLS handshake or the admission of the source failed (the text says why).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The stream is invalid, truncated, or does not match this machine.
     #[error("invalid migration stream")]
     Wire(#[source] WireError),
@@ -172,9 +182,17 @@ pub enum DestError {
 
 impl From<WireError> for DestError {
     fn from(e: WireError) -> Self {
-        match Inactivity::find(&e) {
-            Some(i) => Self::Inactive(i),
-            None => Self::Wire(e),
+        match (Inactivity::find(&e), &e) {
+            (Some(i), _) => Self::Inactive(i),
+            // A TLS record header (handshake, TLS 1.x) where the magic should be.
+            (None, WireError::BadMagic { found }) if found[..2] == [0x16, 0x03] => {
+                Self::Tls(TlsError::Session(
+                    "the source started a TLS handshake, but this destination has no \
+                     tls-creds: set TLS on both sides or on neither"
+                        .into(),
+                ))
+            }
+            (None, _) => Self::Wire(e),
         }
     }
 }
@@ -475,10 +493,10 @@ impl Receiver {
                 tracing::debug!("the source did not close within {LINGER:?}");
                 return;
             }
-            let timeout = match &s {
+            let timeout = match s.plain() {
                 Stream::Tcp(t) => t.set_read_timeout(Some(left)),
                 Stream::Unix(u) => u.set_read_timeout(Some(left)),
-                Stream::File(_) => return,
+                Stream::File(_) | Stream::Tls(_) => return,
             };
             if timeout.is_err() {
                 return;
@@ -564,6 +582,21 @@ impl Receiver {
         if self.shared.cancel.load(Ordering::SeqCst) {
             return Err(DestError::Cancelled);
         }
+        let stream = match &self.opts.tls {
+            Some(tls) => match tls_stream::server(stream, tls, self.opts.liveness.limit()) {
+                Ok(s) => s,
+                Err(f) => {
+                    // A plain source is told why in plain on its return path, and drained
+                    // so that closing does not reset the connection before it read that.
+                    if let Some(plain) = f.plain_peer {
+                        self.rp_spare = Some(plain);
+                        self.rp_open = true;
+                    }
+                    return Err(f.error.into());
+                }
+            },
+            None => stream,
+        };
         liveness::arm(&stream, self.opts.liveness, None).map_err(|source| TransportError::Io {
             op: "set the liveness options on",
             target: "the migration socket".into(),

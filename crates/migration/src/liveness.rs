@@ -185,8 +185,8 @@ pub fn arm(
         return Ok(());
     };
     let read_timeout = read_check.unwrap_or(l);
-    match stream {
-        Stream::File(_) => return Ok(()),
+    match stream.plain() {
+        Stream::File(_) | Stream::Tls(_) => return Ok(()),
         Stream::Tcp(s) => {
             let sock = SockRef::from(s);
             let secs = |div: u32| Duration::from_secs((l / div).as_secs().max(1));

@@ -692,9 +692,6 @@ impl Parameters {
                     .unwrap_or_default()
             )));
         }
-        if !self.tls_creds.is_empty() {
-            return Err(ParamError::NotSupported("TLS ('tls-creds')".into()));
-        }
         Ok(())
     }
 

@@ -307,7 +307,6 @@ fn parameter_ranges_and_messages() {
         (json!({"multifd-compression": "lz4"}), "Parameter 'multifd-compression' does not accept value 'lz4'"),
         (json!({"no-such": 1}), "Parameter 'no-such' is unexpected"),
         (json!({"mode": "cpr-reboot"}), "Migration mode 'cpr-reboot' is not yet supported by Tern"),
-        (json!({"tls-creds": "tls0"}), "TLS ('tls-creds') is not yet supported by Tern"),
         (
             json!({"x-tern-liveness-timeout": 3_600_001}),
             "Parameter 'x-tern-liveness-timeout' expects a value between 0 and 3600000 (ms, 0 = off)",
@@ -412,4 +411,30 @@ fn resume_timeout_parameter() {
         .apply_json(&json!({"x-tern-resume-timeout": "1s"}), &caps)
         .unwrap_err();
     assert!(e.to_string().contains("expected: integer"), "{e}");
+}
+
+#[test]
+fn tls_parameters_are_accepted_and_shown_as_qemu_does() {
+    let mut p = Parameters::default();
+    let caps = Capabilities::default();
+    let q = p.to_query_json();
+    assert_eq!(
+        (q["tls-creds"].as_str(), q["tls-hostname"].as_str()),
+        (Some(""), Some(""))
+    );
+    assert_eq!(q["tls-authz"].as_str(), Some(""));
+    p.apply_json(
+        &json!({"tls-creds": "tls0", "tls-hostname": "hostb.example.com", "tls-authz": "auth0"}),
+        &caps,
+    )
+    .unwrap();
+    let q = p.to_query_json();
+    assert_eq!(q["tls-creds"], "tls0");
+    assert_eq!(q["tls-hostname"], "hostb.example.com");
+    assert_eq!(q["tls-authz"], "auth0");
+    // null (and "") turn TLS off again, as in QEMU.
+    p.apply_json(&json!({"tls-creds": null, "tls-authz": ""}), &caps)
+        .unwrap();
+    assert_eq!(p.tls_creds, "");
+    assert_eq!(p.tls_authz, "");
 }

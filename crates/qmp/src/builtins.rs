@@ -17,6 +17,7 @@ pub static QMP_CAPABILITIES: Command = Command {
         "enable",
         Type::Array(&Type::Enum(&QMP_CAPABILITY)),
     )],
+    boxed: None,
     ret: EMPTY,
 };
 
@@ -30,6 +31,7 @@ static COMMAND_INFO: Object = Object {
 pub static QUERY_COMMANDS: Command = Command {
     name: "query-commands",
     args: &[],
+    boxed: None,
     ret: Type::Array(&Type::Object(&COMMAND_INFO)),
 };
 
@@ -178,6 +180,7 @@ static SCHEMA_INFO: Object = Object {
 pub static QUERY_QMP_SCHEMA: Command = Command {
     name: "query-qmp-schema",
     args: &[],
+    boxed: None,
     ret: Type::Array(&Type::Object(&SCHEMA_INFO)),
 };
 

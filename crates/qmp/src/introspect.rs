@@ -169,7 +169,10 @@ impl Gen {
 pub(crate) fn schema_info(commands: &[&'static Command], events: &[&'static Event]) -> Value {
     let mut g = Gen::default();
     for c in commands {
-        let arg = g.use_args(c.name, c.args);
+        let arg = match c.boxed {
+            Some(o) => g.use_object(o),
+            None => g.use_args(c.name, c.args),
+        };
         let ret = g.use_type(&c.ret);
         g.out.push(json!({"name": c.name, "meta-type": "command",
                           "arg-type": arg, "ret-type": ret}));

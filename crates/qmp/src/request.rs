@@ -13,7 +13,7 @@ use crate::args::parse_args;
 use crate::builtins::{QMP_CAPABILITIES, QUERY_COMMANDS, QUERY_QMP_SCHEMA};
 use crate::error::QmpError;
 use crate::json;
-use crate::schema::{check_args, Command};
+use crate::schema::{check_args, check_command_args, Command};
 use crate::server::{AfterReply, ClientCtx, Inner};
 
 /// Result of one request: the reply and what to do after it.
@@ -122,7 +122,7 @@ pub(crate) fn handle(inner: &Inner, client_id: u64, negotiated: bool, bytes: &[u
             id,
         );
     };
-    if let Err(e) = check_args(spec.args, &args) {
+    if let Err(e) = check_command_args(spec, &args) {
         return Handled::err(e, id);
     }
     match spec.name {

@@ -170,8 +170,19 @@ pub struct Command {
     pub name: &'static str,
     /// The members of `arguments` (an empty list for a command without arguments).
     pub args: &'static [Member],
+    /// QAPI's `boxed: true`: `arguments` is this type (e.g. `object-add`'s flat union
+    /// `ObjectOptions`), and `args` is unused.
+    pub boxed: Option<&'static Object>,
     /// The type of `return` ([`EMPTY`] for commands that return `{}`).
     pub ret: Type,
+}
+
+/// [`check_args`] for a command: against its [`Command::boxed`] type when it has one.
+pub fn check_command_args(c: &Command, args: &Map<String, Value>) -> Result<(), QmpError> {
+    match c.boxed {
+        Some(o) => check_object(o, args, "").map_err(QmpError::generic),
+        None => check_args(c.args, args),
+    }
 }
 
 /// An event: its name and the members of its `data`.
@@ -417,6 +428,9 @@ pub fn type_name_clashes(commands: &[&Command], events: &[&Event]) -> Vec<&'stat
     }
     for c in commands {
         collect_named(&c.ret, &mut seen, &mut clashes);
+        if let Some(o) = c.boxed {
+            collect_named(&Type::Object(o), &mut seen, &mut clashes);
+        }
     }
     clashes
 }
@@ -496,11 +510,13 @@ mod tests {
         static A: Command = Command {
             name: "a",
             args: ARGS,
+            boxed: None,
             ret: EMPTY,
         };
         static B: Command = Command {
             name: "b",
             args: &[Member::req("x", Type::Object(&OTHER_INET))],
+            boxed: None,
             ret: Type::Object(&INET),
         };
         assert_eq!(type_name_clashes(&[&A], &[]), Vec::<&str>::new());

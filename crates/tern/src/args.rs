@@ -117,6 +117,11 @@ pub struct RunArgs {
     /// initial data, see docs/statedev.md). Source and destination need the same devices.
     #[arg(long = "device")]
     pub devices: Vec<String>,
+    /// An object, as QEMU's `-object`: `tls-creds-x509,id=tls0,dir=DIR,endpoint=server`,
+    /// `authz-simple,id=auth0,identity=CN=host,,O=Org` (`,,` is a comma), or a JSON object
+    /// (for `authz-list` rules). The same as QMP `object-add`; see docs/tls.md.
+    #[arg(long = "object")]
+    pub objects: Vec<String>,
     /// TEST ONLY: `LEAF:SUBLEAF:REG:MASK` (e.g. `0x7:0:ebx:0x20`) XORed into the CPUID this
     /// process describes in a migration, to provoke the CPU compatibility check on one host.
     #[arg(long, hide = true, value_parser = parse_cpuid_xor)]

@@ -163,6 +163,11 @@ pub fn run(a: RunArgs) -> Result<()> {
         !a.paused,
         quit_tx,
     );
+    for spec in &a.objects {
+        let args = crate::control::objects::parse_cli(spec).map_err(anyhow::Error::msg)?;
+        ctl.object_add(args)
+            .map_err(|e| anyhow::anyhow!("--object {spec}: {}", e.desc))?;
+    }
     let mut scfg = ServerConfig::new(
         QemuVersion {
             major: 10,

@@ -162,6 +162,7 @@ pub fn restore(a: RestoreArgs) -> Result<()> {
         uuid: Some(cfg.vm_uuid),
         huge_pages: true,
         devices: Vec::new(),
+        objects: Vec::new(),
         x_test_only_cpuid_xor: None,
         x_test_only_tsc_khz: None,
         x_test_only_corrupt_ram: None,

@@ -8,7 +8,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, Connection, ServerConnection};
 
 use super::*;
-use crate::x509::tests::{ca, creds, write_creds};
+use crate::testing::{ca, creds, write_creds};
 use crate::x509::TlsEndpoint;
 
 const N: usize = 64 << 20; // far beyond both socket buffers, each way

@@ -2,58 +2,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
 
 use super::*;
-
-/// A CA and, in `dir`, the tls-creds-x509 files for a host named `host`.
-pub(crate) struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-pub(crate) fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let pem = params.self_signed(&key).unwrap().pem();
-    Ca { params, key, pem }
-}
-
-pub(crate) fn write_creds(ca: &Ca, dir: &Path, host: &str, client_cert: bool) {
-    let issuer = Issuer::from_params(&ca.params, &ca.key);
-    std::fs::write(dir.join("ca-cert.pem"), &ca.pem).unwrap();
-    let mut roles = vec!["server"];
-    if client_cert {
-        roles.push("client");
-    }
-    for role in roles {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, host);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Tern");
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        std::fs::write(dir.join(format!("{role}-cert.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{role}-key.pem")), key.serialize_pem()).unwrap();
-    }
-}
-
-pub(crate) fn creds(dir: &Path, endpoint: TlsEndpoint, verify_peer: bool) -> X509Creds {
-    X509Creds {
-        dir: dir.to_path_buf(),
-        endpoint,
-        verify_peer,
-    }
-}
+use crate::testing::{ca, creds, write_creds};
 
 /// Runs one handshake plus a ping/pong; returns (client result, server result).
 fn handshake(

@@ -99,8 +99,16 @@ impl Sender {
             None => return Err(SourceError::Cancelled),
         };
         self.check_abort()?;
-        // The return-path reader checks every keepalive period whether a PING is overdue.
         let liveness = self.opts.liveness;
+        let stream = match &self.opts.tls {
+            Some(tls) => {
+                let s = transport::tls_stream::client(stream, tls, liveness.limit());
+                self.check_abort()?;
+                s?
+            }
+            None => stream,
+        };
+        // The return-path reader checks every keepalive period whether a PING is overdue.
         crate::liveness::arm(&stream, liveness, Some(liveness.keepalive_period())).map_err(
             |source| TransportError::Io {
                 op: "set the liveness options on",

@@ -56,7 +56,7 @@ impl Watched {
     /// past any window closed so far, by the limit: the kernel still ends the connection once
     /// the destination is silent, and the rules above end the migration sooner.
     fn heard(&self) {
-        let (Some(limit), Stream::Tcp(tcp)) = (self.limit, &self.stream) else {
+        let (Some(limit), Stream::Tcp(tcp)) = (self.limit, self.stream.plain()) else {
             return;
         };
         let timeout = self.since.elapsed() + limit;

@@ -56,6 +56,8 @@ use crate::params::{Capabilities, Capability, Parameters, ZeroPageDetection};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats, SwitchoverTimeline};
 use crate::status::MigrationStatus;
 use crate::throttle::ThrottleParams;
+use crate::transport::tls_config::TlsError;
+use crate::transport::tls_stream::ClientTls;
 use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
 use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
 use liveness::{Keepalive, Watched};
@@ -141,6 +143,9 @@ pub struct SourceOptions {
     /// With `auto-converge`, the longest a pass goes without a dirty sync
     /// ([`crate::throttle::PERIODIC_SYNC`], QEMU's five seconds; tests shorten it).
     pub throttle_sync_every: Duration,
+    /// `tls-creds`: the channel runs over TLS (source = client), established and admitted by
+    /// the destination before the first byte of the stream.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for SourceOptions {
@@ -165,6 +170,7 @@ impl SourceOptions {
             auto_converge: caps.get(Capability::AutoConverge),
             throttle_period: crate::throttle::SYNC_PERIOD,
             throttle_sync_every: crate::throttle::PERIODIC_SYNC,
+            tls: None,
         }
     }
 }
@@ -199,6 +205,9 @@ pub enum SourceError {
     /// Opening the channel failed.
     #[error("cannot open the migration channel")]
     Transport(#[from] TransportError),
+    /// The TLS handshake or the destination's admission failed (the text says why).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Writing the stream failed (network cut, destination gone).
     #[error("cannot write the migration stream")]
     Wire(#[source] WireError),

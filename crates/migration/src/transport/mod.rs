@@ -19,9 +19,12 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::liveness::{self, Direction};
 
-// TLS lives in its own crate (shared with the management layer's remote API, decision 43);
+// TLS lives in its own crate (shared with the management layer's remote API, decision 39);
 // re-exported under the names the engine uses.
-pub use tern_tls::{authz, session as tls, x509 as tls_config};
+pub use tern_tls::{authz, peer_dn, session as tls, verify as tls_verify, x509 as tls_config};
+pub mod tls_stream;
+
+pub use tls_stream::TlsStream;
 
 /// Socket buffer size requested for migration sockets (best effort: `SO_*BUFFORCE` needs
 /// CAP_NET_ADMIN; without it the kernel's autotuning is kept, which beats a clamped fixed size).
@@ -300,6 +303,9 @@ pub enum Stream {
     Unix(UnixStream),
     /// A file (no return path).
     File(File),
+    /// A TLS session over a `Tcp` or `Unix` socket ([`tls_stream::client`] /
+    /// [`tls_stream::server`]).
+    Tls(TlsStream),
 }
 
 impl Stream {
@@ -309,7 +315,17 @@ impl Stream {
             Self::Tcp(s) => Some(Self::Tcp(s.try_clone()?)),
             Self::Unix(s) => Some(Self::Unix(s.try_clone()?)),
             Self::File(_) => None,
+            Self::Tls(s) => Some(Self::Tls(s.clone())),
         })
+    }
+
+    /// The socket or file itself: under TLS, the socket the session runs on (for socket
+    /// options); otherwise `self`.
+    pub fn plain(&self) -> &Stream {
+        match self {
+            Self::Tls(t) => t.socket(),
+            other => other,
+        }
     }
 
     /// Whether the channel has a reverse direction.
@@ -324,6 +340,11 @@ impl Stream {
             Self::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
             Self::Unix(s) => s.shutdown(std::net::Shutdown::Write),
             Self::File(_) => Ok(()),
+            Self::Tls(t) => {
+                t.close_notify();
+                t.socket().shutdown_write();
+                Ok(())
+            }
         };
     }
 }
@@ -334,6 +355,7 @@ impl AsFd for Stream {
             Self::Tcp(s) => s.as_fd(),
             Self::Unix(s) => s.as_fd(),
             Self::File(s) => s.as_fd(),
+            Self::Tls(t) => t.socket().as_fd(),
         }
     }
 }
@@ -346,6 +368,8 @@ impl Read for Stream {
             Self::Tcp(s) => s.read(buf),
             Self::Unix(s) => s.read(buf),
             Self::File(s) => s.read(buf),
+            // The socket under the session classified its own errors already.
+            Self::Tls(s) => return s.read(buf),
         };
         r.map_err(|e| liveness::classify(&*self, e, Direction::Receive))
     }
@@ -357,6 +381,7 @@ impl Write for Stream {
             Self::Tcp(s) => s.write(buf),
             Self::Unix(s) => s.write(buf),
             Self::File(s) => s.write(buf),
+            Self::Tls(s) => return s.write(buf),
         };
         r.map_err(|e| liveness::classify(&*self, e, Direction::Send))
     }
@@ -366,6 +391,7 @@ impl Write for Stream {
             Self::Tcp(s) => s.flush(),
             Self::Unix(s) => s.flush(),
             Self::File(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
         }
     }
 }
@@ -490,7 +516,7 @@ fn tcp_connect(addr: &SocketAddr, cancel: &CancelToken) -> io::Result<TcpStream>
 }
 
 fn set_buffers(stream: &Stream) {
-    if !matches!(stream, Stream::File(_)) {
+    if matches!(stream, Stream::Tcp(_) | Stream::Unix(_)) {
         set_buffer_opts(stream.as_fd());
     }
 }

@@ -64,7 +64,12 @@ pub static TYPED_RET: Object = Object {
 };
 
 pub const fn cmd(name: &'static str, args: &'static [Member], ret: Type) -> Command {
-    Command { name, args, ret }
+    Command {
+        name,
+        args,
+        boxed: None,
+        ret,
+    }
 }
 
 pub static COMMANDS: [Command; 9] = [

@@ -10,6 +10,7 @@ use tern_migration::params::{check_not_running, Capabilities, Capability, Parame
 use tern_migration::source::{Handover, SourceHandle, SourceOptions, Target, Tuning};
 use tern_migration::stats::{MigrationStats, Role};
 use tern_migration::status::MigrationStatus;
+use tern_migration::transport::tls_stream::{ClientTls, ServerTls};
 use tern_migration::transport::MigrationUri;
 use tern_qmp::{no_args, parse_args, QmpError};
 
@@ -35,6 +36,9 @@ pub(crate) struct MigrationCtl {
     /// (`x-tern-unconfirmed`, or a destination that stays paused), and no later migration
     /// decided it (one that failed before END leaves this as it was).
     pub(crate) undecided: bool,
+    /// The objects (`tls-creds`, `tls-authz`) the latest migration uses: `object-del` refuses
+    /// them while it runs.
+    pub(crate) tls_objects: Vec<String>,
 }
 
 impl MigrationCtl {
@@ -49,6 +53,10 @@ impl MigrationCtl {
         MigrationStatus::None
     }
 }
+
+const TLS_NEEDS_SOCKET: &str =
+    "tls-creds is set, but a file: migration cannot use TLS (it needs tcp: or unix:); clear \
+     tls-creds for a file";
 
 fn param_err(e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(e.to_string())
@@ -181,8 +189,11 @@ impl Controller {
                 "Capability 'return-path' needs a socket: it cannot be used with a file: URI",
             ));
         }
+        let tls = self.source_tls(&m.params, &uri)?;
         let to_file = uri.is_file();
         let mut opts = SourceOptions::from_qemu(&m.caps, &m.params);
+        m.tls_objects = tls.iter().map(|_| m.params.tls_creds.clone()).collect();
+        opts.tls = tls;
         // A guest that an earlier migration stopped, and that nobody has run since because that
         // migration stayed undecided (unconfirmed, or a destination that stays paused), was
         // running: the next destination runs it. (Not after a file snapshot, a completion
@@ -252,8 +263,17 @@ impl Controller {
             ));
         }
         let (caps, params) = (m.caps.clone(), m.params.clone());
+        let tls = self.destination_tls(&params, &uri)?;
+        m.tls_objects = match tls {
+            Some(_) => [&params.tls_creds, &params.tls_authz]
+                .into_iter()
+                .filter(|id| !id.is_empty())
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         let autostart = *self.autostart.lock().unwrap_or_else(|p| p.into_inner());
-        let inc = Incoming::start(self, uri, &caps, &params, autostart, exit_on_error)?;
+        let inc = Incoming::start(self, uri, &caps, &params, autostart, exit_on_error, tls)?;
         m.incoming = Some(inc);
         Ok(())
     }
@@ -329,6 +349,59 @@ impl Controller {
         }
         o.continue_switchover().map_err(param_err)?;
         Ok(json!({}))
+    }
+
+    /// The source's TLS (`tls-creds` set): the object must be client credentials; the host
+    /// name checked is `tls-hostname`, else the URI's host (none for `unix:`, as QEMU).
+    fn source_tls(
+        &self,
+        params: &Parameters,
+        uri: &MigrationUri,
+    ) -> Result<Option<ClientTls>, QmpError> {
+        if params.tls_creds.is_empty() {
+            return Ok(None);
+        }
+        if uri.is_file() {
+            return Err(QmpError::generic(TLS_NEEDS_SOCKET));
+        }
+        let host = match (params.tls_hostname.as_str(), uri) {
+            ("", MigrationUri::Tcp { host, .. }) => Some(host.as_str()),
+            ("", _) => None,
+            (h, _) => Some(h),
+        };
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .client_tls(&params.tls_creds, host)
+            .map(Some)
+    }
+
+    /// The destination's TLS (`tls-creds` set): server credentials, and `tls-authz` when set.
+    fn destination_tls(
+        &self,
+        params: &Parameters,
+        uri: &MigrationUri,
+    ) -> Result<Option<ServerTls>, QmpError> {
+        if params.tls_creds.is_empty() {
+            return Ok(None);
+        }
+        if uri.is_file() {
+            return Err(QmpError::generic(TLS_NEEDS_SOCKET));
+        }
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .server_tls(&params.tls_creds, &params.tls_authz)
+            .map(Some)
+    }
+
+    /// The objects the migration in progress uses (none when none runs).
+    pub(crate) fn tls_objects_in_use(&self) -> Vec<String> {
+        if self.migration_active() {
+            self.mig().tls_objects.clone()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Whether a migration (either direction) is in progress.

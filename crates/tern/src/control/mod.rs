@@ -10,6 +10,7 @@
 
 mod migration_address;
 mod migration_cmds;
+pub mod objects;
 mod runstate;
 mod schema;
 mod vm_cmds;
@@ -19,7 +20,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::{Map, Value};
-use tern_qmp::schema::{Command, Event, Member, Type, EMPTY};
+use tern_qmp::schema::{Command, Event, Member, Object, Type, EMPTY};
 use tern_qmp::{ClientCtx, Dispatcher, EventSink, QmpError};
 use tern_statedev::StateDevice;
 use tern_vmm::Vm;
@@ -52,6 +53,8 @@ pub struct Controller {
     pub(crate) stopped_by_migration: AtomicBool,
     quit_tx: Mutex<Sender<ExitRequest>>,
     pub(crate) migration: Mutex<migration_cmds::MigrationCtl>,
+    /// `object-add` objects (TLS credentials, authorizations).
+    pub(crate) objects: Mutex<objects::Objects>,
     me: Weak<Controller>,
 }
 
@@ -75,6 +78,7 @@ impl Controller {
             stopped_by_migration: AtomicBool::new(false),
             quit_tx: Mutex::new(quit_tx),
             migration: Mutex::new(migration_cmds::MigrationCtl::default()),
+            objects: Mutex::new(objects::Objects::default()),
             me: me.clone(),
         })
     }
@@ -108,14 +112,32 @@ struct Entry {
 
 const fn entry(name: &'static str, args: &'static [Member], ret: Type, run: Handler) -> Entry {
     Entry {
-        spec: Command { name, args, ret },
+        spec: Command {
+            name,
+            args,
+            boxed: None,
+            ret,
+        },
+        run,
+    }
+}
+
+/// A command whose arguments are one type (QAPI `boxed`, e.g. a union).
+const fn boxed_entry(name: &'static str, args: &'static Object, ret: Type, run: Handler) -> Entry {
+    Entry {
+        spec: Command {
+            name,
+            args: &[],
+            boxed: Some(args),
+            ret,
+        },
         run,
     }
 }
 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
-static COMMANDS: [Entry; 26] = [
+static COMMANDS: [Entry; 28] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
@@ -206,6 +228,12 @@ static COMMANDS: [Entry; 26] = [
         schema::CAPABILITIES,
         |c, _, a| c.query_migrate_capabilities(a),
     ),
+    boxed_entry("object-add", &schema::OBJECT_OPTIONS, EMPTY, |c, _, a| {
+        c.object_add(a)
+    }),
+    entry("object-del", &schema::OBJECT_DEL_ARGS, EMPTY, |c, _, a| {
+        c.object_del(a)
+    }),
     entry(
         "query-migrate-parameters",
         &[],
@@ -213,6 +241,32 @@ static COMMANDS: [Entry; 26] = [
         |c, _, a| c.query_migrate_parameters(a),
     ),
 ];
+
+impl Controller {
+    fn objs(&self) -> std::sync::MutexGuard<'_, objects::Objects> {
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `object-add` (and `tern run --object`, whose arguments are checked here as QMP checks
+    /// a command's): the object is built (its files read) and kept.
+    pub fn object_add(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let entry = COMMANDS
+            .iter()
+            .find(|e| e.spec.name == "object-add")
+            .ok_or_else(|| QmpError::generic("object-add is not in the command table"))?;
+        tern_qmp::schema::check_command_args(&entry.spec, &args)?;
+        self.objs().add(&args)?;
+        Ok(Value::Object(Map::new()))
+    }
+
+    /// `object-del`: refused while a migration in progress uses the object.
+    fn object_del(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
+        let in_use = self.tls_objects_in_use().iter().any(|o| o == id);
+        self.objs().del(id, in_use)?;
+        Ok(Value::Object(Map::new()))
+    }
+}
 
 /// QMP dispatch over an `Arc<Controller>`.
 pub struct QmpDispatch(pub Arc<Controller>);

@@ -537,3 +537,94 @@ pub(super) static EVENTS: [Event; 7] = [
         data: &[],
     },
 ];
+
+// ---- user-creatable objects (QEMU's `ObjectOptions`, the types a migration uses) ----
+
+static OBJECT_TYPE: Enum = Enum {
+    name: "ObjectType",
+    values: Values::List(&[
+        "authz-list",
+        "authz-simple",
+        "tls-creds-psk",
+        "tls-creds-x509",
+    ]),
+};
+static TLS_ENDPOINT: Enum = Enum {
+    name: "QCryptoTLSCredsEndpoint",
+    values: Values::List(&["client", "server"]),
+};
+static AUTHZ_POLICY: Enum = Enum {
+    name: "QAuthZListPolicy",
+    values: Values::List(&["deny", "allow"]),
+};
+static AUTHZ_FORMAT: Enum = Enum {
+    name: "QAuthZListFormat",
+    values: Values::List(&["exact", "glob"]),
+};
+static AUTHZ_RULE: Object = object(
+    "QAuthZListRule",
+    &[
+        Member::req("match", Type::Str),
+        Member::req("policy", Type::Enum(&AUTHZ_POLICY)),
+        Member::opt("format", Type::Enum(&AUTHZ_FORMAT)),
+    ],
+);
+
+const ENDPOINT: Member = Member::opt("endpoint", Type::Enum(&TLS_ENDPOINT));
+static AUTHZ_RULE_TYPE: Type = Type::Object(&AUTHZ_RULE);
+
+static TLS_CREDS_X509: Object = object(
+    "TlsCredsX509Properties",
+    &[
+        Member::opt("verify-peer", Type::Bool),
+        Member::opt("dir", Type::Str),
+        ENDPOINT,
+        Member::opt("priority", Type::Str),
+        Member::opt("sanity-check", Type::Bool),
+        Member::opt("passwordid", Type::Str),
+        Member::opt("loaded", Type::Bool),
+    ],
+);
+static TLS_CREDS_PSK: Object = object(
+    "TlsCredsPskProperties",
+    &[
+        Member::opt("verify-peer", Type::Bool),
+        Member::opt("dir", Type::Str),
+        ENDPOINT,
+        Member::opt("priority", Type::Str),
+        Member::opt("username", Type::Str),
+        Member::opt("loaded", Type::Bool),
+    ],
+);
+static AUTHZ_SIMPLE: Object = object(
+    "AuthZSimpleProperties",
+    &[Member::req("identity", Type::Str)],
+);
+static AUTHZ_LIST: Object = object(
+    "AuthZListProperties",
+    &[
+        Member::opt("policy", Type::Enum(&AUTHZ_POLICY)),
+        Member::opt("rules", Type::Array(&AUTHZ_RULE_TYPE)),
+    ],
+);
+/// `object-add`'s arguments (QAPI `boxed`): QEMU's flat union `ObjectOptions` on `qom-type`,
+/// with the types a migration uses.
+pub(super) static OBJECT_OPTIONS: Object = Object {
+    name: "ObjectOptions",
+    members: &[
+        Member::req("qom-type", Type::Enum(&OBJECT_TYPE)),
+        Member::req("id", Type::Str),
+    ],
+    variants: Some(Variants {
+        tag: "qom-type",
+        cases: &[
+            ("authz-list", &AUTHZ_LIST),
+            ("authz-simple", &AUTHZ_SIMPLE),
+            ("tls-creds-psk", &TLS_CREDS_PSK),
+            ("tls-creds-x509", &TLS_CREDS_X509),
+        ],
+    }),
+};
+
+/// `object-del`.
+pub(super) static OBJECT_DEL_ARGS: [Member; 1] = [Member::req("id", Type::Str)];

@@ -7,6 +7,7 @@ use tern_migration::liveness::LivenessTimeout;
 use tern_migration::params::{Capabilities, Capability, Parameters};
 use tern_migration::stats::{MigrationStats, Role};
 use tern_migration::status::MigrationStatus;
+use tern_migration::transport::tls_stream::ServerTls;
 use tern_migration::transport::{Listener, MigrationUri};
 use tern_qmp::QmpError;
 
@@ -30,10 +31,12 @@ impl Incoming {
         params: &Parameters,
         autostart: bool,
         exit_on_error: bool,
+        tls: Option<ServerTls>,
     ) -> Result<Self, QmpError> {
         let listener = Listener::bind(&uri).map_err(|e| QmpError::generic(format!("{e}")))?;
         let mut opts = DestOptions::from_qemu(caps, autostart);
         opts.liveness = LivenessTimeout::from_millis(params.x_tern_liveness_timeout);
+        opts.tls = tls;
         let stats = MigrationStats::new(Role::Destination);
         let events = Arc::new(QmpMigrationEvents::destination(
             ctl.weak(),
