@@ -63,4 +63,3 @@ pub fn creds(dir: &Path, endpoint: TlsEndpoint, verify_peer: bool) -> X509Creds 
         verify_peer,
     }
 }
-

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::thread::JoinHandle;
 
 use super::*;
-use tern_tls::testing::{ca, creds, write_creds, write_expired_server};
 use crate::transport::tls_config::TlsEndpoint;
+use tern_tls::testing::{ca, creds, write_creds, write_expired_server};
 
 const T: Option<Duration> = Some(Duration::from_secs(20));
 
