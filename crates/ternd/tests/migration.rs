@@ -328,6 +328,52 @@ fn auto_converge_migration_of_a_tern_vm() {
 }
 
 #[test]
+fn tls_migration_of_a_tern_vm_keeps_switchover_ack() {
+    let dir = tmpdir();
+    let Some(h) = migrate_tls_hosts(dir.path(), None) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "t", &domain_xml("t", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "t"]);
+    wait_workload_running(&h.src, "t");
+    h.src
+        .ok(&["migrate", "t", &h.dst.tcp_uri(), "--live", "--p2p", "--tls"]);
+    let job = h.src.ok(&["domjobinfo", "t", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("tls: on"), "{job}");
+    // TLS carries the return path, so the negotiation is unchanged.
+    assert!(job.contains("switchover-ack: on"), "{job}");
+    assert_eq!(h.dst.state("t"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "t", MEM, dir.path());
+}
+
+#[test]
+fn tls_migration_of_a_tern_vm_to_a_host_with_another_name_fails_and_the_vm_runs_on() {
+    let dir = tmpdir();
+    let Some(h) = migrate_tls_hosts(dir.path(), Some("impostor.example")) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "w", &domain_xml("w", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "w"]);
+    wait_workload_running(&h.src, "w");
+    let err = h
+        .src
+        .fails(&["migrate", "w", &h.dst.tcp_uri(), "--live", "--p2p", "--tls"]);
+    assert!(err.contains("host name"), "{err}");
+    assert!(h.src.state("w").starts_with("running"));
+    assert_guest_runs(&h.src, "w");
+    let gone = h.dst.fails(&["domstate", "w"]);
+    assert!(gone.contains("Domain not found"), "{gone}");
+    // TLS is off again: a plain migration to the same host completes.
+    h.src
+        .ok(&["migrate", "w", &h.dst.tcp_uri(), "--live", "--p2p"]);
+    assert_eq!(h.dst.state("w"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "w", MEM, dir.path());
+}
+
+#[test]
 fn switchover_ack_off_with_the_reason_when_the_destination_does_not_offer_it() {
     let dir = tmpdir();
     let Some(h) = Hosts::up_full(dir.path(), &[], &["--x-hide-capability", "switchover-ack"])

@@ -269,31 +269,13 @@ fn destination_daemon_killed_in_perform_leaves_the_qemu_vm_on_the_source_only() 
     }
 }
 
-/// Restarts `d` with `--migrate-tls-dir DIR`.
-fn with_tls_dir(d: &mut Daemon, tls_dir: &Path) {
-    d.args = vec!["--migrate-tls-dir".into(), tls_dir.display().to_string()];
-    d.kill();
-    d.restart();
-}
-
-/// Two hosts whose daemons have certificates; the destination's server certificate names
-/// `dst_cert_host` (its own address when it is right).
-fn tls_hosts(dir: &Path, dst_cert_host: Option<&str>) -> Option<Hosts> {
-    let mut h = Hosts::up(dir)?;
-    let dst_name = dst_cert_host.unwrap_or(&h.net.dst_addr).to_string();
-    let pki = certificates(&dir.join("pki"), &[&h.net.src_addr, &dst_name])?;
-    with_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));
-    with_tls_dir(&mut h.dst, &pki.join(&dst_name));
-    Some(h)
-}
-
 #[test]
 fn tls_migration_of_a_qemu_vm() {
     if !have_qemu() {
         return;
     }
     let dir = tmpdir();
-    let Some(h) = tls_hosts(dir.path(), None) else {
+    let Some(h) = migrate_tls_hosts(dir.path(), None) else {
         return;
     };
     let ser = dir.path().join("qs.ser");
@@ -322,7 +304,7 @@ fn tls_migration_to_a_host_whose_certificate_names_another_fails_and_the_vm_stay
         return;
     }
     let dir = tmpdir();
-    let Some(h) = tls_hosts(dir.path(), Some("impostor.example")) else {
+    let Some(h) = migrate_tls_hosts(dir.path(), Some("impostor.example")) else {
         return;
     };
     let ser = dir.path().join("qw.ser");
@@ -367,7 +349,7 @@ fn tls_migration_to_a_daemon_without_certificates_is_refused_in_prepare() {
     let Some(pki) = certificates(&dir.path().join("pki"), &[&h.net.src_addr]) else {
         return;
     };
-    with_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));
+    with_migrate_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));
     let ser = dir.path().join("qn.ser");
     let xml = write_xml(dir.path(), "qn", &qemu_xml("qn", &ser));
     h.src.ok(&["define", &xml]);

@@ -609,3 +609,21 @@ pub fn certificates(out: &Path, hosts: &[&str]) -> Option<PathBuf> {
         }
     }
 }
+
+/// Restarts `d` with `--migrate-tls-dir DIR`.
+pub fn with_migrate_tls_dir(d: &mut Daemon, tls_dir: &Path) {
+    d.args = vec!["--migrate-tls-dir".into(), tls_dir.display().to_string()];
+    d.kill();
+    d.restart();
+}
+
+/// Two hosts whose daemons have certificates; the destination's server certificate names
+/// `dst_cert_host` (its own address when it is right).
+pub fn migrate_tls_hosts(dir: &Path, dst_cert_host: Option<&str>) -> Option<Hosts> {
+    let mut h = Hosts::up(dir)?;
+    let dst_name = dst_cert_host.unwrap_or(&h.net.dst_addr).to_string();
+    let pki = certificates(&dir.join("pki"), &[&h.net.src_addr, &dst_name])?;
+    with_migrate_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));
+    with_migrate_tls_dir(&mut h.dst, &pki.join(&dst_name));
+    Some(h)
+}
