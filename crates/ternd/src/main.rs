@@ -47,6 +47,11 @@ struct Args {
     /// server-cert.pem, server-key.pem; clients must present a certificate from that CA)
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// Only clients whose certificate's subject DN matches one of these patterns (`*` and `?`
+    /// wildcards, e.g. 'CN=*.example.com,O=Tern'; libvirt's tls_allowed_dn_list) may use the
+    /// TLS API (repeatable; default: any certificate from the CA)
+    #[arg(long = "tls-allowed-dn", value_name = "PATTERN")]
+    tls_allowed_dn: Vec<String>,
     /// The `tern` binary (default: next to this executable)
     #[arg(long)]
     tern: Option<PathBuf>,
@@ -166,7 +171,22 @@ fn main() -> Result<()> {
             "remote API over TLS on {} (client certificates required)",
             l.local_addr()?
         );
-        server::serve_tls(d.clone(), l, config)?;
+        let allowed = (!args.tls_allowed_dn.is_empty()).then(|| {
+            use tern_tls::authz::{Authz, AuthzFormat, AuthzPolicy, AuthzRule};
+            Authz::List {
+                policy: AuthzPolicy::Deny,
+                rules: args
+                    .tls_allowed_dn
+                    .iter()
+                    .map(|p| AuthzRule {
+                        pattern: p.clone(),
+                        policy: AuthzPolicy::Allow,
+                        format: AuthzFormat::Glob,
+                    })
+                    .collect(),
+            }
+        });
+        server::serve_tls(d.clone(), l, config, allowed)?;
     }
     // The readiness line (tests and service managers wait for it).
     eprintln!("ternd: ready on {}", sock.display());

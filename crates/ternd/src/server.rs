@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tern_tls::authz::Authz;
+use tern_tls::peer_dn::subject_dn;
 use tern_tls::x509::describe;
 use virt::protocol::{read_frame, write_frame, Call, FrameError, Request, ServerMessage};
 
@@ -55,7 +57,15 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves the remote API over TLS: each accepted connection handshakes on its own thread
 /// (a slow or hostile client never blocks the accept loop), and only an authenticated client
 /// reaches the RPC dispatcher.
-pub fn serve_tls(d: Arc<Daemon>, l: TcpListener, config: Arc<rustls::ServerConfig>) -> Result<()> {
+/// `allowed`: libvirt's `tls_allowed_dn_list` (`--tls-allowed-dn`): a client whose
+/// certificate's subject DN no rule allows gets one `AccessDenied` reply and is closed.
+pub fn serve_tls(
+    d: Arc<Daemon>,
+    l: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    allowed: Option<Authz>,
+) -> Result<()> {
+    let allowed = Arc::new(allowed);
     std::thread::Builder::new()
         .name("accept-tls".into())
         .spawn(move || {
@@ -63,7 +73,7 @@ pub fn serve_tls(d: Arc<Daemon>, l: TcpListener, config: Arc<rustls::ServerConfi
                 match s.and_then(accept_remote) {
                     Ok(s) => {
                         let n = CONN.fetch_add(1, Ordering::Relaxed);
-                        let (d, config) = (d.clone(), config.clone());
+                        let (d, config, allowed) = (d.clone(), config.clone(), allowed.clone());
                         let r = std::thread::Builder::new()
                             .name(format!("client-tls-{n}"))
                             .spawn(move || {
@@ -74,6 +84,11 @@ pub fn serve_tls(d: Arc<Daemon>, l: TcpListener, config: Arc<rustls::ServerConfi
                                 let local = s.local_addr().ok().map(|a| a.ip());
                                 match tls_handshake(s, config) {
                                     Ok(tls) => {
+                                        let Some(tls) =
+                                            admit(tls, allowed.as_ref().as_ref(), &peer)
+                                        else {
+                                            return;
+                                        };
                                         if let Err(e) = handle(&d, tls, local) {
                                             tracing::debug!("client tls-{n}: {e}");
                                         }
@@ -93,6 +108,36 @@ pub fn serve_tls(d: Arc<Daemon>, l: TcpListener, config: Arc<rustls::ServerConfi
 }
 
 type TlsConn = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
+/// Checks the client's certificate DN against `allowed`; a refused client gets its first
+/// request answered with `AccessDenied` (naming its DN) and the connection closed.
+fn admit(mut tls: TlsConn, allowed: Option<&Authz>, peer: &str) -> Option<TlsConn> {
+    let Some(allowed) = allowed else {
+        return Some(tls);
+    };
+    let dn = match tls.conn.peer_certificates().and_then(|c| c.first()) {
+        Some(cert) => subject_dn(cert.as_ref()).map_err(|e| e.to_string()),
+        None => Err("no client certificate".to_string()),
+    };
+    let why = match dn {
+        Ok(dn) if allowed.allows(&dn) => {
+            tracing::debug!("TLS client {peer}: {dn} allowed");
+            return Some(tls);
+        }
+        Ok(dn) => format!(
+            "the client certificate's DN '{dn}' is not in this daemon's --tls-allowed-dn list"
+        ),
+        Err(e) => format!("the client certificate's DN cannot be read: {e}"),
+    };
+    tracing::warn!("TLS client {peer} refused: {why}");
+    if let Ok(req) = read_frame::<Request>(&mut tls) {
+        let result = Err(virt::Error::AccessDenied(why));
+        let _ = write_frame(&mut tls, &ServerMessage::Reply { id: req.id, result });
+    }
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    None
+}
 
 fn tls_handshake(mut s: TcpStream, config: Arc<rustls::ServerConfig>) -> Result<TlsConn, String> {
     let mut conn = rustls::ServerConnection::new(config).map_err(|e| describe(&e))?;

@@ -144,3 +144,24 @@ fn the_tls_remote_api_refuses_clients_it_cannot_authenticate() {
     let o = remote_ctl(&h, &tls_uri(&dst, &pki.join(&h.net.src_addr)), &["list"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn tls_allowed_dn_admits_only_the_listed_clients() {
+    let dir = tmpdir();
+    let Some((mut h, pki)) = tls_hosts(dir.path()) else {
+        return;
+    };
+    let (src, dst) = (h.net.src_addr.clone(), h.net.dst_addr.clone());
+    serve_tls(&mut h.dst, &dst, &pki.join(&dst));
+    h.dst
+        .args
+        .extend(["--tls-allowed-dn".to_string(), format!("CN={src},O=Tern")]);
+    h.dst.kill();
+    h.dst.restart();
+    let o = remote_ctl(&h, &tls_uri(&dst, &pki.join(&src)), &["list", "--all"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The destination host's own client certificate: same CA, another name.
+    let e = remote_fails(&h, &tls_uri(&dst, &pki.join(&dst)));
+    assert!(e.contains("access denied"), "{e}");
+    assert!(e.contains(&format!("CN={dst},O=Tern")), "{e}");
+}
