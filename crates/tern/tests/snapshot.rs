@@ -309,7 +309,9 @@ fn analyze_error(file: &Path) -> String {
 #[test]
 fn bad_snapshot_files_fail_cleanly() {
     let dir = tmpdir();
-    let m = Machine::pattern(1, 16);
+    // A filled idle guest: its pages never hold a zero byte, so the file is ~16 MiB of page
+    // data every run (a `pattern` guest's pages are all zero whenever its counter wraps).
+    let m = Machine::idle(16);
     let mut src = boot(dir.path(), "src", &m);
     src.wait_workload_running(T);
     let good = dir.path().join("good.tern");
@@ -319,7 +321,7 @@ fn bad_snapshot_files_fail_cleanly() {
     let n = bytes.len();
     assert!(
         n > 1 << 20,
-        "a 16 MiB pattern guest saved to only {n} bytes"
+        "a 16 MiB filled guest saved to only {n} bytes"
     );
 
     let write = |name: &str, data: &[u8]| -> PathBuf {
