@@ -3,11 +3,13 @@
 //!
 //! * [`runstate`]: QEMU's RunState as `query-status` reports it, and the STOP/RESUME events.
 //! * [`vm_cmds`]: machine commands (`stop`, `cont`, `quit`, `pmemsave`, `x-tern-*`).
+//! * [`dirty_rate_cmds`]: `calc-dirty-rate`, `query-dirty-rate` (the measurement: [`crate::dirty_rate`]).
 //! * [`schema`]: the QAPI types of the commands' arguments and replies, and the events.
 //!
 //! [`COMMANDS`] is the one table of commands: the QMP server lists it (`query-commands`,
 //! `query-qmp-schema`), checks arguments against it, and dispatch runs its handlers.
 
+mod dirty_rate_cmds;
 mod migration_address;
 mod migration_cmds;
 mod runstate;
@@ -52,6 +54,8 @@ pub struct Controller {
     pub(crate) stopped_by_migration: AtomicBool,
     quit_tx: Mutex<Sender<ExitRequest>>,
     pub(crate) migration: Mutex<migration_cmds::MigrationCtl>,
+    /// `calc-dirty-rate`'s measurement (at most one at a time).
+    pub(crate) dirty_rate: Arc<crate::dirty_rate::DirtyRate>,
     me: Weak<Controller>,
 }
 
@@ -75,6 +79,7 @@ impl Controller {
             stopped_by_migration: AtomicBool::new(false),
             quit_tx: Mutex::new(quit_tx),
             migration: Mutex::new(migration_cmds::MigrationCtl::default()),
+            dirty_rate: Arc::default(),
             me: me.clone(),
         })
     }
@@ -115,7 +120,7 @@ const fn entry(name: &'static str, args: &'static [Member], ret: Type, run: Hand
 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
-static COMMANDS: [Entry; 26] = [
+static COMMANDS: [Entry; 28] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
@@ -211,6 +216,18 @@ static COMMANDS: [Entry; 26] = [
         &[],
         schema::PARAMETERS_INFO,
         |c, _, a| c.query_migrate_parameters(a),
+    ),
+    entry(
+        "calc-dirty-rate",
+        &schema::CALC_DIRTY_RATE_ARGS,
+        EMPTY,
+        |c, _, a| c.calc_dirty_rate(a),
+    ),
+    entry(
+        "query-dirty-rate",
+        &schema::QUERY_DIRTY_RATE_ARGS,
+        schema::DIRTY_RATE,
+        |c, _, a| c.query_dirty_rate(a),
     ),
 ];
 
