@@ -315,6 +315,21 @@ fn run(
                 json!({"max-bandwidth": bw.saturating_mul(1 << 20)}),
             )?;
         }
+        // libvirt's unit is MiB/s; the VMM's (QEMU 8.2+) bytes/s, 0 = the measured bandwidth.
+        if let Some(bw) = opts.available_switchover_bandwidth {
+            vmm.qmp(
+                "migrate-set-parameters",
+                json!({"avail-switchover-bandwidth": bw.saturating_mul(1 << 20)}),
+            )?;
+            note(
+                dom,
+                ctx,
+                format!(
+                    "avail-switchover-bandwidth: {bw} MiB/s (the expected downtime and the \
+                     switchover decision assume it instead of the measured bandwidth)"
+                ),
+            );
+        }
         if dom.abort_requested() {
             return Err(aborted());
         }
