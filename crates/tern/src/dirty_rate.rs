@@ -214,6 +214,16 @@ impl DirtyRate {
         self.wake.notify_all();
     }
 
+    /// The last measured rate (MiB/s), or why there is none (for `x-tern-predict-migration`).
+    pub fn last_rate(&self) -> Result<i64, String> {
+        let s = self.lock().stat.clone();
+        match s.status {
+            DirtyRateStatus::Measured if s.dirty_rate >= 0 => Ok(s.dirty_rate),
+            DirtyRateStatus::Measured => Err("the last calc-dirty-rate measured nothing".into()),
+            st => Err(format!("query-dirty-rate says '{}'", st.as_str())),
+        }
+    }
+
     /// `query-dirty-rate`, `calc-time` in `unit`.
     pub fn to_query_json(&self, unit: TimeUnit) -> Value {
         let s = self.lock().stat.clone();

@@ -4,6 +4,7 @@
 //! * [`runstate`]: QEMU's RunState as `query-status` reports it, and the STOP/RESUME events.
 //! * [`vm_cmds`]: machine commands (`stop`, `cont`, `quit`, `pmemsave`, `x-tern-*`).
 //! * [`dirty_rate_cmds`]: `calc-dirty-rate`, `query-dirty-rate` (the measurement: [`crate::dirty_rate`]).
+//! * [`predict_cmds`]: `x-tern-predict-migration` (issue 13's prediction before migrating).
 //! * [`schema`]: the QAPI types of the commands' arguments and replies, and the events.
 //!
 //! [`COMMANDS`] is the one table of commands: the QMP server lists it (`query-commands`,
@@ -12,6 +13,7 @@
 mod dirty_rate_cmds;
 mod migration_address;
 mod migration_cmds;
+mod predict_cmds;
 mod runstate;
 mod schema;
 mod vm_cmds;
@@ -120,7 +122,7 @@ const fn entry(name: &'static str, args: &'static [Member], ret: Type, run: Hand
 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
-static COMMANDS: [Entry; 28] = [
+static COMMANDS: [Entry; 29] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
@@ -228,6 +230,12 @@ static COMMANDS: [Entry; 28] = [
         &schema::QUERY_DIRTY_RATE_ARGS,
         schema::DIRTY_RATE,
         |c, _, a| c.query_dirty_rate(a),
+    ),
+    entry(
+        "x-tern-predict-migration",
+        &schema::PREDICT_ARGS,
+        schema::PREDICTION,
+        |c, _, a| c.predict_migration(a),
     ),
 ];
 

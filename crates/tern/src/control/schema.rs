@@ -213,6 +213,31 @@ pub(super) static CALC_DIRTY_RATE_ARGS: [Member; 4] = [
     Member::opt("sample-pages", INT),
     Member::opt("mode", Type::Enum(&DIRTY_RATE_MEASURE_MODE)),
 ];
+/// `x-tern-predict-migration` arguments.
+pub(super) static PREDICT_ARGS: [Member; 4] = [
+    Member::req("bandwidth", U64),
+    Member::opt("dirty-rate", U64),
+    Member::opt("downtime-limit", U64),
+    Member::opt("max-bandwidth", U64),
+];
+static PREDICTION_INFO: Object = object(
+    "x-tern-MigrationPrediction",
+    &[
+        Member::req("converges", Type::Bool),
+        Member::req("passes", U32),
+        Member::req("extra-passes", U32),
+        Member::req("transferred-bytes", U64),
+        Member::req("first-pass-bytes", U64),
+        Member::req("dirty-rate", U64),
+        Member::req("precopy-bandwidth", U64),
+        Member::req("downtime-limit", U64),
+        Member::req("reason", Type::Str),
+        Member::opt("expected-total-time-ms", U64),
+        Member::opt("expected-downtime-ms", U64),
+    ],
+);
+/// `x-tern-predict-migration`.
+pub(super) const PREDICTION: Type = Type::Object(&PREDICTION_INFO);
 /// `query-dirty-rate` arguments.
 pub(super) static QUERY_DIRTY_RATE_ARGS: [Member; 1] =
     [Member::opt("calc-time-unit", Type::Enum(&TIME_UNIT))];
