@@ -327,7 +327,7 @@ impl DirtyRate {
             if r.size < MIN_SAMPLED_REGION {
                 continue;
             }
-            let count = (u128::from(r.size) * u128::from(cfg.sample_pages) >> 30) as u64;
+            let count = ((u128::from(r.size) * u128::from(cfg.sample_pages)) >> 30) as u64;
             if count == 0 {
                 continue;
             }

@@ -60,7 +60,10 @@ fn prediction_matches_what_the_migration_then_does() {
     assert_eq!(p["converges"], true, "{p}");
     assert!(p["expected-downtime-ms"].is_u64(), "{p}");
     assert!(p["expected-total-time-ms"].is_u64(), "{p}");
-    assert!(p["first-pass-bytes"].as_u64().unwrap_or(0) >= 16 * MIB, "{p}");
+    assert!(
+        p["first-pass-bytes"].as_u64().unwrap_or(0) >= 16 * MIB,
+        "{p}"
+    );
     src.params(json!({"max-bandwidth": 512 * MIB, "downtime-limit": 300}));
     let mut mid = dest(dir.path(), "mid", &m);
     let e = mid.err("x-tern-predict-migration", json!({"bandwidth": MIB}));
@@ -89,7 +92,10 @@ fn prediction_matches_what_the_migration_then_does() {
     mid.wait_mig(&["active"], T);
     mid.wait_pass(6, MIGRATION_TIMEOUT);
     let q = mid.qm();
-    assert_eq!(q["status"], "active", "converged against the prediction: {q}");
+    assert_eq!(
+        q["status"], "active",
+        "converged against the prediction: {q}"
+    );
     mid.c("migrate_cancel", json!({}));
     mid.wait_mig(&["cancelled"], T);
     assert_source_runs_on(&mut mid);
