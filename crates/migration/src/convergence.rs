@@ -10,9 +10,11 @@
 //!   the destination has acknowledged.
 //! * `max-bandwidth` limits pre-copy in 100 ms windows; the stop-and-copy is never limited.
 //! * Tern's refinement (bounded extra passes after QEMU's rule held): [`rule`].
+//! * A prediction of a whole migration from a dirty rate and a bandwidth: [`predict`].
 
 use std::time::{Duration, Instant};
 
+pub mod predict;
 pub mod rule;
 pub use rule::{RuleDecision, RuleName, SwitchoverRule, SyncSample};
 

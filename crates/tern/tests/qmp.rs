@@ -227,6 +227,7 @@ fn qmp_schema_is_the_dispatcher_table() {
         "query-migrate",
         "query-migrate-capabilities",
         "query-migrate-parameters",
+        "query-dirty-rate",
         "x-tern-guest-stats",
         "x-tern-statedev",
         "x-tern-heartbeats",

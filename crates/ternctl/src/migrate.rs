@@ -58,6 +58,7 @@ pub struct MigrateArgs {
     /// MiB/s
     #[arg(long)]
     pub bandwidth: Option<u64>,
+    /// MiB/s the link can carry at the switchover (the VMM's avail-switchover-bandwidth)
     #[arg(long)]
     pub available_switchover_bandwidth: Option<u64>,
     #[arg(long)]

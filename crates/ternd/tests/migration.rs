@@ -327,6 +327,40 @@ fn auto_converge_migration_of_a_tern_vm() {
     assert_pattern_ok(&h.dst, "ac", MEM, dir.path());
 }
 
+/// `--available-switchover-bandwidth` (MiB/s) reaches the source VMM as
+/// `avail-switchover-bandwidth`: with pre-copy capped far below what the guest dirties and a
+/// short downtime limit, the migration switches because the link is declared fast.
+#[test]
+fn available_switchover_bandwidth_reaches_the_source_vmm() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "asb", &domain_xml("asb", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "asb"]);
+    wait_workload_running(&h.src, "asb");
+    h.src.ok(&["migrate-setmaxdowntime", "asb", "50"]);
+    h.src.ok(&["migrate-setspeed", "asb", "8"]);
+    h.src.ok(&[
+        "migrate",
+        "asb",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--available-switchover-bandwidth",
+        "100000",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "asb", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(
+        job.contains("avail-switchover-bandwidth: 100000 MiB/s"),
+        "{job}"
+    );
+    assert_eq!(h.dst.state("asb"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "asb", MEM, dir.path());
+}
+
 #[test]
 fn tls_migration_of_a_tern_vm_keeps_switchover_ack() {
     let dir = tmpdir();

@@ -176,6 +176,8 @@ impl Controller {
                 )));
             }
         }
+        // A `dirty-bitmap` measurement owns the dirty log until it ends (decision 87).
+        self.dirty_log_busy()?;
         let state = self.run_state();
         if state == RunState::InMigrate {
             return Err(QmpError::generic(
@@ -412,6 +414,7 @@ impl Controller {
 
     /// Cancels any migration before the process exits.
     pub fn shutdown_migration(&self) {
+        self.dirty_rate.stop();
         let mut m = self.mig();
         if let Some(o) = m.outgoing.take() {
             o.cancel();

@@ -3,14 +3,18 @@
 //!
 //! * [`runstate`]: QEMU's RunState as `query-status` reports it, and the STOP/RESUME events.
 //! * [`vm_cmds`]: machine commands (`stop`, `cont`, `quit`, `pmemsave`, `x-tern-*`).
+//! * [`dirty_rate_cmds`]: `calc-dirty-rate`, `query-dirty-rate` (the measurement: [`crate::dirty_rate`]).
+//! * [`predict_cmds`]: `x-tern-predict-migration` (issue 13's prediction before migrating).
 //! * [`schema`]: the QAPI types of the commands' arguments and replies, and the events.
 //!
 //! [`COMMANDS`] is the one table of commands: the QMP server lists it (`query-commands`,
 //! `query-qmp-schema`), checks arguments against it, and dispatch runs its handlers.
 
+mod dirty_rate_cmds;
 mod migration_address;
 mod migration_cmds;
 pub mod objects;
+mod predict_cmds;
 mod runstate;
 mod schema;
 mod vm_cmds;
@@ -55,6 +59,8 @@ pub struct Controller {
     pub(crate) migration: Mutex<migration_cmds::MigrationCtl>,
     /// `object-add` objects (TLS credentials, authorizations).
     pub(crate) objects: Mutex<objects::Objects>,
+    /// `calc-dirty-rate`'s measurement (at most one at a time).
+    pub(crate) dirty_rate: Arc<crate::dirty_rate::DirtyRate>,
     me: Weak<Controller>,
 }
 
@@ -79,6 +85,7 @@ impl Controller {
             quit_tx: Mutex::new(quit_tx),
             migration: Mutex::new(migration_cmds::MigrationCtl::default()),
             objects: Mutex::new(objects::Objects::default()),
+            dirty_rate: Arc::default(),
             me: me.clone(),
         })
     }
@@ -138,6 +145,7 @@ const fn boxed_entry(name: &'static str, args: &'static Object, ret: Type, run: 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
 static COMMANDS: [Entry; 28] = [
+static COMMANDS: [Entry; 29] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
@@ -239,6 +247,24 @@ static COMMANDS: [Entry; 28] = [
         &[],
         schema::PARAMETERS_INFO,
         |c, _, a| c.query_migrate_parameters(a),
+    ),
+    entry(
+        "calc-dirty-rate",
+        &schema::CALC_DIRTY_RATE_ARGS,
+        EMPTY,
+        |c, _, a| c.calc_dirty_rate(a),
+    ),
+    entry(
+        "query-dirty-rate",
+        &schema::QUERY_DIRTY_RATE_ARGS,
+        schema::DIRTY_RATE,
+        |c, _, a| c.query_dirty_rate(a),
+    ),
+    entry(
+        "x-tern-predict-migration",
+        &schema::PREDICT_ARGS,
+        schema::PREDICTION,
+        |c, _, a| c.predict_migration(a),
     ),
 ];
 

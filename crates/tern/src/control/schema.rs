@@ -170,6 +170,78 @@ pub(super) static SERIAL_ARGS: [Member; 1] = [Member::opt("from", U64)];
 /// `x-tern-dirty-log` arguments.
 pub(super) static DIRTY_LOG_ARGS: [Member; 1] = [Member::req("enable", Type::Bool)];
 
+// ---- dirty page rate (QEMU's `calc-dirty-rate` / `query-dirty-rate`) ----
+
+static TIME_UNIT: Enum = Enum {
+    name: "TimeUnit",
+    values: Values::List(&["second", "millisecond"]),
+};
+static DIRTY_RATE_MEASURE_MODE: Enum = Enum {
+    name: "DirtyRateMeasureMode",
+    values: Values::List(&["page-sampling", "dirty-ring", "dirty-bitmap"]),
+};
+static DIRTY_RATE_STATUS: Enum = Enum {
+    name: "DirtyRateStatus",
+    values: Values::List(&["unstarted", "measuring", "measured"]),
+};
+static DIRTY_RATE_VCPU: Object = object(
+    "DirtyRateVcpu",
+    &[Member::req("id", INT), Member::req("dirty-rate", INT)],
+);
+static DIRTY_RATE_INFO: Object = object(
+    "DirtyRateInfo",
+    &[
+        Member::opt("dirty-rate", INT),
+        Member::req("status", Type::Enum(&DIRTY_RATE_STATUS)),
+        Member::req("start-time", INT),
+        Member::req("calc-time", INT),
+        Member::req("calc-time-unit", Type::Enum(&TIME_UNIT)),
+        Member::req("sample-pages", U64),
+        Member::req("mode", Type::Enum(&DIRTY_RATE_MEASURE_MODE)),
+        Member::opt(
+            "vcpu-dirty-rate",
+            Type::Array(&Type::Object(&DIRTY_RATE_VCPU)),
+        ),
+    ],
+);
+/// `query-dirty-rate`.
+pub(super) const DIRTY_RATE: Type = Type::Object(&DIRTY_RATE_INFO);
+/// `calc-dirty-rate` arguments.
+pub(super) static CALC_DIRTY_RATE_ARGS: [Member; 4] = [
+    Member::req("calc-time", INT),
+    Member::opt("calc-time-unit", Type::Enum(&TIME_UNIT)),
+    Member::opt("sample-pages", INT),
+    Member::opt("mode", Type::Enum(&DIRTY_RATE_MEASURE_MODE)),
+];
+/// `x-tern-predict-migration` arguments.
+pub(super) static PREDICT_ARGS: [Member; 4] = [
+    Member::req("bandwidth", U64),
+    Member::opt("dirty-rate", U64),
+    Member::opt("downtime-limit", U64),
+    Member::opt("max-bandwidth", U64),
+];
+static PREDICTION_INFO: Object = object(
+    "x-tern-MigrationPrediction",
+    &[
+        Member::req("converges", Type::Bool),
+        Member::req("passes", U32),
+        Member::req("extra-passes", U32),
+        Member::req("transferred-bytes", U64),
+        Member::req("first-pass-bytes", U64),
+        Member::req("dirty-rate", U64),
+        Member::req("precopy-bandwidth", U64),
+        Member::req("downtime-limit", U64),
+        Member::req("reason", Type::Str),
+        Member::opt("expected-total-time-ms", U64),
+        Member::opt("expected-downtime-ms", U64),
+    ],
+);
+/// `x-tern-predict-migration`.
+pub(super) const PREDICTION: Type = Type::Object(&PREDICTION_INFO);
+/// `query-dirty-rate` arguments.
+pub(super) static QUERY_DIRTY_RATE_ARGS: [Member; 1] =
+    [Member::opt("calc-time-unit", Type::Enum(&TIME_UNIT))];
+
 static INT_OR_NULL: Alternate = Alternate {
     name: "x-tern-IntOrNull",
     members: &[U64, Type::Null],

@@ -407,6 +407,7 @@ impl Controller {
         if self.migration_active() {
             return Err(QmpError::generic("There's a migration process in progress"));
         }
+        self.dirty_log_busy()?;
         let r = if a.enable {
             self.vm.start_dirty_log()
         } else {

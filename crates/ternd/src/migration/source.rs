@@ -315,6 +315,40 @@ fn run(
                 json!({"max-bandwidth": bw.saturating_mul(1 << 20)}),
             )?;
         }
+        // libvirt's unit is MiB/s; the VMM's (QEMU 8.2+) bytes/s, 0 = the measured bandwidth.
+        // Per migration, as libvirt (which restores the parameters after the job): a value left
+        // on the VMM by an earlier migration is reset when this one does not ask for it.
+        match opts.available_switchover_bandwidth {
+            Some(mib_s) => {
+                let bytes = mib_s.checked_mul(1 << 20).ok_or_else(|| {
+                    Error::InvalidArg(format!(
+                        "--available-switchover-bandwidth {mib_s} MiB/s is too large"
+                    ))
+                })?;
+                vmm.qmp(
+                    "migrate-set-parameters",
+                    json!({ "avail-switchover-bandwidth": bytes }),
+                )?;
+                note(
+                    dom,
+                    ctx,
+                    format!(
+                        "avail-switchover-bandwidth: {mib_s} MiB/s (the expected downtime and \
+                         the switchover decision assume it instead of the measured bandwidth)"
+                    ),
+                );
+            }
+            None => {
+                let p = vmm.qmp("query-migrate-parameters", json!({}))?;
+                let left = p.get("avail-switchover-bandwidth").and_then(|v| v.as_u64());
+                if left.is_some_and(|v| v > 0) {
+                    vmm.qmp(
+                        "migrate-set-parameters",
+                        json!({ "avail-switchover-bandwidth": 0 }),
+                    )?;
+                }
+            }
+        }
         if dom.abort_requested() {
             return Err(aborted());
         }
