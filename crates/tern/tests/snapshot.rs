@@ -319,10 +319,7 @@ fn bad_snapshot_files_fail_cleanly() {
     src.quit_ok();
     let bytes = std::fs::read(&good).unwrap();
     let n = bytes.len();
-    assert!(
-        n > 1 << 20,
-        "a 16 MiB filled guest saved to only {n} bytes"
-    );
+    assert!(n > 1 << 20, "a 16 MiB filled guest saved to only {n} bytes");
 
     let write = |name: &str, data: &[u8]| -> PathBuf {
         let p = dir.path().join(name);

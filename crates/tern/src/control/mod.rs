@@ -144,8 +144,7 @@ const fn boxed_entry(name: &'static str, args: &'static Object, ret: Type, run: 
 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
-static COMMANDS: [Entry; 28] = [
-static COMMANDS: [Entry; 29] = [
+static COMMANDS: [Entry; 31] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
