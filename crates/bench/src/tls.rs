@@ -36,7 +36,8 @@ fn cpu_secs(pid: u32) -> Option<f64> {
 /// Makes the certificates once (`scripts/tls-certs.sh OUT 127.0.0.1`); returns the host's
 /// directory (server and client pairs, signed by one CA).
 fn certificates(ctx: &Ctx) -> anyhow::Result<PathBuf> {
-    let out = ctx.out.join("tls-pki");
+    // In the scratch directory: the private keys never land in bench/results.
+    let out = ctx.bins.work.join("tls-pki");
     let status = std::process::Command::new(ctx.repo.join("scripts/tls-certs.sh"))
         .arg(&out)
         .arg(HOST)
