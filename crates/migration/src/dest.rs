@@ -47,6 +47,9 @@ use crate::wire::{
     WireError,
 };
 
+#[path = "dest_postcopy.rs"]
+mod postcopy;
+
 const READ_BUFFER: usize = 256 << 10;
 /// Longest a failed destination waits for the source to close after `SHUT{1}`.
 const LINGER: Duration = Duration::from_secs(2);
@@ -68,6 +71,11 @@ pub struct DestOptions {
     /// `x-tern-ram-digest`: require the source's RAM digest (a stream without one fails at
     /// `CAPABILITIES`); a digest the source sends is checked whatever this setting.
     pub ram_digest: bool,
+    /// `postcopy-ram`: accept post-copy (the source's setting must match; the machine must
+    /// have a [`crate::machine::PostcopySink`]).
+    pub postcopy_ram: bool,
+    /// `postcopy-blocktime`: publish QEMU's blocktimes in `query-migrate`.
+    pub postcopy_blocktime: bool,
 }
 
 impl Default for DestOptions {
@@ -79,6 +87,8 @@ impl Default for DestOptions {
             limits: Limits::default(),
             liveness: LivenessTimeout::default(),
             ram_digest: false,
+            postcopy_ram: false,
+            postcopy_blocktime: false,
         }
     }
 }
@@ -93,6 +103,8 @@ impl DestOptions {
             limits: Limits::default(),
             liveness: LivenessTimeout::default(),
             ram_digest: caps.get(Capability::XTernRamDigest),
+            postcopy_ram: caps.get(Capability::PostcopyRam),
+            postcopy_blocktime: caps.get(Capability::PostcopyBlocktime),
         }
     }
 }
@@ -107,6 +119,8 @@ pub struct DestMachine {
     pub loaders: Vec<Box<dyn StateLoader>>,
     /// Every non-iterative component.
     pub state: Box<dyn MachineState>,
+    /// Demand paging for post-copy; `None`: this machine refuses `postcopy-ram`.
+    pub postcopy: Option<Box<dyn crate::machine::PostcopySink>>,
 }
 
 /// Where the stream comes from.
@@ -162,6 +176,19 @@ pub enum DestError {
     /// `x-tern-ram-digest`: the digest was refused, missing, or the memories differ.
     #[error(transparent)]
     Digest(#[from] DigestError),
+    /// Post-copy failed after `POSTCOPY_RUN`: the guest was started here and some of its
+    /// pages never came; the vCPUs that touch them stay blocked (decision 74).
+    #[error(
+        "post-copy failed after the guest started on this destination: {pages} pages never \
+         received (the vCPUs that touch them stay blocked; the guest cannot run on)"
+    )]
+    PostcopyLost {
+        /// Pages never received.
+        pages: u64,
+        /// What ended it (the source lost, a bad page, ...).
+        #[source]
+        source: Box<DestError>,
+    },
     /// The `mig-dst` thread could not be started.
     #[error("cannot start thread mig-dst")]
     Spawn(#[source] std::io::Error),
@@ -294,6 +321,7 @@ pub fn incoming(
         last_pong: Arc::new(AtomicU32::new(0)),
         rp_open: false,
         digest: DigestCheck::default(),
+        pc: None,
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -397,6 +425,8 @@ struct Receiver {
     rp_open: bool,
     /// `x-tern-ram-digest`: announced, received, checked before the guest runs.
     digest: DigestCheck,
+    /// Post-copy: negotiated, and where it stands.
+    pc: Option<postcopy::PostcopyRx>,
 }
 
 /// The receiver's explicit state.
@@ -411,6 +441,7 @@ impl Receiver {
     fn run(mut self, from: Incoming) -> DestOutcome {
         let mut state = RxState::Listening;
         let result = self.receive(from, &mut state);
+        let result = result.map_err(|e| self.postcopy_failure(e));
         let (status, error) = match result {
             Ok(()) => (MigrationStatus::Completed, None),
             Err(e) => {
@@ -490,7 +521,7 @@ impl Receiver {
         }
     }
 
-    fn set_status(&self, status: MigrationStatus) {
+    pub(super) fn set_status(&self, status: MigrationStatus) {
         *self.shared.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
         self.stats.set_status(status);
         self.events.migration_status(status);
@@ -601,6 +632,7 @@ impl Receiver {
         let mut finals: Vec<ComponentState> = Vec::new();
         loop {
             match reader.next_record()? {
+                Record::Ram(batch) if self.postcopy_running() => self.place_batch(&batch)?,
                 Record::Ram(batch) => {
                     for p in batch.pages() {
                         let (block, page) = (usize::from(p.block), u64::from(p.page));
@@ -618,6 +650,9 @@ impl Receiver {
                             source,
                         })?;
                         self.digest.page_loaded(self.m.ram.as_mut(), block, page)?;
+                        if let Some(pc) = &mut self.pc {
+                            pc.received(block, page);
+                        }
                     }
                 }
                 Record::DeviceChunk(c) => {
@@ -668,15 +703,7 @@ impl Receiver {
                     ram_digest,
                     postcopy_ram,
                 }) => {
-                    if postcopy_ram {
-                        // Stream format §13 is specified and parsed; the destination side of
-                        // post-copy (userfaultfd) is not built yet (docs/migration-engine.md §9).
-                        return Err(DestError::Protocol(
-                            "capability 'postcopy-ram' is on at the source but this destination \
-                             does not support post-copy yet"
-                                .into(),
-                        ));
-                    }
+                    self.postcopy_capability(postcopy_ram)?;
                     self.digest.on_capabilities(
                         ram_digest,
                         self.opts.ram_digest,
@@ -708,17 +735,18 @@ impl Receiver {
                 Record::Command(Command::SwitchoverStart) => {
                     tracing::debug!("source stopped: final state follows");
                 }
+                Record::End(_) if self.postcopy_running() => {
+                    *state = RxState::Finishing;
+                    return self.postcopy_end();
+                }
                 Record::End(_) => break,
-                // The reader admits these only after CAPABILITIES postcopy-ram, refused above.
-                Record::RamDiscard(_)
-                | Record::Command(
-                    Command::PostcopyAdvise { .. }
-                    | Command::PostcopyListen
-                    | Command::PostcopyRun { .. },
-                ) => {
-                    return Err(DestError::Protocol(
-                        "post-copy record received, but post-copy was not negotiated".into(),
-                    ));
+                Record::RamDiscard(d) => self.discard(&d)?,
+                Record::Command(Command::PostcopyAdvise { .. }) => self.advise()?,
+                Record::Command(Command::PostcopyListen) => self.listen()?,
+                Record::Command(Command::PostcopyRun { .. }) => {
+                    // The reader checked the package's checksum: restore it, run the guest.
+                    self.restore_and_run(std::mem::take(&mut finals))?;
+                    self.postcopy_ran();
                 }
             }
         }
@@ -797,6 +825,16 @@ impl Receiver {
         if let Some(d) = self.digest.verify(&self.m.ram.blocks())? {
             self.stats.set_ram_digest(d);
         }
+        self.restore_and_run(finals)?;
+        if let Err(e) = send_rp(&self.rp, &RpMessage::Shut { error: false }) {
+            tracing::warn!(error = %e, "cannot send SHUT");
+        }
+        Ok(())
+    }
+
+    /// Final device states, components, resume (`RESUMED`): END in pre-copy, `POSTCOPY_RUN`
+    /// in post-copy.
+    fn restore_and_run(&mut self, finals: Vec<ComponentState>) -> Result<(), DestError> {
         let mut components = Vec::with_capacity(finals.len());
         let mut loaded = vec![false; self.m.loaders.len()];
         for c in finals {
@@ -863,9 +901,6 @@ impl Receiver {
             if let Err(e) = send_rp(&self.rp, &RpMessage::Resumed) {
                 tracing::warn!(error = %e, "cannot send RESUMED");
             }
-        }
-        if let Err(e) = send_rp(&self.rp, &RpMessage::Shut { error: false }) {
-            tracing::warn!(error = %e, "cannot send SHUT");
         }
         Ok(())
     }

@@ -39,5 +39,6 @@ pub fn machine_for_destination(vm: &Arc<Vm>, devices: &[StateDevice]) -> DestMac
             .map(|d| Box::new(d.loader()) as Box<dyn StateLoader>)
             .collect(),
         state: Box::new(VmComponents(vm.clone())),
+        postcopy: None,
     }
 }
