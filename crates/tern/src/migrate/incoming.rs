@@ -12,12 +12,16 @@ use tern_qmp::QmpError;
 
 use super::events::QmpMigrationEvents;
 use super::machine_for_destination;
+use super::postcopy::PagerSlot;
 use crate::control::Controller;
 
 /// An incoming migration: bound listener (so `query-migrate` reports the real port) and the
 /// receiver thread.
 pub struct Incoming {
     handle: DestHandle,
+    /// The post-copy pager, kept after the engine ends (see [`PagerSlot::teardown`]).
+    pager: PagerSlot,
+    vm: Arc<tern_vmm::Vm>,
 }
 
 impl Incoming {
@@ -40,7 +44,8 @@ impl Incoming {
             caps.get(Capability::Events),
             exit_on_error.then(|| stats.clone()),
         ));
-        let machine = machine_for_destination(&ctl.vm, &ctl.devices);
+        let pager = PagerSlot::default();
+        let machine = machine_for_destination(&ctl.vm, &ctl.devices, &pager);
         let handle = dest::incoming(
             machine,
             dest::Incoming::Listener(listener),
@@ -49,7 +54,11 @@ impl Incoming {
             stats,
         )
         .map_err(|e| QmpError::generic(e.to_string()))?;
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            pager,
+            vm: ctl.vm.clone(),
+        })
     }
 
     pub fn stats(&self) -> &MigrationStats {
@@ -77,9 +86,12 @@ impl Incoming {
         self.handle.set_autostart(on)
     }
 
-    /// Cancels a receive in progress and waits for the thread.
+    /// Cancels a receive in progress and waits for the thread; a post-copy pager still
+    /// running (the source was lost with pages missing) is torn down first, in the order that
+    /// lets the blocked vCPUs go (the caller then shuts the VM down).
     pub fn cancel_and_join(self) {
         self.handle.cancel();
         let _ = self.handle.join();
+        self.pager.teardown(&self.vm);
     }
 }
