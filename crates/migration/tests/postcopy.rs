@@ -255,3 +255,62 @@ fn the_source_lost_after_run_leaves_the_destination_failed_naming_the_missing_pa
     assert!(!pager.finished(), "paging kept: the vCPUs stay blocked");
     guest.stop();
 }
+
+/// Decision 73: after `POSTCOPY_RUN` a page the destination already holds (received in
+/// pre-copy, not discarded) is refused, never placed over what the running guest wrote. The
+/// stream is written by hand (a correct source never sends it).
+#[test]
+fn a_page_sent_twice_after_run_fails_the_destination_by_name() {
+    use tern_migration::machine::{MachineState, RamSink};
+    use tern_migration::transport::Stream;
+    use tern_migration::wire::{Command, Limits, RamPage, StreamWriter, VERSION_POSTCOPY};
+
+    let setup = Setup::default();
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let (pager, dm) = with_pager(&dst, dm);
+    let (a, b) = socketpair();
+    let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
+    let ram = tern_migration::fakes::FakeRam::small();
+    let cfg = FakeMachine::new(2, UUID)
+        .describe()
+        .stream_config(ram.page_size(), ram.blocks());
+    let Stream::Unix(sock) = a else {
+        panic!("socketpair gives unix streams")
+    };
+    let page = vec![0x5au8; ram.page_size() as usize];
+    let mut w =
+        StreamWriter::with_version(sock, &cfg, &Limits::default(), VERSION_POSTCOPY).unwrap();
+    w.write_command(Command::Capabilities {
+        switchover_ack: false,
+        validate_uuid: false,
+        ram_digest: false,
+        postcopy_ram: true,
+    })
+    .unwrap();
+    w.write_command(Command::PostcopyAdvise {
+        page_size: ram.page_size(),
+    })
+    .unwrap();
+    w.write_ram_batch(&[RamPage::normal(0, 3, &page)]).unwrap();
+    w.write_command(Command::SwitchoverStart).unwrap();
+    w.write_command(Command::RunState { running: true })
+        .unwrap();
+    w.write_ram_discard(0, &[(10, 2)]).unwrap();
+    w.write_command(Command::PostcopyListen).unwrap();
+    w.write_postcopy_run().unwrap();
+    // Page 10 was discarded (missing): placed. Page 3 came in pre-copy: refused.
+    w.write_ram_batch(&[RamPage::normal(0, 10, &page)]).unwrap();
+    w.write_ram_batch(&[RamPage::normal(0, 3, &page)]).unwrap();
+    w.flush().unwrap();
+    let dout = d.join().unwrap();
+    drop(w);
+    assert_eq!(dout.status, S::Failed);
+    let e = dout.error.unwrap_or_default();
+    assert!(
+        e.contains("page 3 of block 0 sent in post-copy but already present"),
+        "{e}"
+    );
+    assert!(e.contains("pages never received"), "{e}");
+    assert_eq!(pager.paging_stats().pages_placed, 1);
+    assert!(!pager.finished());
+}
