@@ -18,7 +18,8 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use super::{send_rp, DestError, Receiver, RpWriter};
+use super::rp::{send_rp, RpWriter};
+use super::{DestError, Receiver};
 use crate::machine::{DirtyBitmap, MachineError, PageRange, PageRequester, PostcopyPagingStats};
 use crate::stats::{MigrationStats, PostcopyBlocktime};
 use crate::status::MigrationStatus;

@@ -36,6 +36,7 @@
 
 mod autoconverge;
 mod confirm;
+mod devices;
 mod liveness;
 mod postcopy;
 mod ram;
