@@ -25,7 +25,8 @@ fn start(dir: &std::path::Path, transport: &str, m: &Machine, exit_on_error: boo
     dst.caps(&CAPS);
     src.params(json!({"max-bandwidth": 32_000_000, "downtime-limit": 1}));
     let uri = match (transport, exit_on_error) {
-        ("tcp", e) => dst.listen_tcp_with(Some(e)),
+        ("tcp", true) => dst.listen_tcp_with(None),
+        ("tcp", false) => dst.listen_tcp(),
         _ => dst.listen_unix(&dir.join("migration.sock")),
     };
     src.c("migrate", json!({ "uri": uri }));
@@ -105,4 +106,21 @@ fn postcopy_killed_source_the_destination_reports_the_pages_it_lost() {
     assert!(!dst.err("cont", json!({})).is_empty());
     // The teardown completes although vCPUs wait for pages that will never come.
     dst.quit_ok();
+}
+
+/// QEMU's default `exit-on-error`: the destination that lost its source in post-copy exits
+/// non-zero and says which pages it lost (the teardown completes although vCPUs wait for them).
+#[test]
+fn postcopy_killed_source_exit_on_error_the_destination_exits_naming_the_loss() {
+    let dir = tmpdir();
+    let m = Machine::pattern(2, 32);
+    let (mut src, mut dst) = start(dir.path(), "tcp", &m, true);
+    src.params(json!({"max-postcopy-bandwidth": 1_000_000}));
+    src.c("migrate-start-postcopy", json!({}));
+    dst.wait_mig(&["postcopy-active"], MIGRATION_TIMEOUT);
+    dst.event("RESUME", MIGRATION_TIMEOUT);
+    src.signal(libc::SIGKILL);
+    let (st, log) = dst.wait_gone(MIGRATION_TIMEOUT);
+    assert!(!st.success(), "{st}; log:\n{log}");
+    assert!(log.contains("pages never received"), "{log}");
 }
