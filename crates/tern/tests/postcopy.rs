@@ -103,7 +103,10 @@ fn postcopy_killed_source_the_destination_reports_the_pages_it_lost() {
     assert!(e.contains("pages never received"), "{e}");
     // Never shown as a healthy running guest.
     assert_eq!(dst.run_status(), "internal-error");
-    assert!(!dst.err("cont", json!({})).is_empty());
+    for cmd in ["cont", "stop", "system_reset"] {
+        let e = dst.err(cmd, json!({}));
+        assert!(e.contains("Post-copy lost its source"), "{cmd}: {e}");
+    }
     // The teardown completes although vCPUs wait for pages that will never come.
     dst.quit_ok();
 }

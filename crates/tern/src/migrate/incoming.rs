@@ -74,6 +74,12 @@ impl Incoming {
         self.handle.status() == MigrationStatus::Failed
     }
 
+    /// Post-copy failed after the guest started here: pages are missing for good and the
+    /// vCPUs that touch them stay blocked (decision 94). Nothing may pause, reset or resume it.
+    pub fn postcopy_lost(&self) -> bool {
+        self.failed() && self.pager.is_active()
+    }
+
     /// `migrate_cancel` on the destination: the migration ends `failed` ("incoming migration
     /// cancelled"); a no-op once it ended; false (nothing done) once the guest was loaded.
     pub fn cancel(&self) -> bool {

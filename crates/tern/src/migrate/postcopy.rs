@@ -21,6 +21,11 @@ impl PagerSlot {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a pager still runs (paging, or kept after the source was lost).
+    pub fn is_active(&self) -> bool {
+        self.lock().is_some()
+    }
+
     /// Tears a paging destination down in the only order that completes (`docs/postcopy.md`,
     /// "Facts"): the vCPUs are told to stop first, then the pager unregisters (a vCPU blocked
     /// on a page leaves `KVM_RUN` on its pending kick), and the caller then shuts the VM down.
