@@ -127,3 +127,26 @@ fn postcopy_killed_source_exit_on_error_the_destination_exits_naming_the_loss() 
     assert!(!st.success(), "{st}; log:\n{log}");
     assert!(log.contains("pages never received"), "{log}");
 }
+
+/// The destination dies during post-copy: the source reports `failed` and stays paused for
+/// good (the guest ran on the destination; decision 90), refusing `cont`.
+#[test]
+fn postcopy_killed_destination_the_source_stays_paused() {
+    let dir = tmpdir();
+    let m = Machine::pattern(2, 32);
+    let (mut src, mut dst) = start(dir.path(), "tcp", &m, false);
+    src.params(json!({"max-postcopy-bandwidth": 1_000_000}));
+    src.c("migrate-start-postcopy", json!({}));
+    dst.wait_mig(&["postcopy-active"], MIGRATION_TIMEOUT);
+    dst.event("RESUME", MIGRATION_TIMEOUT);
+    dst.signal(libc::SIGKILL);
+    let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
+    let e = error_desc(&q);
+    assert!(e.contains("source stays paused"), "{e}");
+    assert_eq!(src.run_status(), "postmigrate");
+    let e = src.err("cont", json!({}));
+    assert!(e.contains("runs there"), "{e}");
+    let last = src.last_seq();
+    src.assert_no_hb_after(last, std::time::Duration::from_millis(100));
+    src.quit_ok();
+}
