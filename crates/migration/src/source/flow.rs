@@ -120,7 +120,7 @@ impl Sender {
         if !live {
             self.keepalive.disable();
         }
-        let rp_stream = if self.opts.return_path && live {
+        let rp_stream = if (self.opts.return_path || self.opts.postcopy_ram) && live {
             stream
                 .try_clone_for_return_path()
                 .map_err(|e| SourceError::ReturnPath(format!("cannot clone the socket: {e}")))?

@@ -162,7 +162,9 @@ impl SourceOptions {
     /// Options from QEMU-style capabilities and parameters.
     pub fn from_qemu(caps: &Capabilities, params: &Parameters) -> Self {
         Self {
-            return_path: caps.get(Capability::ReturnPath),
+            // QEMU opens the return path for post-copy whatever `return-path` says
+            // (`migration_rp_start` with `migrate_postcopy_ram()`): page requests travel on it.
+            return_path: caps.get(Capability::ReturnPath) || caps.get(Capability::PostcopyRam),
             switchover_ack: caps.get(Capability::SwitchoverAck),
             pause_before_switchover: caps.get(Capability::PauseBeforeSwitchover),
             validate_uuid: caps.get(Capability::ValidateUuid),

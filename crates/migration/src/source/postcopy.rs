@@ -26,8 +26,8 @@ impl Sender {
                 op: "postcopy-ram",
                 source: MachineError::rejected(
                     "postcopy-ram",
-                    "post-copy needs the return path (a socket migration with 'return-path' on): \
-                     page requests travel on it",
+                    "post-copy needs a live migration over a socket (page requests travel on its \
+                     return path); a file cannot carry them",
                 ),
             });
         }
