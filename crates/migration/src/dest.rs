@@ -25,15 +25,15 @@
 //! are counted after CONFIG; each approves through its [`SwitchoverApproval`]; when the count
 //! is reached and the return path is open, `SWITCHOVER_ACK` is sent, at once when nobody needs it.
 
-use std::io::{BufReader, Read, Write};
+use std::io::BufReader;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::digest::{DigestCheck, DigestError};
 use crate::events::EventSink;
-use crate::liveness::{self, Inactivity, LivenessTimeout, Ticker};
+use crate::liveness::{self, Inactivity, LivenessTimeout};
 use crate::machine::{
     ComponentState, ComponentVersion, MachineError, MachineState, RamSink, StateLoader,
     SwitchoverApproval, VcpuControl,
@@ -48,6 +48,13 @@ use crate::wire::{
     Command, Expectations, Limits, PageData, Record, RpMessage, StreamConfig, StreamReader,
     WireError,
 };
+
+#[path = "dest_postcopy.rs"]
+mod postcopy;
+#[path = "dest_rp.rs"]
+mod rp;
+
+use rp::{send_rp, AckInner, AckState, RpWriter};
 
 const READ_BUFFER: usize = 256 << 10;
 /// Longest a failed destination waits for the source to close after `SHUT{1}`.
@@ -73,6 +80,11 @@ pub struct DestOptions {
     /// `tls-creds` (+ `tls-authz`): the source must complete a TLS handshake (destination =
     /// server) and be admitted before one byte of the stream is read.
     pub tls: Option<ServerTls>,
+    /// `postcopy-ram`: accept post-copy (the source's setting must match; the machine must
+    /// have a [`crate::machine::PostcopySink`]).
+    pub postcopy_ram: bool,
+    /// `postcopy-blocktime`: publish QEMU's blocktimes in `query-migrate`.
+    pub postcopy_blocktime: bool,
 }
 
 impl Default for DestOptions {
@@ -85,6 +97,8 @@ impl Default for DestOptions {
             liveness: LivenessTimeout::default(),
             ram_digest: false,
             tls: None,
+            postcopy_ram: false,
+            postcopy_blocktime: false,
         }
     }
 }
@@ -100,6 +114,8 @@ impl DestOptions {
             liveness: LivenessTimeout::default(),
             ram_digest: caps.get(Capability::XTernRamDigest),
             tls: None,
+            postcopy_ram: caps.get(Capability::PostcopyRam),
+            postcopy_blocktime: caps.get(Capability::PostcopyBlocktime),
         }
     }
 }
@@ -114,6 +130,8 @@ pub struct DestMachine {
     pub loaders: Vec<Box<dyn StateLoader>>,
     /// Every non-iterative component.
     pub state: Box<dyn MachineState>,
+    /// Demand paging for post-copy; `None`: this machine refuses `postcopy-ram`.
+    pub postcopy: Option<Box<dyn crate::machine::PostcopySink>>,
 }
 
 /// Where the stream comes from.
@@ -172,6 +190,19 @@ pub enum DestError {
     /// `x-tern-ram-digest`: the digest was refused, missing, or the memories differ.
     #[error(transparent)]
     Digest(#[from] DigestError),
+    /// Post-copy failed after `POSTCOPY_RUN`: the guest was started here and some of its
+    /// pages never came; the vCPUs that touch them stay blocked (decision 74).
+    #[error(
+        "post-copy failed after the guest started on this destination: {pages} pages never \
+         received (the vCPUs that touch them stay blocked; the guest cannot run on)"
+    )]
+    PostcopyLost {
+        /// Pages never received.
+        pages: u64,
+        /// What ended it (the source lost, a bad page, ...).
+        #[source]
+        source: Box<DestError>,
+    },
     /// The `mig-dst` thread could not be started.
     #[error("cannot start thread mig-dst")]
     Spawn(#[source] std::io::Error),
@@ -312,6 +343,7 @@ pub fn incoming(
         last_pong: Arc::new(AtomicU32::new(0)),
         rp_open: false,
         digest: DigestCheck::default(),
+        pc: None,
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -322,79 +354,6 @@ pub fn incoming(
         stats,
         thread,
     })
-}
-
-/// The return-path writer, shared with approval callbacks on other threads.
-type RpWriter = Arc<Mutex<Option<Stream>>>;
-
-fn send_rp(rp: &RpWriter, msg: &RpMessage) -> Result<(), std::io::Error> {
-    let mut g = rp.lock().unwrap_or_else(|p| p.into_inner());
-    match g.as_mut() {
-        Some(s) => {
-            s.write_all(&msg.encode())?;
-            s.flush()?;
-            // Nothing follows SHUT (stream format §8): later sends, e.g. keepalives, are no-ops.
-            if matches!(msg, RpMessage::Shut { .. }) {
-                *g = None;
-            }
-            Ok(())
-        }
-        None => Ok(()),
-    }
-}
-
-/// Switchover-ack bookkeeping (QEMU `switchover_ack_pending_num`).
-struct AckState {
-    inner: Mutex<AckInner>,
-    rp: RpWriter,
-    stats: MigrationStats,
-}
-
-struct AckInner {
-    enabled: bool,
-    needed: usize,
-    approved: usize,
-    rp_open: bool,
-    sent: bool,
-}
-
-impl AckState {
-    fn lock(&self) -> MutexGuard<'_, AckInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn approve(&self) -> Result<(), String> {
-        let mut g = self.lock();
-        if g.approved >= g.needed {
-            return Err(format!(
-                "switchover approved more often than the {} loader(s) that asked for it",
-                g.needed
-            ));
-        }
-        g.approved += 1;
-        self.maybe_send(&mut g)
-    }
-
-    fn rp_opened(&self) -> Result<(), String> {
-        let mut g = self.lock();
-        g.rp_open = true;
-        self.maybe_send(&mut g)
-    }
-
-    fn maybe_send(&self, g: &mut AckInner) -> Result<(), String> {
-        if g.enabled && g.rp_open && !g.sent && g.approved >= g.needed {
-            g.sent = true;
-            tracing::debug!("sending SWITCHOVER_ACK");
-            self.stats.set_switchover_ack(SwitchoverAckStats {
-                enabled: true,
-                acked: true,
-                waited: Default::default(),
-            });
-            send_rp(&self.rp, &RpMessage::SwitchoverAck)
-                .map_err(|e| format!("sending SWITCHOVER_ACK: {e}"))?;
-        }
-        Ok(())
-    }
 }
 
 struct Receiver {
@@ -415,6 +374,8 @@ struct Receiver {
     rp_open: bool,
     /// `x-tern-ram-digest`: announced, received, checked before the guest runs.
     digest: DigestCheck,
+    /// Post-copy: negotiated, and where it stands.
+    pc: Option<postcopy::PostcopyRx>,
 }
 
 /// The receiver's explicit state.
@@ -429,6 +390,7 @@ impl Receiver {
     fn run(mut self, from: Incoming) -> DestOutcome {
         let mut state = RxState::Listening;
         let result = self.receive(from, &mut state);
+        let result = result.map_err(|e| self.postcopy_failure(e));
         let (status, error) = match result {
             Ok(()) => (MigrationStatus::Completed, None),
             Err(e) => {
@@ -471,44 +433,7 @@ impl Receiver {
         }
     }
 
-    /// After `ERROR` + `SHUT{1}`: half-closes the return path and reads (and drops) the
-    /// source's stream until the source closes its end, at most [`LINGER`]. Closing a socket
-    /// with unread data sends a reset, which can destroy the `ERROR` before the source read it
-    /// (and the glue may exit the process right after this, `exit-on-error`). Only when the
-    /// source opened the return path: it closes as soon as it reads `SHUT{1}`; a source without
-    /// one would go on sending instead of noticing the failure.
-    fn linger(&mut self) {
-        if !self.rp_open || self.shared.io.is_cancelled() {
-            return;
-        }
-        let Some(mut s) = self.rp.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return;
-        };
-        s.shutdown_write();
-        let deadline = Instant::now() + LINGER;
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                tracing::debug!("the source did not close within {LINGER:?}");
-                return;
-            }
-            let timeout = match s.plain() {
-                Stream::Tcp(t) => t.set_read_timeout(Some(left)),
-                Stream::Unix(u) => u.set_read_timeout(Some(left)),
-                Stream::File(_) | Stream::Tls(_) => return,
-            };
-            if timeout.is_err() {
-                return;
-            }
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    }
-
-    fn set_status(&self, status: MigrationStatus) {
+    pub(super) fn set_status(&self, status: MigrationStatus) {
         *self.shared.status.lock().unwrap_or_else(|p| p.into_inner()) = status;
         self.stats.set_status(status);
         self.events.migration_status(status);
@@ -634,6 +559,7 @@ impl Receiver {
         let mut finals: Vec<ComponentState> = Vec::new();
         loop {
             match reader.next_record()? {
+                Record::Ram(batch) if self.postcopy_running() => self.place_batch(&batch)?,
                 Record::Ram(batch) => {
                     for p in batch.pages() {
                         let (block, page) = (usize::from(p.block), u64::from(p.page));
@@ -651,6 +577,9 @@ impl Receiver {
                             source,
                         })?;
                         self.digest.page_loaded(self.m.ram.as_mut(), block, page)?;
+                        if let Some(pc) = &mut self.pc {
+                            pc.received(block, page);
+                        }
                     }
                 }
                 Record::DeviceChunk(c) => {
@@ -701,15 +630,7 @@ impl Receiver {
                     ram_digest,
                     postcopy_ram,
                 }) => {
-                    if postcopy_ram {
-                        // Stream format §13 is specified and parsed; the destination side of
-                        // post-copy (userfaultfd) is not built yet (docs/migration-engine.md §9).
-                        return Err(DestError::Protocol(
-                            "capability 'postcopy-ram' is on at the source but this destination \
-                             does not support post-copy yet"
-                                .into(),
-                        ));
-                    }
+                    self.postcopy_capability(postcopy_ram)?;
                     self.digest.on_capabilities(
                         ram_digest,
                         self.opts.ram_digest,
@@ -741,48 +662,23 @@ impl Receiver {
                 Record::Command(Command::SwitchoverStart) => {
                     tracing::debug!("source stopped: final state follows");
                 }
+                Record::End(_) if self.postcopy_running() => {
+                    *state = RxState::Finishing;
+                    return self.postcopy_end();
+                }
                 Record::End(_) => break,
-                // The reader admits these only after CAPABILITIES postcopy-ram, refused above.
-                Record::RamDiscard(_)
-                | Record::Command(
-                    Command::PostcopyAdvise { .. }
-                    | Command::PostcopyListen
-                    | Command::PostcopyRun { .. },
-                ) => {
-                    return Err(DestError::Protocol(
-                        "post-copy record received, but post-copy was not negotiated".into(),
-                    ));
+                Record::RamDiscard(d) => self.discard(&d)?,
+                Record::Command(Command::PostcopyAdvise { .. }) => self.advise()?,
+                Record::Command(Command::PostcopyListen) => self.listen()?,
+                Record::Command(Command::PostcopyRun { .. }) => {
+                    // The reader checked the package's checksum: restore it, run the guest.
+                    self.restore_and_run(std::mem::take(&mut finals))?;
+                    self.postcopy_ran();
                 }
             }
         }
         *state = RxState::Finishing;
         self.finish(finals)
-    }
-
-    /// The `mig-dst-ka` thread (stopped when dropped): repeats the latest `PONG` on the return
-    /// path every keepalive period, so that the source sees this side alive while the receiver
-    /// is busy (a device loading for a long time) and its own `PING` waits in the stream. A
-    /// repeated `PONG` tells the source nothing new about what was loaded. Without the thread
-    /// (it could not start) the migration goes on; only that patience is lost.
-    fn start_keepalive(&self, stream: &Stream) -> Option<Ticker> {
-        if !stream.has_return_path() {
-            return None;
-        }
-        let (rp, last) = (self.rp.clone(), self.last_pong.clone());
-        let tick = move || {
-            let seq = last.load(Ordering::SeqCst);
-            if seq != 0 {
-                // Best effort: a return path that broke fails the migration elsewhere.
-                let _ = send_rp(&rp, &RpMessage::Pong { seq });
-            }
-        };
-        match Ticker::spawn("mig-dst-ka", self.opts.liveness.keepalive_period(), tick) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start the return-path keepalive thread");
-                None
-            }
-        }
     }
 
     /// Counts the loaders needing an ACK and calls every `load_setup`.
@@ -830,6 +726,16 @@ impl Receiver {
         if let Some(d) = self.digest.verify(&self.m.ram.blocks())? {
             self.stats.set_ram_digest(d);
         }
+        self.restore_and_run(finals)?;
+        if let Err(e) = send_rp(&self.rp, &RpMessage::Shut { error: false }) {
+            tracing::warn!(error = %e, "cannot send SHUT");
+        }
+        Ok(())
+    }
+
+    /// Final device states, components, resume (`RESUMED`): END in pre-copy, `POSTCOPY_RUN`
+    /// in post-copy.
+    fn restore_and_run(&mut self, finals: Vec<ComponentState>) -> Result<(), DestError> {
         let mut components = Vec::with_capacity(finals.len());
         let mut loaded = vec![false; self.m.loaders.len()];
         for c in finals {
@@ -896,9 +802,6 @@ impl Receiver {
             if let Err(e) = send_rp(&self.rp, &RpMessage::Resumed) {
                 tracing::warn!(error = %e, "cannot send RESUMED");
             }
-        }
-        if let Err(e) = send_rp(&self.rp, &RpMessage::Shut { error: false }) {
-            tracing::warn!(error = %e, "cannot send SHUT");
         }
         Ok(())
     }

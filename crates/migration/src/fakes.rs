@@ -18,7 +18,9 @@ use crate::machine::{
     RamBlockInfo, RamSink, RamSource, RamView, StateHandler, StateLoader, SwitchoverApproval,
 };
 
+mod postcopy;
 mod vcpus;
+pub use postcopy::FakePager;
 pub use vcpus::{Dirtier, FakeVcpus};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

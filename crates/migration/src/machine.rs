@@ -96,6 +96,13 @@ impl DirtyBitmap {
         }
     }
 
+    /// Clears page `p` (ignored past the end).
+    pub fn unset(&mut self, p: u64) {
+        if p < self.pages {
+            self.words[(p / 64) as usize] &= !(1 << (p % 64));
+        }
+    }
+
     /// Whether page `p` is dirty.
     pub fn get(&self, p: u64) -> bool {
         p < self.pages && self.words[(p / 64) as usize] & (1 << (p % 64)) != 0
@@ -201,6 +208,68 @@ pub trait RamSink: Send {
     /// Copies page `page` of block `block` out of guest memory into `buf` (`buf.len() ==
     /// page_size()`): the RAM digest reads back every page it loaded.
     fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError>;
+}
+
+/// A run of pages of one RAM block the destination asks for (one `REQ_PAGES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRange {
+    /// Block index (CONFIG order).
+    pub block: u16,
+    /// First page.
+    pub first: u32,
+    /// Pages, 1 ..= [`crate::wire::RP_MAX_REQ_PAGES`].
+    pub count: u32,
+}
+
+/// How a [`PostcopySink`] asks for the pages its guest faults on; implemented by the engine
+/// (a `REQ_PAGES` per range on the return path). Called on the machine's fault thread with one
+/// batch (every range of one drain of its fault queue); must not wait for the pages.
+pub trait PageRequester: Send + Sync {
+    /// Asks the source for `ranges`. An error stops the machine's fault thread: its faulting
+    /// vCPUs stay blocked (decision 74).
+    fn request(&self, ranges: &[PageRange]) -> Result<(), MachineError>;
+}
+
+/// Demand-paging counters of a [`PostcopySink`] (QEMU's destination-side post-copy numbers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostcopyPagingStats {
+    /// Ranges requested (each a `REQ_PAGES`).
+    pub requests: u64,
+    /// Pages installed since paging started (copies and zero pages).
+    pub pages_placed: u64,
+    /// Bytes installed.
+    pub bytes_placed: u64,
+    /// QEMU's `postcopy-blocktime`: total time during which every vCPU was blocked at once.
+    pub blocktime: std::time::Duration,
+    /// QEMU's `postcopy-vcpu-blocktime`: per vCPU, total time blocked on missing pages.
+    pub vcpu_blocktime: Vec<std::time::Duration>,
+}
+
+/// Post-copy on the destination (QEMU `postcopy-ram.c`): guest RAM paged on demand. The engine
+/// calls [`PostcopySink::probe`] at `POSTCOPY_ADVISE`, [`PostcopySink::start`] at
+/// `POSTCOPY_LISTEN` (vCPUs stopped), places every page that arrives after it, and calls
+/// [`PostcopySink::finish`] once every page is here. A machine without one refuses
+/// `postcopy-ram`.
+pub trait PostcopySink: Send {
+    /// Whether this machine can page on demand (`POSTCOPY_ADVISE`); the error says what is
+    /// missing. Nothing is changed.
+    fn probe(&mut self) -> Result<(), MachineError>;
+    /// Starts paging: the pages set in `missing[block]` are dropped (never read stale) and
+    /// fetched through `requester` on first touch, every other page is here. Guest stopped.
+    fn start(
+        &mut self,
+        missing: &[DirtyBitmap],
+        requester: Arc<dyn PageRequester>,
+    ) -> Result<(), MachineError>;
+    /// Installs one page and wakes whoever waits for it. `Ok(false)`: the page was already
+    /// there and nothing was written (the engine decides: decision 73 says it is an error).
+    fn place(&mut self, block: usize, page: u64, data: &[u8]) -> Result<bool, MachineError>;
+    /// Installs a zero page; as [`PostcopySink::place`].
+    fn place_zero(&mut self, block: usize, page: u64) -> Result<bool, MachineError>;
+    /// The counters so far.
+    fn stats(&self) -> PostcopyPagingStats;
+    /// Every page is here: stop paging (a no-op before `start`).
+    fn finish(&mut self) -> Result<(), MachineError>;
 }
 
 /// Run control of the vCPUs. The engine calls `pause` at the switchover (source), `resume` on

@@ -92,14 +92,14 @@ capabilities! {
     AutoConverge = "auto-converge", true;
     ZeroBlocks = "zero-blocks", false;
     Events = "events", true;
-    PostcopyRam = "postcopy-ram", false;
+    PostcopyRam = "postcopy-ram", true;
     XColo = "x-colo", false;
     ReleaseRam = "release-ram", false;
     ReturnPath = "return-path", true;
     PauseBeforeSwitchover = "pause-before-switchover", true;
     Multifd = "multifd", false;
     DirtyBitmaps = "dirty-bitmaps", false;
-    PostcopyBlocktime = "postcopy-blocktime", false;
+    PostcopyBlocktime = "postcopy-blocktime", true;
     LateBlockActivate = "late-block-activate", false;
     XIgnoreShared = "x-ignore-shared", false;
     ValidateUuid = "validate-uuid", true;
@@ -210,6 +210,10 @@ impl Capabilities {
             if on(C::PostcopyRam) {
                 return bad("Mapped-ram migration is incompatible with postcopy");
             }
+        }
+        // Tern: post-copy over TLS is not built (issue 9 scope).
+        if on(C::PostcopyRam) && !params.tls_creds.is_empty() {
+            return Err(ParamError::NotSupported("Post-copy with TLS".into()));
         }
         if let Some(c) = self.on.iter().find(|c| !c.implemented()) {
             return Err(ParamError::NotSupported(format!(

@@ -62,8 +62,10 @@ fn capability_list_matches_qemu() {
         [
             "auto-converge",
             "events",
+            "postcopy-ram",
             "return-path",
             "pause-before-switchover",
+            "postcopy-blocktime",
             "validate-uuid",
             "switchover-ack",
             "x-tern-ram-digest"
@@ -128,8 +130,8 @@ fn capability_rules() {
             "Capability 'multifd' is not yet supported by Tern",
         ),
         (
-            vec![("postcopy-ram", true)],
-            "Capability 'postcopy-ram' is not yet supported by Tern",
+            vec![("postcopy-preempt", true), ("postcopy-ram", true)],
+            "Capability 'postcopy-preempt' is not yet supported by Tern",
         ),
     ] {
         assert_eq!(set_caps(&mut c, &list).unwrap_err().to_string(), msg);

@@ -52,6 +52,19 @@ pub struct RamStats {
     pub downtime_bytes: u64,
     /// Page size of the page counters.
     pub page_size: u64,
+    /// Post-copy: page requests (`REQ_PAGES`) received (source) or sent (destination).
+    pub postcopy_requests: u64,
+    /// Post-copy: bytes sent after `POSTCOPY_RUN` (source) or pages placed (destination).
+    pub postcopy_bytes: u64,
+}
+
+/// Destination, with the `postcopy-blocktime` capability: QEMU's blocktime numbers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostcopyBlocktime {
+    /// `postcopy-blocktime`: time during which every vCPU was blocked at once.
+    pub all_vcpus: Duration,
+    /// `postcopy-vcpu-blocktime`: per vCPU, time blocked on missing pages.
+    pub per_vcpu: Vec<Duration>,
 }
 
 /// Switchover-ack progress (Tern extension, not in QEMU's `query-migrate`).
@@ -172,6 +185,8 @@ pub struct StatsSnapshot {
     /// Source, `auto-converge`: the vCPU throttle now in force, percent; 0 = not throttling
     /// (then `cpu-throttle-percentage` is absent, as in QEMU).
     pub cpu_throttle_percentage: u8,
+    /// Destination, `postcopy-blocktime`: QEMU's blocktimes.
+    pub postcopy_blocktime: Option<PostcopyBlocktime>,
 }
 
 /// `x-tern-ram-digest` in `query-migrate`.
@@ -299,6 +314,11 @@ impl MigrationStats {
     /// `auto-converge`: the throttle now applied to the vCPUs (0 = none).
     pub fn set_cpu_throttle_percentage(&self, pct: u8) {
         self.lock().snap.cpu_throttle_percentage = pct;
+    }
+
+    /// Destination, `postcopy-blocktime`: the blocktimes so far.
+    pub fn set_postcopy_blocktime(&self, b: PostcopyBlocktime) {
+        self.lock().snap.postcopy_blocktime = Some(b);
     }
 
     /// Records the switchover timeline.
@@ -442,6 +462,15 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
                 }
             }
             digest_info(&mut m, s);
+            // QEMU `fill_destination_postcopy_migration_info` (ms, u32).
+            if let Some(b) = &s.postcopy_blocktime {
+                let ms = |d: &Duration| d.as_millis().min(u128::from(u32::MAX)) as u64;
+                m.insert("postcopy-blocktime".into(), json!(ms(&b.all_vcpus)));
+                m.insert(
+                    "postcopy-vcpu-blocktime".into(),
+                    json!(b.per_vcpu.iter().map(ms).collect::<Vec<_>>()),
+                );
+            }
         }
     }
     if let Some(e) = &s.error_desc {
@@ -579,13 +608,13 @@ fn ram_info(s: &StatsSnapshot) -> Value {
         "dirty-pages-rate": if done { 0 } else { r.dirty_pages_rate },
         "mbps": r.mbps,
         "dirty-sync-count": r.dirty_sync_count,
-        "postcopy-requests": 0,
+        "postcopy-requests": r.postcopy_requests,
         "page-size": r.page_size,
         "multifd-bytes": 0,
         "pages-per-second": r.pages_per_second,
         "precopy-bytes": r.precopy_bytes,
         "downtime-bytes": r.downtime_bytes,
-        "postcopy-bytes": 0,
+        "postcopy-bytes": r.postcopy_bytes,
         "dirty-sync-missed-zero-copy": 0,
     })
 }

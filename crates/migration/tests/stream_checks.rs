@@ -128,7 +128,8 @@ fn sections_beyond_what_the_destination_restores_are_refused() {
 }
 
 #[test]
-fn postcopy_ram_from_the_source_is_refused_by_name_until_post_copy_is_built() {
+/// A destination without `postcopy-ram` refuses a source that has it (one-sided setting).
+fn postcopy_ram_from_the_source_is_refused_by_name_when_off_at_the_destination() {
     use tern_migration::machine::{MachineState, RamSink};
     use tern_migration::transport::Stream;
     use tern_migration::wire::{Command, Limits, StreamWriter, VERSION_POSTCOPY};
@@ -162,8 +163,7 @@ fn postcopy_ram_from_the_source_is_refused_by_name_until_post_copy_is_built() {
     assert_eq!(dout.status, S::Failed);
     let derr = dout.error.unwrap();
     assert!(
-        derr.contains("'postcopy-ram' is on at the source")
-            && derr.contains("does not support post-copy yet"),
+        derr.contains("'postcopy-ram' is on at the source but off at the destination"),
         "{derr}"
     );
     assert!(!dst.vcpus.is_running());

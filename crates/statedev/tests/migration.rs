@@ -90,6 +90,7 @@ fn start(ack: bool, src_opts: &str, dst_opts: &str) -> Run {
         vcpus: Box::new(FakeVcpus::new(false)),
         loaders: vec![Box::new(dst_dev.loader())],
         state: Box::new(FakeMachine::new(2, uuid)),
+        postcopy: None,
     };
     let (a, b) = UnixStream::pair().unwrap();
     let src_events = Arc::new(RecordingSink::new());

@@ -295,11 +295,24 @@ fn qmp_schema_is_the_dispatcher_table() {
         vm.err("migrate-continue", json!({"state": "pre-switchover"})),
         "Migration not in expected state: none"
     );
-    // migrate-start-postcopy exists and refuses, with QEMU's message, while postcopy-ram
-    // cannot be enabled.
-    assert!(vm
-        .err("migrate-start-postcopy", json!({}))
-        .starts_with("Enable postcopy with migrate_set_capability before the start of migration"));
+    // migrate-start-postcopy refuses, with QEMU's messages, without postcopy-ram and before
+    // any migration.
+    assert_eq!(
+        vm.err("migrate-start-postcopy", json!({})),
+        "Enable postcopy with migrate_set_capability before the start of migration"
+    );
+    vm.c(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]}),
+    );
+    assert_eq!(
+        vm.err("migrate-start-postcopy", json!({})),
+        "Postcopy must be started after migration has been started"
+    );
+    vm.c(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-ram", "state": false}]}),
+    );
 
     // Duplicate keys: the whole request is refused, nothing runs (the guest keeps running).
     let (mut w, mut r) = raw(&vm.qmp_path);

@@ -17,6 +17,7 @@ enum Phase {
     Setup,
     Active,
     Switchover,
+    Postcopy,
     Done,
 }
 
@@ -33,8 +34,15 @@ impl Sender {
                         Phase::Switchover
                     }
                 }),
-                Phase::Active => self.precopy().map(|()| Phase::Switchover),
+                Phase::Active => self.precopy().map(|postcopy| {
+                    if postcopy {
+                        Phase::Postcopy
+                    } else {
+                        Phase::Switchover
+                    }
+                }),
                 Phase::Switchover => self.switchover().map(|()| Phase::Done),
+                Phase::Postcopy => self.postcopy().map(|()| Phase::Done),
                 Phase::Done => break Ok(()),
             };
             match step {
@@ -69,14 +77,14 @@ impl Sender {
         }
     }
 
-    fn set_status(&self, status: MigrationStatus) {
+    pub(super) fn set_status(&self, status: MigrationStatus) {
         self.shared.lock().status = status;
         self.stats.set_status(status);
         self.events.migration_status(status);
         tracing::info!(status = status.as_str(), "outgoing migration");
     }
 
-    fn writer(&mut self) -> Result<&mut Writer, SourceError> {
+    pub(super) fn writer(&mut self) -> Result<&mut Writer, SourceError> {
         self.writer
             .as_mut()
             .ok_or(SourceError::Wire(WireError::Finished("not open")))
@@ -120,7 +128,7 @@ impl Sender {
         if !live {
             self.keepalive.disable();
         }
-        let rp_stream = if self.opts.return_path && live {
+        let rp_stream = if (self.opts.return_path || self.opts.postcopy_ram) && live {
             stream
                 .try_clone_for_return_path()
                 .map_err(|e| SourceError::ReturnPath(format!("cannot clone the socket: {e}")))?
@@ -130,8 +138,13 @@ impl Sender {
         let d = self.m.state.describe();
         let config = d.stream_config(self.m.ram.page_size(), self.m.ram.blocks());
         let stream = Watched::new(stream, self.shared.clone(), liveness);
+        if self.opts.postcopy_ram {
+            self.check_postcopy_setup(rp_stream.is_some())?;
+        }
         // The lowest stream version with every record this migration writes (spec §10).
-        let version = if self.opts.ram_digest {
+        let version = if self.opts.postcopy_ram {
+            wire::VERSION_POSTCOPY
+        } else if self.opts.ram_digest {
             wire::VERSION_RAM_DIGEST
         } else {
             wire::VERSION_1
@@ -146,7 +159,10 @@ impl Sender {
             switchover_ack: self.opts.switchover_ack && rp_stream.is_some(),
             validate_uuid: self.opts.validate_uuid,
             ram_digest: self.opts.ram_digest,
-            postcopy_ram: false,
+            postcopy_ram: self.opts.postcopy_ram,
+        };
+        let advise = Command::PostcopyAdvise {
+            page_size: config.page_size,
         };
         if rp_stream.is_none() {
             w.write_command(capabilities)?;
@@ -156,6 +172,11 @@ impl Sender {
             // After OPEN_RETURN_PATH, so that a destination refusing them can say why; before
             // PING 1, whose PONG thus says CONFIG and CAPABILITIES were accepted.
             w.write_command(capabilities)?;
+            if self.opts.postcopy_ram {
+                // Right after CAPABILITIES (§13.1): the destination checks that it can page on
+                // demand before it answers PING 1.
+                w.write_command(advise)?;
+            }
             w.write_command(Command::Ping { seq: 1 })?;
             let (cfg, shared) = (config.clone(), self.shared.clone());
             let rp = Watched::new(rp, shared.clone(), liveness);
@@ -222,7 +243,7 @@ impl Sender {
     }
 
     /// Error out when something ended the migration early.
-    fn check_abort(&self) -> Result<(), SourceError> {
+    pub(super) fn check_abort(&self) -> Result<(), SourceError> {
         let f = self.shared.lock();
         if f.cancel {
             return Err(SourceError::Cancelled);
@@ -241,14 +262,15 @@ impl Sender {
         Ok(())
     }
 
-    fn ram(&mut self) -> Result<&mut RamSender, SourceError> {
+    pub(super) fn ram(&mut self) -> Result<&mut RamSender, SourceError> {
         self.ram
             .as_mut()
             .ok_or(SourceError::Wire(WireError::Finished("not set up")))
     }
 
-    /// Pre-copy: iterate until the switchover rule says go (`convergence::rule`).
-    fn precopy(&mut self) -> Result<(), SourceError> {
+    /// Pre-copy: iterate until the switchover rule says go (`convergence::rule`), or until
+    /// `migrate-start-postcopy` was issued and the non-postcopiable state fits (returns true).
+    fn precopy(&mut self) -> Result<bool, SourceError> {
         let ack_gate = self.opts.switchover_ack && self.rp_thread.is_some();
         loop {
             self.check_abort()?;
@@ -264,6 +286,12 @@ impl Sender {
             let estimate = remaining + self.devices_pending(false)?;
             let at = now.saturating_duration_since(self.started);
             let acked = self.shared.lock().acked;
+            if self.postcopy_due(
+                threshold,
+                can_switchover(ack_gate, self.m.vcpus.is_running(), acked),
+            )? {
+                return Ok(true);
+            }
             let mut decided = None;
             if self.rule.should_sync(estimate, threshold, remaining, at)
                 || self.periodic_sync_due(now)
@@ -318,13 +346,17 @@ impl Sender {
                 if self.m.vcpus.is_running() && self.rp_thread.is_some() {
                     self.drain_destination(pending, threshold, tuning.downtime_limit_ms)?;
                 }
-                return Ok(());
+                return Ok(false);
             }
             let sent = self.iterate_round()?;
             if sent == 0 || (awaiting_ack && self.devices_pending(false)? == 0) {
                 // Nothing to send now (or everything that fits is sent and the ACK is missing):
-                // the ACK, an abort or the next window wakes us, never a busy loop.
-                self.wait_alive(Some(BUFFER_DELAY), move |f| f.acked && !acked)?;
+                // the ACK, an abort, `migrate-start-postcopy` or the next window wakes us,
+                // never a busy loop.
+                let pc = self.shared.lock().start_postcopy;
+                self.wait_alive(Some(BUFFER_DELAY), move |f| {
+                    (f.acked && !acked) || (f.start_postcopy && !pc)
+                })?;
                 continue;
             }
             let delay = self.limiter.delay(Instant::now());
@@ -386,27 +418,9 @@ impl Sender {
         });
     }
 
-    /// Sum of the devices' pending bytes (estimate or exact).
-    fn devices_pending(&mut self, exact: bool) -> Result<u64, SourceError> {
-        let mut sum = 0u64;
-        for dev in self.m.devices.iter_mut().filter(|d| d.is_iterative()) {
-            sum += if exact {
-                dev.pending_exact().map_err(|source| SourceError::Device {
-                    id: dev.id().to_owned(),
-                    instance: dev.instance(),
-                    op: "pending_exact",
-                    source,
-                })?
-            } else {
-                dev.pending_estimate()
-            };
-        }
-        Ok(sum)
-    }
-
     /// Dirty-log sync: ends the current pass, starts the next. Returns the bytes the guest
     /// dirtied since the previous sync.
-    fn sync_pass(&mut self, now: Instant) -> Result<u64, SourceError> {
+    pub(super) fn sync_pass(&mut self, now: Instant) -> Result<u64, SourceError> {
         let pass = self.ram()?.dirty_sync_count;
         self.writer()?
             .write_command(Command::IterationEnd { pass })?;
@@ -480,7 +494,7 @@ impl Sender {
     }
 
     /// Publishes the counters (and closes a bandwidth window every 100 ms).
-    fn update_counters(&mut self, now: Instant, bw: f64) {
+    pub(super) fn update_counters(&mut self, now: Instant, bw: f64) {
         let (Some(ram), Some(w)) = (self.ram.as_ref(), self.writer.as_ref()) else {
             return;
         };
@@ -494,6 +508,7 @@ impl Sender {
         let (zero, normal, ps) = (ram.zero_pages, ram.normal_pages, ram.page_size() as u64);
         let (syncs, rate) = (ram.dirty_sync_count, ram.dirty_pages_rate);
         let stopped = self.bytes_at_stop;
+        let run = self.bytes_at_run;
         self.stats.update(|r, expected| {
             r.transferred = written;
             r.remaining = remaining;
@@ -502,9 +517,13 @@ impl Sender {
             r.normal_bytes = normal * ps;
             r.dirty_sync_count = syncs;
             r.dirty_pages_rate = rate;
-            match stopped {
-                None => r.precopy_bytes = written,
-                Some(at) => r.downtime_bytes = written.saturating_sub(at),
+            match (stopped, run) {
+                (None, _) => r.precopy_bytes = written,
+                (Some(at), None) => r.downtime_bytes = written.saturating_sub(at),
+                (Some(at), Some(run)) => {
+                    r.downtime_bytes = run.saturating_sub(at);
+                    r.postcopy_bytes = written.saturating_sub(run);
+                }
             }
             if let Some(s) = sample {
                 r.mbps = s.mbps();
@@ -517,7 +536,7 @@ impl Sender {
     }
 
     /// Pauses the vCPUs if they run (remembering that we did) and starts the downtime clock.
-    fn stop_vm(&mut self, now: Instant) -> Result<(), SourceError> {
+    pub(super) fn stop_vm(&mut self, now: Instant) -> Result<(), SourceError> {
         self.mark = now;
         if self.m.vcpus.is_running() {
             self.m
@@ -636,61 +655,11 @@ impl Sender {
     }
 
     /// Time since the previous mark of the switchover timeline; moves the mark.
-    fn lap(&mut self) -> Duration {
+    pub(super) fn lap(&mut self) -> Duration {
         let now = Instant::now();
         let d = now.saturating_duration_since(self.mark);
         self.mark = now;
         d
-    }
-
-    /// Drains the devices' pre-copy data, then writes their final states.
-    fn save_devices(&mut self) -> Result<(), SourceError> {
-        for i in 0..self.m.devices.len() {
-            let dev = &mut self.m.devices[i];
-            let (id, inst, ver) = (dev.id().to_owned(), dev.instance(), dev.version());
-            let err = |op, source| SourceError::Device {
-                id: id.clone(),
-                instance: inst,
-                op,
-                source,
-            };
-            if dev.is_iterative() {
-                // With the VM stopped the device is frozen: it can only have what it reported
-                // pending. A device that keeps producing (not frozen with the vCPUs) would
-                // otherwise keep the VM stopped forever.
-                let limit = dev
-                    .pending_exact()
-                    .map_err(|e| err("pending_exact", e))?
-                    .saturating_add(DEVICE_CHUNK as u64);
-                let mut drained = 0u64;
-                loop {
-                    self.chunk.clear();
-                    dev.save_iterate(DEVICE_CHUNK, &mut self.chunk)
-                        .map_err(|e| err("save_iterate", e))?;
-                    if self.chunk.is_empty() {
-                        break;
-                    }
-                    drained += self.chunk.len() as u64;
-                    if drained > limit {
-                        return Err(err(
-                            "save_iterate",
-                            MachineError::Failed(format!(
-                                "the device produced more than the {limit} bytes it reported pending while the VM was stopped"
-                            )),
-                        ));
-                    }
-                    let chunk = std::mem::take(&mut self.chunk);
-                    let w = self.writer.as_mut().ok_or(SourceError::Cancelled)?;
-                    let r = w.write_device_chunk(&id, inst, ver, &chunk);
-                    self.chunk = chunk;
-                    r?;
-                }
-            }
-            let dev = &mut self.m.devices[i];
-            let data = dev.save_complete().map_err(|e| err("save_complete", e))?;
-            self.writer()?.write_section(&id, inst, ver, &data)?;
-        }
-        Ok(())
     }
 
     fn stop_dirty_log(&mut self) {
@@ -736,7 +705,16 @@ impl Sender {
     fn fail(&mut self, e: SourceError) -> (MigrationStatus, Option<String>) {
         // After END the destination may be running: the source stays paused (not resumed, no
         // `cancelled`), whatever else happened.
-        let unconfirmed = matches!(e, SourceError::Unconfirmed { .. });
+        // After POSTCOPY_RUN the destination may run the guest: never resume it here.
+        let postcopy_ran = self.shared.lock().postcopy_run_sent;
+        let e = match e {
+            e if postcopy_ran => SourceError::AfterPostcopySwitch {
+                pages: self.ram.as_ref().map_or(0, |r| r.remaining_pages()),
+                source: Box::new(e),
+            },
+            e => e,
+        };
+        let unconfirmed = postcopy_ran || matches!(e, SourceError::Unconfirmed { .. });
         let cancelled =
             !unconfirmed && (matches!(e, SourceError::Cancelled) || self.shared.lock().cancel);
         if cancelled {
@@ -771,7 +749,9 @@ impl Sender {
         drop(f);
         tracing::warn!(error = %desc, "outgoing migration did not complete");
         self.stats.set_error(desc.clone());
-        let status = if unconfirmed {
+        let status = if postcopy_ran {
+            MigrationStatus::Failed
+        } else if unconfirmed {
             MigrationStatus::Unconfirmed
         } else if cancelled {
             MigrationStatus::Cancelled

@@ -36,7 +36,9 @@
 
 mod autoconverge;
 mod confirm;
+mod devices;
 mod liveness;
+mod postcopy;
 mod ram;
 mod rp;
 
@@ -83,6 +85,9 @@ pub struct Tuning {
     /// `auto-converge` parameters (`cpu-throttle-*`, `max-cpu-throttle`,
     /// `throttle-trigger-threshold`), read at each sync as QEMU does.
     pub throttle: ThrottleParams,
+    /// `max-postcopy-bandwidth`, bytes/s, 0 = unlimited: limits the background push after the
+    /// post-copy switch, never the pages the destination asked for.
+    pub max_postcopy_bandwidth: u64,
 }
 
 impl Default for Tuning {
@@ -100,6 +105,7 @@ impl Tuning {
             avail_switchover_bandwidth: p.avail_switchover_bandwidth,
             resume_timeout_ms: p.x_tern_resume_timeout,
             throttle: ThrottleParams::from_parameters(p),
+            max_postcopy_bandwidth: p.max_postcopy_bandwidth,
         }
     }
 }
@@ -146,6 +152,9 @@ pub struct SourceOptions {
     /// `tls-creds`: the channel runs over TLS (source = client), established and admitted by
     /// the destination before the first byte of the stream.
     pub tls: Option<ClientTls>,
+    /// `postcopy-ram`: announce post-copy (`CAPABILITIES` bit 4, `POSTCOPY_ADVISE`, stream
+    /// version 3) so that `migrate-start-postcopy` can switch to it (`postcopy.rs`).
+    pub postcopy_ram: bool,
 }
 
 impl Default for SourceOptions {
@@ -158,7 +167,9 @@ impl SourceOptions {
     /// Options from QEMU-style capabilities and parameters.
     pub fn from_qemu(caps: &Capabilities, params: &Parameters) -> Self {
         Self {
-            return_path: caps.get(Capability::ReturnPath),
+            // QEMU opens the return path for post-copy whatever `return-path` says
+            // (`migration_rp_start` with `migrate_postcopy_ram()`): page requests travel on it.
+            return_path: caps.get(Capability::ReturnPath) || caps.get(Capability::PostcopyRam),
             switchover_ack: caps.get(Capability::SwitchoverAck),
             pause_before_switchover: caps.get(Capability::PauseBeforeSwitchover),
             validate_uuid: caps.get(Capability::ValidateUuid),
@@ -171,6 +182,7 @@ impl SourceOptions {
             throttle_period: crate::throttle::SYNC_PERIOD,
             throttle_sync_every: crate::throttle::PERIODIC_SYNC,
             tls: None,
+            postcopy_ram: caps.get(Capability::PostcopyRam),
         }
     }
 }
@@ -279,6 +291,25 @@ pub enum SourceError {
     /// `migrate-continue` outside `pre-switchover` (QEMU's text).
     #[error("Migration not in expected state: {0}")]
     NotExpectedState(&'static str),
+    /// `migrate-start-postcopy` without `postcopy-ram` (QEMU's text).
+    #[error("Enable postcopy with migrate_set_capability before the start of migration")]
+    PostcopyNotEnabled,
+    /// `migrate-start-postcopy` when no migration runs (QEMU's text).
+    #[error("Postcopy must be started after migration has been started")]
+    PostcopyNotRunning,
+    /// The migration failed after `POSTCOPY_RUN` was sent: the guest may run on the
+    /// destination, so this source stays paused and must never run it again.
+    #[error(
+        "post-copy failed after the switch ({pages} pages not sent): the guest may be running \
+         on the destination, so the source stays paused and must not run it again"
+    )]
+    AfterPostcopySwitch {
+        /// Pages the source had not sent yet.
+        pages: u64,
+        /// What ended it.
+        #[source]
+        source: Box<SourceError>,
+    },
     /// The migration thread panicked.
     #[error("the migration thread panicked")]
     Panicked,
@@ -371,6 +402,14 @@ struct Flags {
     last_pong: u32,
     /// When the destination last said anything on the return path.
     heard_at: Option<Instant>,
+    /// `postcopy-ram` is on: `REQ_PAGES` are expected after the switch.
+    postcopy: bool,
+    /// `migrate-start-postcopy` was issued.
+    start_postcopy: bool,
+    /// `POSTCOPY_RUN` was written: the destination may run the guest, the source never will.
+    postcopy_run_sent: bool,
+    /// Page requests read from the return path, not yet served (post-copy).
+    requests: std::collections::VecDeque<crate::machine::PageRange>,
     /// Sequence number of the last `PING` sent by the sender's waits.
     ping_sent: u32,
     /// Since when a `PING` is unanswered (cleared by the `PONG` of the last one).
@@ -428,6 +467,28 @@ impl SourceHandle {
         Ok(())
     }
 
+    /// `migrate-start-postcopy`: the next round in which the non-postcopiable state fits
+    /// switches to post-copy (QEMU's rule). Repeating it changes nothing.
+    pub fn start_postcopy(&self) -> Result<(), SourceError> {
+        let mut f = self.shared.lock();
+        if !f.postcopy {
+            return Err(SourceError::PostcopyNotEnabled);
+        }
+        if !matches!(
+            f.status,
+            MigrationStatus::Setup
+                | MigrationStatus::Active
+                | MigrationStatus::PreSwitchover
+                | MigrationStatus::PostcopyActive
+        ) {
+            return Err(SourceError::PostcopyNotRunning);
+        }
+        f.start_postcopy = true;
+        drop(f);
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
     /// `migrate-set-parameters` during the migration (applied at the next round).
     pub fn set_tuning(&self, tuning: Tuning) {
         self.shared.lock().tuning = tuning;
@@ -452,6 +513,8 @@ impl SourceHandle {
             MigrationStatus::Completed if f.resumed_at.is_some() => Handover::DestinationRuns,
             MigrationStatus::Completed if f.return_path => Handover::DestinationPaused,
             MigrationStatus::Completed => Handover::NoReturnPath,
+            // Failed after POSTCOPY_RUN: the destination may run the guest (decision 74).
+            _ if f.postcopy_run_sent => Handover::DestinationRuns,
             _ => Handover::NotHandedOver,
         }
     }
@@ -481,6 +544,7 @@ pub fn migrate(
         flags: Mutex::new(Flags {
             status: MigrationStatus::Setup,
             tuning: opts.tuning,
+            postcopy: opts.postcopy_ram,
             ..Flags::default()
         }),
         cv: Condvar::new(),
@@ -519,6 +583,7 @@ pub fn migrate(
         auto_converge: None,
         timeline: SwitchoverTimeline::default(),
         mark: Instant::now(),
+        bytes_at_run: None,
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
@@ -570,6 +635,8 @@ struct Sender {
     keepalive: Keepalive,
     /// `auto-converge`: the policy's state (set up with the dirty log).
     auto_converge: Option<autoconverge::AutoConverge>,
+    /// Post-copy: bytes written when `POSTCOPY_RUN` was (`postcopy-bytes` counts from there).
+    bytes_at_run: Option<u64>,
 }
 
 mod flow;

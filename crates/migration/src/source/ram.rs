@@ -131,6 +131,11 @@ impl RamSender {
         self.remaining * self.page_size as u64
     }
 
+    /// Pages still to send.
+    pub fn remaining_pages(&self) -> u64 {
+        self.remaining
+    }
+
     /// Fetches the machine's dirty log into the to-send set; returns the pages the guest
     /// dirtied since the previous sync. Increments the pass counter.
     pub fn sync(&mut self, ram: &mut dyn RamSource, now: Instant) -> Result<u64, RamError> {
@@ -176,6 +181,64 @@ impl RamSender {
         None
     }
 
+    /// Post-copy: clears page `page` of `block` from the to-send set; whether it was there
+    /// (a page already sent is in flight and never sent again, decision 73).
+    pub fn take_page(&mut self, block: usize, page: u64) -> bool {
+        let Some(d) = self.dirty.get_mut(block) else {
+            return false;
+        };
+        if !d.get(page) {
+            return false;
+        }
+        d.take_next(page);
+        self.remaining -= 1;
+        true
+    }
+
+    /// Where the round-robin walk continues (post-copy: just after the last requested page).
+    pub fn set_cursor(&mut self, block: usize, page: u64) {
+        if block < self.dirty.len() {
+            self.cursor = (block, page);
+        }
+    }
+
+    /// The to-send set as runs of pages per block (post-copy's RAM_DISCARD): `(block, runs of
+    /// (first_page, pages))`, ascending, only blocks with at least one page.
+    pub fn dirty_runs(&self) -> Vec<(u16, Vec<(u32, u32)>)> {
+        let mut out = Vec::new();
+        for (b, d) in self.dirty.iter().enumerate() {
+            let mut runs: Vec<(u32, u32)> = Vec::new();
+            let mut p = 0;
+            while p < d.pages() {
+                if d.get(p) {
+                    let start = p;
+                    while p < d.pages() && d.get(p) {
+                        p += 1;
+                    }
+                    // Block and page counts fit: the config validated blocks ≤ u16, pages ≤ 2^32.
+                    runs.push((start as u32, (p - start) as u32));
+                } else {
+                    p += 1;
+                }
+            }
+            if !runs.is_empty() {
+                out.push((b as u16, runs));
+            }
+        }
+        out
+    }
+
+    /// Sends the listed pages (already taken from the to-send set), in order.
+    pub fn send_pages<W: Write>(
+        &mut self,
+        ram: &mut dyn RamSource,
+        writer: &mut StreamWriter<W>,
+        pages: &[(usize, u64)],
+    ) -> Result<Sent, RamError> {
+        let mut it = pages.iter().copied();
+        self.send_from(ram, writer, u64::MAX, true, move |_| it.next())
+    }
+
     /// Sends dirty pages until `max_bytes` of page data (at least one page) were queued or
     /// nothing is dirty.
     pub fn send<W: Write>(
@@ -184,10 +247,23 @@ impl RamSender {
         writer: &mut StreamWriter<W>,
         max_bytes: u64,
     ) -> Result<Sent, RamError> {
+        self.send_from(ram, writer, max_bytes, false, Self::take_next)
+    }
+
+    /// Sends the pages `next` yields until `max_bytes` were queued (at least one page);
+    /// `listed`: `next` decides when it is done, not the to-send counter.
+    fn send_from<W: Write>(
+        &mut self,
+        ram: &mut dyn RamSource,
+        writer: &mut StreamWriter<W>,
+        max_bytes: u64,
+        listed: bool,
+        mut next: impl FnMut(&mut Self) -> Option<(usize, u64)>,
+    ) -> Result<Sent, RamError> {
         let ps = self.page_size;
         let mut sent = Sent::default();
         let before = writer.bytes_written();
-        while self.remaining > 0 && (sent.pages == 0 || sent.bytes < max_bytes) {
+        while (listed || self.remaining > 0) && (sent.pages == 0 || sent.bytes < max_bytes) {
             // Fill one batch: normal pages packed at the front of `buf`.
             let mut entries: Vec<(u16, u32, bool)> = Vec::with_capacity(BATCH_PAGES);
             let mut normal = 0usize;
@@ -195,7 +271,7 @@ impl RamSender {
                 if sent.pages > 0 && sent.bytes + (normal * ps) as u64 >= max_bytes {
                     break;
                 }
-                let Some((block, page)) = self.take_next() else {
+                let Some((block, page)) = next(self) else {
                     break;
                 };
                 let known = self

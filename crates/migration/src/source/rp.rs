@@ -55,6 +55,20 @@ pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>
                 }
                 return;
             }
+            Ok(Some(RpMessage::ReqPages {
+                block,
+                first_page,
+                count,
+            })) if f.postcopy => {
+                // Checked against the CONFIG by the reader (block, range, count); served by
+                // the sender after the switch (pages already sent are skipped there).
+                tracing::trace!(block, first_page, count, "return path: REQ_PAGES");
+                f.requests.push_back(crate::machine::PageRange {
+                    block,
+                    first: first_page,
+                    count,
+                });
+            }
             Ok(Some(RpMessage::ReqPages { .. })) => {
                 f.rp_fault
                     .get_or_insert_with(|| "unexpected REQ_PAGES (post-copy is not on)".into());

@@ -154,6 +154,7 @@ pub fn dest_side(s: &Setup, machine: FakeMachine) -> (DstSide, DestMachine) {
         vcpus: Box::new(vcpus),
         loaders,
         state: Box::new(machine),
+        postcopy: None,
     };
     (side, m)
 }

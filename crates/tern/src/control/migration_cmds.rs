@@ -7,7 +7,7 @@ use std::sync::{Arc, MutexGuard};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tern_migration::params::{check_not_running, Capabilities, Capability, Parameters};
-use tern_migration::source::{Handover, SourceHandle, SourceOptions, Target, Tuning};
+use tern_migration::source::{Handover, SourceError, SourceHandle, SourceOptions, Target, Tuning};
 use tern_migration::stats::{MigrationStats, Role};
 use tern_migration::status::MigrationStatus;
 use tern_migration::transport::tls_stream::{ClientTls, ServerTls};
@@ -319,18 +319,29 @@ impl Controller {
         Ok(json!({}))
     }
 
-    /// QEMU's `migrate-start-postcopy`. `postcopy-ram` cannot be enabled yet (refused by
-    /// `migrate-set-capabilities`; post-copy is specified in docs/stream-format.md §13 and not
-    /// built, docs/migration-engine.md §9), so QEMU's first check always refuses it, with
-    /// QEMU's message.
+    /// QEMU's `migrate-start-postcopy` (`qmp_migrate_start_postcopy`): refused without the
+    /// `postcopy-ram` capability, or when no migration was ever started; otherwise the
+    /// running migration switches to post-copy at the next round in which the device state
+    /// fits (a migration that already ended ignores it, as QEMU does).
     pub(super) fn migrate_start_postcopy(
         &self,
         args: Map<String, Value>,
     ) -> Result<Value, QmpError> {
         no_args(&args)?;
-        Err(QmpError::generic(
-            "Enable postcopy with migrate_set_capability before the start of migration              (Tern does not support postcopy-ram yet)",
-        ))
+        let m = self.mig();
+        if !m.caps.get(Capability::PostcopyRam) {
+            return Err(QmpError::generic(
+                SourceError::PostcopyNotEnabled.to_string(),
+            ));
+        }
+        let o = m
+            .outgoing
+            .as_ref()
+            .ok_or_else(|| QmpError::generic(SourceError::PostcopyNotRunning.to_string()))?;
+        match o.start_postcopy() {
+            Ok(()) | Err(SourceError::PostcopyNotRunning) => Ok(json!({})),
+            Err(e) => Err(QmpError::generic(e.to_string())),
+        }
     }
 
     pub(super) fn migrate_continue(&self, args: Map<String, Value>) -> Result<Value, QmpError> {

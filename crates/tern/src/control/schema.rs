@@ -548,6 +548,8 @@ static MIGRATION_INFO: Object = object(
             Type::Object(&GUEST_STALL_DETAIL),
         ),
         Member::opt("x-tern-ram-digest", Type::Object(&RAM_DIGEST)),
+        Member::opt("postcopy-blocktime", U64),
+        Member::opt("postcopy-vcpu-blocktime", Type::Array(&U64)),
     ],
 );
 /// `query-migrate`.

@@ -102,8 +102,27 @@ impl Controller {
         Ok(())
     }
 
+    /// Refuses what would pause a destination whose post-copy lost its source: its vCPUs
+    /// wait in `KVM_RUN` for pages that never come and cannot be stopped (docs/postcopy.md).
+    fn refuse_if_postcopy_lost(&self) -> Result<(), QmpError> {
+        if self
+            .mig()
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.postcopy_lost())
+        {
+            return Err(QmpError::generic(
+                "Post-copy lost its source after the guest started here: guest pages are \
+                 missing for good (see query-migrate); the guest cannot be stopped, reset or \
+                 resumed, only quit",
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn stop(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
         no_args(&args)?;
+        self.refuse_if_postcopy_lost()?;
         match self.run_state() {
             RunState::Running => self.stop_vm(RunState::Paused)?,
             // QEMU: during an incoming migration `stop` means "stay paused when it completes".
@@ -120,6 +139,7 @@ impl Controller {
 
     pub(super) fn cont(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
         no_args(&args)?;
+        self.refuse_if_postcopy_lost()?;
         let state = self.run_state();
         // An outgoing migration that is switching over (or undoing itself) owns the vCPUs: a
         // `cont` then would run the source while its final state is on the way, or after END
@@ -131,6 +151,7 @@ impl Controller {
                 st,
                 MigrationStatus::PreSwitchover
                     | MigrationStatus::Device
+                    | MigrationStatus::PostcopyActive
                     | MigrationStatus::Cancelling
             );
             if state != RunState::Running
@@ -206,6 +227,7 @@ impl Controller {
     /// Resets the machine (`guest`: the guest asked, through the i8042) and emits `RESET`.
     /// Refused while a migration owns the vCPUs or the machine waits for its incoming state.
     pub(crate) fn reset_machine(&self, guest: bool) -> Result<(), QmpError> {
+        self.refuse_if_postcopy_lost()?;
         if let Some(st) = self.mig().outgoing.as_ref().map(|o| o.status()) {
             if st.is_running() {
                 return Err(QmpError::generic(format!(

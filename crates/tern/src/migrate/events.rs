@@ -77,6 +77,20 @@ impl EventSink for QmpMigrationEvents {
             {
                 ctl.set_run_state(RunState::Paused);
             }
+            // Post-copy lost its source after the guest started here: pages are missing and
+            // the vCPUs that touch them stay blocked. Never shown as a healthy running guest.
+            (Side::Destination { .. }, MigrationStatus::Failed)
+                if ctl.run_state() == RunState::Running =>
+            {
+                ctl.set_run_state(RunState::InternalError);
+            }
+            // Failed after the post-copy switch: the source stayed paused (a failure before it
+            // resumed the guest first), and the guest may run on the destination.
+            (Side::Source { .. }, MigrationStatus::Failed)
+                if ctl.run_state() == RunState::FinishMigrate =>
+            {
+                ctl.set_run_state(RunState::PostMigrate);
+            }
             _ => {}
         }
         if self.events_cap {

@@ -13,12 +13,16 @@ use tern_qmp::QmpError;
 
 use super::events::QmpMigrationEvents;
 use super::machine_for_destination;
+use super::postcopy::PagerSlot;
 use crate::control::Controller;
 
 /// An incoming migration: bound listener (so `query-migrate` reports the real port) and the
 /// receiver thread.
 pub struct Incoming {
     handle: DestHandle,
+    /// The post-copy pager, kept after the engine ends (see [`PagerSlot::teardown`]).
+    pager: PagerSlot,
+    vm: Arc<tern_vmm::Vm>,
 }
 
 impl Incoming {
@@ -43,7 +47,8 @@ impl Incoming {
             caps.get(Capability::Events),
             exit_on_error.then(|| stats.clone()),
         ));
-        let machine = machine_for_destination(&ctl.vm, &ctl.devices);
+        let pager = PagerSlot::default();
+        let machine = machine_for_destination(&ctl.vm, &ctl.devices, &pager);
         let handle = dest::incoming(
             machine,
             dest::Incoming::Listener(listener),
@@ -52,7 +57,11 @@ impl Incoming {
             stats,
         )
         .map_err(|e| QmpError::generic(e.to_string()))?;
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            pager,
+            vm: ctl.vm.clone(),
+        })
     }
 
     pub fn stats(&self) -> &MigrationStats {
@@ -68,6 +77,12 @@ impl Incoming {
         self.handle.status() == MigrationStatus::Failed
     }
 
+    /// Post-copy failed after the guest started here: pages are missing for good and the
+    /// vCPUs that touch them stay blocked (decision 94). Nothing may pause, reset or resume it.
+    pub fn postcopy_lost(&self) -> bool {
+        self.failed() && self.pager.is_active()
+    }
+
     /// `migrate_cancel` on the destination: the migration ends `failed` ("incoming migration
     /// cancelled"); a no-op once it ended; false (nothing done) once the guest was loaded.
     pub fn cancel(&self) -> bool {
@@ -80,9 +95,12 @@ impl Incoming {
         self.handle.set_autostart(on)
     }
 
-    /// Cancels a receive in progress and waits for the thread.
+    /// Cancels a receive in progress and waits for the thread; a post-copy pager still
+    /// running (the source was lost with pages missing) is torn down first, in the order that
+    /// lets the blocked vCPUs go (the caller then shuts the VM down).
     pub fn cancel_and_join(self) {
         self.handle.cancel();
         let _ = self.handle.join();
+        self.pager.teardown(&self.vm);
     }
 }

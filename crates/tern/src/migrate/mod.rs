@@ -4,6 +4,7 @@
 pub mod events;
 pub mod incoming;
 pub mod machine;
+pub mod postcopy;
 pub mod stall;
 
 use std::sync::Arc;
@@ -30,7 +31,12 @@ pub fn machine_for_source(vm: &Arc<Vm>, devices: &[StateDevice]) -> SourceMachin
 }
 
 /// The machine as the receiver drives it.
-pub fn machine_for_destination(vm: &Arc<Vm>, devices: &[StateDevice]) -> DestMachine {
+/// `pager` keeps the post-copy pager (if one starts) for the teardown.
+pub fn machine_for_destination(
+    vm: &Arc<Vm>,
+    devices: &[StateDevice],
+    pager: &postcopy::PagerSlot,
+) -> DestMachine {
     DestMachine {
         ram: Box::new(VmRam::fresh_destination(vm.clone())),
         vcpus: Box::new(VmVcpus::new(vm.clone(), devices.to_vec())),
@@ -39,5 +45,9 @@ pub fn machine_for_destination(vm: &Arc<Vm>, devices: &[StateDevice]) -> DestMac
             .map(|d| Box::new(d.loader()) as Box<dyn StateLoader>)
             .collect(),
         state: Box::new(VmComponents(vm.clone())),
+        postcopy: Some(Box::new(postcopy::VmPostcopy::new(
+            vm.clone(),
+            pager.clone(),
+        ))),
     }
 }

@@ -1,0 +1,304 @@
+//! Post-copy on the destination (`postcopy-ram`, `docs/migration-engine.md` §9, stream format
+//! §13; QEMU's `loadvm_postcopy_handle_*`).
+//!
+//! | record | what happens |
+//! | --- | --- |
+//! | `CAPABILITIES` bit 4 | must match this side's `postcopy-ram`; the machine must have a [`PostcopySink`] |
+//! | `POSTCOPY_ADVISE` | [`PostcopySink::probe`]: a destination that cannot page on demand fails before `PONG 1` |
+//! | RAM in pre-copy | the page is marked received |
+//! | RAM_DISCARD | the pages are marked missing again (the source re-dirtied them) |
+//! | `POSTCOPY_LISTEN` | [`PostcopySink::start`] with missing = never received ∪ discarded, requests go out as `REQ_PAGES`; status `postcopy-active` |
+//! | SECTIONs, `POSTCOPY_RUN` | the package: restored, then the guest runs (`RESUMED`) |
+//! | RAM after RUN | placed; a page already here fails the migration (decision 73) |
+//! | END | every page must be here; paging stops; `SHUT{0}`, `completed` |
+//!
+//! A failure after RUN is [`DestError::PostcopyLost`] with the count of pages never received:
+//! the sink is not finished, so vCPUs touching those pages stay blocked (decision 74).
+
+use std::io::Write;
+use std::sync::Arc;
+
+use super::rp::{send_rp, RpWriter};
+use super::{DestError, Receiver};
+use crate::machine::{DirtyBitmap, MachineError, PageRange, PageRequester, PostcopyPagingStats};
+use crate::stats::{MigrationStats, PostcopyBlocktime};
+use crate::status::MigrationStatus;
+use crate::wire::{PageData, RamBatch, RamDiscard, RpMessage};
+
+/// Where post-copy stands on this side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Negotiated: pre-copy pages are tracked.
+    Negotiated,
+    /// `POSTCOPY_LISTEN`: paging started, the package loads.
+    Listening,
+    /// `POSTCOPY_RUN`: the guest runs here; pages are placed.
+    Running,
+}
+
+/// The destination's post-copy bookkeeping.
+pub(super) struct PostcopyRx {
+    stage: Stage,
+    /// Per block: pages this side does not hold (set = missing).
+    missing: Vec<DirtyBitmap>,
+    /// Number of set bits in `missing`.
+    missing_count: u64,
+}
+
+impl PostcopyRx {
+    /// A page loaded in pre-copy.
+    pub(super) fn received(&mut self, block: usize, page: u64) {
+        if let Some(m) = self.missing.get_mut(block) {
+            if m.get(page) {
+                m.unset(page);
+                self.missing_count -= 1;
+            }
+        }
+    }
+
+    fn mark_missing(&mut self, block: usize, page: u64) {
+        if let Some(m) = self.missing.get_mut(block) {
+            if !m.get(page) {
+                m.set(page);
+                self.missing_count += 1;
+            }
+        }
+    }
+}
+
+/// The engine's [`PageRequester`]: one `REQ_PAGES` per range, a batch in one write.
+struct RpRequester {
+    rp: RpWriter,
+    stats: MigrationStats,
+}
+
+impl PageRequester for RpRequester {
+    fn request(&self, ranges: &[PageRange]) -> Result<(), MachineError> {
+        let mut buf = Vec::with_capacity(ranges.len() * 18);
+        for r in ranges {
+            buf.extend_from_slice(
+                &RpMessage::ReqPages {
+                    block: r.block,
+                    first_page: r.first,
+                    count: r.count,
+                }
+                .encode(),
+            );
+        }
+        {
+            let mut g = self.rp.lock().unwrap_or_else(|p| p.into_inner());
+            let s = g.as_mut().ok_or_else(|| {
+                MachineError::Failed("the return path is closed: pages cannot be requested".into())
+            })?;
+            s.write_all(&buf)
+                .and_then(|()| s.flush())
+                .map_err(|source| MachineError::Io {
+                    op: "writing REQ_PAGES on the return path".into(),
+                    source,
+                })?;
+        }
+        let n = ranges.len() as u64;
+        self.stats.update(|r, _| r.postcopy_requests += n);
+        Ok(())
+    }
+}
+
+impl Receiver {
+    fn pc_protocol(what: &str) -> DestError {
+        DestError::Protocol(format!(
+            "post-copy record {what} received, but post-copy was not negotiated"
+        ))
+    }
+
+    /// `CAPABILITIES`: `postcopy-ram` must be set on both sides, and this machine must be able
+    /// to page on demand.
+    pub(super) fn postcopy_capability(&mut self, source_on: bool) -> Result<(), DestError> {
+        if source_on != self.opts.postcopy_ram {
+            let side = |on: bool| if on { "on" } else { "off" };
+            return Err(DestError::Protocol(format!(
+                "capability 'postcopy-ram' is {} at the source but {} at the destination: it must be set on both sides",
+                side(source_on),
+                side(self.opts.postcopy_ram)
+            )));
+        }
+        if !source_on {
+            return Ok(());
+        }
+        if self.m.postcopy.is_none() {
+            return Err(DestError::Protocol(
+                "capability 'postcopy-ram': this destination machine cannot page on demand".into(),
+            ));
+        }
+        let ps = self.m.ram.page_size();
+        let mut missing: Vec<DirtyBitmap> = self
+            .m
+            .ram
+            .blocks()
+            .iter()
+            .map(|b| DirtyBitmap::new(b.pages(ps)))
+            .collect();
+        for m in &mut missing {
+            m.set_all();
+        }
+        let missing_count = missing.iter().map(DirtyBitmap::count).sum();
+        self.pc = Some(PostcopyRx {
+            stage: Stage::Negotiated,
+            missing,
+            missing_count,
+        });
+        Ok(())
+    }
+
+    /// `POSTCOPY_ADVISE`: can this machine page on demand?
+    pub(super) fn advise(&mut self) -> Result<(), DestError> {
+        if self.pc.is_none() {
+            return Err(Self::pc_protocol("POSTCOPY_ADVISE"));
+        }
+        let sink = self
+            .m
+            .postcopy
+            .as_mut()
+            .ok_or_else(|| Self::pc_protocol("POSTCOPY_ADVISE"))?;
+        sink.probe().map_err(|source| DestError::Machine {
+            op: "post-copy is not possible on this destination".into(),
+            source,
+        })
+    }
+
+    /// RAM_DISCARD: the pages are stale here; they will be fetched.
+    pub(super) fn discard(&mut self, d: &RamDiscard) -> Result<(), DestError> {
+        let pc = self
+            .pc
+            .as_mut()
+            .ok_or_else(|| Self::pc_protocol("RAM_DISCARD"))?;
+        let block = usize::from(d.block);
+        for &(first, n) in &d.ranges {
+            for p in u64::from(first)..u64::from(first) + u64::from(n) {
+                pc.mark_missing(block, p);
+            }
+        }
+        Ok(())
+    }
+
+    /// `POSTCOPY_LISTEN`: start paging; from here pages are requested.
+    pub(super) fn listen(&mut self) -> Result<(), DestError> {
+        let pc = self
+            .pc
+            .as_mut()
+            .ok_or_else(|| Self::pc_protocol("POSTCOPY_LISTEN"))?;
+        let sink = self
+            .m
+            .postcopy
+            .as_mut()
+            .ok_or_else(|| Self::pc_protocol("POSTCOPY_LISTEN"))?;
+        let requester = Arc::new(RpRequester {
+            rp: self.rp.clone(),
+            stats: self.stats.clone(),
+        });
+        tracing::info!(
+            missing = pc.missing_count,
+            "post-copy: demand paging starts"
+        );
+        sink.start(&pc.missing, requester)
+            .map_err(|source| DestError::Machine {
+                op: "starting demand paging (post-copy)".into(),
+                source,
+            })?;
+        pc.stage = Stage::Listening;
+        self.set_status(MigrationStatus::PostcopyActive);
+        Ok(())
+    }
+
+    /// `POSTCOPY_RUN` was acted on: the guest is restored (and runs unless told otherwise).
+    pub(super) fn postcopy_ran(&mut self) {
+        if let Some(pc) = &mut self.pc {
+            pc.stage = Stage::Running;
+        }
+    }
+
+    /// Pages are placed, not written: the guest runs.
+    pub(super) fn postcopy_running(&self) -> bool {
+        self.pc
+            .as_ref()
+            .is_some_and(|pc| pc.stage == Stage::Running)
+    }
+
+    /// A RAM record after RUN: every page must be one this side lacks (decision 73).
+    pub(super) fn place_batch(&mut self, batch: &RamBatch<'_>) -> Result<(), DestError> {
+        let (Some(pc), Some(sink)) = (self.pc.as_mut(), self.m.postcopy.as_mut()) else {
+            return Err(Self::pc_protocol("RAM"));
+        };
+        for p in batch.pages() {
+            let (block, page) = (usize::from(p.block), u64::from(p.page));
+            if !pc.missing.get(block).is_some_and(|m| m.get(page)) {
+                return Err(DestError::Protocol(format!(
+                    "page {page} of block {block} sent in post-copy but already present"
+                )));
+            }
+            let placed = match p.data {
+                PageData::Zero => sink.place_zero(block, page),
+                PageData::Normal(d) => sink.place(block, page, d),
+            }
+            .map_err(|source| DestError::Machine {
+                op: format!("placing RAM block {block} page {page}"),
+                source,
+            })?;
+            if !placed {
+                return Err(DestError::Protocol(format!(
+                    "page {page} of block {block} sent in post-copy but already present"
+                )));
+            }
+            pc.received(block, page);
+        }
+        let st = sink.stats();
+        self.publish(&st);
+        Ok(())
+    }
+
+    fn publish(&self, st: &PostcopyPagingStats) {
+        let bytes = st.bytes_placed;
+        self.stats.update(|r, _| r.postcopy_bytes = bytes);
+        if self.opts.postcopy_blocktime {
+            self.stats.set_postcopy_blocktime(PostcopyBlocktime {
+                all_vcpus: st.blocktime,
+                per_vcpu: st.vcpu_blocktime.clone(),
+            });
+        }
+    }
+
+    /// END after RUN: every page must be here; paging stops, `SHUT{0}`.
+    pub(super) fn postcopy_end(&mut self) -> Result<(), DestError> {
+        let missing = self.pc.as_ref().map_or(0, |pc| pc.missing_count);
+        if missing > 0 {
+            return Err(DestError::Protocol(format!(
+                "END with {missing} pages never sent in post-copy"
+            )));
+        }
+        if let Some(sink) = self.m.postcopy.as_mut() {
+            let st = sink.stats();
+            sink.finish().map_err(|source| DestError::Machine {
+                op: "stopping demand paging".into(),
+                source,
+            })?;
+            self.publish(&st);
+        }
+        tracing::info!("post-copy: every page is here");
+        if let Err(e) = send_rp(&self.rp, &RpMessage::Shut { error: false }) {
+            tracing::warn!(error = %e, "cannot send SHUT");
+        }
+        Ok(())
+    }
+
+    /// An error after RUN names the pages that never came.
+    pub(super) fn postcopy_failure(&mut self, e: DestError) -> DestError {
+        match &self.pc {
+            Some(pc) if pc.stage == Stage::Running && pc.missing_count > 0 => {
+                DestError::PostcopyLost {
+                    pages: pc.missing_count,
+                    source: Box::new(e),
+                }
+            }
+            _ => e,
+        }
+    }
+}

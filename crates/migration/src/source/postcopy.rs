@@ -1,0 +1,241 @@
+//! Post-copy on the source (`postcopy-ram`, `docs/migration-engine.md` §9; QEMU's
+//! `postcopy_start` and `ram_save_queue_pages`).
+//!
+//! ```text
+//!  active ──migrate-start-postcopy, devices fit──> pause ──> SWITCHOVER_START, RUN_STATE,
+//!  final sync, RAM_DISCARD (every page still to send), POSTCOPY_LISTEN, device SECTIONs,
+//!  POSTCOPY_RUN ──> postcopy-active: requested pages first, then the push ──> END ──SHUT{0}──> completed
+//! ```
+//!
+//! Once `POSTCOPY_RUN` is written the destination may run the guest: from then on every
+//! failure leaves this source paused and `failed` (decision 74), never resumed.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::convergence::RateLimiter;
+
+/// Pages of background push per round (then requests are looked at again).
+const PUSH_PAGES: u64 = 64;
+
+impl Sender {
+    /// Refuses what post-copy cannot work with, before anything is sent.
+    pub(super) fn check_postcopy_setup(&self, return_path: bool) -> Result<(), SourceError> {
+        if !return_path {
+            return Err(SourceError::Machine {
+                op: "postcopy-ram",
+                source: MachineError::rejected(
+                    "postcopy-ram",
+                    "post-copy needs a live migration over a socket (page requests travel on its \
+                     return path); a file cannot carry them",
+                ),
+            });
+        }
+        if self.opts.ram_digest {
+            return Err(SourceError::Machine {
+                op: "postcopy-ram",
+                source: MachineError::rejected(
+                    "postcopy-ram",
+                    "'x-tern-ram-digest' cannot be used with post-copy (decision 71)",
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// QEMU's rule for the switch: `migrate-start-postcopy` was issued, the state that
+    /// cannot be post-copied (the devices' pending data) fits the threshold and the
+    /// switchover gate is open. Waits for the destination's `PONG 1` (it accepted CONFIG,
+    /// CAPABILITIES and ADVISE) before saying yes.
+    pub(super) fn postcopy_due(
+        &mut self,
+        threshold: u64,
+        gate_open: bool,
+    ) -> Result<bool, SourceError> {
+        if !self.opts.postcopy_ram || !self.shared.lock().start_postcopy || !gate_open {
+            return Ok(false);
+        }
+        if self.devices_pending(false)? > threshold {
+            return Ok(false);
+        }
+        self.wait_alive(None, |f| f.last_pong >= 1)?;
+        self.check_abort()?;
+        Ok(true)
+    }
+
+    /// The switch and the post-copy phase, up to `completed`.
+    pub(super) fn postcopy(&mut self) -> Result<(), SourceError> {
+        self.stop_vm(Instant::now())?;
+        if self.opts.pause_before_switchover {
+            self.set_status(MigrationStatus::PreSwitchover);
+            self.wait_alive(None, |f| f.cont)?;
+            self.check_abort()?;
+            self.timeline.pre_switchover = self.lap();
+        }
+        self.set_status(MigrationStatus::PostcopyActive);
+        self.writer()?.write_command(Command::SwitchoverStart)?;
+        let running = self.paused_by_us || self.opts.stopped_by_earlier_migration;
+        self.writer()?
+            .write_command(Command::RunState { running })?;
+        // Final sync: the to-send set is now every page never sent or dirtied since it was.
+        self.sync_pass(Instant::now())?;
+        // QEMU's discard: every page still to send is dropped on the destination (a stale
+        // pre-copy copy must never be read there; a never-sent page is missing anyway).
+        let runs = self.ram()?.dirty_runs();
+        for (block, ranges) in &runs {
+            self.writer()?.write_ram_discard(*block, ranges)?;
+        }
+        self.writer()?.write_command(Command::PostcopyListen)?;
+        self.timeline.final_ram = self.lap();
+        self.check_abort()?;
+        // The package: every device and component state, complete before the guest runs.
+        self.save_devices()?;
+        let comps = self
+            .m
+            .state
+            .save_components()
+            .map_err(|source| SourceError::Machine {
+                op: "saving the machine state",
+                source,
+            })?;
+        for c in &comps {
+            self.writer()?
+                .write_section(&c.id, c.instance, c.version, &c.data)?;
+        }
+        self.timeline.device_state = self.lap();
+        self.check_abort()?;
+        self.writer()?.write_postcopy_run()?;
+        // From the first byte of RUN on, the destination may act on it: never resume here.
+        self.shared.lock().postcopy_run_sent = true;
+        self.writer()?.flush()?;
+        let run_at = self.writer()?.bytes_written();
+        self.bytes_at_run = Some(run_at);
+        self.timeline.end_flush = self.lap();
+        let pages = self.ram()?.remaining_pages();
+        tracing::info!(
+            pages,
+            "post-copy: the destination runs, pages follow on demand"
+        );
+        self.push()?;
+        let w = self.writer.take().ok_or(SourceError::Cancelled)?;
+        let _stream = w.finish()?;
+        self.stats.update(|r, _| {
+            r.transferred += 17;
+            r.postcopy_bytes += 17;
+        });
+        self.await_postcopy_end(Instant::now())
+    }
+
+    /// After RUN: requested pages first (each range clipped to the pages not sent yet), then
+    /// the background push from just after the last requested page, limited by
+    /// `max-postcopy-bandwidth`, until every page is sent.
+    fn push(&mut self) -> Result<(), SourceError> {
+        let mut limiter = RateLimiter::new(
+            self.shared.lock().tuning.max_postcopy_bandwidth,
+            Instant::now(),
+        );
+        let mut downtime_ended = false;
+        let mut requests = 0u64;
+        loop {
+            self.check_abort()?;
+            let (queued, resumed_at, limit) = {
+                let mut f = self.shared.lock();
+                let q: Vec<_> = f.requests.drain(..).collect();
+                (q, f.resumed_at, f.tuning.max_postcopy_bandwidth)
+            };
+            if let (false, Some(at)) = (downtime_ended, resumed_at) {
+                downtime_ended = true;
+                self.stats.downtime_end(at);
+                self.timeline.destination = at.saturating_duration_since(self.mark);
+                self.stats.set_switchover_timeline(self.timeline);
+            }
+            limiter.set_limit(limit);
+            let mut flush = false;
+            if !queued.is_empty() {
+                requests += queued.len() as u64;
+                let mut pages = Vec::new();
+                let ram = self.ram()?;
+                for r in &queued {
+                    let block = usize::from(r.block);
+                    for p in u64::from(r.first)..u64::from(r.first) + u64::from(r.count) {
+                        if ram.take_page(block, p) {
+                            pages.push((block, p));
+                        }
+                    }
+                }
+                if let Some(&(b, p)) = pages.last() {
+                    ram.set_cursor(b, p + 1);
+                    let (ram, w) = (self.ram.as_mut(), self.writer.as_mut());
+                    if let (Some(ram), Some(w)) = (ram, w) {
+                        ram.send_pages(self.m.ram.as_mut(), w, &pages)?;
+                    }
+                    flush = true;
+                }
+                self.stats.update(|r, _| r.postcopy_requests = requests);
+            }
+            let left = self.ram()?.remaining_pages();
+            if left > 0 && limiter.delay(Instant::now()).is_zero() {
+                let page = self.ram()?.page_size() as u64;
+                let (ram, w) = (self.ram.as_mut(), self.writer.as_mut());
+                if let (Some(ram), Some(w)) = (ram, w) {
+                    let sent = ram.send(self.m.ram.as_mut(), w, PUSH_PAGES * page)?;
+                    limiter.record(sent.bytes);
+                }
+                flush = true;
+            }
+            if flush {
+                self.writer()?.flush()?;
+            }
+            self.update_counters(Instant::now(), 0.0);
+            if self.ram()?.remaining_pages() == 0 {
+                return Ok(());
+            }
+            let delay = limiter.delay(Instant::now());
+            if !delay.is_zero() {
+                self.wait_alive(Some(delay), |f| !f.requests.is_empty())?;
+            }
+        }
+    }
+
+    /// After END: the destination answers `SHUT{0}` once every page is placed.
+    fn await_postcopy_end(&mut self, flushed_at: Instant) -> Result<(), SourceError> {
+        let mut f = self.shared.lock();
+        loop {
+            if let Some((_, false)) = f.shut_at {
+                if let (Some(at), None) = (f.resumed_at, self.stats.snapshot().downtime_ms) {
+                    drop(f);
+                    self.stats.downtime_end(at);
+                }
+                return Ok(());
+            }
+            if let Some(d) = &f.dest_error {
+                return Err(SourceError::Destination(d.clone()));
+            }
+            if f.cancel {
+                return Err(SourceError::Cancelled);
+            }
+            if let Some(r) = &f.rp_fault {
+                return Err(SourceError::ReturnPath(r.clone()));
+            }
+            if f.rp_closed {
+                return Err(SourceError::ReturnPath(
+                    "the destination closed the return path before it had every page".into(),
+                ));
+            }
+            let ms = f.tuning.resume_timeout_ms;
+            let deadline = flushed_at + Duration::from_millis(ms);
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(SourceError::ReturnPath(format!(
+                    "the destination did not confirm every page within {ms} ms (x-tern-resume-timeout)"
+                )));
+            }
+            f = self
+                .shared
+                .cv
+                .wait_timeout(f, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
