@@ -42,7 +42,7 @@ impl MigrateOptions {
             (
                 self.postcopy || self.postcopy_after_precopy || self.postcopy_bandwidth.is_some(),
                 "--postcopy / --postcopy-after-precopy / --postcopy-bandwidth",
-                "post-copy migration (the engine's postcopy-ram capability, issue 9)",
+                "post-copy orchestration in ternd (the VMMs have post-copy; the daemons' post-copy phases are not built)",
             ),
             (
                 self.parallel || self.parallel_connections.is_some(),
