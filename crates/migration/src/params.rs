@@ -211,10 +211,6 @@ impl Capabilities {
                 return bad("Mapped-ram migration is incompatible with postcopy");
             }
         }
-        // Tern: post-copy over TLS is not built (issue 9 scope).
-        if on(C::PostcopyRam) && !params.tls_creds.is_empty() {
-            return Err(ParamError::NotSupported("Post-copy with TLS".into()));
-        }
         if let Some(c) = self.on.iter().find(|c| !c.implemented()) {
             return Err(ParamError::NotSupported(format!(
                 "Capability '{}'",

@@ -18,11 +18,23 @@ const CAPS: [(&str, bool); 3] = [
 /// Starts a post-copy-capable migration that cannot converge in pre-copy; returns after the
 /// first pass ended.
 fn start(dir: &std::path::Path, transport: &str, m: &Machine, exit_on_error: bool) -> (Vm, Vm) {
+    start_with(dir, transport, m, exit_on_error, |_, _| {})
+}
+
+/// [`start`], with `setup` run on both VMs before the migration (e.g. TLS credentials).
+fn start_with(
+    dir: &std::path::Path,
+    transport: &str,
+    m: &Machine,
+    exit_on_error: bool,
+    setup: impl FnOnce(&mut Vm, &mut Vm),
+) -> (Vm, Vm) {
     let mut src = boot(dir, "src", m);
     src.wait_workload_running(T);
     let mut dst = dest(dir, "dst", m);
     src.caps(&CAPS);
     dst.caps(&CAPS);
+    setup(&mut src, &mut dst);
     src.params(json!({"max-bandwidth": 32_000_000, "downtime-limit": 1}));
     let uri = match (transport, exit_on_error) {
         ("tcp", true) => dst.listen_tcp_with(None),
@@ -38,7 +50,12 @@ fn start(dir: &std::path::Path, transport: &str, m: &Machine, exit_on_error: boo
 fn plain_postcopy(transport: &str) {
     let dir = tmpdir();
     let m = Machine::pattern(2, 32);
-    let (mut src, mut dst) = start(dir.path(), transport, &m, false);
+    let (src, dst) = start(dir.path(), transport, &m, false);
+    finish_postcopy(&dir, &m, src, dst);
+}
+
+/// Switches a started migration to post-copy and checks everything that follows.
+fn finish_postcopy(dir: &tempfile::TempDir, m: &Machine, mut src: Vm, mut dst: Vm) {
     // The push is limited, the requested pages are not: the guest asks for what it touches.
     src.params(json!({"max-postcopy-bandwidth": 64_000_000}));
     src.c("migrate-start-postcopy", json!({}));
@@ -59,9 +76,44 @@ fn plain_postcopy(transport: &str) {
     assert_cont_refused(&mut src);
     let p0 = dst.pages_written();
     dst.wait_pages_advance(&p0, T);
-    assert_pattern_ok(&mut dst, &m, dir.path(), "dst");
+    assert_pattern_ok(&mut dst, m, dir.path(), "dst");
     src.quit_ok();
     dst.quit_ok();
+}
+
+/// Post-copy over TLS (issue 10: every channel Tern has): the stream, the requested pages and
+/// the return path's page requests all go through the TLS session. Certificates from
+/// `scripts/tls-certs.sh` (skipped without `openssl`).
+#[test]
+fn postcopy_over_tls_tcp_pattern_2vcpu() {
+    let dir = tmpdir();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tls-certs.sh");
+    let pki = dir.path().join("pki");
+    match std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&pki)
+        .arg("127.0.0.1")
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!("skipping: tls-certs.sh: {other:?}");
+            return;
+        }
+    }
+    let creds = pki.join("127.0.0.1").display().to_string();
+    let m = Machine::pattern(2, 32);
+    let (src, dst) = start_with(dir.path(), "tcp", &m, false, |src, dst| {
+        for (vm, endpoint) in [(src, "client"), (dst, "server")] {
+            vm.c(
+                "object-add",
+                json!({"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds, "endpoint": endpoint}),
+            );
+            vm.params(json!({"tls-creds": "tls0"}));
+        }
+    });
+    finish_postcopy(&dir, &m, src, dst);
 }
 
 #[test]
