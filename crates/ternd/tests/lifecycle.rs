@@ -172,8 +172,23 @@ fn the_socket_mode_decides_who_may_manage_vms() {
         eprintln!("skipping: needs root to run a client as another user");
         return;
     }
-    let dir = tmpdir();
     use std::os::unix::fs::PermissionsExt;
+    // Another user must be able to reach the client binary (a checkout under a 0700
+    // directory, e.g. `mktemp -d`, is not).
+    let exe = sibling("ternctl");
+    if let Some(a) = exe
+        .ancestors()
+        .skip(1)
+        .find(|a| std::fs::metadata(a).is_ok_and(|m| m.permissions().mode() & 0o001 == 0))
+    {
+        eprintln!(
+            "skipping: {} is not searchable by other users, so {} cannot run as nobody",
+            a.display(),
+            exe.display()
+        );
+        return;
+    }
+    let dir = tmpdir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let mut d = Daemon::start(dir.path(), "host", None, None);
     let o = ctl_as_nobody(&d.uri(), &["list"]);
