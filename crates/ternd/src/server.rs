@@ -130,6 +130,8 @@ fn admit(mut tls: TlsConn, allowed: Option<&Authz>, peer: &str) -> Option<TlsCon
         Err(e) => format!("the client certificate's DN cannot be read: {e}"),
     };
     tracing::warn!("TLS client {peer} refused: {why}");
+    // A refused client that never sends does not keep this thread.
+    let _ = tls.sock.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT));
     if let Ok(req) = read_frame::<Request>(&mut tls) {
         let result = Err(virt::Error::AccessDenied(why));
         let _ = write_frame(&mut tls, &ServerMessage::Reply { id: req.id, result });
