@@ -20,18 +20,28 @@ struct RamRun {
     normal: u64,
     zero: u64,
     bytes: u64,
+    /// Version 5: (generation, sequence) of the run's first and last batch.
+    first: Option<(u32, u64)>,
+    last: Option<(u32, u64)>,
 }
 
 impl RamRun {
     fn to_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "offset": self.offset,
             "type": "ram",
             "batches": self.batches,
             "normal_pages": self.normal,
             "zero_pages": self.zero,
             "size": self.bytes,
-        })
+        });
+        if let (Some((g, first)), Some((_, last)), Value::Object(m)) =
+            (self.first, self.last, &mut v)
+        {
+            m.insert("generation".into(), json!(g));
+            m.insert("seq".into(), json!([first, last]));
+        }
+        v
     }
 }
 
@@ -100,6 +110,10 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                 ..RamRun::default()
             });
             r.batches += 1;
+            if let Some(h) = b.header() {
+                r.first.get_or_insert((h.generation, h.seq));
+                r.last = Some((h.generation, h.seq));
+            }
             r.normal += b.normal_pages() as u64;
             r.zero += b.zero_pages() as u64;
             batches += 1;
@@ -113,8 +127,7 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                     }
                 }
             }
-            let bytes =
-                5 + 4 + 8 * b.len() as u64 + b.normal_pages() as u64 * u64::from(cfg.page_size);
+            let bytes = b.wire_len();
             if let Some(r) = run.as_mut() {
                 r.bytes += bytes;
             }

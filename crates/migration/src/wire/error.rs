@@ -217,6 +217,37 @@ pub enum WireError {
         /// Stream offset of the END record.
         offset: u64,
     },
+    /// A RAM batch whose CRC-32C does not match its bytes (version 5): refused before any of its
+    /// pages was handed out. `channel` is the connection it was read from and `seq` the
+    /// sequence the reader expected there (the batch's own fields cannot be trusted).
+    #[error(
+        "RAM batch {seq} on channel {channel} at byte {offset}: checksum mismatch (the batch \
+         says {expected:#010x}, its bytes give {actual:#010x}): corrupted in transit, refused \
+         before any of its pages was placed"
+    )]
+    BatchChecksumMismatch {
+        /// The connection the batch was read from (0 = the main stream).
+        channel: u16,
+        /// The sequence number the reader expected on that channel.
+        seq: u64,
+        /// Stream offset of the record frame.
+        offset: u64,
+        /// CRC-32C in the batch's trailer.
+        expected: u32,
+        /// CRC-32C of the batch's bytes.
+        actual: u32,
+    },
+    /// A RAM batch (version 5) that is not the next one of its channel, or not of the current
+    /// sync generation: lost, duplicated, replayed or reordered across a sync point.
+    #[error("RAM batch at byte {offset} on channel {channel} out of order: {reason}")]
+    BatchOutOfOrder {
+        /// The connection the batch was read from.
+        channel: u16,
+        /// Stream offset of the record frame.
+        offset: u64,
+        /// What was expected and what came.
+        reason: String,
+    },
     /// `next_record` after END or after an error.
     #[error("stream already {0}")]
     Finished(&'static str),
@@ -256,6 +287,8 @@ impl WireError {
             | Self::UnknownCommand { offset, .. }
             | Self::UnsupportedCommand { offset, .. }
             | Self::ChecksumMismatch { offset, .. }
+            | Self::BatchChecksumMismatch { offset, .. }
+            | Self::BatchOutOfOrder { offset, .. }
             | Self::UnknownMessage { offset, .. } => Some(*offset),
             Self::BadMagic { .. } => Some(0),
             Self::UnsupportedVersion { .. } => Some(8),

@@ -7,13 +7,25 @@ use super::error::WireError;
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// Newest stream version this code reads and writes; the reader accepts `1..=CURRENT_VERSION`.
 /// A writer writes the lowest version whose records it uses (`docs/stream-format.md` §10).
-pub const CURRENT_VERSION: u32 = 3;
+pub const CURRENT_VERSION: u32 = 5;
 /// The version of a stream without any version-2 record.
 pub const VERSION_1: u32 = 1;
 /// The version that added `RAM_DIGEST` (and `CAPABILITIES` bit 3).
 pub const VERSION_RAM_DIGEST: u32 = 2;
 /// The version that added post-copy (`RAM_DISCARD`, commands 0x10..=0x12, `CAPABILITIES` bit 4).
 pub const VERSION_POSTCOPY: u32 = 3;
+/// The version that made every RAM record self-checking and self-describing: a batch header
+/// (channel, sync generation, per-channel sequence) and a CRC-32C trailer; END's CRC leaves RAM
+/// records out (`docs/stream-format.md` §5.1). Version 4 is post-copy recovery.
+pub const VERSION_BATCH_INTEGRITY: u32 = 5;
+/// Bytes of the batch header at the start of a version-5 RAM body (`u16 channel`, `u16 flags`,
+/// `u32 generation`, `u64 seq`), before `u32 count`.
+pub const BATCH_HEADER_LEN: usize = 16;
+/// Bytes a version-5 RAM body adds to the version-1 layout: the batch header and the `u32
+/// crc32c` trailer.
+pub const BATCH_OVERHEAD: usize = BATCH_HEADER_LEN + 4;
+/// Connections a reader accepts RAM batches from: the main stream only, until multifd.
+pub const BATCH_CHANNELS: u16 = 1;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).
@@ -187,11 +199,12 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Largest RAM record body for `page_size`, or `None` on overflow.
+    /// Largest RAM record body for `page_size` (in the largest layout, version 5's), or `None`
+    /// on overflow.
     pub fn max_ram_body(&self, page_size: u32) -> Option<u64> {
         let n = u64::from(self.max_pages_per_batch);
         n.checked_mul(u64::from(page_size) + RAM_ENTRY_LEN as u64)?
-            .checked_add(4)
+            .checked_add(4 + BATCH_OVERHEAD as u64)
     }
 }
 

@@ -49,8 +49,63 @@ pub(super) fn raw(records: &[(u8, Vec<u8>)]) -> Vec<u8> {
     raw_v(CURRENT_VERSION, records)
 }
 
-/// [`raw`] with a given stream version in the header.
+/// [`raw`] with a given stream version in the header. From version 5 each RAM body given in
+/// the version-1 layout is framed as a valid batch (header with the right generation and
+/// sequence, CRC-32C trailer), so that the checks behind the batch framing are reached.
 pub(super) fn raw_v(version: u32, records: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    if version < VERSION_BATCH_INTEGRITY {
+        return raw_exact(version, records);
+    }
+    let (mut generation, mut seq) = (1u32, 0u64);
+    let framed: Vec<(u8, Vec<u8>)> = records
+        .iter()
+        .map(|(k, body)| {
+            if *k == RecordKind::Command as u8
+                && (body.starts_with(&cmd::ITERATION_END.to_le_bytes())
+                    || body == &cmd::SWITCHOVER_START.to_le_bytes())
+            {
+                generation += 1;
+            }
+            if *k != RecordKind::Ram as u8 {
+                return (*k, body.clone());
+            }
+            seq += 1;
+            (*k, batch_body(0, 0, generation, seq - 1, body))
+        })
+        .collect();
+    raw_exact(version, &framed)
+}
+
+/// A version-5 RAM body: `header` fields, the version-1 layout `inner`, and a correct CRC-32C.
+pub(super) fn batch_body(
+    channel: u16,
+    flags: u16,
+    generation: u32,
+    seq: u64,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&channel.to_le_bytes());
+    b.extend_from_slice(&flags.to_le_bytes());
+    b.extend_from_slice(&generation.to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(inner);
+    fix_batch_crc(&mut b);
+    b
+}
+
+/// Appends (or, with `b` already ending in one, replaces) the CRC-32C trailer of a version-5
+/// RAM body, as the frame of its length will be.
+pub(super) fn fix_batch_crc(b: &mut Vec<u8>) {
+    let mut frame = vec![RecordKind::Ram as u8];
+    frame.extend_from_slice(&((b.len() + 4) as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&frame), b);
+    b.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Header + valid CONFIG + `records` exactly as given + a correct END (whose CRC leaves RAM
+/// records out from version 5).
+pub(super) fn raw_exact(version: u32, records: &[(u8, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
@@ -58,17 +113,20 @@ pub(super) fn raw_v(version: u32, records: &[(u8, Vec<u8>)]) -> Vec<u8> {
     let cfg = sample_config().encode();
     let mut all = vec![(RecordKind::Config as u8, cfg)];
     all.extend_from_slice(records);
+    let mut crc = crc32fast::Hasher::new();
     for (k, body) in &all {
-        out.push(*k);
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(body);
+        let mut rec = vec![*k];
+        rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        rec.extend_from_slice(body);
+        if *k != RecordKind::Ram as u8 || version < VERSION_BATCH_INTEGRITY {
+            crc.update(&rec);
+        }
+        out.extend_from_slice(&rec);
     }
-    let covered = &out[HEADER_LEN as usize..];
-    let crc = crc32fast::hash(covered);
-    let n = covered.len() as u64;
+    let n = out.len() as u64 - HEADER_LEN;
     out.push(RecordKind::End as u8);
     out.extend_from_slice(&12u32.to_le_bytes());
-    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
     out.extend_from_slice(&n.to_le_bytes());
     out
 }
@@ -215,7 +273,7 @@ fn lying_lengths() {
     // RAM body with data that does not match the table.
     let e = err_of(&raw(&[(4, ram_body(&[(0, 0, 0, 0)], 2))]));
     assert!(
-        matches!(e, WireError::LengthMismatch { expected, .. } if expected == 4 + 8 + PS as u64),
+        matches!(e, WireError::LengthMismatch { expected, .. } if expected == 20 + 4 + 8 + PS as u64),
         "{e}"
     );
     let e = err_of(&raw(&[(4, ram_body(&[(0, 0, 0, 0), (1, 0, 0, 0)], 1))]));
@@ -562,16 +620,44 @@ fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
     b
 }
 
-/// Rewrites a trailing END record's CRC and byte count so that mutations reach the semantic
-/// checks instead of stopping at the checksum.
-fn fix_end(b: &mut [u8]) {
+/// Rewrites a trailing END record's CRC and byte count (and, in a version-5 stream whose
+/// frames still lead exactly to END, every RAM batch's CRC-32C) so that mutations reach the
+/// semantic checks instead of stopping at a checksum.
+pub(super) fn fix_end(b: &mut [u8]) {
     let n = b.len();
     if n < HEADER_LEN as usize + 17 || b[n - 17] != RecordKind::End as u8 {
         return;
     }
-    let covered = &b[HEADER_LEN as usize..n - 17];
-    let crc = crc32fast::hash(covered);
-    let total = covered.len() as u64;
+    let end_at = n - 17;
+    let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    let mut crc = crc32fast::Hasher::new();
+    let mut at = HEADER_LEN as usize;
+    let framed = version >= VERSION_BATCH_INTEGRITY
+        && loop {
+            if at == end_at {
+                break true;
+            }
+            if at + FRAME_LEN > end_at {
+                break false;
+            }
+            let len = u32::from_le_bytes([b[at + 1], b[at + 2], b[at + 3], b[at + 4]]) as usize;
+            let Some(next) = (at + FRAME_LEN).checked_add(len).filter(|e| *e <= end_at) else {
+                break false;
+            };
+            if b[at] == RecordKind::Ram as u8 && len >= 4 {
+                let c = crc32c::crc32c(&b[at..next - 4]);
+                b[next - 4..next].copy_from_slice(&c.to_le_bytes());
+            } else {
+                crc.update(&b[at..next]);
+            }
+            at = next;
+        };
+    let crc = if framed {
+        crc.finalize()
+    } else {
+        crc32fast::hash(&b[HEADER_LEN as usize..end_at])
+    };
+    let total = (end_at - HEADER_LEN as usize) as u64;
     b[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
     b[n - 8..].copy_from_slice(&total.to_le_bytes());
 }

@@ -1,8 +1,9 @@
 //! Tern's migration stream format: one format for snapshot files and live migration
 //! (spec: `docs/stream-format.md`).
 //!
-//! * [`StreamWriter`] encodes: header + CONFIG, then sections, device chunks, RAM batches,
-//!   commands, then END with a CRC-32 of everything since the header.
+//! * [`StreamWriter`] encodes: header + CONFIG, then sections, device chunks, RAM batches
+//!   (from version 5 each with its own CRC-32C, channel, generation and sequence), commands,
+//!   then END with a CRC-32 of everything since the header (but RAM batches, from version 5).
 //! * [`StreamReader`] decodes hostile input into [`Record`]s, checked against [`Limits`] and
 //!   the destination's [`Expectations`]; RAM page data are handed out as slices.
 //! * [`RpMessage`] / [`ReturnPathReader`]: the destination → source return path.
@@ -13,11 +14,14 @@ mod config;
 mod error;
 mod format;
 mod postcopy;
+mod ram_batch;
 mod reader;
 mod record;
 mod return_path;
 mod writer;
 
+#[cfg(test)]
+mod batch_tests;
 #[cfg(test)]
 mod digest_tests;
 #[cfg(test)]
@@ -31,9 +35,10 @@ pub use analyze::{analyze, analyze_file};
 pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, StreamConfig};
 pub use error::WireError;
 pub use format::{
-    cmd, is_zero_page, page_kind, Limits, RecordKind, CURRENT_VERSION, HEADER_LEN, MAGIC,
-    VERSION_1, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    cmd, is_zero_page, page_kind, Limits, RecordKind, BATCH_CHANNELS, CURRENT_VERSION, HEADER_LEN,
+    MAGIC, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
 };
+pub use ram_batch::BatchHeader;
 pub use reader::{Header, StreamReader};
 pub use record::{
     Command, ComponentRecord, EndRecord, PageData, RamBatch, RamDiscard, RamPage, RamPages, Record,

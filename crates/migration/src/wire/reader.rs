@@ -7,10 +7,12 @@ use std::io::Read;
 use super::config::{Expectations, StreamConfig};
 use super::error::WireError;
 use super::format::{
-    cmd, page_kind, Cursor, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, FRAME_LEN,
-    HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    cmd, Cursor, Limits, RecordKind, BATCH_HEADER_LEN, BATCH_OVERHEAD, CURRENT_VERSION,
+    END_BODY_LEN, FRAME_LEN, HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN,
+    VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
 };
 use super::postcopy::{max_discard_body, parse_discard, PostcopyOrder};
+use super::ram_batch::{check_table, BatchHeader, BatchTracker, TableAt};
 use super::record::{Command, ComponentRecord, EndRecord, RamBatch, RamDiscard, Record};
 use crate::digest::{chunk_count, RamDigest, ALGORITHM_XXH3_64, MAX_CHUNK_SHIFT};
 
@@ -49,6 +51,8 @@ pub struct StreamReader<R: Read> {
     state: State,
     /// What the record order rules of §4 need to remember.
     order: OrderState,
+    /// Version 5: the sync generation and the next batch sequence (§5.1); `None` before.
+    batches: Option<BatchTracker>,
 }
 
 /// The SECTIONs seen so far and whether `SWITCHOVER_START` came: the destination keeps every
@@ -198,7 +202,8 @@ impl<R: Read> StreamReader<R> {
         }
         let mut crc = crc32fast::Hasher::new();
         let frame_at = pos;
-        let (kind, len) = read_frame(&mut inner, &mut pos, &mut crc)?;
+        let (kind, len, frame) = read_frame(&mut inner, &mut pos)?;
+        crc.update(&frame);
         if kind != RecordKind::Config as u8 {
             return Err(WireError::ConfigNotFirst {
                 kind,
@@ -228,7 +233,10 @@ impl<R: Read> StreamReader<R> {
             .iter()
             .map(|b| b.pages(config.page_size))
             .collect();
-        let max_ram_body = limits.max_ram_body(config.page_size).unwrap_or(u64::MAX);
+        let batched = version >= VERSION_BATCH_INTEGRITY;
+        let max_ram_body = limits.max_ram_body(config.page_size).map_or(u64::MAX, |m| {
+            m - if batched { 0 } else { BATCH_OVERHEAD as u64 }
+        });
         Ok(Self {
             inner,
             pos,
@@ -243,6 +251,7 @@ impl<R: Read> StreamReader<R> {
             body_len: 0,
             state: State::Records,
             order: OrderState::default(),
+            batches: batched.then(BatchTracker::new),
         })
     }
 
@@ -314,8 +323,13 @@ impl<R: Read> StreamReader<R> {
         let crc_before = self.crc.clone();
         let bytes_before = self.pos - HEADER_LEN;
         let frame_at = self.pos;
-        let (kind_byte, len) = read_frame(&mut self.inner, &mut self.pos, &mut self.crc)?;
+        let (kind_byte, len, frame) = read_frame(&mut self.inner, &mut self.pos)?;
         let body_at = frame_at + FRAME_LEN as u64;
+        // Version 5: a RAM record checks itself (CRC-32C) and is left out of END's CRC.
+        let batch = kind_byte == RecordKind::Ram as u8 && self.batches.is_some();
+        if !batch {
+            self.crc.update(&frame);
+        }
         let known = RecordKind::from_u8(kind_byte)
             .filter(|k| *k != RecordKind::RamDigest || self.header.version >= VERSION_RAM_DIGEST)
             .filter(|k| *k != RecordKind::RamDiscard || self.header.version >= VERSION_POSTCOPY);
@@ -343,6 +357,14 @@ impl<R: Read> StreamReader<R> {
             RecordKind::RamDiscard => max_discard_body(self.limits.max_discard_ranges),
         };
         check_len(kind.name(), len, limit, frame_at + 1)?;
+        if batch && (len as usize) < BATCH_OVERHEAD + 4 {
+            return Err(WireError::LengthMismatch {
+                what: "ram record (batch header, count and checksum)",
+                offset: frame_at + 1,
+                len: u64::from(len),
+                expected: (BATCH_OVERHEAD + 4) as u64,
+            });
+        }
         if kind == RecordKind::RamDigest && !self.order.switchover_started {
             return Err(WireError::OutOfOrder {
                 record: "ram-digest",
@@ -368,7 +390,7 @@ impl<R: Read> StreamReader<R> {
         )?;
         self.body_len = len as usize;
         let body = body_of(&self.buf, self.body_len);
-        if kind != RecordKind::End {
+        if kind != RecordKind::End && !batch {
             self.crc.update(body);
         }
         match kind {
@@ -391,7 +413,7 @@ impl<R: Read> StreamReader<R> {
                     data_start,
                 })
             }
-            RecordKind::Ram => self.parse_ram(body_at),
+            RecordKind::Ram => self.parse_ram(&frame, frame_at),
             RecordKind::RamDigest => {
                 let digest = self.parse_digest(body, body_at)?;
                 self.order.digest_seen = true;
@@ -422,6 +444,9 @@ impl<R: Read> StreamReader<R> {
                         });
                     }
                     self.order.switchover_started = true;
+                }
+                if let Some(b) = &mut self.batches {
+                    b.command_read(&command);
                 }
                 Ok(Parsed::Command(command))
             }
@@ -546,81 +571,48 @@ impl<R: Read> StreamReader<R> {
         })
     }
 
-    fn parse_ram(&self, body_at: u64) -> Result<Parsed, WireError> {
+    /// A RAM record: in version 5 its batch framing first (checksum, then channel, generation,
+    /// sequence: §5.1), then the page table (§5).
+    fn parse_ram(&mut self, frame: &[u8; FRAME_LEN], frame_at: u64) -> Result<Parsed, WireError> {
         let body = body_of(&self.buf, self.body_len);
-        let mut c = Cursor::new(body, body_at, "ram");
-        let count = c.u32("page count")?;
-        if count == 0 || count > self.limits.max_pages_per_batch {
-            return Err(WireError::Invalid {
-                field: "page count",
-                offset: body_at,
-                reason: format!("{count} not in 1..={}", self.limits.max_pages_per_batch),
-            });
-        }
-        let table_at = c.offset();
-        let table = c.take(count as usize * RAM_ENTRY_LEN, "page table")?;
-        let mut normal = 0usize;
-        for (i, e) in table.chunks_exact(RAM_ENTRY_LEN).enumerate() {
-            let at = table_at + (i * RAM_ENTRY_LEN) as u64;
-            let mut ec = Cursor::new(e, at, "ram");
-            let page = ec.u32("page index")?;
-            let block = ec.u16("block index")?;
-            let kind = ec.u8("page kind")?;
-            let reserved = ec.u8("reserved")?;
-            let Some(&npages) = self.block_pages.get(usize::from(block)) else {
-                return Err(WireError::PageOutOfRange {
-                    block: u32::from(block),
-                    page: u64::from(page),
-                    reason: format!("the stream has {} RAM blocks", self.block_pages.len()),
-                    offset: at,
-                });
-            };
-            if u64::from(page) >= npages {
-                return Err(WireError::PageOutOfRange {
-                    block: u32::from(block),
-                    page: u64::from(page),
-                    reason: format!("block has {npages} pages"),
-                    offset: at,
-                });
+        let body_at = frame_at + FRAME_LEN as u64;
+        let (header, table_body, at) = match &mut self.batches {
+            Some(tracker) => {
+                let (h, inner) = tracker.check(0, frame, body, frame_at)?;
+                let at = TableAt {
+                    body_at: body_at + BATCH_HEADER_LEN as u64,
+                    len_field_at: frame_at + 1,
+                    overhead: BATCH_OVERHEAD as u64,
+                };
+                (Some(h), inner, at)
             }
-            match kind {
-                page_kind::NORMAL => normal += 1,
-                page_kind::ZERO => {}
-                page_kind::COMPRESSED => {
-                    return Err(WireError::UnsupportedPageKind {
-                        kind,
-                        name: "compressed",
-                        offset: at + 6,
-                    })
-                }
-                _ => {
-                    return Err(WireError::BadPageKind {
-                        kind,
-                        offset: at + 6,
-                    })
-                }
+            None => {
+                let at = TableAt {
+                    body_at,
+                    len_field_at: frame_at + 1,
+                    overhead: 0,
+                };
+                (None, body, at)
             }
-            if reserved != 0 {
-                return Err(WireError::Invalid {
-                    field: "page entry reserved byte",
-                    offset: at + 7,
-                    reason: format!("{reserved:#x}, must be 0"),
-                });
-            }
-        }
-        let ps = self.config.page_size as usize;
-        let expected = 4 + table.len() as u64 + (normal as u64) * ps as u64;
-        if expected != body.len() as u64 {
-            return Err(WireError::LengthMismatch {
-                what: "ram record",
-                offset: body_at - 4,
-                len: body.len() as u64,
-                expected,
-            });
-        }
+        };
+        let (count, normal) = check_table(
+            table_body,
+            at,
+            &self.block_pages,
+            self.limits.max_pages_per_batch,
+            self.config.page_size as usize,
+        )?;
+        let start = if header.is_some() {
+            BATCH_HEADER_LEN
+        } else {
+            0
+        };
         Ok(Parsed::Ram {
-            count: count as usize,
+            start,
+            end: start + table_body.len(),
+            count,
             normal,
+            header,
         })
     }
 }
@@ -638,16 +630,12 @@ fn check_len(what: &'static str, len: u32, limit: u64, offset: u64) -> Result<()
     }
 }
 
-fn read_frame<R: Read>(
-    r: &mut R,
-    pos: &mut u64,
-    crc: &mut crc32fast::Hasher,
-) -> Result<(u8, u32), WireError> {
+/// Reads a record frame: kind, body length, and the 5 bytes (for the checksums).
+fn read_frame<R: Read>(r: &mut R, pos: &mut u64) -> Result<(u8, u32, [u8; FRAME_LEN]), WireError> {
     let mut frame = [0u8; FRAME_LEN];
     read_exact_at(r, pos, &mut frame, "record frame (or END record)")?;
-    crc.update(&frame);
     let [kind, a, b, c, d] = frame;
-    Ok((kind, u32::from_le_bytes([a, b, c, d])))
+    Ok((kind, u32::from_le_bytes([a, b, c, d]), frame))
 }
 
 fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<Command, WireError> {
@@ -747,9 +735,13 @@ enum Parsed {
         version: u32,
         data_start: usize,
     },
+    /// `buf[start..end]` is the version-1 layout (count, table, data).
     Ram {
+        start: usize,
+        end: usize,
         count: usize,
         normal: usize,
+        header: Option<BatchHeader>,
     },
     Command(Command),
     End(EndRecord),
@@ -785,16 +777,23 @@ impl Parsed {
                     Record::DeviceChunk(r)
                 }
             }
-            Self::Ram { count, normal } => {
-                let table_end = 4 + count * RAM_ENTRY_LEN;
-                let table = buf.get(4..table_end).unwrap_or(&[]);
-                let data = buf.get(table_end..).unwrap_or(&[]);
+            Self::Ram {
+                start,
+                end,
+                count,
+                normal,
+                header,
+            } => {
+                let table_end = start + 4 + count * RAM_ENTRY_LEN;
+                let table = buf.get(start + 4..table_end).unwrap_or(&[]);
+                let data = buf.get(table_end..end).unwrap_or(&[]);
                 let page_size = data.len().checked_div(normal).unwrap_or(0);
                 Record::Ram(RamBatch {
                     table,
                     data,
                     page_size,
                     normal,
+                    header,
                 })
             }
             Self::Command(c) => Record::Command(c),

@@ -1,6 +1,7 @@
 //! Decoded records. Payloads borrow the reader's buffer: no copy per page or per section.
 
-use super::format::{page_kind, RAM_ENTRY_LEN};
+use super::format::{page_kind, BATCH_OVERHEAD, RAM_ENTRY_LEN};
+use super::ram_batch::BatchHeader;
 use crate::digest::RamDigest;
 
 /// One record of the stream, as returned by [`super::StreamReader::next_record`].
@@ -174,6 +175,7 @@ pub struct RamBatch<'a> {
     pub(crate) data: &'a [u8],
     pub(crate) page_size: usize,
     pub(crate) normal: usize,
+    pub(crate) header: Option<BatchHeader>,
 }
 
 impl<'a> RamBatch<'a> {
@@ -185,6 +187,22 @@ impl<'a> RamBatch<'a> {
     /// True when the batch has no pages (never the case for a decoded batch).
     pub fn is_empty(&self) -> bool {
         self.table.is_empty()
+    }
+
+    /// Version 5: the batch's channel, generation and sequence (checked by the reader, like its
+    /// checksum); `None` in older streams.
+    pub fn header(&self) -> Option<BatchHeader> {
+        self.header
+    }
+
+    /// Bytes of the whole record on the wire, frame included.
+    pub fn wire_len(&self) -> u64 {
+        let framing = if self.header.is_some() {
+            BATCH_OVERHEAD
+        } else {
+            0
+        };
+        (5 + framing + 4 + self.table.len() + self.data.len()) as u64
     }
 
     /// Pages with data.

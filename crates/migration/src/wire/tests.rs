@@ -42,10 +42,15 @@ pub(super) fn page(fill: u8) -> Vec<u8> {
     p
 }
 
-/// A small stream with one record of every kind.
+/// A small stream with one record of every kind, in the version the engine writes (5).
 pub(super) fn sample_stream() -> Vec<u8> {
+    sample_stream_v(VERSION_BATCH_INTEGRITY)
+}
+
+/// [`sample_stream`] in stream `version` (1 = the RAM layout without batch framing).
+pub(super) fn sample_stream_v(version: u32) -> Vec<u8> {
     let cfg = sample_config();
-    let mut w = StreamWriter::new(Vec::new(), &cfg).unwrap();
+    let mut w = StreamWriter::with_version(Vec::new(), &cfg, &Limits::default(), version).unwrap();
     let (a, b) = (page(0xaa), page(0x55));
     w.write_command(Command::OpenReturnPath).unwrap();
     w.write_command(Command::Ping { seq: 1 }).unwrap();
@@ -76,10 +81,20 @@ fn open(bytes: &[u8]) -> StreamReader<&[u8]> {
 
 #[test]
 fn round_trip_every_record() {
-    let bytes = sample_stream();
+    for version in [
+        VERSION_1,
+        VERSION_RAM_DIGEST,
+        VERSION_POSTCOPY,
+        VERSION_BATCH_INTEGRITY,
+    ] {
+        round_trip_every_record_in(version);
+    }
+}
+
+fn round_trip_every_record_in(version: u32) {
+    let bytes = sample_stream_v(version);
     let mut r = open(&bytes);
-    // A writer writes the lowest version that has its records.
-    assert_eq!(r.header().version, VERSION_1);
+    assert_eq!(r.header().version, version);
     assert_eq!(r.config(), &sample_config());
     assert_eq!(
         r.next_record().unwrap(),
@@ -103,6 +118,15 @@ fn round_trip_every_record() {
             assert_eq!(pages[0], RamPage::normal(0, 0, &page(0xaa)));
             assert_eq!(pages[1], RamPage::zero(0, 1));
             assert_eq!(pages[2], RamPage::normal(1, 15, &page(0x55)));
+            let framed = version >= VERSION_BATCH_INTEGRITY;
+            let header = BatchHeader {
+                channel: 0,
+                generation: 1,
+                seq: 0,
+            };
+            assert_eq!(b.header(), framed.then_some(header));
+            let framing = if framed { 20 } else { 0 };
+            assert_eq!(b.wire_len(), (5 + framing + 4 + 3 * 8 + 2 * PS) as u64);
         }
         other => panic!("{other:?}"),
     }
@@ -433,7 +457,7 @@ fn analyze_describes_stream() {
     let bytes = sample_stream();
     let v = analyze(&bytes[..], &Limits::default());
     assert_eq!(v["ok"], true, "{v:#}");
-    assert_eq!(v["header"]["version"], 1);
+    assert_eq!(v["header"]["version"], VERSION_BATCH_INTEGRITY);
     assert_eq!(v["config"]["vcpu_count"], 2);
     assert_eq!(v["config"]["ram_blocks"][1]["id"], "ram-high");
     assert_eq!(v["config"]["ram_blocks"][1]["pages"], 16);
@@ -460,6 +484,9 @@ fn analyze_describes_stream() {
     assert_eq!(recs[6]["id"], "vcpu");
     assert_eq!(recs[6]["version"], 2);
     assert_eq!(recs[3]["normal_pages"], 2);
+    assert_eq!(recs[3]["size"], 5 + 20 + 4 + 3 * 8 + 2 * PS, "{v:#}");
+    assert_eq!(recs[3]["generation"], 1);
+    assert_eq!(recs[3]["seq"], serde_json::json!([0, 0]));
 
     // Corrupted payload byte → checksum verdict "mismatch".
     let mut bad = bytes.clone();

@@ -5,9 +5,10 @@ use std::io::Write;
 use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
-    cmd, page_kind, put_str8, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, MAGIC,
-    RAM_ENTRY_LEN, VERSION_1, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
+    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
 };
+use super::ram_batch::BatchNumbering;
 use super::record::{Command, PageData, RamPage};
 use crate::digest::{chunk_count, RamDigest, ALGORITHM_XXH3_64, MAX_CHUNK_SHIFT};
 
@@ -33,6 +34,8 @@ pub struct StreamWriter<W: Write> {
     poisoned: bool,
     /// The stream version in the header: records newer than it are refused.
     version: u32,
+    /// Version 5: the generation and sequence of the next RAM batch (§5.1); `None` before.
+    batches: Option<BatchNumbering>,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -92,6 +95,7 @@ impl<W: Write> StreamWriter<W> {
             table: Vec::new(),
             poisoned: false,
             version,
+            batches: (version >= VERSION_BATCH_INTEGRITY).then(BatchNumbering::new),
         };
         let mut header = [0u8; 16];
         header[..8].copy_from_slice(&MAGIC);
@@ -232,7 +236,11 @@ impl<W: Write> StreamWriter<W> {
                 6
             }
         };
-        self.record(RecordKind::Command, &[&body[..n]])
+        self.record(RecordKind::Command, &[&body[..n]])?;
+        if let Some(b) = &mut self.batches {
+            b.command_written(&command);
+        }
+        Ok(())
     }
 
     /// Writes a RAM_DIGEST record (§7a; version 2). `digest` must cover exactly the CONFIG's
@@ -358,10 +366,16 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<(), WireError> {
+        self.put_uncovered(bytes)?;
+        self.crc.update(bytes);
+        Ok(())
+    }
+
+    /// Writes bytes that END's CRC does not cover (a version-5 RAM record, §5.1).
+    fn put_uncovered(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         self.inner
             .write_all(bytes)
             .map_err(|e| self.io_err(e, "writing a record"))?;
-        self.crc.update(bytes);
         self.body_bytes += bytes.len() as u64;
         Ok(())
     }
@@ -460,7 +474,12 @@ impl<W: Write> StreamWriter<W> {
             table.push(0);
         }
         debug_assert_eq!(table.len(), 4 + pages.len() * RAM_ENTRY_LEN);
-        let len = table.len() + normal * ps;
+        let framing = if self.batches.is_some() {
+            BATCH_OVERHEAD
+        } else {
+            0
+        };
+        let len = framing + table.len() + normal * ps;
         let result = (|| {
             let len = u32::try_from(len)
                 .map_err(|_| WireError::InvalidArgument(format!("RAM record of {len} bytes")))?;
@@ -468,11 +487,35 @@ impl<W: Write> StreamWriter<W> {
             let mut frame = [0u8; 5];
             frame[0] = RecordKind::Ram as u8;
             frame[1..].copy_from_slice(&len.to_le_bytes());
-            self.put(&frame)?;
-            self.put(&table)?;
-            for p in pages {
-                if let PageData::Normal(d) = p.data {
-                    self.put(d)?;
+            match self.batches.as_ref().map(BatchNumbering::next) {
+                // Version 5: header, table, data, then the CRC-32C of all of it and the frame,
+                // computed as the bytes go out (they are hot in the cache); END leaves it out.
+                Some(header) => {
+                    let head = header.encode();
+                    let mut crc = 0u32;
+                    for part in [&frame[..], &head[..], &table[..]] {
+                        crc = crc32c::crc32c_append(crc, part);
+                        self.put_uncovered(part)?;
+                    }
+                    for p in pages {
+                        if let PageData::Normal(d) = p.data {
+                            crc = crc32c::crc32c_append(crc, d);
+                            self.put_uncovered(d)?;
+                        }
+                    }
+                    self.put_uncovered(&crc.to_le_bytes())?;
+                    if let Some(b) = &mut self.batches {
+                        b.written();
+                    }
+                }
+                None => {
+                    self.put(&frame)?;
+                    self.put(&table)?;
+                    for p in pages {
+                        if let PageData::Normal(d) = p.data {
+                            self.put(d)?;
+                        }
+                    }
                 }
             }
             Ok(())
