@@ -257,11 +257,15 @@ fn truncated_stream_fails_both_sides_cleanly() {
     assert_eq!(*dst.machine.restored.lock().unwrap(), None);
 }
 
-/// A flipped byte inside page data is only caught by the END checksum, after the source has
-/// paused and sent everything: the destination refuses to run and says so, and the source,
-/// told the destination failed, runs again.
+/// A flipped byte inside page data is caught by its RAM batch's own checksum (stream version
+/// 5) when that batch arrives, in the first pass: the destination fails naming the batch and
+/// never places a page of it, and the source, told so, fails without ever having paused its
+/// guest. (Up to version 4 only END's checksum saw it, after the source had paused and sent
+/// everything.) The tuning never converges, so the source can only stop because of the
+/// destination's error.
 #[test]
-fn corrupted_page_is_caught_by_the_checksum_and_the_source_resumes() {
+fn corrupted_page_is_refused_with_its_batch_and_the_source_never_pauses() {
+    const FLIP_AT: u64 = 500_000;
     let setup = Setup {
         fill_percent: 100,
         ..Setup::default()
@@ -269,19 +273,30 @@ fn corrupted_page_is_caught_by_the_checksum_and_the_source_resumes() {
     let (src, sm) = source_side(&setup);
     let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
     let guest = dirty(&src, 5_000);
-    let (a, b) = proxy(None, Some(500_000));
+    let (a, b) = proxy(None, Some(FLIP_AT));
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
-    let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
+    let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), false));
     let dout = d.join().unwrap();
     let so = s.join().unwrap();
     guest.stop();
     assert_eq!(dout.status, S::Failed);
     let derr = dout.error.unwrap();
-    assert!(derr.contains("checksum mismatch"), "{derr}");
+    assert!(
+        derr.contains("RAM batch") && derr.contains("checksum mismatch"),
+        "{derr}"
+    );
+    // The batch named is the one holding the flipped byte (a batch is at most 1 MiB + 29).
+    let at: u64 = derr
+        .split("at byte ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no batch offset in {derr}"));
+    assert!(at <= FLIP_AT && FLIP_AT - at < (1 << 20) + 29, "batch at {at}: {derr}");
     assert_eq!(so.status, S::Failed);
     assert!(so.error.unwrap().contains("checksum mismatch"));
     assert_source_restored(&src, true);
-    assert_eq!(src.vcpus.counts(), (1, 1));
+    assert_eq!(src.vcpus.counts(), (0, 0), "the source never paused its guest");
     assert!(!dst.vcpus.is_running());
     assert_eq!(*dst.machine.restored.lock().unwrap(), None);
 }

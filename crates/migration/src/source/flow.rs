@@ -141,14 +141,10 @@ impl Sender {
         if self.opts.postcopy_ram {
             self.check_postcopy_setup(rp_stream.is_some())?;
         }
-        // The lowest stream version with every record this migration writes (spec §10).
-        let version = if self.opts.postcopy_ram {
-            wire::VERSION_POSTCOPY
-        } else if self.opts.ram_digest {
-            wire::VERSION_RAM_DIGEST
-        } else {
-            wire::VERSION_1
-        };
+        // The lowest stream version with every record this migration writes (spec §10): every
+        // migration sends self-checking RAM batches (version 5, §5.1), which is newer than
+        // RAM_DIGEST (2) and post-copy (3), so that is always 5 (decision 133).
+        let version = wire::VERSION_BATCH_INTEGRITY;
         let mut w = StreamWriter::with_version(
             BufWriter::with_capacity(WRITE_BUFFER, stream),
             &config,
