@@ -1,6 +1,8 @@
 //! Micro-benchmark of the stream encoder/decoder: 256 MiB of guest pages (1/8 zero pages)
 //! encoded into memory, then decoded, with and without copying the pages into a destination
-//! buffer. Run: `cargo run --release -p tern-migration --example wire_bench [MiB]`.
+//! buffer. Run: `cargo run --release -p tern-migration --example wire_bench [MiB] [version]`
+//! (version 1 = RAM records without batch framing, checked by END's CRC-32 only; 5, the
+//! default = self-checking batches with a CRC-32C each, END without them).
 
 use std::time::Instant;
 
@@ -16,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(256);
+    let version: u32 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(tern_migration::wire::CURRENT_VERSION);
     let size = mib << 20;
     let pages = size / PS;
     let mut src = vec![0u8; size];
@@ -46,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = vec![1u8; size + size / 256 + 4096];
     out.clear();
     let t = Instant::now();
-    let mut w = StreamWriter::new(&mut out, &cfg)?;
+    let mut w = StreamWriter::with_version(&mut out, &cfg, &Limits::default(), version)?;
     let mut batch = Vec::with_capacity(1024);
     for (i, p) in src.chunks_exact(PS).enumerate() {
         let page = i as u32;
@@ -63,6 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     w.write_ram_batch(&batch)?;
     w.finish()?;
     let enc = t.elapsed().as_secs_f64();
+    println!("stream version {version}");
     println!(
         "encode: {pages} pages ({mib} MiB) -> {} bytes in {:.3} s = {:.2} GiB/s",
         out.len(),

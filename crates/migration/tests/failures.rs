@@ -292,11 +292,18 @@ fn corrupted_page_is_refused_with_its_batch_and_the_source_never_pauses() {
         .and_then(|r| r.split(':').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no batch offset in {derr}"));
-    assert!(at <= FLIP_AT && FLIP_AT - at < (1 << 20) + 29, "batch at {at}: {derr}");
+    assert!(
+        at <= FLIP_AT && FLIP_AT - at < (1 << 20) + 29,
+        "batch at {at}: {derr}"
+    );
     assert_eq!(so.status, S::Failed);
     assert!(so.error.unwrap().contains("checksum mismatch"));
     assert_source_restored(&src, true);
-    assert_eq!(src.vcpus.counts(), (0, 0), "the source never paused its guest");
+    assert_eq!(
+        src.vcpus.counts(),
+        (0, 0),
+        "the source never paused its guest"
+    );
     assert!(!dst.vcpus.is_running());
     assert_eq!(*dst.machine.restored.lock().unwrap(), None);
 }

@@ -99,7 +99,8 @@ pub(super) fn batch_body(
 pub(super) fn fix_batch_crc(b: &mut Vec<u8>) {
     let mut frame = vec![RecordKind::Ram as u8];
     frame.extend_from_slice(&((b.len() + 4) as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&frame), b);
+    frame.extend_from_slice(b);
+    let crc = crc_fast::crc32_iscsi(&frame);
     b.extend_from_slice(&crc.to_le_bytes());
 }
 
@@ -645,7 +646,7 @@ pub(super) fn fix_end(b: &mut [u8]) {
                 break false;
             };
             if b[at] == RecordKind::Ram as u8 && len >= 4 {
-                let c = crc32c::crc32c(&b[at..next - 4]);
+                let c = crc_fast::crc32_iscsi(&b[at..next - 4]);
                 b[next - 4..next].copy_from_slice(&c.to_le_bytes());
             } else {
                 crc.update(&b[at..next]);

@@ -30,6 +30,26 @@ impl BatchHeader {
     }
 }
 
+/// The CRC-32C (Castagnoli) of a version-5 RAM batch, fed piece by piece as the writer writes
+/// them. `crc-fast` folds with PCLMULQDQ (VPCLMULQDQ with AVX-512) on Intel and AMD alike: about
+/// twice the `crc32c` crate's speed (SSE4.2 `crc32`) on 4 KiB pieces here (decision 131).
+pub(crate) struct BatchCrc(crc_fast::Digest);
+
+impl BatchCrc {
+    pub(crate) fn new() -> Self {
+        Self(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi))
+    }
+
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub(crate) fn value(&self) -> u32 {
+        // A CRC-32's state fits in 32 bits.
+        self.0.finalize() as u32
+    }
+}
+
 /// True for the commands that end a sync generation (§5.1).
 fn is_sync_point(command: &Command) -> bool {
     matches!(
@@ -119,7 +139,10 @@ impl BatchTracker {
         let mut t = [0u8; 4];
         t.copy_from_slice(trailer);
         let expected = u32::from_le_bytes(t);
-        let actual = crc32c::crc32c_append(crc32c::crc32c(frame), covered);
+        let mut crc = BatchCrc::new();
+        crc.update(frame);
+        crc.update(covered);
+        let actual = crc.value();
         if actual != expected {
             return Err(WireError::BatchChecksumMismatch {
                 channel,

@@ -8,7 +8,7 @@ use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
     MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
 };
-use super::ram_batch::BatchNumbering;
+use super::ram_batch::{BatchCrc, BatchNumbering};
 use super::record::{Command, PageData, RamPage};
 use crate::digest::{chunk_count, RamDigest, ALGORITHM_XXH3_64, MAX_CHUNK_SHIFT};
 
@@ -492,18 +492,18 @@ impl<W: Write> StreamWriter<W> {
                 // computed as the bytes go out (they are hot in the cache); END leaves it out.
                 Some(header) => {
                     let head = header.encode();
-                    let mut crc = 0u32;
+                    let mut crc = BatchCrc::new();
                     for part in [&frame[..], &head[..], &table[..]] {
-                        crc = crc32c::crc32c_append(crc, part);
+                        crc.update(part);
                         self.put_uncovered(part)?;
                     }
                     for p in pages {
                         if let PageData::Normal(d) = p.data {
-                            crc = crc32c::crc32c_append(crc, d);
+                            crc.update(d);
                             self.put_uncovered(d)?;
                         }
                     }
-                    self.put_uncovered(&crc.to_le_bytes())?;
+                    self.put_uncovered(&crc.value().to_le_bytes())?;
                     if let Some(b) = &mut self.batches {
                         b.written();
                     }
