@@ -1,8 +1,9 @@
 //! [`EndTracker`]: follows the record framing of a migration stream seen in pieces (a test
 //! proxy between source and destination) and says where `SWITCHOVER_START` and the END record
 //! end, so a fault injector can cut the stream exactly K bytes before its end, or act right
-//! after END passed. It only reads the 16-byte header, the 5-byte frames and the command
-//! numbers (`docs/stream-format.md` §1, §2, §6); other bodies are skipped unread.
+//! after END passed, or find the N-th RAM record to corrupt a byte of it. It only reads the
+//! 16-byte header, the 5-byte frames and the command numbers (`docs/stream-format.md` §1, §2,
+//! §6); other bodies are skipped unread.
 
 use crate::wire::{cmd, RecordKind, HEADER_LEN};
 
@@ -20,12 +21,32 @@ pub struct EndTracker {
     command: Vec<u8>,
     switchover: Option<u64>,
     end: Option<u64>,
+    /// RAM records whose frame was seen.
+    ram_records: u64,
+    /// The RAM record to locate (0 = the first) and, once its frame was seen, its body's
+    /// stream offset and length.
+    watched_ram: Option<(u64, Option<(u64, u64)>)>,
 }
 
 impl EndTracker {
     /// At the start of a stream.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// At the start of a stream, locating the `n`-th RAM record (0 = the first): see
+    /// [`EndTracker::watched_ram_record`].
+    pub fn watching_ram_record(n: u64) -> Self {
+        Self {
+            watched_ram: Some((n, None)),
+            ..Self::default()
+        }
+    }
+
+    /// The stream offset and length of the watched RAM record's body, once its frame was seen
+    /// (its body may not have passed yet).
+    pub fn watched_ram_record(&self) -> Option<(u64, u64)> {
+        self.watched_ram.and_then(|(_, found)| found)
     }
 
     /// Bytes of the stream seen so far (not counting anything after END).
@@ -65,6 +86,14 @@ impl EndTracker {
                 if self.frame_got == FRAME {
                     let len = [self.frame[1], self.frame[2], self.frame[3], self.frame[4]];
                     self.body_left = u64::from(u32::from_le_bytes(len));
+                    if self.frame[0] == RecordKind::Ram as u8 {
+                        if let Some((n, found @ None)) = &mut self.watched_ram {
+                            if *n == self.ram_records {
+                                *found = Some((self.pos, self.body_left));
+                            }
+                        }
+                        self.ram_records += 1;
+                    }
                     self.record_done_if_empty();
                 }
                 continue;
@@ -137,6 +166,27 @@ mod tests {
             assert_eq!(found, Some(end), "piece {piece}");
             assert_eq!(t.position(), end);
             assert_eq!(t.switchover(), Some(switchover), "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn locates_the_nth_ram_record() {
+        let mut s = vec![0u8; 16];
+        s.extend(record(0x01, &[1; 40]));
+        let first = s.len() as u64 + 5;
+        s.extend(record(0x04, &[9; 100]));
+        s.extend(record(0x05, &[1, 0, 1, 0, 0, 0, 0, 0, 0, 0]));
+        let second = s.len() as u64 + 5;
+        s.extend(record(0x04, &[8; 300]));
+        s.extend(record(0x06, &[0; 12]));
+        for (n, want) in [(0, Some((first, 100))), (1, Some((second, 300))), (2, None)] {
+            for piece in [1, 3, 64, s.len()] {
+                let mut t = EndTracker::watching_ram_record(n);
+                for c in s.chunks(piece) {
+                    t.feed(c);
+                }
+                assert_eq!(t.watched_ram_record(), want, "record {n}, piece {piece}");
+            }
         }
     }
 }

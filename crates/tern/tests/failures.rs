@@ -384,10 +384,16 @@ fn page_data_byte_after(stream: &[u8], from: usize) -> usize {
         let len = u32::from_le_bytes(stream[at + 1..at + 5].try_into().unwrap()) as usize;
         let body = at + 5;
         if kind == 4 && at >= from {
-            let count = u32::from_le_bytes(stream[body..body + 4].try_into().unwrap()) as usize;
-            let data = body + 4 + count * 8;
-            if data < body + len {
-                return data + (body + len - data) / 2;
+            // From version 5 the body starts with a 16-byte batch header and ends with a CRC.
+            let v5 = u32::from_le_bytes(stream[8..12].try_into().unwrap()) >= 5;
+            let (head, tail) = if v5 { (16, 4) } else { (0, 0) };
+            let count_at = body + head;
+            let count =
+                u32::from_le_bytes(stream[count_at..count_at + 4].try_into().unwrap()) as usize;
+            let data = count_at + 4 + count * 8;
+            let data_end = body + len - tail;
+            if data < data_end {
+                return data + (data_end - data) / 2;
             }
         }
         at = body + len;

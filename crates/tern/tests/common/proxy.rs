@@ -1,8 +1,8 @@
 //! A fault-injecting TCP proxy between a migration source and its destination. It forwards
 //! both directions and follows the stream's record framing
 //! ([`tern_migration::tap::EndTracker`]), so it can cut the source→destination stream after
-//! N bytes or exactly K bytes before its end (the END record), and silence or close the
-//! return path the moment END has passed. The test waits on its progress (END seen, cut done)
+//! N bytes or exactly K bytes before its end (the END record), silence or close the return
+//! path the moment END has passed, or flip one byte in the middle of the N-th RAM record. The test waits on its progress (END seen, cut done)
 //! through a condition variable: no polling, no sleeps.
 
 use std::io::{Read, Write};
@@ -30,6 +30,9 @@ pub enum Fault {
     /// Forward the whole stream; from END on drop what the destination says, connections stay
     /// open (the source waits for `RESUMED` until its `x-tern-resume-timeout`).
     StallReturnPathAtEnd,
+    /// Forward everything, but flip one bit of the byte in the middle of the body of the
+    /// `n`-th RAM record (0 = the first): page data in a batch of normal pages.
+    FlipInRamRecord(u64),
 }
 
 /// What the proxy has seen so far.
@@ -43,6 +46,9 @@ pub struct Progress {
     pub end: Option<u64>,
     /// Both directions were cut.
     pub cut: bool,
+    /// [`Fault::FlipInRamRecord`]: the stream offsets of the corrupted record's frame and of
+    /// the flipped byte, once it was forwarded.
+    pub flipped: Option<(u64, u64)>,
 }
 
 #[derive(Default)]
@@ -163,7 +169,11 @@ fn cut(a: &TcpStream, b: &TcpStream) {
 
 /// Source → destination, with the fault.
 fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mute: &AtomicBool) {
-    let mut t = EndTracker::new();
+    let mut t = match fault {
+        Fault::FlipInRamRecord(n) => EndTracker::watching_ram_record(n),
+        _ => EndTracker::new(),
+    };
+    let mut flipped = None;
     let (mut sent, mut held) = (0u64, Vec::new());
     let mut buf = vec![0u8; 256 << 10];
     loop {
@@ -191,6 +201,13 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
             _ => t.position(),
         };
         let go = (allowed - sent) as usize;
+        if let (None, Some((body, len))) = (flipped, t.watched_ram_record()) {
+            let at = body + len / 2;
+            if (sent..allowed).contains(&at) {
+                held[(at - sent) as usize] ^= 0x08;
+                flipped = Some((body - 5, at));
+            }
+        }
         if dst.write_all(&held[..go]).is_err() {
             break;
         }
@@ -199,6 +216,7 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
         sh.update(|p| {
             p.forwarded = sent;
             p.end = end;
+            p.flipped = flipped;
         });
         let cut_now = match fault {
             Fault::CutAfter(c) => sent >= c,
