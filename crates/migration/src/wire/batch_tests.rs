@@ -464,3 +464,28 @@ fn end_covers_what_is_not_in_a_batch() {
     assert!(matches!(e, WireError::LengthMismatch { .. }), "{e}");
     assert!(drain(&raw(&[]), &Limits::default(), expect()).is_ok());
 }
+
+/// The bytes are those of the spec (§5.1): offsets of every field, and the checksum is
+/// CRC-32C (the catalogue's check value) over the frame and the body before the trailer.
+#[test]
+fn the_layout_is_the_specified_one() {
+    let mut crc = super::ram_batch::BatchCrc::new();
+    crc.update(b"1234");
+    crc.update(b"56789");
+    assert_eq!(crc.value(), 0xe306_9283, "CRC-32C check value");
+    let good = stream();
+    let r = ram_records(&good)[3]; // generation 2, seq 3: one normal page
+    let b = &good[r.offset..r.end()];
+    let body = &b[FRAME_LEN..];
+    assert_eq!(r.len, 16 + 4 + 8 + PS + 4);
+    assert_eq!(&body[0..2], &0u16.to_le_bytes(), "channel");
+    assert_eq!(&body[2..4], &0u16.to_le_bytes(), "flags");
+    assert_eq!(&body[4..8], &2u32.to_le_bytes(), "generation");
+    assert_eq!(&body[8..16], &3u64.to_le_bytes(), "seq");
+    assert_eq!(&body[16..20], &1u32.to_le_bytes(), "count");
+    assert_eq!(&body[20..24], &1u32.to_le_bytes(), "page 1");
+    assert_eq!(&body[24..28], &[0, 0, 0, 0], "block 0, NORMAL, reserved");
+    assert_eq!(&body[28..28 + PS], &page(3)[..], "page data");
+    let crc = crc_fast::crc32_iscsi(&b[..b.len() - 4]);
+    assert_eq!(&b[b.len() - 4..], &crc.to_le_bytes(), "trailer");
+}
