@@ -324,6 +324,9 @@ impl Sender {
                     "switchover decision"
                 );
                 self.stats.set_switchover_decision(d.clone());
+                if self.opts.postcopy_auto && self.opts.postcopy_ram {
+                    self.judge_postcopy_auto(pending, threshold, d.switch)?;
+                }
                 if !d.switch && !self.rule.armed() {
                     self.throttle_after_sync(now, dirtied)?;
                 }
