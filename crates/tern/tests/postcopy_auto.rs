@@ -142,3 +142,34 @@ fn the_automatic_switch_without_postcopy_ram_is_refused() {
     );
     vm.quit_ok();
 }
+
+/// The automatic switch adds no state: a destination killed after it leaves the source as
+/// after `migrate-start-postcopy` (docs/migration-engine.md §9.3): `failed`, paused, `cont`
+/// refused, the guest never runs there again.
+#[test]
+fn postcopy_auto_killed_destination_after_the_automatic_switch_the_source_stays_paused() {
+    let dir = tmpdir();
+    let m = Machine::pattern(2, 32);
+    // The push is slow, so post-copy lasts long enough to be cut.
+    let (mut src, mut dst) = migrate(
+        dir.path(),
+        &m,
+        0,
+        json!({"max-bandwidth": 32_000_000, "downtime-limit": 50,
+               "max-postcopy-bandwidth": 1_000_000}),
+    );
+    let pq = src.wait_mig(&["postcopy-active"], MIGRATION_TIMEOUT);
+    assert_eq!(auto(&pq)["switch"], true, "{pq}");
+    dst.wait_mig(&["postcopy-active"], MIGRATION_TIMEOUT);
+    dst.event("RESUME", MIGRATION_TIMEOUT);
+    dst.signal(libc::SIGKILL);
+    let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
+    let e = error_desc(&q);
+    assert!(e.contains("source stays paused"), "{e}");
+    assert_eq!(src.run_status(), "postmigrate");
+    let e = src.err("cont", json!({}));
+    assert!(e.contains("runs there"), "{e}");
+    let last = src.last_seq();
+    src.assert_no_hb_after(last, std::time::Duration::from_millis(100));
+    src.quit_ok();
+}
