@@ -67,13 +67,14 @@ impl Sender {
     /// `x-tern-postcopy-auto`, at a pre-copy sync: asks the policy
     /// (`convergence::postcopy_auto`) and, when pre-copy is predicted not to meet
     /// `downtime-limit`, switches as `migrate-start-postcopy` would (the next round of the
-    /// loop, through [`Self::postcopy_due`]). The decision is in `query-migrate`.
+    /// loop, through [`Self::postcopy_due`]). The decision is in `query-migrate`. Returns
+    /// whether post-copy is to start (then auto-converge raises no throttle at this sync).
     pub(super) fn judge_postcopy_auto(
         &mut self,
         pending: u64,
         threshold: u64,
         precopy_switches: bool,
-    ) -> Result<(), SourceError> {
+    ) -> Result<bool, SourceError> {
         let syncs = self.ram()?.dirty_sync_count;
         let sample = AutoSample {
             pending,
@@ -84,7 +85,8 @@ impl Sender {
             rule_armed: precopy_switches || self.rule.armed(),
         };
         let d = self.postcopy_auto.at_sync(&sample);
-        if d.switch && !precopy_switches {
+        let switching = d.switch && !precopy_switches;
+        if switching {
             let mut f = self.shared.lock();
             if !f.start_postcopy {
                 tracing::info!(
@@ -96,7 +98,7 @@ impl Sender {
             }
         }
         self.stats.set_postcopy_auto(d);
-        Ok(())
+        Ok(switching)
     }
 
     /// The switch and the post-copy phase, up to `completed`.
