@@ -10,6 +10,8 @@ mod link;
 mod machine;
 mod mgmt;
 mod migrate;
+mod postcopy;
+mod postcopy_run;
 mod precopy;
 mod report;
 mod serial;
@@ -44,6 +46,9 @@ enum Suite {
     AutoConverge,
     /// What TLS costs: plain vs TLS, Tern vs QEMU (idle 1 GiB, 256 MiB dirtied at 50 MiB/s)
     Tls,
+    /// Post-copy after the first pass, Tern vs QEMU (with and without preempt), and Tern's
+    /// automatic switch (issue 9); default --timeout 30
+    Postcopy,
     All,
 }
 
@@ -63,7 +68,7 @@ struct Cli {
     /// Small guests and short timeouts (development runs).
     #[arg(long)]
     quick: bool,
-    /// Per-migration timeout in seconds (default 120, 30 with --quick).
+    /// Per-migration timeout in seconds (default 120, 30 with --quick; `postcopy`: 30).
     #[arg(long)]
     timeout: Option<u64>,
     /// Skip QEMU rows.
@@ -258,6 +263,9 @@ fn main() -> anyhow::Result<()> {
             Suite::Boot => boot::run(&ctx),
             Suite::AutoConverge => autoconverge::run(&ctx),
             Suite::Tls => tls::run(&ctx),
+            Suite::Postcopy => {
+                postcopy::run(&ctx, cli.timeout.unwrap_or(postcopy::DEFAULT_TIMEOUT_S))
+            }
             Suite::All => Ok(()),
         };
         if let Err(e) = r {

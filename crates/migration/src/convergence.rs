@@ -11,9 +11,11 @@
 //! * `max-bandwidth` limits pre-copy in 100 ms windows; the stop-and-copy is never limited.
 //! * Tern's refinement (bounded extra passes after QEMU's rule held): [`rule`].
 //! * A prediction of a whole migration from a dirty rate and a bandwidth: [`predict`].
+//! * When to switch to post-copy by itself (`x-tern-postcopy-auto`): [`postcopy_auto`].
 
 use std::time::{Duration, Instant};
 
+pub mod postcopy_auto;
 pub mod predict;
 pub mod rule;
 pub use rule::{RuleDecision, RuleName, SwitchoverRule, SyncSample};

@@ -262,6 +262,7 @@ impl Receiver {
             self.stats.set_postcopy_blocktime(PostcopyBlocktime {
                 all_vcpus: st.blocktime,
                 per_vcpu: st.vcpu_blocktime.clone(),
+                latency: st.latency,
             });
         }
     }

@@ -243,6 +243,8 @@ pub struct PostcopyPagingStats {
     pub blocktime: std::time::Duration,
     /// QEMU's `postcopy-vcpu-blocktime`: per vCPU, total time blocked on missing pages.
     pub vcpu_blocktime: Vec<std::time::Duration>,
+    /// Fault → placement waits (`None`: the machine does not measure them).
+    pub latency: Option<crate::stats::PostcopyLatency>,
 }
 
 /// Post-copy on the destination (QEMU `postcopy-ram.c`): guest RAM paged on demand. The engine

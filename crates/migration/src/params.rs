@@ -112,6 +112,9 @@ capabilities! {
     // Tern: the destination checks a digest of the source's memory before it runs
     // (`docs/stream-format.md` §7a).
     XTernRamDigest = "x-tern-ram-digest", true;
+    // Tern: switch to post-copy by itself when pre-copy is predicted not to meet
+    // `downtime-limit` (docs/migration-engine.md §2.4). Needs `postcopy-ram`.
+    XTernPostcopyAuto = "x-tern-postcopy-auto", true;
 }
 
 impl Capability {
@@ -191,6 +194,12 @@ impl Capabilities {
         }
         if on(C::PostcopyPreempt) && !on(C::PostcopyRam) {
             return bad("Postcopy preempt requires postcopy-ram");
+        }
+        if on(C::XTernPostcopyAuto) && !on(C::PostcopyRam) {
+            return bad(
+                "Capability 'x-tern-postcopy-auto' requires capability 'postcopy-ram' (the \
+                 automatic switch goes to post-copy, which both sides must have negotiated)",
+            );
         }
         if on(C::SwitchoverAck) && !on(C::ReturnPath) {
             return bad("Capability 'switchover-ack' requires capability 'return-path'");

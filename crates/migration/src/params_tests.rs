@@ -23,8 +23,8 @@ fn capability_list_matches_qemu() {
         .map(|c| c["capability"].as_str().unwrap())
         .collect();
     // QEMU 10's 22, then Tern's own (`x-tern-`), which QEMU tools ignore.
-    assert_eq!(names.len(), 23);
-    assert_eq!(names[22], "x-tern-ram-digest");
+    assert_eq!(names.len(), 24);
+    assert_eq!(names[22..], ["x-tern-ram-digest", "x-tern-postcopy-auto"]);
     for n in [
         "xbzrle",
         "rdma-pin-all",
@@ -68,7 +68,8 @@ fn capability_list_matches_qemu() {
             "postcopy-blocktime",
             "validate-uuid",
             "switchover-ack",
-            "x-tern-ram-digest"
+            "x-tern-ram-digest",
+            "x-tern-postcopy-auto"
         ]
     );
 }
@@ -94,6 +95,23 @@ fn capability_rules() {
     // Turning return-path off while switchover-ack stays on is refused, atomically.
     assert!(set_caps(&mut c, &[("return-path", false)]).is_err());
     assert!(c.get(Capability::ReturnPath));
+
+    // x-tern-postcopy-auto needs postcopy-ram, set in the same call or before; turning
+    // postcopy-ram off under it is refused.
+    let mut c = Capabilities::default();
+    let e = set_caps(&mut c, &[("x-tern-postcopy-auto", true)]).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("Capability 'x-tern-postcopy-auto' requires capability 'postcopy-ram'"),
+        "{e}"
+    );
+    set_caps(
+        &mut c,
+        &[("x-tern-postcopy-auto", true), ("postcopy-ram", true)],
+    )
+    .unwrap();
+    assert!(set_caps(&mut c, &[("postcopy-ram", false)]).is_err());
+    assert!(c.get(Capability::XTernPostcopyAuto) && c.get(Capability::PostcopyRam));
 
     let mut c = Capabilities::default();
     for (list, msg) in [

@@ -65,6 +65,25 @@ pub struct PostcopyBlocktime {
     pub all_vcpus: Duration,
     /// `postcopy-vcpu-blocktime`: per vCPU, time blocked on missing pages.
     pub per_vcpu: Vec<Duration>,
+    /// Page-request latency (fault → page placed), when the machine measures it.
+    pub latency: Option<PostcopyLatency>,
+}
+
+/// Destination, post-copy: how long a faulting thread waited for its page (first fault read
+/// → page placed), over every page faulted on (QEMU 10.1's `postcopy-latency` is the average;
+/// the quantiles are Tern's, from power-of-two µs buckets: an upper bound, at most 2× high).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PostcopyLatency {
+    /// Pages some thread faulted on and waited for.
+    pub pages: u64,
+    /// Mean wait.
+    pub average: Duration,
+    /// Median wait (upper bound of its bucket).
+    pub median: Duration,
+    /// 99th percentile (upper bound of its bucket).
+    pub p99: Duration,
+    /// Longest wait.
+    pub max: Duration,
 }
 
 /// Switchover-ack progress (Tern extension, not in QEMU's `query-migrate`).
@@ -187,6 +206,8 @@ pub struct StatsSnapshot {
     pub cpu_throttle_percentage: u8,
     /// Destination, `postcopy-blocktime`: QEMU's blocktimes.
     pub postcopy_blocktime: Option<PostcopyBlocktime>,
+    /// Source, `x-tern-postcopy-auto`: the automatic switch's latest decision.
+    pub postcopy_auto: Option<crate::convergence::postcopy_auto::AutoDecision>,
 }
 
 /// `x-tern-ram-digest` in `query-migrate`.
@@ -339,6 +360,11 @@ impl MigrationStats {
     }
 
     /// Records the switchover rule's latest decision.
+    /// `x-tern-postcopy-auto` (source): the automatic switch's decision at the last sync.
+    pub fn set_postcopy_auto(&self, d: crate::convergence::postcopy_auto::AutoDecision) {
+        self.lock().snap.postcopy_auto = Some(d);
+    }
+
     pub fn set_switchover_decision(&self, d: crate::convergence::RuleDecision) {
         self.lock().snap.switchover_decision = Some(d);
     }
@@ -470,6 +496,9 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
                     "postcopy-vcpu-blocktime".into(),
                     json!(b.per_vcpu.iter().map(ms).collect::<Vec<_>>()),
                 );
+                if let Some(l) = &b.latency {
+                    latency_info(&mut m, l);
+                }
             }
         }
     }
@@ -486,6 +515,9 @@ fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
     digest_info(m, s);
     if let Some(d) = &s.switchover_decision {
         m.insert("x-tern-switchover-decision".into(), decision_json(d));
+    }
+    if let Some(d) = &s.postcopy_auto {
+        m.insert("x-tern-postcopy-auto".into(), postcopy_auto_json(d));
     }
     let a = &s.switchover_ack;
     if a.enabled {
@@ -527,6 +559,39 @@ fn digest_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
             }),
         );
     }
+}
+
+/// QEMU 10.1's `postcopy-latency` (average, ns) and Tern's `x-tern-postcopy-latency`
+/// (quantiles in µs; QEMU has only the average and a distribution).
+fn latency_info(m: &mut Map<String, Value>, l: &PostcopyLatency) {
+    let ns = |d: Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
+    let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+    m.insert("postcopy-latency".into(), json!(ns(l.average)));
+    m.insert(
+        "x-tern-postcopy-latency".into(),
+        json!({
+            "pages": l.pages,
+            "median-us": us(l.median),
+            "p99-us": us(l.p99),
+            "max-us": us(l.max),
+        }),
+    );
+}
+
+/// `x-tern-postcopy-auto`.
+fn postcopy_auto_json(d: &crate::convergence::postcopy_auto::AutoDecision) -> Value {
+    let mut v = json!({
+        "rule": d.rule.as_str(),
+        "switch": d.switch,
+        "reason": d.reason,
+    });
+    if let Some(n) = d.predicted_passes {
+        v["predicted-passes"] = n.into();
+    }
+    if let Some(ms) = d.predicted_time_ms {
+        v["predicted-time-ms"] = ms.into();
+    }
+    v
 }
 
 /// `x-tern-switchover-decision`.

@@ -320,7 +320,10 @@ impl Sender {
                     "switchover decision"
                 );
                 self.stats.set_switchover_decision(d.clone());
-                if !d.switch && !self.rule.armed() {
+                let auto_switch = self.opts.postcopy_auto
+                    && self.opts.postcopy_ram
+                    && self.judge_postcopy_auto(pending, threshold, d.switch)?;
+                if !d.switch && !self.rule.armed() && !auto_switch {
                     self.throttle_after_sync(now, dirtied)?;
                 }
                 decided = Some((d, pending));

@@ -155,6 +155,9 @@ pub struct SourceOptions {
     /// `postcopy-ram`: announce post-copy (`CAPABILITIES` bit 4, `POSTCOPY_ADVISE`, stream
     /// version 3) so that `migrate-start-postcopy` can switch to it (`postcopy.rs`).
     pub postcopy_ram: bool,
+    /// `x-tern-postcopy-auto`: switch to post-copy by itself when pre-copy is predicted not to
+    /// meet `downtime-limit` (`convergence::postcopy_auto`; needs `postcopy_ram`).
+    pub postcopy_auto: bool,
 }
 
 impl Default for SourceOptions {
@@ -183,6 +186,7 @@ impl SourceOptions {
             throttle_sync_every: crate::throttle::PERIODIC_SYNC,
             tls: None,
             postcopy_ram: caps.get(Capability::PostcopyRam),
+            postcopy_auto: caps.get(Capability::XTernPostcopyAuto),
         }
     }
 }
@@ -577,6 +581,7 @@ pub fn migrate(
         bytes_at_stop: None,
         chunk: Vec::new(),
         rule: SwitchoverRule::default(),
+        postcopy_auto: crate::convergence::postcopy_auto::AutoPostcopy::default(),
         started: Instant::now(),
         ping_seq: 1,
         keepalive,
@@ -627,6 +632,8 @@ struct Sender {
     mark: Instant,
     /// The switchover rule (QEMU's, plus bounded extra passes).
     rule: SwitchoverRule,
+    /// `x-tern-postcopy-auto`: the automatic switch's memory of the pending bytes.
+    postcopy_auto: crate::convergence::postcopy_auto::AutoPostcopy,
     /// When the sender started (the rule's clock).
     started: Instant,
     /// Sequence number of the last `PING` sent.

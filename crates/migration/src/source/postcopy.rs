@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::convergence::postcopy_auto::AutoSample;
 use crate::convergence::RateLimiter;
 
 /// Pages of background push per round (then requests are looked at again).
@@ -61,6 +62,43 @@ impl Sender {
         self.wait_alive(None, |f| f.last_pong >= 1)?;
         self.check_abort()?;
         Ok(true)
+    }
+
+    /// `x-tern-postcopy-auto`, at a pre-copy sync: asks the policy
+    /// (`convergence::postcopy_auto`) and, when pre-copy is predicted not to meet
+    /// `downtime-limit`, switches as `migrate-start-postcopy` would (the next round of the
+    /// loop, through [`Self::postcopy_due`]). The decision is in `query-migrate`. Returns
+    /// whether post-copy is to start (then auto-converge raises no throttle at this sync).
+    pub(super) fn judge_postcopy_auto(
+        &mut self,
+        pending: u64,
+        threshold: u64,
+        precopy_switches: bool,
+    ) -> Result<bool, SourceError> {
+        let syncs = self.ram()?.dirty_sync_count;
+        let sample = AutoSample {
+            pending,
+            threshold,
+            bandwidth: self.estimator.as_ref().and_then(|e| e.bytes_per_ms()),
+            dirty_rate: self.rule.recent_max_dirty_rate(),
+            syncs,
+            rule_armed: precopy_switches || self.rule.armed(),
+        };
+        let d = self.postcopy_auto.at_sync(&sample);
+        let switching = d.switch && !precopy_switches;
+        if switching {
+            let mut f = self.shared.lock();
+            if !f.start_postcopy {
+                tracing::info!(
+                    rule = d.rule.as_str(),
+                    reason = %d.reason,
+                    "x-tern-postcopy-auto: switching to post-copy"
+                );
+                f.start_postcopy = true;
+            }
+        }
+        self.stats.set_postcopy_auto(d);
+        Ok(switching)
     }
 
     /// The switch and the post-copy phase, up to `completed`.

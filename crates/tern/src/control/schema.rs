@@ -6,6 +6,7 @@
 //! and the migration parameters come from `tern_migration::params::PARAMETERS`, so none of them
 //! can drift from what the engine accepts.
 
+use tern_migration::convergence::postcopy_auto::AutoRule;
 use tern_migration::convergence::RuleName;
 use tern_migration::params::{Capability, ParamType, PARAMETERS};
 use tern_migration::status::MigrationStatus;
@@ -506,6 +507,29 @@ static SWITCHOVER_DECISION: Object = object(
         Member::opt("expected-downtime-ms", U64),
     ],
 );
+static POSTCOPY_AUTO_RULE: Enum = Enum {
+    name: "x-tern-PostcopyAutoRule",
+    values: Values::From(|| AutoRule::ALL.iter().map(|r| r.as_str()).collect()),
+};
+static POSTCOPY_AUTO: Object = object(
+    "x-tern-PostcopyAuto",
+    &[
+        Member::req("rule", Type::Enum(&POSTCOPY_AUTO_RULE)),
+        Member::req("switch", Type::Bool),
+        Member::req("reason", Type::Str),
+        Member::opt("predicted-passes", U64),
+        Member::opt("predicted-time-ms", U64),
+    ],
+);
+static POSTCOPY_LATENCY: Object = object(
+    "x-tern-PostcopyLatency",
+    &[
+        Member::req("pages", U64),
+        Member::req("median-us", U64),
+        Member::req("p99-us", U64),
+        Member::req("max-us", U64),
+    ],
+);
 static GUEST_STALL_PHASE: Enum = Enum {
     name: "x-tern-GuestStallPhase",
     values: Values::List(&["pre-copy", "switchover"]),
@@ -550,6 +574,9 @@ static MIGRATION_INFO: Object = object(
         Member::opt("x-tern-ram-digest", Type::Object(&RAM_DIGEST)),
         Member::opt("postcopy-blocktime", U64),
         Member::opt("postcopy-vcpu-blocktime", Type::Array(&U64)),
+        Member::opt("postcopy-latency", U64),
+        Member::opt("x-tern-postcopy-latency", Type::Object(&POSTCOPY_LATENCY)),
+        Member::opt("x-tern-postcopy-auto", Type::Object(&POSTCOPY_AUTO)),
     ],
 );
 /// `query-migrate`.

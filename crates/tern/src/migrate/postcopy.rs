@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tern_migration::machine::{
     DirtyBitmap, MachineError, PageRange, PageRequester, PostcopyPagingStats, PostcopySink,
 };
+use tern_migration::stats::PostcopyLatency;
 use tern_vmm::postcopy::{self as pc, GpaRange, Pager, Placement};
 use tern_vmm::{RamRegionInfo, Vm, PAGE_SIZE};
 
@@ -161,6 +162,7 @@ impl PostcopySink for VmPostcopy {
             bytes_placed: s.bytes_placed,
             blocktime: b.all_vcpus,
             vcpu_blocktime: b.per_vcpu,
+            latency: page_wait_latency(&s),
         }
     }
 
@@ -171,4 +173,21 @@ impl PostcopySink for VmPostcopy {
         p.shutdown()
             .map_err(|e| pager_error("stopping the demand pager", &e))
     }
+}
+
+/// The pager's fault → placement waits as the engine reports them (`postcopy-latency`,
+/// `x-tern-postcopy-latency`); `None` before any page was waited for.
+fn page_wait_latency(s: &tern_vmm::postcopy::PagerStats) -> Option<PostcopyLatency> {
+    let pages = s.page_waits();
+    if pages == 0 {
+        return None;
+    }
+    let n = u32::try_from(pages).unwrap_or(u32::MAX);
+    Some(PostcopyLatency {
+        pages,
+        average: s.page_wait_total / n,
+        median: s.page_wait_quantile(0.5).unwrap_or_default(),
+        p99: s.page_wait_quantile(0.99).unwrap_or_default(),
+        max: s.max_page_wait,
+    })
 }
