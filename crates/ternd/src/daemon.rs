@@ -368,6 +368,23 @@ impl Daemon {
                 "a migration job is running; resume refused (domjobabort first)".into(),
             ));
         }
+        {
+            // The source of a post-copy migration that switched: its memory is stale and the
+            // destination may run the guest (docs/management.md §5c).
+            let g = dom.lock();
+            let was_source = g
+                .last_job
+                .as_ref()
+                .is_some_and(|j| j.operation.as_deref() == Some("Outgoing migration"));
+            if was_source && g.reason.starts_with("post-copy") {
+                return Err(Error::OperationInvalid(format!(
+                    "'{}' is the source of a post-copy migration that switched: its memory is \
+                     stale and the destination may run the guest, so it is never resumed \
+                     (check the destination, then destroy it here)",
+                    dom.name
+                )));
+            }
+        }
         let vmm = dom.vmm()?;
         vmm.qmp("cont", json!({}))?;
         dom.wait_until(STOP_TIMEOUT, |g| g.state == DomainState::Running);
