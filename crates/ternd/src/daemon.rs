@@ -351,6 +351,18 @@ impl Daemon {
     pub fn suspend(&self, key: &str) -> Result<()> {
         let dom = self.lookup(key)?;
         let vmm = dom.vmm()?;
+        let receiving_pages = dom.lock().job.as_ref().is_some_and(|j| {
+            j.kind == crate::domain::JobKind::MigrationIn && j.postcopy_switched
+        });
+        if receiving_pages {
+            // A vCPU waiting for a page cannot be stopped until the page arrives
+            // (docs/postcopy.md, "Facts"): pausing here would stall this call, not the guest.
+            return Err(Error::OperationInvalid(format!(
+                "'{}' is receiving its memory in post-copy; it can be suspended once the \
+                 migration completed",
+                dom.name
+            )));
+        }
         if let Some(j) = dom.lock().job.as_mut() {
             // The guest now travels paused: the destination will not run it by itself.
             j.user_suspended = true;

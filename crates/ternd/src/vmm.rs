@@ -420,6 +420,9 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
         crate::migration::postcopy::resume_incoming_watch(d, &dom, &vmm, running);
     } else if st.incoming {
         tracing::warn!("{name}: the incoming VMM runs by itself (or ran in post-copy): kept");
+        if running && mig == "completed" {
+            dom.set_state(DomainState::Running, "migrated");
+        }
         mark(d, &dom, false, None);
     }
     if st.outgoing {

@@ -248,3 +248,41 @@ fn a_killed_source_after_the_switch_leaves_the_destination_running_post_copy_fai
     assert!(job.contains("post-copy failed on the destination"), "{job}");
     assert!(pid_alive(dst_vmm), "the destination VMM was killed");
 }
+
+#[test]
+fn daemons_restarted_during_postcopy_never_resume_the_source_nor_kill_the_destination() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let bg = start_slow_postcopy(&h, dir.path(), "r");
+    wait_state(&h.dst, "r", "running (post-copy)");
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    // Both daemons die while the VMMs are in post-copy (the VMMs carry on without them).
+    h.dst.kill();
+    h.src.kill();
+    let (ok, _, _) = bg.wait();
+    assert!(!ok, "the client lost its daemon");
+    h.dst.restart();
+    h.src.restart();
+    // The restarted source never runs its stale copy: paused until its VMM finished
+    // sending, then quit; the destination's VMM is kept and ends `running (migrated)`.
+    let deadline = Instant::now() + T;
+    loop {
+        let s = h.src.state("r");
+        assert!(!s.starts_with("running"), "the source was resumed: {s}");
+        if s == "shut off (migrated)" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never finished: {s}\n--- src:\n{}",
+            h.src.log()
+        );
+        std::thread::yield_now();
+    }
+    wait_pid_exit(src_vmm);
+    wait_state(&h.dst, "r", "running (migrated)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was killed");
+    assert_guest_runs(&h.dst, "r");
+}
