@@ -270,7 +270,9 @@ fn watch(
                     TimeoutAction::Postcopy => match start_postcopy(uri, dom) {
                         Ok(_) => eprintln!("migrate: timeout: switched '{dom}' to post-copy"),
                         Err(e) => {
-                            eprintln!("migrate: timeout: switching '{dom}' to post-copy failed: {e}")
+                            eprintln!(
+                                "migrate: timeout: switching '{dom}' to post-copy failed: {e}"
+                            )
                         }
                     },
                 }

@@ -351,9 +351,10 @@ impl Daemon {
     pub fn suspend(&self, key: &str) -> Result<()> {
         let dom = self.lookup(key)?;
         let vmm = dom.vmm()?;
-        let receiving_pages = dom.lock().job.as_ref().is_some_and(|j| {
-            j.kind == crate::domain::JobKind::MigrationIn && j.postcopy_switched
-        });
+        let receiving_pages =
+            dom.lock().job.as_ref().is_some_and(|j| {
+                j.kind == crate::domain::JobKind::MigrationIn && j.postcopy_switched
+            });
         if receiving_pages {
             // A vCPU waiting for a page cannot be stopped until the page arrives
             // (docs/postcopy.md, "Facts"): pausing here would stall this call, not the guest.

@@ -194,7 +194,10 @@ impl Domain {
 
     /// Whether this side's VMM switched the job's migration to post-copy.
     pub fn postcopy_switched(&self) -> bool {
-        self.lock().job.as_ref().is_some_and(|j| j.postcopy_switched)
+        self.lock()
+            .job
+            .as_ref()
+            .is_some_and(|j| j.postcopy_switched)
     }
 
     pub fn abort_requested(&self) -> bool {

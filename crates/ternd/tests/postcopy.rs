@@ -86,11 +86,27 @@ fn postcopy_after_precopy_moves_a_pattern_tern_vm() {
     h.src.ok(&["migrate-setmaxdowntime", "pc", "1"]);
     let mut src_events = Bg::spawn(
         &h.src.uri(),
-        &["event", "--domain", "pc", "--all", "--loop", "--timeout", "120"],
+        &[
+            "event",
+            "--domain",
+            "pc",
+            "--all",
+            "--loop",
+            "--timeout",
+            "120",
+        ],
     );
     let mut dst_events = Bg::spawn(
         &h.dst.uri(),
-        &["event", "--domain", "pc", "--all", "--loop", "--timeout", "120"],
+        &[
+            "event",
+            "--domain",
+            "pc",
+            "--all",
+            "--loop",
+            "--timeout",
+            "120",
+        ],
     );
     let (ok, _out, err) = Bg::spawn(
         &h.src.uri(),
@@ -121,9 +137,7 @@ fn postcopy_after_precopy_moves_a_pattern_tern_vm() {
     assert!(job.contains("post-copy: enabled"), "{job}");
     assert!(job.contains("post-copy: switched"), "{job}");
     assert!(job.contains("Postcopy requests:"), "{job}");
-    let raw = h
-        .src
-        .ok(&["domjobinfo", "pc", "--completed", "--rawstats"]);
+    let raw = h.src.ok(&["domjobinfo", "pc", "--completed", "--rawstats"]);
     assert!(raw.contains("memory_postcopy_requests: "), "{raw}");
     let djob = h.dst.ok(&["domjobinfo", "pc", "--completed"]);
     assert!(djob.contains("Job type:         Completed"), "{djob}");
@@ -161,21 +175,35 @@ fn postcopy_refusals_name_what_is_missing() {
         "--tunnelled",
         "--postcopy",
     ]);
-    assert!(e.contains("post-copy is not supported with tunnelled migration"), "{e}");
+    assert!(
+        e.contains("post-copy is not supported with tunnelled migration"),
+        "{e}"
+    );
     let e = h.src.fails(&["migrate", "r", &dst, "--p2p", "--postcopy"]);
     assert!(e.contains("non-live or paused"), "{e}");
     let e = h
         .src
         .fails(&["migrate", "r", &dst, "--live", "--postcopy-after-precopy"]);
     assert!(e.contains("only be used with --postcopy"), "{e}");
-    let e = h
-        .src
-        .fails(&["migrate", "r", &dst, "--live", "--postcopy", "--postcopy-resume"]);
-    assert!(e.contains("--postcopy-resume") && e.contains("not built"), "{e}");
+    let e = h.src.fails(&[
+        "migrate",
+        "r",
+        &dst,
+        "--live",
+        "--postcopy",
+        "--postcopy-resume",
+    ]);
+    assert!(
+        e.contains("--postcopy-resume") && e.contains("not built"),
+        "{e}"
+    );
     let e = h.src.fails(&["migrate-postcopy", "r"]);
     assert!(e.contains("while outgoing migration is in progress"), "{e}");
     let e = h.src.fails(&["domjobabort", "r", "--postcopy"]);
-    assert!(e.contains("not outgoing migration in post-copy mode"), "{e}");
+    assert!(
+        e.contains("not outgoing migration in post-copy mode"),
+        "{e}"
+    );
     // migrate-setspeed --postcopy sets the post-copy push's limit (MiB/s).
     h.src.ok(&["migrate-setspeed", "r", "7", "--postcopy"]);
     assert_eq!(
@@ -197,7 +225,10 @@ fn after_the_switch_abort_is_refused_and_a_killed_destination_leaves_the_source_
     };
     let bg = start_slow_postcopy(&h, dir.path(), "k");
     let e = h.src.fails(&["domjobabort", "k"]);
-    assert!(e.contains("cannot abort migration in post-copy mode"), "{e}");
+    assert!(
+        e.contains("cannot abort migration in post-copy mode"),
+        "{e}"
+    );
     let e = h.src.fails(&["migrate-postcopy", "k"]);
     assert!(e.contains("post-copy already started"), "{e}");
     // domjobabort --postcopy is QMP migrate-pause: relayed as the VMM answers it.

@@ -486,7 +486,10 @@ fn domjobabort_postcopy_pauses_a_qemu_postcopy_and_neither_side_is_resumed() {
     wait_state(&h.src, "pp", "paused (post-copy)");
     wait_state(&h.dst, "pp", "running (post-copy)");
     let e = h.src.fails(&["domjobabort", "pp"]);
-    assert!(e.contains("cannot abort migration in post-copy mode"), "{e}");
+    assert!(
+        e.contains("cannot abort migration in post-copy mode"),
+        "{e}"
+    );
     // QEMU's migrate-pause: both VMMs go postcopy-paused; recovery is not built, so the job
     // ends failed, the source paused for good, the destination kept.
     h.src.ok(&["domjobabort", "pp", "--postcopy"]);

@@ -73,7 +73,10 @@ impl MigrateOptions {
                     .into(),
             ));
         }
-        if self.postcopy_bandwidth.is_some_and(|b| b.checked_mul(1 << 20).is_none()) {
+        if self
+            .postcopy_bandwidth
+            .is_some_and(|b| b.checked_mul(1 << 20).is_none())
+        {
             return Err(Error::InvalidArg(
                 "--postcopy-bandwidth is too large".into(),
             ));

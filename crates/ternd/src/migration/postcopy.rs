@@ -140,8 +140,11 @@ pub fn start(d: &Daemon, key: &str) -> Result<()> {
         g.vmm.clone()
     };
     let vmm = vmm.ok_or_else(|| Error::OperationInvalid("domain is not running".into()))?;
-    vmm.qmp("migrate-start-postcopy", json!({}))
-        .map_err(|e| Error::OperationFailed(format!("the source VMM refused migrate-start-postcopy: {e}")))?;
+    vmm.qmp("migrate-start-postcopy", json!({})).map_err(|e| {
+        Error::OperationFailed(format!(
+            "the source VMM refused migrate-start-postcopy: {e}"
+        ))
+    })?;
     tracing::info!("{}: migrate-start-postcopy issued", dom.name);
     Ok(())
 }
@@ -360,9 +363,7 @@ pub fn watch_incoming(d: &Arc<Daemon>, dom: &Arc<Domain>, vmm: &Arc<Vmm>) {
         .spawn(move || {
             // No limit: the VMMs' own liveness limits end a post-copy whose peer is gone.
             while !dom.wait_until(Duration::from_secs(3600), |g| {
-                g.vmm.is_none()
-                    || g.job.is_none()
-                    || g.mig_status.as_deref().is_some_and(over)
+                g.vmm.is_none() || g.job.is_none() || g.mig_status.as_deref().is_some_and(over)
             }) {}
             if dom.lock().job.is_none() {
                 return;
@@ -452,7 +453,13 @@ pub fn resume_incoming_watch(d: &Arc<Daemon>, dom: &Arc<Domain>, vmm: &Arc<Vmm>,
 /// A restarted source daemon found its outgoing migration switched to post-copy: never
 /// resumed, never cancelled. Finish is called again on the destination (idempotent there),
 /// then the VMM's own end decides as in [`finish_and_confirm`], on a thread.
-pub fn recover_source(d: &Arc<Daemon>, dom: &Arc<Domain>, vmm: &Arc<Vmm>, dest_uri: Option<&str>, status: &str) {
+pub fn recover_source(
+    d: &Arc<Daemon>,
+    dom: &Arc<Domain>,
+    vmm: &Arc<Vmm>,
+    dest_uri: Option<&str>,
+    status: &str,
+) {
     let name = dom.name.clone();
     if let Some(uri) = dest_uri {
         let r = Connection::open(uri).and_then(|mut c| {

@@ -42,7 +42,9 @@ pub fn recover(
     // never cancelled, never resumed (§5c).
     let pc_bytes = q["ram"]["postcopy-bytes"].as_u64().unwrap_or(0) > 0;
     if postcopy || status.starts_with("postcopy") || pc_bytes {
-        tracing::warn!("{name}: the outgoing migration left by the previous daemon is in post-copy ({status})");
+        tracing::warn!(
+            "{name}: the outgoing migration left by the previous daemon is in post-copy ({status})"
+        );
         if !super::postcopy::over(&status) {
             super::postcopy::recover_source(d, dom, vmm, dest_uri, &status);
             return;
