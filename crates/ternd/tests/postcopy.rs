@@ -2,7 +2,8 @@
 //! `ternd` in two network namespaces, `ternctl migrate --postcopy`, the switch by
 //! `--postcopy-after-precopy` or `migrate-postcopy`, the `pattern` check on the destination;
 //! after the switch `domjobabort` is refused, a killed destination leaves the source paused
-//! (never resumed), a killed source leaves the destination running with `post-copy failed`.
+//! (never resumed), a killed source leaves the destination running with `post-copy failed`,
+//! restarted daemons neither resume the source nor kill the destination.
 
 mod common;
 
@@ -39,12 +40,12 @@ fn vmm_pid(d: &Daemon) -> u32 {
     pids[0]
 }
 
-/// A guest that touches its memory slowly (`dirty` at 4 MiB/s over 64 MiB) but faster than
-/// pre-copy may send (2 MiB/s), so pre-copy never converges, with the post-copy push capped
-/// at 1 MiB/s: the post-copy phase lasts seconds (the pages dirtied during pre-copy are not
-/// touched again soon), long enough to act in it. Returns the migration.
-fn start_slow_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) -> Bg {
-    let xml = write_xml(dir, name, &domain_xml(name, MEM, "dirty", 64, 4));
+/// A guest whose 64 MiB of filled memory (`idle` fills its share once, then only beats) is
+/// mostly still unsent when the switch comes (pre-copy capped at 2 MiB/s, the switch at the
+/// first iteration) and is never touched again: post-copy lasts as long as the push takes at
+/// `postcopy_mib_s` (1 MiB/s: about a minute, long enough to act in it). Returns the migration.
+fn start_slow_postcopy(h: &Hosts, dir: &std::path::Path, name: &str, postcopy_mib_s: &str) -> Bg {
+    let xml = write_xml(dir, name, &domain_xml(name, MEM, "idle", 64, 0));
     h.src.ok(&["define", &xml]);
     h.src.ok(&["start", name]);
     wait_workload_running(&h.src, name);
@@ -62,11 +63,10 @@ fn start_slow_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) -> Bg {
             "--bandwidth",
             "2",
             "--postcopy-bandwidth",
-            "1",
+            postcopy_mib_s,
         ],
     );
     wait_migration_iteration(&h.src, name);
-    // The job was not switched yet: a plain abort would still be allowed; switch now.
     h.src.ok(&["migrate-postcopy", name]);
     wait_state(&h.src, name, "paused (post-copy)");
     bg
@@ -223,7 +223,7 @@ fn after_the_switch_abort_is_refused_and_a_killed_destination_leaves_the_source_
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let bg = start_slow_postcopy(&h, dir.path(), "k");
+    let bg = start_slow_postcopy(&h, dir.path(), "k", "1");
     let e = h.src.fails(&["domjobabort", "k"]);
     assert!(
         e.contains("cannot abort migration in post-copy mode"),
@@ -262,7 +262,7 @@ fn a_killed_source_after_the_switch_leaves_the_destination_running_post_copy_fai
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let bg = start_slow_postcopy(&h, dir.path(), "s");
+    let bg = start_slow_postcopy(&h, dir.path(), "s", "1");
     wait_state(&h.dst, "s", "running (post-copy)");
     let dst_vmm = vmm_pid(&h.dst);
     let src_vmm = vmm_pid(&h.src);
@@ -286,7 +286,7 @@ fn daemons_restarted_during_postcopy_never_resume_the_source_nor_kill_the_destin
     let Some(mut h) = Hosts::up(dir.path()) else {
         return;
     };
-    let bg = start_slow_postcopy(&h, dir.path(), "r");
+    let bg = start_slow_postcopy(&h, dir.path(), "r", "16");
     wait_state(&h.dst, "r", "running (post-copy)");
     let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
     // Both daemons die while the VMMs are in post-copy (the VMMs carry on without them).

@@ -48,6 +48,9 @@ fn wait_serial(path: &Path, needle: &str) {
         match s.read(&mut buf) {
             Ok(0) => panic!("serial console closed: {}", String::from_utf8_lossy(&seen)),
             Ok(n) => seen.extend_from_slice(&buf[..n]),
+            // A read with SO_RCVTIMEO returns EINTR after the process was stopped and
+            // continued (signal(7)); seen on the shared test machine: read again.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("serial console: {e}: {}", String::from_utf8_lossy(&seen)),
         }
     }
@@ -455,11 +458,11 @@ fn domjobabort_postcopy_pauses_a_qemu_postcopy_and_neither_side_is_resumed() {
         return;
     };
     let ser = dir.path().join("pp.ser");
-    // Writes 4 MiB/s, more than pre-copy may send (2 MiB/s); the post-copy push is capped at
-    // 1 MiB/s, so post-copy lasts seconds.
+    // 64 MiB filled once and never touched again (`idle`), mostly unsent at the switch
+    // (pre-copy capped at 2 MiB/s): post-copy pushes it at 1 MiB/s, about a minute.
     let xml = qemu_xml("pp", &ser).replace(
         "<tern:workload type='pattern' mem='32'/>",
-        "<tern:workload type='dirty' mem='64' rate='4'/>",
+        "<tern:workload type='idle' mem='64'/>",
     );
     let x = write_xml(dir.path(), "pp", &xml);
     h.src.ok(&["define", &x]);
