@@ -317,3 +317,41 @@ fn daemons_restarted_during_postcopy_never_resume_the_source_nor_kill_the_destin
     assert!(pid_alive(dst_vmm), "the destination VMM was killed");
     assert_guest_runs(&h.dst, "r");
 }
+
+#[test]
+fn timeout_postcopy_switches_a_migration_that_runs_too_long() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "t", &domain_xml("t", MEM, "pattern", 64, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "t"]);
+    wait_workload_running(&h.src, "t");
+    h.src.ok(&["migrate-setmaxdowntime", "t", "1"]);
+    // 64 MiB of pattern pages at 4 MiB/s: the first pass alone takes far longer than the
+    // 1 s timeout, and pre-copy could never converge anyway.
+    let (ok, _, err) = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            "t",
+            &h.dst.tcp_uri(),
+            "--live",
+            "--p2p",
+            "--postcopy",
+            "--bandwidth",
+            "4",
+            "--timeout",
+            "1",
+            "--timeout-postcopy",
+        ],
+    )
+    .wait();
+    assert!(ok, "migrate failed: {err}\n--- src:\n{}", h.src.log());
+    assert!(err.contains("timeout: switched 't' to post-copy"), "{err}");
+    let job = h.src.ok(&["domjobinfo", "t", "--completed"]);
+    assert!(job.contains("post-copy: switched"), "{job}");
+    wait_state(&h.dst, "t", "running (migrated)");
+    assert_pattern_ok(&h.dst, "t", MEM, dir.path());
+}
