@@ -422,6 +422,14 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
         tracing::warn!("{name}: the incoming VMM runs by itself (or ran in post-copy): kept");
         if running && mig == "completed" {
             dom.set_state(DomainState::Running, "migrated");
+        } else if in_postcopy && mig != "completed" {
+            // Its post-copy failed while the daemon was down: kept, and said so.
+            let state = if running {
+                DomainState::Running
+            } else {
+                DomainState::Paused
+            };
+            dom.set_state(state, "post-copy failed");
         }
         mark(d, &dom, false, None);
     }
