@@ -209,8 +209,11 @@ pub fn run(uri: &str, cmd: Cmd) -> Result<()> {
                 println!("{}", j.to_virsh_text());
             }
         }
-        Cmd::Domjobabort { domain, .. } => {
-            expect_unit(call(Call::JobAbort { domain })?)?;
+        Cmd::Domjobabort { domain, postcopy } => {
+            expect_unit(call(Call::JobAbort { domain, postcopy })?)?;
+        }
+        Cmd::MigratePostcopy { domain } => {
+            expect_unit(call(Call::MigrateStartPostcopy { domain })?)?;
         }
         Cmd::MigrateSetmaxdowntime { domain, downtime } => {
             expect_unit(call(Call::SetMaxDowntime {
@@ -225,15 +228,18 @@ pub fn run(uri: &str, cmd: Cmd) -> Result<()> {
             println!("{n}\n");
         }
         Cmd::MigrateSetspeed {
-            domain, bandwidth, ..
+            domain,
+            bandwidth,
+            postcopy,
         } => {
             expect_unit(call(Call::SetMaxSpeed {
                 domain,
                 mib_s: bandwidth,
+                postcopy,
             })?)?;
         }
-        Cmd::MigrateGetspeed { domain, .. } => {
-            let Reply::Number(n) = call(Call::GetMaxSpeed { domain })? else {
+        Cmd::MigrateGetspeed { domain, postcopy } => {
+            let Reply::Number(n) = call(Call::GetMaxSpeed { domain, postcopy })? else {
                 bail!("unexpected reply");
             };
             println!("{n}\n");
@@ -244,7 +250,7 @@ pub fn run(uri: &str, cmd: Cmd) -> Result<()> {
             };
             println!("{t}");
         }
-        Cmd::Migrate(_) | Cmd::Event { .. } | Cmd::MigratePostcopy { .. } => {
+        Cmd::Migrate(_) | Cmd::Event { .. } => {
             bail!("handled in main")
         }
     }

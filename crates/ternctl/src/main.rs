@@ -96,7 +96,7 @@ pub enum Cmd {
     /// Abort the running job
     Domjobabort {
         domain: String,
-        /// Pause a post-copy migration (needs post-copy: not available yet)
+        /// Interrupt a migration in post-copy (QMP migrate-pause on the source VMM)
         #[arg(long)]
         postcopy: bool,
     },
@@ -111,6 +111,7 @@ pub enum Cmd {
     MigrateSetspeed {
         domain: String,
         bandwidth: u64,
+        /// The post-copy phase's bandwidth (max-postcopy-bandwidth)
         #[arg(long)]
         postcopy: bool,
     },
@@ -118,10 +119,11 @@ pub enum Cmd {
     #[command(name = "migrate-getspeed")]
     MigrateGetspeed {
         domain: String,
+        /// The post-copy phase's bandwidth (max-postcopy-bandwidth)
         #[arg(long)]
         postcopy: bool,
     },
-    /// Switch a migration to post-copy (needs post-copy: not available yet)
+    /// Switch a migration started with --postcopy to post-copy
     #[command(name = "migrate-postcopy")]
     MigratePostcopy { domain: String },
     /// Migrate a domain to another host (peer to peer: this daemon talks to the destination's)
@@ -161,21 +163,7 @@ fn main() {
     }
 }
 
-/// Post-copy needs the engine's post-copy (issue 9): refused before connecting.
-const NO_POSTCOPY: &str = "needs post-copy migration (issue 9), which is not available yet";
-
 fn run(uri: &str, cmd: Cmd) -> Result<()> {
-    match &cmd {
-        Cmd::MigratePostcopy { .. } => anyhow::bail!("migrate-postcopy: {NO_POSTCOPY}"),
-        Cmd::Domjobabort { postcopy: true, .. } => {
-            anyhow::bail!("domjobabort --postcopy: {NO_POSTCOPY}")
-        }
-        Cmd::MigrateSetspeed { postcopy: true, .. }
-        | Cmd::MigrateGetspeed { postcopy: true, .. } => {
-            anyhow::bail!("migrate-setspeed/getspeed --postcopy: {NO_POSTCOPY}")
-        }
-        _ => {}
-    }
     match cmd {
         Cmd::Migrate(a) => migrate::run(uri, a),
         Cmd::Event {

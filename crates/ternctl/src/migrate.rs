@@ -40,10 +40,16 @@ pub struct MigrateArgs {
     /// Leave the domain paused on the destination
     #[arg(long)]
     pub suspend: bool,
+    /// Enable post-copy: the migration starts in pre-copy; migrate-postcopy switches
     #[arg(long)]
     pub postcopy: bool,
+    /// Switch to post-copy after the first pre-copy pass (with --postcopy)
     #[arg(long, visible_alias = "postcopy-after")]
     pub postcopy_after_precopy: bool,
+    /// Recover a failed post-copy migration (libvirt 8.5): not built
+    #[arg(long)]
+    pub postcopy_resume: bool,
+    /// MiB/s for the post-copy phase's background push (max-postcopy-bandwidth)
     #[arg(long)]
     pub postcopy_bandwidth: Option<u64>,
     /// Seconds before the timeout action
@@ -85,8 +91,14 @@ impl MigrateArgs {
         if self.direct {
             bail!("--direct: Tern has no hypervisor-native direct migration; use --p2p");
         }
-        if self.timeout_postcopy {
-            bail!("--timeout-postcopy: needs post-copy migration (issue 9), which is not available yet");
+        if self.postcopy_resume {
+            bail!("--postcopy-resume: post-copy recovery through the daemons is not built (the migration's VMMs are left as they are; see docs/management.md §9)");
+        }
+        if self.timeout_postcopy && !self.postcopy {
+            bail!("--timeout-postcopy requires --postcopy");
+        }
+        if self.timeout_suspend && self.timeout_postcopy {
+            bail!("--timeout-suspend and --timeout-postcopy are mutually exclusive");
         }
         if (self.timeout_suspend || self.timeout_postcopy) && self.timeout.is_none() {
             bail!("--timeout-suspend / --timeout-postcopy need --timeout");
@@ -124,13 +136,27 @@ pub fn run(uri: &str, a: MigrateArgs) -> Result<()> {
     let options = a.options()?;
     let mut c = Connection::open(uri)?;
     let done = Arc::new(AtomicBool::new(false));
+    // virsh's --postcopy-after-precopy: listen before the migration starts, switch on the
+    // second iteration (the first pass is over). The thread is left behind at the end.
+    if a.postcopy_after_precopy {
+        let events = Connection::open(uri)?.events(Some(a.domain.clone()))?;
+        let (uri, dom, done) = (uri.to_string(), a.domain.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("postcopy-after".into())
+            .spawn(move || switch_after_first_pass(events, &uri, &dom, &done))?;
+    }
     let watcher = if a.verbose || a.timeout.is_some() {
+        let action = if a.timeout_postcopy {
+            TimeoutAction::Postcopy
+        } else {
+            TimeoutAction::Suspend
+        };
         let (uri, dom, done, verbose, timeout) = (
             uri.to_string(),
             a.domain.clone(),
             done.clone(),
             a.verbose,
-            a.timeout.map(Duration::from_secs),
+            a.timeout.map(|t| (Duration::from_secs(t), action)),
         );
         Some(
             std::thread::Builder::new()
@@ -161,8 +187,46 @@ pub fn run(uri: &str, a: MigrateArgs) -> Result<()> {
     }
 }
 
+/// What `--timeout` does (virsh: `--timeout-suspend`, the default, or `--timeout-postcopy`).
+#[derive(Debug, Clone, Copy)]
+enum TimeoutAction {
+    Suspend,
+    Postcopy,
+}
+
+/// `migrate-postcopy` on a connection of its own.
+fn start_postcopy(uri: &str, dom: &str) -> virt::Result<Reply> {
+    Connection::open(uri)?.call(Call::MigrateStartPostcopy {
+        domain: dom.to_string(),
+    })
+}
+
+/// `--postcopy-after-precopy`: on the `migration-iteration` event for pass 2 (the first
+/// pass is over), `migrate-postcopy`, once.
+fn switch_after_first_pass(mut events: virt::EventStream, uri: &str, dom: &str, done: &AtomicBool) {
+    while !done.load(Ordering::SeqCst) {
+        match events.next(None) {
+            Ok(Some(virt::DomainEvent::MigrationIteration { iteration, .. })) if iteration >= 2 => {
+                match start_postcopy(uri, dom) {
+                    Ok(_) => eprintln!("migrate: first pass over: switched '{dom}' to post-copy"),
+                    Err(e) => eprintln!("migrate: switching '{dom}' to post-copy failed: {e}"),
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// Progress and the timeout action, from the job statistics on a second connection.
-fn watch(uri: &str, dom: &str, done: &AtomicBool, verbose: bool, timeout: Option<Duration>) {
+fn watch(
+    uri: &str,
+    dom: &str,
+    done: &AtomicBool,
+    verbose: bool,
+    timeout: Option<(Duration, TimeoutAction)>,
+) {
     let Ok(mut c) = Connection::open(uri) else {
         return;
     };
@@ -191,16 +255,26 @@ fn watch(uri: &str, dom: &str, done: &AtomicBool, verbose: bool, timeout: Option
                 b.set_message(j.phase.clone().unwrap_or_default());
             }
         }
-        if let Some(t) = timeout {
+        if let Some((t, action)) = timeout {
             if !timed_out && started.elapsed() >= t {
                 timed_out = true;
-                match c.call(Call::Suspend {
-                    domain: dom.to_string(),
-                }) {
-                    Ok(_) => eprintln!(
-                        "migrate: timeout: domain '{dom}' suspended to let the migration finish"
-                    ),
-                    Err(e) => eprintln!("migrate: timeout: suspending '{dom}' failed: {e}"),
+                match action {
+                    TimeoutAction::Suspend => match c.call(Call::Suspend {
+                        domain: dom.to_string(),
+                    }) {
+                        Ok(_) => eprintln!(
+                            "migrate: timeout: domain '{dom}' suspended to let the migration finish"
+                        ),
+                        Err(e) => eprintln!("migrate: timeout: suspending '{dom}' failed: {e}"),
+                    },
+                    TimeoutAction::Postcopy => match start_postcopy(uri, dom) {
+                        Ok(_) => eprintln!("migrate: timeout: switched '{dom}' to post-copy"),
+                        Err(e) => {
+                            eprintln!(
+                                "migrate: timeout: switching '{dom}' to post-copy failed: {e}"
+                            )
+                        }
+                    },
                 }
             }
         }

@@ -1,5 +1,5 @@
 //! `ternctl` without a daemon: virsh's command names exist, options needing features not
-//! built yet are refused by name before anything is contacted, connection errors are clear.
+//! built yet (or combinations libvirt refuses) are refused by name before anything is contacted, connection errors are clear.
 
 use std::process::Command;
 
@@ -54,8 +54,12 @@ fn virsh_command_names() {
 fn unbuilt_features_are_refused_by_name() {
     let sock = "tern+unix:///system?socket=/nonexistent.sock";
     for (opt, needle) in [
-        ("--postcopy", "post-copy"),
-        ("--postcopy-after", "post-copy"),
+        ("--postcopy", "non-live or paused"),
+        ("--postcopy-after", "only be used with --postcopy"),
+        (
+            "--postcopy-resume",
+            "post-copy recovery through the daemons is not built",
+        ),
         ("--parallel", "multifd"),
         ("--compressed", "compression"),
         ("--direct", "--p2p"),
@@ -63,8 +67,23 @@ fn unbuilt_features_are_refused_by_name() {
         let (ok, out) = ternctl(&["-c", sock, "migrate", "vm", "tern+tcp://h/system", opt]);
         assert!(!ok && out.contains(needle), "{opt}: {out}");
     }
+    let (ok, out) = ternctl(&[
+        "-c",
+        sock,
+        "migrate",
+        "vm",
+        "tern+tcp://h/system",
+        "--live",
+        "--p2p",
+        "--tunnelled",
+        "--postcopy",
+    ]);
+    assert!(
+        !ok && out.contains("not supported with tunnelled migration"),
+        "{out}"
+    );
     let (ok, out) = ternctl(&["-c", sock, "migrate-postcopy", "vm"]);
-    assert!(!ok && out.contains("post-copy"), "{out}");
+    assert!(!ok && out.contains("Failed to connect to"), "{out}");
     let (ok, out) = ternctl(&["-c", sock, "list"]);
     assert!(!ok && out.contains("Failed to connect to"), "{out}");
     let (ok, out) = ternctl(&["-c", "tern+tls://h/system?pkipath=/nonexistent", "list"]);

@@ -351,6 +351,19 @@ impl Daemon {
     pub fn suspend(&self, key: &str) -> Result<()> {
         let dom = self.lookup(key)?;
         let vmm = dom.vmm()?;
+        let receiving_pages =
+            dom.lock().job.as_ref().is_some_and(|j| {
+                j.kind == crate::domain::JobKind::MigrationIn && j.postcopy_switched
+            });
+        if receiving_pages {
+            // A vCPU waiting for a page cannot be stopped until the page arrives
+            // (docs/postcopy.md, "Facts"): pausing here would stall this call, not the guest.
+            return Err(Error::OperationInvalid(format!(
+                "'{}' is receiving its memory in post-copy; it can be suspended once the \
+                 migration completed",
+                dom.name
+            )));
+        }
         if let Some(j) = dom.lock().job.as_mut() {
             // The guest now travels paused: the destination will not run it by itself.
             j.user_suspended = true;
@@ -367,6 +380,23 @@ impl Daemon {
             return Err(Error::OperationInvalid(
                 "a migration job is running; resume refused (domjobabort first)".into(),
             ));
+        }
+        {
+            // The source of a post-copy migration that switched: its memory is stale and the
+            // destination may run the guest (docs/management.md §5c).
+            let g = dom.lock();
+            let was_source = g
+                .last_job
+                .as_ref()
+                .is_some_and(|j| j.operation.as_deref() == Some("Outgoing migration"));
+            if was_source && g.reason.starts_with("post-copy") {
+                return Err(Error::OperationInvalid(format!(
+                    "'{}' is the source of a post-copy migration that switched: its memory is \
+                     stale and the destination may run the guest, so it is never resumed \
+                     (check the destination, then destroy it here)",
+                    dom.name
+                )));
+            }
         }
         let vmm = dom.vmm()?;
         vmm.qmp("cont", json!({}))?;

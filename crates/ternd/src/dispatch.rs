@@ -7,7 +7,7 @@ use virt::protocol::{Call, Reply};
 use virt::{Error, Result};
 
 use crate::daemon::Daemon;
-use crate::migration::{dest, jobs, source};
+use crate::migration::{dest, jobs, postcopy, source};
 
 pub fn dispatch(d: &Arc<Daemon>, call: Call, local_ip: Option<IpAddr>) -> Result<Reply> {
     Ok(match call {
@@ -53,8 +53,12 @@ pub fn dispatch(d: &Arc<Daemon>, call: Call, local_ip: Option<IpAddr>) -> Result
         Call::JobInfo { domain, completed } => {
             Reply::Job(Box::new(jobs::job_info(d, &domain, completed)?))
         }
-        Call::JobAbort { domain } => {
-            jobs::abort(d, &domain)?;
+        Call::JobAbort { domain, postcopy } => {
+            jobs::abort(d, &domain, postcopy)?;
+            Reply::Unit
+        }
+        Call::MigrateStartPostcopy { domain } => {
+            postcopy::start(d, &domain)?;
             Reply::Unit
         }
         Call::SetMaxDowntime { domain, ms } => {
@@ -62,11 +66,17 @@ pub fn dispatch(d: &Arc<Daemon>, call: Call, local_ip: Option<IpAddr>) -> Result
             Reply::Unit
         }
         Call::GetMaxDowntime { domain } => Reply::Number(jobs::get_max_downtime(d, &domain)?),
-        Call::SetMaxSpeed { domain, mib_s } => {
-            jobs::set_max_speed(d, &domain, mib_s)?;
+        Call::SetMaxSpeed {
+            domain,
+            mib_s,
+            postcopy,
+        } => {
+            jobs::set_max_speed(d, &domain, mib_s, postcopy)?;
             Reply::Unit
         }
-        Call::GetMaxSpeed { domain } => Reply::Number(jobs::get_max_speed(d, &domain)?),
+        Call::GetMaxSpeed { domain, postcopy } => {
+            Reply::Number(jobs::get_max_speed(d, &domain, postcopy)?)
+        }
         Call::Migrate {
             domain,
             dest_uri,

@@ -60,6 +60,11 @@ pub struct ActiveJob {
     /// Destination of a tunnelled migration: the incoming VMM's unix socket, which one
     /// `MigrateTunnel` connection may feed (taken by it).
     pub tunnel: Option<std::path::PathBuf>,
+    /// The migration was started with `--postcopy` (`postcopy-ram` on both VMMs).
+    pub postcopy: bool,
+    /// This side's VMM reported `postcopy-active`: from here the source never runs the guest
+    /// again and the destination's VMM is never killed by a daemon (docs/management.md §5c).
+    pub postcopy_switched: bool,
 }
 
 /// Mutable state of a domain.
@@ -173,6 +178,8 @@ impl Domain {
             peer: None,
             user_suspended: false,
             tunnel: None,
+            postcopy: false,
+            postcopy_switched: false,
         });
         g.mig_status = None;
         Ok(())
@@ -183,6 +190,14 @@ impl Domain {
             j.phase = phase;
         }
         tracing::info!("{}: migration phase {phase}", self.name);
+    }
+
+    /// Whether this side's VMM switched the job's migration to post-copy.
+    pub fn postcopy_switched(&self) -> bool {
+        self.lock()
+            .job
+            .as_ref()
+            .is_some_and(|j| j.postcopy_switched)
     }
 
     pub fn abort_requested(&self) -> bool {

@@ -26,6 +26,10 @@ pub struct Status {
     /// `completed` source means it runs).
     #[serde(default)]
     pub dest_decides: bool,
+    /// The migration (either direction) switched to post-copy: a restarted daemon never
+    /// resumes this source, never cancels, and never kills this destination (§5c).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 pub fn status_path(run_dir: &Path, name: &str) -> PathBuf {

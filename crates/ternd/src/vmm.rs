@@ -103,6 +103,7 @@ pub fn launch(d: &Arc<Daemon>, dom: &Arc<Domain>, mode: LaunchMode) -> Result<Ar
         outgoing: false,
         dest_uri: None,
         dest_decides: false,
+        postcopy: false,
     };
     runtime::save(&d.cfg.run_dir, &dom.name, &st).map_err(Error::OperationFailed)?;
     watch(d, dom, &vmm, events, Some(child))?;
@@ -118,6 +119,7 @@ pub fn mark(d: &Daemon, dom: &Domain, incoming: bool, outgoing: Option<&str>) {
             st.outgoing = outgoing.is_some();
             st.dest_uri = outgoing.map(str::to_string);
             st.dest_decides = false;
+            st.postcopy = false;
             st.persistent = dom.lock().persistent;
             if let Err(e) = runtime::save(&d.cfg.run_dir, &dom.name, &st) {
                 tracing::warn!("{}: status file: {e}", dom.name);
@@ -137,6 +139,22 @@ pub fn mark_decides(d: &Daemon, dom: &Domain, decides: bool) {
                 tracing::warn!("{}: status file: {e}", dom.name);
             }
         }
+    }
+}
+
+/// Records in the status file that this side's migration switched to post-copy (written from
+/// the VMM's `MIGRATION postcopy-active` event, before any daemon step depends on it).
+pub fn mark_postcopy(d: &Daemon, dom: &Domain) {
+    let path = runtime::status_path(&d.cfg.run_dir, &dom.name);
+    match runtime::load(&path) {
+        Ok(mut st) if !st.postcopy => {
+            st.postcopy = true;
+            if let Err(e) = runtime::save(&d.cfg.run_dir, &dom.name, &st) {
+                tracing::warn!("{}: status file: {e}", dom.name);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{}: status file: {e}", dom.name),
     }
 }
 
@@ -178,8 +196,10 @@ fn on_event(d: &Daemon, dom: &Domain, ev: &Value, saw_shutdown: &mut bool) {
     let data = ev.get("data").cloned().unwrap_or(Value::Null);
     match name {
         "STOP" => {
-            let job = dom.lock().job.as_ref().map(|j| j.kind);
+            let (job, switched) = job_and_switch(dom);
             let (reason, detail) = match job {
+                // libvirt: the source paused for the switch is `paused (post-copy)`.
+                Some(JobKind::MigrationOut) if switched => ("post-copy", "Post-copy"),
                 Some(JobKind::MigrationOut) => ("migration", "Migrated"),
                 Some(JobKind::MigrationIn) => ("incoming migration", "Paused"),
                 None => ("user", "Paused"),
@@ -189,9 +209,11 @@ fn on_event(d: &Daemon, dom: &Domain, ev: &Value, saw_shutdown: &mut bool) {
                 .lifecycle(&dom.name, LifecycleEvent::Suspended, detail);
         }
         "RESUME" => {
-            let job = dom.lock().job.as_ref().map(|j| j.kind);
+            let (job, switched) = job_and_switch(dom);
             let (reason, detail) = match job {
                 Some(JobKind::MigrationOut) => ("migration canceled", "Unpaused"),
+                // libvirt: the destination runs in post-copy until the pages are all here.
+                Some(JobKind::MigrationIn) if switched => ("post-copy", "Post-copy"),
                 Some(JobKind::MigrationIn) => ("migrated", "Migrated"),
                 None => ("unpaused", "Unpaused"),
             };
@@ -205,6 +227,9 @@ fn on_event(d: &Daemon, dom: &Domain, ev: &Value, saw_shutdown: &mut bool) {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
+            if status == "postcopy-active" {
+                switched_to_postcopy(d, dom);
+            }
             dom.lock().mig_status = Some(status);
             dom.changed.notify_all();
         }
@@ -217,6 +242,45 @@ fn on_event(d: &Daemon, dom: &Domain, ev: &Value, saw_shutdown: &mut bool) {
         }
         "SHUTDOWN" => *saw_shutdown = true,
         _ => {}
+    }
+}
+
+fn job_and_switch(dom: &Domain) -> (Option<JobKind>, bool) {
+    let g = dom.lock();
+    (
+        g.job.as_ref().map(|j| j.kind),
+        g.job.as_ref().is_some_and(|j| j.postcopy_switched),
+    )
+}
+
+/// This side's VMM entered `postcopy-active` (libvirt's `qemuProcessHandleMigrationStatus`):
+/// the status file says so first (a restarted daemon then never resumes the source nor kills
+/// the destination), then the job; a source already paused for the switch becomes `paused
+/// (post-copy)` with the `Suspended Post-copy` event.
+fn switched_to_postcopy(d: &Daemon, dom: &Domain) {
+    let first = {
+        let mut g = dom.lock();
+        match g.job.as_mut() {
+            Some(j) if !j.postcopy_switched => {
+                j.postcopy_switched = true;
+                Some(j.kind)
+            }
+            _ => None,
+        }
+    };
+    let Some(kind) = first else {
+        return;
+    };
+    mark_postcopy(d, dom);
+    tracing::info!("{}: the migration switched to post-copy", dom.name);
+    let paused_for_switch = {
+        let g = dom.lock();
+        g.state == DomainState::Paused && g.reason == "migration"
+    };
+    if kind == JobKind::MigrationOut && paused_for_switch {
+        dom.set_state(DomainState::Paused, "post-copy");
+        d.events
+            .lifecycle(&dom.name, LifecycleEvent::Suspended, "Post-copy");
     }
 }
 
@@ -307,7 +371,15 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
     });
     let status = vmm.qmp("query-status", json!({}))?;
     let running = status.get("running").and_then(Value::as_bool) == Some(true);
-    if st.incoming && !running {
+    let mig = vmm
+        .qmp("query-migrate", json!({}))
+        .ok()
+        .and_then(|q| q.get("status").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default();
+    // Post-copy started (the status file says so, or the VMM is in it): this VMM holds part
+    // of the only copy of the guest, whatever side it is on (§5c).
+    let in_postcopy = st.postcopy || mig.starts_with("postcopy");
+    if st.incoming && !running && !in_postcopy {
         // An incoming migration that never finished and does not run: its source never heard
         // that it runs here and may run the domain itself.
         tracing::warn!(
@@ -342,12 +414,34 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
         }
     }
     watch(d, &dom, &vmm, events, None)?;
-    if st.incoming {
-        tracing::warn!("{name}: the incoming VMM runs by itself: kept");
+    if st.incoming && in_postcopy && !crate::migration::postcopy::over(&mig) {
+        // Still in post-copy: never killed; the job ends when its VMM does.
+        tracing::warn!("{name}: the incoming VMM is in post-copy ({mig}): kept, watched");
+        crate::migration::postcopy::resume_incoming_watch(d, &dom, &vmm, running);
+    } else if st.incoming {
+        tracing::warn!("{name}: the incoming VMM runs by itself (or ran in post-copy): kept");
+        if running && mig == "completed" {
+            dom.set_state(DomainState::Running, "migrated");
+        } else if in_postcopy && mig != "completed" {
+            // Its post-copy failed while the daemon was down: kept, and said so.
+            let state = if running {
+                DomainState::Running
+            } else {
+                DomainState::Paused
+            };
+            dom.set_state(state, "post-copy failed");
+        }
         mark(d, &dom, false, None);
     }
     if st.outgoing {
-        crate::migration::source::recover(d, &dom, &vmm, st.dest_uri.as_deref(), st.dest_decides);
+        crate::migration::source_recovery::recover(
+            d,
+            &dom,
+            &vmm,
+            st.dest_uri.as_deref(),
+            st.dest_decides,
+            in_postcopy,
+        );
         mark(d, &dom, false, None);
     }
     Ok(name)

@@ -279,7 +279,10 @@ fn unreachable_destination_and_refused_options_leave_the_vm_running() {
     let job = src.ok(&["domjobinfo", "vm", "--completed"]);
     assert!(job.contains("Job type:         Failed"), "{job}");
     for (opt, needle) in [
-        ("--postcopy", "post-copy"),
+        (
+            "--postcopy-resume",
+            "post-copy recovery through the daemons is not built",
+        ),
         ("--tls", "has no migration certificates"),
         ("--parallel", "multifd"),
         ("--compressed", "compression"),

@@ -20,8 +20,13 @@ pub struct MigrateOptions {
     pub abort_on_error: bool,
     /// `--bandwidth` in MiB/s (libvirt's unit).
     pub bandwidth_mib_s: Option<u64>,
+    /// `--postcopy` (`VIR_MIGRATE_POSTCOPY`): `postcopy-ram` on both VMMs; the migration
+    /// starts in pre-copy and switches on `migrate-postcopy` (docs/management.md §5c).
     pub postcopy: bool,
+    /// `--postcopy-after-precopy`: the client switches after the first pass (virsh's rule,
+    /// on `migration-iteration` 2); carried for the checks only.
     pub postcopy_after_precopy: bool,
+    /// `--postcopy-bandwidth` in MiB/s: the source VMM's `max-postcopy-bandwidth`.
     pub postcopy_bandwidth: Option<u64>,
     pub auto_converge: bool,
     pub parallel: bool,
@@ -36,14 +41,52 @@ pub struct MigrateOptions {
 }
 
 impl MigrateOptions {
+    /// libvirt's post-copy rules (`qemuMigrationSrcBeginPhase` and friends): `--postcopy`
+    /// needs a live migration that leaves the domain running, a return path (not tunnelled);
+    /// its companions need it.
+    fn check_postcopy(&self) -> Result<()> {
+        if !self.postcopy {
+            if self.postcopy_after_precopy {
+                return Err(Error::InvalidArg(
+                    "--postcopy-after-precopy can only be used with --postcopy".into(),
+                ));
+            }
+            if self.postcopy_bandwidth.is_some() {
+                return Err(Error::InvalidArg(
+                    "--postcopy-bandwidth can only be used with --postcopy".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if self.tunnelled {
+            return Err(Error::Unsupported(
+                "post-copy is not supported with tunnelled migration (the page requests need \
+                 a return path, which a tunnel through the daemons does not have)"
+                    .into(),
+            ));
+        }
+        if !self.live || self.suspend || self.offline {
+            return Err(Error::Unsupported(
+                "post-copy migration is not supported with non-live or paused migration \
+                 (--postcopy needs --live and no --suspend: the guest runs on the destination \
+                 from the switch on)"
+                    .into(),
+            ));
+        }
+        if self
+            .postcopy_bandwidth
+            .is_some_and(|b| b.checked_mul(1 << 20).is_none())
+        {
+            return Err(Error::InvalidArg(
+                "--postcopy-bandwidth is too large".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses options that need something not built yet, naming the missing feature.
     pub fn check_supported(&self) -> Result<()> {
         let missing: &[(bool, &str, &str)] = &[
-            (
-                self.postcopy || self.postcopy_after_precopy || self.postcopy_bandwidth.is_some(),
-                "--postcopy / --postcopy-after-precopy / --postcopy-bandwidth",
-                "post-copy orchestration in ternd (the VMMs have post-copy; the daemons' post-copy phases are not built)",
-            ),
             (
                 self.parallel || self.parallel_connections.is_some(),
                 "--parallel / --parallel-connections",
@@ -62,6 +105,7 @@ impl MigrateOptions {
                 )));
             }
         }
+        self.check_postcopy()?;
         if self.offline && !self.persistent {
             return Err(Error::InvalidArg(
                 "--offline needs --persistent (an offline migration only copies the definition)"
@@ -122,11 +166,11 @@ mod tests {
     #[test]
     fn missing_features_are_named() {
         let o = MigrateOptions {
-            postcopy: true,
+            parallel: true,
             ..Default::default()
         };
-        let e = o.check_supported().expect_err("postcopy").to_string();
-        assert!(e.contains("post-copy"), "{e}");
+        let e = o.check_supported().expect_err("parallel").to_string();
+        assert!(e.contains("multifd"), "{e}");
         let o = MigrateOptions {
             tls: true,
             tunnelled: true,
@@ -145,6 +189,43 @@ mod tests {
         }
         .check_supported()
         .is_ok());
+        let pc = MigrateOptions {
+            live: true,
+            p2p: true,
+            postcopy: true,
+            ..Default::default()
+        };
+        assert!(pc.check_supported().is_ok());
+        let e = MigrateOptions {
+            tunnelled: true,
+            ..pc.clone()
+        }
+        .check_supported()
+        .expect_err("tunnelled + postcopy")
+        .to_string();
+        assert!(e.contains("not supported with tunnelled migration"), "{e}");
+        for o in [
+            MigrateOptions {
+                live: false,
+                ..pc.clone()
+            },
+            MigrateOptions {
+                suspend: true,
+                ..pc.clone()
+            },
+        ] {
+            let e = o.check_supported().expect_err("non-live").to_string();
+            assert!(e.contains("non-live or paused"), "{e}");
+        }
+        let e = MigrateOptions {
+            postcopy_after_precopy: true,
+            live: true,
+            ..Default::default()
+        }
+        .check_supported()
+        .expect_err("after-precopy alone")
+        .to_string();
+        assert!(e.contains("only be used with --postcopy"), "{e}");
         // Supported since the engine honours avail-switchover-bandwidth.
         assert!(MigrateOptions {
             live: true,

@@ -75,8 +75,12 @@ pub enum Call {
         domain: String,
         completed: bool,
     },
+    /// `domjobabort`; `postcopy`: `--postcopy` (`VIR_DOMAIN_ABORT_JOB_POSTCOPY`), QMP
+    /// `migrate-pause` on a migration in post-copy.
     JobAbort {
         domain: String,
+        #[serde(default)]
+        postcopy: bool,
     },
     SetMaxDowntime {
         domain: String,
@@ -86,11 +90,21 @@ pub enum Call {
         domain: String,
     },
     /// MiB/s, libvirt's unit.
+    /// `postcopy`: `max-postcopy-bandwidth` instead of `max-bandwidth` (`--postcopy`).
     SetMaxSpeed {
         domain: String,
         mib_s: u64,
+        #[serde(default)]
+        postcopy: bool,
     },
     GetMaxSpeed {
+        domain: String,
+        #[serde(default)]
+        postcopy: bool,
+    },
+    /// `migrate-postcopy` (`virDomainMigrateStartPostCopy`): QMP `migrate-start-postcopy` on
+    /// the source VMM of an outgoing migration started with `--postcopy`.
+    MigrateStartPostcopy {
         domain: String,
     },
     /// Peer-to-peer migration driven by this daemon (the source).

@@ -23,7 +23,7 @@ use crate::vmm;
 /// already: the source's status follows the destination's answer on the return path).
 const COMPLETE_WAIT: Duration = Duration::from_secs(30);
 
-const OP: &str = "Incoming migration";
+pub(super) const OP: &str = "Incoming migration";
 
 pub fn prepare(
     d: &Arc<Daemon>,
@@ -73,6 +73,7 @@ pub fn prepare(
         j.phase = "prepare";
         j.suspend = opts.suspend;
         j.persistent = opts.persistent;
+        j.postcopy = opts.postcopy;
     }
     match prepare_vmm(d, &dom, cookie, opts, local_ip) {
         Ok(c) => {
@@ -114,6 +115,17 @@ fn prepare_vmm(
     // A tunnelled stream has no return path (libvirt's rule), hence no switchover-ack.
     let rp = !opts.tunnelled && both("return-path");
     let sack = rp && both("switchover-ack");
+    let mut caps = caps;
+    if opts.postcopy {
+        let driver = dom.lock().def.driver();
+        super::postcopy::check_destination(
+            &vmm,
+            driver.name(),
+            cookie.supports("postcopy-ram"),
+            rp,
+        )?;
+        caps.push("postcopy-ram".into());
+    }
     vmm.monitor
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -121,6 +133,7 @@ fn prepare_vmm(
             ("events", true),
             ("return-path", rp),
             ("switchover-ack", sack),
+            ("postcopy-ram", opts.postcopy),
         ])
         .map_err(|e| Error::Monitor(e.to_string()))?;
     if opts.tls {
@@ -162,10 +175,13 @@ fn prepare_vmm(
         IpAddr::V4(a) => a.to_string(),
         IpAddr::V6(a) => format!("[{a}]"),
     };
-    vmm.qmp(
-        "migrate-incoming",
-        json!({ "uri": format!("tcp:{host}:0") }),
-    )?;
+    let mut incoming = json!({ "uri": format!("tcp:{host}:0") });
+    if opts.postcopy {
+        // A failure after the switch must not end the process: it holds the guest's newest
+        // state (QEMU 9.1+ and Tern take `exit-on-error`; libvirt passes false too).
+        incoming["exit-on-error"] = json!(false);
+    }
+    vmm.qmp("migrate-incoming", incoming)?;
     let q = vmm.qmp("query-migrate", json!({}))?;
     let port = incoming_port(&q).ok_or_else(|| {
         Error::Monitor(format!("the incoming VMM reports no listening port: {q}"))
@@ -287,13 +303,19 @@ fn end(dom: &Domain, t: JobType, q: Option<&Value>, err: Option<String>) {
 /// succeeds.
 pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
     let dom = d.lookup(name)?;
-    let (incoming, suspend, persistent) = {
+    let (incoming, suspend, persistent, postcopy, phase) = {
         let g = dom.lock();
         match &g.job {
-            Some(j) if j.kind == JobKind::MigrationIn => (true, j.suspend, j.persistent),
-            _ => (false, false, false),
+            Some(j) if j.kind == JobKind::MigrationIn => {
+                (true, j.suspend, j.persistent, j.postcopy, j.phase)
+            }
+            _ => (false, false, false, false, ""),
         }
     };
+    if incoming && postcopy && phase == "postcopy" && !cancelled {
+        // A repeated Finish: the guest already runs here in post-copy.
+        return Ok(());
+    }
     if !incoming {
         let active = dom.lock().state.is_active();
         return if !cancelled && active {
@@ -305,6 +327,32 @@ pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
         };
     }
     dom.set_phase("finish");
+    if cancelled && dom.postcopy_switched() {
+        // The VMM holds pages the source no longer sends: killing it would lose the guest.
+        return Err(Error::OperationInvalid(format!(
+            "the incoming migration of '{name}' switched to post-copy: its VMM holds part of \
+             the only copy of the guest; refusing to kill it"
+        )));
+    }
+    if !cancelled && postcopy {
+        return match super::postcopy::finish_incoming(d, &dom, persistent) {
+            Ok(()) => Ok(()),
+            Err(e) if dom.postcopy_switched() || dom.lock().vmm.is_none() => {
+                // Never killed after the switch: the watcher ends the job when the VMM does.
+                tracing::error!("{name}: Finish in post-copy: {e}");
+                match dom.vmm() {
+                    Ok(v) => super::postcopy::watch_incoming(d, &dom, &v),
+                    Err(_) => end(&dom, JobType::Failed, None, Some(e.to_string())),
+                }
+                Err(e)
+            }
+            Err(e) => {
+                let _ = d.destroy_domain(&dom, "failed");
+                end(&dom, JobType::Failed, None, Some(e.to_string()));
+                Err(e)
+            }
+        };
+    }
     if cancelled {
         if let Some(vmm) = dom.lock().vmm.clone() {
             if is_running(&vmm) {
@@ -353,7 +401,7 @@ pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
     }
 }
 
-fn is_running(vmm: &crate::domain::Vmm) -> bool {
+pub(super) fn is_running(vmm: &crate::domain::Vmm) -> bool {
     vmm.qmp("query-status", json!({}))
         .ok()
         .and_then(|s| s.get("running").and_then(Value::as_bool))

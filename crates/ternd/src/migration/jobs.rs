@@ -37,7 +37,11 @@ pub fn job_info(d: &Daemon, key: &str, completed: bool) -> Result<JobInfo> {
     Ok(info)
 }
 
-pub fn abort(d: &Daemon, key: &str) -> Result<()> {
+/// `domjobabort [--postcopy]`.
+pub fn abort(d: &Daemon, key: &str, postcopy: bool) -> Result<()> {
+    if postcopy {
+        return super::postcopy::pause(d, key);
+    }
     let dom = d.lookup(key)?;
     let vmm = {
         let mut g = dom.lock();
@@ -49,6 +53,14 @@ pub fn abort(d: &Daemon, key: &str) -> Result<()> {
         if j.kind != super::super::domain::JobKind::MigrationOut {
             return Err(Error::OperationInvalid(
                 "an incoming migration is aborted from its source".into(),
+            ));
+        }
+        if j.postcopy_switched {
+            // libvirt's words: neither host has the whole guest any more.
+            return Err(Error::OperationInvalid(
+                "cannot abort migration in post-copy mode (neither host has the whole guest; \
+                 domjobabort --postcopy pauses it)"
+                    .into(),
             ));
         }
         if j.phase == "finish" || j.phase == "confirm" {
@@ -103,13 +115,22 @@ pub fn get_max_downtime(d: &Daemon, key: &str) -> Result<u64> {
     param(d, key, "downtime-limit")
 }
 
-pub fn set_max_speed(d: &Daemon, key: &str, mib_s: u64) -> Result<()> {
+/// The parameter `migrate-setspeed`/`getspeed` work on: `--postcopy` → the post-copy push's.
+fn speed_param(postcopy: bool) -> &'static str {
+    if postcopy {
+        "max-postcopy-bandwidth"
+    } else {
+        "max-bandwidth"
+    }
+}
+
+pub fn set_max_speed(d: &Daemon, key: &str, mib_s: u64, postcopy: bool) -> Result<()> {
     let bytes = mib_s
         .checked_mul(1 << 20)
         .ok_or_else(|| Error::InvalidArg(format!("bandwidth {mib_s} MiB/s is too large")))?;
-    set_param(d, key, "max-bandwidth", bytes)
+    set_param(d, key, speed_param(postcopy), bytes)
 }
 
-pub fn get_max_speed(d: &Daemon, key: &str) -> Result<u64> {
-    Ok(param(d, key, "max-bandwidth")? >> 20)
+pub fn get_max_speed(d: &Daemon, key: &str, postcopy: bool) -> Result<u64> {
+    Ok(param(d, key, speed_param(postcopy))? >> 20)
 }

@@ -4,7 +4,9 @@
 
 pub mod dest;
 pub mod jobs;
+pub mod postcopy;
 pub mod source;
+pub mod source_recovery;
 mod stats;
 mod tls;
 mod tunnel;

@@ -18,23 +18,23 @@ use crate::domain::{Domain, JobKind, Vmm};
 use crate::vmm;
 
 /// How long a call to the peer daemon may take (Prepare starts a VMM).
-const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often Perform checks the peer daemon is alive (libvirt's keepalive, 5 s x 5 there).
 const KEEPALIVE: Duration = Duration::from_secs(1);
 /// How long the peer may take to answer a keepalive.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
-const OP: &str = "Outgoing migration";
+pub(super) const OP: &str = "Outgoing migration";
 
 /// How often Perform samples `query-migrate` for the report.
-const SAMPLE_PERIOD: Duration = Duration::from_millis(200);
+pub(super) const SAMPLE_PERIOD: Duration = Duration::from_millis(200);
 
 /// What the job ends with.
-struct Ctx {
-    last: Option<Value>,
-    notes: Vec<String>,
-    samples: Vec<JobSample>,
-    started: Instant,
+pub(super) struct Ctx {
+    pub(super) last: Option<Value>,
+    pub(super) notes: Vec<String>,
+    pub(super) samples: Vec<JobSample>,
+    pub(super) started: Instant,
 }
 
 /// `ternctl migrate`: the whole migration, driven by this (the source) daemon.
@@ -97,7 +97,7 @@ fn aborted() -> Error {
     Error::Aborted("migration job: canceled by client".into())
 }
 
-fn note(dom: &Domain, ctx: &mut Ctx, s: String) {
+pub(super) fn note(dom: &Domain, ctx: &mut Ctx, s: String) {
     tracing::info!("{}: {s}", dom.name);
     if let Some(j) = dom.lock().job.as_mut() {
         j.notes.push(s.clone());
@@ -159,6 +159,16 @@ fn run(
                 driver.name()
             )));
         }
+    }
+    let mut cookie = cookie;
+    if opts.postcopy {
+        // Post-copy needs `postcopy-ram` on both VMMs (QEMU's rule): the source's is probed
+        // here, before the destination is contacted; Prepare checks the destination's.
+        super::postcopy::probe_source(vmm, driver.name())?;
+        cookie.capabilities.push("postcopy-ram".into());
+    }
+    if let Some(j) = dom.lock().job.as_mut() {
+        j.postcopy = opts.postcopy;
     }
     crate::fault::hold("begin", || {
         dom.wait_until(Duration::from_secs(60), |g| {
@@ -289,6 +299,25 @@ fn run(
             .unwrap_or_else(|p| p.into_inner())
             .set_capabilities(&caps)
             .map_err(|e| Error::Monitor(e.to_string()))?;
+        super::postcopy::configure_source(vmm, opts)?;
+        if opts.postcopy {
+            note(
+                dom,
+                ctx,
+                format!(
+                    "post-copy: enabled (postcopy-ram on both VMMs; the switch comes with \
+                     migrate-postcopy{}){}",
+                    if opts.postcopy_after_precopy {
+                        ", here after the first pass"
+                    } else {
+                        ""
+                    },
+                    opts.postcopy_bandwidth
+                        .map(|b| format!("; max-postcopy-bandwidth {b} MiB/s"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
         if let Some(dir) = tls_dir {
             // The destination's certificate must name the host the user gave for it (libvirt
             // sets tls-hostname the same way); a local destination keeps QEMU's default.
@@ -385,6 +414,10 @@ fn run(
         }
     }
     let status = status?;
+    if status == "postcopy-active" {
+        // The switch happened: the rules of docs/management.md §5c from here on.
+        return super::postcopy::finish_and_confirm(d, dom, vmm, dest_uri, &mut peer, ctx);
+    }
     let q = ctx.last.clone().unwrap_or(Value::Null);
     if status == "failed" || status == "cancelled" {
         finish_cancelled_on(dest_uri, &mut peer, &dom.name);
@@ -469,7 +502,9 @@ fn wait_perform(
     let mut last_ping = Instant::now();
     loop {
         dom.wait_until(SAMPLE_PERIOD, |g| {
-            g.vmm.is_none() || g.mig_status.as_deref().is_some_and(is_terminal)
+            g.vmm.is_none()
+                || g.mig_status.as_deref().is_some_and(is_terminal)
+                || g.job.as_ref().is_some_and(|j| j.postcopy_switched)
         });
         if dom.lock().vmm.is_none() {
             return Err(Error::OperationFailed(
@@ -485,7 +520,22 @@ fn wait_perform(
         ctx.samples.push(sample(&q, ctx.started));
         ctx.last = Some(q);
         if is_terminal(&status) {
+            // A post-copy job: let the event thread catch up (it sees `postcopy-active`
+            // before the final status) so that a failure after the switch is known as one.
+            if dom.lock().job.as_ref().is_some_and(|j| j.postcopy) {
+                dom.wait_until(Duration::from_secs(2), |g| {
+                    g.vmm.is_none() || g.mig_status.as_deref().is_some_and(is_terminal)
+                });
+                if dom.postcopy_switched() {
+                    return Ok("postcopy-active".into());
+                }
+            }
             return Ok(status);
+        }
+        // Perform ends at the switch (libvirt: "the source considers migration completed at
+        // the moment it switched from active to postcopy-active").
+        if status.starts_with("postcopy") || dom.postcopy_switched() {
+            return Ok("postcopy-active".into());
         }
         if cancelled || last_ping.elapsed() < KEEPALIVE {
             continue;
@@ -511,7 +561,7 @@ fn wait_perform(
     }
 }
 
-fn sample(q: &Value, started: Instant) -> JobSample {
+pub(super) fn sample(q: &Value, started: Instant) -> JobSample {
     let ram = &q["ram"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     JobSample {
@@ -527,7 +577,7 @@ fn sample(q: &Value, started: Instant) -> JobSample {
 }
 
 /// Confirm after a failure: the source runs again if it ran before.
-fn confirm_failed(dom: &Domain, vmm: &Vmm, was_running: bool) {
+pub(super) fn confirm_failed(dom: &Domain, vmm: &Vmm, was_running: bool) {
     if !was_running {
         return;
     }
@@ -542,7 +592,7 @@ fn confirm_failed(dom: &Domain, vmm: &Vmm, was_running: bool) {
     }
 }
 
-enum FinishOutcome {
+pub(super) enum FinishOutcome {
     Done,
     /// The destination answered that it failed (and killed its VMM).
     Refused(Error),
@@ -552,7 +602,7 @@ enum FinishOutcome {
     Unknown(Error),
 }
 
-fn call_finish(peer: &mut Connection, name: &str, cancelled: bool) -> Result<()> {
+pub(super) fn call_finish(peer: &mut Connection, name: &str, cancelled: bool) -> Result<()> {
     match peer.call(Call::MigrateFinish {
         domain: name.to_string(),
         cancelled,
@@ -563,7 +613,7 @@ fn call_finish(peer: &mut Connection, name: &str, cancelled: bool) -> Result<()>
 }
 
 /// Finish, retried once on a fresh connection (Finish is idempotent on the destination).
-fn finish(dest_uri: &str, peer: &mut Connection, name: &str) -> FinishOutcome {
+pub(super) fn finish(dest_uri: &str, peer: &mut Connection, name: &str) -> FinishOutcome {
     let first = call_finish(peer, name, false);
     let first_err = match first {
         Ok(()) => return FinishOutcome::Done,
@@ -600,7 +650,7 @@ fn finish_cancelled_on(dest_uri: &str, peer: &mut Connection, name: &str) {
 }
 
 /// Finish with `cancelled` on a new connection.
-fn finish_cancelled(dest_uri: &str, name: &str) {
+pub(super) fn finish_cancelled(dest_uri: &str, name: &str) {
     let r = Connection::open(dest_uri).and_then(|mut c| {
         c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
         call_finish(&mut c, name, true)
@@ -624,98 +674,4 @@ fn offline(dom: &Domain, dest_uri: &str) -> Result<()> {
     let mut peer = Connection::open(dest_uri)?;
     peer.call(Call::DefineXml { xml })?;
     Ok(())
-}
-
-/// A restarted daemon found a source VMM whose outgoing migration its predecessor was driving
-/// (status file `outgoing`). Still running → cancel it (the VMM resumes by itself before END)
-/// and cancel on the destination. Ended `completed`/`x-tern-unconfirmed` → call Finish on the
-/// destination again (idempotent there): done → quit the source; answered failure → resume the
-/// source; no answer → leave it paused (the predecessor may have delivered a Finish: only the
-/// destination knows). Ended `failed`/`cancelled` → cancel on the destination.
-pub fn recover(
-    d: &Daemon,
-    dom: &Arc<Domain>,
-    vmm: &Arc<Vmm>,
-    dest_uri: Option<&str>,
-    dest_decides: bool,
-) {
-    let name = dom.name.clone();
-    let q = match vmm.qmp("query-migrate", json!({})) {
-        Ok(q) => q,
-        Err(e) => {
-            tracing::error!("{name}: recovering the outgoing migration: {e}");
-            return;
-        }
-    };
-    let status = q
-        .get("status")
-        .and_then(Value::as_str)
-        .unwrap_or("none")
-        .to_string();
-    let mut info = from_query_migrate(&q, JobType::Failed, OP);
-    let outcome: String = match (status.as_str(), dest_uri) {
-        ("setup" | "active" | "pre-switchover" | "device", _) => {
-            tracing::warn!("{name}: cancelling the outgoing migration left by the previous daemon");
-            let _ = vmm.qmp("migrate_cancel", json!({}));
-            if let Some(uri) = dest_uri {
-                finish_cancelled(uri, &name);
-            }
-            "cancelled by the restarted daemon".into()
-        }
-        ("completed", _) if dest_decides => {
-            // The destination confirmed it runs the guest: quit here; tell its daemon.
-            if let Some(uri) = dest_uri {
-                let r = Connection::open(uri).and_then(|mut c| {
-                    c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
-                    call_finish(&mut c, &name, false)
-                });
-                if let Err(e) = r {
-                    tracing::warn!("{name}: Finish on the destination: {e}");
-                }
-            }
-            tracing::warn!("{name}: recovered migration: finished on the destination (it confirmed it runs); quitting the source");
-            info.job_type = JobType::Completed;
-            if let Err(e) = d.quit_domain(dom, "migrated") {
-                tracing::error!("{name}: quitting the source: {e}");
-            }
-            "finished on the destination by the restarted daemon".into()
-        }
-        ("completed" | "x-tern-unconfirmed", Some(uri)) => {
-            let first = Connection::open(uri).and_then(|mut c| {
-                c.set_timeout(Some(PEER_CALL_TIMEOUT))?;
-                call_finish(&mut c, &name, false)
-            });
-            match first {
-                Ok(()) => {
-                    tracing::warn!("{name}: recovered migration: finished on the destination; quitting the source");
-                    info.job_type = JobType::Completed;
-                    if let Err(e) = d.quit_domain(dom, "migrated") {
-                        tracing::error!("{name}: quitting the source: {e}");
-                    }
-                    "finished on the destination by the restarted daemon".into()
-                }
-                Err(e @ (Error::Rpc { .. } | Error::Connect { .. })) => {
-                    tracing::warn!("{name}: recovered migration ended '{status}' but the destination cannot be asked ({e}): the domain stays paused here; check the destination");
-                    format!(
-                        "the destination could not be asked ({e}): check it before resuming here"
-                    )
-                }
-                Err(e) => {
-                    tracing::warn!("{name}: recovered migration: the destination failed ({e}); resuming the source");
-                    confirm_failed(dom, vmm, true);
-                    format!("the destination failed ({e}); resumed here")
-                }
-            }
-        }
-        (s, uri) => {
-            if let Some(uri) = uri {
-                finish_cancelled(uri, &name);
-            }
-            tracing::warn!("{name}: the previous daemon's outgoing migration ended '{s}'");
-            format!("ended '{s}' while the daemon was down")
-        }
-    };
-    info.notes
-        .push(format!("recovered after a daemon restart: {outcome}"));
-    dom.end_job(info);
 }

@@ -1,0 +1,357 @@
+//! Post-copy through the management layer with Tern VMMs (docs/management.md §5c): two
+//! `ternd` in two network namespaces, `ternctl migrate --postcopy`, the switch by
+//! `--postcopy-after-precopy` or `migrate-postcopy`, the `pattern` check on the destination;
+//! after the switch `domjobabort` is refused, a killed destination leaves the source paused
+//! (never resumed), a killed source leaves the destination running with `post-copy failed`,
+//! restarted daemons neither resume the source nor kill the destination.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use serde_json::json;
+
+const MEM: u64 = 128;
+
+/// Polls `domstate --reason` on `d` until it is `want` (at most [`T`]).
+fn wait_state(d: &Daemon, dom: &str, want: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let o = d.ctl(&["domstate", "--reason", dom]);
+        let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if s == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: '{dom}' never became '{want}' (last: '{s}')\n--- log:\n{}",
+            d.name,
+            d.log()
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// The one VMM `d` started.
+fn vmm_pid(d: &Daemon) -> u32 {
+    let pids = d.vmm_pids();
+    assert_eq!(pids.len(), 1, "{}: one VMM expected: {pids:?}", d.name);
+    pids[0]
+}
+
+/// A guest whose 64 MiB of filled memory (`idle` fills its share once, then only beats) is
+/// mostly still unsent when the switch comes (pre-copy capped at 2 MiB/s, the switch at the
+/// first iteration) and is never touched again: post-copy lasts as long as the push takes at
+/// `postcopy_mib_s` (1 MiB/s: about a minute, long enough to act in it). Returns the migration.
+fn start_slow_postcopy(h: &Hosts, dir: &std::path::Path, name: &str, postcopy_mib_s: &str) -> Bg {
+    let xml = write_xml(dir, name, &domain_xml(name, MEM, "idle", 64, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", name]);
+    wait_workload_running(&h.src, name);
+    h.src.ok(&["migrate-setmaxdowntime", name, "1"]);
+    let dst = h.dst.tcp_uri();
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            name,
+            &dst,
+            "--live",
+            "--p2p",
+            "--postcopy",
+            "--bandwidth",
+            "2",
+            "--postcopy-bandwidth",
+            postcopy_mib_s,
+        ],
+    );
+    wait_migration_iteration(&h.src, name);
+    h.src.ok(&["migrate-postcopy", name]);
+    wait_state(&h.src, name, "paused (post-copy)");
+    bg
+}
+
+#[test]
+fn postcopy_after_precopy_moves_a_pattern_tern_vm() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "pc", &domain_xml("pc", MEM, "pattern", 64, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "pc"]);
+    wait_workload_running(&h.src, "pc");
+    // Pre-copy cannot converge (1 ms): only the switch after the first pass ends it.
+    h.src.ok(&["migrate-setmaxdowntime", "pc", "1"]);
+    let mut src_events = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "event",
+            "--domain",
+            "pc",
+            "--all",
+            "--loop",
+            "--timeout",
+            "120",
+        ],
+    );
+    let mut dst_events = Bg::spawn(
+        &h.dst.uri(),
+        &[
+            "event",
+            "--domain",
+            "pc",
+            "--all",
+            "--loop",
+            "--timeout",
+            "120",
+        ],
+    );
+    let (ok, _out, err) = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            "pc",
+            &h.dst.tcp_uri(),
+            "--live",
+            "--p2p",
+            "--postcopy",
+            "--postcopy-after-precopy",
+            "--bandwidth",
+            "32",
+        ],
+    )
+    .wait();
+    assert!(
+        ok,
+        "migrate failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert!(err.contains("switched 'pc' to post-copy"), "{err}");
+    assert_eq!(h.src.state("pc"), "shut off (migrated)");
+    wait_state(&h.dst, "pc", "running (migrated)");
+    let job = h.src.ok(&["domjobinfo", "pc", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("post-copy: enabled"), "{job}");
+    assert!(job.contains("post-copy: switched"), "{job}");
+    assert!(job.contains("Postcopy requests:"), "{job}");
+    let raw = h.src.ok(&["domjobinfo", "pc", "--completed", "--rawstats"]);
+    assert!(raw.contains("memory_postcopy_requests: "), "{raw}");
+    let djob = h.dst.ok(&["domjobinfo", "pc", "--completed"]);
+    assert!(djob.contains("Job type:         Completed"), "{djob}");
+    assert_guest_runs(&h.dst, "pc");
+    assert_pattern_ok(&h.dst, "pc", MEM, dir.path());
+    h.dst.ok(&["destroy", "pc"]);
+    let out = dst_events.wait_for_line("Stopped Destroyed");
+    let pc = out
+        .find("Resumed Post-copy")
+        .unwrap_or_else(|| panic!("no Resumed Post-copy: {out}"));
+    let migrated = out
+        .find("Resumed Migrated")
+        .unwrap_or_else(|| panic!("no Resumed Migrated: {out}"));
+    assert!(pc < migrated, "post-copy, then migrated: {out}");
+    let out = src_events.wait_for_line("Stopped Migrated");
+    assert!(out.contains("Suspended Post-copy"), "{out}");
+}
+
+#[test]
+fn postcopy_refusals_name_what_is_missing() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "r", &domain_xml("r", MEM, "idle", 0, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "r"]);
+    let dst = h.dst.tcp_uri();
+    let e = h.src.fails(&[
+        "migrate",
+        "r",
+        &dst,
+        "--live",
+        "--p2p",
+        "--tunnelled",
+        "--postcopy",
+    ]);
+    assert!(
+        e.contains("post-copy is not supported with tunnelled migration"),
+        "{e}"
+    );
+    let e = h.src.fails(&["migrate", "r", &dst, "--p2p", "--postcopy"]);
+    assert!(e.contains("non-live or paused"), "{e}");
+    let e = h
+        .src
+        .fails(&["migrate", "r", &dst, "--live", "--postcopy-after-precopy"]);
+    assert!(e.contains("only be used with --postcopy"), "{e}");
+    let e = h.src.fails(&[
+        "migrate",
+        "r",
+        &dst,
+        "--live",
+        "--postcopy",
+        "--postcopy-resume",
+    ]);
+    assert!(
+        e.contains("--postcopy-resume") && e.contains("not built"),
+        "{e}"
+    );
+    let e = h.src.fails(&["migrate-postcopy", "r"]);
+    assert!(e.contains("while outgoing migration is in progress"), "{e}");
+    let e = h.src.fails(&["domjobabort", "r", "--postcopy"]);
+    assert!(
+        e.contains("not outgoing migration in post-copy mode"),
+        "{e}"
+    );
+    // migrate-setspeed --postcopy sets the post-copy push's limit (MiB/s).
+    h.src.ok(&["migrate-setspeed", "r", "7", "--postcopy"]);
+    assert_eq!(
+        h.src.ok(&["migrate-getspeed", "r", "--postcopy"]).trim(),
+        "7"
+    );
+    let p = h.src.qmp("r", "query-migrate-parameters", json!({}));
+    assert_eq!(p["max-postcopy-bandwidth"], 7u64 << 20, "{p}");
+    // Nothing moved: the domain runs here only.
+    assert_eq!(h.src.state("r"), "running (booted)");
+    assert!(!h.dst.ok(&["list", "--all"]).contains(" r "));
+}
+
+#[test]
+fn after_the_switch_abort_is_refused_and_a_killed_destination_leaves_the_source_paused() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let bg = start_slow_postcopy(&h, dir.path(), "k", "1");
+    let e = h.src.fails(&["domjobabort", "k"]);
+    assert!(
+        e.contains("cannot abort migration in post-copy mode"),
+        "{e}"
+    );
+    let e = h.src.fails(&["migrate-postcopy", "k"]);
+    assert!(e.contains("post-copy already started"), "{e}");
+    // domjobabort --postcopy is QMP migrate-pause: relayed as the VMM answers it.
+    let o = h.src.ctl(&["domjobabort", "k", "--postcopy"]);
+    if !o.status.success() {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("migrate-pause"), "{e}");
+    }
+    let dst_vmm = vmm_pid(&h.dst);
+    // SAFETY: kill(2) on the destination VMM this test's daemon started.
+    unsafe { libc::kill(dst_vmm as i32, libc::SIGKILL) };
+    let (ok, _, err) = bg.wait();
+    assert!(!ok, "the migration succeeded without its destination");
+    assert!(err.contains("post-copy failed after the switch"), "{err}");
+    assert!(err.contains("never resumed"), "{err}");
+    // The source stays paused for good: its memory is stale.
+    assert_eq!(h.src.state("k"), "paused (post-copy failed)");
+    let st = h.src.qmp("k", "query-status", json!({}));
+    assert_eq!(st["running"], false, "{st}");
+    let job = h.src.ok(&["domjobinfo", "k", "--completed"]);
+    assert!(job.contains("Job type:         Failed"), "{job}");
+    assert!(pid_alive(vmm_pid(&h.src)), "the source VMM is kept");
+    let e = h.src.fails(&["resume", "k"]);
+    assert!(e.contains("never resumed"), "{e}");
+    assert_eq!(h.src.state("k"), "paused (post-copy failed)");
+}
+
+#[test]
+fn a_killed_source_after_the_switch_leaves_the_destination_running_post_copy_failed() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let bg = start_slow_postcopy(&h, dir.path(), "s", "1");
+    wait_state(&h.dst, "s", "running (post-copy)");
+    let dst_vmm = vmm_pid(&h.dst);
+    let src_vmm = vmm_pid(&h.src);
+    // SAFETY: kill(2) on the source VMM this test's daemon started.
+    unsafe { libc::kill(src_vmm as i32, libc::SIGKILL) };
+    let (ok, _, err) = bg.wait();
+    assert!(!ok, "the migration succeeded without its source");
+    assert!(err.contains("post-copy"), "{err}");
+    // The destination keeps the guest's newest state: never killed by the daemons.
+    wait_state(&h.dst, "s", "running (post-copy failed)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was killed");
+    let job = h.dst.ok(&["domjobinfo", "s", "--completed"]);
+    assert!(job.contains("Job type:         Failed"), "{job}");
+    assert!(job.contains("post-copy failed on the destination"), "{job}");
+    assert!(pid_alive(dst_vmm), "the destination VMM was killed");
+}
+
+#[test]
+fn daemons_restarted_during_postcopy_never_resume_the_source_nor_kill_the_destination() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let bg = start_slow_postcopy(&h, dir.path(), "r", "16");
+    wait_state(&h.dst, "r", "running (post-copy)");
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    // Both daemons die while the VMMs are in post-copy (the VMMs carry on without them).
+    h.dst.kill();
+    h.src.kill();
+    let (ok, _, _) = bg.wait();
+    assert!(!ok, "the client lost its daemon");
+    h.dst.restart();
+    h.src.restart();
+    // The restarted source never runs its stale copy: paused until its VMM finished
+    // sending, then quit; the destination's VMM is kept and ends `running (migrated)`.
+    let deadline = Instant::now() + T;
+    loop {
+        let s = h.src.state("r");
+        assert!(!s.starts_with("running"), "the source was resumed: {s}");
+        if s == "shut off (migrated)" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never finished: {s}\n--- src:\n{}",
+            h.src.log()
+        );
+        std::thread::yield_now();
+    }
+    wait_pid_exit(src_vmm);
+    wait_state(&h.dst, "r", "running (migrated)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was killed");
+    assert_guest_runs(&h.dst, "r");
+}
+
+#[test]
+fn timeout_postcopy_switches_a_migration_that_runs_too_long() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "t", &domain_xml("t", MEM, "pattern", 64, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "t"]);
+    wait_workload_running(&h.src, "t");
+    h.src.ok(&["migrate-setmaxdowntime", "t", "1"]);
+    // 64 MiB of pattern pages at 4 MiB/s: the first pass alone takes far longer than the
+    // 1 s timeout, and pre-copy could never converge anyway.
+    let (ok, _, err) = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            "t",
+            &h.dst.tcp_uri(),
+            "--live",
+            "--p2p",
+            "--postcopy",
+            "--bandwidth",
+            "4",
+            "--timeout",
+            "1",
+            "--timeout-postcopy",
+        ],
+    )
+    .wait();
+    assert!(ok, "migrate failed: {err}\n--- src:\n{}", h.src.log());
+    assert!(err.contains("timeout: switched 't' to post-copy"), "{err}");
+    let job = h.src.ok(&["domjobinfo", "t", "--completed"]);
+    assert!(job.contains("post-copy: switched"), "{job}");
+    wait_state(&h.dst, "t", "running (migrated)");
+    assert_pattern_ok(&h.dst, "t", MEM, dir.path());
+}
