@@ -26,10 +26,20 @@ fn handshake(
             let conn = ServerConnection::new(server).unwrap();
             let mut s = StreamOwned::new(conn, b);
             let mut buf = [0u8; 4];
+            // The server speaks first, as the destination does (its admission byte): the
+            // client reads before it ever writes, so a refusal reaches it as the server's
+            // alert, never as a write into a socket the server already closed (EPIPE).
             let r = s
-                .read_exact(&mut buf)
-                .and_then(|_| s.write_all(b"pong"))
-                .and_then(|_| s.flush());
+                .write_all(b"ping")
+                .and_then(|_| s.flush())
+                .and_then(|_| s.read_exact(&mut buf))
+                .and_then(|_| {
+                    if &buf == b"pong" {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::other("bad payload"))
+                    }
+                });
             r.map_err(|e| tls_error_text(&e))
         })
         .unwrap();
@@ -38,16 +48,19 @@ fn handshake(
     let mut c = StreamOwned::new(conn, a);
     let mut buf = [0u8; 4];
     let client_result = c
-        .write_all(b"ping")
-        .and_then(|_| c.flush())
-        .and_then(|_| c.read_exact(&mut buf))
+        .read_exact(&mut buf)
         .map_err(|e| tls_error_text(&e))
         .and_then(|_| {
-            if &buf == b"pong" {
+            if &buf == b"ping" {
                 Ok(())
             } else {
                 Err("bad payload".into())
             }
+        })
+        .and_then(|_| {
+            c.write_all(b"pong")
+                .and_then(|_| c.flush())
+                .map_err(|e| tls_error_text(&e))
         });
     drop(c);
     (client_result, server_thread.join().unwrap())
@@ -114,7 +127,8 @@ fn unknown_ca_is_named_on_both_sides() {
         s.unwrap_err(),
         "the peer's certificate is signed by an unknown CA"
     );
-    assert!(c.unwrap_err().contains("refused our certificate"));
+    let c = c.unwrap_err();
+    assert!(c.contains("refused our certificate"), "client saw: {c}");
 }
 
 #[test]
