@@ -51,6 +51,9 @@ use crate::wire::{
 
 #[path = "dest_postcopy.rs"]
 mod postcopy;
+#[path = "dest_recovery.rs"]
+mod recovery;
+pub use recovery::{PAUSE_NOT_POSTCOPY, RECOVER_NOT_PAUSED};
 #[path = "dest_rp.rs"]
 mod rp;
 
@@ -248,6 +251,11 @@ struct Shared {
     /// The guest is loaded and about to resume (or stay paused): from here `migrate_cancel`
     /// can no longer undo the migration. Set and read under `status`'s lock.
     committed: AtomicBool,
+    /// Post-copy recovery: the listener `migrate-recover` bound, taken by the receiver.
+    recover: Mutex<Option<Listener>>,
+    recover_cv: std::sync::Condvar,
+    /// `migrate-pause` shut the channel down: the receiver pauses (and says why).
+    pause_requested: AtomicBool,
 }
 
 /// Control of an incoming migration.
@@ -324,6 +332,9 @@ pub fn incoming(
         io: CancelToken::new(),
         autostart: AtomicBool::new(opts.autostart),
         committed: AtomicBool::new(false),
+        recover: Mutex::new(None),
+        recover_cv: std::sync::Condvar::new(),
+        pause_requested: AtomicBool::new(false),
     });
     if let Incoming::Listener(l) = &from {
         stats.set_socket_address(l.local_uri().socket_address_json().into_iter().collect());
@@ -389,13 +400,17 @@ enum RxState {
 impl Receiver {
     fn run(mut self, from: Incoming) -> DestOutcome {
         let mut state = RxState::Listening;
-        let result = self.receive(from, &mut state);
+        let result = match self.receive(from, &mut state) {
+            // The channel broke while the guest runs here: pause and wait for a recovery.
+            Err(e) if self.pauses_postcopy(&e) => self.postcopy_recovery(e),
+            r => r,
+        };
         let result = result.map_err(|e| self.postcopy_failure(e));
         let (status, error) = match result {
             Ok(()) => (MigrationStatus::Completed, None),
             Err(e) => {
                 let e = if self.shared.cancel.load(Ordering::SeqCst) {
-                    DestError::Cancelled
+                    self.postcopy_failure(DestError::Cancelled)
                 } else {
                     e
                 };
@@ -669,6 +684,12 @@ impl Receiver {
                 Record::End(_) => break,
                 Record::RamDiscard(d) => self.discard(&d)?,
                 Record::Command(Command::PostcopyAdvise { .. }) => self.advise()?,
+                // The reader admits these only on a recovery channel (dest_recovery.rs).
+                Record::Command(Command::RecvBitmap { .. } | Command::PostcopyResume) => {
+                    return Err(DestError::Protocol(
+                        "post-copy recovery command on a first channel".into(),
+                    ))
+                }
                 Record::Command(Command::PostcopyListen) => self.listen()?,
                 Record::Command(Command::PostcopyRun { .. }) => {
                     // The reader checked the package's checksum: restore it, run the guest.

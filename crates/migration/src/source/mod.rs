@@ -40,6 +40,7 @@ mod devices;
 mod liveness;
 mod postcopy;
 mod ram;
+pub mod recovery;
 mod rp;
 
 use std::io::BufWriter;
@@ -408,6 +409,16 @@ struct Flags {
     start_postcopy: bool,
     /// `POSTCOPY_RUN` was written: the destination may run the guest, the source never will.
     postcopy_run_sent: bool,
+    /// `migrate-pause` cut the channel (post-copy): the sender pauses and says why.
+    pause_requested: bool,
+    /// `migrate {"resume": true}`: where the recovery channel goes.
+    resume_target: Option<MigrationUri>,
+    /// Post-copy recovery: the destination's received bitmaps as they arrive.
+    recv_bitmaps: Option<recovery::BitmapAssembly>,
+    /// `POSTCOPY_RESUME` was written on the recovery channel.
+    resume_sent: bool,
+    /// `RESUME_ACK` arrived.
+    resume_acked: bool,
     /// Page requests read from the return path, not yet served (post-copy).
     requests: std::collections::VecDeque<crate::machine::PageRange>,
     /// Sequence number of the last `PING` sent by the sender's waits.
@@ -584,6 +595,7 @@ pub fn migrate(
         timeline: SwitchoverTimeline::default(),
         mark: Instant::now(),
         bytes_at_run: None,
+        bytes_of_earlier_channels: 0,
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
@@ -637,6 +649,8 @@ struct Sender {
     auto_converge: Option<autoconverge::AutoConverge>,
     /// Post-copy: bytes written when `POSTCOPY_RUN` was (`postcopy-bytes` counts from there).
     bytes_at_run: Option<u64>,
+    /// Post-copy recovery: bytes written on the channels before the current one.
+    bytes_of_earlier_channels: u64,
 }
 
 mod flow;

@@ -7,13 +7,16 @@ use super::error::WireError;
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// Newest stream version this code reads and writes; the reader accepts `1..=CURRENT_VERSION`.
 /// A writer writes the lowest version whose records it uses (`docs/stream-format.md` §10).
-pub const CURRENT_VERSION: u32 = 3;
+pub const CURRENT_VERSION: u32 = 4;
 /// The version of a stream without any version-2 record.
 pub const VERSION_1: u32 = 1;
 /// The version that added `RAM_DIGEST` (and `CAPABILITIES` bit 3).
 pub const VERSION_RAM_DIGEST: u32 = 2;
 /// The version that added post-copy (`RAM_DISCARD`, commands 0x10..=0x12, `CAPABILITIES` bit 4).
 pub const VERSION_POSTCOPY: u32 = 3;
+/// The version that added post-copy recovery (commands 0x13, 0x14; return-path `RECV_BITMAP`,
+/// `RESUME_ACK`): written only on a recovery channel (§13.6).
+pub const VERSION_RECOVERY: u32 = 4;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).
@@ -128,6 +131,11 @@ pub mod cmd {
     pub const POSTCOPY_LISTEN: u16 = 0x11;
     /// The device package is complete (version 3): `u32 crc32`, `u64 total_bytes`.
     pub const POSTCOPY_RUN: u16 = 0x12;
+    /// Post-copy recovery (version 4): `u16 block`, `u16 reserved`; answered by the
+    /// destination's received bitmap of that block.
+    pub const RECV_BITMAP: u16 = 0x13;
+    /// Post-copy recovery (version 4): the source re-queued what the destination lacks.
+    pub const POSTCOPY_RESUME: u16 = 0x14;
     /// First post-copy command.
     pub const POSTCOPY_FIRST: u16 = 0x10;
     /// Last reserved post-copy command.

@@ -32,11 +32,13 @@ pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, Strea
 pub use error::WireError;
 pub use format::{
     cmd, is_zero_page, page_kind, Limits, RecordKind, CURRENT_VERSION, HEADER_LEN, MAGIC,
-    VERSION_1, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    VERSION_1, VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 pub use reader::{Header, StreamReader};
 pub use record::{
     Command, ComponentRecord, EndRecord, PageData, RamBatch, RamDiscard, RamPage, RamPages, Record,
 };
-pub use return_path::{rp_type, ReturnPathReader, RpMessage, RP_MAX_LEN, RP_MAX_REQ_PAGES};
+pub use return_path::{
+    rp_type, ReturnPathReader, RpMessage, RP_MAX_BITMAP_BYTES, RP_MAX_LEN, RP_MAX_REQ_PAGES,
+};
 pub use writer::StreamWriter;

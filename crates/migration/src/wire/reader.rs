@@ -9,6 +9,7 @@ use super::error::WireError;
 use super::format::{
     cmd, page_kind, Cursor, Limits, RecordKind, CURRENT_VERSION, END_BODY_LEN, FRAME_LEN,
     HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    VERSION_RECOVERY,
 };
 use super::postcopy::{max_discard_body, parse_discard, PostcopyOrder};
 use super::record::{Command, ComponentRecord, EndRecord, RamBatch, RamDiscard, Record};
@@ -244,6 +245,26 @@ impl<R: Read> StreamReader<R> {
             state: State::Records,
             order: OrderState::default(),
         })
+    }
+
+    /// Like [`StreamReader::new`], for a post-copy recovery channel (§13.6): the version must
+    /// be at least 4, and the handshake (`OPEN_RETURN_PATH`, `RECV_BITMAP` per block,
+    /// `POSTCOPY_RESUME`) must come before the records allowed after `POSTCOPY_RUN`.
+    pub fn recovery(inner: R, limits: Limits, expect: Expectations) -> Result<Self, WireError> {
+        let mut r = Self::new(inner, limits, expect)?;
+        if r.header.version < VERSION_RECOVERY {
+            return Err(WireError::Invalid {
+                field: "version",
+                offset: 8,
+                reason: format!(
+                    "{}: a post-copy recovery channel needs stream version {VERSION_RECOVERY}",
+                    r.header.version
+                ),
+            });
+        }
+        r.order.switchover_started = true;
+        r.order.postcopy = PostcopyOrder::recovery(r.block_pages.len());
+        Ok(r)
     }
 
     /// The stream header.
@@ -721,6 +742,18 @@ fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<Command, Wir
             crc32: c.u32("crc32")?,
             total_bytes: c.u64("total_bytes")?,
         },
+        cmd::RECV_BITMAP if version >= VERSION_RECOVERY => {
+            let block = c.u16("recv-bitmap block")?;
+            if c.u16("recv-bitmap reserved")? != 0 {
+                return Err(WireError::Invalid {
+                    field: "recv-bitmap reserved",
+                    offset: body_at + 4,
+                    reason: "must be 0".into(),
+                });
+            }
+            Command::RecvBitmap { block }
+        }
+        cmd::POSTCOPY_RESUME if version >= VERSION_RECOVERY => Command::PostcopyResume,
         cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {
             return Err(WireError::UnsupportedCommand {
                 cmd: n,
