@@ -87,9 +87,19 @@ fn finish_postcopy(dir: &tempfile::TempDir, m: &Machine, mut src: Vm, mut dst: V
 #[test]
 fn postcopy_over_tls_tcp_pattern_2vcpu() {
     let dir = tmpdir();
+    let m = Machine::pattern(2, 32);
+    let Some((src, dst)) = start_tls(dir.path(), &m) else {
+        return;
+    };
+    finish_postcopy(&dir, &m, src, dst);
+}
+
+/// [`start`] over TLS (certificates from `scripts/tls-certs.sh`); `None` (the test skips,
+/// saying why) without `openssl`.
+fn start_tls(dir: &std::path::Path, m: &Machine) -> Option<(Vm, Vm)> {
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tls-certs.sh");
-    let pki = dir.path().join("pki");
+    let pki = dir.join("pki");
     match std::process::Command::new("bash")
         .arg(&script)
         .arg(&pki)
@@ -99,12 +109,11 @@ fn postcopy_over_tls_tcp_pattern_2vcpu() {
         Ok(o) if o.status.success() => {}
         other => {
             eprintln!("skipping: tls-certs.sh: {other:?}");
-            return;
+            return None;
         }
     }
     let creds = pki.join("127.0.0.1").display().to_string();
-    let m = Machine::pattern(2, 32);
-    let (src, dst) = start_with(dir.path(), "tcp", &m, false, |src, dst| {
+    Some(start_with(dir, "tcp", m, false, |src, dst| {
         for (vm, endpoint) in [(src, "client"), (dst, "server")] {
             vm.c(
                 "object-add",
@@ -112,8 +121,60 @@ fn postcopy_over_tls_tcp_pattern_2vcpu() {
             );
             vm.params(json!({"tls-creds": "tls0"}));
         }
-    });
-    finish_postcopy(&dir, &m, src, dst);
+    }))
+}
+
+/// Recovery over TLS: `migrate-pause` on the source cuts the session; the recovery channel
+/// runs a new TLS handshake (and admission) with the credentials the migration started with.
+#[test]
+fn postcopy_migrate_pause_and_recovery_over_tls() {
+    let dir = tmpdir();
+    let m = Machine::pattern(2, 32);
+    let Some((mut src, mut dst)) = start_tls(dir.path(), &m) else {
+        return;
+    };
+    postcopy_running(&mut src, &mut dst);
+    src.c("migrate-pause", json!({}));
+    let q = src.wait_mig(&["postcopy-paused"], MIGRATION_TIMEOUT);
+    assert!(
+        error_desc(&q).contains("migrate-pause cut the connection"),
+        "{q}"
+    );
+    dst.wait_mig(&["postcopy-paused"], MIGRATION_TIMEOUT);
+    resume(&mut src, &mut dst);
+    src.params(json!({"max-postcopy-bandwidth": 0}));
+    src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    assert_handover(&mut src, &mut dst);
+    let p0 = dst.pages_written();
+    dst.wait_pages_advance(&p0, T);
+    assert_pattern_ok(&mut dst, &m, dir.path(), "dst");
+    src.quit_ok();
+    dst.quit_ok();
+}
+
+/// `migrate-pause` and `migrate-recover` outside post-copy are refused with QEMU's texts.
+#[test]
+fn migrate_pause_and_recover_are_refused_outside_postcopy() {
+    let dir = tmpdir();
+    let m = Machine::pattern(2, 32);
+    let (mut src, mut dst) = start(dir.path(), "tcp", &m, false);
+    let e = src.err("migrate-pause", json!({}));
+    assert!(
+        e.contains("only supported during postcopy-active or postcopy-recover"),
+        "{e}"
+    );
+    let e = dst.err("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+    assert!(e.contains("only be run when postcopy is paused"), "{e}");
+    let e = src.err("migrate", json!({"uri": "tcp:127.0.0.1:1", "resume": true}));
+    assert!(
+        e.contains("Cannot resume if there is no paused migration"),
+        "{e}"
+    );
+    src.c("migrate_cancel", json!({}));
+    src.wait_mig(&["cancelled"], MIGRATION_TIMEOUT);
+    src.quit_ok();
+    dst.quit_ok();
 }
 
 #[test]

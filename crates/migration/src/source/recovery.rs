@@ -57,15 +57,15 @@ impl BitmapAssembly {
                 "RECV_BITMAP for block {block} past its {pages} pages"
             ));
         }
-        have.extend_from_slice(bits);
-        if have.len() == need && pages % 8 != 0 {
+        if have.len() + bits.len() == need && pages % 8 != 0 {
             let spare = !((1u8 << (pages % 8)) - 1);
-            if have.last().is_some_and(|l| l & spare != 0) {
+            if bits.last().is_some_and(|l| l & spare != 0) {
                 return Err(format!(
                     "RECV_BITMAP for block {block} has bits set past its {pages} pages"
                 ));
             }
         }
+        have.extend_from_slice(bits);
         Ok(())
     }
 
@@ -299,5 +299,40 @@ impl Sender {
         self.writer()?.flush()?;
         self.wait_alive(None, |f| f.resume_acked)?;
         self.check_abort()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BitmapAssembly;
+
+    #[test]
+    fn bitmap_chunks_must_be_contiguous_bounded_and_clean() {
+        // Block 0: 20 pages (3 bytes, 4 spare bits); block 1: 8 pages.
+        let mut a = BitmapAssembly::new(vec![20, 8]);
+        assert!(!a.complete());
+        assert!(a
+            .add(0, 8, &[0xff])
+            .unwrap_err()
+            .contains("expected page 0"));
+        a.add(0, 0, &[0b0000_0101]).unwrap();
+        assert!(a
+            .add(0, 8, &[0, 0, 0])
+            .unwrap_err()
+            .contains("past its 20 pages"));
+        assert!(a
+            .add(0, 8, &[0, 0x10])
+            .unwrap_err()
+            .contains("past its 20 pages"));
+        let mut b = BitmapAssembly::new(vec![20, 8]);
+        b.add(0, 0, &[0, 0]).unwrap();
+        assert!(b.add(0, 16, &[0x0f]).is_ok());
+        assert!(a.add(2, 0, &[1]).unwrap_err().contains("not asked for"));
+        a.add(0, 8, &[0x80, 0x08]).unwrap();
+        a.add(1, 0, &[0x01]).unwrap();
+        assert!(a.complete());
+        assert!(a.received(0, 0) && !a.received(0, 1) && a.received(0, 2));
+        assert!(a.received(0, 15) && a.received(0, 19) && !a.received(0, 18));
+        assert!(a.received(1, 0) && !a.received(1, 7) && !a.received(5, 0));
     }
 }

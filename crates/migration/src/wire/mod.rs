@@ -25,6 +25,8 @@ mod hostile_tests;
 #[cfg(test)]
 mod postcopy_tests;
 #[cfg(test)]
+mod recovery_tests;
+#[cfg(test)]
 mod tests;
 
 pub use analyze::{analyze, analyze_file};
