@@ -9,6 +9,7 @@
 //! * [`analyze`]: JSON description of a stream (`tern analyze-stream`).
 
 mod analyze;
+mod command;
 mod config;
 mod error;
 mod format;
