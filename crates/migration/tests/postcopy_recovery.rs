@@ -13,7 +13,7 @@ use tern_migration::dest::{DestHandle, DestMachine, Incoming};
 use tern_migration::events::{Event, RecordingSink};
 use tern_migration::fakes::{FakeMachine, FakePager};
 use tern_migration::machine::VcpuControl;
-use tern_migration::source::{SourceHandle, SourceOptions, Target, Tuning};
+use tern_migration::source::{Handover, SourceHandle, SourceOptions, Target, Tuning};
 use tern_migration::status::MigrationStatus as S;
 use tern_migration::transport::{Listener, MigrationUri};
 
@@ -138,6 +138,7 @@ fn migrate_pause_then_recover_completes_with_every_page() {
     recover(&s, &d, &unix_uri(dir.path(), "r1"));
     wait_entered(&src.events, S::Completed, 1);
     wait_entered(&dst.events, S::Completed, 1);
+    assert_eq!(s.handover(), Handover::DestinationRuns);
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
     assert_eq!(so.status, S::Completed, "{:?}", so.error);

@@ -521,7 +521,11 @@ impl SourceHandle {
         let f = self.shared.lock();
         match f.status {
             MigrationStatus::Unconfirmed => Handover::Unconfirmed,
-            MigrationStatus::Completed if f.resumed_at.is_some() => Handover::DestinationRuns,
+            // After post-copy the whole guest is only on the destination (decision 90), even
+            // when its `RESUMED` was lost with a channel that broke (recovery, decision 113).
+            MigrationStatus::Completed if f.resumed_at.is_some() || f.postcopy_run_sent => {
+                Handover::DestinationRuns
+            }
             MigrationStatus::Completed if f.return_path => Handover::DestinationPaused,
             MigrationStatus::Completed => Handover::NoReturnPath,
             // Failed after POSTCOPY_RUN: the destination may run the guest (decision 74).
