@@ -31,17 +31,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::digest::{DigestCheck, DigestError};
+use crate::digest::DigestCheck;
 use crate::events::EventSink;
-use crate::liveness::{self, Inactivity, LivenessTimeout};
+use crate::liveness::{self, LivenessTimeout};
 use crate::machine::{
-    ComponentState, ComponentVersion, MachineError, MachineState, RamSink, StateLoader,
-    SwitchoverApproval, VcpuControl,
+    ComponentState, ComponentVersion, MachineState, RamSink, StateLoader, SwitchoverApproval,
+    VcpuControl,
 };
 use crate::params::{Capabilities, Capability};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats};
 use crate::status::MigrationStatus;
-use crate::transport::tls_config::TlsError;
 use crate::transport::tls_stream::{self, ServerTls};
 use crate::transport::{CancelToken, Listener, Stream, TransportError};
 use crate::wire::{
@@ -49,8 +48,14 @@ use crate::wire::{
     WireError,
 };
 
+#[path = "dest_error.rs"]
+mod error;
 #[path = "dest_postcopy.rs"]
 mod postcopy;
+#[path = "dest_recovery.rs"]
+mod recovery;
+pub use error::DestError;
+pub use recovery::{PAUSE_NOT_POSTCOPY, RECOVER_NOT_PAUSED};
 #[path = "dest_rp.rs"]
 mod rp;
 
@@ -143,91 +148,6 @@ pub enum Incoming {
     Stream(Stream),
 }
 
-/// Why an incoming migration failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DestError {
-    /// `migrate_cancel` on the destination.
-    #[error("incoming migration cancelled")]
-    Cancelled,
-    /// Accepting the connection failed.
-    #[error("cannot accept the migration channel")]
-    Transport(#[from] TransportError),
-    /// The TLS handshake or the admission of the source failed (the text says why).
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// The stream is invalid, truncated, or does not match this machine.
-    #[error("invalid migration stream")]
-    Wire(#[source] WireError),
-    /// Nothing arrived from the source for `x-tern-liveness-timeout` (or the kernel timed the
-    /// connection out).
-    #[error("{}", .0.describe("source"))]
-    Inactive(Inactivity),
-    /// A machine operation failed.
-    #[error("{op}")]
-    Machine {
-        /// What the receiver asked.
-        op: String,
-        /// Cause.
-        #[source]
-        source: MachineError,
-    },
-    /// A device loader failed.
-    #[error("device '{id}' instance {instance}: {op}")]
-    Loader {
-        /// Device id.
-        id: String,
-        /// Instance.
-        instance: u32,
-        /// What the receiver asked.
-        op: &'static str,
-        /// Cause.
-        #[source]
-        source: MachineError,
-    },
-    /// The stream is well-formed but breaks the protocol (a chunk for an unknown device, …).
-    #[error("{0}")]
-    Protocol(String),
-    /// `x-tern-ram-digest`: the digest was refused, missing, or the memories differ.
-    #[error(transparent)]
-    Digest(#[from] DigestError),
-    /// Post-copy failed after `POSTCOPY_RUN`: the guest was started here and some of its
-    /// pages never came; the vCPUs that touch them stay blocked (decision 74).
-    #[error(
-        "post-copy failed after the guest started on this destination: {pages} pages never \
-         received (the vCPUs that touch them stay blocked; the guest cannot run on)"
-    )]
-    PostcopyLost {
-        /// Pages never received.
-        pages: u64,
-        /// What ended it (the source lost, a bad page, ...).
-        #[source]
-        source: Box<DestError>,
-    },
-    /// The `mig-dst` thread could not be started.
-    #[error("cannot start thread mig-dst")]
-    Spawn(#[source] std::io::Error),
-    /// The receiver thread panicked.
-    #[error("the incoming migration thread panicked")]
-    Panicked,
-}
-
-impl From<WireError> for DestError {
-    fn from(e: WireError) -> Self {
-        match (Inactivity::find(&e), &e) {
-            (Some(i), _) => Self::Inactive(i),
-            // A TLS record header (handshake, TLS 1.x) where the magic should be.
-            (None, WireError::BadMagic { found }) if found[..2] == [0x16, 0x03] => {
-                Self::Tls(TlsError::Session(
-                    "the source started a TLS handshake, but this destination has no \
-                     tls-creds: set TLS on both sides or on neither"
-                        .into(),
-                ))
-            }
-            (None, _) => Self::Wire(e),
-        }
-    }
-}
-
 /// The end of an incoming migration.
 pub struct DestOutcome {
     /// `completed` or `failed`.
@@ -248,6 +168,11 @@ struct Shared {
     /// The guest is loaded and about to resume (or stay paused): from here `migrate_cancel`
     /// can no longer undo the migration. Set and read under `status`'s lock.
     committed: AtomicBool,
+    /// Post-copy recovery: the listener `migrate-recover` bound, taken by the receiver.
+    recover: Mutex<Option<Listener>>,
+    recover_cv: std::sync::Condvar,
+    /// `migrate-pause` shut the channel down: the receiver pauses (and says why).
+    pause_requested: AtomicBool,
 }
 
 /// Control of an incoming migration.
@@ -324,6 +249,9 @@ pub fn incoming(
         io: CancelToken::new(),
         autostart: AtomicBool::new(opts.autostart),
         committed: AtomicBool::new(false),
+        recover: Mutex::new(None),
+        recover_cv: std::sync::Condvar::new(),
+        pause_requested: AtomicBool::new(false),
     });
     if let Incoming::Listener(l) = &from {
         stats.set_socket_address(l.local_uri().socket_address_json().into_iter().collect());
@@ -389,13 +317,17 @@ enum RxState {
 impl Receiver {
     fn run(mut self, from: Incoming) -> DestOutcome {
         let mut state = RxState::Listening;
-        let result = self.receive(from, &mut state);
+        let result = match self.receive(from, &mut state) {
+            // The channel broke while the guest runs here: pause and wait for a recovery.
+            Err(e) if self.pauses_postcopy(&e) => self.postcopy_recovery(e),
+            r => r,
+        };
         let result = result.map_err(|e| self.postcopy_failure(e));
         let (status, error) = match result {
             Ok(()) => (MigrationStatus::Completed, None),
             Err(e) => {
                 let e = if self.shared.cancel.load(Ordering::SeqCst) {
-                    DestError::Cancelled
+                    self.postcopy_failure(DestError::Cancelled)
                 } else {
                     e
                 };
@@ -669,6 +601,12 @@ impl Receiver {
                 Record::End(_) => break,
                 Record::RamDiscard(d) => self.discard(&d)?,
                 Record::Command(Command::PostcopyAdvise { .. }) => self.advise()?,
+                // The reader admits these only on a recovery channel (dest_recovery.rs).
+                Record::Command(Command::RecvBitmap { .. } | Command::PostcopyResume) => {
+                    return Err(DestError::Protocol(
+                        "post-copy recovery command on a first channel".into(),
+                    ))
+                }
                 Record::Command(Command::PostcopyListen) => self.listen()?,
                 Record::Command(Command::PostcopyRun { .. }) => {
                     // The reader checked the package's checksum: restore it, run the guest.

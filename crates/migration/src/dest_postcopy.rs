@@ -16,7 +16,7 @@
 //! the sink is not finished, so vCPUs touching those pages stay blocked (decision 74).
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::rp::{send_rp, RpWriter};
 use super::{DestError, Receiver};
@@ -43,6 +43,9 @@ pub(super) struct PostcopyRx {
     missing: Vec<DirtyBitmap>,
     /// Number of set bits in `missing`.
     missing_count: u64,
+    /// Per block: pages the guest asked for (shared with the requester): at a recovery every
+    /// page requested and still missing is asked for again (§13.6).
+    requested: Arc<Mutex<Vec<DirtyBitmap>>>,
 }
 
 impl PostcopyRx {
@@ -56,6 +59,55 @@ impl PostcopyRx {
         }
     }
 
+    /// Per block, the received bitmap (the complement of `missing`), as `RECV_BITMAP` bytes.
+    pub(super) fn received_bytes(&self, block: usize, pages: u64) -> Vec<u8> {
+        let mut out = vec![0u8; pages.div_ceil(8) as usize];
+        if let Some(m) = self.missing.get(block) {
+            for p in 0..pages {
+                if !m.get(p) {
+                    out[(p / 8) as usize] |= 1 << (p % 8);
+                }
+            }
+        }
+        out
+    }
+
+    /// Pages still missing.
+    pub(super) fn missing_count(&self) -> u64 {
+        self.missing_count
+    }
+
+    /// Every page requested and still missing, as ranges of at most 1024 pages (the
+    /// requests a broken channel may have lost).
+    pub(super) fn pending_requests(&self) -> Vec<PageRange> {
+        let requested = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<PageRange> = Vec::new();
+        for (b, (req, miss)) in requested.iter().zip(&self.missing).enumerate() {
+            let Ok(block) = u16::try_from(b) else { break };
+            for p in 0..req.pages() {
+                if !(req.get(p) && miss.get(p)) {
+                    continue;
+                }
+                let Ok(page) = u32::try_from(p) else { break };
+                match out.last_mut() {
+                    Some(r)
+                        if r.block == block
+                            && r.first + r.count == page
+                            && r.count < crate::wire::RP_MAX_REQ_PAGES =>
+                    {
+                        r.count += 1
+                    }
+                    _ => out.push(PageRange {
+                        block,
+                        first: page,
+                        count: 1,
+                    }),
+                }
+            }
+        }
+        out
+    }
+
     fn mark_missing(&mut self, block: usize, page: u64) {
         if let Some(m) = self.missing.get_mut(block) {
             if !m.get(page) {
@@ -66,14 +118,28 @@ impl PostcopyRx {
     }
 }
 
-/// The engine's [`PageRequester`]: one `REQ_PAGES` per range, a batch in one write.
+/// The engine's [`PageRequester`]: one `REQ_PAGES` per range, a batch in one write. Every
+/// range is also noted in `requested`; while the channel is down (post-copy paused) nothing is
+/// written and the request is kept there, to be sent again by the recovery (§13.6), so the
+/// fault thread never fails because the link did.
 struct RpRequester {
     rp: RpWriter,
     stats: MigrationStats,
+    requested: Arc<Mutex<Vec<DirtyBitmap>>>,
 }
 
 impl PageRequester for RpRequester {
     fn request(&self, ranges: &[PageRange]) -> Result<(), MachineError> {
+        {
+            let mut req = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+            for r in ranges {
+                if let Some(m) = req.get_mut(usize::from(r.block)) {
+                    for p in u64::from(r.first)..u64::from(r.first) + u64::from(r.count) {
+                        m.set(p);
+                    }
+                }
+            }
+        }
         let mut buf = Vec::with_capacity(ranges.len() * 18);
         for r in ranges {
             buf.extend_from_slice(
@@ -87,15 +153,16 @@ impl PageRequester for RpRequester {
         }
         {
             let mut g = self.rp.lock().unwrap_or_else(|p| p.into_inner());
-            let s = g.as_mut().ok_or_else(|| {
-                MachineError::Failed("the return path is closed: pages cannot be requested".into())
-            })?;
-            s.write_all(&buf)
-                .and_then(|()| s.flush())
-                .map_err(|source| MachineError::Io {
-                    op: "writing REQ_PAGES on the return path".into(),
-                    source,
-                })?;
+            let Some(s) = g.as_mut() else {
+                tracing::debug!("return path down: the request waits for a recovery");
+                return Ok(());
+            };
+            if let Err(e) = s.write_all(&buf).and_then(|()| s.flush()) {
+                // The channel broke: the reader sees it too and pauses; the request is kept.
+                tracing::warn!(error = %e, "writing REQ_PAGES failed; kept for a recovery");
+                *g = None;
+                return Ok(());
+            }
         }
         let n = ranges.len() as u64;
         self.stats.update(|r, _| r.postcopy_requests += n);
@@ -141,10 +208,15 @@ impl Receiver {
             m.set_all();
         }
         let missing_count = missing.iter().map(DirtyBitmap::count).sum();
+        let requested = missing
+            .iter()
+            .map(|m| DirtyBitmap::new(m.pages()))
+            .collect();
         self.pc = Some(PostcopyRx {
             stage: Stage::Negotiated,
             missing,
             missing_count,
+            requested: Arc::new(Mutex::new(requested)),
         });
         Ok(())
     }
@@ -194,6 +266,7 @@ impl Receiver {
         let requester = Arc::new(RpRequester {
             rp: self.rp.clone(),
             stats: self.stats.clone(),
+            requested: pc.requested.clone(),
         });
         tracing::info!(
             missing = pc.missing_count,
@@ -255,7 +328,10 @@ impl Receiver {
         Ok(())
     }
 
-    fn publish(&self, st: &PostcopyPagingStats) {
+    pub(super) fn publish(&self, st: &PostcopyPagingStats) {
+        if let Some(pc) = &self.pc {
+            self.stats.set_postcopy_missing_pages(pc.missing_count);
+        }
         let bytes = st.bytes_placed;
         self.stats.update(|r, _| r.postcopy_bytes = bytes);
         if self.opts.postcopy_blocktime {

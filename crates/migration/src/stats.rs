@@ -208,6 +208,9 @@ pub struct StatsSnapshot {
     pub postcopy_blocktime: Option<PostcopyBlocktime>,
     /// Source, `x-tern-postcopy-auto`: the automatic switch's latest decision.
     pub postcopy_auto: Option<crate::convergence::postcopy_auto::AutoDecision>,
+    /// Destination, post-copy after RUN: pages the guest still lacks
+    /// (`x-tern-postcopy-missing-pages`, decision 112).
+    pub postcopy_missing_pages: Option<u64>,
 }
 
 /// `x-tern-ram-digest` in `query-migrate`.
@@ -335,6 +338,17 @@ impl MigrationStats {
     /// `auto-converge`: the throttle now applied to the vCPUs (0 = none).
     pub fn set_cpu_throttle_percentage(&self, pct: u8) {
         self.lock().snap.cpu_throttle_percentage = pct;
+    }
+
+    /// Destination, post-copy: the pages still missing (`x-tern-postcopy-missing-pages`).
+    pub fn set_postcopy_missing_pages(&self, pages: u64) {
+        self.lock().snap.postcopy_missing_pages = Some(pages);
+    }
+
+    /// Replaces the error text (post-copy recovery: the cause of the latest pause, cleared
+    /// with `None` once the migration is `postcopy-active` again).
+    pub fn replace_error(&self, desc: Option<String>) {
+        self.lock().snap.error_desc = desc;
     }
 
     /// Destination, `postcopy-blocktime`: the blocktimes so far.
@@ -488,6 +502,9 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
                 }
             }
             digest_info(&mut m, s);
+            if let Some(n) = s.postcopy_missing_pages {
+                m.insert("x-tern-postcopy-missing-pages".into(), json!(n));
+            }
             // QEMU `fill_destination_postcopy_migration_info` (ms, u32).
             if let Some(b) = &s.postcopy_blocktime {
                 let ms = |d: &Duration| d.as_millis().min(u128::from(u32::MAX)) as u64;

@@ -234,45 +234,6 @@ fn cancel_before_the_switch_resumes_the_source() {
     assert!(!pager.finished());
 }
 
-#[test]
-fn the_source_lost_after_run_leaves_the_destination_failed_naming_the_missing_pages() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let (pager, dm) = with_pager(&dst, dm);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
-    // One page a second: the push cannot finish before the source goes away.
-    let tuning = Tuning {
-        max_postcopy_bandwidth: 4096,
-        ..non_converge()
-    };
-    let guest = dirtying(&src);
-    let s = start_source(&src, sm, Target::Stream(a), pc_src_opts(tuning));
-    src.events.wait_pass(2);
-    s.start_postcopy().unwrap();
-    pager.wait_started();
-    dst.events.wait_for(|e| *e == Event::Resume);
-    // The source "dies": its migration ends and its sockets close.
-    s.cancel();
-    src.events.wait_status(S::Failed);
-    assert_eq!(s.handover(), Handover::DestinationRuns);
-    let so = s.join().unwrap();
-    let dout = d.join().unwrap();
-    assert_eq!(so.status, S::Failed);
-    let e = so.error.unwrap_or_default();
-    assert!(e.contains("source stays paused"), "{e}");
-    assert!(
-        !src.vcpus.is_running(),
-        "the source must never run the guest again"
-    );
-    assert_eq!(dout.status, S::Failed);
-    let e = dout.error.unwrap_or_default();
-    assert!(e.contains("pages never received"), "{e}");
-    assert!(!pager.finished(), "paging kept: the vCPUs stay blocked");
-    guest.stop();
-}
-
 /// Decision 73: after `POSTCOPY_RUN` a page the destination already holds (received in
 /// pre-copy, not discarded) is refused, never placed over what the running guest wrote. The
 /// stream is written by hand (a correct source never sends it).

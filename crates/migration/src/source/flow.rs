@@ -497,7 +497,7 @@ impl Sender {
         let (Some(ram), Some(w)) = (self.ram.as_ref(), self.writer.as_ref()) else {
             return;
         };
-        let written = w.bytes_written();
+        let written = self.bytes_of_earlier_channels + w.bytes_written();
         let pages = ram.zero_pages + ram.normal_pages;
         let sample = self
             .estimator

@@ -40,6 +40,7 @@ mod devices;
 mod liveness;
 mod postcopy;
 mod ram;
+pub mod recovery;
 mod rp;
 
 use std::io::BufWriter;
@@ -412,6 +413,16 @@ struct Flags {
     start_postcopy: bool,
     /// `POSTCOPY_RUN` was written: the destination may run the guest, the source never will.
     postcopy_run_sent: bool,
+    /// `migrate-pause` cut the channel (post-copy): the sender pauses and says why.
+    pause_requested: bool,
+    /// `migrate {"resume": true}`: where the recovery channel goes.
+    resume_target: Option<MigrationUri>,
+    /// Post-copy recovery: the destination's received bitmaps as they arrive.
+    recv_bitmaps: Option<recovery::BitmapAssembly>,
+    /// `POSTCOPY_RESUME` was written on the recovery channel.
+    resume_sent: bool,
+    /// `RESUME_ACK` arrived.
+    resume_acked: bool,
     /// Page requests read from the return path, not yet served (post-copy).
     requests: std::collections::VecDeque<crate::machine::PageRange>,
     /// Sequence number of the last `PING` sent by the sender's waits.
@@ -514,7 +525,11 @@ impl SourceHandle {
         let f = self.shared.lock();
         match f.status {
             MigrationStatus::Unconfirmed => Handover::Unconfirmed,
-            MigrationStatus::Completed if f.resumed_at.is_some() => Handover::DestinationRuns,
+            // After post-copy the whole guest is only on the destination (decision 90), even
+            // when its `RESUMED` was lost with a channel that broke (recovery, decision 113).
+            MigrationStatus::Completed if f.resumed_at.is_some() || f.postcopy_run_sent => {
+                Handover::DestinationRuns
+            }
             MigrationStatus::Completed if f.return_path => Handover::DestinationPaused,
             MigrationStatus::Completed => Handover::NoReturnPath,
             // Failed after POSTCOPY_RUN: the destination may run the guest (decision 74).
@@ -589,6 +604,7 @@ pub fn migrate(
         timeline: SwitchoverTimeline::default(),
         mark: Instant::now(),
         bytes_at_run: None,
+        bytes_of_earlier_channels: 0,
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
@@ -644,6 +660,8 @@ struct Sender {
     auto_converge: Option<autoconverge::AutoConverge>,
     /// Post-copy: bytes written when `POSTCOPY_RUN` was (`postcopy-bytes` counts from there).
     bytes_at_run: Option<u64>,
+    /// Post-copy recovery: bytes written on the channels before the current one.
+    bytes_of_earlier_channels: u64,
 }
 
 mod flow;

@@ -154,8 +154,21 @@ impl Sender {
             pages,
             "post-copy: the destination runs, pages follow on demand"
         );
-        self.push()?;
+        // A broken channel pauses (QEMU's `postcopy_pause`) until a recovery channel is up;
+        // then the push goes on from what the destination lacks (`recovery.rs`).
+        loop {
+            match self.push().and_then(|()| self.end_postcopy()) {
+                Ok(()) => return Ok(()),
+                Err(e) if self.pauses_postcopy(&e) => self.postcopy_paused(e)?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Every page sent: END, then the destination's `SHUT{0}`.
+    fn end_postcopy(&mut self) -> Result<(), SourceError> {
         let w = self.writer.take().ok_or(SourceError::Cancelled)?;
+        self.bytes_of_earlier_channels += w.bytes_written() + 17;
         let _stream = w.finish()?;
         self.stats.update(|r, _| {
             r.transferred += 17;
@@ -173,7 +186,6 @@ impl Sender {
             Instant::now(),
         );
         let mut downtime_ended = false;
-        let mut requests = 0u64;
         loop {
             self.check_abort()?;
             let (queued, resumed_at, limit) = {
@@ -190,7 +202,7 @@ impl Sender {
             limiter.set_limit(limit);
             let mut flush = false;
             if !queued.is_empty() {
-                requests += queued.len() as u64;
+                let n = queued.len() as u64;
                 let mut pages = Vec::new();
                 let ram = self.ram()?;
                 for r in &queued {
@@ -209,7 +221,8 @@ impl Sender {
                     }
                     flush = true;
                 }
-                self.stats.update(|r, _| r.postcopy_requests = requests);
+                // Counted across recovery channels (QEMU's `postcopy-requests`).
+                self.stats.update(|r, _| r.postcopy_requests += n);
             }
             let left = self.ram()?.remaining_pages();
             if left > 0 && limiter.delay(Instant::now()).is_zero() {

@@ -195,6 +195,26 @@ impl RamSender {
         true
     }
 
+    /// Post-copy recovery (QEMU's `ram_dirty_bitmap_reload`): the to-send set becomes every
+    /// page the destination has not received, whether it was sent or not (pages lost with the
+    /// old channel go again; a page it holds never does). Returns the pages to send.
+    pub fn requeue_unreceived(&mut self, received: impl Fn(usize, u64) -> bool) -> u64 {
+        let mut remaining = 0;
+        for (b, d) in self.dirty.iter_mut().enumerate() {
+            for p in 0..d.pages() {
+                if received(b, p) {
+                    d.unset(p);
+                } else {
+                    d.set(p);
+                    remaining += 1;
+                }
+            }
+        }
+        self.remaining = remaining;
+        self.cursor = (0, 0);
+        remaining
+    }
+
     /// Where the round-robin walk continues (post-copy: just after the last requested page).
     pub fn set_cursor(&mut self, block: usize, page: u64) {
         if block < self.dirty.len() {

@@ -69,6 +69,34 @@ pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>
                     count,
                 });
             }
+            Ok(Some(RpMessage::RecvBitmap {
+                block,
+                first_page,
+                bits,
+            })) => {
+                let added = match f.recv_bitmaps.as_mut() {
+                    Some(a) => a.add(block, first_page, &bits),
+                    None => Err("RECV_BITMAP without a recovery in progress".into()),
+                };
+                if let Err(e) = added {
+                    f.rp_fault.get_or_insert(e);
+                    drop(f);
+                    shared.cv.notify_all();
+                    shared.io.cancel();
+                    return;
+                }
+            }
+            Ok(Some(RpMessage::ResumeAck)) => {
+                if !f.resume_sent {
+                    f.rp_fault
+                        .get_or_insert_with(|| "RESUME_ACK before POSTCOPY_RESUME".into());
+                    drop(f);
+                    shared.cv.notify_all();
+                    shared.io.cancel();
+                    return;
+                }
+                f.resume_acked = true;
+            }
             Ok(Some(RpMessage::ReqPages { .. })) => {
                 f.rp_fault
                     .get_or_insert_with(|| "unexpected REQ_PAGES (post-copy is not on)".into());

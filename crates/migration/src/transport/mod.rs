@@ -267,6 +267,16 @@ impl CancelToken {
         }
     }
 
+    /// Makes the token usable again for the next connection of the same migration (post-copy
+    /// recovery): forgets the sockets registered so far (their duplicates are closed) and
+    /// clears the cancelled state. The caller re-checks its own cancel flag afterwards, so a
+    /// cancel that raced the reset is not lost.
+    pub fn reset(&self) {
+        let mut fds = self.inner.fds.lock().unwrap_or_else(|p| p.into_inner());
+        fds.clear();
+        self.inner.cancelled.store(false, Ordering::SeqCst);
+    }
+
     /// Registers a socket (a duplicate of its fd is kept, so the original may be moved or
     /// closed freely). Files need no registration: their I/O does not block indefinitely.
     pub fn register(&self, fd: BorrowedFd<'_>) -> io::Result<()> {

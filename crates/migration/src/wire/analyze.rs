@@ -171,7 +171,9 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                         v["crc32"] = json!(format!("{crc32:#010x}"));
                         v["total_bytes"] = json!(total_bytes);
                     }
+                    Command::RecvBitmap { block } => v["block"] = json!(block),
                     Command::OpenReturnPath
+                    | Command::PostcopyResume
                     | Command::SwitchoverStart
                     | Command::PostcopyListen => {}
                 }

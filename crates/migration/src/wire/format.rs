@@ -26,6 +26,9 @@ pub const BATCH_HEADER_LEN: usize = 16;
 pub const BATCH_OVERHEAD: usize = BATCH_HEADER_LEN + 4;
 /// Connections a reader accepts RAM batches from: the main stream only, until multifd.
 pub const BATCH_CHANNELS: u16 = 1;
+/// The version that added post-copy recovery (commands 0x13, 0x14; return-path `RECV_BITMAP`,
+/// `RESUME_ACK`): written only on a recovery channel (§13.6).
+pub const VERSION_RECOVERY: u32 = 4;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).
@@ -140,6 +143,11 @@ pub mod cmd {
     pub const POSTCOPY_LISTEN: u16 = 0x11;
     /// The device package is complete (version 3): `u32 crc32`, `u64 total_bytes`.
     pub const POSTCOPY_RUN: u16 = 0x12;
+    /// Post-copy recovery (version 4): `u16 block`, `u16 reserved`; answered by the
+    /// destination's received bitmap of that block.
+    pub const RECV_BITMAP: u16 = 0x13;
+    /// Post-copy recovery (version 4): the source re-queued what the destination lacks.
+    pub const POSTCOPY_RESUME: u16 = 0x14;
     /// First post-copy command.
     pub const POSTCOPY_FIRST: u16 = 0x10;
     /// Last reserved post-copy command.

@@ -10,6 +10,7 @@
 //! * [`analyze`]: JSON description of a stream (`tern analyze-stream`).
 
 mod analyze;
+mod command;
 mod config;
 mod error;
 mod format;
@@ -29,6 +30,8 @@ mod hostile_tests;
 #[cfg(test)]
 mod postcopy_tests;
 #[cfg(test)]
+mod recovery_tests;
+#[cfg(test)]
 mod tests;
 
 pub use analyze::{analyze, analyze_file};
@@ -36,12 +39,14 @@ pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, Strea
 pub use error::WireError;
 pub use format::{
     cmd, is_zero_page, page_kind, Limits, RecordKind, BATCH_CHANNELS, CURRENT_VERSION, HEADER_LEN,
-    MAGIC, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    MAGIC, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 pub use ram_batch::BatchHeader;
 pub use reader::{Header, StreamReader};
 pub use record::{
     Command, ComponentRecord, EndRecord, PageData, RamBatch, RamDiscard, RamPage, RamPages, Record,
 };
-pub use return_path::{rp_type, ReturnPathReader, RpMessage, RP_MAX_LEN, RP_MAX_REQ_PAGES};
+pub use return_path::{
+    rp_type, ReturnPathReader, RpMessage, RP_MAX_BITMAP_BYTES, RP_MAX_LEN, RP_MAX_REQ_PAGES,
+};
 pub use writer::StreamWriter;

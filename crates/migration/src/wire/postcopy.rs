@@ -21,7 +21,25 @@ pub(crate) struct PostcopyOrder {
     listening: bool,
     /// `POSTCOPY_RUN` came: the destination runs; only RAM, `PING` and END may follow.
     running: bool,
+    /// A recovery channel (§13.6): its handshake's progress.
+    recovery: Option<RecoveryOrder>,
 }
+
+/// The handshake of a recovery channel (§13.6).
+#[derive(Debug, Default)]
+struct RecoveryOrder {
+    /// `OPEN_RETURN_PATH` came.
+    rp_opened: bool,
+    /// The block the next `RECV_BITMAP` must name.
+    next_block: u32,
+    /// The CONFIG's block count.
+    blocks: u32,
+    /// `POSTCOPY_RESUME` came: the rules after `POSTCOPY_RUN` hold.
+    resumed: bool,
+}
+
+const RECOVERY_PREFIX: &str =
+    "before POSTCOPY_RESUME a recovery channel carries only OPEN_RETURN_PATH, RECV_BITMAP and PING";
 
 fn out_of_order(record: &'static str, offset: u64, reason: &str) -> WireError {
     WireError::OutOfOrder {
@@ -32,6 +50,82 @@ fn out_of_order(record: &'static str, offset: u64, reason: &str) -> WireError {
 }
 
 impl PostcopyOrder {
+    /// The order state of a recovery channel (§13.6) for a CONFIG with `blocks` RAM blocks.
+    pub(crate) fn recovery(blocks: usize) -> Self {
+        Self {
+            advised: true,
+            run_state_seen: true,
+            recovery: Some(RecoveryOrder {
+                blocks: u32::try_from(blocks).unwrap_or(u32::MAX),
+                ..RecoveryOrder::default()
+            }),
+            ..Self::default()
+        }
+    }
+
+    /// The handshake rules of a recovery channel; `Ok(true)` when they decided (the command
+    /// is part of the handshake), `Ok(false)` when the ordinary rules apply.
+    fn check_recovery(&mut self, command: &Command, frame_at: u64) -> Result<bool, WireError> {
+        let Some(r) = self.recovery.as_mut().filter(|r| !r.resumed) else {
+            if matches!(
+                command,
+                Command::RecvBitmap { .. } | Command::PostcopyResume
+            ) && self.recovery.is_none()
+            {
+                return Err(out_of_order(
+                    "command",
+                    frame_at,
+                    "RECV_BITMAP and POSTCOPY_RESUME are only for a post-copy recovery channel",
+                ));
+            }
+            return Ok(false);
+        };
+        match *command {
+            Command::Ping { .. } => {}
+            Command::OpenReturnPath if !r.rp_opened => r.rp_opened = true,
+            Command::RecvBitmap { block } if r.rp_opened => {
+                if u32::from(block) >= r.blocks {
+                    return Err(WireError::Invalid {
+                        field: "recv-bitmap block",
+                        offset: frame_at + 7,
+                        reason: format!("block {block}, the CONFIG has {}", r.blocks),
+                    });
+                }
+                if u32::from(block) != r.next_block {
+                    return Err(out_of_order(
+                        "command",
+                        frame_at,
+                        &format!(
+                            "RECV_BITMAP for block {block}, expected block {} (blocks in order, each once)",
+                            r.next_block
+                        ),
+                    ));
+                }
+                r.next_block += 1;
+            }
+            Command::PostcopyResume if r.rp_opened && r.next_block == r.blocks => {
+                r.resumed = true;
+                self.listening = true;
+                self.running = true;
+            }
+            Command::PostcopyResume => {
+                return Err(out_of_order(
+                    "command",
+                    frame_at,
+                    "POSTCOPY_RESUME before OPEN_RETURN_PATH and a RECV_BITMAP for every block",
+                ))
+            }
+            _ => {
+                return Err(out_of_order(
+                    "command",
+                    frame_at,
+                    &format!("{RECOVERY_PREFIX}, first OPEN_RETURN_PATH"),
+                ))
+            }
+        }
+        Ok(true)
+    }
+
     /// The rules a non-COMMAND record's frame decides, checked before its body is read.
     pub(crate) fn check_frame(
         &mut self,
@@ -40,6 +134,9 @@ impl PostcopyOrder {
         frame_at: u64,
     ) -> Result<(), WireError> {
         let name = kind.name();
+        if self.recovery.as_ref().is_some_and(|r| !r.resumed) {
+            return Err(out_of_order(name, frame_at, RECOVERY_PREFIX));
+        }
         if self.advise_pending {
             return Err(out_of_order(
                 name,
@@ -112,6 +209,9 @@ impl PostcopyOrder {
         frame_at: u64,
     ) -> Result<(), WireError> {
         let body_at = frame_at + 5;
+        if self.check_recovery(command, frame_at)? {
+            return Ok(());
+        }
         if self.advise_pending && !matches!(command, Command::PostcopyAdvise { .. }) {
             return Err(out_of_order(
                 "command",

@@ -4,12 +4,13 @@
 use std::collections::HashSet;
 use std::io::Read;
 
+use super::command::parse_command;
 use super::config::{Expectations, StreamConfig};
 use super::error::WireError;
 use super::format::{
-    cmd, Cursor, Limits, RecordKind, BATCH_HEADER_LEN, BATCH_OVERHEAD, CURRENT_VERSION,
+    Cursor, Limits, RecordKind, BATCH_HEADER_LEN, BATCH_OVERHEAD, CURRENT_VERSION,
     END_BODY_LEN, FRAME_LEN, HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN,
-    VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::postcopy::{max_discard_body, parse_discard, PostcopyOrder};
 use super::ram_batch::{check_table, BatchHeader, BatchTracker, TableAt};
@@ -253,6 +254,26 @@ impl<R: Read> StreamReader<R> {
             order: OrderState::default(),
             batches: batched.then(BatchTracker::new),
         })
+    }
+
+    /// Like [`StreamReader::new`], for a post-copy recovery channel (§13.6): the version must
+    /// be at least 4, and the handshake (`OPEN_RETURN_PATH`, `RECV_BITMAP` per block,
+    /// `POSTCOPY_RESUME`) must come before the records allowed after `POSTCOPY_RUN`.
+    pub fn recovery(inner: R, limits: Limits, expect: Expectations) -> Result<Self, WireError> {
+        let mut r = Self::new(inner, limits, expect)?;
+        if r.header.version < VERSION_RECOVERY {
+            return Err(WireError::Invalid {
+                field: "version",
+                offset: 8,
+                reason: format!(
+                    "{}: a post-copy recovery channel needs stream version {VERSION_RECOVERY}",
+                    r.header.version
+                ),
+            });
+        }
+        r.order.switchover_started = true;
+        r.order.postcopy = PostcopyOrder::recovery(r.block_pages.len());
+        Ok(r)
     }
 
     /// The stream header.
@@ -636,94 +657,6 @@ fn read_frame<R: Read>(r: &mut R, pos: &mut u64) -> Result<(u8, u32, [u8; FRAME_
     read_exact_at(r, pos, &mut frame, "record frame (or END record)")?;
     let [kind, a, b, c, d] = frame;
     Ok((kind, u32::from_le_bytes([a, b, c, d]), frame))
-}
-
-fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<Command, WireError> {
-    let mut c = Cursor::new(body, body_at, "command");
-    let n = c.u16("command")?;
-    let command = match n {
-        cmd::ITERATION_END => Command::IterationEnd {
-            pass: c.u64("pass")?,
-        },
-        cmd::OPEN_RETURN_PATH => Command::OpenReturnPath,
-        cmd::PING => Command::Ping { seq: c.u32("seq")? },
-        cmd::SWITCHOVER_START => Command::SwitchoverStart,
-        cmd::RUN_STATE => match c.u8("run state")? {
-            0 => Command::RunState { running: false },
-            1 => Command::RunState { running: true },
-            v => {
-                return Err(WireError::Invalid {
-                    field: "run state",
-                    offset: body_at,
-                    reason: format!("{v} is neither 0 (paused) nor 1 (running)"),
-                })
-            }
-        },
-        cmd::CAPABILITIES => {
-            let flags = c.u32("capability flags")?;
-            let known = if version >= VERSION_POSTCOPY {
-                cmd::CAP_KNOWN
-            } else if version >= VERSION_RAM_DIGEST {
-                cmd::CAP_KNOWN & !cmd::CAP_POSTCOPY_RAM
-            } else {
-                cmd::CAP_KNOWN & !cmd::CAP_RAM_DIGEST & !cmd::CAP_POSTCOPY_RAM
-            };
-            if flags & !known != 0 {
-                return Err(WireError::Invalid {
-                    field: "capability flags",
-                    offset: body_at,
-                    reason: format!(
-                        "reserved bits set: {:#x} (a capability of the source this reader does not know)",
-                        flags & !known
-                    ),
-                });
-            }
-            let both = cmd::CAP_RAM_DIGEST | cmd::CAP_POSTCOPY_RAM;
-            if flags & both == both {
-                return Err(WireError::Invalid {
-                    field: "capability flags",
-                    offset: body_at,
-                    reason: "x-tern-ram-digest and postcopy-ram together (decision 71)".into(),
-                });
-            }
-            Command::Capabilities {
-                switchover_ack: flags & cmd::CAP_SWITCHOVER_ACK != 0,
-                validate_uuid: flags & cmd::CAP_VALIDATE_UUID != 0,
-                ram_digest: flags & cmd::CAP_RAM_DIGEST != 0,
-                postcopy_ram: flags & cmd::CAP_POSTCOPY_RAM != 0,
-            }
-        }
-        cmd::POSTCOPY_ADVISE if version >= VERSION_POSTCOPY => {
-            let page_size = c.u32("post-copy page size")?;
-            if c.u32("post-copy reserved")? != 0 {
-                return Err(WireError::Invalid {
-                    field: "post-copy reserved",
-                    offset: body_at + 6,
-                    reason: "must be 0".into(),
-                });
-            }
-            Command::PostcopyAdvise { page_size }
-        }
-        cmd::POSTCOPY_LISTEN if version >= VERSION_POSTCOPY => Command::PostcopyListen,
-        cmd::POSTCOPY_RUN if version >= VERSION_POSTCOPY => Command::PostcopyRun {
-            crc32: c.u32("crc32")?,
-            total_bytes: c.u64("total_bytes")?,
-        },
-        cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {
-            return Err(WireError::UnsupportedCommand {
-                cmd: n,
-                offset: body_at,
-            })
-        }
-        _ => {
-            return Err(WireError::UnknownCommand {
-                cmd: n,
-                offset: body_at,
-            })
-        }
-    };
-    c.finish()?;
-    Ok(command)
 }
 
 /// A parsed record with offsets into the body buffer instead of borrows.

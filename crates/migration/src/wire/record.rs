@@ -94,6 +94,15 @@ pub enum Command {
         /// How many bytes those were.
         total_bytes: u64,
     },
+    /// Post-copy recovery (version 4, recovery channel only): send the received bitmap of
+    /// `block`.
+    RecvBitmap {
+        /// Block index.
+        block: u16,
+    },
+    /// Post-copy recovery (version 4, recovery channel only): the source re-queued every page
+    /// the destination lacks; answered by `RESUME_ACK`.
+    PostcopyResume,
     /// Whether the source VM was running when the switchover stopped it.
     RunState {
         /// Running (the destination resumes it, autostart permitting) or paused (stays paused).
@@ -114,6 +123,8 @@ impl Command {
             Self::PostcopyAdvise { .. } => "postcopy-advise",
             Self::PostcopyListen => "postcopy-listen",
             Self::PostcopyRun { .. } => "postcopy-run",
+            Self::RecvBitmap { .. } => "recv-bitmap",
+            Self::PostcopyResume => "postcopy-resume",
         }
     }
 }

@@ -8,6 +8,8 @@ use super::format::Limits;
 
 /// Largest payload of any return-path message (ERROR text of 4096 bytes).
 pub const RP_MAX_LEN: usize = 4096;
+/// Most bitmap bytes one RECV_BITMAP carries (4096 − the 8-byte head).
+pub const RP_MAX_BITMAP_BYTES: usize = RP_MAX_LEN - 8;
 /// Most pages one REQ_PAGES may ask for.
 pub const RP_MAX_REQ_PAGES: u32 = 1024;
 
@@ -25,6 +27,10 @@ pub mod rp_type {
     pub const RESUMED: u16 = 5;
     /// `u16 block, u16 reserved, u32 first_page, u32 count` (post-copy, reserved).
     pub const REQ_PAGES: u16 = 6;
+    /// `u16 block, u16 reserved, u32 first_page`, bitmap bytes (post-copy recovery, version 4).
+    pub const RECV_BITMAP: u16 = 7;
+    /// Empty (post-copy recovery, version 4).
+    pub const RESUME_ACK: u16 = 8;
 }
 
 /// A message from the destination to the source.
@@ -58,6 +64,17 @@ pub enum RpMessage {
         /// Number of pages.
         count: u32,
     },
+    /// Part of the destination's received bitmap of one block (post-copy recovery, §13.6).
+    RecvBitmap {
+        /// Block index.
+        block: u16,
+        /// Page of bit 0 of `bits[0]` (a multiple of 8).
+        first_page: u32,
+        /// 1 ..= [`RP_MAX_BITMAP_BYTES`] bytes; bit i of byte j = page `first_page + 8j + i`.
+        bits: Vec<u8>,
+    },
+    /// Answer to `POSTCOPY_RESUME`: the destination is `postcopy-active` again.
+    ResumeAck,
 }
 
 impl RpMessage {
@@ -70,6 +87,8 @@ impl RpMessage {
             Self::Error { .. } => "ERROR",
             Self::Resumed => "RESUMED",
             Self::ReqPages { .. } => "REQ_PAGES",
+            Self::RecvBitmap { .. } => "RECV_BITMAP",
+            Self::ResumeAck => "RESUME_ACK",
         }
     }
 
@@ -100,6 +119,21 @@ impl RpMessage {
                 p.extend_from_slice(&count.to_le_bytes());
                 (rp_type::REQ_PAGES, p)
             }
+            Self::RecvBitmap {
+                block,
+                first_page,
+                bits,
+            } => {
+                // The writer's own bound: a longer bitmap is cut (never sent by this code).
+                let bits = &bits[..bits.len().min(RP_MAX_BITMAP_BYTES)];
+                let mut p = Vec::with_capacity(8 + bits.len());
+                p.extend_from_slice(&block.to_le_bytes());
+                p.extend_from_slice(&0u16.to_le_bytes());
+                p.extend_from_slice(&first_page.to_le_bytes());
+                p.extend_from_slice(bits);
+                (rp_type::RECV_BITMAP, p)
+            }
+            Self::ResumeAck => (rp_type::RESUME_ACK, Vec::new()),
         };
         let mut out = Vec::with_capacity(4 + payload.len());
         out.extend_from_slice(&ty.to_le_bytes());
@@ -199,7 +233,17 @@ impl<R: Read> ReturnPathReader<R> {
         };
         match ty {
             rp_type::SHUT | rp_type::PONG => fixed(4)?,
-            rp_type::SWITCHOVER_ACK | rp_type::RESUMED => fixed(0)?,
+            rp_type::SWITCHOVER_ACK | rp_type::RESUMED | rp_type::RESUME_ACK => fixed(0)?,
+            rp_type::RECV_BITMAP => {
+                if len <= 8 {
+                    return Err(WireError::LengthMismatch {
+                        what: "RECV_BITMAP message",
+                        offset: at + 2,
+                        len: len as u64,
+                        expected: 9,
+                    });
+                }
+            }
             rp_type::REQ_PAGES => fixed(12)?,
             rp_type::ERROR => {
                 if len == 0 || len > self.max_error_len {
@@ -260,6 +304,8 @@ impl<R: Read> ReturnPathReader<R> {
             rp_type::PONG => RpMessage::Pong { seq: u32_at(0) },
             rp_type::SWITCHOVER_ACK => RpMessage::SwitchoverAck,
             rp_type::RESUMED => RpMessage::Resumed,
+            rp_type::RESUME_ACK => RpMessage::ResumeAck,
+            rp_type::RECV_BITMAP => self.recv_bitmap(body, body_at)?,
             rp_type::ERROR => {
                 let text = std::str::from_utf8(body).map_err(|e| WireError::Invalid {
                     field: "return-path error text",
@@ -273,6 +319,56 @@ impl<R: Read> ReturnPathReader<R> {
             _ => self.req_pages(body, body_at)?,
         };
         Ok(Some(msg))
+    }
+
+    fn recv_bitmap(&self, body: &[u8], at: u64) -> Result<RpMessage, WireError> {
+        let (head, bits) = body.split_at(8.min(body.len()));
+        let mut b = [0u8; 8];
+        b[..head.len()].copy_from_slice(head);
+        let block = u16::from_le_bytes([b[0], b[1]]);
+        let reserved = u16::from_le_bytes([b[2], b[3]]);
+        let first_page = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        if reserved != 0 {
+            return Err(WireError::Invalid {
+                field: "RECV_BITMAP reserved",
+                offset: at + 2,
+                reason: format!("{reserved:#x}, must be 0"),
+            });
+        }
+        if first_page % 8 != 0 {
+            return Err(WireError::Invalid {
+                field: "RECV_BITMAP first page",
+                offset: at + 4,
+                reason: format!("{first_page} is not a multiple of 8"),
+            });
+        }
+        if let Some(blocks) = &self.block_pages {
+            let Some(&npages) = blocks.get(usize::from(block)) else {
+                return Err(WireError::PageOutOfRange {
+                    block: u32::from(block),
+                    page: u64::from(first_page),
+                    reason: format!("there are {} RAM blocks", blocks.len()),
+                    offset: at,
+                });
+            };
+            // No byte may start past the block's last page.
+            if u64::from(first_page) + 8 * (bits.len() as u64 - 1) >= npages {
+                return Err(WireError::PageOutOfRange {
+                    block: u32::from(block),
+                    page: u64::from(first_page),
+                    reason: format!(
+                        "a received bitmap of {} bytes from page {first_page}; the block has {npages} pages",
+                        bits.len()
+                    ),
+                    offset: at + 4,
+                });
+            }
+        }
+        Ok(RpMessage::RecvBitmap {
+            block,
+            first_page,
+            bits: bits.to_vec(),
+        })
     }
 
     fn req_pages(&self, body: &[u8], at: u64) -> Result<RpMessage, WireError> {

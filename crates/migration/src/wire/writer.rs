@@ -6,7 +6,7 @@ use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
-    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::ram_batch::{BatchCrc, BatchNumbering};
 use super::record::{Command, PageData, RamPage};
@@ -197,6 +197,17 @@ impl<W: Write> StreamWriter<W> {
                 body[..2].copy_from_slice(&cmd::POSTCOPY_ADVISE.to_le_bytes());
                 body[2..6].copy_from_slice(&page_size.to_le_bytes());
                 10
+            }
+            Command::RecvBitmap { block } => {
+                self.need_version(VERSION_RECOVERY, "RECV_BITMAP")?;
+                body[..2].copy_from_slice(&cmd::RECV_BITMAP.to_le_bytes());
+                body[2..4].copy_from_slice(&block.to_le_bytes());
+                6
+            }
+            Command::PostcopyResume => {
+                self.need_version(VERSION_RECOVERY, "POSTCOPY_RESUME")?;
+                body[..2].copy_from_slice(&cmd::POSTCOPY_RESUME.to_le_bytes());
+                2
             }
             Command::PostcopyListen => {
                 self.need_version(VERSION_POSTCOPY, "POSTCOPY_LISTEN")?;

@@ -7,7 +7,9 @@ use std::sync::{Arc, MutexGuard};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tern_migration::params::{check_not_running, Capabilities, Capability, Parameters};
-use tern_migration::source::{Handover, SourceError, SourceHandle, SourceOptions, Target, Tuning};
+use tern_migration::source::{
+    recovery, Handover, SourceError, SourceHandle, SourceOptions, Target, Tuning,
+};
 use tern_migration::stats::{MigrationStats, Role};
 use tern_migration::status::MigrationStatus;
 use tern_migration::transport::tls_stream::{ClientTls, ServerTls};
@@ -86,6 +88,12 @@ struct IncomingArgs {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RecoverArgs {
+    uri: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ContinueArgs {
     state: MigrationStatus,
 }
@@ -149,9 +157,16 @@ impl Controller {
     pub(super) fn migrate(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
         let a: MigrateArgs = parse_args(args)?;
         if a.resume == Some(true) {
-            return Err(QmpError::generic(
-                "Cannot resume if there is no paused migration",
-            ));
+            // Post-copy recovery (QEMU `migrate_prepare` with resume): only a paused
+            // post-copy migration; the new channel runs with the TLS it started with.
+            let uri = migration_address::resolve(a.uri, a.channels, Direction::Outgoing)?;
+            let m = self.mig();
+            let o = m
+                .outgoing
+                .as_ref()
+                .ok_or_else(|| QmpError::generic(recovery::RESUME_NOT_PAUSED))?;
+            o.resume(uri).map_err(QmpError::generic)?;
+            return Ok(json!({}));
         }
         let uri = migration_address::resolve(a.uri, a.channels, Direction::Outgoing)?;
         let mut m = self.mig();
@@ -342,6 +357,47 @@ impl Controller {
             Ok(()) | Err(SourceError::PostcopyNotRunning) => Ok(json!({})),
             Err(e) => Err(QmpError::generic(e.to_string())),
         }
+    }
+
+    /// QEMU's `migrate-pause`: in `postcopy-active` or `postcopy-recover` (source first,
+    /// then destination, as QEMU), shut the channel down: both sides go `postcopy-paused`.
+    pub(super) fn migrate_pause(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        no_args(&args)?;
+        let m = self.mig();
+        let pausable = |st: MigrationStatus| {
+            matches!(
+                st,
+                MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover
+            )
+        };
+        if let Some(o) = m.outgoing.as_ref().filter(|o| pausable(o.status())) {
+            o.pause().map_err(QmpError::generic)?;
+            return Ok(json!({}));
+        }
+        if let Some(i) = &m.incoming {
+            i.pause()?;
+            return Ok(json!({}));
+        }
+        Err(QmpError::generic(recovery::PAUSE_NOT_POSTCOPY))
+    }
+
+    /// QEMU's `migrate-recover {uri}` on the destination: in `postcopy-paused`, listen at
+    /// `uri` for the source's recovery channel.
+    pub(super) fn migrate_recover(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let a: RecoverArgs = parse_args(args)?;
+        let m = self.mig();
+        let i = m
+            .incoming
+            .as_ref()
+            .ok_or_else(|| QmpError::generic(tern_migration::dest::RECOVER_NOT_PAUSED))?;
+        let uri: MigrationUri = a.uri.parse().map_err(param_err)?;
+        if uri.is_file() {
+            return Err(QmpError::generic(
+                "migrate-recover needs a socket: a file cannot carry a recovery channel",
+            ));
+        }
+        i.recover(&uri)?;
+        Ok(json!({}))
     }
 
     pub(super) fn migrate_continue(&self, args: Map<String, Value>) -> Result<Value, QmpError> {

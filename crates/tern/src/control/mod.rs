@@ -144,7 +144,7 @@ const fn boxed_entry(name: &'static str, args: &'static Object, ret: Type, run: 
 
 /// Every command this dispatcher answers (the QMP server adds `qmp_capabilities`,
 /// `query-commands` and `query-qmp-schema`). A new argument is one line in its `schema` table.
-static COMMANDS: [Entry; 31] = [
+static COMMANDS: [Entry; 33] = [
     entry("query-version", &[], schema::VERSION, |_, _, a| {
         vm_cmds::query_version(a)
     }),
@@ -211,6 +211,13 @@ static COMMANDS: [Entry; 31] = [
     entry("migrate-start-postcopy", &[], EMPTY, |c, _, a| {
         c.migrate_start_postcopy(a)
     }),
+    entry("migrate-pause", &[], EMPTY, |c, _, a| c.migrate_pause(a)),
+    entry(
+        "migrate-recover",
+        &schema::RECOVER_ARGS,
+        EMPTY,
+        |c, _, a| c.migrate_recover(a),
+    ),
     entry(
         "migrate-continue",
         &schema::CONTINUE_ARGS,

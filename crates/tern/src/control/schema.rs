@@ -300,6 +300,9 @@ pub(super) static SET_CAPABILITIES_ARGS: [Member; 1] = [Member::req(
 )];
 
 /// `migrate-continue` arguments.
+/// `migrate-recover` (QEMU: `uri` only).
+pub(super) static RECOVER_ARGS: [Member; 1] = [Member::req("uri", Type::Str)];
+
 pub(super) static CONTINUE_ARGS: [Member; 1] =
     [Member::req("state", Type::Enum(&MIGRATION_STATUS))];
 

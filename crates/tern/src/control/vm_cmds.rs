@@ -109,12 +109,12 @@ impl Controller {
             .mig()
             .incoming
             .as_ref()
-            .is_some_and(|i| i.postcopy_lost())
+            .is_some_and(|i| i.postcopy_pages_missing())
         {
             return Err(QmpError::generic(
-                "Post-copy lost its source after the guest started here: guest pages are \
-                 missing for good (see query-migrate); the guest cannot be stopped, reset or \
-                 resumed, only quit",
+                "Post-copy is missing guest pages on this destination (its source is lost, or \
+                 the migration is paused until a recovery: see query-migrate); the guest \
+                 cannot be stopped, reset or resumed now, only recovered or quit",
             ));
         }
         Ok(())
@@ -152,6 +152,9 @@ impl Controller {
                 MigrationStatus::PreSwitchover
                     | MigrationStatus::Device
                     | MigrationStatus::PostcopyActive
+                    | MigrationStatus::PostcopyPaused
+                    | MigrationStatus::PostcopyRecoverSetup
+                    | MigrationStatus::PostcopyRecover
                     | MigrationStatus::Cancelling
             );
             if state != RunState::Running

@@ -77,10 +77,30 @@ impl Incoming {
         self.handle.status() == MigrationStatus::Failed
     }
 
-    /// Post-copy failed after the guest started here: pages are missing for good and the
-    /// vCPUs that touch them stay blocked (decision 94). Nothing may pause, reset or resume it.
-    pub fn postcopy_lost(&self) -> bool {
-        self.failed() && self.pager.is_active()
+    /// Post-copy lacks pages here, for good (failed after the guest started) or until a
+    /// recovery (`postcopy-paused`, `postcopy-recover`): the vCPUs that touch a missing page
+    /// stay blocked (decisions 94, 111). Nothing may pause, reset or resume the guest then.
+    pub fn postcopy_pages_missing(&self) -> bool {
+        let waiting = matches!(
+            self.handle.status(),
+            MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecover
+        );
+        (self.failed() || waiting) && self.pager.is_active()
+    }
+
+    /// `migrate-pause` on the destination.
+    pub fn pause(&self) -> Result<(), QmpError> {
+        self.handle.pause().map_err(QmpError::generic)
+    }
+
+    /// `migrate-recover`: binds `uri` (a bad address fails the command) and hands the
+    /// listener to the paused receiver.
+    pub fn recover(&self, uri: &MigrationUri) -> Result<(), QmpError> {
+        if self.handle.status() != MigrationStatus::PostcopyPaused {
+            return Err(QmpError::generic(dest::RECOVER_NOT_PAUSED));
+        }
+        let listener = Listener::bind(uri).map_err(|e| QmpError::generic(format!("{e}")))?;
+        self.handle.recover(listener).map_err(QmpError::generic)
     }
 
     /// `migrate_cancel` on the destination: the migration ends `failed` ("incoming migration
@@ -99,7 +119,9 @@ impl Incoming {
     /// running (the source was lost with pages missing) is torn down first, in the order that
     /// lets the blocked vCPUs go (the caller then shuts the VM down).
     pub fn cancel_and_join(self) {
-        self.handle.cancel();
+        // Also a post-copy migration that runs or waits for a recovery (its guest's
+        // missing pages are lost with this process anyway).
+        self.handle.abandon();
         let _ = self.handle.join();
         self.pager.teardown(&self.vm);
     }

@@ -55,6 +55,8 @@ pub struct Progress {
 struct Shared {
     progress: Mutex<Progress>,
     cv: Condvar,
+    /// Both connections, for [`FaultProxy::cut`].
+    sockets: Mutex<Vec<TcpStream>>,
 }
 
 impl Shared {
@@ -91,6 +93,12 @@ impl FaultProxy {
                 let dst = TcpStream::connect(&target).expect("proxy connects to the destination");
                 let _ = src.set_nodelay(true);
                 let _ = dst.set_nodelay(true);
+                if let (Ok(a), Ok(b)) = (src.try_clone(), dst.try_clone()) {
+                    sh.sockets
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend([a, b]);
+                }
                 sh.update(|p| p.connected = true);
                 let mute = Arc::new(AtomicBool::new(false));
                 let (s2, d2, m2) = (
@@ -109,6 +117,20 @@ impl FaultProxy {
             uri: format!("tcp:127.0.0.1:{port}"),
             shared,
         }
+    }
+
+    /// Cuts both directions now (a link that breaks: both ends see the connection fail).
+    pub fn cut(&self) {
+        for s in self
+            .shared
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.shared.update(|p| p.cut = true);
     }
 
     /// The URI to give the source's `migrate`.

@@ -1,0 +1,107 @@
+//! The COMMAND record's decoder (§6, §13, §13.6); split out of `reader.rs`.
+
+use super::error::WireError;
+use super::format::{cmd, Cursor, VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY};
+use super::record::Command;
+
+/// Decodes a COMMAND body for a stream of `version` (a command newer than the version is
+/// refused as the reader of that version would).
+pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<Command, WireError> {
+    let mut c = Cursor::new(body, body_at, "command");
+    let n = c.u16("command")?;
+    let command = match n {
+        cmd::ITERATION_END => Command::IterationEnd {
+            pass: c.u64("pass")?,
+        },
+        cmd::OPEN_RETURN_PATH => Command::OpenReturnPath,
+        cmd::PING => Command::Ping { seq: c.u32("seq")? },
+        cmd::SWITCHOVER_START => Command::SwitchoverStart,
+        cmd::RUN_STATE => match c.u8("run state")? {
+            0 => Command::RunState { running: false },
+            1 => Command::RunState { running: true },
+            v => {
+                return Err(WireError::Invalid {
+                    field: "run state",
+                    offset: body_at,
+                    reason: format!("{v} is neither 0 (paused) nor 1 (running)"),
+                })
+            }
+        },
+        cmd::CAPABILITIES => {
+            let flags = c.u32("capability flags")?;
+            let known = if version >= VERSION_POSTCOPY {
+                cmd::CAP_KNOWN
+            } else if version >= VERSION_RAM_DIGEST {
+                cmd::CAP_KNOWN & !cmd::CAP_POSTCOPY_RAM
+            } else {
+                cmd::CAP_KNOWN & !cmd::CAP_RAM_DIGEST & !cmd::CAP_POSTCOPY_RAM
+            };
+            if flags & !known != 0 {
+                return Err(WireError::Invalid {
+                    field: "capability flags",
+                    offset: body_at,
+                    reason: format!(
+                        "reserved bits set: {:#x} (a capability of the source this reader does not know)",
+                        flags & !known
+                    ),
+                });
+            }
+            let both = cmd::CAP_RAM_DIGEST | cmd::CAP_POSTCOPY_RAM;
+            if flags & both == both {
+                return Err(WireError::Invalid {
+                    field: "capability flags",
+                    offset: body_at,
+                    reason: "x-tern-ram-digest and postcopy-ram together (decision 71)".into(),
+                });
+            }
+            Command::Capabilities {
+                switchover_ack: flags & cmd::CAP_SWITCHOVER_ACK != 0,
+                validate_uuid: flags & cmd::CAP_VALIDATE_UUID != 0,
+                ram_digest: flags & cmd::CAP_RAM_DIGEST != 0,
+                postcopy_ram: flags & cmd::CAP_POSTCOPY_RAM != 0,
+            }
+        }
+        cmd::POSTCOPY_ADVISE if version >= VERSION_POSTCOPY => {
+            let page_size = c.u32("post-copy page size")?;
+            if c.u32("post-copy reserved")? != 0 {
+                return Err(WireError::Invalid {
+                    field: "post-copy reserved",
+                    offset: body_at + 6,
+                    reason: "must be 0".into(),
+                });
+            }
+            Command::PostcopyAdvise { page_size }
+        }
+        cmd::POSTCOPY_LISTEN if version >= VERSION_POSTCOPY => Command::PostcopyListen,
+        cmd::POSTCOPY_RUN if version >= VERSION_POSTCOPY => Command::PostcopyRun {
+            crc32: c.u32("crc32")?,
+            total_bytes: c.u64("total_bytes")?,
+        },
+        cmd::RECV_BITMAP if version >= VERSION_RECOVERY => {
+            let block = c.u16("recv-bitmap block")?;
+            if c.u16("recv-bitmap reserved")? != 0 {
+                return Err(WireError::Invalid {
+                    field: "recv-bitmap reserved",
+                    offset: body_at + 4,
+                    reason: "must be 0".into(),
+                });
+            }
+            Command::RecvBitmap { block }
+        }
+        cmd::POSTCOPY_RESUME if version >= VERSION_RECOVERY => Command::PostcopyResume,
+        cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {
+            return Err(WireError::UnsupportedCommand {
+                cmd: n,
+                offset: body_at,
+            })
+        }
+        _ => {
+            return Err(WireError::UnknownCommand {
+                cmd: n,
+                offset: body_at,
+            })
+        }
+    };
+    c.finish()?;
+    Ok(command)
+}
