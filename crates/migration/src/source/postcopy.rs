@@ -365,3 +365,27 @@ impl PushWindow {
         self.in_flight.map(|(seq, _)| seq)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{PushWindow, PUSH_WINDOW};
+
+    #[test]
+    fn the_push_window_closes_at_its_size_and_opens_on_the_pong_of_its_ping() {
+        let mut w = PushWindow::new(1000);
+        assert!(w.room(1000) && !w.wants_ping(1000));
+        let half = 1000 + PUSH_WINDOW / 2;
+        assert!(w.room(half) && w.wants_ping(half));
+        w.pinged(7, half);
+        assert!(!w.wants_ping(half + 10), "one PING in flight at a time");
+        assert_eq!(w.awaited(), Some(7));
+        let full = 1000 + PUSH_WINDOW;
+        assert!(!w.room(full));
+        w.ponged(6);
+        assert!(!w.room(full), "an older PONG confirms nothing");
+        w.ponged(9);
+        assert!(w.room(full), "a later PONG confirms everything before PING 7");
+        assert_eq!(w.awaited(), None);
+        assert!(w.wants_ping(full), "half the window unconfirmed again");
+    }
+}
