@@ -400,32 +400,41 @@ fn discard_missing(regions: &[RamRegionInfo], missing: &[Vec<u64>]) -> Result<()
     if total < PARALLEL_DISCARD_PAGES {
         return discard_runs(regions, &runs);
     }
-    // The first half, by pages (a run may be cut in two).
-    let mut first = Vec::new();
-    let mut left = total / 2;
-    let mut rest = runs.into_iter();
-    for (i, f, n) in rest.by_ref() {
-        if n >= left {
-            first.push((i, f, left));
-            let second_head = (n > left).then_some((i, f + left, n - left));
-            let second: Vec<_> = second_head.into_iter().chain(rest).collect();
-            return std::thread::scope(|s| {
-                let helper = std::thread::Builder::new()
-                    .name("uffd-discard".into())
-                    .spawn_scoped(s, || discard_runs(regions, &second));
-                let mine = discard_runs(regions, &first);
-                let theirs = match helper {
-                    Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                    // No thread: this one does both halves.
-                    Err(_) => discard_runs(regions, &second),
-                };
-                mine.and(theirs)
-            });
+    let (first, second) = split_runs(runs, total / 2);
+    std::thread::scope(|s| {
+        let helper = std::thread::Builder::new()
+            .name("uffd-discard".into())
+            .spawn_scoped(s, || discard_runs(regions, &second));
+        let mine = discard_runs(regions, &first);
+        let theirs = match helper {
+            Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            // No thread: this one does both halves.
+            Err(_) => discard_runs(regions, &second),
+        };
+        mine.and(theirs)
+    })
+}
+
+/// `(region, first page, pages)` runs.
+type Runs = Vec<(usize, u64, u64)>;
+
+/// `runs` cut after `pages` pages (a run may be cut in two).
+fn split_runs(runs: Runs, pages: u64) -> (Runs, Runs) {
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    let mut left = pages;
+    for (i, f, n) in runs {
+        if left >= n {
+            first.push((i, f, n));
+            left -= n;
+        } else {
+            if left > 0 {
+                first.push((i, f, left));
+            }
+            second.push((i, f + left, n - left));
+            left = 0;
         }
-        left -= n;
-        first.push((i, f, n));
     }
-    discard_runs(regions, &first)
+    (first, second)
 }
 
 /// `MADV_DONTNEED` over `(region, first page, pages)` runs.
@@ -466,4 +475,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::split_runs;
+
+    #[test]
+    fn runs_split_by_pages_cut_a_run_and_lose_none() {
+        let runs = vec![(0, 0, 3), (0, 10, 4), (1, 0, 5)];
+        let (a, b) = split_runs(runs.clone(), 6);
+        assert_eq!(a, vec![(0, 0, 3), (0, 10, 3)]);
+        assert_eq!(b, vec![(0, 13, 1), (1, 0, 5)]);
+        let (a, b) = split_runs(runs.clone(), 7);
+        assert_eq!((a.len(), b), (2, vec![(1, 0, 5)]));
+        assert_eq!(split_runs(runs.clone(), 0), (vec![], runs.clone()));
+        assert_eq!(split_runs(runs.clone(), 12), (runs, vec![]));
+    }
 }
