@@ -21,7 +21,9 @@ use std::time::Instant;
 
 use super::rp::{send_rp, RpWriter};
 use super::{DestError, Receiver};
-use crate::machine::{ComponentState, DirtyBitmap, MachineError, PageRange, PageRequester, PostcopyPagingStats};
+use crate::machine::{
+    ComponentState, DirtyBitmap, MachineError, PageRange, PageRequester, PostcopyPagingStats,
+};
 use crate::stats::{MigrationStats, PostcopyBlocktime, PostcopySwitch};
 use crate::status::MigrationStatus;
 use crate::wire::{PageData, RamBatch, RamDiscard, RpMessage};

@@ -122,7 +122,13 @@ fn postcopy_after_a_precopy_pass_completes_with_requested_pages_served() {
     // The destination's switch: contiguous phases from SWITCHOVER_START to RESUMED.
     let sw = &q["x-tern-postcopy-switch"];
     let us = |k: &str| sw[k].as_u64().unwrap_or_else(|| panic!("{k} in {q}"));
-    let parts = ["wait-discard-us", "discard-us", "listen-us", "package-us", "restore-us"];
+    let parts = [
+        "wait-discard-us",
+        "discard-us",
+        "listen-us",
+        "package-us",
+        "restore-us",
+    ];
     let sum: u64 = parts.iter().map(|k| us(k)).sum();
     let total = us("total-us");
     assert!(sum <= total && total - sum <= parts.len() as u64, "{sw}");

@@ -206,7 +206,12 @@ impl Sender {
             let (queued, resumed_at, limit, pong) = {
                 let mut f = self.shared.lock();
                 let q: Vec<_> = f.requests.drain(..).collect();
-                (q, f.resumed_at, f.tuning.max_postcopy_bandwidth, f.last_pong)
+                (
+                    q,
+                    f.resumed_at,
+                    f.tuning.max_postcopy_bandwidth,
+                    f.last_pong,
+                )
             };
             window.ponged(pong);
             if let (false, Some(at)) = (downtime_ended, resumed_at) {
@@ -384,7 +389,10 @@ mod tests {
         w.ponged(6);
         assert!(!w.room(full), "an older PONG confirms nothing");
         w.ponged(9);
-        assert!(w.room(full), "a later PONG confirms everything before PING 7");
+        assert!(
+            w.room(full),
+            "a later PONG confirms everything before PING 7"
+        );
         assert_eq!(w.awaited(), None);
         assert!(w.wants_ping(full), "half the window unconfirmed again");
     }

@@ -394,7 +394,11 @@ const PARALLEL_DISCARD_PAGES: u64 = 8192;
 fn discard_missing(regions: &[RamRegionInfo], missing: &[Vec<u64>]) -> Result<(), PagerError> {
     let mut runs: Vec<(usize, u64, u64)> = Vec::new();
     for (i, (r, bits)) in regions.iter().zip(missing).enumerate() {
-        runs.extend(set_runs(bits, r.pages()).into_iter().map(|(f, n)| (i, f, n)));
+        runs.extend(
+            set_runs(bits, r.pages())
+                .into_iter()
+                .map(|(f, n)| (i, f, n)),
+        );
     }
     let total: u64 = runs.iter().map(|r| r.2).sum();
     if total < PARALLEL_DISCARD_PAGES {
