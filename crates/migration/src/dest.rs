@@ -593,6 +593,7 @@ impl Receiver {
                 }
                 Record::Command(Command::SwitchoverStart) => {
                     tracing::debug!("source stopped: final state follows");
+                    self.switch_started();
                 }
                 Record::End(_) if self.postcopy_running() => {
                     *state = RxState::Finishing;
@@ -609,9 +610,7 @@ impl Receiver {
                 }
                 Record::Command(Command::PostcopyListen) => self.listen()?,
                 Record::Command(Command::PostcopyRun { .. }) => {
-                    // The reader checked the package's checksum: restore it, run the guest.
-                    self.restore_and_run(std::mem::take(&mut finals))?;
-                    self.postcopy_ran();
+                    self.postcopy_run(std::mem::take(&mut finals))?;
                 }
             }
         }

@@ -17,11 +17,14 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::rp::{send_rp, RpWriter};
 use super::{DestError, Receiver};
-use crate::machine::{DirtyBitmap, MachineError, PageRange, PageRequester, PostcopyPagingStats};
-use crate::stats::{MigrationStats, PostcopyBlocktime};
+use crate::machine::{
+    ComponentState, DirtyBitmap, MachineError, PageRange, PageRequester, PostcopyPagingStats,
+};
+use crate::stats::{MigrationStats, PostcopyBlocktime, PostcopySwitch};
 use crate::status::MigrationStatus;
 use crate::wire::{PageData, RamBatch, RamDiscard, RpMessage};
 
@@ -46,6 +49,20 @@ pub(super) struct PostcopyRx {
     /// Per block: pages the guest asked for (shared with the requester): at a recovery every
     /// page requested and still missing is asked for again (§13.6).
     requested: Arc<Mutex<Vec<DirtyBitmap>>>,
+    /// The switch as this side sees it (`x-tern-postcopy-switch`).
+    clock: SwitchClock,
+}
+
+/// Instants of the switch on this side.
+#[derive(Default)]
+struct SwitchClock {
+    /// `SWITCHOVER_START` read.
+    start: Option<Instant>,
+    /// The first `RAM_DISCARD` read.
+    first_discard: Option<Instant>,
+    /// `POSTCOPY_LISTEN` handled.
+    listened: Option<Instant>,
+    times: PostcopySwitch,
 }
 
 impl PostcopyRx {
@@ -217,6 +234,7 @@ impl Receiver {
             missing,
             missing_count,
             requested: Arc::new(Mutex::new(requested)),
+            clock: SwitchClock::default(),
         });
         Ok(())
     }
@@ -243,21 +261,37 @@ impl Receiver {
             .pc
             .as_mut()
             .ok_or_else(|| Self::pc_protocol("RAM_DISCARD"))?;
+        pc.clock.first_discard.get_or_insert_with(Instant::now);
         let block = usize::from(d.block);
+        let before = pc.missing_count;
         for &(first, n) in &d.ranges {
             for p in u64::from(first)..u64::from(first) + u64::from(n) {
                 pc.mark_missing(block, p);
             }
         }
+        pc.clock.times.discard_pages += pc.missing_count - before;
         Ok(())
+    }
+
+    /// `SWITCHOVER_START` in post-copy: the switch's clock starts.
+    pub(super) fn switch_started(&mut self) {
+        if let Some(pc) = &mut self.pc {
+            pc.clock.start = Some(Instant::now());
+        }
     }
 
     /// `POSTCOPY_LISTEN`: start paging; from here pages are requested.
     pub(super) fn listen(&mut self) -> Result<(), DestError> {
+        let read_at = Instant::now();
         let pc = self
             .pc
             .as_mut()
             .ok_or_else(|| Self::pc_protocol("POSTCOPY_LISTEN"))?;
+        let c = &mut pc.clock;
+        let start = c.start.unwrap_or(read_at);
+        let first = c.first_discard.unwrap_or(read_at);
+        c.times.wait_discard = first.saturating_duration_since(start);
+        c.times.discard = read_at.saturating_duration_since(first);
         let sink = self
             .m
             .postcopy
@@ -277,16 +311,32 @@ impl Receiver {
                 op: "starting demand paging (post-copy)".into(),
                 source,
             })?;
+        let now = Instant::now();
+        pc.clock.times.listen = now.saturating_duration_since(read_at);
+        pc.clock.listened = Some(now);
         pc.stage = Stage::Listening;
         self.set_status(MigrationStatus::PostcopyActive);
         Ok(())
     }
 
-    /// `POSTCOPY_RUN` was acted on: the guest is restored (and runs unless told otherwise).
-    pub(super) fn postcopy_ran(&mut self) {
+    /// `POSTCOPY_RUN` (its package's checksum checked): restore the package, run the guest;
+    /// the switch's phases go to `query-migrate`.
+    pub(super) fn postcopy_run(&mut self, finals: Vec<ComponentState>) -> Result<(), DestError> {
+        let run_at = Instant::now();
+        self.restore_and_run(finals)?;
+        let done = Instant::now();
         if let Some(pc) = &mut self.pc {
             pc.stage = Stage::Running;
+            let c = &mut pc.clock;
+            let listened = c.listened.unwrap_or(run_at);
+            c.times.package = run_at.saturating_duration_since(listened);
+            c.times.restore = done.saturating_duration_since(run_at);
+            c.times.total = done.saturating_duration_since(c.start.unwrap_or(run_at));
+            let t = c.times;
+            tracing::info!(switch = ?t, "post-copy: the guest runs here");
+            self.stats.set_postcopy_switch(t);
         }
+        Ok(())
     }
 
     /// Pages are placed, not written: the guest runs.

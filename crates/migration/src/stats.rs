@@ -86,6 +86,29 @@ pub struct PostcopyLatency {
     pub max: Duration,
 }
 
+/// Destination, post-copy: where the destination's part of the switch went
+/// (`x-tern-postcopy-switch`), from `SWITCHOVER_START` read to `RESUMED` sent. The phases are
+/// the destination's own work and its waits for the stream; they add up to `total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PostcopySwitch {
+    /// `SWITCHOVER_START` → the first `RAM_DISCARD` (or `POSTCOPY_LISTEN`) read: the source's
+    /// final sync, and bytes queued ahead on the wire.
+    pub wait_discard: Duration,
+    /// Handling the `RAM_DISCARD` records (and reading them).
+    pub discard: Duration,
+    /// Pages marked missing by them.
+    pub discard_pages: u64,
+    /// `POSTCOPY_LISTEN`: starting demand paging (discarding the stale pages, registering
+    /// userfaultfd) when not done before.
+    pub listen: Duration,
+    /// After `LISTEN` until `POSTCOPY_RUN` is read: the device package on the wire.
+    pub package: Duration,
+    /// `POSTCOPY_RUN`: device and component restore, vCPUs resumed, `RESUMED` sent.
+    pub restore: Duration,
+    /// The whole, `SWITCHOVER_START` → `RESUMED` sent.
+    pub total: Duration,
+}
+
 /// Switchover-ack progress (Tern extension, not in QEMU's `query-migrate`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SwitchoverAckStats {
@@ -206,6 +229,8 @@ pub struct StatsSnapshot {
     pub cpu_throttle_percentage: u8,
     /// Destination, `postcopy-blocktime`: QEMU's blocktimes.
     pub postcopy_blocktime: Option<PostcopyBlocktime>,
+    /// Destination, post-copy: the switch's phases on this side.
+    pub postcopy_switch: Option<PostcopySwitch>,
     /// Source, `x-tern-postcopy-auto`: the automatic switch's latest decision.
     pub postcopy_auto: Option<crate::convergence::postcopy_auto::AutoDecision>,
     /// Destination, post-copy after RUN: pages the guest still lacks
@@ -354,6 +379,11 @@ impl MigrationStats {
     /// Destination, `postcopy-blocktime`: the blocktimes so far.
     pub fn set_postcopy_blocktime(&self, b: PostcopyBlocktime) {
         self.lock().snap.postcopy_blocktime = Some(b);
+    }
+
+    /// Destination, post-copy: the switch's phases on this side.
+    pub fn set_postcopy_switch(&self, t: PostcopySwitch) {
+        self.lock().snap.postcopy_switch = Some(t);
     }
 
     /// Records the switchover timeline.
@@ -505,6 +535,9 @@ pub fn query_migrate_json(s: &StatsSnapshot) -> Value {
             if let Some(n) = s.postcopy_missing_pages {
                 m.insert("x-tern-postcopy-missing-pages".into(), json!(n));
             }
+            if let Some(t) = &s.postcopy_switch {
+                postcopy_switch_info(&mut m, t);
+            }
             // QEMU `fill_destination_postcopy_migration_info` (ms, u32).
             if let Some(b) = &s.postcopy_blocktime {
                 let ms = |d: &Duration| d.as_millis().min(u128::from(u32::MAX)) as u64;
@@ -559,6 +592,23 @@ fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
             }),
         );
     }
+}
+
+/// `x-tern-postcopy-switch` (destination).
+fn postcopy_switch_info(m: &mut Map<String, Value>, t: &PostcopySwitch) {
+    let us = |d: Duration| d.as_micros().min(u128::from(u64::MAX)) as u64;
+    m.insert(
+        "x-tern-postcopy-switch".into(),
+        json!({
+            "wait-discard-us": us(t.wait_discard),
+            "discard-us": us(t.discard),
+            "discard-pages": t.discard_pages,
+            "listen-us": us(t.listen),
+            "package-us": us(t.package),
+            "restore-us": us(t.restore),
+            "total-us": us(t.total),
+        }),
+    );
 }
 
 /// `x-tern-ram-digest` (both sides): chunks hashed, this side's hashing time, and whether the

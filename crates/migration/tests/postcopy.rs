@@ -119,6 +119,20 @@ fn postcopy_after_a_precopy_pass_completes_with_requested_pages_served() {
     let q = dst.stats.to_query_migrate_json();
     assert!(q.get("postcopy-blocktime").is_some(), "{q}");
     assert!(q["postcopy-vcpu-blocktime"].is_array(), "{q}");
+    // The destination's switch: contiguous phases from SWITCHOVER_START to RESUMED.
+    let sw = &q["x-tern-postcopy-switch"];
+    let us = |k: &str| sw[k].as_u64().unwrap_or_else(|| panic!("{k} in {q}"));
+    let parts = [
+        "wait-discard-us",
+        "discard-us",
+        "listen-us",
+        "package-us",
+        "restore-us",
+    ];
+    let sum: u64 = parts.iter().map(|k| us(k)).sum();
+    let total = us("total-us");
+    assert!(sum <= total && total - sum <= parts.len() as u64, "{sw}");
+    assert!(sw["discard-pages"].is_u64(), "{sw}");
     let q = src.stats.to_query_migrate_json();
     assert_eq!(q["ram"]["postcopy-requests"], requested, "{q}");
 }

@@ -486,6 +486,18 @@ static DOWNTIME_BREAKDOWN: Object = object(
         Member::req("destination-us", U64),
     ],
 );
+static POSTCOPY_SWITCH: Object = object(
+    "x-tern-PostcopySwitch",
+    &[
+        Member::req("wait-discard-us", U64),
+        Member::req("discard-us", U64),
+        Member::req("discard-pages", U64),
+        Member::req("listen-us", U64),
+        Member::req("package-us", U64),
+        Member::req("restore-us", U64),
+        Member::req("total-us", U64),
+    ],
+);
 static RAM_DIGEST: Object = object(
     "x-tern-RamDigest",
     &[
@@ -580,6 +592,7 @@ static MIGRATION_INFO: Object = object(
         Member::opt("postcopy-latency", U64),
         Member::opt("x-tern-postcopy-latency", Type::Object(&POSTCOPY_LATENCY)),
         Member::opt("x-tern-postcopy-auto", Type::Object(&POSTCOPY_AUTO)),
+        Member::opt("x-tern-postcopy-switch", Type::Object(&POSTCOPY_SWITCH)),
     ],
 );
 /// `query-migrate`.
