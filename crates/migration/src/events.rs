@@ -7,6 +7,7 @@
 //! thread, possibly inside the downtime).
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::status::MigrationStatus;
 
@@ -78,25 +79,38 @@ impl RecordingSink {
     }
 
     /// Blocks until an event satisfying `pred` has been recorded (returns at once when one
-    /// already was).
-    pub fn wait_for(&self, pred: impl Fn(&Event) -> bool) -> Event {
+    /// already was), or `timeout` has passed (then `None`). Every wait is bounded: a
+    /// migration that ended before the awaited event would otherwise block forever.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Event) -> bool) -> Option<Event> {
+        let end = Instant::now() + timeout;
         let mut ev = self.lock();
         loop {
             if let Some(e) = ev.iter().find(|e| pred(e)) {
-                return e.clone();
+                return Some(e.clone());
             }
-            ev = self.cond.wait(ev).unwrap_or_else(|p| p.into_inner());
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            ev = self
+                .cond
+                .wait_timeout(ev, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
-    /// Blocks until `status` was entered.
-    pub fn wait_status(&self, status: MigrationStatus) {
-        self.wait_for(|e| *e == Event::Status(status));
+    /// Blocks until `status` was entered or `timeout` passed; returns whether it was.
+    pub fn wait_status(&self, status: MigrationStatus, timeout: Duration) -> bool {
+        self.wait_for(timeout, |e| *e == Event::Status(status))
+            .is_some()
     }
 
-    /// Blocks until `MIGRATION_PASS` `pass` (or a later one) was emitted.
-    pub fn wait_pass(&self, pass: u64) {
-        self.wait_for(|e| matches!(e, Event::Pass(p) if *p >= pass));
+    /// Blocks until `MIGRATION_PASS` `pass` (or a later one) was emitted or `timeout` passed;
+    /// returns whether it was.
+    pub fn wait_pass(&self, pass: u64, timeout: Duration) -> bool {
+        self.wait_for(timeout, |e| matches!(e, Event::Pass(p) if *p >= pass))
+            .is_some()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Event>> {

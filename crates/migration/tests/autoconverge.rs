@@ -5,12 +5,15 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use tern_migration::dest::Incoming;
+use tern_migration::events::{Event, EventSink, RecordingSink};
 use tern_migration::fakes::FakeMachine;
-use tern_migration::source::{SourceHandle, SourceOptions, Target, Tuning};
+use tern_migration::source::{self, SourceHandle, SourceOptions, Target, Tuning};
+use tern_migration::stats::MigrationStats;
 use tern_migration::status::MigrationStatus as S;
 use tern_migration::throttle::ThrottleParams;
 
@@ -61,6 +64,43 @@ fn shown(s: &SourceHandle) -> Option<u64> {
     s.stats().to_query_migrate_json()["cpu-throttle-percentage"].as_u64()
 }
 
+/// What `query-migrate` showed at one `MIGRATION_PASS`: (pass, throttle, dirty-sync-count,
+/// status).
+type Sample = (u64, Option<u64>, Option<u64>, String);
+
+/// An event sink that records like [`RecordingSink`] and also reads `query-migrate` at every
+/// `MIGRATION_PASS`, on the migration thread itself: between two syncs the engine waits for
+/// the sampler, so no state it publishes at a pass boundary can slip by unseen (a polling
+/// test thread starved on a loaded machine misses a throttle raised shortly before the
+/// end).
+struct PassSampler {
+    events: Arc<RecordingSink>,
+    stats: MigrationStats,
+    samples: Mutex<Vec<Sample>>,
+}
+
+impl EventSink for PassSampler {
+    fn migration_status(&self, status: S) {
+        self.events.migration_status(status);
+    }
+    fn migration_pass(&self, pass: u64) {
+        let q = self.stats.to_query_migrate_json();
+        self.samples.lock().unwrap().push((
+            pass,
+            q["cpu-throttle-percentage"].as_u64(),
+            q["ram"]["dirty-sync-count"].as_u64(),
+            q["status"].as_str().unwrap_or("?").to_owned(),
+        ));
+        self.events.migration_pass(pass);
+    }
+    fn vm_stopped(&self) {
+        self.events.vm_stopped();
+    }
+    fn vm_resumed(&self) {
+        self.events.vm_resumed();
+    }
+}
+
 #[test]
 fn throttle_is_raised_after_two_high_passes_and_removed_when_the_migration_completes() {
     let setup = Setup::default();
@@ -69,31 +109,38 @@ fn throttle_is_raised_after_two_high_passes_and_removed_when_the_migration_compl
     let guest = dirty(&src, u64::MAX);
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
-    let s = start_source(
-        &src,
+    let sampler = Arc::new(PassSampler {
+        events: src.events.clone(),
+        stats: src.stats.clone(),
+        samples: Mutex::new(Vec::new()),
+    });
+    let s = source::migrate(
         sm,
         Target::Stream(a),
         auto_converge(tight(fast_ramp(99))),
-    );
+        sampler.clone(),
+        src.stats.clone(),
+    )
+    .expect("migrate starts");
     // The first throttle shows in query-migrate while active, and only after two judged
-    // syncs (the pass counter is published before the policy runs).
-    let mut first = None;
-    wait_until("a throttle in query-migrate", || {
-        let q = s.stats().to_query_migrate_json();
-        if let Some(p) = q["cpu-throttle-percentage"].as_u64() {
-            first = Some((
-                p,
-                q["ram"]["dirty-sync-count"].as_u64(),
-                q["status"].clone(),
-            ));
-        }
-        first.is_some() || s.is_finished()
-    });
-    let (pct, syncs, status) = first.expect("throttled before the end");
-    assert!(pct >= 50, "{pct}");
-    assert!(syncs.unwrap_or(0) >= 3, "raised after {syncs:?} syncs");
-    assert_eq!(status, "active");
+    // syncs (the pass counter is published before the policy runs). A throttle raised at a
+    // sync is in force at the next one, which is an iteration's (the switchover decision is
+    // taken at a sync, before the policy), so the samples taken at the passes see it.
+    wait_event(&src.events, "the end of the migration", is_terminal);
     let so = s.join().unwrap();
+    let samples = sampler.samples.lock().unwrap().clone();
+    let (_, pct, syncs, status) = samples
+        .iter()
+        .find(|(_, p, _, _)| p.is_some())
+        .cloned()
+        .unwrap_or_else(|| panic!("throttled before the end: {samples:?}"));
+    let pct = pct.unwrap_or(0);
+    assert!(pct >= 50, "{pct}: {samples:?}");
+    assert!(
+        syncs.unwrap_or(0) >= 3,
+        "raised after {syncs:?} syncs: {samples:?}"
+    );
+    assert_eq!(status, "active", "{samples:?}");
     let dout = d.join().unwrap();
     guest.stop();
     assert_eq!(so.status, S::Completed, "{:?}", so.error);
@@ -135,7 +182,7 @@ fn throttle_stays_at_max_cpu_throttle_and_is_removed_on_cancel() {
             .events()
             .iter()
             .skip(at_cap)
-            .filter(|e| matches!(e, tern_migration::events::Event::Pass(_)))
+            .filter(|e| matches!(e, Event::Pass(_)))
             .count()
             >= 6
     });
@@ -214,19 +261,33 @@ fn without_the_capability_nothing_is_throttled() {
     let guest = dirty(&src, u64::MAX);
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
-    let s = start_source(
-        &src,
-        sm,
-        Target::Stream(a),
-        src_opts(tight(fast_ramp(99)), false),
+    // Hold the end: should the guest be starved of CPU on a loaded machine and the
+    // migration converge anyway, it waits in pre-switchover instead of completing, and the
+    // wait below sees that instead of waiting for a pass that never comes.
+    let opts = SourceOptions {
+        pause_before_switchover: true,
+        ..src_opts(tight(fast_ramp(99)), false)
+    };
+    let s = start_source(&src, sm, Target::Stream(a), opts);
+    let seen = wait_event(&src.events, "pass 6, pre-switchover or the end", |e| {
+        matches!(e, Event::Pass(p) if *p >= 6)
+            || *e == Event::Status(S::PreSwitchover)
+            || is_terminal(e)
+    });
+    assert!(
+        !is_terminal(&seen),
+        "ended before pass 6: {:?}",
+        src.events.events()
     );
-    src.events.wait_pass(6);
-    assert_eq!(s.status(), S::Active, "does not converge unthrottled");
+    // At least five syncs of a guest dirtying as fast as it can (unless it converged, then
+    // every one until the end) went by; none raised a throttle.
     assert_eq!(shown(&s), None);
+    assert!(src.vcpus.throttle_log().is_empty());
     s.cancel();
-    let _ = s.join().unwrap();
+    let so = s.join().unwrap();
     let _ = d.join();
     guest.stop();
+    assert_eq!(so.status, S::Cancelled, "{:?}", so.error);
     assert!(src.vcpus.throttle_log().is_empty());
 }
 
@@ -249,7 +310,7 @@ fn long_passes_get_a_periodic_sync_that_feeds_the_policy() {
         ..auto_converge(tuning)
     };
     let s = start_source(&src, sm, Target::Stream(a), opts);
-    src.events.wait_pass(8);
+    wait_pass(&src.events, 8);
     let q = s.stats().to_query_migrate_json();
     let (sent, total) = (
         q["ram"]["transferred"].as_u64().unwrap_or(0),

@@ -45,7 +45,7 @@ fn return_path_closed_after_end_is_unconfirmed() {
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
     let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
     let dout = d.join().unwrap();
-    src.events.wait_status(S::Unconfirmed);
+    wait_status(&src.events, S::Unconfirmed);
     assert_eq!(s.handover(), Handover::Unconfirmed);
     let so = s.join().unwrap();
     guest.stop();
@@ -126,7 +126,7 @@ fn paused_destination_completes_without_confirming_it_runs() {
         dopts.autostart = autostart;
         let d = start_dest(&dst, dm, Incoming::Stream(b), dopts);
         let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
-        src.events.wait_status(S::Completed);
+        wait_status(&src.events, S::Completed);
         let want = if autostart {
             Handover::DestinationRuns
         } else {
@@ -173,7 +173,7 @@ fn without_a_return_path_the_source_completes_at_the_flush_knowing_nothing() {
     let mut opts = src_opts(converge(), false);
     opts.return_path = false;
     let s = start_source(&src, sm, Target::Stream(a), opts);
-    src.events.wait_status(S::Completed);
+    wait_status(&src.events, S::Completed);
     assert_eq!(s.handover(), Handover::NoReturnPath);
     assert_eq!(s.join().unwrap().status, S::Completed);
     assert_eq!(d.join().unwrap().status, S::Completed);

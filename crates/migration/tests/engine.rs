@@ -123,7 +123,7 @@ fn non_convergent_guest_keeps_iterating_until_limits_are_raised() {
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
     let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), false));
-    src.events.wait_pass(4);
+    wait_pass(&src.events, 4);
     assert_eq!(s.status(), S::Active);
     assert_eq!(
         src.vcpus.counts(),
@@ -155,7 +155,7 @@ fn switchover_waits_for_the_ack_that_never_comes() {
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(true));
     let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), true));
     // Converged long ago (30 s downtime budget), but no ACK: it keeps iterating.
-    src.events.wait_pass(6);
+    wait_pass(&src.events, 6);
     assert_eq!(s.status(), S::Active);
     assert_eq!(src.vcpus.counts(), (0, 0));
     let (init, _, _) = src.device.as_ref().unwrap();
@@ -241,7 +241,7 @@ fn pause_before_switchover_waits_for_continue() {
             || early == "Migration not in expected state: active",
         "{early}"
     );
-    src.events.wait_status(S::PreSwitchover);
+    wait_status(&src.events, S::PreSwitchover);
     assert!(!src.vcpus.is_running(), "paused in pre-switchover");
     s.continue_switchover().unwrap();
     let so = s.join().unwrap();
@@ -389,11 +389,12 @@ fn edge_of_convergence_switches_within_the_bound_after_qemus_rule_held() {
         let s = start_source(&src, sm, Target::Stream(a), src_opts(tuning, false));
         let ev = src.events.clone();
         let guard = std::thread::spawn(move || {
-            ev.wait_for(|e| match e {
+            ev.wait_for(EVENT_DEADLINE, |e| match e {
                 Event::Pass(n) => *n >= GUARD_PASSES,
                 Event::Status(st) => st.is_terminal(),
                 _ => false,
             })
+            .expect("pass GUARD_PASSES or the end of the migration")
         });
         let stats = s.stats().clone();
         if let Event::Pass(_) = guard.join().unwrap() {

@@ -54,7 +54,7 @@ fn cancel_while_active() {
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
     let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), false));
-    src.events.wait_pass(3);
+    wait_pass(&src.events, 3);
     s.cancel();
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
@@ -79,7 +79,7 @@ fn cancel_in_pre_switchover_resumes_the_source() {
     let mut opts = src_opts(converge(), false);
     opts.pause_before_switchover = true;
     let s = start_source(&src, sm, Target::Stream(a), opts);
-    src.events.wait_status(S::PreSwitchover);
+    wait_status(&src.events, S::PreSwitchover);
     assert!(!src.vcpus.is_running());
     s.cancel();
     let so = s.join().unwrap();
@@ -102,7 +102,7 @@ fn cancel_after_completion_is_a_no_op() {
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
     let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
-    src.events.wait_status(S::Completed);
+    wait_status(&src.events, S::Completed);
     s.cancel();
     assert_eq!(s.status(), S::Completed);
     assert_eq!(s.join().unwrap().status, S::Completed);
@@ -125,7 +125,7 @@ fn cancel_keeps_a_user_paused_source_paused() {
     let mut opts = src_opts(converge(), false);
     opts.pause_before_switchover = true;
     let s = start_source(&src, sm, Target::Stream(a), opts);
-    src.events.wait_status(S::PreSwitchover);
+    wait_status(&src.events, S::PreSwitchover);
     s.cancel();
     assert_eq!(s.join().unwrap().status, S::Cancelled);
     assert_eq!(d.join().unwrap().status, S::Failed);
@@ -139,7 +139,7 @@ fn cancel_waiting_for_a_source_fails_the_destination() {
     let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
     let l = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let d = start_dest(&dst, dm, Incoming::Listener(l), dst_opts(false));
-    dst.events.wait_status(S::Setup);
+    wait_status(&dst.events, S::Setup);
     d.cancel();
     let out = d.join().unwrap();
     assert_eq!(out.status, S::Failed);
@@ -315,7 +315,7 @@ fn destination_vanishing_mid_stream_leaves_the_source_running() {
     let guest = dirty(&src, u64::MAX);
     let (a, b) = socketpair();
     let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), false));
-    src.events.wait_status(S::Active);
+    wait_status(&src.events, S::Active);
     drop(b); // the destination process dies (nobody read anything)
     let so = s.join().unwrap();
     guest.stop();

@@ -213,7 +213,7 @@ fn pre_switchover_wait_longer_than_the_limit_keeps_both_sides_alive() {
     opts.liveness = limit();
     opts.pause_before_switchover = true;
     let s = start_source(&src, sm, Target::Stream(a), opts);
-    src.events.wait_status(S::PreSwitchover);
+    wait_status(&src.events, S::PreSwitchover);
     // The thing under test is a long pre-switchover window (the operator has not sent
     // migrate-continue yet): hold it open for 4 limits. The source sends nothing but its
     // keepalive PINGs meanwhile.

@@ -68,7 +68,7 @@ fn postcopy_after_a_precopy_pass_completes_with_requested_pages_served() {
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
     let s = start_source(&src, sm, Target::Stream(a), pc_src_opts(non_converge()));
-    src.events.wait_pass(2);
+    wait_pass(&src.events, 2);
     assert_eq!(s.status(), S::Active, "pre-copy never converges here");
     s.start_postcopy().expect("migrate-start-postcopy");
     s.start_postcopy()
@@ -80,7 +80,7 @@ fn postcopy_after_a_precopy_pass_completes_with_requested_pages_served() {
         requested += pager.fault(0, page, 4).expect("request");
     }
     requested += pager.fault(1, 200, 1).expect("request");
-    src.events.wait_status(S::Completed);
+    wait_status(&src.events, S::Completed);
     let handover = s.handover();
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
@@ -237,7 +237,7 @@ fn cancel_before_the_switch_resumes_the_source() {
     let guest = dirtying(&src);
     let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
     let s = start_source(&src, sm, Target::Stream(a), pc_src_opts(non_converge()));
-    src.events.wait_pass(2);
+    wait_pass(&src.events, 2);
     s.cancel();
     let so = s.join().unwrap();
     let dout = d.join().unwrap();

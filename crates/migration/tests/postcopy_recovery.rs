@@ -86,10 +86,12 @@ fn running_postcopy() -> (
     };
     let guest = dirtying(&src);
     let s = start_source(&src, sm, Target::Stream(a), sopts);
-    src.events.wait_pass(2);
+    wait_pass(&src.events, 2);
     s.start_postcopy().expect("migrate-start-postcopy");
     pager.wait_started();
-    dst.events.wait_for(|e| *e == Event::Resume);
+    wait_event(&dst.events, "RESUME on the destination", |e| {
+        *e == Event::Resume
+    });
     (src, dst, pager, s, d, guest)
 }
 
@@ -242,7 +244,7 @@ fn a_failed_recovery_pauses_again_and_a_second_one_completes() {
 fn the_source_lost_after_run_pauses_the_destination_naming_the_missing_pages() {
     let (src, dst, pager, s, d, guest) = running_postcopy();
     s.cancel();
-    src.events.wait_status(S::Failed);
+    wait_status(&src.events, S::Failed);
     let so = s.join().unwrap();
     assert_eq!(so.status, S::Failed);
     assert!(so.error.unwrap_or_default().contains("source stays paused"));

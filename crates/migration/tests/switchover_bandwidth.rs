@@ -28,7 +28,7 @@ fn avail_switchover_bandwidth_lets_a_non_converging_migration_switch() {
 
     // At the measured bandwidth (capped at 30 MB/s, 1 ms downtime: 30 KB may be left for the
     // final copy) the busy guest never fits.
-    src.events.wait_pass(4);
+    wait_pass(&src.events, 4);
     assert_eq!(s.status(), S::Active);
     let dec = s
         .stats()
@@ -45,7 +45,7 @@ fn avail_switchover_bandwidth_lets_a_non_converging_migration_switch() {
         avail_switchover_bandwidth: avail,
         ..non_converge()
     });
-    src.events.wait_status(S::PreSwitchover);
+    wait_status(&src.events, S::PreSwitchover);
     let snap = s.stats().snapshot();
     let dec = snap.switchover_decision.clone().expect("a decision");
     assert!(dec.switch, "{dec:?}");

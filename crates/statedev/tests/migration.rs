@@ -233,7 +233,13 @@ fn a_destination_that_never_prepares_is_never_switched_to_and_cancel_works() {
     // The whole initial data is loaded on the destination: nothing but the ACK is missing.
     r.dst_dev.wait_stats(|s| s.init_done_received);
     let pass = r.src_stats.snapshot().ram.dirty_sync_count;
-    r.src_events.wait_pass(pass + 5);
+    assert!(
+        r.src_events
+            .wait_pass(pass + 5, std::time::Duration::from_secs(60)),
+        "pass {} within 60 s; events: {:?}",
+        pass + 5,
+        r.src_events.events()
+    );
     assert_eq!(r.src.status(), S::Active, "still iterating");
     assert_eq!(r.src_vcpus.counts(), (0, 0), "never paused");
     assert!(r.at_pause.lock().unwrap().is_none());

@@ -153,7 +153,9 @@ fn destination_killed_after_end_then_cont_on_the_source() {
     let (mut dst, uri) = destination(dir.path(), "dst", &m, &[]);
     src.c("migrate", json!({ "uri": uri }));
     src.wait_mig(&["pre-switchover"], MIGRATION_TIMEOUT);
-    dst.signal(libc::SIGSTOP);
+    // Frozen for certain before END can reach it: kill(2) returns before the stop takes
+    // effect, and a destination still running could load END and resume first.
+    dst.stop_frozen(T);
     src.c("migrate-continue", json!({"state": "pre-switchover"}));
     src.wait_mig(&["device"], T);
     let deadline = Instant::now() + T;

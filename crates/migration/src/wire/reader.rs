@@ -8,9 +8,9 @@ use super::command::parse_command;
 use super::config::{Expectations, StreamConfig};
 use super::error::WireError;
 use super::format::{
-    Cursor, Limits, RecordKind, BATCH_HEADER_LEN, BATCH_OVERHEAD, CURRENT_VERSION,
-    END_BODY_LEN, FRAME_LEN, HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN,
-    VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    Cursor, Limits, RecordKind, BATCH_HEADER_LEN, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
+    FRAME_LEN, HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN, VERSION_BATCH_INTEGRITY,
+    VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::postcopy::{max_discard_body, parse_discard, PostcopyOrder};
 use super::ram_batch::{check_table, BatchHeader, BatchTracker, TableAt};

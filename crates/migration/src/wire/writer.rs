@@ -6,7 +6,8 @@ use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
-    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
+    VERSION_RECOVERY,
 };
 use super::ram_batch::{BatchCrc, BatchNumbering};
 use super::record::{Command, PageData, RamPage};

@@ -384,3 +384,48 @@ pub fn end_proxy(after: AfterEnd) -> (Stream, Stream, Signal) {
         .expect("spawn");
     (Stream::Unix(src_end), Stream::Unix(dst_end), end_seen)
 }
+
+/// How long any wait on the engine's events may take before the test fails. Generous: the
+/// fakes move a few MiB, but CI machines are small and loaded.
+pub const EVENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `e` is a status the migration never leaves by itself.
+pub fn is_terminal(e: &tern_migration::events::Event) -> bool {
+    matches!(e, tern_migration::events::Event::Status(s) if s.is_terminal())
+}
+
+/// Waits (bounded) for the first event matching `pred`; panics naming `what` and the events
+/// seen so far at the deadline.
+pub fn wait_event(
+    events: &RecordingSink,
+    what: &str,
+    pred: impl Fn(&tern_migration::events::Event) -> bool,
+) -> tern_migration::events::Event {
+    events.wait_for(EVENT_DEADLINE, pred).unwrap_or_else(|| {
+        panic!(
+            "timed out after {EVENT_DEADLINE:?} waiting for {what}; events: {:?}",
+            events.events()
+        )
+    })
+}
+
+/// Waits (bounded) until `status` was entered.
+pub fn wait_status(events: &RecordingSink, status: tern_migration::status::MigrationStatus) {
+    wait_event(events, &format!("status {status:?}"), |e| {
+        *e == tern_migration::events::Event::Status(status)
+    });
+}
+
+/// Waits (bounded) for `MIGRATION_PASS` `pass` or later. Fails at once, instead of waiting
+/// forever, when the migration ends first.
+pub fn wait_pass(events: &RecordingSink, pass: u64) {
+    use tern_migration::events::Event;
+    let e = wait_event(events, &format!("pass {pass} (or the end)"), |e| {
+        matches!(e, Event::Pass(p) if *p >= pass) || is_terminal(e)
+    });
+    assert!(
+        matches!(e, Event::Pass(_)),
+        "the migration ended ({e:?}) before pass {pass}; events: {:?}",
+        events.events()
+    );
+}

@@ -259,9 +259,12 @@ impl Raw {
         serde_json::from_str(&line).expect("server sent valid JSON")
     }
 
+    /// Sends `s` and its newline in one write, then reads one line. One write: the server
+    /// parses the request before the newline arrives, and a newline still unread when the
+    /// server drops this client would turn its close into ECONNRESET (AF_UNIX reports a
+    /// close with unread data as a reset) instead of the EOF tests expect.
     pub fn call(&mut self, s: &str) -> Value {
-        self.send(s);
-        self.send("\n");
+        self.send(&format!("{s}\n"));
         self.recv()
     }
 

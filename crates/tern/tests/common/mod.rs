@@ -483,6 +483,39 @@ impl Vm {
         );
     }
 
+    /// Sends SIGSTOP and waits until every thread of the process is stopped (state `T` in
+    /// `/proc/PID/task/*/stat`). kill(2) only queues the stop: a thread running on another
+    /// CPU, or in a system call, goes on until it next returns to user mode, so a test that
+    /// needs the process frozen before its next step must wait for it.
+    pub fn stop_frozen(&mut self, timeout: Duration) {
+        self.signal(libc::SIGSTOP);
+        let pid = self.pid();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut states = Vec::new();
+            if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for t in dir.flatten() {
+                    let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                    // "TID (comm) S ...": the state follows the last ')'.
+                    let state = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, rest)| rest.trim_start().chars().next())
+                        .unwrap_or('?');
+                    states.push(state);
+                }
+            }
+            if !states.is_empty() && states.iter().all(|&c| c == 'T') {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: not all threads stopped within {timeout:?} after SIGSTOP: {states:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits for the process to exit on its own (e.g. `exit-on-error`); returns its status
     /// and its log.
     pub fn wait_gone(&mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
