@@ -163,9 +163,16 @@ fn postcopy_auto_killed_destination_after_the_automatic_switch_the_source_stays_
     dst.wait_mig(&["postcopy-active"], MIGRATION_TIMEOUT);
     dst.event("RESUME", MIGRATION_TIMEOUT);
     dst.signal(libc::SIGKILL);
-    let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
+    // Recovery (decision 111): a lost destination pauses the source; it never runs again.
+    let q = src.wait_mig(&["postcopy-paused"], MIGRATION_TIMEOUT);
     let e = error_desc(&q);
-    assert!(e.contains("source stays paused"), "{e}");
+    assert!(e.contains("connection to the destination was lost"), "{e}");
+    let e = src.err("cont", json!({}));
+    assert!(e.contains("postcopy-paused"), "{e}");
+    // The operator gives up on recovery: the migration fails and the source stays paused.
+    src.c("migrate_cancel", json!({}));
+    let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
+    assert!(error_desc(&q).contains("source stays paused"), "{q}");
     assert_eq!(src.run_status(), "postmigrate");
     let e = src.err("cont", json!({}));
     assert!(e.contains("runs there"), "{e}");
