@@ -174,16 +174,7 @@ impl Sender {
                 w.write_command(advise)?;
             }
             w.write_command(Command::Ping { seq: 1 })?;
-            let (cfg, shared) = (config.clone(), self.shared.clone());
-            let rp = Watched::new(rp, shared.clone(), liveness);
-            let t = std::thread::Builder::new()
-                .name("mig-rp".into())
-                .spawn(move || rp::run(rp, &cfg, shared))
-                .map_err(|source| SourceError::Spawn {
-                    name: "mig-rp",
-                    source,
-                })?;
-            self.rp_thread = Some(t);
+            self.spawn_return_path(rp, &config, liveness)?;
             self.shared.lock().return_path = true;
         }
         w.flush()?;

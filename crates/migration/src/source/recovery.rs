@@ -273,16 +273,7 @@ impl Sender {
         w.flush()?;
         self.keepalive = Keepalive::new(liveness, Instant::now());
         self.writer = Some(w);
-        let (cfg, shared) = (config.clone(), self.shared.clone());
-        let rp = Watched::new(rp, shared.clone(), liveness);
-        let t = std::thread::Builder::new()
-            .name("mig-rp".into())
-            .spawn(move || rp::run(rp, &cfg, shared))
-            .map_err(|source| SourceError::Spawn {
-                name: "mig-rp",
-                source,
-            })?;
-        self.rp_thread = Some(t);
+        self.spawn_return_path(rp, &config, liveness)?;
         self.wait_alive(None, |f| {
             f.recv_bitmaps
                 .as_ref()

@@ -6,9 +6,34 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Shared;
-use crate::liveness::Inactivity;
+use super::liveness::Watched;
+use super::{Sender, Shared, SourceError};
+use crate::liveness::{Inactivity, LivenessTimeout};
+use crate::transport::Stream;
 use crate::wire::{Limits, ReturnPathReader, RpMessage, StreamConfig};
+
+impl Sender {
+    /// Starts the `mig-rp` reader thread on `stream` (a clone of the channel's socket), under
+    /// the liveness limit; for the first channel and for every recovery channel alike.
+    pub(super) fn spawn_return_path(
+        &mut self,
+        stream: Stream,
+        config: &StreamConfig,
+        liveness: LivenessTimeout,
+    ) -> Result<(), SourceError> {
+        let (cfg, shared) = (config.clone(), self.shared.clone());
+        let rp = Watched::new(stream, shared.clone(), liveness);
+        let t = std::thread::Builder::new()
+            .name("mig-rp".into())
+            .spawn(move || run(rp, &cfg, shared))
+            .map_err(|source| SourceError::Spawn {
+                name: "mig-rp",
+                source,
+            })?;
+        self.rp_thread = Some(t);
+        Ok(())
+    }
+}
 
 pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>) {
     let mut reader = ReturnPathReader::with_config(stream, config, &Limits::default());

@@ -342,15 +342,7 @@ impl<R: Read> ReturnPathReader<R> {
                 reason: format!("{first_page} is not a multiple of 8"),
             });
         }
-        if let Some(blocks) = &self.block_pages {
-            let Some(&npages) = blocks.get(usize::from(block)) else {
-                return Err(WireError::PageOutOfRange {
-                    block: u32::from(block),
-                    page: u64::from(first_page),
-                    reason: format!("there are {} RAM blocks", blocks.len()),
-                    offset: at,
-                });
-            };
+        if let Some(npages) = self.pages_of_block(block, first_page, at)? {
             // No byte may start past the block's last page.
             if u64::from(first_page) + 8 * (bits.len() as u64 - 1) >= npages {
                 return Err(WireError::PageOutOfRange {
@@ -369,6 +361,28 @@ impl<R: Read> ReturnPathReader<R> {
             first_page,
             bits: bits.to_vec(),
         })
+    }
+
+    /// The page count of `block` when the reader knows the blocks (`with_config`), `None`
+    /// when it does not; a block that does not exist is an error naming `first_page`.
+    fn pages_of_block(
+        &self,
+        block: u16,
+        first_page: u32,
+        at: u64,
+    ) -> Result<Option<u64>, WireError> {
+        let Some(blocks) = &self.block_pages else {
+            return Ok(None);
+        };
+        match blocks.get(usize::from(block)) {
+            Some(&npages) => Ok(Some(npages)),
+            None => Err(WireError::PageOutOfRange {
+                block: u32::from(block),
+                page: u64::from(first_page),
+                reason: format!("there are {} RAM blocks", blocks.len()),
+                offset: at,
+            }),
+        }
     }
 
     fn req_pages(&self, body: &[u8], at: u64) -> Result<RpMessage, WireError> {
@@ -394,15 +408,7 @@ impl<R: Read> ReturnPathReader<R> {
                 reason: format!("{count} not in 1..={RP_MAX_REQ_PAGES}"),
             });
         }
-        if let Some(blocks) = &self.block_pages {
-            let Some(&npages) = blocks.get(usize::from(block)) else {
-                return Err(WireError::PageOutOfRange {
-                    block: u32::from(block),
-                    page: u64::from(first_page),
-                    reason: format!("there are {} RAM blocks", blocks.len()),
-                    offset: at,
-                });
-            };
+        if let Some(npages) = self.pages_of_block(block, first_page, at)? {
             if u64::from(first_page) + u64::from(count) > npages {
                 return Err(WireError::PageOutOfRange {
                     block: u32::from(block),
