@@ -138,6 +138,44 @@ pub fn incoming_tcp(dst: &mut Vm, host: &str) -> anyhow::Result<u16> {
 
 /// Runs one live migration `src` → `dst` over TCP to `host` (the destination's address).
 /// Never returns `Err`: errors become `result = "error"` rows.
+/// A migration just started by [`start_tcp`]: where the source's heartbeats stood and when.
+pub struct Started {
+    /// Source heartbeats recorded before `migrate`.
+    pub hb_before: usize,
+    /// `CLOCK_REALTIME` (ns) just before `migrate`.
+    pub start_ns: u64,
+    /// Just before `migrate`.
+    pub t0: Instant,
+}
+
+/// The same start for every suite: capabilities on both sides, `downtime-limit` and
+/// `max-bandwidth` on the source, the destination listening on `host`, then `migrate`.
+pub fn start_tcp(
+    src: &mut Vm,
+    dst: &mut Vm,
+    host: &str,
+    caps: &[String],
+    downtime_limit_ms: u64,
+    max_bandwidth: u64,
+) -> anyhow::Result<Started> {
+    set_caps(dst, caps)?;
+    set_caps(src, caps)?;
+    src.exec(
+        "migrate-set-parameters",
+        json!({ "downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth }),
+    )?;
+    let port = incoming_tcp(dst, host)?;
+    let hb_before = src.heartbeats()?.len();
+    let start_ns = realtime_ns();
+    let t0 = Instant::now();
+    src.exec("migrate", json!({ "uri": format!("tcp:{host}:{port}") }))?;
+    Ok(Started {
+        hb_before,
+        start_ns,
+        t0,
+    })
+}
+
 pub fn live_migrate(src: &mut Vm, dst: &mut Vm, host: &str, p: &MigParams) -> Outcome {
     let mut out = Outcome::default();
     let t0 = Instant::now();
@@ -164,17 +202,18 @@ fn run(
     p: &MigParams,
     out: &mut Outcome,
 ) -> anyhow::Result<()> {
-    set_caps(dst, &p.caps)?;
-    set_caps(src, &p.caps)?;
-    src.exec(
-        "migrate-set-parameters",
-        json!({ "downtime-limit": p.downtime_limit_ms, "max-bandwidth": p.max_bandwidth }),
+    let Started {
+        hb_before,
+        start_ns,
+        t0,
+    } = start_tcp(
+        src,
+        dst,
+        host,
+        &p.caps,
+        p.downtime_limit_ms,
+        p.max_bandwidth,
     )?;
-    let port = incoming_tcp(dst, host)?;
-    let hb_before = src.heartbeats()?.len();
-    let start_ns = realtime_ns();
-    let t0 = Instant::now();
-    src.exec("migrate", json!({ "uri": format!("tcp:{host}:{port}") }))?;
     let timeout = Duration::from_secs(p.timeout_s);
     let (mut last_sync, mut last_status) = (u64::MAX, String::new());
     let mut last_hb_poll = Instant::now();

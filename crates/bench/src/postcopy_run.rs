@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::facts::realtime_ns;
-use crate::migrate::{incoming_tcp, set_caps, TAIL};
+use crate::migrate::{start_tcp, Started, TAIL};
 use crate::vm::{Kind, Vm};
 
 /// How the migration gets to post-copy.
@@ -118,17 +118,18 @@ fn drive(
     p: &PcParams,
     out: &mut PcOutcome,
 ) -> anyhow::Result<()> {
-    set_caps(dst, &p.caps)?;
-    set_caps(src, &p.caps)?;
-    src.exec(
-        "migrate-set-parameters",
-        json!({ "downtime-limit": p.downtime_limit_ms, "max-bandwidth": p.max_bandwidth }),
+    let Started {
+        hb_before,
+        start_ns,
+        t0,
+    } = start_tcp(
+        src,
+        dst,
+        host,
+        &p.caps,
+        p.downtime_limit_ms,
+        p.max_bandwidth,
     )?;
-    let port = incoming_tcp(dst, host)?;
-    let hb_before = src.heartbeats()?.len();
-    let start_ns = realtime_ns();
-    let t0 = Instant::now();
-    src.exec("migrate", json!({ "uri": format!("tcp:{host}:{port}") }))?;
     let timeout = Duration::from_secs(p.timeout_s);
     let (mut last_sync, mut last_status) = (u64::MAX, String::new());
     let mut last_hb_poll = Instant::now();
