@@ -237,6 +237,10 @@ fn destination_daemon_killed_in_finish_with_suspend_leaves_one_paused_copy() {
             "--live",
             "--p2p",
             "--suspend",
+            // Well above the guest's dirtying, so pre-copy converges whatever the load; at
+            // the 128 MiB/s default a 64 MiB full-speed pattern sits at the edge (issue 13).
+            "--bandwidth",
+            "1024",
         ],
     );
     h.dst.wait_log("x-test: stalling at finish-before-cont");
@@ -713,9 +717,18 @@ fn destination_daemon_killed_in_finish_after_its_vmm_ran_the_guest() {
     h.src.ok(&["define", &xml]);
     h.src.ok(&["start", "vm"]);
     wait_workload_running(&h.src, "vm");
+    // `--bandwidth`: as above, so the stream reaches Finish whatever the load.
     let bg = Bg::spawn(
         &h.src.uri(),
-        &["migrate", "vm", &h.dst.tcp_uri(), "--live", "--p2p"],
+        &[
+            "migrate",
+            "vm",
+            &h.dst.tcp_uri(),
+            "--live",
+            "--p2p",
+            "--bandwidth",
+            "1024",
+        ],
     );
     h.dst.wait_log("x-test: stalling at finish-before-cont");
     h.dst.kill();
