@@ -297,7 +297,8 @@ fn corrupted_page_is_refused_with_its_batch_and_the_source_never_pauses() {
         "batch at {at}: {derr}"
     );
     assert_eq!(so.status, S::Failed);
-    assert!(so.error.unwrap().contains("checksum mismatch"));
+    let serr = so.error.unwrap_or_default();
+    assert!(serr.contains("checksum mismatch"), "{serr}");
     assert_source_restored(&src, true);
     assert_eq!(
         src.vcpus.counts(),

@@ -685,6 +685,33 @@ impl Sender {
         }
     }
 
+    /// A write failed (the destination closed or reset the channel): its reason may still be
+    /// on its way up the return path, behind the failure we saw first. Wait a bounded moment
+    /// for it (or for the return path to end) before the sockets are aborted, so
+    /// `error-desc` names what the destination refused rather than `Broken pipe`.
+    fn await_destination_reason(&self) {
+        const GRACE: Duration = Duration::from_millis(500);
+        let deadline = Instant::now() + GRACE;
+        let mut f = self.shared.lock();
+        while f.return_path
+            && f.dest_error.is_none()
+            && f.rp_fault.is_none()
+            && !f.rp_closed
+            && f.shut_at.is_none()
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            f = self
+                .shared
+                .cv
+                .wait_timeout(f, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
     /// Failure or cancel: undo everything, say why. Returns (status, error-desc).
     ///
     /// The guest runs again first and the cleanup follows (QEMU restarts the VM in
@@ -721,6 +748,9 @@ impl Sender {
         }
         if !unconfirmed {
             self.stats.downtime_abort();
+        }
+        if matches!(e, SourceError::Wire(_)) && !cancelled {
+            self.await_destination_reason();
         }
         // Aborting the sockets lets the return-path thread drain what the destination said.
         self.cleanup();

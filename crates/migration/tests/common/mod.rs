@@ -235,8 +235,17 @@ pub fn proxy(cut_after: Option<u64>, flip_at: Option<u64>) -> (Stream, Stream) {
                     break;
                 }
             }
-            let _ = a_r.shutdown(std::net::Shutdown::Both);
-            let _ = b_w.shutdown(std::net::Shutdown::Both);
+            if cut_after.is_some() {
+                // A cut link: both directions die at once.
+                let _ = a_r.shutdown(std::net::Shutdown::Both);
+                let _ = b_w.shutdown(std::net::Shutdown::Both);
+            } else {
+                // The destination stopped reading (or the source finished): the source's writes
+                // now fail, but what the destination already said on the return path still
+                // reaches the source; `proxy-rp` closes that direction when it has copied it.
+                let _ = a_r.shutdown(std::net::Shutdown::Read);
+                let _ = b_w.shutdown(std::net::Shutdown::Write);
+            }
         })
         .expect("spawn");
     std::thread::Builder::new()
