@@ -59,6 +59,11 @@ fn migrate_tern_vm_between_hosts_with_one_command() {
             "--live",
             "--p2p",
             "--verbose",
+            // Well above the guest's dirtying, so pre-copy converges on every host and load: at
+            // the 128 MiB/s default a 64 MiB full-speed pattern sits at the edge of convergence
+            // (QEMU's rule never switches; CI once took 3 min on an AMD host, issue 13).
+            "--bandwidth",
+            "1024",
         ],
     )
     .wait();
