@@ -133,7 +133,11 @@ pub fn predict(i: &PredictInput) -> Result<Prediction, PredictError> {
     let at_moment = pending;
     let budget = extra_time_budget(i.downtime_limit_ms).as_secs_f64();
     let (mut extra, mut extra_bytes, mut extra_time) = (0u32, 0.0f64, 0.0f64);
-    while extra < MAX_EXTRA_PASSES && pending / link * 1000.0 > GOOD_ENOUGH_DOWNTIME_MS {
+    // The real rule's "good enough" is its own expected downtime, pending ÷ the bandwidth it
+    // judges with (the measured pre-copy rate, capped by `max-bandwidth`, or
+    // `avail-switchover-bandwidth`), not the link's: the final copy's real speed is unknown to
+    // it until it happens.
+    while extra < MAX_EXTRA_PASSES && pending / judge_bw * 1000.0 > GOOD_ENOUGH_DOWNTIME_MS {
         let t = pending / b;
         let next = (d * t).min(ram);
         if next > EXTRA_PASS_MAX_RATIO * pending
@@ -244,6 +248,22 @@ mod tests {
         let p = predict(&i).unwrap();
         assert!(p.converges, "{p:?}");
         assert!(p.downtime_ms.unwrap() <= 64, "{p:?}");
+    }
+
+    #[test]
+    fn good_enough_is_judged_at_the_rules_bandwidth_not_the_links() {
+        // Capped at 128 MiB/s on a 3 GiB/s link, 64 MiB dirtied at 40 MiB/s: QEMU's moment
+        // after pass 1 (20 MiB left). The rule's expected downtime is pending ÷ 128 MiB/s, so it
+        // keeps taking extra passes while that is above 1 ms (128 KiB), even though the final
+        // copy at the link's 3 GiB/s would take under 1 ms from 3 MiB down.
+        let mut i = input(64, 40.0, 128.0, 300);
+        i.link_bandwidth = 3072.0 * MIB;
+        let p = predict(&i).unwrap();
+        assert!(p.converges, "{p:?}");
+        // 20 MiB -> 6.25 -> 1.95 -> 0.61 -> 0.19 -> 0.06: five extra passes, the bound.
+        // (With the link's speed deciding it stopped at 1.95 MiB, 0.6 ms at 3 GiB/s, after 2.)
+        assert_eq!((p.passes, p.extra_passes), (6, MAX_EXTRA_PASSES), "{p:?}");
+        assert!(p.downtime_ms.unwrap() < 1, "{p:?}");
     }
 
     #[test]
