@@ -13,6 +13,8 @@ mod migrate;
 mod postcopy;
 mod postcopy_run;
 mod precopy;
+mod predict;
+mod predict_run;
 mod report;
 mod serial;
 mod snapshot;
@@ -49,6 +51,9 @@ enum Suite {
     /// Post-copy after the first pass, Tern vs QEMU (with and without preempt), and Tern's
     /// automatic switch (issue 9); default --timeout 30
     Postcopy,
+    /// x-tern-predict-migration before each migration vs what it then does, and Tern's vs
+    /// QEMU's calc-dirty-rate on the same guest (issue 13 item 8); default --timeout 30
+    Predict,
     All,
 }
 
@@ -68,7 +73,7 @@ struct Cli {
     /// Small guests and short timeouts (development runs).
     #[arg(long)]
     quick: bool,
-    /// Per-migration timeout in seconds (default 120, 30 with --quick; `postcopy`: 30).
+    /// Per-migration timeout in seconds (default 120, 30 with --quick; `postcopy`, `predict`: 30).
     #[arg(long)]
     timeout: Option<u64>,
     /// Skip QEMU rows.
@@ -265,6 +270,9 @@ fn main() -> anyhow::Result<()> {
             Suite::Tls => tls::run(&ctx),
             Suite::Postcopy => {
                 postcopy::run(&ctx, cli.timeout.unwrap_or(postcopy::DEFAULT_TIMEOUT_S))
+            }
+            Suite::Predict => {
+                predict::run(&ctx, cli.timeout.unwrap_or(predict::DEFAULT_TIMEOUT_S))
             }
             Suite::All => Ok(()),
         };
