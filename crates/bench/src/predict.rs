@@ -52,9 +52,12 @@ const COLUMNS: &[&str] = &[
     "total time (pred / actual, ×)",
     "downtime (pred / actual, ×)",
     "bytes (pred / actual, ×)",
+    "verdict",
+    "dirty rate in migration (median)",
     "rate achieved",
     "from bitmap rate",
-    "verdict",
+    "hindsight",
+    "load before",
 ];
 
 const RATE_COLUMNS: &[&str] = &[
@@ -290,19 +293,21 @@ fn table_row(
         "completed" => out.total_ms,
         _ => None,
     };
-    let achieved = match (out.transferred, total_actual) {
-        (Some(b), Some(t)) if t > 0.0 => Some(b as f64 / (t / 1e3)),
-        (Some(b), None) if out.wall_ms > 0.0 => Some(b as f64 / (out.wall_ms / 1e3)),
-        _ => None,
-    };
-    let pb = &r.prediction_bitmap;
-    let bitmap_cell = match pb.get("converges").and_then(Value::as_bool) {
-        Some(true) => format!(
-            "yes, {:.2} s",
-            pred_u64(pb, "expected-total-time-ms").unwrap_or(0) as f64 / 1e3
-        ),
-        Some(false) => "no".into(),
-        None => "–".into(),
+    let short = |pv: &Value| {
+        let right = match (predicted_converges(pv, timeout_s), actual_converged(out, timeout_s)) {
+            (Some(a), Some(b)) if a == b => " (right)",
+            (Some(_), Some(_)) => " (wrong)",
+            _ => "",
+        };
+        match pv.get("converges").and_then(Value::as_bool) {
+            Some(true) => format!(
+                "yes, {:.2} s, {} ms{right}",
+                pred_u64(pv, "expected-total-time-ms").unwrap_or(0) as f64 / 1e3,
+                pred_u64(pv, "expected-downtime-ms").unwrap_or(0)
+            ),
+            Some(false) => format!("no{right}"),
+            None => "–".into(),
+        }
     };
     let s = |v: Option<i64>| v.map_or_else(|| "–".to_string(), |r| r.to_string());
     vec![
@@ -331,14 +336,32 @@ fn table_row(
             },
             |v| format!("{v:.0} ms"),
         ),
-        pair(
-            pred_u64(p, "transferred-bytes").map(|v| v as f64),
-            out.transferred.map(|v| v as f64),
-            |v| format!("{:.0} MiB", v / 1048576.0),
-        ),
-        achieved.map_or_else(|| "–".into(), |b| format!("{:.0} MiB/s", b / 1048576.0)),
-        bitmap_cell,
+        {
+            // A ratio only when both ran to the end: otherwise the two counts stop at
+            // different moments (the model's verdict, the harness's cancel).
+            let both = pred_conv == Some(true) && out.result == "completed";
+            let cell = pair(
+                pred_u64(p, "transferred-bytes").map(|v| v as f64),
+                out.transferred.map(|v| v as f64),
+                |v| format!("{:.0} MiB", v / 1048576.0),
+            );
+            match (both, cell.split_once(" (×")) {
+                (false, Some((head, _))) => head.to_string(),
+                _ => cell,
+            }
+        },
         verdict(p, out, timeout_s),
+        r.migration_dirty_rate
+            .map_or_else(|| "–".into(), |v| format!("{v:.0} MiB/s")),
+        r.achieved_bandwidth
+            .map_or_else(|| "–".into(), |b| format!("{:.0} MiB/s", b / 1048576.0)),
+        short(&r.prediction_bitmap),
+        short(&r.prediction_hindsight),
+        r.load_before
+            .split_whitespace()
+            .next()
+            .unwrap_or("–")
+            .to_string(),
     ]
 }
 
@@ -362,9 +385,16 @@ fn notes(report: &mut Report, timeout_s: u64) {
              dirty-sync-count (the real sender also syncs mid-pass whenever the estimate fits \
              the threshold, so it counts more syncs than the model's passes)."
         ),
-        "rate achieved: ram.transferred ÷ total-time (rows that did not converge: ÷ wall time \
-         to the cancel), against the bandwidth the prediction was given (loopback: measured \
-         with no VM running; shaped: the nominal tbf rate)."
+        "dirty rate in migration: the median of the source's `dirty-pages-rate` over the \
+         progress samples (one per new dirty-sync-count), × 4 KiB: the rate the guest dirtied \
+         at while the migration ran, dirty log on. rate achieved: ram.transferred ÷ total-time \
+         (rows that did not converge: ÷ wall time to the cancel), against the bandwidth the \
+         prediction was given (loopback: measured with no VM running; shaped: the nominal tbf \
+         rate). hindsight: `x-tern-predict-migration` called on the source after the \
+         migration with those two (dirty-rate = the median rounded up, bandwidth = the rate \
+         achieved): what the model says when its inputs are what the migration saw (JSON: \
+         `prediction_hindsight`); (right)/(wrong) judged as the verdict. load before: the \
+         1-minute load average just before the row's VMMs started."
             .into(),
         "Dirty-rate table: the Tern columns list the measurement of each Tern row of that \
          workload (both links, both caps, in run order); QEMU's: one QEMU 1-vCPU guest with \

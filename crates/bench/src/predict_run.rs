@@ -35,6 +35,43 @@ pub struct TernRow {
     /// `bandwidth` given to the prediction (bytes/s).
     pub bandwidth: u64,
     pub outcome: Outcome,
+    /// The median of the source's `dirty-pages-rate` samples during the migration, MiB/s.
+    pub migration_dirty_rate: Option<f64>,
+    /// The rate the migration achieved: `ram.transferred` ÷ total time (÷ wall time to the
+    /// cancel when it did not complete), bytes/s.
+    pub achieved_bandwidth: Option<f64>,
+    /// Hindsight: `x-tern-predict-migration` after the migration, from
+    /// [`Self::migration_dirty_rate`] and [`Self::achieved_bandwidth`] (what the model says
+    /// when its two inputs are what the migration actually saw).
+    pub prediction_hindsight: Value,
+    /// `/proc/loadavg` just before the source was started.
+    pub load_before: String,
+}
+
+/// The median of the source's `dirty-pages-rate` (pages/s) over the progress samples, MiB/s.
+pub fn median_dirty_rate(out: &Outcome) -> Option<f64> {
+    let mut v: Vec<f64> = out
+        .progress
+        .iter()
+        .filter_map(|p| p.get("dirty-pages-rate").and_then(Value::as_u64))
+        .filter(|&r| r > 0)
+        .map(|r| (r * 4096) as f64 / (1u64 << 20) as f64)
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// Bytes/s the migration moved (see [`TernRow::achieved_bandwidth`]).
+pub fn achieved(out: &Outcome) -> Option<f64> {
+    let secs = match (out.result.as_str(), out.total_ms) {
+        ("completed", Some(t)) => t / 1e3,
+        _ => out.wall_ms / 1e3,
+    };
+    let b = out.transferred? as f64;
+    (secs > 0.0 && b > 0.0).then(|| b / secs)
 }
 
 /// The rate (MiB/s) of a `query-dirty-rate` answer, when measured.
@@ -96,6 +133,10 @@ pub fn tern_row(ctx: &Ctx, link: &Link, guest: &Guest, bandwidth: u64, p: &MigPa
         bandwidth,
         ..TernRow::default()
     };
+    row.load_before = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let b = base(Kind::Tern, "pr");
     let res = (|| -> anyhow::Result<()> {
         let mut dst = Vm::spawn(
@@ -131,6 +172,19 @@ pub fn tern_row(ctx: &Ctx, link: &Link, guest: &Guest, bandwidth: u64, p: &MigPa
                 .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
         }
         row.outcome = live_migrate(&mut src, &mut dst, &link.host, p);
+        row.migration_dirty_rate = median_dirty_rate(&row.outcome);
+        row.achieved_bandwidth = achieved(&row.outcome);
+        if let (Some(r), Some(bw)) = (row.migration_dirty_rate, row.achieved_bandwidth) {
+            let a = json!({
+                "bandwidth": bw as u64,
+                "dirty-rate": r.ceil() as u64,
+                "downtime-limit": p.downtime_limit_ms,
+                "max-bandwidth": p.max_bandwidth,
+            });
+            row.prediction_hindsight = src
+                .exec("x-tern-predict-migration", a)
+                .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+        }
         if row.outcome.result != "completed" && row.outcome.result != "not converged" {
             tracing::warn!("source log: {}", crate::vm::log_tail(&src.log));
             tracing::warn!("destination log: {}", crate::vm::log_tail(&dst.log));
