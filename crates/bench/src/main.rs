@@ -271,9 +271,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Postcopy => {
                 postcopy::run(&ctx, cli.timeout.unwrap_or(postcopy::DEFAULT_TIMEOUT_S))
             }
-            Suite::Predict => {
-                predict::run(&ctx, cli.timeout.unwrap_or(predict::DEFAULT_TIMEOUT_S))
-            }
+            Suite::Predict => predict::run(&ctx, cli.timeout.unwrap_or(predict::DEFAULT_TIMEOUT_S)),
             Suite::All => Ok(()),
         };
         if let Err(e) = r {

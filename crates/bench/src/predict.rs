@@ -25,13 +25,22 @@ fn workloads(quick: bool) -> Vec<Workload> {
     let (idle, big) = if quick { (256, 128) } else { (1024, 512) };
     let w = |name: String, guest| Workload { name, guest };
     vec![
-        w(format!("idle {idle} MiB filled"), Guest::new("idle", idle, 0)),
-        w("dirty 256 MiB @ 50 MiB/s".into(), Guest::new("dirty", 256, 50)),
+        w(
+            format!("idle {idle} MiB filled"),
+            Guest::new("idle", idle, 0),
+        ),
+        w(
+            "dirty 256 MiB @ 50 MiB/s".into(),
+            Guest::new("dirty", 256, 50),
+        ),
         w(
             "dirty 256 MiB @ 200 MiB/s".into(),
             Guest::new("dirty", 256, 200),
         ),
-        w(format!("dirty {big} MiB @ max"), Guest::new("dirty", big, 0)),
+        w(
+            format!("dirty {big} MiB @ max"),
+            Guest::new("dirty", big, 0),
+        ),
         w("pattern 64 MiB @ max".into(), Guest::new("pattern", 64, 0)),
     ]
 }
@@ -109,10 +118,9 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
             }
         }
         let shaped = Link::shaped(1000);
-        let any = wls.iter().any(|w| {
-            CAPS.iter()
-                .any(|c| ctx.selected(&label(&shaped, w, c.0)))
-        });
+        let any = wls
+            .iter()
+            .any(|w| CAPS.iter().any(|c| ctx.selected(&label(&shaped, w, c.0))));
         if any {
             let _ns = Netns::up(&ctx.repo, "1gbit")?;
             for (i, w) in wls.iter().enumerate() {
@@ -192,7 +200,11 @@ fn one(
     if !ctx.selected(&label(link, w, cap_name)) {
         return Ok(());
     }
-    tracing::info!("predict: Tern, {}, max-bandwidth {cap_name}, {}", link.name, w.name);
+    tracing::info!(
+        "predict: Tern, {}, max-bandwidth {cap_name}, {}",
+        link.name,
+        w.name
+    );
     let p = MigParams {
         caps: vec!["events".into(), "return-path".into()],
         downtime_limit_ms: DOWNTIME_LIMIT_MS,
@@ -252,7 +264,10 @@ fn predicted_converges(pred: &Value, timeout_s: u64) -> Option<bool> {
 /// Decision 190: right when the predicted and the actual convergence (both within the
 /// timeout) agree; times, downtimes and bytes are reported as ratios, never judged.
 pub fn verdict(pred: &Value, out: &Outcome, timeout_s: u64) -> String {
-    match (predicted_converges(pred, timeout_s), actual_converged(out, timeout_s)) {
+    match (
+        predicted_converges(pred, timeout_s),
+        actual_converged(out, timeout_s),
+    ) {
         (None, _) => "no prediction".into(),
         (_, None) => format!("no verdict ({})", out.result),
         (Some(p), Some(a)) if p == a => format!(
@@ -294,7 +309,10 @@ fn table_row(
         _ => None,
     };
     let short = |pv: &Value| {
-        let right = match (predicted_converges(pv, timeout_s), actual_converged(out, timeout_s)) {
+        let right = match (
+            predicted_converges(pv, timeout_s),
+            actual_converged(out, timeout_s),
+        ) {
             (Some(a), Some(b)) if a == b => " (right)",
             (Some(_), Some(_)) => " (wrong)",
             _ => "",
