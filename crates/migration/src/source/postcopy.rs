@@ -128,6 +128,11 @@ impl Sender {
 
     /// The switch and the post-copy phase, up to `completed`.
     pub(super) fn postcopy(&mut self) -> Result<(), SourceError> {
+        if self.opts.postcopy_preempt {
+            // With the guest still running: a preempt channel that cannot be set up fails the
+            // migration here, and the guest runs on (decision 152).
+            self.open_preempt()?;
+        }
         self.drain_before_switch()?;
         self.stop_vm(Instant::now())?;
         if self.opts.pause_before_switchover {
@@ -193,6 +198,7 @@ impl Sender {
 
     /// Every page sent: END, then the destination's `SHUT{0}`.
     fn end_postcopy(&mut self) -> Result<(), SourceError> {
+        self.finish_preempt()?;
         let w = self.writer.take().ok_or(SourceError::Cancelled)?;
         self.bytes_of_earlier_channels += w.bytes_written() + 17;
         let _stream = w.finish()?;
@@ -248,11 +254,9 @@ impl Sender {
                 }
                 if let Some(&(b, p)) = pages.last() {
                     ram.set_cursor(b, p + 1);
-                    let (ram, w) = (self.ram.as_mut(), self.writer.as_mut());
-                    if let (Some(ram), Some(w)) = (ram, w) {
-                        ram.send_pages(self.m.ram.as_mut(), w, &pages)?;
-                    }
-                    flush = true;
+                    // On the preempt channel when there is one (flushed there), else here.
+                    flush = !self.preempt.is_open();
+                    self.send_requested(&pages)?;
                 }
                 // Counted across recovery channels (QEMU's `postcopy-requests`).
                 self.stats.update(|r, _| r.postcopy_requests += n);
