@@ -163,6 +163,25 @@ fn start(
     via: impl FnOnce(String) -> String,
     setup: impl FnOnce(&mut Vm, &mut Vm),
 ) -> (Vm, Vm) {
+    start_on(
+        dir,
+        m,
+        src_caps,
+        dst_caps,
+        |dst| via(dst.listen_tcp()),
+        setup,
+    )
+}
+
+/// [`start`] with the destination's listener chosen by `listen`.
+fn start_on(
+    dir: &std::path::Path,
+    m: &Machine,
+    src_caps: &[(&str, bool)],
+    dst_caps: &[(&str, bool)],
+    listen: impl FnOnce(&mut Vm) -> String,
+    setup: impl FnOnce(&mut Vm, &mut Vm),
+) -> (Vm, Vm) {
     let mut src = boot(dir, "src", m);
     src.wait_workload_running(T);
     let mut dst = dest(dir, "dst", m);
@@ -170,7 +189,7 @@ fn start(
     dst.caps(dst_caps);
     setup(&mut src, &mut dst);
     src.params(json!({"max-bandwidth": 32_000_000, "downtime-limit": 1}));
-    let uri = via(dst.listen_tcp());
+    let uri = listen(&mut dst);
     src.c("migrate", json!({ "uri": uri }));
     (src, dst)
 }
@@ -227,6 +246,23 @@ fn postcopy_preempt_tcp_pattern_2vcpu() {
         f[1] > 64 << 10,
         "requested pages on the preempt channel: {f:?}"
     );
+}
+
+/// Over a unix socket: the preempt channel connects to the same path.
+#[test]
+fn postcopy_preempt_unix_pattern_2vcpu() {
+    let dir = tmpdir();
+    let m = Machine::pattern(2, 32);
+    let sock = dir.path().join("migration.sock");
+    let (src, dst) = start_on(
+        dir.path(),
+        &m,
+        &CAPS,
+        &CAPS,
+        |dst| dst.listen_unix(&sock),
+        |_, _| {},
+    );
+    finish(&dir, &m, src, dst);
 }
 
 /// The same over TLS: the preempt channel runs its own TLS handshake and admission.
