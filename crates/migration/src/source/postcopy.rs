@@ -135,6 +135,10 @@ impl Sender {
         }
         self.drain_before_switch()?;
         self.stop_vm(Instant::now())?;
+        // `ram.transferred` counts the preempt channel too (its handshake went before the stop).
+        if let Some(at) = self.bytes_at_stop.as_mut() {
+            *at += self.preempt.bytes();
+        }
         if self.opts.pause_before_switchover {
             self.set_status(MigrationStatus::PreSwitchover);
             self.wait_alive(None, |f| f.cont)?;
@@ -177,7 +181,7 @@ impl Sender {
         // From the first byte of RUN on, the destination may act on it: never resume here.
         self.shared.lock().postcopy_run_sent = true;
         self.writer()?.flush()?;
-        let run_at = self.writer()?.bytes_written();
+        let run_at = self.writer()?.bytes_written() + self.preempt.bytes();
         self.bytes_at_run = Some(run_at);
         self.timeline.end_flush = self.lap();
         let pages = self.ram()?.remaining_pages();
