@@ -52,6 +52,8 @@ use crate::wire::{
 mod error;
 #[path = "dest_postcopy.rs"]
 mod postcopy;
+#[path = "dest_preempt.rs"]
+mod preempt;
 #[path = "dest_recovery.rs"]
 mod recovery;
 pub use error::DestError;
@@ -90,6 +92,9 @@ pub struct DestOptions {
     pub postcopy_ram: bool,
     /// `postcopy-blocktime`: publish QEMU's blocktimes in `query-migrate`.
     pub postcopy_blocktime: bool,
+    /// `postcopy-preempt`: accept the source's preempt channel (the source's setting must
+    /// match; `dest_preempt.rs`).
+    pub postcopy_preempt: bool,
 }
 
 impl Default for DestOptions {
@@ -104,6 +109,7 @@ impl Default for DestOptions {
             tls: None,
             postcopy_ram: false,
             postcopy_blocktime: false,
+            postcopy_preempt: false,
         }
     }
 }
@@ -121,6 +127,7 @@ impl DestOptions {
             tls: None,
             postcopy_ram: caps.get(Capability::PostcopyRam),
             postcopy_blocktime: caps.get(Capability::PostcopyBlocktime),
+            postcopy_preempt: caps.get(Capability::PostcopyPreempt),
         }
     }
 }
@@ -272,6 +279,7 @@ pub fn incoming(
         rp_open: false,
         digest: DigestCheck::default(),
         pc: None,
+        preempt: preempt::PreemptRx::default(),
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -304,6 +312,8 @@ struct Receiver {
     digest: DigestCheck,
     /// Post-copy: negotiated, and where it stands.
     pc: Option<postcopy::PostcopyRx>,
+    /// `postcopy-preempt`: the preempt channel (`dest_preempt.rs`).
+    preempt: preempt::PreemptRx,
 }
 
 /// The receiver's explicit state.
@@ -317,7 +327,11 @@ enum RxState {
 impl Receiver {
     fn run(mut self, from: Incoming) -> DestOutcome {
         let mut state = RxState::Listening;
-        let result = match self.receive(from, &mut state) {
+        // A preempt channel that failed ended the main reader: its error is the cause.
+        let received = self
+            .receive(from, &mut state)
+            .map_err(|e| self.preempt_failure().unwrap_or(e));
+        let result = match received {
             // The channel broke while the guest runs here: pause and wait for a recovery.
             Err(e) if self.pauses_postcopy(&e) => self.postcopy_recovery(e),
             r => r,
@@ -357,6 +371,7 @@ impl Receiver {
             l.load_cleanup();
         }
         self.shared.io.cancel();
+        self.stop_preempt();
         self.set_status(status);
         DestOutcome {
             status,
@@ -424,7 +439,12 @@ impl Receiver {
 
     fn receive(&mut self, from: Incoming, state: &mut RxState) -> Result<(), DestError> {
         let stream = match from {
-            Incoming::Listener(l) => l.accept(&self.shared.io)?,
+            Incoming::Listener(l) => {
+                let s = l.accept_next(&self.shared.io)?;
+                // The preempt channel connects to the same listener (`dest_preempt.rs`).
+                self.preempt.keep_listener(self.opts.postcopy_preempt, l);
+                s
+            }
             Incoming::Stream(s) => {
                 if s.has_return_path() {
                     use std::os::fd::AsFd;
@@ -561,8 +581,10 @@ impl Receiver {
                     validate_uuid,
                     ram_digest,
                     postcopy_ram,
+                    postcopy_preempt,
                 }) => {
                     self.postcopy_capability(postcopy_ram)?;
+                    self.preempt_capability(postcopy_preempt)?;
                     self.digest.on_capabilities(
                         ram_digest,
                         self.opts.ram_digest,
@@ -609,6 +631,9 @@ impl Receiver {
                     ))
                 }
                 Record::Command(Command::PostcopyListen) => self.listen()?,
+                Record::Command(Command::PostcopyPreempt { token }) => {
+                    self.preempt_announced(token)?;
+                }
                 Record::Command(Command::PostcopyRun { .. }) => {
                     self.postcopy_run(std::mem::take(&mut finals))?;
                 }

@@ -67,6 +67,9 @@ pub enum DestError {
         #[source]
         source: Box<DestError>,
     },
+    /// The post-copy preempt channel failed (stream format §13.8).
+    #[error("post-copy preempt channel")]
+    Preempt(#[source] Box<DestError>),
     /// The `mig-dst` thread could not be started.
     #[error("cannot start thread mig-dst")]
     Spawn(#[source] std::io::Error),

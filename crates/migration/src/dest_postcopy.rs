@@ -23,6 +23,7 @@ use super::rp::{send_rp, RpWriter};
 use super::{DestError, Receiver};
 use crate::machine::{
     ComponentState, DirtyBitmap, MachineError, PageRange, PageRequester, PostcopyPagingStats,
+    PostcopySink,
 };
 use crate::stats::{MigrationStats, PostcopyBlocktime, PostcopySwitch};
 use crate::status::MigrationStatus;
@@ -39,13 +40,77 @@ enum Stage {
     Running,
 }
 
+/// Per block, the pages this side does not hold (set = missing): the one received set of
+/// every channel (the main one and the preempt channel place through it, decision 153).
+pub(super) struct Missing {
+    pub(super) bits: Vec<DirtyBitmap>,
+    /// Number of set bits in `bits`.
+    pub(super) count: u64,
+}
+
+impl Missing {
+    /// Whether `page` of `block` is missing.
+    pub(super) fn get(&self, block: usize, page: u64) -> bool {
+        self.bits.get(block).is_some_and(|m| m.get(page))
+    }
+
+    /// `page` of `block` is here now.
+    pub(super) fn received(&mut self, block: usize, page: u64) {
+        if let Some(m) = self.bits.get_mut(block) {
+            if m.get(page) {
+                m.unset(page);
+                self.count -= 1;
+            }
+        }
+    }
+}
+
+/// The shared received set.
+pub(super) type SharedMissing = Arc<Mutex<Missing>>;
+
+pub(super) fn lock_missing(m: &Mutex<Missing>) -> std::sync::MutexGuard<'_, Missing> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Places every page of a batch received after RUN, on whichever channel: under the received
+/// set's lock each page is checked missing, placed and marked received, so no page is ever
+/// placed twice (decision 73: a page already here fails the migration).
+pub(super) fn place_pages(
+    missing: &Mutex<Missing>,
+    sink: &mut dyn PostcopySink,
+    batch: &RamBatch<'_>,
+) -> Result<(), DestError> {
+    for p in batch.pages() {
+        let (block, page) = (usize::from(p.block), u64::from(p.page));
+        let mut m = lock_missing(missing);
+        if !m.get(block, page) {
+            return Err(DestError::Protocol(format!(
+                "page {page} of block {block} sent in post-copy but already present"
+            )));
+        }
+        let placed = match p.data {
+            PageData::Zero => sink.place_zero(block, page),
+            PageData::Normal(d) => sink.place(block, page, d),
+        }
+        .map_err(|source| DestError::Machine {
+            op: format!("placing RAM block {block} page {page}"),
+            source,
+        })?;
+        if !placed {
+            return Err(DestError::Protocol(format!(
+                "page {page} of block {block} sent in post-copy but already present"
+            )));
+        }
+        m.received(block, page);
+    }
+    Ok(())
+}
+
 /// The destination's post-copy bookkeeping.
 pub(super) struct PostcopyRx {
     stage: Stage,
-    /// Per block: pages this side does not hold (set = missing).
-    missing: Vec<DirtyBitmap>,
-    /// Number of set bits in `missing`.
-    missing_count: u64,
+    /// The received set, shared with the preempt channel's reader.
+    missing: SharedMissing,
     /// Per block: pages the guest asked for (shared with the requester): at a recovery every
     /// page requested and still missing is asked for again (§13.6).
     requested: Arc<Mutex<Vec<DirtyBitmap>>>,
@@ -68,18 +133,19 @@ struct SwitchClock {
 impl PostcopyRx {
     /// A page loaded in pre-copy.
     pub(super) fn received(&mut self, block: usize, page: u64) {
-        if let Some(m) = self.missing.get_mut(block) {
-            if m.get(page) {
-                m.unset(page);
-                self.missing_count -= 1;
-            }
-        }
+        lock_missing(&self.missing).received(block, page);
+    }
+
+    /// The received set (for the preempt channel's reader).
+    pub(super) fn shared_missing(&self) -> SharedMissing {
+        self.missing.clone()
     }
 
     /// Per block, the received bitmap (the complement of `missing`), as `RECV_BITMAP` bytes.
     pub(super) fn received_bytes(&self, block: usize, pages: u64) -> Vec<u8> {
         let mut out = vec![0u8; pages.div_ceil(8) as usize];
-        if let Some(m) = self.missing.get(block) {
+        let missing = lock_missing(&self.missing);
+        if let Some(m) = missing.bits.get(block) {
             for p in 0..pages {
                 if !m.get(p) {
                     out[(p / 8) as usize] |= 1 << (p % 8);
@@ -91,15 +157,16 @@ impl PostcopyRx {
 
     /// Pages still missing.
     pub(super) fn missing_count(&self) -> u64 {
-        self.missing_count
+        lock_missing(&self.missing).count
     }
 
     /// Every page requested and still missing, as ranges of at most 1024 pages (the
     /// requests a broken channel may have lost).
     pub(super) fn pending_requests(&self) -> Vec<PageRange> {
         let requested = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+        let missing = lock_missing(&self.missing);
         let mut out: Vec<PageRange> = Vec::new();
-        for (b, (req, miss)) in requested.iter().zip(&self.missing).enumerate() {
+        for (b, (req, miss)) in requested.iter().zip(&missing.bits).enumerate() {
             let Ok(block) = u16::try_from(b) else { break };
             for p in 0..req.pages() {
                 if !(req.get(p) && miss.get(p)) {
@@ -126,10 +193,12 @@ impl PostcopyRx {
     }
 
     fn mark_missing(&mut self, block: usize, page: u64) {
-        if let Some(m) = self.missing.get_mut(block) {
+        let mut missing = lock_missing(&self.missing);
+        let Missing { bits, count } = &mut *missing;
+        if let Some(m) = bits.get_mut(block) {
             if !m.get(page) {
                 m.set(page);
-                self.missing_count += 1;
+                *count += 1;
             }
         }
     }
@@ -231,8 +300,10 @@ impl Receiver {
             .collect();
         self.pc = Some(PostcopyRx {
             stage: Stage::Negotiated,
-            missing,
-            missing_count,
+            missing: Arc::new(Mutex::new(Missing {
+                bits: missing,
+                count: missing_count,
+            })),
             requested: Arc::new(Mutex::new(requested)),
             clock: SwitchClock::default(),
         });
@@ -263,13 +334,13 @@ impl Receiver {
             .ok_or_else(|| Self::pc_protocol("RAM_DISCARD"))?;
         pc.clock.first_discard.get_or_insert_with(Instant::now);
         let block = usize::from(d.block);
-        let before = pc.missing_count;
+        let before = pc.missing_count();
         for &(first, n) in &d.ranges {
             for p in u64::from(first)..u64::from(first) + u64::from(n) {
                 pc.mark_missing(block, p);
             }
         }
-        pc.clock.times.discard_pages += pc.missing_count - before;
+        pc.clock.times.discard_pages += pc.missing_count() - before;
         Ok(())
     }
 
@@ -283,6 +354,12 @@ impl Receiver {
     /// `POSTCOPY_LISTEN`: start paging; from here pages are requested.
     pub(super) fn listen(&mut self) -> Result<(), DestError> {
         let read_at = Instant::now();
+        let missing = self
+            .pc
+            .as_ref()
+            .map(PostcopyRx::shared_missing)
+            .ok_or_else(|| Self::pc_protocol("POSTCOPY_LISTEN"))?;
+        self.preempt_listen(missing)?;
         let pc = self
             .pc
             .as_mut()
@@ -302,15 +379,14 @@ impl Receiver {
             stats: self.stats.clone(),
             requested: pc.requested.clone(),
         });
-        tracing::info!(
-            missing = pc.missing_count,
-            "post-copy: demand paging starts"
-        );
-        sink.start(&pc.missing, requester)
+        let missing = lock_missing(&pc.missing);
+        tracing::info!(missing = missing.count, "post-copy: demand paging starts");
+        sink.start(&missing.bits, requester)
             .map_err(|source| DestError::Machine {
                 op: "starting demand paging (post-copy)".into(),
                 source,
             })?;
+        drop(missing);
         let now = Instant::now();
         pc.clock.times.listen = now.saturating_duration_since(read_at);
         pc.clock.listened = Some(now);
@@ -351,28 +427,7 @@ impl Receiver {
         let (Some(pc), Some(sink)) = (self.pc.as_mut(), self.m.postcopy.as_mut()) else {
             return Err(Self::pc_protocol("RAM"));
         };
-        for p in batch.pages() {
-            let (block, page) = (usize::from(p.block), u64::from(p.page));
-            if !pc.missing.get(block).is_some_and(|m| m.get(page)) {
-                return Err(DestError::Protocol(format!(
-                    "page {page} of block {block} sent in post-copy but already present"
-                )));
-            }
-            let placed = match p.data {
-                PageData::Zero => sink.place_zero(block, page),
-                PageData::Normal(d) => sink.place(block, page, d),
-            }
-            .map_err(|source| DestError::Machine {
-                op: format!("placing RAM block {block} page {page}"),
-                source,
-            })?;
-            if !placed {
-                return Err(DestError::Protocol(format!(
-                    "page {page} of block {block} sent in post-copy but already present"
-                )));
-            }
-            pc.received(block, page);
-        }
+        place_pages(&pc.missing, sink.as_mut(), batch)?;
         let st = sink.stats();
         self.publish(&st);
         Ok(())
@@ -380,7 +435,7 @@ impl Receiver {
 
     pub(super) fn publish(&self, st: &PostcopyPagingStats) {
         if let Some(pc) = &self.pc {
-            self.stats.set_postcopy_missing_pages(pc.missing_count);
+            self.stats.set_postcopy_missing_pages(pc.missing_count());
         }
         let bytes = st.bytes_placed;
         self.stats.update(|r, _| r.postcopy_bytes = bytes);
@@ -395,7 +450,10 @@ impl Receiver {
 
     /// END after RUN: every page must be here; paging stops, `SHUT{0}`.
     pub(super) fn postcopy_end(&mut self) -> Result<(), DestError> {
-        let missing = self.pc.as_ref().map_or(0, |pc| pc.missing_count);
+        // The preempt channel's END came before this one: its pages are all placed once its
+        // reader has read it (decision 156).
+        self.join_preempt()?;
+        let missing = self.pc.as_ref().map_or(0, |pc| pc.missing_count());
         if missing > 0 {
             return Err(DestError::Protocol(format!(
                 "END with {missing} pages never sent in post-copy"
@@ -419,9 +477,9 @@ impl Receiver {
     /// An error after RUN names the pages that never came.
     pub(super) fn postcopy_failure(&mut self, e: DestError) -> DestError {
         match &self.pc {
-            Some(pc) if pc.stage == Stage::Running && pc.missing_count > 0 => {
+            Some(pc) if pc.stage == Stage::Running && pc.missing_count() > 0 => {
                 DestError::PostcopyLost {
-                    pages: pc.missing_count,
+                    pages: pc.missing_count(),
                     source: Box::new(e),
                 }
             }

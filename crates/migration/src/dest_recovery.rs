@@ -92,6 +92,11 @@ impl Receiver {
         if !self.postcopy_running() || self.shared.cancel.load(Ordering::SeqCst) {
             return false;
         }
+        // A broken preempt channel pauses as a broken main channel does (decision 154).
+        let mut e = e;
+        while let DestError::Preempt(inner) = e {
+            e = inner.as_ref();
+        }
         matches!(
             e,
             DestError::Inactive(_)
@@ -120,6 +125,9 @@ impl Receiver {
     }
 
     fn enter_paused(&mut self, cause: &DestError) {
+        // Nothing is placed from here until POSTCOPY_RESUME: the bitmap sent then is final.
+        self.shared.io.cancel();
+        self.stop_preempt();
         // REQ_PAGES now wait in the requested set (RpRequester).
         *self.rp.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.rp_open = false;
@@ -174,9 +182,12 @@ impl Receiver {
             return Err((DestError::Cancelled, false));
         }
         let again = |e: DestError| (e, true);
+        let listener = std::sync::Arc::new(listener);
         let stream = listener
-            .accept(&self.shared.io)
+            .accept_next(&self.shared.io)
             .map_err(|e| again(e.into()))?;
+        // The recovery's preempt channel connects to the same listener.
+        self.preempt.set_listener(listener);
         self.set_status(MigrationStatus::PostcopyRecover);
         let stream = match &self.opts.tls {
             Some(tls) => tls_stream::server(stream, tls, self.opts.liveness.limit())
@@ -198,7 +209,9 @@ impl Receiver {
             .try_clone_for_return_path()
             .map_err(|e| again(DestError::Protocol(format!("cannot clone the socket: {e}"))))?;
         let mut resumed = false;
-        let r = self.recovery_records(stream, &mut resumed);
+        let r = self
+            .recovery_records(stream, &mut resumed)
+            .map_err(|e| self.preempt_failure().unwrap_or(e));
         match r {
             Ok(()) => Ok(()),
             Err(e) if !resumed && !self.shared.cancel.load(Ordering::SeqCst) => {
@@ -249,7 +262,11 @@ impl Receiver {
                 Record::Command(Command::RecvBitmap { block }) => {
                     self.send_recv_bitmap(usize::from(block), page_size)?;
                 }
+                Record::Command(Command::PostcopyPreempt { token }) => {
+                    self.preempt_announced(token)?;
+                }
                 Record::Command(Command::PostcopyResume) => {
+                    self.preempt_resume()?;
                     send_rp(&self.rp, &RpMessage::ResumeAck)
                         .map_err(|e| DestError::Protocol(format!("cannot send RESUME_ACK: {e}")))?;
                     *resumed = true;

@@ -105,7 +105,7 @@ capabilities! {
     ValidateUuid = "validate-uuid", true;
     BackgroundSnapshot = "background-snapshot", false;
     ZeroCopySend = "zero-copy-send", false;
-    PostcopyPreempt = "postcopy-preempt", false;
+    PostcopyPreempt = "postcopy-preempt", true;
     SwitchoverAck = "switchover-ack", true;
     DirtyLimit = "dirty-limit", false;
     MappedRam = "mapped-ram", false;

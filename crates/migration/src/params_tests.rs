@@ -67,6 +67,7 @@ fn capability_list_matches_qemu() {
             "pause-before-switchover",
             "postcopy-blocktime",
             "validate-uuid",
+            "postcopy-preempt",
             "switchover-ack",
             "x-tern-ram-digest",
             "x-tern-postcopy-auto"
@@ -146,10 +147,6 @@ fn capability_rules() {
         (
             vec![("multifd", true)],
             "Capability 'multifd' is not yet supported by Tern",
-        ),
-        (
-            vec![("postcopy-preempt", true), ("postcopy-ram", true)],
-            "Capability 'postcopy-preempt' is not yet supported by Tern",
         ),
     ] {
         assert_eq!(set_caps(&mut c, &list).unwrap_err().to_string(), msg);

@@ -94,7 +94,11 @@ impl Sender {
     /// Returns whether the migration is live (socket) or a non-live `file:` save.
     fn setup(&mut self, target: Option<Target>) -> Result<bool, SourceError> {
         let stream = match target {
-            Some(Target::Uri(uri)) => transport::connect(&uri, &self.shared.io)?,
+            Some(Target::Uri(uri)) => {
+                // The preempt channel connects here too (postcopy-preempt, `preempt.rs`).
+                self.preempt.uri = Some(uri.clone());
+                transport::connect(&uri, &self.shared.io)?
+            }
             Some(Target::Stream(s)) => {
                 if s.has_return_path() {
                     self.shared
@@ -140,11 +144,13 @@ impl Sender {
         let stream = Watched::new(stream, self.shared.clone(), liveness);
         if self.opts.postcopy_ram {
             self.check_postcopy_setup(rp_stream.is_some())?;
+            self.check_preempt_setup()?;
         }
         // The lowest stream version with every record this migration writes (spec §10): every
         // migration sends self-checking RAM batches (version 5, §5.1), which is newer than
-        // RAM_DIGEST (2) and post-copy (3), so that is always 5 (decision 133).
-        let version = wire::VERSION_BATCH_INTEGRITY;
+        // RAM_DIGEST (2) and post-copy (3), so that is 5 (decision 133), 6 with the post-copy
+        // preempt channel (decision 150).
+        let version = self.stream_version();
         let mut w = StreamWriter::with_version(
             BufWriter::with_capacity(WRITE_BUFFER, stream),
             &config,
@@ -156,6 +162,7 @@ impl Sender {
             validate_uuid: self.opts.validate_uuid,
             ram_digest: self.opts.ram_digest,
             postcopy_ram: self.opts.postcopy_ram,
+            postcopy_preempt: self.opts.postcopy_preempt,
         };
         let advise = Command::PostcopyAdvise {
             page_size: config.page_size,
@@ -488,7 +495,7 @@ impl Sender {
         let (Some(ram), Some(w)) = (self.ram.as_ref(), self.writer.as_ref()) else {
             return;
         };
-        let written = self.bytes_of_earlier_channels + w.bytes_written();
+        let written = self.bytes_of_earlier_channels + w.bytes_written() + self.preempt.bytes();
         let pages = ram.zero_pages + ram.normal_pages;
         let sample = self
             .estimator

@@ -39,6 +39,7 @@ mod confirm;
 mod devices;
 mod liveness;
 mod postcopy;
+mod preempt;
 mod ram;
 pub mod recovery;
 mod rp;
@@ -159,6 +160,9 @@ pub struct SourceOptions {
     /// `x-tern-postcopy-auto`: switch to post-copy by itself when pre-copy is predicted not to
     /// meet `downtime-limit` (`convergence::postcopy_auto`; needs `postcopy_ram`).
     pub postcopy_auto: bool,
+    /// `postcopy-preempt`: after the switch, requested pages go on a second connection to the
+    /// same URI (`CAPABILITIES` bit 5, stream version 6, `preempt.rs`; needs `postcopy_ram`).
+    pub postcopy_preempt: bool,
 }
 
 impl Default for SourceOptions {
@@ -188,6 +192,8 @@ impl SourceOptions {
             tls: None,
             postcopy_ram: caps.get(Capability::PostcopyRam),
             postcopy_auto: caps.get(Capability::XTernPostcopyAuto),
+            postcopy_preempt: caps.get(Capability::PostcopyRam)
+                && caps.get(Capability::PostcopyPreempt),
         }
     }
 }
@@ -315,6 +321,15 @@ pub enum SourceError {
         #[source]
         source: Box<SourceError>,
     },
+    /// The post-copy preempt channel failed (`op`: what was being done).
+    #[error("post-copy preempt channel: {op}")]
+    Preempt {
+        /// What was being done ("connect", "TLS", "handshake", "write", "END").
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<SourceError>,
+    },
     /// The migration thread panicked.
     #[error("the migration thread panicked")]
     Panicked,
@@ -423,6 +438,10 @@ struct Flags {
     resume_sent: bool,
     /// `RESUME_ACK` arrived.
     resume_acked: bool,
+    /// `POSTCOPY_PREEMPT` was written on the current channel (§13.8).
+    preempt_announced: bool,
+    /// `PREEMPT_ACK` arrived for it.
+    preempt_acked: bool,
     /// Page requests read from the return path, not yet served (post-copy).
     requests: std::collections::VecDeque<crate::machine::PageRange>,
     /// Sequence number of the last `PING` sent by the sender's waits.
@@ -605,6 +624,7 @@ pub fn migrate(
         mark: Instant::now(),
         bytes_at_run: None,
         bytes_of_earlier_channels: 0,
+        preempt: preempt::PreemptTx::default(),
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
@@ -662,6 +682,8 @@ struct Sender {
     bytes_at_run: Option<u64>,
     /// Post-copy recovery: bytes written on the channels before the current one.
     bytes_of_earlier_channels: u64,
+    /// `postcopy-preempt`: the preempt channel (`preempt.rs`).
+    preempt: preempt::PreemptTx,
 }
 
 mod flow;

@@ -128,8 +128,17 @@ impl Sender {
 
     /// The switch and the post-copy phase, up to `completed`.
     pub(super) fn postcopy(&mut self) -> Result<(), SourceError> {
+        if self.opts.postcopy_preempt {
+            // With the guest still running: a preempt channel that cannot be set up fails the
+            // migration here, and the guest runs on (decision 152).
+            self.open_preempt()?;
+        }
         self.drain_before_switch()?;
         self.stop_vm(Instant::now())?;
+        // `ram.transferred` counts the preempt channel too (its handshake went before the stop).
+        if let Some(at) = self.bytes_at_stop.as_mut() {
+            *at += self.preempt.bytes();
+        }
         if self.opts.pause_before_switchover {
             self.set_status(MigrationStatus::PreSwitchover);
             self.wait_alive(None, |f| f.cont)?;
@@ -172,7 +181,7 @@ impl Sender {
         // From the first byte of RUN on, the destination may act on it: never resume here.
         self.shared.lock().postcopy_run_sent = true;
         self.writer()?.flush()?;
-        let run_at = self.writer()?.bytes_written();
+        let run_at = self.writer()?.bytes_written() + self.preempt.bytes();
         self.bytes_at_run = Some(run_at);
         self.timeline.end_flush = self.lap();
         let pages = self.ram()?.remaining_pages();
@@ -193,6 +202,7 @@ impl Sender {
 
     /// Every page sent: END, then the destination's `SHUT{0}`.
     fn end_postcopy(&mut self) -> Result<(), SourceError> {
+        self.finish_preempt()?;
         let w = self.writer.take().ok_or(SourceError::Cancelled)?;
         self.bytes_of_earlier_channels += w.bytes_written() + 17;
         let _stream = w.finish()?;
@@ -248,11 +258,9 @@ impl Sender {
                 }
                 if let Some(&(b, p)) = pages.last() {
                     ram.set_cursor(b, p + 1);
-                    let (ram, w) = (self.ram.as_mut(), self.writer.as_mut());
-                    if let (Some(ram), Some(w)) = (ram, w) {
-                        ram.send_pages(self.m.ram.as_mut(), w, &pages)?;
-                    }
-                    flush = true;
+                    // On the preempt channel when there is one (flushed there), else here.
+                    flush = !self.preempt.is_open();
+                    self.send_requested(&pages)?;
                 }
                 // Counted across recovery channels (QEMU's `postcopy-requests`).
                 self.stats.update(|r, _| r.postcopy_requests += n);

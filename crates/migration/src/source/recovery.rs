@@ -126,6 +126,11 @@ impl Sender {
         if f.cancel || !f.postcopy_run_sent {
             return false;
         }
+        // A broken preempt channel pauses exactly as a broken main channel (decision 154).
+        let mut e = e;
+        while let SourceError::Preempt { source, .. } = e {
+            e = source.as_ref();
+        }
         match e {
             SourceError::Destination(_) => false,
             SourceError::Wire(_)
@@ -170,6 +175,7 @@ impl Sender {
         if let Some(w) = self.writer.take() {
             self.bytes_of_earlier_channels += w.bytes_written();
         }
+        self.preempt.drop_channel();
         if let Some(t) = self.rp_thread.take() {
             let _ = t.join();
         }
@@ -183,6 +189,8 @@ impl Sender {
             f.recv_bitmaps = None;
             f.resume_sent = false;
             f.resume_acked = false;
+            f.preempt_announced = false;
+            f.preempt_acked = false;
             f.ping_pending_since = None;
             f.heard_at = None;
             std::mem::take(&mut f.pause_requested)
@@ -223,6 +231,7 @@ impl Sender {
     fn recovery_channel(&mut self, uri: MigrationUri) -> Result<(), SourceError> {
         self.shared.io.reset();
         self.check_abort()?;
+        self.preempt.uri = Some(uri.clone());
         let stream = transport::connect(&uri, &self.shared.io)?;
         self.check_abort()?;
         let liveness = self.opts.liveness;
@@ -262,7 +271,8 @@ impl Sender {
             &wire::Limits::default(),
             // A recovery channel needs version 4 and, like every channel this engine writes,
             // carries self-checking RAM batches (version 5, decision 133).
-            wire::VERSION_RECOVERY.max(wire::VERSION_BATCH_INTEGRITY),
+            // (6 with the preempt channel, decision 150).
+            wire::VERSION_RECOVERY.max(self.stream_version()),
         )?;
         w.write_command(Command::OpenReturnPath)?;
         for b in 0..blocks {
@@ -287,6 +297,10 @@ impl Sender {
             .ram()?
             .requeue_unreceived(|b, p| bitmaps.received(b, p));
         tracing::info!(pages, "post-copy recovery: pages the destination lacks");
+        if self.opts.postcopy_preempt {
+            // A new preempt channel before POSTCOPY_RESUME (QEMU's order, decision 155).
+            self.open_preempt()?;
+        }
         self.shared.lock().resume_sent = true;
         self.writer()?.write_command(Command::PostcopyResume)?;
         self.writer()?.flush()?;

@@ -111,6 +111,19 @@ pub(super) fn run<R: Read>(stream: R, config: &StreamConfig, shared: Arc<Shared>
                     return;
                 }
             }
+            Ok(Some(RpMessage::PreemptAck)) => {
+                if !f.preempt_announced || f.preempt_acked {
+                    f.rp_fault.get_or_insert_with(|| {
+                        "PREEMPT_ACK without a preempt channel announced (or twice)".into()
+                    });
+                    drop(f);
+                    shared.cv.notify_all();
+                    shared.io.cancel();
+                    return;
+                }
+                tracing::debug!("return path: PREEMPT_ACK");
+                f.preempt_acked = true;
+            }
             Ok(Some(RpMessage::ResumeAck)) => {
                 if !f.resume_sent {
                     f.rp_fault

@@ -619,6 +619,12 @@ impl Listener {
 
     /// Waits for the source (one connection, like QEMU). `cancel` interrupts the wait.
     pub fn accept(self, cancel: &CancelToken) -> Result<Stream, TransportError> {
+        self.accept_next(cancel)
+    }
+
+    /// Waits for the next connection and keeps listening (the post-copy preempt channel
+    /// connects to the same listener as the main channel). `cancel` interrupts the wait.
+    pub fn accept_next(&self, cancel: &CancelToken) -> Result<Stream, TransportError> {
         cancel.check()?;
         let target = self.local_uri().to_string();
         let io = |op, source| TransportError::Io {
@@ -626,7 +632,7 @@ impl Listener {
             target: target.clone(),
             source,
         };
-        let stream = match &self {
+        let stream = match self {
             Self::Tcp(l) => {
                 cancel.register(l.as_fd()).map_err(|e| io("register", e))?;
                 let (s, _) = l.accept().map_err(|e| {

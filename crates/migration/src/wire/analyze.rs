@@ -160,11 +160,17 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                         validate_uuid,
                         ram_digest,
                         postcopy_ram,
+                        postcopy_preempt,
                     } => {
                         v["switchover-ack"] = json!(switchover_ack);
                         v["validate-uuid"] = json!(validate_uuid);
                         v["x-tern-ram-digest"] = json!(ram_digest);
                         v["postcopy-ram"] = json!(postcopy_ram);
+                        v["postcopy-preempt"] = json!(postcopy_preempt);
+                    }
+                    Command::PostcopyPreempt { token } => {
+                        v["token"] =
+                            json!(token.iter().map(|b| format!("{b:02x}")).collect::<String>());
                     }
                     Command::PostcopyAdvise { page_size } => v["page_size"] = json!(page_size),
                     Command::PostcopyRun { crc32, total_bytes } => {

@@ -1,7 +1,9 @@
 //! The COMMAND record's decoder (§6, §13, §13.6); split out of `reader.rs`.
 
 use super::error::WireError;
-use super::format::{cmd, Cursor, VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY};
+use super::format::{
+    cmd, Cursor, VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
+};
 use super::record::Command;
 
 /// Decodes a COMMAND body for a stream of `version` (a command newer than the version is
@@ -29,13 +31,16 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
         },
         cmd::CAPABILITIES => {
             let flags = c.u32("capability flags")?;
-            let known = if version >= VERSION_POSTCOPY {
+            let mut known = if version >= VERSION_POSTCOPY {
                 cmd::CAP_KNOWN
             } else if version >= VERSION_RAM_DIGEST {
                 cmd::CAP_KNOWN & !cmd::CAP_POSTCOPY_RAM
             } else {
                 cmd::CAP_KNOWN & !cmd::CAP_RAM_DIGEST & !cmd::CAP_POSTCOPY_RAM
             };
+            if version < VERSION_PREEMPT {
+                known &= !cmd::CAP_POSTCOPY_PREEMPT;
+            }
             if flags & !known != 0 {
                 return Err(WireError::Invalid {
                     field: "capability flags",
@@ -54,11 +59,21 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
                     reason: "x-tern-ram-digest and postcopy-ram together (decision 71)".into(),
                 });
             }
+            if flags & cmd::CAP_POSTCOPY_PREEMPT != 0 && flags & cmd::CAP_POSTCOPY_RAM == 0 {
+                return Err(WireError::Invalid {
+                    field: "capability flags",
+                    offset: body_at,
+                    reason: "postcopy-preempt without postcopy-ram (Postcopy preempt requires \
+                             postcopy-ram)"
+                        .into(),
+                });
+            }
             Command::Capabilities {
                 switchover_ack: flags & cmd::CAP_SWITCHOVER_ACK != 0,
                 validate_uuid: flags & cmd::CAP_VALIDATE_UUID != 0,
                 ram_digest: flags & cmd::CAP_RAM_DIGEST != 0,
                 postcopy_ram: flags & cmd::CAP_POSTCOPY_RAM != 0,
+                postcopy_preempt: flags & cmd::CAP_POSTCOPY_PREEMPT != 0,
             }
         }
         cmd::POSTCOPY_ADVISE if version >= VERSION_POSTCOPY => {
@@ -89,6 +104,9 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
             Command::RecvBitmap { block }
         }
         cmd::POSTCOPY_RESUME if version >= VERSION_RECOVERY => Command::PostcopyResume,
+        cmd::POSTCOPY_PREEMPT if version >= VERSION_PREEMPT => Command::PostcopyPreempt {
+            token: c.bytes16("preempt token")?,
+        },
         cmd::POSTCOPY_FIRST..=cmd::POSTCOPY_LAST => {
             return Err(WireError::UnsupportedCommand {
                 cmd: n,

@@ -7,7 +7,7 @@ use super::error::WireError;
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// Newest stream version this code reads and writes; the reader accepts `1..=CURRENT_VERSION`.
 /// A writer writes the lowest version whose records it uses (`docs/stream-format.md` §10).
-pub const CURRENT_VERSION: u32 = 5;
+pub const CURRENT_VERSION: u32 = 6;
 /// The version of a stream without any version-2 record.
 pub const VERSION_1: u32 = 1;
 /// The version that added `RAM_DIGEST` (and `CAPABILITIES` bit 3).
@@ -29,6 +29,10 @@ pub const BATCH_CHANNELS: u16 = 1;
 /// The version that added post-copy recovery (commands 0x13, 0x14; return-path `RECV_BITMAP`,
 /// `RESUME_ACK`): written only on a recovery channel (§13.6).
 pub const VERSION_RECOVERY: u32 = 4;
+/// The version that added the post-copy preempt channel (command 0x15 `POSTCOPY_PREEMPT`,
+/// `CAPABILITIES` bit 5, return-path `PREEMPT_ACK`; `docs/stream-format.md` §13.8): written
+/// only when `postcopy-preempt` is on.
+pub const VERSION_PREEMPT: u32 = 6;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).
@@ -131,9 +135,15 @@ pub mod cmd {
     /// `CAPABILITIES` flag (version 3): `postcopy-ram` is on at the source; `POSTCOPY_ADVISE`
     /// follows.
     pub const CAP_POSTCOPY_RAM: u32 = 0x10;
+    /// `CAPABILITIES` flag (version 6): `postcopy-preempt` is on at the source (only with
+    /// `CAP_POSTCOPY_RAM`); a preempt channel carries the requested pages (§13.8).
+    pub const CAP_POSTCOPY_PREEMPT: u32 = 0x20;
     /// Every `CAPABILITIES` flag this reader knows.
-    pub const CAP_KNOWN: u32 =
-        CAP_SWITCHOVER_ACK | CAP_VALIDATE_UUID | CAP_RAM_DIGEST | CAP_POSTCOPY_RAM;
+    pub const CAP_KNOWN: u32 = CAP_SWITCHOVER_ACK
+        | CAP_VALIDATE_UUID
+        | CAP_RAM_DIGEST
+        | CAP_POSTCOPY_RAM
+        | CAP_POSTCOPY_PREEMPT;
     /// `u8 running`: whether the source VM was running when the migration stopped it (QEMU's
     /// global-state run state): a paused guest stays paused on the destination.
     pub const RUN_STATE: u16 = 6;
@@ -148,6 +158,9 @@ pub mod cmd {
     pub const RECV_BITMAP: u16 = 0x13;
     /// Post-copy recovery (version 4): the source re-queued what the destination lacks.
     pub const POSTCOPY_RESUME: u16 = 0x14;
+    /// The preempt channel (version 6): `u8 token[16]`; on the main or a recovery channel it
+    /// announces the preempt channel, as a preempt channel's first record it identifies it.
+    pub const POSTCOPY_PREEMPT: u16 = 0x15;
     /// First post-copy command.
     pub const POSTCOPY_FIRST: u16 = 0x10;
     /// Last reserved post-copy command.

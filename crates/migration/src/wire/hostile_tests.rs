@@ -325,7 +325,12 @@ fn unknown_and_misplaced_records() {
     );
     let e = err_of(&raw(&[(5, vec![0x99, 0])]));
     assert!(e.to_string().contains("unknown command 0x0099"), "{e}");
-    let e = err_of(&raw(&[(5, vec![0x15, 0])]));
+    let e = err_of(&raw(&[(5, vec![0x16, 0])]));
+    assert!(
+        matches!(e, WireError::UnsupportedCommand { cmd: 0x16, .. }),
+        "{e}"
+    );
+    let e = err_of(&raw_v(5, &[(5, vec![0x15, 0])]));
     assert!(
         matches!(e, WireError::UnsupportedCommand { cmd: 0x15, .. }),
         "{e}"

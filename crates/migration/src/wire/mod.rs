@@ -30,6 +30,8 @@ mod hostile_tests;
 #[cfg(test)]
 mod postcopy_tests;
 #[cfg(test)]
+mod preempt_tests;
+#[cfg(test)]
 mod recovery_tests;
 #[cfg(test)]
 mod tests;
@@ -39,8 +41,8 @@ pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, Strea
 pub use error::WireError;
 pub use format::{
     cmd, is_zero_page, page_kind, Limits, RecordKind, BATCH_CHANNELS, CURRENT_VERSION, HEADER_LEN,
-    MAGIC, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
-    VERSION_RECOVERY,
+    MAGIC, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_PREEMPT,
+    VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 pub use ram_batch::BatchHeader;
 pub use reader::{Header, StreamReader};

@@ -23,6 +23,13 @@ pub(crate) struct PostcopyOrder {
     running: bool,
     /// A recovery channel (§13.6): its handshake's progress.
     recovery: Option<RecoveryOrder>,
+    /// `CAPABILITIES` had `postcopy-preempt` (§13.8).
+    preempt_negotiated: bool,
+    /// This channel announced its preempt channel (`POSTCOPY_PREEMPT`).
+    preempt_announced: bool,
+    /// This is a preempt channel (§13.8): `Some(identified)`, `identified` once its first
+    /// record, `POSTCOPY_PREEMPT`, came.
+    preempt_channel: Option<bool>,
 }
 
 /// The handshake of a recovery channel (§13.6).
@@ -37,6 +44,9 @@ struct RecoveryOrder {
     /// `POSTCOPY_RESUME` came: the rules after `POSTCOPY_RUN` hold.
     resumed: bool,
 }
+
+const PREEMPT_FIRST: &str = "a preempt channel starts with POSTCOPY_PREEMPT";
+const PREEMPT_ONLY: &str = "only RAM and END follow POSTCOPY_PREEMPT on a preempt channel";
 
 const RECOVERY_PREFIX: &str =
     "before POSTCOPY_RESUME a recovery channel carries only OPEN_RETURN_PATH, RECV_BITMAP and PING";
@@ -63,6 +73,61 @@ impl PostcopyOrder {
         }
     }
 
+    /// The order state of a preempt channel (§13.8): `POSTCOPY_PREEMPT`, then RAM and END.
+    pub(crate) fn preempt() -> Self {
+        Self {
+            advised: true,
+            run_state_seen: true,
+            preempt_channel: Some(false),
+            ..Self::default()
+        }
+    }
+
+    /// The rules of a preempt channel; `Ok(true)` when this is one (the record was checked).
+    fn check_preempt_channel(
+        &mut self,
+        record: &'static str,
+        command: Option<&Command>,
+        frame_at: u64,
+    ) -> Result<bool, WireError> {
+        let Some(identified) = self.preempt_channel.as_mut() else {
+            return Ok(false);
+        };
+        match (*identified, command) {
+            (false, Some(Command::PostcopyPreempt { .. })) => *identified = true,
+            (false, _) => return Err(out_of_order(record, frame_at, PREEMPT_FIRST)),
+            (true, Some(_)) => return Err(out_of_order(record, frame_at, PREEMPT_ONLY)),
+            (true, None) if matches!(record, "ram" | "end") => {}
+            (true, None) => return Err(out_of_order(record, frame_at, PREEMPT_ONLY)),
+        }
+        Ok(true)
+    }
+
+    /// `POSTCOPY_PREEMPT` on a main or recovery channel: at most once, and on a first
+    /// channel only with `postcopy-preempt` negotiated and before `SWITCHOVER_START`.
+    fn check_preempt_announce(
+        &mut self,
+        switchover_started: bool,
+        frame_at: u64,
+    ) -> Result<(), WireError> {
+        let reason = if self.preempt_announced {
+            "a second preempt channel (POSTCOPY_PREEMPT twice on one channel)"
+        } else if self.recovery.is_some() {
+            ""
+        } else if !self.preempt_negotiated {
+            "a preempt channel without postcopy-preempt (CAPABILITIES bit 5)"
+        } else if switchover_started {
+            "POSTCOPY_PREEMPT after SWITCHOVER_START (the preempt channel is opened before the switch)"
+        } else {
+            ""
+        };
+        if !reason.is_empty() {
+            return Err(out_of_order("command", frame_at, reason));
+        }
+        self.preempt_announced = true;
+        Ok(())
+    }
+
     /// The handshake rules of a recovery channel; `Ok(true)` when they decided (the command
     /// is part of the handshake), `Ok(false)` when the ordinary rules apply.
     fn check_recovery(&mut self, command: &Command, frame_at: u64) -> Result<bool, WireError> {
@@ -83,6 +148,9 @@ impl PostcopyOrder {
         match *command {
             Command::Ping { .. } => {}
             Command::OpenReturnPath if !r.rp_opened => r.rp_opened = true,
+            Command::PostcopyPreempt { .. } if r.rp_opened => {
+                self.check_preempt_announce(true, frame_at)?;
+            }
             Command::RecvBitmap { block } if r.rp_opened => {
                 if u32::from(block) >= r.blocks {
                     return Err(WireError::Invalid {
@@ -134,6 +202,9 @@ impl PostcopyOrder {
         frame_at: u64,
     ) -> Result<(), WireError> {
         let name = kind.name();
+        if self.check_preempt_channel(name, None, frame_at)? {
+            return Ok(());
+        }
         if self.recovery.as_ref().is_some_and(|r| !r.resumed) {
             return Err(out_of_order(name, frame_at, RECOVERY_PREFIX));
         }
@@ -209,6 +280,9 @@ impl PostcopyOrder {
         frame_at: u64,
     ) -> Result<(), WireError> {
         let body_at = frame_at + 5;
+        if self.check_preempt_channel("command", Some(command), frame_at)? {
+            return Ok(());
+        }
         if self.check_recovery(command, frame_at)? {
             return Ok(());
         }
@@ -235,7 +309,17 @@ impl PostcopyOrder {
             ));
         }
         match *command {
-            Command::Capabilities { postcopy_ram, .. } => self.advise_pending = postcopy_ram,
+            Command::Capabilities {
+                postcopy_ram,
+                postcopy_preempt,
+                ..
+            } => {
+                self.advise_pending = postcopy_ram;
+                self.preempt_negotiated = postcopy_preempt;
+            }
+            Command::PostcopyPreempt { .. } => {
+                self.check_preempt_announce(switchover_started, frame_at)?;
+            }
             Command::PostcopyAdvise { page_size: p } => {
                 if !self.advise_pending {
                     return Err(out_of_order(

@@ -64,6 +64,7 @@ fn written_stream() -> Vec<u8> {
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: true,
+        postcopy_preempt: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {
@@ -153,6 +154,7 @@ fn the_writer_refuses_post_copy_in_an_older_version_and_bad_discards() {
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: true,
+        postcopy_preempt: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {
@@ -216,9 +218,15 @@ fn capabilities_and_advise_rules() {
     // postcopy-ram with x-tern-ram-digest.
     let e = err_of(&raw(&[caps(cmd::CAP_POSTCOPY_RAM | cmd::CAP_RAM_DIGEST)]));
     assert!(e.to_string().contains("postcopy-ram together"), "{e}");
-    // Bit 5 (postcopy-preempt) is reserved.
-    let e = err_of(&raw(&[caps(0x20)]));
+    // Bit 5 (postcopy-preempt) is reserved before version 6 and needs bit 4 (§13.8).
+    let e = err_of(&raw_v(5, &[caps(0x20)]));
     assert!(e.to_string().contains("reserved bits set: 0x20"), "{e}");
+    let e = err_of(&raw(&[caps(0x20)]));
+    assert!(
+        e.to_string()
+            .contains("postcopy-preempt without postcopy-ram"),
+        "{e}"
+    );
     // ADVISE missing after the bit, ADVISE without the bit, ADVISE twice.
     let e = err_of(&raw(&[caps(cmd::CAP_POSTCOPY_RAM), switchover_start()]));
     assert!(e.to_string().contains("followed by POSTCOPY_ADVISE"), "{e}");

@@ -10,7 +10,7 @@ use super::error::WireError;
 use super::format::{
     Cursor, Limits, RecordKind, BATCH_HEADER_LEN, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
     FRAME_LEN, HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN, VERSION_BATCH_INTEGRITY,
-    VERSION_POSTCOPY, VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::postcopy::{max_discard_body, parse_discard, PostcopyOrder};
 use super::ram_batch::{check_table, BatchHeader, BatchTracker, TableAt};
@@ -273,6 +273,25 @@ impl<R: Read> StreamReader<R> {
         }
         r.order.switchover_started = true;
         r.order.postcopy = PostcopyOrder::recovery(r.block_pages.len());
+        Ok(r)
+    }
+
+    /// Like [`StreamReader::new`], for a post-copy preempt channel (§13.8): the version must
+    /// be at least 6, the first record `POSTCOPY_PREEMPT` (its token is the caller's to
+    /// check), then only RAM and END.
+    pub fn preempt(inner: R, limits: Limits, expect: Expectations) -> Result<Self, WireError> {
+        let mut r = Self::new(inner, limits, expect)?;
+        if r.header.version < VERSION_PREEMPT {
+            return Err(WireError::Invalid {
+                field: "version",
+                offset: 8,
+                reason: format!(
+                    "{}: a post-copy preempt channel needs stream version {VERSION_PREEMPT}",
+                    r.header.version
+                ),
+            });
+        }
+        r.order.postcopy = PostcopyOrder::preempt();
         Ok(r)
     }
 

@@ -79,6 +79,9 @@ pub enum Command {
         ram_digest: bool,
         /// `postcopy-ram` is on at the source (version 3): `POSTCOPY_ADVISE` follows.
         postcopy_ram: bool,
+        /// `postcopy-preempt` is on at the source (version 6, only with `postcopy_ram`): the
+        /// requested pages travel on a preempt channel (§13.8).
+        postcopy_preempt: bool,
     },
     /// Post-copy setup (version 3); `page_size` equals the CONFIG's.
     PostcopyAdvise {
@@ -103,6 +106,12 @@ pub enum Command {
     /// Post-copy recovery (version 4, recovery channel only): the source re-queued every page
     /// the destination lacks; answered by `RESUME_ACK`.
     PostcopyResume,
+    /// The preempt channel (version 6, §13.8): on the main or a recovery channel, "a preempt
+    /// channel with this token follows"; as a preempt channel's first record, "this is it".
+    PostcopyPreempt {
+        /// 16 random bytes drawn by the source for this preempt channel.
+        token: [u8; 16],
+    },
     /// Whether the source VM was running when the switchover stopped it.
     RunState {
         /// Running (the destination resumes it, autostart permitting) or paused (stays paused).
@@ -125,6 +134,7 @@ impl Command {
             Self::PostcopyRun { .. } => "postcopy-run",
             Self::RecvBitmap { .. } => "recv-bitmap",
             Self::PostcopyResume => "postcopy-resume",
+            Self::PostcopyPreempt { .. } => "postcopy-preempt",
         }
     }
 }

@@ -31,6 +31,8 @@ pub mod rp_type {
     pub const RECV_BITMAP: u16 = 7;
     /// Empty (post-copy recovery, version 4).
     pub const RESUME_ACK: u16 = 8;
+    /// Empty (post-copy preempt channel, version 6): the preempt channel was accepted.
+    pub const PREEMPT_ACK: u16 = 9;
 }
 
 /// A message from the destination to the source.
@@ -75,6 +77,8 @@ pub enum RpMessage {
     },
     /// Answer to `POSTCOPY_RESUME`: the destination is `postcopy-active` again.
     ResumeAck,
+    /// The destination accepted the preempt channel (§13.8).
+    PreemptAck,
 }
 
 impl RpMessage {
@@ -89,6 +93,7 @@ impl RpMessage {
             Self::ReqPages { .. } => "REQ_PAGES",
             Self::RecvBitmap { .. } => "RECV_BITMAP",
             Self::ResumeAck => "RESUME_ACK",
+            Self::PreemptAck => "PREEMPT_ACK",
         }
     }
 
@@ -134,6 +139,7 @@ impl RpMessage {
                 (rp_type::RECV_BITMAP, p)
             }
             Self::ResumeAck => (rp_type::RESUME_ACK, Vec::new()),
+            Self::PreemptAck => (rp_type::PREEMPT_ACK, Vec::new()),
         };
         let mut out = Vec::with_capacity(4 + payload.len());
         out.extend_from_slice(&ty.to_le_bytes());
@@ -233,7 +239,10 @@ impl<R: Read> ReturnPathReader<R> {
         };
         match ty {
             rp_type::SHUT | rp_type::PONG => fixed(4)?,
-            rp_type::SWITCHOVER_ACK | rp_type::RESUMED | rp_type::RESUME_ACK => fixed(0)?,
+            rp_type::SWITCHOVER_ACK
+            | rp_type::RESUMED
+            | rp_type::RESUME_ACK
+            | rp_type::PREEMPT_ACK => fixed(0)?,
             rp_type::RECV_BITMAP => {
                 if len <= 8 {
                     return Err(WireError::LengthMismatch {
@@ -305,6 +314,7 @@ impl<R: Read> ReturnPathReader<R> {
             rp_type::SWITCHOVER_ACK => RpMessage::SwitchoverAck,
             rp_type::RESUMED => RpMessage::Resumed,
             rp_type::RESUME_ACK => RpMessage::ResumeAck,
+            rp_type::PREEMPT_ACK => RpMessage::PreemptAck,
             rp_type::RECV_BITMAP => self.recv_bitmap(body, body_at)?,
             rp_type::ERROR => {
                 let text = std::str::from_utf8(body).map_err(|e| WireError::Invalid {

@@ -300,6 +300,7 @@ fn capabilities_round_trip() {
             validate_uuid,
             ram_digest: false,
             postcopy_ram: false,
+            postcopy_preempt: false,
         };
         let mut w = StreamWriter::new(Vec::new(), &cfg).unwrap();
         w.write_command(c).unwrap();
@@ -408,7 +409,7 @@ fn return_path_hostile() {
         (vec![1, 0], "truncated"),
         (vec![1, 0, 3, 0, 0, 0, 0], "length"),
         (vec![1, 0, 4, 0, 2, 0, 0, 0], "SHUT error flag"),
-        (vec![9, 0, 0, 0], "unknown return-path message type 9"),
+        (vec![10, 0, 0, 0], "unknown return-path message type 10"),
         (vec![4, 0, 0, 0], "error text length"),
         (vec![4, 0, 0xff, 0xff], "error text length"),
         (vec![4, 0, 2, 0, 0xff, 0xfe], "UTF-8"),

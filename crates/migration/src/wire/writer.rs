@@ -6,8 +6,8 @@ use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
-    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
-    VERSION_RECOVERY,
+    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_PREEMPT,
+    VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::ram_batch::{BatchCrc, BatchNumbering};
 use super::record::{Command, PageData, RamPage};
@@ -168,7 +168,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes a COMMAND record.
     pub fn write_command(&mut self, command: Command) -> Result<(), WireError> {
-        let mut body = [0u8; 2 + 12];
+        let mut body = [0u8; 2 + 16];
         let n = match command {
             Command::IterationEnd { pass } => {
                 body[..2].copy_from_slice(&cmd::ITERATION_END.to_le_bytes());
@@ -210,6 +210,12 @@ impl<W: Write> StreamWriter<W> {
                 body[..2].copy_from_slice(&cmd::POSTCOPY_RESUME.to_le_bytes());
                 2
             }
+            Command::PostcopyPreempt { token } => {
+                self.need_version(VERSION_PREEMPT, "POSTCOPY_PREEMPT")?;
+                body[..2].copy_from_slice(&cmd::POSTCOPY_PREEMPT.to_le_bytes());
+                body[2..18].copy_from_slice(&token);
+                18
+            }
             Command::PostcopyListen => {
                 self.need_version(VERSION_POSTCOPY, "POSTCOPY_LISTEN")?;
                 body[..2].copy_from_slice(&cmd::POSTCOPY_LISTEN.to_le_bytes());
@@ -227,6 +233,7 @@ impl<W: Write> StreamWriter<W> {
                 validate_uuid,
                 ram_digest,
                 postcopy_ram,
+                postcopy_preempt,
             } => {
                 body[..2].copy_from_slice(&cmd::CAPABILITIES.to_le_bytes());
                 let mut flags = 0;
@@ -243,6 +250,10 @@ impl<W: Write> StreamWriter<W> {
                 if postcopy_ram {
                     self.need_version(VERSION_POSTCOPY, "CAPABILITIES postcopy-ram")?;
                     flags |= cmd::CAP_POSTCOPY_RAM;
+                }
+                if postcopy_preempt {
+                    self.need_version(VERSION_PREEMPT, "CAPABILITIES postcopy-preempt")?;
+                    flags |= cmd::CAP_POSTCOPY_PREEMPT;
                 }
                 body[2..6].copy_from_slice(&flags.to_le_bytes());
                 6
