@@ -185,18 +185,28 @@ fn postcopy_refusals_name_what_is_missing() {
         .src
         .fails(&["migrate", "r", &dst, "--live", "--postcopy-after-precopy"]);
     assert!(e.contains("only be used with --postcopy"), "{e}");
-    let e = h.src.fails(&[
+    // --postcopy-resume (§5d): needs --postcopy and a failed post-copy; pre-copy's options
+    // have nothing to act on.
+    let e = h
+        .src
+        .fails(&["migrate", "r", &dst, "--live", "--p2p", "--postcopy-resume"]);
+    assert!(e.contains("requires post-copy to be enabled"), "{e}");
+    let resume: [&str; 7] = [
         "migrate",
         "r",
         &dst,
         "--live",
+        "--p2p",
         "--postcopy",
         "--postcopy-resume",
-    ]);
-    assert!(
-        e.contains("--postcopy-resume") && e.contains("not built"),
-        "{e}"
-    );
+    ];
+    let e = h.src.fails(&resume);
+    assert!(e.contains("is not in post-copy phase"), "{e}");
+    assert!(e.contains("running (booted)"), "{e}");
+    let e = h
+        .src
+        .fails(&[&resume[..], &["--postcopy-after-precopy"][..]].concat());
+    assert!(e.contains("--postcopy-resume cannot be used with"), "{e}");
     let e = h.src.fails(&["migrate-postcopy", "r"]);
     assert!(e.contains("while outgoing migration is in progress"), "{e}");
     let e = h.src.fails(&["domjobabort", "r", "--postcopy"]);
@@ -231,6 +241,16 @@ fn after_the_switch_abort_is_refused_and_a_killed_destination_leaves_the_source_
     );
     let e = h.src.fails(&["migrate-postcopy", "k"]);
     assert!(e.contains("post-copy already started"), "{e}");
+    let e = h.src.fails(&[
+        "migrate",
+        "k",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--postcopy",
+        "--postcopy-resume",
+    ]);
+    assert!(e.contains("has not failed"), "{e}");
     // domjobabort --postcopy is QMP migrate-pause: relayed as the VMM answers it.
     let o = h.src.ctl(&["domjobabort", "k", "--postcopy"]);
     if !o.status.success() {
@@ -354,4 +374,185 @@ fn timeout_postcopy_switches_a_migration_that_runs_too_long() {
     assert!(job.contains("post-copy: switched"), "{job}");
     wait_state(&h.dst, "t", "running (migrated)");
     assert_pattern_ok(&h.dst, "t", MEM, dir.path());
+}
+
+/// Lines of an `event --loop` output whose lifecycle detail is exactly `detail` (so that
+/// `Post-copy` does not match `Post-copy Error`).
+fn event_at(out: &str, detail: &str) -> Option<usize> {
+    out.lines()
+        .position(|l| l.ends_with(&format!(": {detail}")))
+}
+
+/// The resume command of §5d, with the flags of the migration it resumes.
+fn resume_args<'a>(name: &'a str, dst: &'a str) -> [&'a str; 7] {
+    [
+        "migrate",
+        name,
+        dst,
+        "--live",
+        "--p2p",
+        "--postcopy",
+        "--postcopy-resume",
+    ]
+}
+
+/// §5d end to end: a `pattern` guest in post-copy, paused by `domjobabort --postcopy` (QMP
+/// `migrate-pause`): both sides `post-copy failed`. A resume while the destination daemon is
+/// down fails clearly and changes nothing; both daemons restarted find the failed state
+/// again from their status files; a new migration and `resume` are refused; the resume then
+/// completes: the source is shut off, the destination runs with every page (pattern check),
+/// with libvirt's events for a resumed job.
+#[test]
+fn a_paused_postcopy_resumes_after_a_failed_attempt_and_completes_with_the_guest_intact() {
+    const BIG: u64 = 256;
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let name = "pr";
+    // 192 MiB written in order, page after page, by one vCPU: after the switch the
+    // destination fetches them one fault at a time, which leaves post-copy running while the
+    // pause is sent.
+    let xml = write_xml(dir.path(), name, &domain_xml(name, BIG, "pattern", 192, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", name]);
+    wait_workload_running(&h.src, name);
+    h.src.ok(&["migrate-setmaxdowntime", name, "1"]);
+    let dst = h.dst.tcp_uri();
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            name,
+            &dst,
+            "--live",
+            "--p2p",
+            "--postcopy",
+            "--bandwidth",
+            "2",
+            "--postcopy-bandwidth",
+            "1",
+        ],
+    );
+    wait_migration_iteration(&h.src, name);
+    h.src.ok(&["migrate-postcopy", name]);
+    wait_state(&h.src, name, "paused (post-copy)");
+    h.src.ok(&["domjobabort", name, "--postcopy"]);
+    let (ok, _, err) = bg.wait();
+    assert!(!ok, "the paused migration reported success");
+    assert!(err.contains("post-copy failed after the switch"), "{err}");
+    assert!(err.contains("--postcopy-resume"), "{err}");
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    wait_state(&h.dst, name, "running (post-copy failed)");
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    let q = h.src.qmp(name, "query-migrate", json!({}));
+    assert_eq!(q["status"], "postcopy-paused", "{q}");
+    let q = h.dst.qmp(name, "query-migrate", json!({}));
+    assert_eq!(q["status"], "postcopy-paused", "{q}");
+
+    // Neither a new migration nor `resume` may run the stale source; the destination side
+    // cannot start the resume.
+    let e = h.src.fails(&["migrate", name, &dst, "--live", "--p2p"]);
+    assert!(e.contains("failed after the switch"), "{e}");
+    let e = h.src.fails(&["resume", name]);
+    assert!(e.contains("never resumed"), "{e}");
+    let e = h.dst.fails(&resume_args(name, &h.src.tcp_uri()));
+    assert!(
+        e.contains("is the destination of the failed post-copy"),
+        "{e}"
+    );
+
+    // The destination daemon is down: the resume fails before anything changes.
+    h.dst.kill();
+    let e = h.src.fails(&resume_args(name, &dst));
+    assert!(e.contains("cannot reach the destination daemon"), "{e}");
+    assert!(e.contains("nothing changed"), "{e}");
+    assert_eq!(h.src.state(name), "paused (post-copy failed)");
+    let job = h.src.ok(&["domjobinfo", name, "--completed"]);
+    assert!(job.contains("Job type:         Failed"), "{job}");
+
+    // Both daemons restarted: the status files bring the failed state back.
+    h.src.kill();
+    h.src.restart();
+    h.dst.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    wait_state(&h.dst, name, "running (post-copy failed)");
+    assert!(pid_alive(src_vmm) && pid_alive(dst_vmm), "a VMM was lost");
+    let e = h.src.fails(&["resume", name]);
+    assert!(e.contains("never resumed"), "{e}");
+
+    let mut src_events = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "event",
+            "--domain",
+            name,
+            "--all",
+            "--loop",
+            "--timeout",
+            "120",
+        ],
+    );
+    let mut dst_events = Bg::spawn(
+        &h.dst.uri(),
+        &[
+            "event",
+            "--domain",
+            name,
+            "--all",
+            "--loop",
+            "--timeout",
+            "120",
+        ],
+    );
+    // Both listen once they print an event of their own: `define` emits `Defined Added`
+    // (the live XML, with the domain's UUID; the destination's copy becomes persistent,
+    // which changes nothing below).
+    let live = write_xml(dir.path(), "pr-live", &h.src.ok(&["dumpxml", name]));
+    h.src.ok(&["define", &live]);
+    src_events.wait_line("Defined");
+    h.dst.ok(&["define", &live]);
+    dst_events.wait_line("Defined");
+    // The push at 64 MiB/s from here (--postcopy-bandwidth applies to the resumed job).
+    let args = [
+        &resume_args(name, &dst)[..],
+        &["--postcopy-bandwidth", "64"][..],
+    ]
+    .concat();
+    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state(name), "shut off (migrated)");
+    wait_pid_exit(src_vmm);
+    wait_state(&h.dst, name, "running (migrated)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
+    let job = h.src.ok(&["domjobinfo", name, "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("post-copy resumed"), "{job}");
+    let djob = h.dst.ok(&["domjobinfo", name, "--completed"]);
+    assert!(djob.contains("Job type:         Completed"), "{djob}");
+    assert_guest_runs(&h.dst, name);
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+    // The resumed job's end comes after the source's VMM is gone.
+    let out = src_events.wait_for_line("job-completed");
+    let pc = event_at(&out, "Suspended Post-copy")
+        .unwrap_or_else(|| panic!("no Suspended Post-copy: {out}"));
+    let gone =
+        event_at(&out, "Stopped Migrated").unwrap_or_else(|| panic!("no Stopped Migrated: {out}"));
+    assert!(pc < gone, "{out}");
+    assert!(
+        event_at(&out, "Suspended Post-copy Error").is_none(),
+        "{out}"
+    );
+    h.dst.ok(&["destroy", name]);
+    let out = dst_events.wait_for_line("Stopped Destroyed");
+    let pc = event_at(&out, "Resumed Post-copy")
+        .unwrap_or_else(|| panic!("no Resumed Post-copy: {out}"));
+    let migrated =
+        event_at(&out, "Resumed Migrated").unwrap_or_else(|| panic!("no Resumed Migrated: {out}"));
+    assert!(pc < migrated, "recovered, then migrated: {out}");
 }
