@@ -396,24 +396,16 @@ fn resume_args<'a>(name: &'a str, dst: &'a str) -> [&'a str; 7] {
     ]
 }
 
-/// §5d end to end: a `pattern` guest in post-copy, paused by `domjobabort --postcopy` (QMP
-/// `migrate-pause`): both sides `post-copy failed`. A resume while the destination daemon is
-/// down fails clearly and changes nothing; both daemons restarted find the failed state
-/// again from their status files; a new migration and `resume` are refused; the resume then
-/// completes: the source is shut off, the destination runs with every page (pattern check),
-/// with libvirt's events for a resumed job.
-#[test]
-fn a_paused_postcopy_resumes_after_a_failed_attempt_and_completes_with_the_guest_intact() {
-    const BIG: u64 = 256;
-    let dir = tmpdir();
-    let Some(mut h) = Hosts::up(dir.path()) else {
-        return;
-    };
-    let name = "pr";
-    // 192 MiB written in order, page after page, by one vCPU: after the switch the
-    // destination fetches them one fault at a time, which leaves post-copy running while the
-    // pause is sent.
-    let xml = write_xml(dir.path(), name, &domain_xml(name, BIG, "pattern", 192, 0));
+/// Memory of the resume tests' guest.
+const BIG: u64 = 512;
+
+/// A `pattern` guest migrated with `--postcopy`, switched, then paused by `domjobabort
+/// --postcopy` (QMP `migrate-pause`): both sides `post-copy failed`, both VMMs
+/// `postcopy-paused`. 480 MiB written in order, page after page, by one vCPU: after the
+/// switch the destination fetches them one fault at a time, which leaves post-copy running
+/// while the pause is sent.
+fn paused_pattern_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) {
+    let xml = write_xml(dir, name, &domain_xml(name, BIG, "pattern", 480, 0));
     h.src.ok(&["define", &xml]);
     h.src.ok(&["start", name]);
     wait_workload_running(&h.src, name);
@@ -444,11 +436,28 @@ fn a_paused_postcopy_resumes_after_a_failed_attempt_and_completes_with_the_guest
     assert!(err.contains("--postcopy-resume"), "{err}");
     wait_state(&h.src, name, "paused (post-copy failed)");
     wait_state(&h.dst, name, "running (post-copy failed)");
-    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
     let q = h.src.qmp(name, "query-migrate", json!({}));
     assert_eq!(q["status"], "postcopy-paused", "{q}");
     let q = h.dst.qmp(name, "query-migrate", json!({}));
     assert_eq!(q["status"], "postcopy-paused", "{q}");
+}
+
+/// §5d end to end: a `pattern` guest in post-copy, paused by `domjobabort --postcopy` (QMP
+/// `migrate-pause`): both sides `post-copy failed`. A resume while the destination daemon is
+/// down fails clearly and changes nothing; both daemons restarted find the failed state
+/// again from their status files; a new migration and `resume` are refused; the resume then
+/// completes: the source is shut off, the destination runs with every page (pattern check),
+/// with libvirt's events for a resumed job.
+#[test]
+fn a_paused_postcopy_resumes_after_a_failed_attempt_and_completes_with_the_guest_intact() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let name = "pr";
+    paused_pattern_postcopy(&h, dir.path(), name);
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    let dst = h.dst.tcp_uri();
 
     // Neither a new migration nor `resume` may run the stale source; the destination side
     // cannot start the resume.
@@ -555,4 +564,60 @@ fn a_paused_postcopy_resumes_after_a_failed_attempt_and_completes_with_the_guest
     let migrated =
         event_at(&out, "Resumed Migrated").unwrap_or_else(|| panic!("no Resumed Migrated: {out}"));
     assert!(pc < migrated, "recovered, then migrated: {out}");
+}
+
+/// §5d, the source daemon lost in the middle of a resume: it dies after `prepare_resume`
+/// (the destination's VMM listens, the source's never connects). The destination gives its
+/// resume job up after its Prepare timeout and keeps the VMM; the restarted source daemon
+/// shows the source `post-copy failed` again; a second resume (a second `migrate-recover`,
+/// which replaces the listener nobody connected to, decision 175) completes.
+#[test]
+fn a_resume_whose_source_daemon_died_after_prepare_is_given_up_and_retried() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up_full(dir.path(), &[], &["--migration-prepare-timeout", "2"]) else {
+        return;
+    };
+    let name = "pd";
+    paused_pattern_postcopy(&h, dir.path(), name);
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    let dst = h.dst.tcp_uri();
+    // The source daemon stops for ever once the destination listens.
+    h.src.env = vec![(
+        "TERND_X_TEST_STALL".to_string(),
+        "prepare-resume-done".to_string(),
+    )];
+    h.src.kill();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    let bg = Bg::spawn(&h.src.uri(), &resume_args(name, &dst));
+    h.src.wait_log("stalling at prepare-resume-done");
+    h.src.kill();
+    let (ok, _, _) = bg.wait();
+    assert!(!ok, "the client lost its daemon");
+    // No Finish within the Prepare timeout: the job is given up, the VMM kept.
+    h.dst.wait_log("post-copy resume given up here");
+    assert_eq!(h.dst.state(name), "running (post-copy failed)");
+    assert!(pid_alive(dst_vmm) && pid_alive(src_vmm), "a VMM was lost");
+    let job = h.dst.ok(&["domjobinfo", name, "--completed"]);
+    assert!(job.contains("post-copy resume failed"), "{job}");
+    h.src.env.clear();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    let args = [
+        &resume_args(name, &dst)[..],
+        &["--postcopy-bandwidth", "64"][..],
+    ]
+    .concat();
+    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state(name), "shut off (migrated)");
+    wait_pid_exit(src_vmm);
+    wait_state(&h.dst, name, "running (migrated)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
 }

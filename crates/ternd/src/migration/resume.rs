@@ -276,6 +276,7 @@ fn run(
         ctx,
         format!("prepare_resume: the destination's VMM listens at {uri} (migrate-recover)"),
     );
+    crate::fault::point("prepare-resume-done");
     dom.set_phase("perform_resume");
     let perform = (|| -> Result<()> {
         if let Some(mib_s) = opts.postcopy_bandwidth {
