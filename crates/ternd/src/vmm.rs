@@ -196,7 +196,7 @@ fn watch(
             let mut saw_shutdown = false;
             loop {
                 match events.next(None) {
-                    Ok(Some(ev)) => on_event(&d, &dom, &ev, &mut saw_shutdown),
+                    Ok(Some(ev)) => on_event(&d, &dom, &vmm, &ev, &mut saw_shutdown),
                     Ok(None) => {}
                     Err(e) => {
                         tracing::debug!("{}: monitor events ended: {e}", dom.name);
@@ -213,7 +213,13 @@ fn watch(
         .map_err(|e| Error::Internal(format!("spawning the event thread: {e}")))
 }
 
-fn on_event(d: &Daemon, dom: &Domain, ev: &Value, saw_shutdown: &mut bool) {
+fn on_event(
+    d: &Arc<Daemon>,
+    dom: &Arc<Domain>,
+    vmm: &Arc<Vmm>,
+    ev: &Value,
+    saw_shutdown: &mut bool,
+) {
     let name = ev.get("event").and_then(Value::as_str).unwrap_or("");
     let data = ev.get("data").cloned().unwrap_or(Value::Null);
     match name {
@@ -252,13 +258,13 @@ fn on_event(d: &Daemon, dom: &Domain, ev: &Value, saw_shutdown: &mut bool) {
             if status == "postcopy-active" {
                 switched_to_postcopy(d, dom);
             }
+            dom.lock().mig_status = Some(status.clone());
             if matches!(
                 status.as_str(),
                 "postcopy-recover-setup" | "postcopy-recover" | "postcopy-active"
             ) {
-                crate::migration::resume::recovering(d, dom);
+                crate::migration::resume::recovering(d, dom, vmm, &status);
             }
-            dom.lock().mig_status = Some(status);
             dom.changed.notify_all();
         }
         "MIGRATION_PASS" => {

@@ -621,3 +621,75 @@ fn a_resume_whose_source_daemon_died_after_prepare_is_given_up_and_retried() {
     assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
     assert_pattern_ok(&h.dst, name, BIG, dir.path());
 }
+
+/// §5d, both daemons lost in the middle of a resume, and the VMMs recovered by hand: the
+/// source daemon dies after `prepare_resume`, the destination daemon is killed too; both
+/// restarted show `post-copy failed` again. An operator then sends `migrate {uri, resume:
+/// true}` to the source VMM itself (`qemu-monitor-command`, the URI the destination daemon
+/// logged): each daemon takes the recovery it did not drive up (no resume job) and follows it
+/// to the end: source `shut off (migrated)`, destination `running (migrated)`, pattern intact.
+#[test]
+fn a_recovery_no_daemon_drives_is_taken_up_and_followed_to_the_end() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let name = "ph";
+    paused_pattern_postcopy(&h, dir.path(), name);
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    let dst = h.dst.tcp_uri();
+    h.src.env = vec![(
+        "TERND_X_TEST_STALL".to_string(),
+        "prepare-resume-done".to_string(),
+    )];
+    h.src.kill();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    let bg = Bg::spawn(&h.src.uri(), &resume_args(name, &dst));
+    h.src.wait_log("stalling at prepare-resume-done");
+    h.dst.wait_log("prepare_resume: the VMM listens at ");
+    let log = h.dst.log();
+    let uri = log
+        .lines()
+        .find_map(|l| l.split("prepare_resume: the VMM listens at ").nth(1))
+        .map(str::trim)
+        .expect("the recovery URI in the destination's log")
+        .to_string();
+    h.src.kill();
+    let (ok, _, _) = bg.wait();
+    assert!(!ok, "the client lost its daemon");
+    h.dst.kill();
+    h.dst.restart();
+    h.src.env.clear();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    wait_state(&h.dst, name, "running (post-copy failed)");
+    // By hand, on the source VMM: the destination VMM still listens where it was told (the
+    // push at 64 MiB/s from here, as --postcopy-bandwidth 64 would set it).
+    h.src.qmp(
+        name,
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 64u64 << 20}),
+    );
+    h.src
+        .qmp(name, "migrate", json!({"uri": uri, "resume": true}));
+    let deadline = Instant::now() + T;
+    loop {
+        let s = h.src.state(name);
+        assert!(!s.starts_with("running"), "the source was resumed: {s}");
+        if s == "shut off (migrated)" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never finished: {s}\n--- src:\n{}\n--- dst:\n{}",
+            h.src.log(),
+            h.dst.log()
+        );
+        std::thread::yield_now();
+    }
+    wait_pid_exit(src_vmm);
+    wait_state(&h.dst, name, "running (migrated)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+}

@@ -35,18 +35,26 @@ fn attempt_over(status: &str) -> bool {
     )
 }
 
-/// A VMM of a resume job reported a recovery status (`postcopy-recover-setup`,
-/// `postcopy-recover`, `postcopy-active`): libvirt's `qemuProcessHandleMigrationStatus` turns
+/// A VMM reported a recovery status (`postcopy-recover-setup`, `postcopy-recover`,
+/// `postcopy-active`). In a resume job: libvirt's `qemuProcessHandleMigrationStatus` turns
 /// `post-copy failed` back into `post-copy`: the source `paused (post-copy)` with `Suspended
-/// Post-copy`, a running destination `running (post-copy)` with `Resumed Post-copy`.
-pub fn recovering(d: &Daemon, dom: &Domain) {
-    let state = {
+/// Post-copy`, a running destination `running (post-copy)` with `Resumed Post-copy`. Without
+/// a job, on a side of a failed post-copy: see [`take_up`].
+pub fn recovering(d: &Arc<Daemon>, dom: &Arc<Domain>, vmm: &Arc<Vmm>, status: &str) {
+    let (job, role, state, reason) = {
         let g = dom.lock();
-        if !g.job.as_ref().is_some_and(|j| j.resume) || g.reason != "post-copy failed" {
-            return;
-        }
-        g.state
+        (
+            g.job.as_ref().map(|j| j.resume),
+            g.postcopy_failed,
+            g.state,
+            g.reason.clone(),
+        )
     };
+    match job {
+        None => return take_up(d, dom, vmm, role, state, status),
+        Some(true) if reason == "post-copy failed" => {}
+        Some(_) => return,
+    }
     if state == DomainState::Running {
         dom.set_state(DomainState::Running, "post-copy");
         d.events
@@ -57,6 +65,49 @@ pub fn recovering(d: &Daemon, dom: &Domain) {
             .lifecycle(&dom.name, LifecycleEvent::Suspended, "Post-copy");
     }
     tracing::info!("{}: post-copy recovery under way", dom.name);
+}
+
+/// A side of a failed post-copy recovers while no job of this daemon drives it (the daemon
+/// restarted in the middle of a resume, its resume job was given up, or an operator resumed
+/// the VMMs by hand): the recovery is taken up as after a daemon restart in post-copy (§5c):
+/// the destination's job watched to its end, the source's Confirm (quit on `completed`,
+/// never resumed).
+fn take_up(
+    d: &Arc<Daemon>,
+    dom: &Arc<Domain>,
+    vmm: &Arc<Vmm>,
+    role: Option<JobKind>,
+    state: DomainState,
+    status: &str,
+) {
+    match role {
+        Some(JobKind::MigrationIn) => {
+            tracing::warn!(
+                "{}: the failed post-copy recovers ({status}) without a resume job here: \
+                 taken up and watched",
+                dom.name
+            );
+            let running = state == DomainState::Running;
+            super::postcopy::resume_incoming_watch(d, dom, vmm, running);
+            if running {
+                d.events
+                    .lifecycle(&dom.name, LifecycleEvent::Resumed, "Post-copy");
+            }
+        }
+        Some(JobKind::MigrationOut) => {
+            tracing::warn!(
+                "{}: the failed post-copy recovers ({status}) without a resume job here: \
+                 taken up (Confirm: quit on completed, never resumed)",
+                dom.name
+            );
+            super::postcopy::recover_source(d, dom, vmm, None, status);
+            if state == DomainState::Paused {
+                d.events
+                    .lifecycle(&dom.name, LifecycleEvent::Suspended, "Post-copy");
+            }
+        }
+        None => {}
+    }
 }
 
 /// A new migration of a domain whose post-copy failed would ship a stale guest (the source)
