@@ -405,6 +405,13 @@ const BIG: u64 = 512;
 /// switch the destination fetches them one fault at a time, which leaves post-copy running
 /// while the pause is sent.
 fn paused_pattern_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) {
+    let bg = start_pattern_postcopy(h, dir, name);
+    h.src.ok(&["domjobabort", name, "--postcopy"]);
+    failed_both_sides(h, name, bg);
+}
+
+/// The migration of [`paused_pattern_postcopy`], up to the switch.
+fn start_pattern_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) -> Bg {
     let xml = write_xml(dir, name, &domain_xml(name, BIG, "pattern", 480, 0));
     h.src.ok(&["define", &xml]);
     h.src.ok(&["start", name]);
@@ -429,7 +436,12 @@ fn paused_pattern_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) {
     wait_migration_iteration(&h.src, name);
     h.src.ok(&["migrate-postcopy", name]);
     wait_state(&h.src, name, "paused (post-copy)");
-    h.src.ok(&["domjobabort", name, "--postcopy"]);
+    bg
+}
+
+/// The post-copy of `bg` broke after the switch: both sides `post-copy failed`, both VMMs
+/// `postcopy-paused`.
+fn failed_both_sides(h: &Hosts, name: &str, bg: Bg) {
     let (ok, _, err) = bg.wait();
     assert!(!ok, "the paused migration reported success");
     assert!(err.contains("post-copy failed after the switch"), "{err}");
@@ -691,5 +703,65 @@ fn a_recovery_no_daemon_drives_is_taken_up_and_followed_to_the_end() {
     wait_pid_exit(src_vmm);
     wait_state(&h.dst, name, "running (migrated)");
     assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+}
+
+/// Sets the veth end in the source's namespace down or up (down: the route to the
+/// destination's host is gone, every connection between the hosts stalls).
+fn link(h: &Hosts, up: bool) {
+    let o = std::process::Command::new("ip")
+        .args(["-n", &h.net.src, "-o", "link", "show", "type", "veth"])
+        .output()
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let dev = text
+        .split(": ")
+        .nth(1)
+        .and_then(|n| n.split('@').next())
+        .unwrap_or_else(|| panic!("no veth in {}: {text}", h.net.src))
+        .to_string();
+    let state = if up { "up" } else { "down" };
+    let o = std::process::Command::new("ip")
+        .args(["-n", &h.net.src, "link", "set", &dev, state])
+        .output()
+        .expect("ip link set");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// §5d after a cut link: the link between the hosts goes down in post-copy; both VMMs pause
+/// by themselves (their liveness limit), the daemons show `post-copy failed`; a resume while
+/// the link is down fails at once ("cannot reach the destination daemon ... nothing
+/// changed"); once it is back the resume completes with the guest intact.
+#[test]
+fn a_cut_link_pauses_postcopy_and_the_resume_after_it_is_back_completes() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let name = "pl";
+    let bg = start_pattern_postcopy(&h, dir.path(), name);
+    link(&h, false);
+    failed_both_sides(&h, name, bg);
+    let dst = h.dst.tcp_uri();
+    let e = h.src.fails(&resume_args(name, &dst));
+    assert!(e.contains("cannot reach the destination daemon"), "{e}");
+    assert!(e.contains("nothing changed"), "{e}");
+    assert_eq!(h.src.state(name), "paused (post-copy failed)");
+    assert_eq!(h.dst.state(name), "running (post-copy failed)");
+    link(&h, true);
+    let args = [
+        &resume_args(name, &dst)[..],
+        &["--postcopy-bandwidth", "64"][..],
+    ]
+    .concat();
+    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state(name), "shut off (migrated)");
+    wait_state(&h.dst, name, "running (migrated)");
     assert_pattern_ok(&h.dst, name, BIG, dir.path());
 }
