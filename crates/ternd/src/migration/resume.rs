@@ -101,6 +101,12 @@ fn take_up(
                 dom.name
             );
             super::postcopy::recover_source(d, dom, vmm, None, status);
+            if let Some(j) = dom.lock().job.as_mut() {
+                j.notes = vec![format!(
+                    "post-copy recovery ({status}) taken up without a resume job here (daemon \
+                     restarted mid-resume, or resumed by hand): the source is never resumed"
+                )];
+            }
             if state == DomainState::Paused {
                 d.events
                     .lifecycle(&dom.name, LifecycleEvent::Suspended, "Post-copy");
