@@ -176,10 +176,20 @@ struct Shared {
     /// can no longer undo the migration. Set and read under `status`'s lock.
     committed: AtomicBool,
     /// Post-copy recovery: the listener `migrate-recover` bound, taken by the receiver.
-    recover: Mutex<Option<Listener>>,
+    recover: Mutex<RecoverSlot>,
     recover_cv: std::sync::Condvar,
     /// `migrate-pause` shut the channel down: the receiver pauses (and says why).
     pause_requested: AtomicBool,
+}
+
+/// Post-copy recovery's hand-over between `migrate-recover` and the receiver.
+#[derive(Default)]
+struct RecoverSlot {
+    /// The listener `migrate-recover` bound, not taken yet.
+    listener: Option<Listener>,
+    /// The receiver waits in `accept` on a listener it took: a newer `migrate-recover`
+    /// replaces it (QEMU releases the old transport), cancelling that wait.
+    accepting: bool,
 }
 
 /// Control of an incoming migration.
@@ -256,7 +266,7 @@ pub fn incoming(
         io: CancelToken::new(),
         autostart: AtomicBool::new(opts.autostart),
         committed: AtomicBool::new(false),
-        recover: Mutex::new(None),
+        recover: Mutex::new(RecoverSlot::default()),
         recover_cv: std::sync::Condvar::new(),
         pause_requested: AtomicBool::new(false),
     });

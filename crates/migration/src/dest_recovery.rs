@@ -43,14 +43,21 @@ impl DestHandle {
             .recover
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if g.is_some() {
+        if g.listener.is_some() {
             return Err("Migrate recovery is triggered already".into());
         }
         if let Listener::Tcp(_) = &listener {
             let addrs = listener.local_uri().socket_address_json();
             self.stats.set_socket_address(addrs.into_iter().collect());
         }
-        *g = Some(listener);
+        g.listener = Some(listener);
+        if g.accepting {
+            // QEMU's `qmp_migrate_recover` releases the transport an earlier call left
+            // waiting: nobody connected there, so the receiver gives that wait up (it
+            // re-checks `cancelled` before accepting, and resets the token only under this
+            // lock) and takes this listener.
+            self.shared.io.cancel();
+        }
         drop(g);
         self.shared.recover_cv.notify_all();
         Ok(())
@@ -109,19 +116,38 @@ impl Receiver {
     /// `postcopy-paused` until a recovery completes the migration (`Ok`), or the migration is
     /// abandoned (`Err(Cancelled)`), or a recovered channel fails for good.
     pub(super) fn postcopy_recovery(&mut self, first: DestError) -> Result<(), DestError> {
-        let mut cause = first;
+        self.enter_paused(&first);
         loop {
-            self.enter_paused(&cause);
             let listener = self.wait_for_recover()?;
             match self.recover_once(listener) {
                 Ok(()) => return Ok(()),
+                Err((_, true)) if self.listener_replaced() => {
+                    // Still paused, as it was: a newer migrate-recover took over before anyone
+                    // connected to the old listener.
+                    tracing::info!(
+                        "post-copy recovery: a newer migrate-recover replaced the listener"
+                    );
+                }
                 Err((e, true)) => {
                     tracing::warn!(error = %error_chain(&e), "post-copy recovery failed; paused again");
-                    cause = e;
+                    self.enter_paused(&e);
                 }
                 Err((e, false)) => return Err(e),
             }
         }
+    }
+
+    /// Whether a newer `migrate-recover`'s listener waits while this side is still paused
+    /// (the attempt that just ended never got past `accept`).
+    fn listener_replaced(&self) -> bool {
+        let g = self
+            .shared
+            .recover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        g.listener.is_some()
+            && *self.shared.status.lock().unwrap_or_else(|p| p.into_inner())
+                == MigrationStatus::PostcopyPaused
     }
 
     fn enter_paused(&mut self, cause: &DestError) {
@@ -163,7 +189,11 @@ impl Receiver {
             if self.shared.cancel.load(Ordering::SeqCst) {
                 return Err(DestError::Cancelled);
             }
-            if let Some(l) = g.take() {
+            if let Some(l) = g.listener.take() {
+                // Reset here, under the lock: a `migrate-recover` that cancels this accept
+                // later cannot be undone by the reset.
+                self.shared.io.reset();
+                g.accepting = true;
                 return Ok(l);
             }
             g = self
@@ -177,15 +207,22 @@ impl Receiver {
     /// One recovery channel: accept, handshake, then pages until END. The error's flag says
     /// whether the migration pauses again (true) or fails (false).
     fn recover_once(&mut self, listener: Listener) -> Result<(), (DestError, bool)> {
-        self.shared.io.reset();
+        let listener = std::sync::Arc::new(listener);
+        let accepted = if self.shared.cancel.load(Ordering::SeqCst) {
+            Err(TransportError::Cancelled)
+        } else {
+            listener.accept_next(&self.shared.io)
+        };
+        self.shared
+            .recover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .accepting = false;
         if self.shared.cancel.load(Ordering::SeqCst) {
             return Err((DestError::Cancelled, false));
         }
         let again = |e: DestError| (e, true);
-        let listener = std::sync::Arc::new(listener);
-        let stream = listener
-            .accept_next(&self.shared.io)
-            .map_err(|e| again(e.into()))?;
+        let stream = accepted.map_err(|e| again(e.into()))?;
         // The recovery's preempt channel connects to the same listener.
         self.preempt.set_listener(listener);
         self.set_status(MigrationStatus::PostcopyRecover);

@@ -270,3 +270,48 @@ fn the_source_lost_after_run_pauses_the_destination_naming_the_missing_pages() {
     assert!(!pager.finished(), "paging kept: the vCPUs stay blocked");
     guest.stop();
 }
+
+/// QEMU's `qmp_migrate_recover` releases the listener an earlier call left waiting: a
+/// recovery whose source never connected (its management daemon or the link was lost before
+/// it did) does not keep a later one from being accepted.
+#[test]
+fn a_second_migrate_recover_replaces_a_listener_nobody_connected_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, _pager, s, d, guest) = running_postcopy();
+    s.pause().expect("migrate-pause");
+    wait_entered(&src.events, S::PostcopyPaused, 1);
+    wait_entered(&dst.events, S::PostcopyPaused, 1);
+    d.recover(Listener::bind(&unix_uri(dir.path(), "nobody")).unwrap())
+        .expect("first migrate-recover");
+    // Refused only until the receiver took the first listener (then it waits in accept).
+    let second = unix_uri(dir.path(), "second");
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match d.recover(Listener::bind(&second).expect("bind the second listener")) {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(e.contains("triggered already"), "{e}");
+                assert!(Instant::now() < end, "the first listener was never taken");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    s.set_tuning(non_converge());
+    s.resume(second).expect("migrate resume");
+    wait_entered(&src.events, S::Completed, 1);
+    wait_entered(&dst.events, S::Completed, 1);
+    let so = s.join().unwrap();
+    let dout = d.join().unwrap();
+    assert_eq!(so.status, S::Completed, "{:?}", so.error);
+    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
+    // Replacing the listener did not pause the destination a second time.
+    let paused = dst
+        .events
+        .statuses()
+        .iter()
+        .filter(|st| **st == S::PostcopyPaused)
+        .count();
+    assert_eq!(paused, 1, "{:?}", dst.events.statuses());
+    guest.stop();
+    assert_ram_equal(&src, &dst);
+}

@@ -46,7 +46,7 @@ pub struct MigrateArgs {
     /// Switch to post-copy after the first pre-copy pass (with --postcopy)
     #[arg(long, visible_alias = "postcopy-after")]
     pub postcopy_after_precopy: bool,
-    /// Recover a failed post-copy migration (libvirt 8.5): not built
+    /// Resume a post-copy migration that failed after the switch (with --postcopy)
     #[arg(long)]
     pub postcopy_resume: bool,
     /// MiB/s for the post-copy phase's background push (max-postcopy-bandwidth)
@@ -91,8 +91,8 @@ impl MigrateArgs {
         if self.direct {
             bail!("--direct: Tern has no hypervisor-native direct migration; use --p2p");
         }
-        if self.postcopy_resume {
-            bail!("--postcopy-resume: post-copy recovery through the daemons is not built (the migration's VMMs are left as they are; see docs/management.md §9)");
+        if self.postcopy_resume && self.timeout.is_some() {
+            bail!("--postcopy-resume cannot be used with --timeout (the resumed migration is already in post-copy: there is nothing to suspend or switch)");
         }
         if self.timeout_postcopy && !self.postcopy {
             bail!("--timeout-postcopy requires --postcopy");
@@ -119,6 +119,7 @@ impl MigrateArgs {
             postcopy: self.postcopy,
             postcopy_after_precopy: self.postcopy_after_precopy,
             postcopy_bandwidth: self.postcopy_bandwidth,
+            postcopy_resume: self.postcopy_resume,
             auto_converge: self.auto_converge,
             parallel: self.parallel,
             parallel_connections: self.parallel_connections,

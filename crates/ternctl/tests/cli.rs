@@ -56,10 +56,7 @@ fn unbuilt_features_are_refused_by_name() {
     for (opt, needle) in [
         ("--postcopy", "non-live or paused"),
         ("--postcopy-after", "only be used with --postcopy"),
-        (
-            "--postcopy-resume",
-            "post-copy recovery through the daemons is not built",
-        ),
+        ("--postcopy-resume", "requires post-copy to be enabled"),
         ("--parallel", "multifd"),
         ("--compressed", "compression"),
         ("--direct", "--p2p"),

@@ -351,16 +351,19 @@ impl Daemon {
     pub fn suspend(&self, key: &str) -> Result<()> {
         let dom = self.lookup(key)?;
         let vmm = dom.vmm()?;
-        let receiving_pages =
-            dom.lock().job.as_ref().is_some_and(|j| {
-                j.kind == crate::domain::JobKind::MigrationIn && j.postcopy_switched
-            });
+        let receiving_pages = {
+            let g = dom.lock();
+            g.postcopy_failed == Some(crate::domain::JobKind::MigrationIn)
+                || g.job.as_ref().is_some_and(|j| {
+                    j.kind == crate::domain::JobKind::MigrationIn && j.postcopy_switched
+                })
+        };
         if receiving_pages {
             // A vCPU waiting for a page cannot be stopped until the page arrives
             // (docs/postcopy.md, "Facts"): pausing here would stall this call, not the guest.
             return Err(Error::OperationInvalid(format!(
-                "'{}' is receiving its memory in post-copy; it can be suspended once the \
-                 migration completed",
+                "'{}' is receiving its memory in post-copy (or waits for the rest of it: \
+                 post-copy failed); it can be suspended once the migration completed",
                 dom.name
             )));
         }
@@ -389,7 +392,8 @@ impl Daemon {
                 .last_job
                 .as_ref()
                 .is_some_and(|j| j.operation.as_deref() == Some("Outgoing migration"));
-            if was_source && g.reason.starts_with("post-copy") {
+            let failed_source = g.postcopy_failed == Some(crate::domain::JobKind::MigrationOut);
+            if (was_source && g.reason.starts_with("post-copy")) || failed_source {
                 return Err(Error::OperationInvalid(format!(
                     "'{}' is the source of a post-copy migration that switched: its memory is \
                      stale and the destination may run the guest, so it is never resumed \

@@ -7,7 +7,7 @@ use virt::protocol::{Call, Reply};
 use virt::{Error, Result};
 
 use crate::daemon::Daemon;
-use crate::migration::{dest, jobs, postcopy, source};
+use crate::migration::{dest, jobs, postcopy, resume_dest, source};
 
 pub fn dispatch(d: &Arc<Daemon>, call: Call, local_ip: Option<IpAddr>) -> Result<Reply> {
     Ok(match call {
@@ -98,6 +98,13 @@ pub fn dispatch(d: &Arc<Daemon>, call: Call, local_ip: Option<IpAddr>) -> Result
             cookie,
             options,
         } => Reply::Cookie(dest::prepare(d, &xml, &cookie, &options, local_ip)?),
+        Call::MigratePrepareResume {
+            domain,
+            cookie,
+            options,
+        } => Reply::Cookie(resume_dest::prepare(
+            d, &domain, &cookie, &options, local_ip,
+        )?),
         Call::MigrateFinish { domain, cancelled } => {
             dest::finish(d, &domain, cancelled)?;
             Reply::Unit

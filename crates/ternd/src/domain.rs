@@ -65,6 +65,8 @@ pub struct ActiveJob {
     /// This side's VMM reported `postcopy-active`: from here the source never runs the guest
     /// again and the destination's VMM is never killed by a daemon (docs/management.md §5c).
     pub postcopy_switched: bool,
+    /// A resume of a failed post-copy migration (`--postcopy-resume`, §5d).
+    pub resume: bool,
 }
 
 /// Mutable state of a domain.
@@ -83,6 +85,10 @@ pub struct DomainInner {
     pub last_job: Option<JobInfo>,
     /// Set once the domain is gone from the daemon (undefined transient).
     pub removed: bool,
+    /// This domain's VMM is one side of a post-copy migration that failed after the switch
+    /// and can be resumed (`MigrationOut`: the source, paused for good unless resumed;
+    /// `MigrationIn`: the destination, running on the pages it has). Kept in the status file.
+    pub postcopy_failed: Option<JobKind>,
 }
 
 /// A domain.
@@ -111,6 +117,7 @@ impl Domain {
                 job: None,
                 last_job: None,
                 removed: false,
+                postcopy_failed: None,
             }),
             changed: Condvar::new(),
         })
@@ -180,6 +187,7 @@ impl Domain {
             tunnel: None,
             postcopy: false,
             postcopy_switched: false,
+            resume: false,
         });
         g.mig_status = None;
         Ok(())

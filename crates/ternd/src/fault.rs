@@ -3,7 +3,8 @@
 //! so on stderr. Points: `prepare` (destination, the incoming VMM started),
 //! `finish-before-cont` (destination, the incoming migration completed, not resumed yet),
 //! `perform-done` (source, the stream completed, Finish not called yet), `prepare-done`
-//! (source, the destination prepared, Perform not started).
+//! (source, the destination prepared, Perform not started), `prepare-resume-done` (source of
+//! a `--postcopy-resume`, the destination's VMM listens, `migrate resume` not sent yet).
 //! With `TERND_X_TEST_HOLD=NAME` the daemon instead holds at point NAME until a condition the
 //! caller gives (e.g. an abort was requested) or 60 s: `begin` (source, the cookie built).
 

@@ -30,6 +30,19 @@ pub struct Status {
     /// resumes this source, never cancels, and never kills this destination (§5c).
     #[serde(default)]
     pub postcopy: bool,
+    /// This side of a post-copy migration failed after the switch and may be resumed
+    /// (`--postcopy-resume`, §5d): a restarted daemon shows it `post-copy failed` again, never
+    /// resumes a source and never kills a destination.
+    #[serde(default)]
+    pub postcopy_failed: Option<PostcopySide>,
+}
+
+/// Which side of a failed post-copy migration a VMM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PostcopySide {
+    Source,
+    Destination,
 }
 
 pub fn status_path(run_dir: &Path, name: &str) -> PathBuf {

@@ -12,7 +12,7 @@ use virt_util::{process, Monitor, MonitorEvents};
 
 use crate::daemon::Daemon;
 use crate::domain::{Domain, JobKind, Vmm};
-use crate::runtime::{self, Status};
+use crate::runtime::{self, PostcopySide, Status};
 
 /// How long a new VMM may take to open its QMP socket.
 const QMP_READY: Duration = Duration::from_secs(30);
@@ -104,6 +104,7 @@ pub fn launch(d: &Arc<Daemon>, dom: &Arc<Domain>, mode: LaunchMode) -> Result<Ar
         dest_uri: None,
         dest_decides: false,
         postcopy: false,
+        postcopy_failed: None,
     };
     runtime::save(&d.cfg.run_dir, &dom.name, &st).map_err(Error::OperationFailed)?;
     watch(d, dom, &vmm, events, Some(child))?;
@@ -158,6 +159,27 @@ pub fn mark_postcopy(d: &Daemon, dom: &Domain) {
     }
 }
 
+/// Records which side of a failed post-copy migration this domain is (`None`: none any
+/// more), in the domain and its status file (§5d: a restarted daemon finds it again).
+pub fn mark_postcopy_failed(d: &Daemon, dom: &Domain, side: Option<JobKind>) {
+    dom.lock().postcopy_failed = side;
+    let path = runtime::status_path(&d.cfg.run_dir, &dom.name);
+    let side = side.map(|k| match k {
+        JobKind::MigrationOut => PostcopySide::Source,
+        JobKind::MigrationIn => PostcopySide::Destination,
+    });
+    match runtime::load(&path) {
+        Ok(mut st) if st.postcopy_failed != side => {
+            st.postcopy_failed = side;
+            if let Err(e) = runtime::save(&d.cfg.run_dir, &dom.name, &st) {
+                tracing::warn!("{}: status file: {e}", dom.name);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{}: status file: {e}", dom.name),
+    }
+}
+
 /// Starts the thread that reads the VMM's events until it exits, then reaps it (`child`:
 /// when this daemon started it) and marks the domain shut off.
 fn watch(
@@ -174,7 +196,7 @@ fn watch(
             let mut saw_shutdown = false;
             loop {
                 match events.next(None) {
-                    Ok(Some(ev)) => on_event(&d, &dom, &ev, &mut saw_shutdown),
+                    Ok(Some(ev)) => on_event(&d, &dom, &vmm, &ev, &mut saw_shutdown),
                     Ok(None) => {}
                     Err(e) => {
                         tracing::debug!("{}: monitor events ended: {e}", dom.name);
@@ -191,7 +213,13 @@ fn watch(
         .map_err(|e| Error::Internal(format!("spawning the event thread: {e}")))
 }
 
-fn on_event(d: &Daemon, dom: &Domain, ev: &Value, saw_shutdown: &mut bool) {
+fn on_event(
+    d: &Arc<Daemon>,
+    dom: &Arc<Domain>,
+    vmm: &Arc<Vmm>,
+    ev: &Value,
+    saw_shutdown: &mut bool,
+) {
     let name = ev.get("event").and_then(Value::as_str).unwrap_or("");
     let data = ev.get("data").cloned().unwrap_or(Value::Null);
     match name {
@@ -230,7 +258,13 @@ fn on_event(d: &Daemon, dom: &Domain, ev: &Value, saw_shutdown: &mut bool) {
             if status == "postcopy-active" {
                 switched_to_postcopy(d, dom);
             }
-            dom.lock().mig_status = Some(status);
+            dom.lock().mig_status = Some(status.clone());
+            if matches!(
+                status.as_str(),
+                "postcopy-recover-setup" | "postcopy-recover" | "postcopy-active"
+            ) {
+                crate::migration::resume::recovering(d, dom, vmm, &status);
+            }
             dom.changed.notify_all();
         }
         "MIGRATION_PASS" => {
@@ -299,6 +333,7 @@ fn gone(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, saw_shutdown: bool) {
     g.state = DomainState::Shutoff;
     g.reason = reason.to_string();
     g.mig_status = None;
+    g.postcopy_failed = None;
     let transient = !g.persistent;
     drop(g);
     runtime::remove(&d.cfg.run_dir, &dom.name);
@@ -420,6 +455,7 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
         crate::migration::postcopy::resume_incoming_watch(d, &dom, &vmm, running);
     } else if st.incoming {
         tracing::warn!("{name}: the incoming VMM runs by itself (or ran in post-copy): kept");
+        let mut failed = false;
         if running && mig == "completed" {
             dom.set_state(DomainState::Running, "migrated");
         } else if in_postcopy && mig != "completed" {
@@ -430,8 +466,30 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
                 DomainState::Paused
             };
             dom.set_state(state, "post-copy failed");
+            failed = true;
         }
         mark(d, &dom, false, None);
+        if failed {
+            mark_postcopy_failed(d, &dom, Some(JobKind::MigrationIn));
+        }
+    }
+    if let Some(side) = st.postcopy_failed {
+        if !st.incoming && !st.outgoing && mig != "completed" {
+            // A failed post-copy that waits for a resume (§5d): shown as it was, never resumed
+            // (source) nor killed (destination).
+            let kind = match side {
+                PostcopySide::Source => JobKind::MigrationOut,
+                PostcopySide::Destination => JobKind::MigrationIn,
+            };
+            tracing::warn!("{name}: post-copy failed here before the restart ({mig}): kept");
+            dom.lock().postcopy_failed = Some(kind);
+            let state = if running {
+                DomainState::Running
+            } else {
+                DomainState::Paused
+            };
+            dom.set_state(state, "post-copy failed");
+        }
     }
     if st.outgoing {
         crate::migration::source_recovery::recover(

@@ -288,10 +288,7 @@ fn unreachable_destination_and_refused_options_leave_the_vm_running() {
     let job = src.ok(&["domjobinfo", "vm", "--completed"]);
     assert!(job.contains("Job type:         Failed"), "{job}");
     for (opt, needle) in [
-        (
-            "--postcopy-resume",
-            "post-copy recovery through the daemons is not built",
-        ),
+        ("--postcopy-resume", "requires post-copy to be enabled"),
         ("--tls", "has no migration certificates"),
         ("--parallel", "multifd"),
         ("--compressed", "compression"),

@@ -185,18 +185,28 @@ fn postcopy_refusals_name_what_is_missing() {
         .src
         .fails(&["migrate", "r", &dst, "--live", "--postcopy-after-precopy"]);
     assert!(e.contains("only be used with --postcopy"), "{e}");
-    let e = h.src.fails(&[
+    // --postcopy-resume (§5d): needs --postcopy and a failed post-copy; pre-copy's options
+    // have nothing to act on.
+    let e = h
+        .src
+        .fails(&["migrate", "r", &dst, "--live", "--p2p", "--postcopy-resume"]);
+    assert!(e.contains("requires post-copy to be enabled"), "{e}");
+    let resume: [&str; 7] = [
         "migrate",
         "r",
         &dst,
         "--live",
+        "--p2p",
         "--postcopy",
         "--postcopy-resume",
-    ]);
-    assert!(
-        e.contains("--postcopy-resume") && e.contains("not built"),
-        "{e}"
-    );
+    ];
+    let e = h.src.fails(&resume);
+    assert!(e.contains("is not in post-copy phase"), "{e}");
+    assert!(e.contains("running (booted)"), "{e}");
+    let e = h
+        .src
+        .fails(&[&resume[..], &["--postcopy-after-precopy"][..]].concat());
+    assert!(e.contains("--postcopy-resume cannot be used with"), "{e}");
     let e = h.src.fails(&["migrate-postcopy", "r"]);
     assert!(e.contains("while outgoing migration is in progress"), "{e}");
     let e = h.src.fails(&["domjobabort", "r", "--postcopy"]);
@@ -231,6 +241,16 @@ fn after_the_switch_abort_is_refused_and_a_killed_destination_leaves_the_source_
     );
     let e = h.src.fails(&["migrate-postcopy", "k"]);
     assert!(e.contains("post-copy already started"), "{e}");
+    let e = h.src.fails(&[
+        "migrate",
+        "k",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--postcopy",
+        "--postcopy-resume",
+    ]);
+    assert!(e.contains("has not failed"), "{e}");
     // domjobabort --postcopy is QMP migrate-pause: relayed as the VMM answers it.
     let o = h.src.ctl(&["domjobabort", "k", "--postcopy"]);
     if !o.status.success() {
@@ -354,4 +374,394 @@ fn timeout_postcopy_switches_a_migration_that_runs_too_long() {
     assert!(job.contains("post-copy: switched"), "{job}");
     wait_state(&h.dst, "t", "running (migrated)");
     assert_pattern_ok(&h.dst, "t", MEM, dir.path());
+}
+
+/// Lines of an `event --loop` output whose lifecycle detail is exactly `detail` (so that
+/// `Post-copy` does not match `Post-copy Error`).
+fn event_at(out: &str, detail: &str) -> Option<usize> {
+    out.lines()
+        .position(|l| l.ends_with(&format!(": {detail}")))
+}
+
+/// The resume command of §5d, with the flags of the migration it resumes.
+fn resume_args<'a>(name: &'a str, dst: &'a str) -> [&'a str; 7] {
+    [
+        "migrate",
+        name,
+        dst,
+        "--live",
+        "--p2p",
+        "--postcopy",
+        "--postcopy-resume",
+    ]
+}
+
+/// Memory of the resume tests' guest.
+const BIG: u64 = 512;
+
+/// A `pattern` guest migrated with `--postcopy`, switched, then paused by `domjobabort
+/// --postcopy` (QMP `migrate-pause`): both sides `post-copy failed`, both VMMs
+/// `postcopy-paused`. 480 MiB written in order, page after page, by one vCPU: after the
+/// switch the destination fetches them one fault at a time, which leaves post-copy running
+/// while the pause is sent.
+fn paused_pattern_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) {
+    let bg = start_pattern_postcopy(h, dir, name);
+    h.src.ok(&["domjobabort", name, "--postcopy"]);
+    failed_both_sides(h, name, bg);
+}
+
+/// The migration of [`paused_pattern_postcopy`], up to the switch.
+fn start_pattern_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) -> Bg {
+    let xml = write_xml(dir, name, &domain_xml(name, BIG, "pattern", 480, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", name]);
+    wait_workload_running(&h.src, name);
+    h.src.ok(&["migrate-setmaxdowntime", name, "1"]);
+    let dst = h.dst.tcp_uri();
+    let bg = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            name,
+            &dst,
+            "--live",
+            "--p2p",
+            "--postcopy",
+            "--bandwidth",
+            "2",
+            "--postcopy-bandwidth",
+            "1",
+        ],
+    );
+    wait_migration_iteration(&h.src, name);
+    h.src.ok(&["migrate-postcopy", name]);
+    wait_state(&h.src, name, "paused (post-copy)");
+    bg
+}
+
+/// The post-copy of `bg` broke after the switch: both sides `post-copy failed`, both VMMs
+/// `postcopy-paused`.
+fn failed_both_sides(h: &Hosts, name: &str, bg: Bg) {
+    let (ok, _, err) = bg.wait();
+    assert!(!ok, "the paused migration reported success");
+    assert!(err.contains("post-copy failed after the switch"), "{err}");
+    assert!(err.contains("--postcopy-resume"), "{err}");
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    wait_state(&h.dst, name, "running (post-copy failed)");
+    let q = h.src.qmp(name, "query-migrate", json!({}));
+    assert_eq!(q["status"], "postcopy-paused", "{q}");
+    let q = h.dst.qmp(name, "query-migrate", json!({}));
+    assert_eq!(q["status"], "postcopy-paused", "{q}");
+}
+
+/// §5d end to end: a `pattern` guest in post-copy, paused by `domjobabort --postcopy` (QMP
+/// `migrate-pause`): both sides `post-copy failed`. A resume while the destination daemon is
+/// down fails clearly and changes nothing; both daemons restarted find the failed state
+/// again from their status files; a new migration and `resume` are refused; the resume then
+/// completes: the source is shut off, the destination runs with every page (pattern check),
+/// with libvirt's events for a resumed job.
+#[test]
+fn a_paused_postcopy_resumes_after_a_failed_attempt_and_completes_with_the_guest_intact() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let name = "pr";
+    paused_pattern_postcopy(&h, dir.path(), name);
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    let dst = h.dst.tcp_uri();
+
+    // Neither a new migration nor `resume` may run the stale source; the destination side
+    // cannot start the resume.
+    let e = h.src.fails(&["migrate", name, &dst, "--live", "--p2p"]);
+    assert!(e.contains("failed after the switch"), "{e}");
+    let e = h.src.fails(&["resume", name]);
+    assert!(e.contains("never resumed"), "{e}");
+    let e = h.dst.fails(&resume_args(name, &h.src.tcp_uri()));
+    assert!(
+        e.contains("is the destination of the failed post-copy"),
+        "{e}"
+    );
+
+    // The destination daemon is down: the resume fails before anything changes.
+    h.dst.kill();
+    let e = h.src.fails(&resume_args(name, &dst));
+    assert!(e.contains("cannot reach the destination daemon"), "{e}");
+    assert!(e.contains("nothing changed"), "{e}");
+    assert_eq!(h.src.state(name), "paused (post-copy failed)");
+    let job = h.src.ok(&["domjobinfo", name, "--completed"]);
+    assert!(job.contains("Job type:         Failed"), "{job}");
+
+    // Both daemons restarted: the status files bring the failed state back.
+    h.src.kill();
+    h.src.restart();
+    h.dst.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    wait_state(&h.dst, name, "running (post-copy failed)");
+    assert!(pid_alive(src_vmm) && pid_alive(dst_vmm), "a VMM was lost");
+    let e = h.src.fails(&["resume", name]);
+    assert!(e.contains("never resumed"), "{e}");
+
+    let mut src_events = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "event",
+            "--domain",
+            name,
+            "--all",
+            "--loop",
+            "--timeout",
+            "120",
+        ],
+    );
+    let mut dst_events = Bg::spawn(
+        &h.dst.uri(),
+        &[
+            "event",
+            "--domain",
+            name,
+            "--all",
+            "--loop",
+            "--timeout",
+            "120",
+        ],
+    );
+    // Both listen once they print an event of their own: `define` emits `Defined Added`
+    // (the live XML, with the domain's UUID; the destination's copy becomes persistent,
+    // which changes nothing below).
+    let live = write_xml(dir.path(), "pr-live", &h.src.ok(&["dumpxml", name]));
+    h.src.ok(&["define", &live]);
+    src_events.wait_line("Defined");
+    h.dst.ok(&["define", &live]);
+    dst_events.wait_line("Defined");
+    // The push at 64 MiB/s from here (--postcopy-bandwidth applies to the resumed job).
+    let args = [
+        &resume_args(name, &dst)[..],
+        &["--postcopy-bandwidth", "64"][..],
+    ]
+    .concat();
+    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state(name), "shut off (migrated)");
+    wait_pid_exit(src_vmm);
+    wait_state(&h.dst, name, "running (migrated)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
+    let job = h.src.ok(&["domjobinfo", name, "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("post-copy resumed"), "{job}");
+    let djob = h.dst.ok(&["domjobinfo", name, "--completed"]);
+    assert!(djob.contains("Job type:         Completed"), "{djob}");
+    assert_guest_runs(&h.dst, name);
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+    // The resumed job's end comes after the source's VMM is gone.
+    let out = src_events.wait_for_line("job-completed");
+    let pc = event_at(&out, "Suspended Post-copy")
+        .unwrap_or_else(|| panic!("no Suspended Post-copy: {out}"));
+    let gone =
+        event_at(&out, "Stopped Migrated").unwrap_or_else(|| panic!("no Stopped Migrated: {out}"));
+    assert!(pc < gone, "{out}");
+    assert!(
+        event_at(&out, "Suspended Post-copy Error").is_none(),
+        "{out}"
+    );
+    h.dst.ok(&["destroy", name]);
+    let out = dst_events.wait_for_line("Stopped Destroyed");
+    let pc = event_at(&out, "Resumed Post-copy")
+        .unwrap_or_else(|| panic!("no Resumed Post-copy: {out}"));
+    let migrated =
+        event_at(&out, "Resumed Migrated").unwrap_or_else(|| panic!("no Resumed Migrated: {out}"));
+    assert!(pc < migrated, "recovered, then migrated: {out}");
+}
+
+/// §5d, the source daemon lost in the middle of a resume: it dies after `prepare_resume`
+/// (the destination's VMM listens, the source's never connects). The destination gives its
+/// resume job up after its Prepare timeout and keeps the VMM; the restarted source daemon
+/// shows the source `post-copy failed` again; a second resume (a second `migrate-recover`,
+/// which replaces the listener nobody connected to, decision 175) completes.
+#[test]
+fn a_resume_whose_source_daemon_died_after_prepare_is_given_up_and_retried() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up_full(dir.path(), &[], &["--migration-prepare-timeout", "2"]) else {
+        return;
+    };
+    let name = "pd";
+    paused_pattern_postcopy(&h, dir.path(), name);
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    let dst = h.dst.tcp_uri();
+    // The source daemon stops for ever once the destination listens.
+    h.src.env = vec![(
+        "TERND_X_TEST_STALL".to_string(),
+        "prepare-resume-done".to_string(),
+    )];
+    h.src.kill();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    let bg = Bg::spawn(&h.src.uri(), &resume_args(name, &dst));
+    h.src.wait_log("stalling at prepare-resume-done");
+    h.src.kill();
+    let (ok, _, _) = bg.wait();
+    assert!(!ok, "the client lost its daemon");
+    // No Finish within the Prepare timeout: the job is given up, the VMM kept.
+    h.dst.wait_log("post-copy resume given up here");
+    assert_eq!(h.dst.state(name), "running (post-copy failed)");
+    assert!(pid_alive(dst_vmm) && pid_alive(src_vmm), "a VMM was lost");
+    let job = h.dst.ok(&["domjobinfo", name, "--completed"]);
+    assert!(job.contains("post-copy resume failed"), "{job}");
+    h.src.env.clear();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    let args = [
+        &resume_args(name, &dst)[..],
+        &["--postcopy-bandwidth", "64"][..],
+    ]
+    .concat();
+    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state(name), "shut off (migrated)");
+    wait_pid_exit(src_vmm);
+    wait_state(&h.dst, name, "running (migrated)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+}
+
+/// §5d, both daemons lost in the middle of a resume, and the VMMs recovered by hand: the
+/// source daemon dies after `prepare_resume`, the destination daemon is killed too; both
+/// restarted show `post-copy failed` again. An operator then sends `migrate {uri, resume:
+/// true}` to the source VMM itself (`qemu-monitor-command`, the URI the destination daemon
+/// logged): each daemon takes the recovery it did not drive up (no resume job) and follows it
+/// to the end: source `shut off (migrated)`, destination `running (migrated)`, pattern intact.
+#[test]
+fn a_recovery_no_daemon_drives_is_taken_up_and_followed_to_the_end() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let name = "ph";
+    paused_pattern_postcopy(&h, dir.path(), name);
+    let (src_vmm, dst_vmm) = (vmm_pid(&h.src), vmm_pid(&h.dst));
+    let dst = h.dst.tcp_uri();
+    h.src.env = vec![(
+        "TERND_X_TEST_STALL".to_string(),
+        "prepare-resume-done".to_string(),
+    )];
+    h.src.kill();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    let bg = Bg::spawn(&h.src.uri(), &resume_args(name, &dst));
+    h.src.wait_log("stalling at prepare-resume-done");
+    h.dst.wait_log("prepare_resume: the VMM listens at ");
+    let log = h.dst.log();
+    let uri = log
+        .lines()
+        .find_map(|l| l.split("prepare_resume: the VMM listens at ").nth(1))
+        .map(str::trim)
+        .expect("the recovery URI in the destination's log")
+        .to_string();
+    h.src.kill();
+    let (ok, _, _) = bg.wait();
+    assert!(!ok, "the client lost its daemon");
+    h.dst.kill();
+    h.dst.restart();
+    h.src.env.clear();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    wait_state(&h.dst, name, "running (post-copy failed)");
+    // By hand, on the source VMM: the destination VMM still listens where it was told (the
+    // push at 64 MiB/s from here, as --postcopy-bandwidth 64 would set it).
+    h.src.qmp(
+        name,
+        "migrate-set-parameters",
+        json!({"max-postcopy-bandwidth": 64u64 << 20}),
+    );
+    h.src
+        .qmp(name, "migrate", json!({"uri": uri, "resume": true}));
+    let deadline = Instant::now() + T;
+    loop {
+        let s = h.src.state(name);
+        assert!(!s.starts_with("running"), "the source was resumed: {s}");
+        if s == "shut off (migrated)" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never finished: {s}\n--- src:\n{}\n--- dst:\n{}",
+            h.src.log(),
+            h.dst.log()
+        );
+        std::thread::yield_now();
+    }
+    wait_pid_exit(src_vmm);
+    wait_state(&h.dst, name, "running (migrated)");
+    assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+}
+
+/// Sets the veth end in the source's namespace down or up (down: the route to the
+/// destination's host is gone, every connection between the hosts stalls).
+fn link(h: &Hosts, up: bool) {
+    let o = std::process::Command::new("ip")
+        .args(["-n", &h.net.src, "-o", "link", "show", "type", "veth"])
+        .output()
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let dev = text
+        .split(": ")
+        .nth(1)
+        .and_then(|n| n.split('@').next())
+        .unwrap_or_else(|| panic!("no veth in {}: {text}", h.net.src))
+        .to_string();
+    let state = if up { "up" } else { "down" };
+    let o = std::process::Command::new("ip")
+        .args(["-n", &h.net.src, "link", "set", &dev, state])
+        .output()
+        .expect("ip link set");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// §5d after a cut link: the link between the hosts goes down in post-copy; both VMMs pause
+/// by themselves (their liveness limit), the daemons show `post-copy failed`; a resume while
+/// the link is down fails at once ("cannot reach the destination daemon ... nothing
+/// changed"); once it is back the resume completes with the guest intact.
+#[test]
+fn a_cut_link_pauses_postcopy_and_the_resume_after_it_is_back_completes() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let name = "pl";
+    let bg = start_pattern_postcopy(&h, dir.path(), name);
+    link(&h, false);
+    failed_both_sides(&h, name, bg);
+    let dst = h.dst.tcp_uri();
+    let e = h.src.fails(&resume_args(name, &dst));
+    assert!(e.contains("cannot reach the destination daemon"), "{e}");
+    assert!(e.contains("nothing changed"), "{e}");
+    assert_eq!(h.src.state(name), "paused (post-copy failed)");
+    assert_eq!(h.dst.state(name), "running (post-copy failed)");
+    link(&h, true);
+    let args = [
+        &resume_args(name, &dst)[..],
+        &["--postcopy-bandwidth", "64"][..],
+    ]
+    .concat();
+    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state(name), "shut off (migrated)");
+    wait_state(&h.dst, name, "running (migrated)");
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
 }

@@ -449,7 +449,7 @@ fn postcopy_migration_of_a_qemu_vm_switched_from_a_second_client() {
 }
 
 #[test]
-fn domjobabort_postcopy_pauses_a_qemu_postcopy_and_neither_side_is_resumed() {
+fn domjobabort_postcopy_pauses_a_qemu_postcopy_and_postcopy_resume_completes_it() {
     if !have_qemu() {
         return;
     }
@@ -493,8 +493,8 @@ fn domjobabort_postcopy_pauses_a_qemu_postcopy_and_neither_side_is_resumed() {
         e.contains("cannot abort migration in post-copy mode"),
         "{e}"
     );
-    // QEMU's migrate-pause: both VMMs go postcopy-paused; recovery is not built, so the job
-    // ends failed, the source paused for good, the destination kept.
+    // QEMU's migrate-pause: both VMMs go postcopy-paused; the job ends failed, the source
+    // paused (never resumed), the destination kept, until --postcopy-resume (§5d).
     h.src.ok(&["domjobabort", "pp", "--postcopy"]);
     let (ok, _, err) = bg.wait();
     assert!(!ok, "the paused post-copy reported success");
@@ -508,4 +508,32 @@ fn domjobabort_postcopy_pauses_a_qemu_postcopy_and_neither_side_is_resumed() {
     let job = h.dst.ok(&["domjobinfo", "pp", "--completed"]);
     assert!(job.contains("post-copy failed on the destination"), "{job}");
     assert!(h.dst.vmm_pids().iter().all(|p| pid_alive(*p)));
+    // The resume: QEMU's migrate-recover on the destination, migrate resume on the source.
+    let (ok, _, err) = Bg::spawn(
+        &h.src.uri(),
+        &[
+            "migrate",
+            "pp",
+            &h.dst.tcp_uri(),
+            "--live",
+            "--p2p",
+            "--postcopy",
+            "--postcopy-resume",
+            "--postcopy-bandwidth",
+            "64",
+        ],
+    )
+    .wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state("pp"), "shut off (migrated)");
+    wait_state(&h.dst, "pp", "running (migrated)");
+    let st = h.dst.qmp("pp", "query-status", serde_json::json!({}));
+    assert_eq!(st["running"], true, "{st}");
+    let job = h.src.ok(&["domjobinfo", "pp", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
 }

@@ -28,6 +28,11 @@ pub struct MigrateOptions {
     pub postcopy_after_precopy: bool,
     /// `--postcopy-bandwidth` in MiB/s: the source VMM's `max-postcopy-bandwidth`.
     pub postcopy_bandwidth: Option<u64>,
+    /// `--postcopy-resume` (`VIR_MIGRATE_POSTCOPY_RESUME`, libvirt 8.5): resume a post-copy
+    /// migration that failed after the switch (`migrate-recover` on the destination's VMM,
+    /// `migrate {resume: true}` on the source's; docs/management.md §5d).
+    #[serde(default)]
+    pub postcopy_resume: bool,
     pub auto_converge: bool,
     pub parallel: bool,
     pub parallel_connections: Option<u32>,
@@ -84,6 +89,45 @@ impl MigrateOptions {
         Ok(())
     }
 
+    /// libvirt's rules for `VIR_MIGRATE_POSTCOPY_RESUME` (`qemuMigrationAnyCanResume`): the
+    /// resumed migration is a post-copy one, and the options that shape a new migration's
+    /// pre-copy or switch have nothing left to act on.
+    fn check_resume(&self) -> Result<()> {
+        if !self.postcopy_resume {
+            return Ok(());
+        }
+        if !self.postcopy {
+            return Err(Error::InvalidArg(
+                "resuming failed post-copy migration requires post-copy to be enabled \
+                 (--postcopy-resume needs --postcopy, as the migration it resumes had)"
+                    .into(),
+            ));
+        }
+        let pre_copy_only: &[(bool, &str)] = &[
+            (self.offline, "--offline"),
+            (
+                self.postcopy_after_precopy,
+                "--postcopy-after-precopy (the migration already switched to post-copy)",
+            ),
+            (
+                self.auto_converge,
+                "--auto-converge (it throttles pre-copy)",
+            ),
+            (
+                self.available_switchover_bandwidth.is_some(),
+                "--available-switchover-bandwidth (the switchover is over)",
+            ),
+        ];
+        for (set, opt) in pre_copy_only {
+            if *set {
+                return Err(Error::InvalidArg(format!(
+                    "--postcopy-resume cannot be used with {opt}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses options that need something not built yet, naming the missing feature.
     pub fn check_supported(&self) -> Result<()> {
         let missing: &[(bool, &str, &str)] = &[
@@ -106,6 +150,7 @@ impl MigrateOptions {
             }
         }
         self.check_postcopy()?;
+        self.check_resume()?;
         if self.offline && !self.persistent {
             return Err(Error::InvalidArg(
                 "--offline needs --persistent (an offline migration only copies the definition)"
@@ -226,6 +271,37 @@ mod tests {
         .expect_err("after-precopy alone")
         .to_string();
         assert!(e.contains("only be used with --postcopy"), "{e}");
+        // --postcopy-resume: post-copy required, pre-copy's options refused.
+        let e = MigrateOptions {
+            postcopy_resume: true,
+            live: true,
+            ..Default::default()
+        }
+        .check_supported()
+        .expect_err("resume without postcopy")
+        .to_string();
+        assert!(e.contains("requires post-copy to be enabled"), "{e}");
+        let resume = MigrateOptions {
+            postcopy_resume: true,
+            ..pc.clone()
+        };
+        assert!(resume.check_supported().is_ok());
+        for o in [
+            MigrateOptions {
+                postcopy_after_precopy: true,
+                ..resume.clone()
+            },
+            MigrateOptions {
+                auto_converge: true,
+                ..resume.clone()
+            },
+        ] {
+            let e = o
+                .check_supported()
+                .expect_err("pre-copy option")
+                .to_string();
+            assert!(e.contains("--postcopy-resume cannot be used with"), "{e}");
+        }
         // Supported since the engine honours avail-switchover-bandwidth.
         assert!(MigrateOptions {
             live: true,

@@ -128,6 +128,14 @@ pub enum Call {
         cookie: MigrationCookie,
         options: MigrateOptions,
     },
+    /// Prepare of a post-copy resume (`--postcopy-resume`, libvirt's prepare_resume phase),
+    /// called by the source daemon on the destination daemon: its VMM, `postcopy-paused`,
+    /// listens for the recovery channel (`migrate-recover`); the reply's cookie has the URI.
+    MigratePrepareResume {
+        domain: String,
+        cookie: MigrationCookie,
+        options: MigrateOptions,
+    },
     /// Tunnelled migration (`VIR_MIGRATE_TUNNELLED`): after its `Unit` reply this connection
     /// carries only the migration stream, raw, into the prepared incoming VMM of `domain`.
     MigrateTunnel {

@@ -303,6 +303,15 @@ fn end(dom: &Domain, t: JobType, q: Option<&Value>, err: Option<String>) {
 /// succeeds.
 pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
     let dom = d.lookup(name)?;
+    let resume = dom
+        .lock()
+        .job
+        .as_ref()
+        .is_some_and(|j| j.kind == JobKind::MigrationIn && j.resume && j.phase != "postcopy");
+    if resume {
+        // Finish of a post-copy resume (§5d): never kills the VMM.
+        return super::resume_dest::finish(d, &dom, cancelled);
+    }
     let (incoming, suspend, persistent, postcopy, phase) = {
         let g = dom.lock();
         match &g.job {

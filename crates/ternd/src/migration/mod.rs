@@ -5,6 +5,8 @@
 pub mod dest;
 pub mod jobs;
 pub mod postcopy;
+pub mod resume;
+pub mod resume_dest;
 pub mod source;
 pub mod source_recovery;
 mod stats;

@@ -23,7 +23,8 @@ use crate::domain::{Domain, JobKind, Vmm};
 use crate::vmm;
 
 /// The statuses that end a post-copy phase for the daemons: the VMMs' final ones, and
-/// `postcopy-paused` (QEMU's answer to a lost peer; recovery is not built, so the job ends).
+/// `postcopy-paused` (a lost peer or `migrate-pause`: the job ends as a failure, which
+/// `--postcopy-resume` can resume, §5d).
 pub fn over(status: &str) -> bool {
     super::is_terminal(status) || status == "postcopy-paused"
 }
@@ -193,7 +194,21 @@ pub(super) fn finish_and_confirm(
          destination may run the guest and the source is never resumed"
             .into(),
     );
-    dom.set_phase("finish");
+    finish_and_confirm_phases(d, dom, vmm, dest_uri, peer, ctx, ("finish", "confirm"))
+}
+
+/// Finish and Confirm after the switch, or after a resume (`phases`: the names `domjobinfo`
+/// shows, libvirt's `finish_resume` / `confirm_resume` for a resume).
+pub(super) fn finish_and_confirm_phases(
+    d: &Arc<Daemon>,
+    dom: &Arc<Domain>,
+    vmm: &Arc<Vmm>,
+    dest_uri: &str,
+    peer: &mut Connection,
+    ctx: &mut Ctx,
+    phases: (&'static str, &'static str),
+) -> Result<()> {
+    dom.set_phase(phases.0);
     let finish_err = match finish(dest_uri, peer, &dom.name) {
         FinishOutcome::Done => None,
         FinishOutcome::Refused(e) | FinishOutcome::NotDelivered(e) | FinishOutcome::Unknown(e) => {
@@ -208,7 +223,7 @@ pub(super) fn finish_and_confirm(
             Some(e)
         }
     };
-    dom.set_phase("confirm");
+    dom.set_phase(phases.1);
     let end = wait_end(dom, vmm, ctx);
     let q = ctx.last.clone().unwrap_or(Value::Null);
     match end.as_deref() {
@@ -237,8 +252,8 @@ pub(super) fn finish_and_confirm(
                 "post-copy failed after the switch (source VMM: {status}: {desc}): the guest \
                  may run on the destination with the pages it received; the source stays \
                  paused and is never resumed (its memory is stale). Check `domstate --reason \
-                 {name}` on the destination; recovery (--postcopy-resume) is not built, so if \
-                 the destination lost its source's pages the guest cannot be saved",
+                 {name}` on the destination; {}",
+                resume_hint(status),
                 name = dom.name
             )))
         }
@@ -276,10 +291,30 @@ fn wait_end(dom: &Domain, vmm: &Vmm, ctx: &mut Ctx) -> Result<String> {
     }
 }
 
+/// What the operator can do after a post-copy failure whose source VMM ended `status`.
+pub(super) fn resume_hint(status: &str) -> &'static str {
+    if status == "postcopy-paused" {
+        "both VMMs are postcopy-paused: `migrate ... --postcopy --postcopy-resume` with the \
+         same destination resumes it once the cause is fixed"
+    } else {
+        "the source VMM ended the migration (not postcopy-paused), so it cannot be resumed; if \
+         the destination lost its source's pages the guest cannot be saved"
+    }
+}
+
 /// libvirt's `qemuMigrationSrcPostcopyFailed`: the source stays paused, reason `post-copy
-/// failed`, event `Suspended Post-copy Error`.
-fn source_failed(d: &Daemon, dom: &Domain) {
-    if dom.lock().vmm.is_none() {
+/// failed`, event `Suspended Post-copy Error` (once: a resume that fails again before the
+/// VMM left the paused state changes nothing). Recorded for `--postcopy-resume` (§5d).
+pub(super) fn source_failed(d: &Daemon, dom: &Domain) {
+    let already = {
+        let g = dom.lock();
+        if g.vmm.is_none() {
+            return;
+        }
+        g.state == DomainState::Paused && g.reason == "post-copy failed"
+    };
+    vmm::mark_postcopy_failed(d, dom, Some(JobKind::MigrationOut));
+    if already {
         return;
     }
     dom.set_state(DomainState::Paused, "post-copy failed");
@@ -289,14 +324,19 @@ fn source_failed(d: &Daemon, dom: &Domain) {
 
 /// libvirt's `qemuMigrationDstPostcopyFailed`: a running destination stays running with
 /// reason `post-copy failed` (event `Resumed Post-copy Error`), a paused one paused.
-fn destination_failed(d: &Daemon, dom: &Domain) {
-    let state = {
+/// Recorded for `--postcopy-resume` (§5d).
+pub(super) fn destination_failed(d: &Daemon, dom: &Domain) {
+    let (state, reason) = {
         let g = dom.lock();
         if g.vmm.is_none() {
             return;
         }
-        g.state
+        (g.state, g.reason.clone())
     };
+    vmm::mark_postcopy_failed(d, dom, Some(JobKind::MigrationIn));
+    if reason == "post-copy failed" {
+        return;
+    }
     if state == DomainState::Running {
         dom.set_state(DomainState::Running, "post-copy failed");
         d.events
@@ -383,6 +423,7 @@ pub fn watch_incoming(d: &Arc<Daemon>, dom: &Arc<Domain>, vmm: &Arc<Vmm>) {
             let status = q.get("status").and_then(Value::as_str).unwrap_or("none");
             if status == "completed" {
                 vmm::mark(&d, &dom, false, None);
+                vmm::mark_postcopy_failed(&d, &dom, None);
                 if dom.lock().state == DomainState::Running {
                     dom.set_state(DomainState::Running, "migrated");
                     d.events
@@ -409,8 +450,12 @@ pub fn watch_incoming(d: &Arc<Daemon>, dom: &Arc<Domain>, vmm: &Arc<Vmm>) {
                 format!(
                     "post-copy failed on the destination ({status}: {desc}): the VMM is kept \
                      (it holds the guest's newest state); vCPUs that touch pages it never \
-                     received stay blocked. The source stays paused and is never resumed; \
-                     recovery (--postcopy-resume) is not built"
+                     received stay blocked. The source stays paused and is never resumed; {}",
+                    if status == "postcopy-paused" {
+                        "`migrate ... --postcopy --postcopy-resume` on the source resumes it"
+                    } else {
+                        "this VMM ended the migration, so it cannot be resumed"
+                    }
                 ),
             );
         });

@@ -39,8 +39,12 @@ pub(super) struct Ctx {
 
 /// `ternctl migrate`: the whole migration, driven by this (the source) daemon.
 pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()> {
+    if opts.postcopy_resume {
+        return super::resume::migrate(d, key, dest_uri, opts);
+    }
     opts.check_supported()?;
     let dom = d.lookup(key)?;
+    super::resume::refuse_new_migration(&dom)?;
     if opts.offline {
         offline(&dom, dest_uri)?;
         if opts.undefine_source {
@@ -642,7 +646,7 @@ pub(super) fn finish(dest_uri: &str, peer: &mut Connection, name: &str) -> Finis
 
 /// Finish with `cancelled`: the destination kills its VMM. Best effort: a destination daemon
 /// that cannot be reached kills its unfinished incoming VMM when it restarts.
-fn finish_cancelled_on(dest_uri: &str, peer: &mut Connection, name: &str) {
+pub(super) fn finish_cancelled_on(dest_uri: &str, peer: &mut Connection, name: &str) {
     if call_finish(peer, name, true).is_ok() {
         return;
     }

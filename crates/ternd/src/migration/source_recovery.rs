@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use virt::{Connection, DomainState, Error, JobType};
+use virt::{Connection, Error, JobType};
 
 use super::source::{call_finish, confirm_failed, finish_cancelled, OP, PEER_CALL_TIMEOUT};
 use super::stats::from_query_migrate;
@@ -65,9 +65,11 @@ pub fn recover(
                 tracing::error!("{name}: quitting the source: {e}");
             }
         } else {
-            dom.set_state(DomainState::Paused, "post-copy failed");
+            super::postcopy::source_failed(d, dom);
             info.errmsg = Some(format!(
-                "post-copy ended '{status}' while the daemon was down; the source stays paused and is never resumed"
+                "post-copy ended '{status}' while the daemon was down; the source stays paused \
+                 and is never resumed; {}",
+                super::postcopy::resume_hint(&status)
             ));
         }
         info.notes

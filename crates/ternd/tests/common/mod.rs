@@ -544,6 +544,15 @@ impl Bg {
     /// Waits (at most [`T`]) for a stdout line containing `needle`; returns all stdout so
     /// far, and kills the process.
     pub fn wait_for_line(&mut self, needle: &str) -> String {
+        let out = self.wait_line(needle);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        out
+    }
+
+    /// Waits (at most [`T`]) for a stdout line containing `needle`; returns all stdout so
+    /// far and leaves the process running.
+    pub fn wait_line(&mut self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + T;
         while !self.seen.iter().any(|l| l.contains(needle)) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -552,8 +561,6 @@ impl Bg {
                 Err(_) => panic!("no line with '{needle}' in:\n{}", self.seen.join("\n")),
             }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         self.seen.join("\n")
     }
 
