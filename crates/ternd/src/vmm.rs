@@ -492,7 +492,7 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
         }
     }
     if st.outgoing {
-        crate::migration::source_recovery::recover(
+        let watched = crate::migration::source_recovery::recover(
             d,
             &dom,
             &vmm,
@@ -500,7 +500,11 @@ fn recover_one(d: &Arc<Daemon>, path: &Path) -> Result<String> {
             st.dest_decides,
             in_postcopy,
         );
-        mark(d, &dom, false, None);
+        // A post-copy job still followed keeps its marks until it ends (a second restart
+        // must find it outgoing and in post-copy again); its watcher clears them.
+        if !watched {
+            mark(d, &dom, false, None);
+        }
     }
     Ok(name)
 }

@@ -316,6 +316,11 @@ fn daemons_restarted_during_postcopy_never_resume_the_source_nor_kill_the_destin
     assert!(!ok, "the client lost its daemon");
     h.dst.restart();
     h.src.restart();
+    // A second restart finds the job again: the first restarted daemon keeps the status
+    // file's "outgoing, in post-copy" until the job it follows ends (it once cleared them at
+    // once, and the source then stayed paused for ever, never quit).
+    h.src.kill();
+    h.src.restart();
     // The restarted source never runs its stale copy: paused until its VMM finished
     // sending, then quit; the destination's VMM is kept and ends `running (migrated)`.
     let deadline = Instant::now() + T;

@@ -504,7 +504,7 @@ pub fn recover_source(
     vmm: &Arc<Vmm>,
     dest_uri: Option<&str>,
     status: &str,
-) {
+) -> bool {
     let name = dom.name.clone();
     if let Some(uri) = dest_uri {
         let r = Connection::open(uri).and_then(|mut c| {
@@ -516,7 +516,7 @@ pub fn recover_source(
         }
     }
     if dom.begin_job(JobKind::MigrationOut).is_err() {
-        return;
+        return false;
     }
     if let Some(j) = dom.lock().job.as_mut() {
         j.postcopy = true;
@@ -545,6 +545,9 @@ pub fn recover_source(
             let q = ctx.last.clone().unwrap_or(Value::Null);
             let mut info = from_query_migrate(&q, JobType::Failed, super::source::OP);
             info.notes = dom.lock().job.as_ref().map(|j| j.notes.clone()).unwrap_or_default();
+            // The job is over: the status file no longer says "outgoing, in post-copy"
+            // (a failed post-copy stays recorded by `source_failed` for a resume, §5d).
+            vmm::mark(&d, &dom, false, None);
             match end.as_deref() {
                 Ok("completed") => {
                     info.job_type = JobType::Completed;
@@ -566,7 +569,11 @@ pub fn recover_source(
                 }
             }
         });
-    if let Err(e) = r {
-        tracing::error!("{name}: spawning the post-copy watcher: {e}");
+    match r {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!("{name}: spawning the post-copy watcher: {e}");
+            false
+        }
     }
 }

@@ -17,6 +17,8 @@ use crate::domain::{Domain, Vmm};
 /// destination again (idempotent there): done → quit the source; answered failure → resume the
 /// source; no answer → leave it paused (the predecessor may have delivered a Finish: only the
 /// destination knows). Ended `failed`/`cancelled` → cancel on the destination.
+/// In post-copy and not over, a watcher follows the job: true (it clears the status file's
+/// migration marks when the job ends; the caller must not clear them before).
 pub fn recover(
     d: &Arc<Daemon>,
     dom: &Arc<Domain>,
@@ -24,13 +26,13 @@ pub fn recover(
     dest_uri: Option<&str>,
     dest_decides: bool,
     postcopy: bool,
-) {
+) -> bool {
     let name = dom.name.clone();
     let q = match vmm.qmp("query-migrate", json!({})) {
         Ok(q) => q,
         Err(e) => {
             tracing::error!("{name}: recovering the outgoing migration: {e}");
-            return;
+            return false;
         }
     };
     let status = q
@@ -46,8 +48,7 @@ pub fn recover(
             "{name}: the outgoing migration left by the previous daemon is in post-copy ({status})"
         );
         if !super::postcopy::over(&status) {
-            super::postcopy::recover_source(d, dom, vmm, dest_uri, &status);
-            return;
+            return super::postcopy::recover_source(d, dom, vmm, dest_uri, &status);
         }
         let mut info = from_query_migrate(&q, JobType::Failed, OP);
         if status == "completed" {
@@ -75,7 +76,7 @@ pub fn recover(
         info.notes
             .push("recovered after a daemon restart in post-copy".into());
         dom.end_job(info);
-        return;
+        return false;
     }
     let mut info = from_query_migrate(&q, JobType::Failed, OP);
     let outcome: String = match (status.as_str(), dest_uri) {
@@ -143,4 +144,5 @@ pub fn recover(
     info.notes
         .push(format!("recovered after a daemon restart: {outcome}"));
     dom.end_job(info);
+    false
 }
