@@ -144,16 +144,21 @@ impl Sender {
         loop {
             self.enter_paused(&cause);
             let uri = self.wait_for_resume()?;
+            self.recovery_started();
             self.set_status(MigrationStatus::PostcopyRecoverSetup);
             match self.recovery_channel(uri) {
                 Ok(()) => {
+                    self.recovery_completed();
                     self.stats.replace_error(None);
                     self.set_status(MigrationStatus::PostcopyActive);
                     tracing::info!("post-copy recovered");
                     return Ok(());
                 }
                 Err(_) if self.shared.lock().cancel => return Err(SourceError::Cancelled),
+                // A page is lost on both sides: no recovery can bring it back.
+                Err(e @ SourceError::Release(_)) => return Err(e),
                 Err(e) => {
+                    self.recovery_failed();
                     let dest = self.shared.lock().dest_error.clone();
                     cause = match dest {
                         Some(d) => SourceError::Destination(d),
@@ -173,6 +178,7 @@ impl Sender {
         if let Some(t) = self.rp_thread.take() {
             let _ = t.join();
         }
+        self.release_channel_lost();
         let by_user = {
             let mut f = self.shared.lock();
             f.rp_fault = None;
@@ -244,6 +250,7 @@ impl Sender {
                 SourceError::ReturnPath("the recovery channel has no return path".into())
             })?;
         self.set_status(MigrationStatus::PostcopyRecover);
+        self.recovery_connected();
         let config = self
             .config
             .clone()
@@ -283,10 +290,16 @@ impl Sender {
         let bitmaps = self.shared.lock().recv_bitmaps.take();
         let bitmaps = bitmaps
             .ok_or_else(|| SourceError::ReturnPath("the received bitmaps vanished".into()))?;
-        let pages = self
+        self.release_after_bitmaps(|b, p| bitmaps.received(b, p))?;
+        let (pages, resent) = self
             .ram()?
             .requeue_unreceived(|b, p| bitmaps.received(b, p));
-        tracing::info!(pages, "post-copy recovery: pages the destination lacks");
+        self.recovery_bitmaps(pages, resent);
+        tracing::info!(
+            pages,
+            resent,
+            "post-copy recovery: pages the destination lacks"
+        );
         self.shared.lock().resume_sent = true;
         self.writer()?.write_command(Command::PostcopyResume)?;
         self.writer()?.flush()?;
