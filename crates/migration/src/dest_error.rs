@@ -67,6 +67,10 @@ pub enum DestError {
         #[source]
         source: Box<DestError>,
     },
+    /// A post-copy recovery channel failed before `POSTCOPY_RESUME` (broken, refused): this
+    /// side stays `postcopy-paused` and can recover again.
+    #[error("the recovery channel failed during its handshake (before POSTCOPY_RESUME)")]
+    RecoveryHandshake(#[source] Box<DestError>),
     /// The `mig-dst` thread could not be started.
     #[error("cannot start thread mig-dst")]
     Spawn(#[source] std::io::Error),

@@ -158,7 +158,8 @@ impl Sender {
                 // A page is lost on both sides: no recovery can bring it back.
                 Err(e @ SourceError::Release(_)) => return Err(e),
                 Err(e) => {
-                    self.recovery_failed();
+                    let phase = self.shared.lock().status;
+                    self.recovery_failed(phase);
                     let dest = self.shared.lock().dest_error.clone();
                     cause = match dest {
                         Some(d) => SourceError::Destination(d),
@@ -198,7 +199,8 @@ impl Sender {
             "migrate-pause cut the connection to the destination".to_owned()
         } else {
             format!(
-                "the connection to the destination was lost: {}",
+                "the connection to the destination was lost{}: {}",
+                self.recovery_failure_phase(),
                 error_chain(cause)
             )
         };

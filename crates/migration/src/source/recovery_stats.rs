@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::Sender;
 use crate::stats::Recovery;
+use crate::status::MigrationStatus;
 
 /// The attempt in progress.
 #[derive(Debug, Default)]
@@ -16,6 +17,8 @@ pub(super) struct RecoveryClock {
     bitmaps: Option<Instant>,
     missing_pages: u64,
     resent_pages: u64,
+    /// The last attempt failed in this phase (for the next `error-desc`).
+    failed_in: Option<&'static str>,
 }
 
 impl RecoveryClock {
@@ -28,6 +31,11 @@ impl RecoveryClock {
 }
 
 impl Sender {
+    /// `" while …"` when the pause being entered ends a failed recovery attempt (said once).
+    pub(super) fn recovery_failure_phase(&mut self) -> &'static str {
+        self.recovery_clock.failed_in.take().unwrap_or("")
+    }
+
     /// `migrate {"resume": true}` taken: a recovery attempt starts.
     pub(super) fn recovery_started(&mut self) {
         self.recovery_clock = RecoveryClock {
@@ -65,9 +73,15 @@ impl Sender {
         self.stats.update_postcopy_recovery(|s| s.completed(r));
     }
 
-    /// The attempt went back to `postcopy-paused`.
-    pub(super) fn recovery_failed(&mut self) {
-        self.recovery_clock = RecoveryClock::default();
+    /// The attempt went back to `postcopy-paused`; `status` is where it was.
+    pub(super) fn recovery_failed(&mut self, status: MigrationStatus) {
+        self.recovery_clock = RecoveryClock {
+            failed_in: Some(match status {
+                MigrationStatus::PostcopyRecoverSetup => " while connecting the recovery channel",
+                _ => " during the recovery handshake (before RESUME_ACK)",
+            }),
+            ..RecoveryClock::default()
+        };
         self.stats
             .update_postcopy_recovery(|s| s.failed_attempts += 1);
     }
