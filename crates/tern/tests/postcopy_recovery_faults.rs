@@ -76,6 +76,7 @@ fn a_recovery_broken_during_its_handshake_pauses_both_and_a_later_one_completes(
         "{q}"
     );
     assert!(r["list"][0]["total-us"].as_u64().unwrap_or(0) > 0, "{q}");
+    assert_query_migrate_matches_schema(&mut src, &q);
     assert_handover(&mut src, &mut dst);
     assert_cont_refused(&mut src);
     let p0 = dst.pages_written();

@@ -36,6 +36,7 @@ fn assert_released(src: &mut Vm, m: &Machine, before: u64) {
         Some(pages),
         "{q}"
     );
+    assert_query_migrate_matches_schema(src, &q);
     let after = guest_ram_rss_kib(src.pid(), m.memory_mib);
     eprintln!("source guest RAM resident: {before} KiB before the switch, {after} KiB after");
     assert!(

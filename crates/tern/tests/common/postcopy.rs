@@ -2,7 +2,7 @@
 //! [`FaultProxy`] that is switched to post-copy, recovery attempts (optionally through a
 //! proxy of their own), and the resident size of a process's guest RAM from `/proc`.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::proxy::{Fault, FaultProxy};
 use super::*;
@@ -73,6 +73,16 @@ pub fn assert_destination_paused_missing_pages(dst: &mut Vm) -> u64 {
         assert!(e.contains("Post-copy is missing guest pages"), "{cmd}: {e}");
     }
     missing
+}
+
+/// Checks `q` (a `query-migrate` reply of `vm`) against `vm`'s own `query-qmp-schema`
+/// (strictly: no member the schema does not declare).
+pub fn assert_query_migrate_matches_schema(vm: &mut Vm, q: &Value) {
+    let reply = vm.c("query-qmp-schema", json!({}));
+    let s = tern_qmp::QmpSchema::new(&reply).unwrap_or_else(|e| panic!("malformed schema: {e}"));
+    if let Err(e) = s.check_return("query-migrate", q) {
+        panic!("query-migrate does not match the schema: {e}");
+    }
 }
 
 /// Resident KiB of the guest RAM mapping of process `pid` (`/proc/PID/smaps`: the mapping of
