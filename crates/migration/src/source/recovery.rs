@@ -155,8 +155,12 @@ impl Sender {
                     return Ok(());
                 }
                 Err(_) if self.shared.lock().cancel => return Err(SourceError::Cancelled),
-                // A page is lost on both sides: no recovery can bring it back.
-                Err(e @ SourceError::Release(_)) => return Err(e),
+                // A page is lost on both sides: no recovery can bring it back. The failure,
+                // not the pause before it, is what `error-desc` must say.
+                Err(e @ SourceError::Release(_)) => {
+                    self.stats.replace_error(None);
+                    return Err(e);
+                }
                 Err(e) => {
                     let phase = self.shared.lock().status;
                     self.recovery_failed(phase);

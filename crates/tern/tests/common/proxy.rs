@@ -56,6 +56,8 @@ pub struct Progress {
     /// [`Fault::FlipInRamRecord`]: the stream offsets of the corrupted record's frame and of
     /// the flipped byte, once it was forwarded.
     pub flipped: Option<(u64, u64)>,
+    /// Stream bytes read from the source and held back ([`FaultProxy::hold`]).
+    pub held: u64,
 }
 
 #[derive(Default)]
@@ -64,6 +66,8 @@ struct Shared {
     cv: Condvar,
     /// Both connections, for [`FaultProxy::cut`].
     sockets: Mutex<Vec<TcpStream>>,
+    /// [`FaultProxy::hold`]: read the stream on, forward nothing more.
+    hold: AtomicBool,
 }
 
 impl Shared {
@@ -139,6 +143,12 @@ impl FaultProxy {
             let _ = s.shutdown(Shutdown::Both);
         }
         self.shared.update(|p| p.cut = true);
+    }
+
+    /// From now on the source's stream is read but not forwarded (a link that stalls: what
+    /// the source writes is lost if [`FaultProxy::cut`] follows).
+    pub fn hold(&self) {
+        self.shared.hold.store(true, Ordering::SeqCst);
     }
 
     /// The URI to give the source's `migrate`.
@@ -230,6 +240,11 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
             },
             _ => t.position(),
         };
+        let allowed = if sh.hold.load(Ordering::SeqCst) {
+            sent
+        } else {
+            allowed
+        };
         let go = (allowed - sent) as usize;
         if let (None, Some((body, len))) = (flipped, t.watched_ram_record()) {
             let at = body + len / 2;
@@ -247,6 +262,7 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
             p.forwarded = sent;
             p.end = end;
             p.flipped = flipped;
+            p.held = t.position() - sent;
         });
         let cut_now = match fault {
             Fault::CutAfter(c) => sent >= c,
