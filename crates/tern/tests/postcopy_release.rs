@@ -99,8 +99,8 @@ fn release_ram_without_postcopy_ram_is_refused() {
     vm.quit_ok();
 }
 
-/// The link stalls (the proxy holds what the source writes: pages, and the `PING`s that would
-/// confirm them) and is then cut: those pages are lost with it. Freed when sent (QEMU's
+/// The link stalls (the proxy holds what the source writes after a `PING`: pages, and the
+/// `PING`s that would confirm them) and is then cut: those pages are lost with it. Freed when sent (QEMU's
 /// rule), they would be re-sent as zeros and the `pattern` check would see them; here they
 /// are not freed until confirmed, the recovery's received bitmap sends them again from intact
 /// memory (`resent-pages` > 0), and the guest is intact.
@@ -111,10 +111,11 @@ fn postcopy_release_ram_cut_link_recovery_completes_with_the_guest_intact() {
     let (mut src, mut dst, proxy) = start_through_proxy(dir.path(), &m, &RELEASE);
     let before = rss_before(&mut src, &m);
     postcopy_running(&mut src, &mut dst);
-    proxy.hold();
-    // More than half the push's 512 KiB window: pages and a window PING after them (decision
-    // 141) are lost for sure, so pages "sent and followed by a PING" are lost too.
-    proxy.wait("320 KiB held", MIGRATION_TIMEOUT, |p| p.held >= 320 << 10);
+    // From just after a PING on: its PONG opens the push's 512 KiB window (decision 141), the
+    // source writes a 256 KiB push batch, a window PING, the next batch, all held: pages that
+    // a PING followed are lost too.
+    proxy.hold_after_next_ping();
+    proxy.wait("300 KiB held", MIGRATION_TIMEOUT, |p| p.held >= 300 << 10);
     proxy.cut();
     let q = src.wait_mig(&["postcopy-paused"], MIGRATION_TIMEOUT);
     assert!(error_desc(&q).contains("post-copy paused"), "{q}");

@@ -68,6 +68,8 @@ struct Shared {
     sockets: Mutex<Vec<TcpStream>>,
     /// [`FaultProxy::hold`]: read the stream on, forward nothing more.
     hold: AtomicBool,
+    /// [`FaultProxy::hold_after_next_ping`]: armed (the stream offset forwarded when armed).
+    hold_after_ping: Mutex<Option<u64>>,
 }
 
 impl Shared {
@@ -149,6 +151,18 @@ impl FaultProxy {
     /// the source writes is lost if [`FaultProxy::cut`] follows).
     pub fn hold(&self) {
         self.shared.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Like [`FaultProxy::hold`], from just after the next `PING` the source writes: that
+    /// `PING` reaches the destination (its `PONG` confirms everything before it), nothing
+    /// after it does.
+    pub fn hold_after_next_ping(&self) {
+        let at = self.progress().forwarded;
+        *self
+            .shared
+            .hold_after_ping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(at);
     }
 
     /// The URI to give the source's `migrate`.
@@ -240,6 +254,21 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
             },
             _ => t.position(),
         };
+        let armed = *sh.hold_after_ping.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(at), Some(ping)) = (armed, t.last_ping()) {
+            if ping > at && !sh.hold.load(Ordering::SeqCst) {
+                // Forward up to the end of that PING, then hold.
+                if ping > sent {
+                    let n = (ping - sent) as usize;
+                    if dst.write_all(&held[..n]).is_err() {
+                        break;
+                    }
+                    held.drain(..n);
+                    sent = ping;
+                }
+                sh.hold.store(true, Ordering::SeqCst);
+            }
+        }
         let allowed = if sh.hold.load(Ordering::SeqCst) {
             sent
         } else {
