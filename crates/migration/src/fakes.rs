@@ -99,6 +99,8 @@ struct RamState {
     /// [`RELEASED_BYTE`]s, so a released page sent again cannot go unnoticed, while `mem`
     /// keeps the contents for the tests' comparisons.
     released: Vec<DirtyBitmap>,
+    /// `discard_range` fails (a machine that cannot free memory).
+    refuse_discard: bool,
 }
 
 /// What a released page of a [`FakeRam`] reads as (real anonymous memory would read zeros,
@@ -151,6 +153,7 @@ impl FakeRam {
                 syncs: 0,
                 writes_while_logging_off: 0,
                 released,
+                refuse_discard: false,
             })),
             hooks: RamHooks::default(),
         }
@@ -229,6 +232,11 @@ impl FakeRam {
     /// Whether dirty logging is on now.
     pub fn logging(&self) -> bool {
         lock(&self.inner).logging
+    }
+
+    /// From now on `discard_range` fails, as on a machine that cannot free memory.
+    pub fn refuse_discards(&self) {
+        lock(&self.inner).refuse_discard = true;
     }
 
     /// `release-ram`: pages released so far (`discard_range`).
@@ -313,6 +321,9 @@ impl RamSource for FakeRam {
 
     fn discard_range(&mut self, block: usize, first: u64, pages: u64) -> Result<(), MachineError> {
         let mut g = lock(&self.inner);
+        if g.refuse_discard {
+            return Err(MachineError::Failed("this fake cannot free memory".into()));
+        }
         let r = g
             .released
             .get_mut(block)

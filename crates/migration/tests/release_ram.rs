@@ -48,8 +48,17 @@ fn wait_entered(events: &RecordingSink, status: S, n: usize) {
 
 /// Both sides in `postcopy-active` after RUN with `release-ram`, the push at `push` bytes/s.
 fn running(push: u64) -> (SrcSide, DstSide, SourceHandle, DestHandle, Dirtier) {
+    running_with(push, |_| {})
+}
+
+/// [`running`], with `prepare` called on the source side before the migration starts.
+fn running_with(
+    push: u64,
+    prepare: impl FnOnce(&SrcSide),
+) -> (SrcSide, DstSide, SourceHandle, DestHandle, Dirtier) {
     let setup = Setup::default();
     let (src, sm) = source_side(&setup);
+    prepare(&src);
     let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
     let (pager, dm) = with_pager(&dst, dm);
     let (a, b) = socketpair();
@@ -138,6 +147,29 @@ fn release_ram_with_a_recovery_never_sends_a_freed_page() {
     assert_eq!(r["list"].as_array().map(Vec::len), Some(1), "{q}");
     assert!(
         r["list"][0]["missing-pages"].as_u64().unwrap_or(0) > 0,
+        "{q}"
+    );
+}
+
+/// A machine that cannot free memory: releasing stops, says why in `x-tern-release-ram`, and
+/// the migration completes with every page.
+#[test]
+fn a_machine_that_cannot_release_completes_the_migration_and_says_why() {
+    let (src, dst, s, d, guest) = running_with(0, |src| src.ram.refuse_discards());
+    wait_entered(&src.events, S::Completed, 1);
+    let so = s.join().unwrap();
+    let dout = d.join().unwrap();
+    guest.stop();
+    assert_eq!(so.status, S::Completed, "{:?}", so.error);
+    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
+    assert_ram_equal(&src, &dst);
+    assert_eq!(src.ram.released_pages(), 0);
+    let q = src.stats.to_query_migrate_json();
+    let r = &q["x-tern-release-ram"];
+    assert_eq!(r["released-pages"], 0, "{q}");
+    let e = r["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("nothing more is released") && e.contains("cannot free memory"),
         "{q}"
     );
 }
