@@ -44,6 +44,13 @@ fn failed_attempt(src: &mut Vm, dst: &mut Vm, fault: Fault) {
         de.contains("recovery channel failed during its handshake"),
         "{fault:?}: {de}"
     );
+    // Decision 111: the destination's guest runs on (on the pages it has).
+    assert_eq!(dst.run_status(), "running", "{fault:?}");
+    let q = src.qm();
+    assert!(
+        q["x-tern-postcopy-recovery"]["failed-attempts"].as_u64() >= Some(1),
+        "{q}"
+    );
     eprintln!("{fault:?}: source: {e}\n{fault:?}: destination: {de}");
     let e = src.err("cont", json!({}));
     assert!(e.contains("postcopy-paused"), "{fault:?}: {e}");
