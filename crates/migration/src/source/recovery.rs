@@ -184,6 +184,7 @@ impl Sender {
             let _ = t.join();
         }
         self.release_channel_lost();
+        let phase = self.recovery_failure_phase();
         let by_user = {
             let mut f = self.shared.lock();
             f.rp_fault = None;
@@ -203,8 +204,7 @@ impl Sender {
             "migrate-pause cut the connection to the destination".to_owned()
         } else {
             format!(
-                "the connection to the destination was lost{}: {}",
-                self.recovery_failure_phase(),
+                "the connection to the destination was lost{phase}: {}",
                 error_chain(cause)
             )
         };
