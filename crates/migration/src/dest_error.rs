@@ -70,6 +70,10 @@ pub enum DestError {
     /// The post-copy preempt channel failed (stream format §13.8).
     #[error("post-copy preempt channel")]
     Preempt(#[source] Box<DestError>),
+    /// A post-copy recovery channel failed before `POSTCOPY_RESUME` (broken, refused): this
+    /// side stays `postcopy-paused` and can recover again.
+    #[error("the recovery channel failed during its handshake (before POSTCOPY_RESUME)")]
+    RecoveryHandshake(#[source] Box<DestError>),
     /// The `mig-dst` thread could not be started.
     #[error("cannot start thread mig-dst")]
     Spawn(#[source] std::io::Error),

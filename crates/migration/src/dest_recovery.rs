@@ -259,7 +259,7 @@ impl Receiver {
                         message: error_chain(&e),
                     },
                 );
-                Err((e, true))
+                Err((DestError::RecoveryHandshake(Box::new(e)), true))
             }
             Err(e) => {
                 let pause = self.pauses_postcopy(&e);

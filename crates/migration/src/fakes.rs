@@ -95,7 +95,17 @@ struct RamState {
     log_stops: u32,
     syncs: u64,
     writes_while_logging_off: u64,
+    /// `release-ram`: pages the engine released (`discard_range`); reading one gives
+    /// [`RELEASED_BYTE`]s, so a released page sent again cannot go unnoticed, while `mem`
+    /// keeps the contents for the tests' comparisons.
+    released: Vec<DirtyBitmap>,
+    /// `discard_range` fails (a machine that cannot free memory).
+    refuse_discard: bool,
 }
+
+/// What a released page of a [`FakeRam`] reads as (real anonymous memory would read zeros,
+/// which a test could not tell from a zero page).
+pub const RELEASED_BYTE: u8 = 0xdb;
 
 /// Optional hooks on [`FakeRam`] so a test can hold the sender inside a phase.
 #[derive(Debug, Clone, Default)]
@@ -126,10 +136,11 @@ impl FakeRam {
             })
             .collect();
         let mem = blocks.iter().map(|b| vec![0u8; b.size as usize]).collect();
-        let dirty = blocks
+        let dirty: Vec<DirtyBitmap> = blocks
             .iter()
             .map(|b| DirtyBitmap::new(b.pages(page_size)))
             .collect();
+        let released = dirty.clone();
         Self {
             inner: Arc::new(Mutex::new(RamState {
                 page_size,
@@ -141,6 +152,8 @@ impl FakeRam {
                 log_stops: 0,
                 syncs: 0,
                 writes_while_logging_off: 0,
+                released,
+                refuse_discard: false,
             })),
             hooks: RamHooks::default(),
         }
@@ -221,6 +234,20 @@ impl FakeRam {
         lock(&self.inner).logging
     }
 
+    /// From now on `discard_range` fails, as on a machine that cannot free memory.
+    pub fn refuse_discards(&self) {
+        lock(&self.inner).refuse_discard = true;
+    }
+
+    /// `release-ram`: pages released so far (`discard_range`).
+    pub fn released_pages(&self) -> u64 {
+        lock(&self.inner)
+            .released
+            .iter()
+            .map(DirtyBitmap::count)
+            .sum()
+    }
+
     /// (start_dirty_log calls, stop_dirty_log calls, syncs).
     pub fn log_calls(&self) -> (u32, u32, u64) {
         let g = lock(&self.inner);
@@ -247,6 +274,9 @@ impl RamSource for FakeRam {
             .and_then(|m| m.get(start..start + ps))
             .ok_or_else(|| MachineError::rejected("read_page", format!("{block}/{page}")))?;
         buf.copy_from_slice(src);
+        if g.released.get(block).is_some_and(|r| r.get(page)) {
+            buf.fill(RELEASED_BYTE);
+        }
         Ok(())
     }
 
@@ -287,6 +317,24 @@ impl RamSource for FakeRam {
 
     fn view(&self) -> Arc<dyn RamView> {
         Arc::new(self.clone())
+    }
+
+    fn discard_range(&mut self, block: usize, first: u64, pages: u64) -> Result<(), MachineError> {
+        let mut g = lock(&self.inner);
+        if g.refuse_discard {
+            return Err(MachineError::Failed("this fake cannot free memory".into()));
+        }
+        let r = g
+            .released
+            .get_mut(block)
+            .filter(|r| first.checked_add(pages).is_some_and(|end| end <= r.pages()))
+            .ok_or_else(|| {
+                MachineError::rejected("discard_range", format!("{block}/{first}+{pages}"))
+            })?;
+        for p in first..first + pages {
+            r.set(p);
+        }
+        Ok(())
     }
 }
 

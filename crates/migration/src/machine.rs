@@ -191,6 +191,14 @@ pub trait RamSource: Send {
     /// threads while the vCPUs are stopped. It reads memory where it lies (never "zero" from a
     /// guess such as `mincore`, which a swapped-out page would defeat).
     fn view(&self) -> Arc<dyn RamView>;
+    /// `release-ram`: frees pages `first .. first + pages` of block `block` on this host
+    /// (QEMU's `ram_discard_range`: `MADV_DONTNEED` on anonymous memory, a punched hole on a
+    /// file backend), so the source shrinks as post-copy goes on. Called only with the vCPUs
+    /// stopped for good (after `POSTCOPY_RUN`), and only for pages the destination confirmed it
+    /// holds (decision 180): the engine never reads them again. Their contents afterwards are
+    /// unspecified (zeros on anonymous memory). A machine that cannot free memory returns an
+    /// error; the engine then stops releasing and the migration goes on.
+    fn discard_range(&mut self, block: usize, first: u64, pages: u64) -> Result<(), MachineError>;
 }
 
 /// Guest RAM on the destination. The engine has checked `block` and `page` against

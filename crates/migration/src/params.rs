@@ -94,7 +94,9 @@ capabilities! {
     Events = "events", true;
     PostcopyRam = "postcopy-ram", true;
     XColo = "x-colo", false;
-    ReleaseRam = "release-ram", false;
+    // Source only; needs `postcopy-ram` (pages are released once the destination confirmed
+    // them in post-copy, decision 180).
+    ReleaseRam = "release-ram", true;
     ReturnPath = "return-path", true;
     PauseBeforeSwitchover = "pause-before-switchover", true;
     Multifd = "multifd", false;
@@ -194,6 +196,12 @@ impl Capabilities {
         }
         if on(C::PostcopyPreempt) && !on(C::PostcopyRam) {
             return bad("Postcopy preempt requires postcopy-ram");
+        }
+        if on(C::ReleaseRam) && !on(C::PostcopyRam) {
+            return bad(
+                "Capability 'release-ram' requires capability 'postcopy-ram' (Tern releases \
+                 the source's pages only once post-copy has sent them)",
+            );
         }
         if on(C::XTernPostcopyAuto) && !on(C::PostcopyRam) {
             return bad(

@@ -63,6 +63,7 @@ fn capability_list_matches_qemu() {
             "auto-converge",
             "events",
             "postcopy-ram",
+            "release-ram",
             "return-path",
             "pause-before-switchover",
             "postcopy-blocktime",
@@ -113,6 +114,19 @@ fn capability_rules() {
     .unwrap();
     assert!(set_caps(&mut c, &[("postcopy-ram", false)]).is_err());
     assert!(c.get(Capability::XTernPostcopyAuto) && c.get(Capability::PostcopyRam));
+
+    // release-ram likewise (QEMU accepts it alone and does nothing; Tern refuses what would
+    // silently do nothing).
+    let mut c = Capabilities::default();
+    let e = set_caps(&mut c, &[("release-ram", true)]).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("Capability 'release-ram' requires capability 'postcopy-ram'"),
+        "{e}"
+    );
+    set_caps(&mut c, &[("release-ram", true), ("postcopy-ram", true)]).unwrap();
+    assert!(set_caps(&mut c, &[("postcopy-ram", false)]).is_err());
+    assert!(c.get(Capability::ReleaseRam) && c.get(Capability::PostcopyRam));
 
     let mut c = Capabilities::default();
     for (list, msg) in [

@@ -13,6 +13,10 @@ use serde_json::{json, Map, Value};
 
 use crate::status::MigrationStatus;
 
+#[path = "stats_recovery.rs"]
+mod recovery;
+pub use recovery::{Recovery, RecoveryStats, ReleaseRamStats, RECOVERIES_LISTED};
+
 /// Which side of a migration the stats describe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Role {
@@ -236,6 +240,10 @@ pub struct StatsSnapshot {
     /// Destination, post-copy after RUN: pages the guest still lacks
     /// (`x-tern-postcopy-missing-pages`, decision 112).
     pub postcopy_missing_pages: Option<u64>,
+    /// Source, post-copy: every recovery (`x-tern-postcopy-recovery`), once one was tried.
+    pub postcopy_recovery: Option<RecoveryStats>,
+    /// Source, `release-ram`: pages freed (`x-tern-release-ram`), from the switch on.
+    pub release_ram: Option<ReleaseRamStats>,
 }
 
 /// `x-tern-ram-digest` in `query-migrate`.
@@ -374,6 +382,20 @@ impl MigrationStats {
     /// with `None` once the migration is `postcopy-active` again).
     pub fn replace_error(&self, desc: Option<String>) {
         self.lock().snap.error_desc = desc;
+    }
+
+    /// Source, post-copy recovery: updates `x-tern-postcopy-recovery`.
+    pub fn update_postcopy_recovery(&self, f: impl FnOnce(&mut RecoveryStats)) {
+        f(self
+            .lock()
+            .snap
+            .postcopy_recovery
+            .get_or_insert_with(Default::default));
+    }
+
+    /// Source, `release-ram`: the pages freed so far.
+    pub fn set_release_ram(&self, r: ReleaseRamStats) {
+        self.lock().snap.release_ram = Some(r);
     }
 
     /// Destination, `postcopy-blocktime`: the blocktimes so far.
@@ -569,6 +591,7 @@ fn tern_info(m: &mut Map<String, Value>, s: &StatsSnapshot) {
     if let Some(d) = &s.postcopy_auto {
         m.insert("x-tern-postcopy-auto".into(), postcopy_auto_json(d));
     }
+    recovery::source_info(m, s.postcopy_recovery.as_ref(), s.release_ram.as_ref());
     let a = &s.switchover_ack;
     if a.enabled {
         m.insert(

@@ -20,6 +20,8 @@ pub struct EndTracker {
     /// First two body bytes of a COMMAND record (its number).
     command: Vec<u8>,
     switchover: Option<u64>,
+    /// The stream offset just past the latest `PING` command.
+    last_ping: Option<u64>,
     end: Option<u64>,
     /// RAM records whose frame was seen.
     ram_records: u64,
@@ -64,6 +66,11 @@ impl EndTracker {
     /// waits for an answer any more).
     pub fn switchover(&self) -> Option<u64> {
         self.switchover
+    }
+
+    /// The stream offset just past the latest complete `PING` command, once one was seen.
+    pub fn last_ping(&self) -> Option<u64> {
+        self.last_ping
     }
 
     /// Follows the next `bytes` of the stream; returns [`EndTracker::end`]. Bytes after END
@@ -121,6 +128,10 @@ impl EndTracker {
             {
                 self.switchover.get_or_insert(self.pos);
             }
+            if self.frame[0] == RecordKind::Command as u8 && self.command == cmd::PING.to_le_bytes()
+            {
+                self.last_ping = Some(self.pos);
+            }
             self.command.clear();
             self.frame_got = 0;
         }
@@ -144,6 +155,8 @@ mod tests {
         s.extend(record(0x01, &[1; 40]));
         s.extend(record(0x05, &[3, 0, 1, 0, 0, 0]));
         s.extend(record(0x04, &[9; 5000]));
+        s.extend(record(0x05, &[3, 0, 9, 0, 0, 0]));
+        let ping = s.len() as u64;
         s.extend(record(0x05, &[4, 0]));
         let switchover = s.len() as u64;
         s.extend(record(0x02, &[7; 3000]));
@@ -166,6 +179,7 @@ mod tests {
             assert_eq!(found, Some(end), "piece {piece}");
             assert_eq!(t.position(), end);
             assert_eq!(t.switchover(), Some(switchover), "piece {piece}");
+            assert_eq!(t.last_ping(), Some(ping), "piece {piece}");
         }
     }
 

@@ -203,8 +203,11 @@ fn a_failed_recovery_pauses_again_and_a_second_one_completes() {
     s.resume(unix_uri(dir.path(), "nobody"))
         .expect("resume accepted");
     wait_entered(&src.events, S::PostcopyPaused, 2);
-    let e = src.stats.to_query_migrate_json()["error-desc"].to_string();
+    let q = src.stats.to_query_migrate_json();
+    let e = q["error-desc"].to_string();
     assert!(e.contains("post-copy paused"), "{e}");
+    assert!(e.contains("while connecting the recovery channel"), "{e}");
+    assert_eq!(q["x-tern-postcopy-recovery"]["failed-attempts"], 1, "{q}");
     // Destination: a stream that is not a recovery channel.
     let bad = unix_uri(dir.path(), "hostile");
     d.recover(Listener::bind(&bad).unwrap())

@@ -310,6 +310,40 @@ impl GuestRam {
         self.write_page(gpa, &buf)
     }
 
+    /// Frees guest memory `gpa..gpa+len` (page aligned, inside one region) on the host: the
+    /// source's `release-ram` after post-copy sent those pages (QEMU's `ram_discard_range`).
+    /// The backend is anonymous private memory, so `MADV_DONTNEED` returns the pages to the
+    /// host and they read as zeros afterwards (a shared or file backend would need
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE)` as well). Only for memory nothing needs any more: the
+    /// caller's vCPUs are stopped for good.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<()> {
+        let n = usize::try_from(len).map_err(|_| Error::BadAddress { gpa, len })?;
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::BadAddress { gpa, len });
+        }
+        self.check(gpa, n)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size)
+            .ok_or(Error::BadAddress { gpa, len })?;
+        let host = (r.host_addr + (gpa - r.gpa)) as *mut libc::c_void;
+        // SAFETY: `check` proved `gpa..gpa+len` lies inside region `r`, whose host mapping
+        // (anonymous private, page aligned, owned by `self.mem`) lives as long as `self`; the
+        // range is page aligned (checked above). MADV_DONTNEED only drops the pages' contents
+        // (later reads see zero-filled pages): no Rust reference into guest memory exists
+        // (every access copies through `vm-memory`'s volatile slices), so no value changes
+        // under a live reference.
+        let ret = unsafe { libc::madvise(host, n, libc::MADV_DONTNEED) };
+        if ret != 0 {
+            return Err(Error::Memory(format!(
+                "madvise(MADV_DONTNEED) of guest RAM {gpa:#x}+{len:#x}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
     /// Records that the VM has `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `INITIALLY_SET` on
     /// (see [`GuestRam::sync_dirty_log`]).
     pub fn set_manual_protect(&self, on: bool) {
@@ -564,5 +598,27 @@ mod tests {
         assert!(ram.read_page(0x2001, &mut back).is_err());
         assert!(ram.read_page(1 << 20, &mut back).is_err());
         assert!(ram.write(u64::MAX - 1, &[0, 0]).is_err());
+    }
+
+    #[test]
+    fn discard_frees_pages_which_then_read_as_zero() {
+        let ram = GuestRam::new(&[(0, 1 << 20)], RamBackend::AnonymousPrivate).unwrap();
+        let page = [0x5au8; PAGE_SIZE as usize];
+        for gpa in [0x3000, 0x4000, 0x5000] {
+            ram.write_page(gpa, &page).unwrap();
+        }
+        ram.discard(0x3000, 2 * PAGE_SIZE).unwrap();
+        let mut back = [1u8; PAGE_SIZE as usize];
+        for gpa in [0x3000, 0x4000] {
+            ram.read_page(gpa, &mut back).unwrap();
+            assert!(back.iter().all(|&b| b == 0), "{gpa:#x} released");
+        }
+        ram.read_page(0x5000, &mut back).unwrap();
+        assert_eq!(back, page, "the next page is kept");
+        assert!(ram.discard(0x3001, PAGE_SIZE).is_err(), "unaligned");
+        assert!(
+            ram.discard(0xff000, 2 * PAGE_SIZE).is_err(),
+            "past the region"
+        );
     }
 }

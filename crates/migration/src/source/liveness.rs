@@ -195,6 +195,7 @@ impl Sender {
         w.flush()?;
         let written = w.bytes_written();
         self.keepalive.wrote(written, Instant::now());
+        self.release_seal(seq);
         let mut f = self.shared.lock();
         f.ping_sent = seq;
         f.ping_pending_since.get_or_insert_with(Instant::now);

@@ -42,6 +42,8 @@ mod postcopy;
 mod preempt;
 mod ram;
 pub mod recovery;
+mod recovery_stats;
+mod release;
 mod rp;
 
 use std::io::BufWriter;
@@ -66,6 +68,7 @@ use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
 use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
 use liveness::{Keepalive, Watched};
 use ram::{RamError, RamSender, BATCH_PAGES};
+pub use release::ReleaseError;
 
 /// Largest pre-copy chunk asked of a device per round.
 const DEVICE_CHUNK: usize = 256 << 10;
@@ -142,6 +145,9 @@ pub struct SourceOptions {
     /// `x-tern-ram-digest`: send a digest of guest memory taken with the vCPUs stopped
     /// (`RAM_DIGEST`, stream version 2), which the destination checks before it runs.
     pub ram_digest: bool,
+    /// `release-ram` (needs `postcopy_ram`): after `POSTCOPY_RUN`, free each page of guest RAM
+    /// once the destination confirmed it holds it (`release.rs`, decision 180).
+    pub release_ram: bool,
     /// `auto-converge`: throttle the vCPUs when the guest dirties memory faster than it is
     /// sent (`crate::throttle`); the throttle is removed whenever the migration ends.
     pub auto_converge: bool,
@@ -186,6 +192,7 @@ impl SourceOptions {
             liveness: LivenessTimeout::from_millis(params.x_tern_liveness_timeout),
             stopped_by_earlier_migration: false,
             ram_digest: caps.get(Capability::XTernRamDigest),
+            release_ram: caps.get(Capability::ReleaseRam) && caps.get(Capability::PostcopyRam),
             auto_converge: caps.get(Capability::AutoConverge),
             throttle_period: crate::throttle::SYNC_PERIOD,
             throttle_sync_every: crate::throttle::PERIODIC_SYNC,
@@ -333,6 +340,9 @@ pub enum SourceError {
     /// The migration thread panicked.
     #[error("the migration thread panicked")]
     Panicked,
+    /// `release-ram`: a recovery found the destination without a page this source released.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
 }
 
 impl From<WireError> for SourceError {
@@ -625,6 +635,8 @@ pub fn migrate(
         bytes_at_run: None,
         bytes_of_earlier_channels: 0,
         preempt: preempt::PreemptTx::default(),
+        release: None,
+        recovery_clock: recovery_stats::RecoveryClock::default(),
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
@@ -684,6 +696,12 @@ struct Sender {
     bytes_of_earlier_channels: u64,
     /// `postcopy-preempt`: the preempt channel (`preempt.rs`).
     preempt: preempt::PreemptTx,
+    /// `release-ram`: the pages released and those waiting for the destination's
+    /// confirmation (set up at the post-copy switch).
+    release: Option<release::Release>,
+    /// Post-copy recovery: the current attempt's clock and every recovery's numbers
+    /// (`x-tern-postcopy-recovery`).
+    recovery_clock: recovery_stats::RecoveryClock,
 }
 
 mod flow;

@@ -158,6 +158,7 @@ impl Sender {
         for (block, ranges) in &runs {
             self.writer()?.write_ram_discard(*block, ranges)?;
         }
+        self.release_at_switch()?;
         self.writer()?.write_command(Command::PostcopyListen)?;
         self.timeline.final_ram = self.lap();
         self.check_abort()?;
@@ -210,7 +211,9 @@ impl Sender {
             r.transferred += 17;
             r.postcopy_bytes += 17;
         });
-        self.await_postcopy_end(Instant::now())
+        self.await_postcopy_end(Instant::now())?;
+        self.release_all();
+        Ok(())
     }
 
     /// After RUN: requested pages first (each range clipped to the pages not sent yet), then
@@ -236,6 +239,7 @@ impl Sender {
                 )
             };
             window.ponged(pong);
+            self.release_confirmed(pong, resumed_at.is_some());
             if let (false, Some(at)) = (downtime_ended, resumed_at) {
                 downtime_ended = true;
                 self.stats.downtime_end(at);

@@ -55,6 +55,9 @@ pub(crate) struct RamSender {
     known_zero: Option<Vec<DirtyBitmap>>,
     /// `zero-page-detection` is not `none`: zero pages go as ZERO entries, without data.
     detect_zero: bool,
+    /// `release-ram` after `POSTCOPY_RUN`: every page written, in order, until taken
+    /// ([`RamSender::take_sent`]); `None` = not logging.
+    sent_log: Option<Vec<(usize, u64)>>,
 }
 
 impl RamSender {
@@ -91,6 +94,7 @@ impl RamSender {
             total_pages,
             known_zero: None,
             detect_zero,
+            sent_log: None,
         }
     }
 
@@ -197,14 +201,18 @@ impl RamSender {
 
     /// Post-copy recovery (QEMU's `ram_dirty_bitmap_reload`): the to-send set becomes every
     /// page the destination has not received, whether it was sent or not (pages lost with the
-    /// old channel go again; a page it holds never does). Returns the pages to send.
-    pub fn requeue_unreceived(&mut self, received: impl Fn(usize, u64) -> bool) -> u64 {
-        let mut remaining = 0;
+    /// old channel go again; a page it holds never does). Returns the pages to send and, of
+    /// those, the pages that had been sent already (lost with the old channel: sent again).
+    pub fn requeue_unreceived(&mut self, received: impl Fn(usize, u64) -> bool) -> (u64, u64) {
+        let (mut remaining, mut resent) = (0, 0);
         for (b, d) in self.dirty.iter_mut().enumerate() {
             for p in 0..d.pages() {
                 if received(b, p) {
                     d.unset(p);
                 } else {
+                    if !d.get(p) {
+                        resent += 1;
+                    }
                     d.set(p);
                     remaining += 1;
                 }
@@ -212,7 +220,35 @@ impl RamSender {
         }
         self.remaining = remaining;
         self.cursor = (0, 0);
-        remaining
+        (remaining, resent)
+    }
+
+    /// `release-ram`: the pages not in the to-send set (sent and not dirtied since), per block.
+    pub fn sent_set(&self) -> Vec<DirtyBitmap> {
+        self.dirty
+            .iter()
+            .map(|d| {
+                let mut s = DirtyBitmap::new(d.pages());
+                s.set_all();
+                for (w, dw) in s.words_mut().iter_mut().zip(d.words()) {
+                    *w &= !dw;
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// `release-ram`: from now on, note every page written (`on`), or stop and forget.
+    pub fn log_sent(&mut self, on: bool) {
+        self.sent_log = on.then(Vec::new);
+    }
+
+    /// The pages written since the last call, in order (empty when not logging).
+    pub fn take_sent(&mut self) -> Vec<(usize, u64)> {
+        match &mut self.sent_log {
+            Some(log) => std::mem::take(log),
+            None => Vec::new(),
+        }
     }
 
     /// Where the round-robin walk continues (post-copy: just after the last requested page).
@@ -334,6 +370,13 @@ impl RamSender {
                 }
             }
             writer.write_ram_batch(&pages).map_err(RamError::Wire)?;
+            if let Some(log) = &mut self.sent_log {
+                log.extend(
+                    entries
+                        .iter()
+                        .map(|&(b, p, _)| (usize::from(b), u64::from(p))),
+                );
+            }
             self.normal_pages += normal as u64;
             self.zero_pages += (entries.len() - normal) as u64;
             sent.bytes = writer.bytes_written() - before;

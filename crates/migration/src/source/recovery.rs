@@ -149,16 +149,26 @@ impl Sender {
         loop {
             self.enter_paused(&cause);
             let uri = self.wait_for_resume()?;
+            self.recovery_started();
             self.set_status(MigrationStatus::PostcopyRecoverSetup);
             match self.recovery_channel(uri) {
                 Ok(()) => {
+                    self.recovery_completed();
                     self.stats.replace_error(None);
                     self.set_status(MigrationStatus::PostcopyActive);
                     tracing::info!("post-copy recovered");
                     return Ok(());
                 }
                 Err(_) if self.shared.lock().cancel => return Err(SourceError::Cancelled),
+                // A page is lost on both sides: no recovery can bring it back. The failure,
+                // not the pause before it, is what `error-desc` must say.
+                Err(e @ SourceError::Release(_)) => {
+                    self.stats.replace_error(None);
+                    return Err(e);
+                }
                 Err(e) => {
+                    let phase = self.shared.lock().status;
+                    self.recovery_failed(phase);
                     let dest = self.shared.lock().dest_error.clone();
                     cause = match dest {
                         Some(d) => SourceError::Destination(d),
@@ -179,6 +189,8 @@ impl Sender {
         if let Some(t) = self.rp_thread.take() {
             let _ = t.join();
         }
+        self.release_channel_lost();
+        let phase = self.recovery_failure_phase();
         let by_user = {
             let mut f = self.shared.lock();
             f.rp_fault = None;
@@ -200,7 +212,7 @@ impl Sender {
             "migrate-pause cut the connection to the destination".to_owned()
         } else {
             format!(
-                "the connection to the destination was lost: {}",
+                "the connection to the destination was lost{phase}: {}",
                 error_chain(cause)
             )
         };
@@ -253,6 +265,7 @@ impl Sender {
                 SourceError::ReturnPath("the recovery channel has no return path".into())
             })?;
         self.set_status(MigrationStatus::PostcopyRecover);
+        self.recovery_connected();
         let config = self
             .config
             .clone()
@@ -293,10 +306,16 @@ impl Sender {
         let bitmaps = self.shared.lock().recv_bitmaps.take();
         let bitmaps = bitmaps
             .ok_or_else(|| SourceError::ReturnPath("the received bitmaps vanished".into()))?;
-        let pages = self
+        self.release_after_bitmaps(|b, p| bitmaps.received(b, p))?;
+        let (pages, resent) = self
             .ram()?
             .requeue_unreceived(|b, p| bitmaps.received(b, p));
-        tracing::info!(pages, "post-copy recovery: pages the destination lacks");
+        self.recovery_bitmaps(pages, resent);
+        tracing::info!(
+            pages,
+            resent,
+            "post-copy recovery: pages the destination lacks"
+        );
         if self.opts.postcopy_preempt {
             // A new preempt channel before POSTCOPY_RESUME (QEMU's order, decision 155).
             self.open_preempt()?;

@@ -508,6 +508,33 @@ static RAM_DIGEST: Object = object(
         Member::req("verified", Type::Bool),
     ],
 );
+static POSTCOPY_RECOVERY_ONE: Object = object(
+    "x-tern-PostcopyRecoveryOne",
+    &[
+        Member::req("total-us", U64),
+        Member::req("connect-us", U64),
+        Member::req("bitmaps-us", U64),
+        Member::req("missing-pages", U64),
+        Member::req("resent-pages", U64),
+    ],
+);
+static POSTCOPY_RECOVERY: Object = object(
+    "x-tern-PostcopyRecovery",
+    &[
+        Member::req("recoveries", U64),
+        Member::req("failed-attempts", U64),
+        Member::req("total-us", U64),
+        Member::req("resent-pages", U64),
+        Member::req("list", Type::Array(&Type::Object(&POSTCOPY_RECOVERY_ONE))),
+    ],
+);
+static RELEASE_RAM: Object = object(
+    "x-tern-ReleaseRam",
+    &[
+        Member::req("released-pages", U64),
+        Member::opt("error", Type::Str),
+    ],
+);
 static SWITCHOVER_RULE: Enum = Enum {
     name: "x-tern-SwitchoverRule",
     values: Values::From(|| RuleName::ALL.iter().map(|r| r.as_str()).collect()),
@@ -587,6 +614,8 @@ static MIGRATION_INFO: Object = object(
             Type::Object(&GUEST_STALL_DETAIL),
         ),
         Member::opt("x-tern-ram-digest", Type::Object(&RAM_DIGEST)),
+        Member::opt("x-tern-postcopy-recovery", Type::Object(&POSTCOPY_RECOVERY)),
+        Member::opt("x-tern-release-ram", Type::Object(&RELEASE_RAM)),
         Member::opt("postcopy-blocktime", U64),
         Member::opt("postcopy-vcpu-blocktime", Type::Array(&U64)),
         Member::opt("postcopy-latency", U64),

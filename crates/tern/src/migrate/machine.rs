@@ -156,6 +156,22 @@ impl RamSource for VmRam {
         })
     }
 
+    fn discard_range(&mut self, block: usize, first: u64, pages: u64) -> Result<(), MachineError> {
+        let gpa = self.gpa(block, first)?;
+        if pages == 0 {
+            return Ok(());
+        }
+        // The last page must be in the block too (`gpa` checks only the first).
+        let last = first
+            .checked_add(pages - 1)
+            .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "page overflow"))?;
+        self.gpa(block, last)?;
+        timed("discard_range (release-ram)", || {
+            self.vm.discard_ram(gpa, pages * PAGE_SIZE)
+        })
+        .map_err(|e| failed("releasing guest RAM (release-ram)", e))
+    }
+
     fn view(&self) -> Arc<dyn RamView> {
         // The source reads everything: `mincore` cannot tell a never-touched page from one
         // swapped out, and the digest must not share the sender's assumptions.

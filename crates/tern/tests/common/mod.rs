@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kernels;
+pub mod postcopy;
 pub mod proxy;
 
 use std::ops::{Deref, DerefMut};

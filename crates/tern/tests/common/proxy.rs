@@ -2,7 +2,8 @@
 //! both directions and follows the stream's record framing
 //! ([`tern_migration::tap::EndTracker`]), so it can cut the source→destination stream after
 //! N bytes or exactly K bytes before its end (the END record), silence or close the return
-//! path the moment END has passed, or flip one byte in the middle of the N-th RAM record. The test waits on its progress (END seen, cut done)
+//! path the moment END has passed, or flip one byte in the middle of the N-th RAM record, or
+//! cut or silence the return path (a post-copy recovery's handshake). The test waits on its progress (END seen, cut done)
 //! through a condition variable: no polling, no sleeps.
 
 use std::io::{Read, Write};
@@ -33,6 +34,12 @@ pub enum Fault {
     /// Forward everything, but flip one bit of the byte in the middle of the body of the
     /// `n`-th RAM record (0 = the first): page data in a batch of normal pages.
     FlipInRamRecord(u64),
+    /// Forward the stream; forward the first `n` bytes the destination sends on the return
+    /// path, then cut both directions (e.g. in the middle of a recovery's received bitmaps).
+    CutReturnPathAfter(u64),
+    /// Forward the stream; drop everything the destination sends from its first byte on,
+    /// connections stay open (a recovery's source waits for bitmaps that never come).
+    MuteReturnPath,
 }
 
 /// What the proxy has seen so far.
@@ -49,6 +56,8 @@ pub struct Progress {
     /// [`Fault::FlipInRamRecord`]: the stream offsets of the corrupted record's frame and of
     /// the flipped byte, once it was forwarded.
     pub flipped: Option<(u64, u64)>,
+    /// Stream bytes read from the source and held back ([`FaultProxy::hold`]).
+    pub held: u64,
 }
 
 #[derive(Default)]
@@ -57,6 +66,10 @@ struct Shared {
     cv: Condvar,
     /// Both connections, for [`FaultProxy::cut`].
     sockets: Mutex<Vec<TcpStream>>,
+    /// [`FaultProxy::hold`]: read the stream on, forward nothing more.
+    hold: AtomicBool,
+    /// [`FaultProxy::hold_after_next_ping`]: armed (the stream offset forwarded when armed).
+    hold_after_ping: Mutex<Option<u64>>,
 }
 
 impl Shared {
@@ -100,15 +113,16 @@ impl FaultProxy {
                         .extend([a, b]);
                 }
                 sh.update(|p| p.connected = true);
-                let mute = Arc::new(AtomicBool::new(false));
-                let (s2, d2, m2) = (
+                let mute = Arc::new(AtomicBool::new(fault == Fault::MuteReturnPath));
+                let (s2, d2, m2, sh2) = (
                     src.try_clone().expect("clone"),
                     dst.try_clone().expect("clone"),
                     mute.clone(),
+                    sh.clone(),
                 );
                 std::thread::Builder::new()
                     .name("proxy-rp".into())
-                    .spawn(move || return_path(d2, s2, &m2))
+                    .spawn(move || return_path(d2, s2, &m2, fault, &sh2))
                     .expect("spawn proxy-rp");
                 forward(src, dst, fault, &sh, &mute);
             })
@@ -131,6 +145,24 @@ impl FaultProxy {
             let _ = s.shutdown(Shutdown::Both);
         }
         self.shared.update(|p| p.cut = true);
+    }
+
+    /// From now on the source's stream is read but not forwarded (a link that stalls: what
+    /// the source writes is lost if [`FaultProxy::cut`] follows).
+    pub fn hold(&self) {
+        self.shared.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Like [`FaultProxy::hold`], from just after the next `PING` the source writes: that
+    /// `PING` reaches the destination (its `PONG` confirms everything before it), nothing
+    /// after it does.
+    pub fn hold_after_next_ping(&self) {
+        let at = self.progress().forwarded;
+        *self
+            .shared
+            .hold_after_ping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(at);
     }
 
     /// The URI to give the source's `migrate`.
@@ -222,6 +254,26 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
             },
             _ => t.position(),
         };
+        let armed = *sh.hold_after_ping.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(at), Some(ping)) = (armed, t.last_ping()) {
+            if ping > at && !sh.hold.load(Ordering::SeqCst) {
+                // Forward up to the end of that PING, then hold.
+                if ping > sent {
+                    let n = (ping - sent) as usize;
+                    if dst.write_all(&held[..n]).is_err() {
+                        break;
+                    }
+                    held.drain(..n);
+                    sent = ping;
+                }
+                sh.hold.store(true, Ordering::SeqCst);
+            }
+        }
+        let allowed = if sh.hold.load(Ordering::SeqCst) {
+            sent
+        } else {
+            allowed
+        };
         let go = (allowed - sent) as usize;
         if let (None, Some((body, len))) = (flipped, t.watched_ram_record()) {
             let at = body + len / 2;
@@ -239,6 +291,7 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
             p.forwarded = sent;
             p.end = end;
             p.flipped = flipped;
+            p.held = t.position() - sent;
         });
         let cut_now = match fault {
             Fault::CutAfter(c) => sent >= c,
@@ -265,10 +318,18 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
     cut(&src, &dst);
 }
 
-/// Destination → source (`PONG`, `SWITCHOVER_ACK`, `RESUMED`, `ERROR`, `SHUT`), dropped once
-/// `mute` is set.
-fn return_path(mut dst: TcpStream, mut src: TcpStream, mute: &AtomicBool) {
+/// Destination → source (`PONG`, `SWITCHOVER_ACK`, `RESUMED`, `ERROR`, `SHUT`,
+/// `RECV_BITMAP`, `RESUME_ACK`), dropped once `mute` is set; with
+/// [`Fault::CutReturnPathAfter`] cut after that many bytes.
+fn return_path(
+    mut dst: TcpStream,
+    mut src: TcpStream,
+    mute: &AtomicBool,
+    fault: Fault,
+    sh: &Shared,
+) {
     let mut buf = vec![0u8; 4096];
+    let mut passed = 0u64;
     loop {
         let n = match dst.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -277,8 +338,18 @@ fn return_path(mut dst: TcpStream, mut src: TcpStream, mute: &AtomicBool) {
         if mute.load(Ordering::SeqCst) {
             continue;
         }
-        if src.write_all(&buf[..n]).is_err() {
+        let go = match fault {
+            Fault::CutReturnPathAfter(c) => n.min(c.saturating_sub(passed) as usize),
+            _ => n,
+        };
+        if src.write_all(&buf[..go]).is_err() {
             break;
+        }
+        passed += go as u64;
+        if go < n || matches!(fault, Fault::CutReturnPathAfter(c) if passed >= c) {
+            cut(&src, &dst);
+            sh.update(|p| p.cut = true);
+            return;
         }
     }
     if !mute.load(Ordering::SeqCst) {

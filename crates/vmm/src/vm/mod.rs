@@ -618,6 +618,12 @@ impl Vm {
         self.ram.zero_page(gpa)
     }
 
+    /// Frees guest memory `gpa..gpa+len` on the host (`release-ram`, see
+    /// [`GuestRam::discard`]); the pages read as zeros afterwards.
+    pub fn discard_ram(&self, gpa: u64, len: u64) -> Result<()> {
+        self.ram.discard(gpa, len)
+    }
+
     /// Starts dirty logging.
     pub fn start_dirty_log(&self) -> Result<()> {
         self.ram.start_dirty_log(&self.vm_fd)
