@@ -50,6 +50,8 @@ use crate::wire::{
 
 #[path = "dest_error.rs"]
 mod error;
+#[path = "dest_multifd.rs"]
+mod multifd;
 #[path = "dest_postcopy.rs"]
 mod postcopy;
 #[path = "dest_recovery.rs"]
@@ -90,6 +92,9 @@ pub struct DestOptions {
     pub postcopy_ram: bool,
     /// `postcopy-blocktime`: publish QEMU's blocktimes in `query-migrate`.
     pub postcopy_blocktime: bool,
+    /// `multifd` with `multifd-channels`: accept this many channels beside the main stream
+    /// (the source's count must be the same); `None` = `multifd` off.
+    pub multifd_channels: Option<u16>,
 }
 
 impl Default for DestOptions {
@@ -104,6 +109,7 @@ impl Default for DestOptions {
             tls: None,
             postcopy_ram: false,
             postcopy_blocktime: false,
+            multifd_channels: None,
         }
     }
 }
@@ -121,6 +127,8 @@ impl DestOptions {
             tls: None,
             postcopy_ram: caps.get(Capability::PostcopyRam),
             postcopy_blocktime: caps.get(Capability::PostcopyBlocktime),
+            // QEMU's default `multifd-channels`; the glue sets the parameter's value.
+            multifd_channels: caps.get(Capability::Multifd).then_some(2),
         }
     }
 }
@@ -272,6 +280,8 @@ pub fn incoming(
         rp_open: false,
         digest: DigestCheck::default(),
         pc: None,
+        listener: None,
+        mf: None,
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -304,6 +314,10 @@ struct Receiver {
     digest: DigestCheck,
     /// Post-copy: negotiated, and where it stands.
     pc: Option<postcopy::PostcopyRx>,
+    /// Multifd: the main stream's listener, kept for the channels.
+    listener: Option<Listener>,
+    /// Multifd: the channels' receivers and their sync barrier.
+    mf: Option<multifd::MultifdRx>,
 }
 
 /// The receiver's explicit state.
@@ -317,7 +331,8 @@ enum RxState {
 impl Receiver {
     fn run(mut self, from: Incoming) -> DestOutcome {
         let mut state = RxState::Listening;
-        let result = match self.receive(from, &mut state) {
+        let result = self.receive(from, &mut state);
+        let result = match result.map_err(|e| self.prefer_multifd_error(e)) {
             // The channel broke while the guest runs here: pause and wait for a recovery.
             Err(e) if self.pauses_postcopy(&e) => self.postcopy_recovery(e),
             r => r,
@@ -424,6 +439,11 @@ impl Receiver {
 
     fn receive(&mut self, from: Incoming, state: &mut RxState) -> Result<(), DestError> {
         let stream = match from {
+            Incoming::Listener(l) if self.opts.multifd_channels.is_some() => {
+                let s = l.accept_one(&self.shared.io)?;
+                self.listener = Some(l);
+                s
+            }
             Incoming::Listener(l) => l.accept(&self.shared.io)?,
             Incoming::Stream(s) => {
                 if s.has_return_path() {
@@ -473,6 +493,7 @@ impl Receiver {
             expect,
         )?;
         let source_uuid = reader.config().vm_uuid;
+        let (stream_version, stream_config) = (reader.header().version, reader.config().clone());
         self.m
             .state
             .check_machine_blob(&reader.config().machine_blob)
@@ -561,7 +582,9 @@ impl Receiver {
                     validate_uuid,
                     ram_digest,
                     postcopy_ram,
+                    multifd,
                 }) => {
+                    self.multifd_capability(multifd)?;
                     self.postcopy_capability(postcopy_ram)?;
                     self.digest.on_capabilities(
                         ram_digest,
@@ -590,16 +613,24 @@ impl Receiver {
                 }
                 Record::Command(Command::IterationEnd { pass }) => {
                     tracing::trace!(pass, "source pass ended");
+                    self.multifd_sync_point()?;
+                }
+                Record::Command(Command::MultifdChannels { channels, id }) => {
+                    self.multifd_accept(channels, id, stream_version, &stream_config)?;
                 }
                 Record::Command(Command::SwitchoverStart) => {
                     tracing::debug!("source stopped: final state follows");
+                    self.multifd_sync_point()?;
                     self.switch_started();
                 }
                 Record::End(_) if self.postcopy_running() => {
                     *state = RxState::Finishing;
                     return self.postcopy_end();
                 }
-                Record::End(_) => break,
+                Record::End(_) => {
+                    self.multifd_end()?;
+                    break;
+                }
                 Record::RamDiscard(d) => self.discard(&d)?,
                 Record::Command(Command::PostcopyAdvise { .. }) => self.advise()?,
                 // The reader admits these only on a recovery channel (dest_recovery.rs).

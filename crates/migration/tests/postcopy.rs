@@ -277,6 +277,7 @@ fn a_page_sent_twice_after_run_fails_the_destination_by_name() {
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: true,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {

@@ -152,6 +152,7 @@ fn postcopy_ram_from_the_source_is_refused_by_name_when_off_at_the_destination()
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: true,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {

@@ -38,6 +38,7 @@ mod autoconverge;
 mod confirm;
 mod devices;
 mod liveness;
+mod multifd;
 mod postcopy;
 mod ram;
 pub mod recovery;
@@ -159,6 +160,9 @@ pub struct SourceOptions {
     /// `x-tern-postcopy-auto`: switch to post-copy by itself when pre-copy is predicted not to
     /// meet `downtime-limit` (`convergence::postcopy_auto`; needs `postcopy_ram`).
     pub postcopy_auto: bool,
+    /// `multifd` with `multifd-channels`: RAM goes over this many extra connections
+    /// (`docs/migration-engine.md` §2.5); `None` = the main stream only.
+    pub multifd_channels: Option<u16>,
 }
 
 impl Default for SourceOptions {
@@ -188,6 +192,9 @@ impl SourceOptions {
             tls: None,
             postcopy_ram: caps.get(Capability::PostcopyRam),
             postcopy_auto: caps.get(Capability::XTernPostcopyAuto),
+            multifd_channels: caps
+                .get(Capability::Multifd)
+                .then_some(u16::from(params.multifd_channels)),
         }
     }
 }
@@ -315,6 +322,10 @@ pub enum SourceError {
         #[source]
         source: Box<SourceError>,
     },
+    /// A multifd channel failed, or multifd cannot be used here (the text names the channel
+    /// or the reason).
+    #[error("{0}")]
+    Multifd(String),
     /// The migration thread panicked.
     #[error("the migration thread panicked")]
     Panicked,
@@ -605,6 +616,7 @@ pub fn migrate(
         mark: Instant::now(),
         bytes_at_run: None,
         bytes_of_earlier_channels: 0,
+        multifd: None,
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
@@ -662,6 +674,8 @@ struct Sender {
     bytes_at_run: Option<u64>,
     /// Post-copy recovery: bytes written on the channels before the current one.
     bytes_of_earlier_channels: u64,
+    /// `multifd`: the extra channels and their sender threads.
+    multifd: Option<multifd::Multifd>,
 }
 
 mod flow;

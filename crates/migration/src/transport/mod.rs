@@ -396,6 +396,17 @@ impl Write for Stream {
         r.map_err(|e| liveness::classify(&*self, e, Direction::Send))
     }
 
+    /// `writev` on a socket (multifd's sender writes a batch from several buffers at once).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let r = match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Unix(s) => s.write_vectored(bufs),
+            Self::File(s) => s.write_vectored(bufs),
+            Self::Tls(s) => return s.write_vectored(bufs),
+        };
+        r.map_err(|e| liveness::classify(&*self, e, Direction::Send))
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.flush(),
@@ -619,6 +630,12 @@ impl Listener {
 
     /// Waits for the source (one connection, like QEMU). `cancel` interrupts the wait.
     pub fn accept(self, cancel: &CancelToken) -> Result<Stream, TransportError> {
+        self.accept_one(cancel)
+    }
+
+    /// Like [`Listener::accept`], keeping the listener for more connections (multifd's
+    /// channels arrive on the main stream's listener).
+    pub fn accept_one(&self, cancel: &CancelToken) -> Result<Stream, TransportError> {
         cancel.check()?;
         let target = self.local_uri().to_string();
         let io = |op, source| TransportError::Io {
@@ -626,7 +643,7 @@ impl Listener {
             target: target.clone(),
             source,
         };
-        let stream = match &self {
+        let stream = match self {
             Self::Tcp(l) => {
                 cancel.register(l.as_fd()).map_err(|e| io("register", e))?;
                 let (s, _) = l.accept().map_err(|e| {

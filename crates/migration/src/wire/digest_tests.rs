@@ -55,6 +55,7 @@ fn written_and_read_back() {
         validate_uuid: false,
         ram_digest: true,
         postcopy_ram: false,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::SwitchoverStart).unwrap();
@@ -88,6 +89,7 @@ fn a_writer_writes_version_1_unless_asked_and_refuses_v2_records_in_it() {
             validate_uuid: false,
             ram_digest: true,
             postcopy_ram: false,
+            multifd: false,
         })
         .unwrap_err();
     assert!(e.to_string().contains("needs stream version 2"), "{e}");

@@ -64,6 +64,7 @@ fn written_stream() -> Vec<u8> {
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: true,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {
@@ -153,6 +154,7 @@ fn the_writer_refuses_post_copy_in_an_older_version_and_bad_discards() {
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: true,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {

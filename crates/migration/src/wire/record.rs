@@ -79,6 +79,16 @@ pub enum Command {
         ram_digest: bool,
         /// `postcopy-ram` is on at the source (version 3): `POSTCOPY_ADVISE` follows.
         postcopy_ram: bool,
+        /// `multifd` is on at the source (version 6): `MULTIFD_CHANNELS` follows.
+        multifd: bool,
+    },
+    /// Multifd (version 6, right after `CAPABILITIES` bit 6): the source opens `channels`
+    /// extra connections whose handshakes repeat `id` (`docs/stream-format.md` §5.2).
+    MultifdChannels {
+        /// Number of channels, 1 ..= 255.
+        channels: u16,
+        /// This migration's random id.
+        id: [u8; 16],
     },
     /// Post-copy setup (version 3); `page_size` equals the CONFIG's.
     PostcopyAdvise {
@@ -125,6 +135,7 @@ impl Command {
             Self::PostcopyRun { .. } => "postcopy-run",
             Self::RecvBitmap { .. } => "recv-bitmap",
             Self::PostcopyResume => "postcopy-resume",
+            Self::MultifdChannels { .. } => "multifd-channels",
         }
     }
 }

@@ -300,6 +300,7 @@ fn capabilities_round_trip() {
             validate_uuid,
             ram_digest: false,
             postcopy_ram: false,
+            multifd: false,
         };
         let mut w = StreamWriter::new(Vec::new(), &cfg).unwrap();
         w.write_command(c).unwrap();

@@ -6,8 +6,8 @@ use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
-    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_RAM_DIGEST,
-    VERSION_RECOVERY,
+    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_MULTIFD, VERSION_POSTCOPY,
+    VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::ram_batch::{BatchCrc, BatchNumbering};
 use super::record::{Command, PageData, RamPage};
@@ -215,6 +215,17 @@ impl<W: Write> StreamWriter<W> {
                 body[..2].copy_from_slice(&cmd::POSTCOPY_LISTEN.to_le_bytes());
                 2
             }
+            Command::MultifdChannels { channels, id } => {
+                self.need_version(VERSION_MULTIFD, "MULTIFD_CHANNELS")?;
+                body[..2].copy_from_slice(&cmd::MULTIFD_CHANNELS.to_le_bytes());
+                body[2..4].copy_from_slice(&channels.to_le_bytes());
+                // body[4..6]: reserved, 0.
+                let mut full = [0u8; 22];
+                full[..6].copy_from_slice(&body[..6]);
+                full[6..].copy_from_slice(&id);
+                self.record(RecordKind::Command, &[&full])?;
+                return Ok(());
+            }
             Command::PostcopyRun { crc32, total_bytes } => {
                 self.need_version(VERSION_POSTCOPY, "POSTCOPY_RUN")?;
                 body[..2].copy_from_slice(&cmd::POSTCOPY_RUN.to_le_bytes());
@@ -227,6 +238,7 @@ impl<W: Write> StreamWriter<W> {
                 validate_uuid,
                 ram_digest,
                 postcopy_ram,
+                multifd,
             } => {
                 body[..2].copy_from_slice(&cmd::CAPABILITIES.to_le_bytes());
                 let mut flags = 0;
@@ -243,6 +255,10 @@ impl<W: Write> StreamWriter<W> {
                 if postcopy_ram {
                     self.need_version(VERSION_POSTCOPY, "CAPABILITIES postcopy-ram")?;
                     flags |= cmd::CAP_POSTCOPY_RAM;
+                }
+                if multifd {
+                    self.need_version(VERSION_MULTIFD, "CAPABILITIES multifd")?;
+                    flags |= cmd::CAP_MULTIFD;
                 }
                 body[2..6].copy_from_slice(&flags.to_le_bytes());
                 6
