@@ -278,7 +278,11 @@ impl VmPlacer {
     }
 
     fn word(&self, block: usize, page: u64) -> Option<(&AtomicU64, u64)> {
-        let w = self.written.as_ref()?.get(block)?.get((page / 64) as usize)?;
+        let w = self
+            .written
+            .as_ref()?
+            .get(block)?
+            .get((page / 64) as usize)?;
         Some((w, 1u64 << (page % 64)))
     }
 }
