@@ -51,6 +51,8 @@ fn migrate_multifd(dir: &std::path::Path, channels: u8) {
     );
     // The pages went over the channels: the main stream carried only commands and state.
     assert!(multifd > 8 << 20, "{q}");
+    // Every channel's bytes count: at least the data of every normal page.
+    assert!(multifd >= ram_num(&q, "normal-bytes"), "{q}");
     assert!(
         transferred > multifd,
         "transferred includes multifd-bytes: {q}"

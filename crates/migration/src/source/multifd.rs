@@ -386,6 +386,15 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 impl SenderCtx {
     fn run(self, mut w: ChannelWriter<Stream>, rx: mpsc::Receiver<Job>) {
         let mut buf = vec![0u8; BATCH_PAGES * self.page_size];
+        // Every sender adds what it wrote since its last report (`multifd-bytes` is the sum).
+        let mut reported = 0u64;
+        let mut report = |w: &ChannelWriter<Stream>| {
+            let now = w.bytes_written();
+            self.counters
+                .bytes
+                .fetch_add(now - reported, Ordering::Relaxed);
+            reported = now;
+        };
         let result = loop {
             let r = match rx.recv_timeout(self.keepalive) {
                 Ok(Job::Pages(list)) => self.batch(&mut w, &list, &mut buf),
@@ -395,16 +404,12 @@ impl SenderCtx {
                 // `mig-src` dropped the queue: the migration ended (failed or cancelled).
                 Err(RecvTimeoutError::Disconnected) => break Ok(()),
             };
-            self.counters
-                .bytes
-                .store(w.bytes_written(), Ordering::Relaxed);
+            report(&w);
             if r.is_err() {
                 break r;
             }
         };
-        self.counters
-            .bytes
-            .store(w.bytes_written(), Ordering::Relaxed);
+        report(&w);
         if let Err(e) = result {
             let text = match Inactivity::find(&e) {
                 Some(i) => format!("multifd channel {}: {}", self.k, i.describe("destination")),
