@@ -374,6 +374,33 @@ fn available_switchover_bandwidth_reaches_the_source_vmm() {
 }
 
 #[test]
+fn parallel_migration_of_a_tern_vm_uses_multifd_on_both_vmms() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "par", &domain_xml("par", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "par"]);
+    wait_workload_running(&h.src, "par");
+    h.src.ok(&[
+        "migrate",
+        "par",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--parallel",
+        "--parallel-connections",
+        "3",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "par", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("parallel: multifd with 3 channel(s)"), "{job}");
+    assert_eq!(h.dst.state("par"), "running (migrated)");
+    assert_pattern_ok(&h.dst, "par", MEM, dir.path());
+}
+
+#[test]
 fn tls_migration_of_a_tern_vm_keeps_switchover_ack() {
     let dir = tmpdir();
     let Some(h) = migrate_tls_hosts(dir.path(), None) else {
