@@ -397,6 +397,11 @@ fn parallel_migration_of_a_tern_vm_uses_multifd_on_both_vmms() {
     assert!(job.contains("Job type:         Completed"), "{job}");
     assert!(job.contains("parallel: multifd with 3 channel(s)"), "{job}");
     assert_eq!(h.dst.state("par"), "running (migrated)");
+    // The destination's Tern had multifd with 3 channels.
+    let p = h
+        .dst
+        .qmp("par", "query-migrate-parameters", serde_json::json!({}));
+    assert_eq!(p["multifd-channels"], 3, "{p}");
     assert_pattern_ok(&h.dst, "par", MEM, dir.path());
 }
 
