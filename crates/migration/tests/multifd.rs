@@ -211,3 +211,58 @@ fn a_channel_that_never_connects_fails_the_destination_within_the_handshake_time
         "{e}"
     );
 }
+
+/// Idle channels stay alive: the source sits in `pre-switchover` for 4 liveness limits
+/// (nothing to send), its senders send `KEEPALIVE` batches, the destination's channels do not
+/// time out, and the migration completes (decision 165).
+#[test]
+fn idle_channels_are_kept_alive_by_keepalive_batches() {
+    const LIMIT_MS: u64 = 500;
+    let setup = Setup::default();
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let (l, uri) = listen();
+    let mut dopts = dst_multifd(2);
+    dopts.liveness = LivenessTimeout::from_millis(LIMIT_MS);
+    let d = start_dest(&dst, dm, Incoming::Listener(l), dopts);
+    let mut opts = src_opts(converge(), false);
+    opts.multifd_channels = Some(2);
+    opts.liveness = LivenessTimeout::from_millis(LIMIT_MS);
+    opts.pause_before_switchover = true;
+    let s = start_source(&src, sm, Target::Uri(uri), opts);
+    wait_status(&src.events, S::PreSwitchover);
+    // The scenario is a long pre-switchover window (no migrate-continue yet): 4 limits.
+    std::thread::sleep(std::time::Duration::from_millis(4 * LIMIT_MS));
+    assert_eq!(
+        d.status(),
+        S::Active,
+        "{}",
+        dst.stats.to_query_migrate_json()
+    );
+    s.continue_switchover().expect("continue");
+    let so = s.join().expect("source joins");
+    assert_eq!(so.status, S::Completed, "{:?}", so.error);
+    assert_eq!(d.join().expect("destination joins").status, S::Completed);
+    assert_ram_equal(&src, &dst);
+}
+
+/// Without a return path (`CAPABILITIES` and `MULTIFD_CHANNELS` right after CONFIG).
+#[test]
+fn multifd_without_a_return_path_copies_every_page() {
+    let setup = Setup::default();
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let guest = dirty(&src, 20_000);
+    let (l, uri) = listen();
+    let d = start_dest(&dst, dm, Incoming::Listener(l), dst_multifd(2));
+    let mut opts = src_opts(converge(), false);
+    opts.return_path = false;
+    opts.multifd_channels = Some(2);
+    let s = start_source(&src, sm, Target::Uri(uri), opts);
+    let so = s.join().expect("source joins");
+    let dout = d.join().expect("destination joins");
+    guest.stop();
+    assert_eq!(so.status, S::Completed, "{:?}", so.error);
+    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
+    assert_ram_equal(&src, &dst);
+}
