@@ -293,7 +293,7 @@ fn unreachable_destination_and_refused_options_leave_the_vm_running() {
             "post-copy recovery through the daemons is not built",
         ),
         ("--tls", "has no migration certificates"),
-        ("--parallel", "multifd"),
+        ("--parallel-connections=2", "only be used with --parallel"),
         ("--compressed", "compression"),
         ("--tunnelled", "tunnelled"),
     ] {
