@@ -266,3 +266,27 @@ fn multifd_without_a_return_path_copies_every_page() {
     assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
     assert_ram_equal(&src, &dst);
 }
+
+/// `unix:`: the channels connect to the main stream's socket path.
+#[test]
+fn multifd_over_a_unix_socket_copies_every_page() {
+    let setup = Setup::default();
+    let (src, sm) = source_side(&setup);
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let guest = dirty(&src, 20_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = MigrationUri::Unix {
+        path: dir.path().join("mig.sock"),
+    };
+    let l = Listener::bind(&uri).expect("bind");
+    let d = start_dest(&dst, dm, Incoming::Listener(l), dst_multifd(2));
+    let mut opts = src_opts(converge(), false);
+    opts.multifd_channels = Some(2);
+    let s = start_source(&src, sm, Target::Uri(uri), opts);
+    let so = s.join().expect("source joins");
+    let dout = d.join().expect("destination joins");
+    guest.stop();
+    assert_eq!(so.status, S::Completed, "{:?}", so.error);
+    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
+    assert_ram_equal(&src, &dst);
+}
