@@ -75,6 +75,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
             downtime_limit_ms: DOWNTIME_LIMIT_MS,
             max_bandwidth: QEMU_DEFAULT_MAX_BANDWIDTH,
             timeout_s: ctx.timeout_s,
+            multifd_channels: None,
         };
         let out = migrate_pair(ctx, &lo, &guest, kind, vcpus, None, &p, "ac");
         let row = vec![

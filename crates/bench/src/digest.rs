@@ -93,6 +93,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
                     downtime_limit_ms: DOWNTIME_LIMIT_MS,
                     max_bandwidth: link.max_bandwidth,
                     timeout_s: ctx.timeout_s,
+                    multifd_channels: None,
                 };
                 let out: Outcome =
                     migrate_pair(ctx, &link, &guest, Kind::Tern, 1, None, &p, "digest");

@@ -111,6 +111,7 @@ fn one(
         downtime_limit_ms: DOWNTIME_LIMIT_MS,
         max_bandwidth: lo.max_bandwidth,
         timeout_s: ctx.timeout_s,
+        multifd_channels: None,
     };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let out = migrate_pair(ctx, lo, guest, kind, 1, None, &p, "gs");

@@ -22,6 +22,8 @@ pub struct MigParams {
     /// Bytes per second.
     pub max_bandwidth: u64,
     pub timeout_s: u64,
+    /// `multifd` rows: `multifd-channels` on both sides (the caller puts `multifd` in `caps`).
+    pub multifd_channels: Option<u8>,
 }
 
 /// What one migration measured. Failures are outcomes too (`result` + `error`).
@@ -202,6 +204,11 @@ fn run(
     p: &MigParams,
     out: &mut Outcome,
 ) -> anyhow::Result<()> {
+    if let Some(n) = p.multifd_channels {
+        for vm in [&mut *src, &mut *dst] {
+            vm.exec("migrate-set-parameters", json!({ "multifd-channels": n }))?;
+        }
+    }
     let Started {
         hb_before,
         start_ns,

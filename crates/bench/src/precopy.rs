@@ -18,6 +18,8 @@ struct Scenario {
     guest: Guest,
     /// `max-bandwidth` for this row instead of the link's (loopback rows at QEMU's default).
     max_bandwidth: Option<u64>,
+    /// `multifd` with this many channels on both sides (loopback rows only).
+    multifd: Option<u8>,
 }
 
 /// QEMU's default `max-bandwidth` (128 MiB/s).
@@ -34,22 +36,39 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             name: format!("idle {idle} MiB filled"),
             guest: Guest::new("idle", idle, 0),
             max_bandwidth: None,
+            multifd: None,
         },
         Scenario {
             name: format!("dirty {d1} MiB @ 50 MiB/s"),
             guest: Guest::new("dirty", d1, 50),
             max_bandwidth: None,
+            multifd: None,
         },
         Scenario {
             name: format!("dirty {d2} MiB @ max"),
             guest: Guest::new("dirty", d2, 0),
             max_bandwidth: None,
+            multifd: None,
         },
         // The edge of convergence at QEMU's default cap (issue 13: the switchover rule).
         Scenario {
             name: "pattern 64 MiB @ max-bandwidth 128 MiB/s".into(),
             guest: Guest::new("pattern", 64, 0),
             max_bandwidth: Some(QEMU_DEFAULT_MAX_BANDWIDTH),
+            multifd: None,
+        },
+        // Multifd (issue 13 item 3), loopback only: the idle guest with 2 and 4 channels.
+        Scenario {
+            name: format!("idle {idle} MiB filled, multifd 2 channels"),
+            guest: Guest::new("idle", idle, 0),
+            max_bandwidth: None,
+            multifd: Some(2),
+        },
+        Scenario {
+            name: format!("idle {idle} MiB filled, multifd 4 channels"),
+            guest: Guest::new("idle", idle, 0),
+            max_bandwidth: None,
+            multifd: Some(4),
         },
     ]
 }
@@ -105,7 +124,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
             .into(),
         "Same parameters on both VMMs: capabilities `events` and `return-path` (what libvirt sets for every non-tunnelled migration); downtime-limit 300 ms (QEMU default); \
          max-bandwidth 10 GiB/s on loopback (never binds; QEMU's default 128 MiB/s would otherwise \
-         be what is measured) and the link rate on the shaped link; no auto-converge, no multifd."
+         be what is measured) and the link rate on the shaped link; no auto-converge; multifd \
+         only in the rows that say so (capability `multifd` and the same `multifd-channels` on \
+         both sides, QEMU's `-incoming defer` side included)."
             .into(),
         "QEMU runs the guest through its PVH entry on one vCPU (`-smp 1`); Tern rows with 1 vCPU are \
          the like-for-like comparison, Tern 2-vCPU rows split the same working set and rate over two vCPUs."
@@ -143,7 +164,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
             return report.write(&ctx.out);
         }
         let _ns = Netns::up(&ctx.repo, "1gbit")?;
-        for sc in &scs {
+        for sc in scs.iter().filter(|sc| sc.multifd.is_none()) {
             for &(k, v) in &variants {
                 one(ctx, &mut report, &shaped, sc, k, v)?;
             }
@@ -171,13 +192,18 @@ fn one(
         link.name,
         sc.name
     );
+    let mut caps: Vec<String> = vec!["events".into(), "return-path".into()];
+    if sc.multifd.is_some() {
+        caps.push("multifd".into());
+    }
     let p = MigParams {
         // libvirt's defaults for a non-tunnelled migration: `events` and `return-path` on
         // both sides (QEMU then also learns when the destination is done).
-        caps: vec!["events".into(), "return-path".into()],
+        caps,
         downtime_limit_ms: DOWNTIME_LIMIT_MS,
         max_bandwidth: sc.max_bandwidth.unwrap_or(link.max_bandwidth),
         timeout_s: ctx.timeout_s,
+        multifd_channels: sc.multifd,
     };
     let out = migrate_pair(ctx, link, &sc.guest, kind, vcpus, None, &p, "pc");
     let wire_s = (link.rate_bytes_s > 0.0).then(|| (sc.guest.mem << 20) as f64 / link.rate_bytes_s);

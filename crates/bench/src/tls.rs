@@ -171,6 +171,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
                     downtime_limit_ms: DOWNTIME_LIMIT_MS,
                     max_bandwidth: link.max_bandwidth,
                     timeout_s: ctx.timeout_s,
+                    multifd_channels: None,
                 };
                 let (out, cpu) =
                     migrate_once(ctx, &link, guest, kind, tls.then_some(pki.as_path()), &p);

@@ -50,6 +50,8 @@ use crate::wire::{
 
 #[path = "dest_error.rs"]
 mod error;
+#[path = "dest_multifd.rs"]
+mod multifd;
 #[path = "dest_postcopy.rs"]
 mod postcopy;
 #[path = "dest_preempt.rs"]
@@ -95,6 +97,9 @@ pub struct DestOptions {
     /// `postcopy-preempt`: accept the source's preempt channel (the source's setting must
     /// match; `dest_preempt.rs`).
     pub postcopy_preempt: bool,
+    /// `multifd` with `multifd-channels`: accept this many channels beside the main stream
+    /// (the source's count must be the same); `None` = `multifd` off.
+    pub multifd_channels: Option<u16>,
 }
 
 impl Default for DestOptions {
@@ -110,6 +115,7 @@ impl Default for DestOptions {
             postcopy_ram: false,
             postcopy_blocktime: false,
             postcopy_preempt: false,
+            multifd_channels: None,
         }
     }
 }
@@ -128,6 +134,8 @@ impl DestOptions {
             postcopy_ram: caps.get(Capability::PostcopyRam),
             postcopy_blocktime: caps.get(Capability::PostcopyBlocktime),
             postcopy_preempt: caps.get(Capability::PostcopyPreempt),
+            // QEMU's default `multifd-channels`; the glue sets the parameter's value.
+            multifd_channels: caps.get(Capability::Multifd).then_some(2),
         }
     }
 }
@@ -290,6 +298,8 @@ pub fn incoming(
         digest: DigestCheck::default(),
         pc: None,
         preempt: preempt::PreemptRx::default(),
+        listener: None,
+        mf: None,
     };
     let thread = std::thread::Builder::new()
         .name("mig-dst".into())
@@ -324,6 +334,10 @@ struct Receiver {
     pc: Option<postcopy::PostcopyRx>,
     /// `postcopy-preempt`: the preempt channel (`dest_preempt.rs`).
     preempt: preempt::PreemptRx,
+    /// Multifd: the main stream's listener, kept for the channels.
+    listener: Option<Listener>,
+    /// Multifd: the channels' receivers and their sync barrier.
+    mf: Option<multifd::MultifdRx>,
 }
 
 /// The receiver's explicit state.
@@ -337,11 +351,12 @@ enum RxState {
 impl Receiver {
     fn run(mut self, from: Incoming) -> DestOutcome {
         let mut state = RxState::Listening;
-        // A preempt channel that failed ended the main reader: its error is the cause.
+        // A preempt channel that failed ended the main reader: its error is the cause; so
+        // does a multifd channel's.
         let received = self
             .receive(from, &mut state)
             .map_err(|e| self.preempt_failure().unwrap_or(e));
-        let result = match received {
+        let result = match received.map_err(|e| self.prefer_multifd_error(e)) {
             // The channel broke while the guest runs here: pause and wait for a recovery.
             Err(e) if self.pauses_postcopy(&e) => self.postcopy_recovery(e),
             r => r,
@@ -449,6 +464,13 @@ impl Receiver {
 
     fn receive(&mut self, from: Incoming, state: &mut RxState) -> Result<(), DestError> {
         let stream = match from {
+            // Multifd's channels connect to the main stream's listener (`dest_multifd.rs`);
+            // multifd never goes with post-copy, so never with a preempt channel.
+            Incoming::Listener(l) if self.opts.multifd_channels.is_some() => {
+                let s = l.accept_next(&self.shared.io)?;
+                self.listener = Some(l);
+                s
+            }
             Incoming::Listener(l) => {
                 let s = l.accept_next(&self.shared.io)?;
                 // The preempt channel connects to the same listener (`dest_preempt.rs`).
@@ -503,6 +525,7 @@ impl Receiver {
             expect,
         )?;
         let source_uuid = reader.config().vm_uuid;
+        let (stream_version, stream_config) = (reader.header().version, reader.config().clone());
         self.m
             .state
             .check_machine_blob(&reader.config().machine_blob)
@@ -592,7 +615,9 @@ impl Receiver {
                     ram_digest,
                     postcopy_ram,
                     postcopy_preempt,
+                    multifd,
                 }) => {
+                    self.multifd_capability(multifd)?;
                     self.postcopy_capability(postcopy_ram)?;
                     self.preempt_capability(postcopy_preempt)?;
                     self.digest.on_capabilities(
@@ -622,16 +647,24 @@ impl Receiver {
                 }
                 Record::Command(Command::IterationEnd { pass }) => {
                     tracing::trace!(pass, "source pass ended");
+                    self.multifd_sync_point()?;
+                }
+                Record::Command(Command::MultifdChannels { channels, id }) => {
+                    self.multifd_accept(channels, id, stream_version, &stream_config)?;
                 }
                 Record::Command(Command::SwitchoverStart) => {
                     tracing::debug!("source stopped: final state follows");
+                    self.multifd_sync_point()?;
                     self.switch_started();
                 }
                 Record::End(_) if self.postcopy_running() => {
                     *state = RxState::Finishing;
                     return self.postcopy_end();
                 }
-                Record::End(_) => break,
+                Record::End(_) => {
+                    self.multifd_end()?;
+                    break;
+                }
                 Record::RamDiscard(d) => self.discard(&d)?,
                 Record::Command(Command::PostcopyAdvise { .. }) => self.advise()?,
                 // The reader admits these only on a recovery channel (dest_recovery.rs).

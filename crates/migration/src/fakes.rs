@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use crate::machine::{
     ComponentState, ComponentVersion, DirtyBitmap, MachineDescription, MachineError, MachineState,
-    RamBlockInfo, RamSink, RamSource, RamView, StateHandler, StateLoader, SwitchoverApproval,
+    PagePlacer, RamBlockInfo, RamSink, RamSource, RamView, StateHandler, StateLoader,
+    SwitchoverApproval,
 };
 
 mod postcopy;
@@ -359,6 +360,17 @@ impl RamView for FakeRam {
     }
 }
 
+/// Multifd's receivers write through clones (they share the memory).
+impl PagePlacer for FakeRam {
+    fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), MachineError> {
+        RamSink::write_page(&mut self.clone(), block, page, data)
+    }
+
+    fn zero_page(&self, block: usize, page: u64) -> Result<(), MachineError> {
+        RamSink::zero_page(&mut self.clone(), block, page)
+    }
+}
+
 impl RamSink for FakeRam {
     fn page_size(&self) -> u32 {
         lock(&self.inner).page_size
@@ -366,6 +378,10 @@ impl RamSink for FakeRam {
 
     fn blocks(&self) -> Vec<RamBlockInfo> {
         lock(&self.inner).blocks.clone()
+    }
+
+    fn placer(&mut self) -> Result<Arc<dyn PagePlacer>, MachineError> {
+        Ok(Arc::new(self.clone()))
     }
 
     fn write_page(&mut self, block: usize, page: u64, data: &[u8]) -> Result<(), MachineError> {

@@ -216,6 +216,21 @@ pub trait RamSink: Send {
     /// Copies page `page` of block `block` out of guest memory into `buf` (`buf.len() ==
     /// page_size()`): the RAM digest reads back every page it loaded.
     fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError>;
+    /// A writer of guest memory that several threads may use at once (multifd's receivers,
+    /// `docs/migration-engine.md` §2.5). Asked for once, before any page came through it;
+    /// while the engine uses it, it does not call this sink's own `write_page` /
+    /// `zero_page`. It must keep this sink's promises: `zero_page` may still skip a page never
+    /// written.
+    fn placer(&mut self) -> Result<Arc<dyn PagePlacer>, MachineError>;
+}
+
+/// Guest RAM written from several threads at once ([`RamSink::placer`]). The engine checked
+/// `block` and `page` against the sink's blocks; an implementation may check again.
+pub trait PagePlacer: Send + Sync {
+    /// Writes one page (`data.len()` = the page size).
+    fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), MachineError>;
+    /// Makes the page all zeroes (may skip a page never written, as [`RamSink::zero_page`]).
+    fn zero_page(&self, block: usize, page: u64) -> Result<(), MachineError>;
 }
 
 /// A run of pages of one RAM block the destination asks for (one `REQ_PAGES`).

@@ -99,7 +99,7 @@ capabilities! {
     ReleaseRam = "release-ram", true;
     ReturnPath = "return-path", true;
     PauseBeforeSwitchover = "pause-before-switchover", true;
-    Multifd = "multifd", false;
+    Multifd = "multifd", true;
     DirtyBitmaps = "dirty-bitmaps", false;
     PostcopyBlocktime = "postcopy-blocktime", true;
     LateBlockActivate = "late-block-activate", false;
@@ -228,6 +228,20 @@ impl Capabilities {
                 return bad("Mapped-ram migration is incompatible with postcopy");
             }
         }
+        // Tern: multifd's combinations that are not built (decision 166), refused by name.
+        if on(C::Multifd) {
+            for other in [C::PostcopyRam, C::XTernRamDigest] {
+                if on(other) {
+                    return Err(ParamError::NotSupported(format!(
+                        "Capability 'multifd' together with '{}'",
+                        other.name()
+                    )));
+                }
+            }
+            if params.multifd_compression != MultifdCompression::None {
+                return Err(multifd_compression_refused(params.multifd_compression));
+            }
+        }
         if let Some(c) = self.on.iter().find(|c| !c.implemented()) {
             return Err(ParamError::NotSupported(format!(
                 "Capability '{}'",
@@ -323,6 +337,17 @@ fn unexpected(name: &str) -> ParamError {
 
 fn missing(name: &str) -> ParamError {
     ParamError::Invalid(format!("Parameter '{name}' is missing"))
+}
+
+/// `multifd-compression` other than `none` with `multifd` on: compression is not built.
+fn multifd_compression_refused(c: MultifdCompression) -> ParamError {
+    ParamError::NotSupported(format!(
+        "Parameter 'multifd-compression' value '{}'",
+        serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    ))
 }
 
 /// QEMU's `MultiFDCompression`.
@@ -700,6 +725,9 @@ impl Parameters {
             ));
         }
         // Tern: values it cannot honour.
+        if caps.get(Capability::Multifd) && self.multifd_compression != MultifdCompression::None {
+            return Err(multifd_compression_refused(self.multifd_compression));
+        }
         if self.mode != MigMode::Normal {
             return Err(ParamError::NotSupported(format!(
                 "Migration mode '{}'",

@@ -66,6 +66,7 @@ fn capability_list_matches_qemu() {
             "release-ram",
             "return-path",
             "pause-before-switchover",
+            "multifd",
             "postcopy-blocktime",
             "validate-uuid",
             "postcopy-preempt",
@@ -159,8 +160,12 @@ fn capability_rules() {
             "Mapped-ram migration is incompatible with xbzrle",
         ),
         (
-            vec![("multifd", true)],
-            "Capability 'multifd' is not yet supported by Tern",
+            vec![("multifd", true), ("postcopy-ram", true)],
+            "Capability 'multifd' together with 'postcopy-ram' is not yet supported by Tern",
+        ),
+        (
+            vec![("multifd", true), ("x-tern-ram-digest", true)],
+            "Capability 'multifd' together with 'x-tern-ram-digest' is not yet supported by Tern",
         ),
     ] {
         assert_eq!(set_caps(&mut c, &list).unwrap_err().to_string(), msg);
@@ -468,4 +473,37 @@ fn tls_parameters_are_accepted_and_shown_as_qemu_does() {
         .unwrap();
     assert_eq!(p.tls_creds, "");
     assert_eq!(p.tls_authz, "");
+}
+
+#[test]
+fn multifd_is_honoured_and_its_compression_refused_unless_none() {
+    let mut c = Capabilities::default();
+    let mut p = Parameters::default();
+    set_caps(&mut c, &[("multifd", true)]).unwrap();
+    assert!(c.get(Capability::Multifd));
+    assert_eq!(p.multifd_channels, 2, "QEMU's default");
+    p.apply_json(
+        &json!({"multifd-channels": 4, "multifd-compression": "none"}),
+        &c,
+    )
+    .unwrap();
+    assert_eq!(p.multifd_channels, 4);
+    let e = p
+        .apply_json(&json!({"multifd-compression": "zstd"}), &c)
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Parameter 'multifd-compression' value 'zstd' is not yet supported by Tern"
+    );
+    assert_eq!(
+        p.multifd_compression,
+        MultifdCompression::None,
+        "all or nothing"
+    );
+    // Set while multifd is off (inert), then turning multifd on is refused.
+    let off = Capabilities::default();
+    p.apply_json(&json!({"multifd-compression": "zlib"}), &off)
+        .unwrap();
+    let e = c.set(&[(Capability::Multifd, true)], &p).unwrap_err();
+    assert!(e.to_string().contains("'zlib'"), "{e}");
 }

@@ -60,6 +60,8 @@ pub struct RamStats {
     pub postcopy_requests: u64,
     /// Post-copy: bytes sent after `POSTCOPY_RUN` (source) or pages placed (destination).
     pub postcopy_bytes: u64,
+    /// Bytes written on the multifd channels (QEMU's `multifd-bytes`; part of `transferred`).
+    pub multifd_bytes: u64,
 }
 
 /// Destination, with the `postcopy-blocktime` capability: QEMU's blocktime numbers.
@@ -765,7 +767,7 @@ fn ram_info(s: &StatsSnapshot) -> Value {
         "dirty-sync-count": r.dirty_sync_count,
         "postcopy-requests": r.postcopy_requests,
         "page-size": r.page_size,
-        "multifd-bytes": 0,
+        "multifd-bytes": r.multifd_bytes,
         "pages-per-second": r.pages_per_second,
         "precopy-bytes": r.precopy_bytes,
         "downtime-bytes": r.downtime_bytes,

@@ -278,6 +278,7 @@ fn a_page_sent_twice_after_run_fails_the_destination_by_name() {
         ram_digest: false,
         postcopy_ram: true,
         postcopy_preempt: false,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {

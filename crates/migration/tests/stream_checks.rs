@@ -153,6 +153,7 @@ fn postcopy_ram_from_the_source_is_refused_by_name_when_off_at_the_destination()
         ram_digest: false,
         postcopy_ram: true,
         postcopy_preempt: false,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {

@@ -448,3 +448,32 @@ fn hostile_but_authenticated_client_sending_garbage_cannot_harm_the_destination(
     assert_ne!(dst.run_status(), "running");
     dst.quit_ok();
 }
+
+/// Multifd over TLS (`docs/tls.md`): the main stream and both channels are TLS sessions with
+/// the same credentials, hostname check and admission; a dirtying guest; the pattern checks.
+#[test]
+fn multifd_over_tls_2_channels() {
+    let dir = tmpdir();
+    let root = dir.path();
+    let ca = new_ca("Tern test CA");
+    let sdir = server_dir(root, "dst", &ca, &["127.0.0.1", "localhost"]);
+    let cdir = client_dir(root, "src", &ca, Some(&ca), "hosta.example.com");
+    let m = Machine::pattern(2, 32).memory(128);
+    let mut src = boot(root, "src", &m);
+    src.wait_workload_running(T);
+    src.caps(&CAPS);
+    src.caps(&[("multifd", true)]);
+    src.c("object-add", x509("tls0", &cdir, "client"));
+    src.params(json!({"tls-creds": "tls0", "multifd-channels": 2}));
+    let mut dst = dest(root, "dst", &m);
+    dst.caps(&CAPS);
+    dst.caps(&[("multifd", true)]);
+    dst.c("object-add", x509("tls0", &sdir, "server"));
+    dst.params(json!({"tls-creds": "tls0", "multifd-channels": 2}));
+    let uri = dst.listen_tcp();
+    migrate_ok(root, &mut src, &mut dst, &m, &uri, "multifd-tls");
+    let q = src.qm();
+    assert!(ram_num(&q, "multifd-bytes") > 4 << 20, "{q}");
+    dst.quit_ok();
+    src.quit_ok();
+}

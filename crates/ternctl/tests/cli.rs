@@ -57,7 +57,6 @@ fn unbuilt_features_are_refused_by_name() {
         ("--postcopy", "non-live or paused"),
         ("--postcopy-after", "only be used with --postcopy"),
         ("--postcopy-resume", "requires post-copy to be enabled"),
-        ("--parallel", "multifd"),
         ("--compressed", "compression"),
         ("--direct", "--p2p"),
     ] {
@@ -79,6 +78,26 @@ fn unbuilt_features_are_refused_by_name() {
         !ok && out.contains("not supported with tunnelled migration"),
         "{out}"
     );
+    // `--parallel` is built (multifd); its misuses are refused before the daemon is asked.
+    for (args, needle) in [
+        (
+            &["--parallel-connections", "4"][..],
+            "only be used with --parallel",
+        ),
+        (
+            &["--parallel", "--parallel-connections", "0"][..],
+            "between 1 and 255",
+        ),
+        (
+            &["--live", "--p2p", "--parallel", "--postcopy"][..],
+            "multifd together with post-copy",
+        ),
+    ] {
+        let mut a = vec!["-c", sock, "migrate", "vm", "tern+tcp://h/system"];
+        a.extend_from_slice(args);
+        let (ok, out) = ternctl(&a);
+        assert!(!ok && out.contains(needle), "{args:?}: {out}");
+    }
     let (ok, out) = ternctl(&["-c", sock, "migrate-postcopy", "vm"]);
     assert!(!ok && out.contains("Failed to connect to"), "{out}");
     let (ok, out) = ternctl(&["-c", sock, "list"]);

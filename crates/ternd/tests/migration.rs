@@ -290,7 +290,7 @@ fn unreachable_destination_and_refused_options_leave_the_vm_running() {
     for (opt, needle) in [
         ("--postcopy-resume", "requires post-copy to be enabled"),
         ("--tls", "has no migration certificates"),
-        ("--parallel", "multifd"),
+        ("--parallel-connections=2", "only be used with --parallel"),
         ("--compressed", "compression"),
         ("--tunnelled", "tunnelled"),
     ] {
@@ -368,6 +368,38 @@ fn available_switchover_bandwidth_reaches_the_source_vmm() {
     );
     assert_eq!(h.dst.state("asb"), "running (migrated)");
     assert_pattern_ok(&h.dst, "asb", MEM, dir.path());
+}
+
+#[test]
+fn parallel_migration_of_a_tern_vm_uses_multifd_on_both_vmms() {
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let xml = write_xml(dir.path(), "par", &domain_xml("par", MEM, "pattern", 32, 0));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "par"]);
+    wait_workload_running(&h.src, "par");
+    h.src.ok(&[
+        "migrate",
+        "par",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--parallel",
+        "--parallel-connections",
+        "3",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "par", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("parallel: multifd with 3 channel(s)"), "{job}");
+    assert_eq!(h.dst.state("par"), "running (migrated)");
+    // The destination's Tern had multifd with 3 channels.
+    let p = h
+        .dst
+        .qmp("par", "query-migrate-parameters", serde_json::json!({}));
+    assert_eq!(p["multifd-channels"], 3, "{p}");
+    assert_pattern_ok(&h.dst, "par", MEM, dir.path());
 }
 
 #[test]

@@ -107,6 +107,50 @@ fn migrate_qemu_vm_between_hosts_with_one_command() {
 }
 
 #[test]
+fn parallel_migration_of_a_qemu_vm_uses_multifd_on_both_qemus() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let ser = dir.path().join("qp.ser");
+    let xml = write_xml(dir.path(), "qp", &qemu_xml("qp", &ser));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "qp"]);
+    wait_serial(&ser, "#running");
+    h.src.ok(&[
+        "migrate",
+        "qp",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--parallel",
+        "--parallel-connections",
+        "4",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "qp", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(job.contains("parallel: multifd with 4 channel(s)"), "{job}");
+    assert_eq!(h.dst.state("qp"), "running (migrated)");
+    // QEMU itself says it had multifd with 4 channels.
+    let caps = h
+        .dst
+        .qmp("qp", "query-migrate-capabilities", serde_json::json!({}));
+    let on = caps.as_array().is_some_and(|a| {
+        a.iter()
+            .any(|c| c["capability"] == "multifd" && c["state"] == true)
+    });
+    assert!(on, "{caps}");
+    let p = h
+        .dst
+        .qmp("qp", "query-migrate-parameters", serde_json::json!({}));
+    assert_eq!(p["multifd-channels"], 4, "{p}");
+    assert_pattern_ok(&h.dst, "qp", MEM, dir.path());
+}
+
+#[test]
 fn tunnelled_migration_of_a_qemu_vm() {
     if !have_qemu() {
         return;

@@ -128,13 +128,53 @@ impl MigrateOptions {
         Ok(())
     }
 
+    /// libvirt's rules for `--parallel` (`VIR_MIGRATE_PARALLEL`): `--parallel-connections`
+    /// only with it, 1..=255 connections (QEMU's `multifd-channels` range), not tunnelled
+    /// (the channels are extra connections between the VMMs).
+    fn check_parallel(&self) -> Result<()> {
+        if !self.parallel {
+            if self.parallel_connections.is_some() {
+                return Err(Error::InvalidArg(
+                    "--parallel-connections can only be used with --parallel (turn parallel \
+                     migration on to tune it)"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        if self.tunnelled {
+            return Err(Error::InvalidArg(
+                "--parallel is not supported with --tunnelled (the parallel connections go \
+                 directly between the VMMs)"
+                    .into(),
+            ));
+        }
+        if let Some(n) = self.parallel_connections {
+            if !(1..=255).contains(&n) {
+                return Err(Error::InvalidArg(format!(
+                    "--parallel-connections {n}: expects a value between 1 and 255"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `multifd-channels` for `--parallel`: `--parallel-connections`, else QEMU's default 2.
+    pub fn multifd_channels(&self) -> Option<u8> {
+        self.parallel.then(|| {
+            self.parallel_connections
+                .and_then(|n| u8::try_from(n).ok())
+                .unwrap_or(2)
+        })
+    }
+
     /// Refuses options that need something not built yet, naming the missing feature.
     pub fn check_supported(&self) -> Result<()> {
         let missing: &[(bool, &str, &str)] = &[
             (
-                self.parallel || self.parallel_connections.is_some(),
-                "--parallel / --parallel-connections",
-                "multifd (parallel migration channels) in the Tern engine",
+                self.parallel && self.postcopy,
+                "--parallel with --postcopy",
+                "multifd together with post-copy in the Tern engine",
             ),
             (
                 self.compressed || self.comp_methods.is_some(),
@@ -151,6 +191,7 @@ impl MigrateOptions {
         }
         self.check_postcopy()?;
         self.check_resume()?;
+        self.check_parallel()?;
         if self.offline && !self.persistent {
             return Err(Error::InvalidArg(
                 "--offline needs --persistent (an offline migration only copies the definition)"
@@ -212,10 +253,44 @@ mod tests {
     fn missing_features_are_named() {
         let o = MigrateOptions {
             parallel: true,
+            postcopy: true,
+            live: true,
+            p2p: true,
             ..Default::default()
         };
         let e = o.check_supported().expect_err("parallel").to_string();
         assert!(e.contains("multifd"), "{e}");
+        let o = MigrateOptions {
+            live: true,
+            p2p: true,
+            parallel: true,
+            parallel_connections: Some(4),
+            ..Default::default()
+        };
+        assert!(o.check_supported().is_ok());
+        assert_eq!(o.multifd_channels(), Some(4));
+        for (parallel, conns, tunnelled, text) in [
+            (false, Some(4), false, "only be used with --parallel"),
+            (true, Some(0), false, "between 1 and 255"),
+            (true, Some(256), false, "between 1 and 255"),
+            (true, None, true, "--tunnelled"),
+        ] {
+            let o = MigrateOptions {
+                live: true,
+                p2p: true,
+                parallel,
+                parallel_connections: conns,
+                tunnelled,
+                ..Default::default()
+            };
+            let e = o.check_supported().expect_err(text).to_string();
+            assert!(e.contains(text), "{e}");
+        }
+        let o = MigrateOptions {
+            parallel: true,
+            ..Default::default()
+        };
+        assert_eq!(o.multifd_channels(), Some(2), "QEMU's default");
         let o = MigrateOptions {
             tls: true,
             tunnelled: true,

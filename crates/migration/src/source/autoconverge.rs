@@ -36,7 +36,9 @@ impl Sender {
         }
         let params = self.shared.lock().tuning.throttle;
         let at = now.saturating_duration_since(self.started);
-        let transferred = self.writer.as_ref().map_or(0, |w| w.bytes_written());
+        // Every byte sent counts, the multifd channels' too.
+        let transferred =
+            self.writer.as_ref().map_or(0, |w| w.bytes_written()) + self.multifd_bytes();
         self.auto_converge = Some(AutoConverge {
             policy: ThrottlePolicy::new(params),
             meter: PeriodMeter::new(self.opts.throttle_period, at, transferred),
@@ -52,10 +54,11 @@ impl Sender {
         now: Instant,
         bytes_dirty: u64,
     ) -> Result<(), SourceError> {
+        let transferred =
+            self.writer.as_ref().map_or(0, |w| w.bytes_written()) + self.multifd_bytes();
         let Some(ac) = self.auto_converge.as_mut() else {
             return Ok(());
         };
-        let transferred = self.writer.as_ref().map_or(0, |w| w.bytes_written());
         let at = now.saturating_duration_since(self.started);
         let Some(period) = ac.meter.at_sync(at, bytes_dirty, transferred) else {
             return Ok(());

@@ -93,6 +93,11 @@ impl Sender {
     /// Connects, sends header + CONFIG, opens the return path, starts the dirty log.
     /// Returns whether the migration is live (socket) or a non-live `file:` save.
     fn setup(&mut self, target: Option<Target>) -> Result<bool, SourceError> {
+        let channel_uri = match &target {
+            Some(Target::Uri(uri)) => Some(uri.clone()),
+            _ => None,
+        };
+        self.check_multifd_setup(channel_uri.as_ref())?;
         let stream = match target {
             Some(Target::Uri(uri)) => {
                 // The preempt channel connects here too (postcopy-preempt, `preempt.rs`).
@@ -148,8 +153,8 @@ impl Sender {
         }
         // The lowest stream version with every record this migration writes (spec §10): every
         // migration sends self-checking RAM batches (version 5, §5.1), which is newer than
-        // RAM_DIGEST (2) and post-copy (3), so that is 5 (decision 133), 6 with the post-copy
-        // preempt channel (decision 150).
+        // RAM_DIGEST (2) and post-copy (3), so that is 5 (decision 133); 6 with the post-copy
+        // preempt channel (decision 150) or multifd (§5.2, decision 160).
         let version = self.stream_version();
         let mut w = StreamWriter::with_version(
             BufWriter::with_capacity(WRITE_BUFFER, stream),
@@ -163,18 +168,22 @@ impl Sender {
             ram_digest: self.opts.ram_digest,
             postcopy_ram: self.opts.postcopy_ram,
             postcopy_preempt: self.opts.postcopy_preempt,
+            multifd: self.opts.multifd_channels.is_some(),
         };
+        let mut multifd_id = None;
         let advise = Command::PostcopyAdvise {
             page_size: config.page_size,
         };
         if rp_stream.is_none() {
             w.write_command(capabilities)?;
+            multifd_id = multifd::announce(&mut w, self.opts.multifd_channels)?;
         }
         if let Some(rp) = rp_stream {
             w.write_command(Command::OpenReturnPath)?;
             // After OPEN_RETURN_PATH, so that a destination refusing them can say why; before
             // PING 1, whose PONG thus says CONFIG and CAPABILITIES were accepted.
             w.write_command(capabilities)?;
+            multifd_id = multifd::announce(&mut w, self.opts.multifd_channels)?;
             if self.opts.postcopy_ram {
                 // Right after CAPABILITIES (§13.1): the destination checks that it can page on
                 // demand before it answers PING 1.
@@ -186,6 +195,7 @@ impl Sender {
         }
         w.flush()?;
         self.writer = Some(w);
+        self.multifd_connect(channel_uri.as_ref(), multifd_id, &config)?;
         self.config = Some(config);
         for dev in &mut self.m.devices {
             dev.save_setup().map_err(|source| SourceError::Device {
@@ -238,6 +248,7 @@ impl Sender {
 
     /// Error out when something ended the migration early.
     pub(super) fn check_abort(&self) -> Result<(), SourceError> {
+        self.multifd_check()?;
         let f = self.shared.lock();
         if f.cancel {
             return Err(SourceError::Cancelled);
@@ -295,7 +306,7 @@ impl Sender {
                 let running = self.m.vcpus.is_running();
                 let ram = self.ram()?;
                 let dirty_rate = ram.dirty_pages_rate as f64 * ram.page_size() as f64 / 1000.0;
-                let transferred = self.writer()?.bytes_written();
+                let transferred = self.writer()?.bytes_written() + self.multifd_bytes();
                 let d = self.rule.at_sync(&SyncSample {
                     pending,
                     threshold,
@@ -419,8 +430,7 @@ impl Sender {
     /// dirtied since the previous sync.
     pub(super) fn sync_pass(&mut self, now: Instant) -> Result<u64, SourceError> {
         let pass = self.ram()?.dirty_sync_count;
-        self.writer()?
-            .write_command(Command::IterationEnd { pass })?;
+        self.write_sync_point(Command::IterationEnd { pass })?;
         let ram = self.ram.as_mut().ok_or(SourceError::Cancelled)?;
         let newly = ram.sync(self.m.ram.as_mut(), now)?;
         let dirtied = newly.saturating_mul(ram.page_size() as u64);
@@ -449,13 +459,15 @@ impl Sender {
         let first = self.round % n;
         self.round = self.round.wrapping_add(1);
         let page = self.ram()?.page_size() as u64;
-        let start = self.writer()?.bytes_written();
+        let start = self.sent_bytes()?;
         for k in 0..n {
             let who = (first + k) % n;
             let left = (n - k) as u64;
             let share = (self.limiter.remaining_budget() / left).max(page);
-            let before = self.writer()?.bytes_written();
-            if who == 0 {
+            let before = self.sent_bytes()?;
+            if who == 0 && self.multifd.is_some() {
+                self.multifd_send(share)?;
+            } else if who == 0 {
                 let cap = share.min(BATCH_PAGES as u64 * page);
                 let (ram, w) = (self.ram.as_mut(), self.writer.as_mut());
                 if let (Some(ram), Some(w)) = (ram, w) {
@@ -482,12 +494,11 @@ impl Sender {
                     r?;
                 }
             }
-            let after = self.writer()?.bytes_written();
+            let after = self.sent_bytes()?;
             self.limiter.record(after - before);
         }
-        let w = self.writer()?;
-        w.flush()?;
-        Ok(w.bytes_written() - start)
+        self.writer()?.flush()?;
+        Ok(self.sent_bytes()? - start)
     }
 
     /// Publishes the counters (and closes a bandwidth window every 100 ms).
@@ -495,7 +506,9 @@ impl Sender {
         let (Some(ram), Some(w)) = (self.ram.as_ref(), self.writer.as_ref()) else {
             return;
         };
-        let written = self.bytes_of_earlier_channels + w.bytes_written() + self.preempt.bytes();
+        let multifd_bytes = self.multifd_bytes();
+        let written =
+            self.bytes_of_earlier_channels + w.bytes_written() + self.preempt.bytes() + multifd_bytes;
         let pages = ram.zero_pages + ram.normal_pages;
         let sample = self
             .estimator
@@ -508,6 +521,7 @@ impl Sender {
         let run = self.bytes_at_run;
         self.stats.update(|r, expected| {
             r.transferred = written;
+            r.multifd_bytes = multifd_bytes;
             r.remaining = remaining;
             r.duplicate = zero;
             r.normal = normal;
@@ -549,7 +563,7 @@ impl Sender {
         self.stats.downtime_start(now);
         self.timeline.pause = self.lap();
         if let Some(w) = &self.writer {
-            self.bytes_at_stop = Some(w.bytes_written());
+            self.bytes_at_stop = Some(w.bytes_written() + self.multifd_bytes());
         }
         Ok(())
     }
@@ -572,8 +586,8 @@ impl Sender {
             .opts
             .ram_digest
             .then(|| RamDigestJob::start(self.m.ram.as_ref()));
-        let before_ram = self.writer()?.bytes_written();
-        self.writer()?.write_command(Command::SwitchoverStart)?;
+        let before_ram = self.writer()?.bytes_written() + self.multifd_bytes();
+        self.write_sync_point(Command::SwitchoverStart)?;
         // QEMU's global state: a guest that was paused before the migration stays paused. A
         // guest an earlier, undecided migration stopped counts as running.
         let running = self.paused_by_us || self.opts.stopped_by_earlier_migration;
@@ -583,6 +597,8 @@ impl Sender {
             self.sync_pass(Instant::now())?;
         }
         // The last pages: no rate limit in the stop-and-copy.
+        while self.multifd.is_some() && self.multifd_send(u64::MAX)? > 0 {}
+        self.multifd_finish()?;
         loop {
             let (ram, w) = (self.ram.as_mut(), self.writer.as_mut());
             let (Some(ram), Some(w)) = (ram, w) else {
@@ -592,7 +608,8 @@ impl Sender {
                 break;
             }
         }
-        self.timeline.final_ram_bytes = self.writer()?.bytes_written() - before_ram;
+        self.timeline.final_ram_bytes =
+            self.writer()?.bytes_written() + self.multifd_bytes() - before_ram;
         self.timeline.final_ram = self.lap();
         self.check_abort()?;
         self.save_devices()?;
@@ -678,6 +695,7 @@ impl Sender {
         // block on a destination that stopped reading.
         self.shared.io.cancel();
         self.writer = None;
+        self.multifd = None;
         if let Some(t) = self.rp_thread.take() {
             let _ = t.join();
         }
@@ -756,7 +774,7 @@ impl Sender {
         if !unconfirmed {
             self.stats.downtime_abort();
         }
-        if matches!(e, SourceError::Wire(_)) && !cancelled {
+        if matches!(e, SourceError::Wire(_) | SourceError::Multifd(_)) && !cancelled {
             self.await_destination_reason();
         }
         // Aborting the sockets lets the return-path thread drain what the destination said.

@@ -38,6 +38,7 @@ mod autoconverge;
 mod confirm;
 mod devices;
 mod liveness;
+mod multifd;
 mod postcopy;
 mod preempt;
 mod ram;
@@ -169,6 +170,9 @@ pub struct SourceOptions {
     /// `postcopy-preempt`: after the switch, requested pages go on a second connection to the
     /// same URI (`CAPABILITIES` bit 5, stream version 6, `preempt.rs`; needs `postcopy_ram`).
     pub postcopy_preempt: bool,
+    /// `multifd` with `multifd-channels`: RAM goes over this many extra connections
+    /// (`docs/migration-engine.md` §2.5); `None` = the main stream only.
+    pub multifd_channels: Option<u16>,
 }
 
 impl Default for SourceOptions {
@@ -201,6 +205,9 @@ impl SourceOptions {
             postcopy_auto: caps.get(Capability::XTernPostcopyAuto),
             postcopy_preempt: caps.get(Capability::PostcopyRam)
                 && caps.get(Capability::PostcopyPreempt),
+            multifd_channels: caps
+                .get(Capability::Multifd)
+                .then_some(u16::from(params.multifd_channels)),
         }
     }
 }
@@ -337,6 +344,10 @@ pub enum SourceError {
         #[source]
         source: Box<SourceError>,
     },
+    /// A multifd channel failed, or multifd cannot be used here (the text names the channel
+    /// or the reason).
+    #[error("{0}")]
+    Multifd(String),
     /// The migration thread panicked.
     #[error("the migration thread panicked")]
     Panicked,
@@ -637,6 +648,7 @@ pub fn migrate(
         preempt: preempt::PreemptTx::default(),
         release: None,
         recovery_clock: recovery_stats::RecoveryClock::default(),
+        multifd: None,
     };
     let thread = std::thread::Builder::new()
         .name("mig-src".into())
@@ -702,6 +714,22 @@ struct Sender {
     /// Post-copy recovery: the current attempt's clock and every recovery's numbers
     /// (`x-tern-postcopy-recovery`).
     recovery_clock: recovery_stats::RecoveryClock,
+    /// `multifd`: the extra channels and their sender threads.
+    multifd: Option<multifd::Multifd>,
+}
+
+impl Sender {
+    /// The stream version of every channel this migration writes (§10): 6 with the post-copy
+    /// preempt channel (§13.8) or multifd (§5.2), else 5 (decision 133).
+    fn stream_version(&self) -> u32 {
+        if self.opts.postcopy_preempt {
+            crate::wire::VERSION_PREEMPT
+        } else if self.opts.multifd_channels.is_some() {
+            crate::wire::VERSION_MULTIFD
+        } else {
+            crate::wire::VERSION_BATCH_INTEGRITY
+        }
+    }
 }
 
 mod flow;

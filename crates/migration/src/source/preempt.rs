@@ -56,16 +56,6 @@ fn preempt_err(op: &'static str, e: impl Into<SourceError>) -> SourceError {
 }
 
 impl Sender {
-    /// The stream version of every channel this migration writes: 6 with the preempt
-    /// channel (§13.8), else 5 (decision 133).
-    pub(super) fn stream_version(&self) -> u32 {
-        if self.opts.postcopy_preempt {
-            wire::VERSION_PREEMPT
-        } else {
-            wire::VERSION_BATCH_INTEGRITY
-        }
-    }
-
     /// `postcopy-preempt` needs a URI to connect to again (not an already connected `fd:`).
     pub(super) fn check_preempt_setup(&self) -> Result<(), SourceError> {
         if self.opts.postcopy_preempt && self.preempt.uri.is_none() {

@@ -185,6 +185,25 @@ impl RamSender {
         None
     }
 
+    /// Multifd: takes up to `max` dirty pages from the cursor (clearing their bits) without
+    /// reading them: `(block, page, known zero)`. The sender threads read and count them.
+    pub fn take_pages(&mut self, max: usize) -> Vec<(u16, u32, bool)> {
+        let mut out = Vec::with_capacity(max.min(BATCH_PAGES));
+        while out.len() < max {
+            let Some((block, page)) = self.take_next() else {
+                break;
+            };
+            let known = self
+                .known_zero
+                .as_ref()
+                .and_then(|k| k.get(block))
+                .is_some_and(|k| k.get(page));
+            // Block and page indexes fit: the config validated blocks ≤ u16 and pages ≤ 2^32.
+            out.push((block as u16, page as u32, known));
+        }
+        out
+    }
+
     /// Post-copy: clears page `page` of `block` from the to-send set; whether it was there
     /// (a page already sent is in flight and never sent again, decision 73).
     pub fn take_page(&mut self, block: usize, page: u64) -> bool {

@@ -396,6 +396,17 @@ impl Write for Stream {
         r.map_err(|e| liveness::classify(&*self, e, Direction::Send))
     }
 
+    /// `writev` on a socket (multifd's sender writes a batch from several buffers at once).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let r = match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Unix(s) => s.write_vectored(bufs),
+            Self::File(s) => s.write_vectored(bufs),
+            Self::Tls(s) => return s.write_vectored(bufs),
+        };
+        r.map_err(|e| liveness::classify(&*self, e, Direction::Send))
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Self::Tcp(s) => s.flush(),
@@ -623,7 +634,7 @@ impl Listener {
     }
 
     /// Waits for the next connection and keeps listening (the post-copy preempt channel
-    /// connects to the same listener as the main channel). `cancel` interrupts the wait.
+    /// and every multifd channel connect to the same listener as the main channel). `cancel` interrupts the wait.
     pub fn accept_next(&self, cancel: &CancelToken) -> Result<Stream, TransportError> {
         cancel.check()?;
         let target = self.local_uri().to_string();

@@ -161,7 +161,9 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                         ram_digest,
                         postcopy_ram,
                         postcopy_preempt,
+                        multifd,
                     } => {
+                        v["multifd"] = json!(multifd);
                         v["switchover-ack"] = json!(switchover_ack);
                         v["validate-uuid"] = json!(validate_uuid);
                         v["x-tern-ram-digest"] = json!(ram_digest);
@@ -178,6 +180,10 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                         v["total_bytes"] = json!(total_bytes);
                     }
                     Command::RecvBitmap { block } => v["block"] = json!(block),
+                    Command::MultifdChannels { channels, id } => {
+                        v["channels"] = json!(channels);
+                        v["migration-id"] = json!(uuid::Uuid::from_bytes(id).to_string());
+                    }
                     Command::OpenReturnPath
                     | Command::PostcopyResume
                     | Command::SwitchoverStart

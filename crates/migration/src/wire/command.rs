@@ -2,7 +2,8 @@
 
 use super::error::WireError;
 use super::format::{
-    cmd, Cursor, VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    cmd, Cursor, MAX_MULTIFD_CHANNELS, VERSION_MULTIFD, VERSION_POSTCOPY, VERSION_PREEMPT,
+    VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::record::Command;
 
@@ -31,12 +32,14 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
         },
         cmd::CAPABILITIES => {
             let flags = c.u32("capability flags")?;
-            let mut known = if version >= VERSION_POSTCOPY {
+            let mut known = if version >= VERSION_MULTIFD {
                 cmd::CAP_KNOWN
+            } else if version >= VERSION_POSTCOPY {
+                cmd::CAP_KNOWN & !cmd::CAP_MULTIFD
             } else if version >= VERSION_RAM_DIGEST {
-                cmd::CAP_KNOWN & !cmd::CAP_POSTCOPY_RAM
+                cmd::CAP_KNOWN & !cmd::CAP_POSTCOPY_RAM & !cmd::CAP_MULTIFD
             } else {
-                cmd::CAP_KNOWN & !cmd::CAP_RAM_DIGEST & !cmd::CAP_POSTCOPY_RAM
+                cmd::CAP_KNOWN & !cmd::CAP_RAM_DIGEST & !cmd::CAP_POSTCOPY_RAM & !cmd::CAP_MULTIFD
             };
             if version < VERSION_PREEMPT {
                 known &= !cmd::CAP_POSTCOPY_PREEMPT;
@@ -68,13 +71,51 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
                         .into(),
                 });
             }
+            if flags & cmd::CAP_MULTIFD != 0
+                && flags & (cmd::CAP_RAM_DIGEST | cmd::CAP_POSTCOPY_RAM) != 0
+            {
+                return Err(WireError::Invalid {
+                    field: "capability flags",
+                    offset: body_at,
+                    reason: "multifd together with postcopy-ram or x-tern-ram-digest (not built, \
+                             decision 166)"
+                        .into(),
+                });
+            }
             Command::Capabilities {
                 switchover_ack: flags & cmd::CAP_SWITCHOVER_ACK != 0,
                 validate_uuid: flags & cmd::CAP_VALIDATE_UUID != 0,
                 ram_digest: flags & cmd::CAP_RAM_DIGEST != 0,
                 postcopy_ram: flags & cmd::CAP_POSTCOPY_RAM != 0,
                 postcopy_preempt: flags & cmd::CAP_POSTCOPY_PREEMPT != 0,
+                multifd: flags & cmd::CAP_MULTIFD != 0,
             }
+        }
+        cmd::MULTIFD_CHANNELS if version >= VERSION_MULTIFD => {
+            let channels = c.u16("multifd channels")?;
+            if channels == 0 || channels > MAX_MULTIFD_CHANNELS {
+                return Err(WireError::Invalid {
+                    field: "multifd channels",
+                    offset: body_at + 2,
+                    reason: format!("{channels} not in 1..={MAX_MULTIFD_CHANNELS}"),
+                });
+            }
+            if c.u16("multifd reserved")? != 0 {
+                return Err(WireError::Invalid {
+                    field: "multifd reserved",
+                    offset: body_at + 4,
+                    reason: "must be 0".into(),
+                });
+            }
+            let id = c.bytes16("migration id")?;
+            if id == [0u8; 16] {
+                return Err(WireError::Invalid {
+                    field: "migration id",
+                    offset: body_at + 6,
+                    reason: "all zero (the source draws a random id per migration)".into(),
+                });
+            }
+            Command::MultifdChannels { channels, id }
         }
         cmd::POSTCOPY_ADVISE if version >= VERSION_POSTCOPY => {
             let page_size = c.u32("post-copy page size")?;

@@ -56,6 +56,7 @@ fn written_and_read_back() {
         ram_digest: true,
         postcopy_ram: false,
         postcopy_preempt: false,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::SwitchoverStart).unwrap();
@@ -90,6 +91,7 @@ fn a_writer_writes_version_1_unless_asked_and_refuses_v2_records_in_it() {
             ram_digest: true,
             postcopy_ram: false,
             postcopy_preempt: false,
+            multifd: false,
         })
         .unwrap_err();
     assert!(e.to_string().contains("needs stream version 2"), "{e}");

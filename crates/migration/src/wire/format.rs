@@ -24,8 +24,24 @@ pub const BATCH_HEADER_LEN: usize = 16;
 /// Bytes a version-5 RAM body adds to the version-1 layout: the batch header and the `u32
 /// crc32c` trailer.
 pub const BATCH_OVERHEAD: usize = BATCH_HEADER_LEN + 4;
-/// Connections a reader accepts RAM batches from: the main stream only, until multifd.
+/// Connections a reader of the main stream accepts RAM batches from: the main stream only
+/// (multifd channels are read by [`super::ChannelReader`], `docs/stream-format.md` §5.2).
 pub const BATCH_CHANNELS: u16 = 1;
+/// The version that added multifd (`docs/stream-format.md` §5.2): `CAPABILITIES` bit 6,
+/// `MULTIFD_CHANNELS`, the channel handshake and the batch flags `SYNC` / `KEEPALIVE`.
+/// Written only when the `multifd` capability is on.
+pub const VERSION_MULTIFD: u32 = 6;
+/// First 8 bytes of a multifd channel, `"TERNMFD\0"`.
+pub const CHANNEL_MAGIC: [u8; 8] = *b"TERNMFD\0";
+/// Bytes of a multifd channel's handshake.
+pub const CHANNEL_HANDSHAKE_LEN: usize = 32;
+/// Most multifd channels (QEMU's `multifd-channels` range is 1..=255).
+pub const MAX_MULTIFD_CHANNELS: u16 = 255;
+/// Batch flag (version 6, multifd channels only): the channel sent every batch of the
+/// generation (QEMU's `MULTIFD_FLAG_SYNC`); no pages.
+pub const BATCH_FLAG_SYNC: u16 = 1;
+/// Batch flag (version 6, multifd channels only): an idle channel's keepalive; no pages.
+pub const BATCH_FLAG_KEEPALIVE: u16 = 2;
 /// The version that added post-copy recovery (commands 0x13, 0x14; return-path `RECV_BITMAP`,
 /// `RESUME_ACK`): written only on a recovery channel (§13.6).
 pub const VERSION_RECOVERY: u32 = 4;
@@ -138,12 +154,18 @@ pub mod cmd {
     /// `CAPABILITIES` flag (version 6): `postcopy-preempt` is on at the source (only with
     /// `CAP_POSTCOPY_RAM`); a preempt channel carries the requested pages (§13.8).
     pub const CAP_POSTCOPY_PREEMPT: u32 = 0x20;
+    /// `CAPABILITIES` flag (version 6): `multifd` is on at the source; `MULTIFD_CHANNELS`
+    /// follows.
+    pub const CAP_MULTIFD: u32 = 0x40;
     /// Every `CAPABILITIES` flag this reader knows.
     pub const CAP_KNOWN: u32 = CAP_SWITCHOVER_ACK
         | CAP_VALIDATE_UUID
         | CAP_RAM_DIGEST
         | CAP_POSTCOPY_RAM
-        | CAP_POSTCOPY_PREEMPT;
+        | CAP_POSTCOPY_PREEMPT
+        | CAP_MULTIFD;
+    /// Multifd (version 6): `u16 channels`, `u16 reserved`, 16-byte migration id.
+    pub const MULTIFD_CHANNELS: u16 = 0x20;
     /// `u8 running`: whether the source VM was running when the migration stopped it (QEMU's
     /// global-state run state): a paused guest stays paused on the destination.
     pub const RUN_STATE: u16 = 6;

@@ -10,6 +10,7 @@
 //! * [`analyze`]: JSON description of a stream (`tern analyze-stream`).
 
 mod analyze;
+mod channel;
 mod command;
 mod config;
 mod error;
@@ -24,6 +25,8 @@ mod writer;
 #[cfg(test)]
 mod batch_tests;
 #[cfg(test)]
+mod channel_tests;
+#[cfg(test)]
 mod digest_tests;
 #[cfg(test)]
 mod hostile_tests;
@@ -37,11 +40,14 @@ mod recovery_tests;
 mod tests;
 
 pub use analyze::{analyze, analyze_file};
+pub use channel::{ChannelExpect, ChannelHandshake, ChannelReader, ChannelRecord, ChannelWriter};
 pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, StreamConfig};
 pub use error::WireError;
 pub use format::{
-    cmd, is_zero_page, page_kind, Limits, RecordKind, BATCH_CHANNELS, CURRENT_VERSION, HEADER_LEN,
-    MAGIC, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_PREEMPT,
+    cmd, is_zero_page, page_kind, Limits, RecordKind, BATCH_CHANNELS, BATCH_FLAG_KEEPALIVE,
+    BATCH_FLAG_SYNC, CHANNEL_HANDSHAKE_LEN, CHANNEL_MAGIC, CURRENT_VERSION, HEADER_LEN, MAGIC,
+    MAX_MULTIFD_CHANNELS, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_MULTIFD, VERSION_POSTCOPY,
+    VERSION_PREEMPT,
     VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 pub use ram_batch::BatchHeader;

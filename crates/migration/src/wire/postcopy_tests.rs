@@ -65,6 +65,7 @@ fn written_stream() -> Vec<u8> {
         ram_digest: false,
         postcopy_ram: true,
         postcopy_preempt: false,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {
@@ -155,6 +156,7 @@ fn the_writer_refuses_post_copy_in_an_older_version_and_bad_discards() {
         ram_digest: false,
         postcopy_ram: true,
         postcopy_preempt: false,
+        multifd: false,
     })
     .unwrap();
     w.write_command(Command::PostcopyAdvise {

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::io::Read;
 
+use super::channel::MultifdOrder;
 use super::command::parse_command;
 use super::config::{Expectations, StreamConfig};
 use super::error::WireError;
@@ -69,6 +70,8 @@ struct OrderState {
     digest_seen: bool,
     /// The post-copy rules (§13.1).
     postcopy: PostcopyOrder,
+    /// The multifd rules (§5.2).
+    multifd: MultifdOrder,
 }
 
 impl OrderState {
@@ -113,7 +116,7 @@ impl OrderState {
 }
 
 /// Reads exactly `out.len()` bytes; EOF becomes `Truncated`.
-fn read_exact_at<R: Read>(
+pub(super) fn read_exact_at<R: Read>(
     r: &mut R,
     pos: &mut u64,
     out: &mut [u8],
@@ -141,7 +144,7 @@ fn read_exact_at<R: Read>(
 /// records, so the steady state is one `read` into existing memory, no memset. When it must
 /// grow, it grows with the data actually received, so a lying length on a short stream does
 /// not allocate `len` up front.
-fn read_body<R: Read>(
+pub(super) fn read_body<R: Read>(
     r: &mut R,
     pos: &mut u64,
     buf: &mut Vec<u8>,
@@ -168,7 +171,7 @@ fn read_body<R: Read>(
 }
 
 /// `buf[..len]` (always in bounds after `read_body`).
-fn body_of(buf: &[u8], len: usize) -> &[u8] {
+pub(super) fn body_of(buf: &[u8], len: usize) -> &[u8] {
     buf.get(..len).unwrap_or(buf)
 }
 
@@ -417,6 +420,7 @@ impl<R: Read> StreamReader<R> {
             self.order
                 .postcopy
                 .check_frame(kind, self.order.switchover_started, frame_at)?;
+            self.order.multifd.check_frame(kind, frame_at)?;
         }
         if kind == RecordKind::Section {
             self.check_section_frame(len, frame_at)?;
@@ -467,6 +471,7 @@ impl<R: Read> StreamReader<R> {
             )?)),
             RecordKind::Command => {
                 let command = parse_command(body, body_at, self.header.version)?;
+                self.order.multifd.check_command(&command, frame_at)?;
                 self.order.postcopy.check_command(
                     &command,
                     self.order.switchover_started,
@@ -671,7 +676,10 @@ fn check_len(what: &'static str, len: u32, limit: u64, offset: u64) -> Result<()
 }
 
 /// Reads a record frame: kind, body length, and the 5 bytes (for the checksums).
-fn read_frame<R: Read>(r: &mut R, pos: &mut u64) -> Result<(u8, u32, [u8; FRAME_LEN]), WireError> {
+pub(super) fn read_frame<R: Read>(
+    r: &mut R,
+    pos: &mut u64,
+) -> Result<(u8, u32, [u8; FRAME_LEN]), WireError> {
     let mut frame = [0u8; FRAME_LEN];
     read_exact_at(r, pos, &mut frame, "record frame (or END record)")?;
     let [kind, a, b, c, d] = frame;

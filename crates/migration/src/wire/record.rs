@@ -82,6 +82,16 @@ pub enum Command {
         /// `postcopy-preempt` is on at the source (version 6, only with `postcopy_ram`): the
         /// requested pages travel on a preempt channel (§13.8).
         postcopy_preempt: bool,
+        /// `multifd` is on at the source (version 6): `MULTIFD_CHANNELS` follows.
+        multifd: bool,
+    },
+    /// Multifd (version 6, right after `CAPABILITIES` bit 6): the source opens `channels`
+    /// extra connections whose handshakes repeat `id` (`docs/stream-format.md` §5.2).
+    MultifdChannels {
+        /// Number of channels, 1 ..= 255.
+        channels: u16,
+        /// This migration's random id.
+        id: [u8; 16],
     },
     /// Post-copy setup (version 3); `page_size` equals the CONFIG's.
     PostcopyAdvise {
@@ -135,6 +145,7 @@ impl Command {
             Self::RecvBitmap { .. } => "recv-bitmap",
             Self::PostcopyResume => "postcopy-resume",
             Self::PostcopyPreempt { .. } => "postcopy-preempt",
+            Self::MultifdChannels { .. } => "multifd-channels",
         }
     }
 }

@@ -301,6 +301,7 @@ fn capabilities_round_trip() {
             ram_digest: false,
             postcopy_ram: false,
             postcopy_preempt: false,
+            multifd: false,
         };
         let mut w = StreamWriter::new(Vec::new(), &cfg).unwrap();
         w.write_command(c).unwrap();

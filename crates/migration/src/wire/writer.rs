@@ -6,7 +6,8 @@ use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
-    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_POSTCOPY, VERSION_PREEMPT,
+    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_MULTIFD, VERSION_POSTCOPY,
+    VERSION_PREEMPT,
     VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::ram_batch::{BatchCrc, BatchNumbering};
@@ -221,6 +222,17 @@ impl<W: Write> StreamWriter<W> {
                 body[..2].copy_from_slice(&cmd::POSTCOPY_LISTEN.to_le_bytes());
                 2
             }
+            Command::MultifdChannels { channels, id } => {
+                self.need_version(VERSION_MULTIFD, "MULTIFD_CHANNELS")?;
+                body[..2].copy_from_slice(&cmd::MULTIFD_CHANNELS.to_le_bytes());
+                body[2..4].copy_from_slice(&channels.to_le_bytes());
+                // body[4..6]: reserved, 0.
+                let mut full = [0u8; 22];
+                full[..6].copy_from_slice(&body[..6]);
+                full[6..].copy_from_slice(&id);
+                self.record(RecordKind::Command, &[&full])?;
+                return Ok(());
+            }
             Command::PostcopyRun { crc32, total_bytes } => {
                 self.need_version(VERSION_POSTCOPY, "POSTCOPY_RUN")?;
                 body[..2].copy_from_slice(&cmd::POSTCOPY_RUN.to_le_bytes());
@@ -234,6 +246,7 @@ impl<W: Write> StreamWriter<W> {
                 ram_digest,
                 postcopy_ram,
                 postcopy_preempt,
+                multifd,
             } => {
                 body[..2].copy_from_slice(&cmd::CAPABILITIES.to_le_bytes());
                 let mut flags = 0;
@@ -254,6 +267,10 @@ impl<W: Write> StreamWriter<W> {
                 if postcopy_preempt {
                     self.need_version(VERSION_PREEMPT, "CAPABILITIES postcopy-preempt")?;
                     flags |= cmd::CAP_POSTCOPY_PREEMPT;
+                }
+                if multifd {
+                    self.need_version(VERSION_MULTIFD, "CAPABILITIES multifd")?;
+                    flags |= cmd::CAP_MULTIFD;
                 }
                 body[2..6].copy_from_slice(&flags.to_le_bytes());
                 6

@@ -41,6 +41,9 @@ impl Incoming {
         let mut opts = DestOptions::from_qemu(caps, autostart);
         opts.liveness = LivenessTimeout::from_millis(params.x_tern_liveness_timeout);
         opts.tls = tls;
+        opts.multifd_channels = caps
+            .get(Capability::Multifd)
+            .then_some(u16::from(params.multifd_channels));
         let stats = MigrationStats::new(Role::Destination);
         let events = Arc::new(QmpMigrationEvents::destination(
             ctl.weak(),

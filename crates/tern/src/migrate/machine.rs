@@ -2,11 +2,12 @@
 //! control, and the non-iterative component state. This is the only place where
 //! `tern-migration` meets `tern-vmm`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tern_migration::machine::{
     ComponentState, ComponentVersion, CpuidEntry, DirtyBitmap, MachineDescription, MachineError,
-    MachineState, RamBlockInfo, RamSink, RamSource, RamView, VcpuControl,
+    MachineState, PagePlacer, RamBlockInfo, RamSink, RamSource, RamView, VcpuControl,
 };
 use tern_statedev::StateDevice;
 use tern_vmm::{RamRegionInfo, Vm, PAGE_SIZE};
@@ -252,6 +253,79 @@ impl RamSink for VmRam {
 
     fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
         RamSource::read_page(self, block, page, buf)
+    }
+
+    fn placer(&mut self) -> Result<Arc<dyn PagePlacer>, MachineError> {
+        let written = self.written.as_ref().map(|w| {
+            w.iter()
+                .map(|b| b.words().iter().map(|&x| AtomicU64::new(x)).collect())
+                .collect()
+        });
+        Ok(Arc::new(VmPlacer {
+            vm: self.vm.clone(),
+            regions: self.regions.clone(),
+            written,
+        }))
+    }
+}
+
+/// Guest RAM written by multifd's receiver threads: the host mapping `write_page` uses, and the
+/// "written" bitmap (decision 7) as atomic words so a ZERO entry for a page never written still
+/// costs nothing.
+struct VmPlacer {
+    vm: Arc<Vm>,
+    regions: Vec<RamRegionInfo>,
+    written: Option<Vec<Vec<AtomicU64>>>,
+}
+
+impl VmPlacer {
+    fn gpa(&self, block: usize, page: u64) -> Result<u64, MachineError> {
+        let r = self
+            .regions
+            .get(block)
+            .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "no such block"))?;
+        if page >= r.pages() {
+            return Err(MachineError::rejected(
+                format!("RAM block {block} page {page}"),
+                format!("past the end ({} pages)", r.pages()),
+            ));
+        }
+        Ok(r.gpa + page * PAGE_SIZE)
+    }
+
+    fn word(&self, block: usize, page: u64) -> Option<(&AtomicU64, u64)> {
+        let w = self
+            .written
+            .as_ref()?
+            .get(block)?
+            .get((page / 64) as usize)?;
+        Some((w, 1u64 << (page % 64)))
+    }
+}
+
+impl PagePlacer for VmPlacer {
+    fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), MachineError> {
+        let gpa = self.gpa(block, page)?;
+        if let Some((w, bit)) = self.word(block, page) {
+            // Ordering: a page's writes of two generations are ordered by the engine's sync
+            // barrier (a mutex), so a relaxed bit suffices.
+            w.fetch_or(bit, Ordering::Relaxed);
+        }
+        self.vm
+            .write_page(gpa, data)
+            .map_err(|e| failed("writing guest RAM", e))
+    }
+
+    fn zero_page(&self, block: usize, page: u64) -> Result<(), MachineError> {
+        let gpa = self.gpa(block, page)?;
+        if let Some((w, bit)) = self.word(block, page) {
+            if w.load(Ordering::Relaxed) & bit == 0 {
+                return Ok(());
+            }
+        }
+        self.vm
+            .zero_page(gpa)
+            .map_err(|e| failed("zeroing guest RAM", e))
     }
 }
 

@@ -134,8 +134,12 @@ fn prepare_vmm(
             ("return-path", rp),
             ("switchover-ack", sack),
             ("postcopy-ram", opts.postcopy),
+            ("multifd", opts.parallel),
         ])
         .map_err(|e| Error::Monitor(e.to_string()))?;
+    if let Some(n) = opts.multifd_channels() {
+        vmm.qmp("migrate-set-parameters", json!({ "multifd-channels": n }))?;
+    }
     if opts.tls {
         let dir = tls::check_dir(
             d.cfg.migrate_tls_dir.as_deref(),

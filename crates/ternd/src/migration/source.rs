@@ -297,12 +297,23 @@ fn run(
             ("return-path", rp.is_none()),
             ("switchover-ack", sack.is_none()),
             ("auto-converge", opts.auto_converge),
+            ("multifd", opts.parallel),
         ];
         vmm.monitor
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .set_capabilities(&caps)
             .map_err(|e| Error::Monitor(e.to_string()))?;
+        if let Some(n) = opts.multifd_channels() {
+            // `--parallel [--parallel-connections N]` (virsh): multifd with N channels on
+            // both VMMs (the destination's in Prepare); QEMU and Tern alike.
+            vmm.qmp("migrate-set-parameters", json!({ "multifd-channels": n }))?;
+            note(
+                dom,
+                ctx,
+                format!("parallel: multifd with {n} channel(s) on both VMMs"),
+            );
+        }
         super::postcopy::configure_source(vmm, opts)?;
         if opts.postcopy {
             note(

@@ -1,0 +1,487 @@
+//! Multifd on the source (`docs/migration-engine.md` §2.5, `docs/stream-format.md` §5.2): the
+//! extra connections, their sender threads `mig-mfd-send-K`, and the hooks `flow.rs` calls
+//! (announce, connect, send a round of pages, a sync point, the final sync).
+//!
+//! `mig-src` keeps the dirty bitmap: it takes lists of dirty pages from the [`RamSender`] and
+//! queues each list on the next channel (round robin, bounded queues). A sender thread checks
+//! each page for zero where it lies in guest memory ([`RamView`]), copies the non-zero ones
+//! once into its batch buffer (the CRC must cover exactly the bytes sent, decision 163) and
+//! writes the batch with one vectored write.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::ram::{RamSender, BATCH_PAGES};
+use super::{Sender, Shared, SourceError};
+use crate::digest::RamView;
+use crate::liveness::{Inactivity, LivenessTimeout};
+use crate::machine::MachineError;
+use crate::transport::{self, tls_stream, MigrationUri, Stream};
+use crate::wire::{
+    is_zero_page, ChannelHandshake, ChannelWriter, Command, RamPage, StreamConfig, StreamWriter,
+    WireError, VERSION_MULTIFD,
+};
+
+/// Page lists queued per channel before `mig-src` waits for that channel.
+const QUEUE_DEPTH: usize = 2;
+/// Wire bytes of a batch beyond its page data: frame, batch header, count, CRC.
+const BATCH_FIXED: u64 = 5 + 16 + 4 + 4;
+/// Wire bytes of one page entry.
+const ENTRY: u64 = 8;
+
+/// One page to send: block, page, known to be zero (the first pass's `mincore`).
+type PageRef = (u16, u32, bool);
+
+enum Job {
+    Pages(Vec<PageRef>),
+    Sync,
+    /// The final `SYNC`, then the thread ends.
+    Finish,
+}
+
+/// Counters and the first failure, shared with the sender threads.
+#[derive(Default)]
+struct Counters {
+    bytes: AtomicU64,
+    zero: AtomicU64,
+    normal: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+struct Channel {
+    tx: Option<SyncSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The channels of one migration.
+pub(super) struct Multifd {
+    channels: Vec<Channel>,
+    next: usize,
+    counters: Arc<Counters>,
+    /// Zero / normal page counts already folded into the [`RamSender`].
+    folded: (u64, u64),
+    /// Estimated wire bytes of every page list queued so far (rounds and the rate limit).
+    queued: u64,
+    page_size: u64,
+}
+
+impl Multifd {
+    fn fail_text(&self) -> Option<String> {
+        self.counters
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn failure(&self, fallback: &str) -> SourceError {
+        SourceError::Multifd(self.fail_text().unwrap_or_else(|| fallback.to_owned()))
+    }
+
+    /// Queues `job` on channel `k`; a channel whose thread ended reports its failure.
+    fn queue(&mut self, k: usize, job: Job) -> Result<(), SourceError> {
+        let sent = self
+            .channels
+            .get(k)
+            .and_then(|c| c.tx.as_ref())
+            .map(|tx| tx.send(job).is_ok());
+        if sent == Some(true) {
+            Ok(())
+        } else {
+            Err(self.failure(&format!("multifd channel {}: its sender ended", k + 1)))
+        }
+    }
+
+    /// Takes up to `max_bytes` of dirty pages (at least one page when any is dirty) and queues
+    /// them in lists of at most [`BATCH_PAGES`]. Returns the estimated wire bytes queued.
+    fn send(&mut self, ram: &mut RamSender, max_bytes: u64) -> Result<u64, SourceError> {
+        // At most one list per channel per call, so `mig-src` comes back to its loop (syncs,
+        // the switchover rule, aborts) as often as with one channel.
+        let max_bytes =
+            max_bytes.min(self.channels.len() as u64 * BATCH_PAGES as u64 * self.page_size);
+        let mut queued = 0u64;
+        while ram.remaining_pages() > 0 && (queued == 0 || queued < max_bytes) {
+            let left = max_bytes.saturating_sub(queued);
+            let max = (left / self.page_size).clamp(1, BATCH_PAGES as u64) as usize;
+            let list = ram.take_pages(max);
+            if list.is_empty() {
+                break;
+            }
+            let bytes = BATCH_FIXED
+                + list
+                    .iter()
+                    .map(|&(_, _, z)| ENTRY + if z { 0 } else { self.page_size })
+                    .sum::<u64>();
+            let k = self.next;
+            self.next = (self.next + 1) % self.channels.len();
+            self.queue(k, Job::Pages(list))?;
+            queued += bytes;
+        }
+        self.queued += queued;
+        self.fold(ram);
+        Ok(queued)
+    }
+
+    /// Adds what the senders counted since the last call to the [`RamSender`]'s page counts.
+    fn fold(&mut self, ram: &mut RamSender) {
+        let z = self.counters.zero.load(Ordering::Relaxed);
+        let n = self.counters.normal.load(Ordering::Relaxed);
+        ram.zero_pages += z - self.folded.0;
+        ram.normal_pages += n - self.folded.1;
+        self.folded = (z, n);
+    }
+
+    /// Queues `SYNC` on every channel (before a sync point on the main stream).
+    fn sync(&mut self) -> Result<(), SourceError> {
+        for k in 0..self.channels.len() {
+            self.queue(k, Job::Sync)?;
+        }
+        Ok(())
+    }
+
+    /// The final `SYNC` on every channel; waits until every sender wrote and flushed it and
+    /// ended.
+    fn finish(&mut self, ram: &mut RamSender) -> Result<(), SourceError> {
+        for k in 0..self.channels.len() {
+            self.queue(k, Job::Finish)?;
+        }
+        for c in &mut self.channels {
+            c.tx = None;
+            if let Some(t) = c.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.fold(ram);
+        match self.fail_text() {
+            Some(e) => Err(SourceError::Multifd(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes the senders wrote (`multifd-bytes`).
+    pub(super) fn bytes(&self) -> u64 {
+        self.counters.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Multifd {
+    /// Ends the senders (their sockets were shut down by the cancel token on a failure; on
+    /// success they ended at the final sync).
+    fn drop(&mut self) {
+        for c in &mut self.channels {
+            c.tx = None;
+        }
+        for c in &mut self.channels {
+            if let Some(t) = c.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Writes `MULTIFD_CHANNELS` right after `CAPABILITIES` when multifd is on; returns the id.
+pub(super) fn announce<W: std::io::Write>(
+    w: &mut StreamWriter<W>,
+    channels: Option<u16>,
+) -> Result<Option<[u8; 16]>, SourceError> {
+    let Some(channels) = channels else {
+        return Ok(None);
+    };
+    let id = *uuid::Uuid::new_v4().as_bytes();
+    w.write_command(Command::MultifdChannels { channels, id })?;
+    Ok(Some(id))
+}
+
+/// What a sender thread needs.
+struct SenderCtx {
+    k: u16,
+    view: Arc<dyn RamView>,
+    page_size: usize,
+    detect_zero: bool,
+    keepalive: Duration,
+    counters: Arc<Counters>,
+    shared: Arc<Shared>,
+}
+
+impl Sender {
+    /// Refuses what multifd cannot do (decision 166), before anything is connected.
+    pub(super) fn check_multifd_setup(
+        &self,
+        uri: Option<&MigrationUri>,
+    ) -> Result<(), SourceError> {
+        if self.opts.multifd_channels.is_none() {
+            return Ok(());
+        }
+        let refuse = |why: &str| Err(SourceError::Multifd(why.to_owned()));
+        if self.opts.postcopy_ram {
+            return refuse(
+                "capability 'multifd' together with 'postcopy-ram' is not yet supported by Tern",
+            );
+        }
+        if self.opts.ram_digest {
+            return refuse(
+                "capability 'multifd' together with 'x-tern-ram-digest' is not yet supported by Tern",
+            );
+        }
+        match uri {
+            Some(u) if u.is_file() => refuse(
+                "multifd to a file: URI (QEMU's mapped-ram) is not supported by Tern; use tcp: or unix:",
+            ),
+            Some(_) => Ok(()),
+            None => refuse("multifd needs a tcp: or unix: URI to open its channels"),
+        }
+    }
+
+    /// Opens every channel (connect, TLS and admission, handshake, liveness options) and
+    /// starts its sender thread.
+    pub(super) fn multifd_connect(
+        &mut self,
+        uri: Option<&MigrationUri>,
+        id: Option<[u8; 16]>,
+        config: &StreamConfig,
+    ) -> Result<(), SourceError> {
+        let (Some(n), Some(id), Some(uri)) = (self.opts.multifd_channels, id, uri) else {
+            return Ok(());
+        };
+        let counters = Arc::new(Counters::default());
+        let mut mf = Multifd {
+            channels: Vec::with_capacity(usize::from(n)),
+            next: 0,
+            counters: counters.clone(),
+            folded: (0, 0),
+            queued: 0,
+            page_size: u64::from(config.page_size),
+        };
+        for k in 1..=n {
+            self.check_abort()?;
+            let stream = self
+                .open_channel(uri, k, n, id)
+                .map_err(|e| SourceError::Multifd(format!("multifd channel {k}: {e}")))?;
+            let writer = ChannelWriter::new(stream, k, config)?;
+            let ctx = SenderCtx {
+                k,
+                view: self.m.ram.view(),
+                page_size: config.page_size as usize,
+                detect_zero: self.opts.detect_zero_pages,
+                keepalive: self.opts.liveness.keepalive_period(),
+                counters: counters.clone(),
+                shared: self.shared.clone(),
+            };
+            let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+            let name = format!("mig-mfd-send-{k}");
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || ctx.run(writer, rx))
+                .map_err(|source| SourceError::Spawn {
+                    name: "mig-mfd-send",
+                    source,
+                })?;
+            mf.channels.push(Channel {
+                tx: Some(tx),
+                thread: Some(thread),
+            });
+        }
+        tracing::debug!(channels = n, "multifd channels open");
+        self.multifd = Some(mf);
+        Ok(())
+    }
+
+    fn open_channel(
+        &self,
+        uri: &MigrationUri,
+        k: u16,
+        n: u16,
+        id: [u8; 16],
+    ) -> Result<Stream, String> {
+        let stream = transport::connect(uri, &self.shared.io).map_err(|e| error_text(&e))?;
+        let liveness: LivenessTimeout = self.opts.liveness;
+        let mut stream = match &self.opts.tls {
+            Some(tls) => tls_stream::client(stream, tls, liveness.limit())
+                .map_err(|e| format!("TLS: {}", error_text(&e)))?,
+            None => stream,
+        };
+        crate::liveness::arm(&stream, liveness, Some(liveness.keepalive_period()))
+            .map_err(|e| format!("setting the liveness options: {e}"))?;
+        let hs = ChannelHandshake {
+            version: VERSION_MULTIFD,
+            channel: k,
+            channels: n,
+            id,
+        };
+        std::io::Write::write_all(&mut stream, &hs.encode())
+            .map_err(|e| format!("writing the handshake: {e}"))?;
+        Ok(stream)
+    }
+
+    /// Queues up to `max_bytes` of dirty pages on the channels. Returns the estimated bytes.
+    pub(super) fn multifd_send(&mut self, max_bytes: u64) -> Result<u64, SourceError> {
+        match (self.multifd.as_mut(), self.ram.as_mut()) {
+            (Some(mf), Some(ram)) => mf.send(ram, max_bytes),
+            _ => Ok(0),
+        }
+    }
+
+    /// Writes a sync point (`ITERATION_END`, `SWITCHOVER_START`) on the main stream: with
+    /// multifd, `SYNC` is queued on every channel first and the main stream is flushed after
+    /// it (the destination's channels wait for it, decision 162).
+    pub(super) fn write_sync_point(&mut self, command: Command) -> Result<(), SourceError> {
+        if let Some(mf) = self.multifd.as_mut() {
+            mf.sync()?;
+        }
+        self.writer()?.write_command(command)?;
+        if self.multifd.is_some() {
+            self.writer()?.flush()?;
+        }
+        Ok(())
+    }
+
+    /// After the last pages: the final `SYNC` on every channel, and wait for the senders.
+    pub(super) fn multifd_finish(&mut self) -> Result<(), SourceError> {
+        match (self.multifd.as_mut(), self.ram.as_mut()) {
+            (Some(mf), Some(ram)) => mf.finish(ram),
+            _ => Ok(()),
+        }
+    }
+
+    /// A failed channel ends the migration (checked with the other abort reasons).
+    pub(super) fn multifd_check(&self) -> Result<(), SourceError> {
+        match self.multifd.as_ref().and_then(Multifd::fail_text) {
+            Some(e) => Err(SourceError::Multifd(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes written on the main stream and queued on the channels (rounds, the rate limit).
+    pub(super) fn sent_bytes(&self) -> Result<u64, SourceError> {
+        let q = self.multifd.as_ref().map_or(0, |m| m.queued);
+        let w = self
+            .writer
+            .as_ref()
+            .ok_or(SourceError::Wire(WireError::Finished("not open")))?;
+        Ok(w.bytes_written() + q)
+    }
+
+    /// Bytes the channels carried (`multifd-bytes`; part of `transferred`).
+    pub(super) fn multifd_bytes(&self) -> u64 {
+        self.multifd.as_ref().map_or(0, Multifd::bytes)
+    }
+}
+
+fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::stats::error_chain(e)
+}
+
+impl SenderCtx {
+    fn run(self, mut w: ChannelWriter<Stream>, rx: mpsc::Receiver<Job>) {
+        let mut buf = vec![0u8; BATCH_PAGES * self.page_size];
+        // Every sender adds what it wrote since its last report (`multifd-bytes` is the sum).
+        let mut reported = 0u64;
+        let mut report = |w: &ChannelWriter<Stream>| {
+            let now = w.bytes_written();
+            self.counters
+                .bytes
+                .fetch_add(now - reported, Ordering::Relaxed);
+            reported = now;
+        };
+        let result = loop {
+            let r = match rx.recv_timeout(self.keepalive) {
+                Ok(Job::Pages(list)) => self.batch(&mut w, &list, &mut buf),
+                Ok(Job::Sync) => w.write_sync(),
+                Ok(Job::Finish) => break w.write_sync(),
+                Err(RecvTimeoutError::Timeout) => w.write_keepalive(),
+                // `mig-src` dropped the queue: the migration ended (failed or cancelled).
+                Err(RecvTimeoutError::Disconnected) => break Ok(()),
+            };
+            report(&w);
+            if r.is_err() {
+                break r;
+            }
+        };
+        report(&w);
+        if let Err(e) = result {
+            let text = match Inactivity::find(&e) {
+                Some(i) => format!("multifd channel {}: {}", self.k, i.describe("destination")),
+                None => format!("multifd channel {}: {}", self.k, error_text(&e)),
+            };
+            tracing::warn!(error = %text, "multifd sender failed");
+            {
+                let mut g = self
+                    .counters
+                    .error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                g.get_or_insert(text);
+            }
+            // Wake `mig-src` if it waits (rate limit, idle): it checks the channels' state.
+            self.shared.cv.notify_all();
+        }
+    }
+
+    /// One batch: zero pages found in place, the others copied once into `buf`.
+    fn batch(
+        &self,
+        w: &mut ChannelWriter<Stream>,
+        list: &[PageRef],
+        buf: &mut [u8],
+    ) -> Result<(), WireError> {
+        let ps = self.page_size;
+        let mut zero = vec![false; list.len()];
+        let mut slot = 0usize;
+        for (i, &(block, page, known)) in list.iter().enumerate() {
+            if known {
+                zero[i] = true;
+                continue;
+            }
+            let dst = buf.get_mut(slot * ps..(slot + 1) * ps).ok_or_else(|| {
+                WireError::InvalidArgument(format!("a page list of {} pages", list.len()))
+            })?;
+            let mut is_zero = false;
+            let detect = self.detect_zero;
+            self.view
+                .with_range(
+                    usize::from(block),
+                    u64::from(page) * ps as u64,
+                    ps as u64,
+                    &mut |src: &[u8]| {
+                        if detect && is_zero_page(src) {
+                            is_zero = true;
+                        } else if src.len() == dst.len() {
+                            dst.copy_from_slice(src);
+                        }
+                    },
+                )
+                .map_err(|e: MachineError| {
+                    WireError::InvalidArgument(format!(
+                        "reading guest RAM block {block} page {page}: {}",
+                        error_text(&e)
+                    ))
+                })?;
+            if is_zero {
+                zero[i] = true;
+            } else {
+                slot += 1;
+            }
+        }
+        let mut pages = Vec::with_capacity(list.len());
+        let mut s = 0usize;
+        for (i, &(block, page, _)) in list.iter().enumerate() {
+            if zero[i] {
+                pages.push(RamPage::zero(block, page));
+            } else {
+                pages.push(RamPage::normal(block, page, &buf[s * ps..(s + 1) * ps]));
+                s += 1;
+            }
+        }
+        w.write_batch(&pages)?;
+        self.counters
+            .normal
+            .fetch_add(slot as u64, Ordering::Relaxed);
+        self.counters
+            .zero
+            .fetch_add((list.len() - slot) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! Multifd (`docs/migration-engine.md` §2.5, `docs/stream-format.md` §5.2) with real `tern
+//! run` processes and real sockets: 1, 2 and 4 channels with a guest that dirties memory
+//! during pre-copy (the `pattern` check on the destination), a one-sided capability and a
+//! different channel count refused at once with the source running on, and a channel killed
+//! mid-pass by a proxy (the migration fails, the source runs on, a second migration succeeds).
+//! Over TLS: `tls.rs` `multifd_over_tls_2_channels`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// Two vCPUs writing the `pattern` over 64 MiB at 64 MiB/s in a 256 MiB guest: memory is
+/// dirtied during every pass, and the link (loopback, multifd) is faster, so it converges.
+fn guest() -> Machine {
+    let mut m = Machine::pattern(2, 64).memory(256);
+    m.rate = 64;
+    m
+}
+
+const CAPS: [(&str, bool); 3] = [("events", true), ("return-path", true), ("multifd", true)];
+
+/// Migrates `src` to a fresh destination with `channels` multifd channels; both sides
+/// `completed`, handover, `multifd-bytes` carried the pages, the pattern checks.
+fn migrate_multifd(dir: &std::path::Path, channels: u8) {
+    let m = guest();
+    let mut src = boot(dir, "src", &m);
+    src.wait_workload_running(T);
+    let mut dst = dest(dir, "dst", &m);
+    for vm in [&mut src, &mut dst] {
+        vm.caps(&CAPS);
+        vm.params(json!({ "multifd-channels": channels }));
+    }
+    converge(&mut src);
+    let uri = dst.listen_tcp();
+    src.c("migrate", json!({ "uri": uri }));
+    let q = src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    assert_eq!(q["status"], "completed", "{q}");
+    dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    let multifd = ram_num(&q, "multifd-bytes");
+    let transferred = ram_num(&q, "transferred");
+    let passes = ram_num(&q, "dirty-sync-count");
+    eprintln!(
+        "multifd {channels} channel(s): multifd-bytes {multifd}, transferred {transferred}, \
+         passes {passes}"
+    );
+    // The pages went over the channels: the main stream carried only commands and state.
+    assert!(multifd > 8 << 20, "{q}");
+    // Every channel's bytes count: at least the data of every normal page.
+    assert!(multifd >= ram_num(&q, "normal-bytes"), "{q}");
+    assert!(
+        transferred > multifd,
+        "transferred includes multifd-bytes: {q}"
+    );
+    assert!(
+        transferred - multifd < 1 << 20,
+        "RAM on the main stream? {q}"
+    );
+    assert!(passes >= 2, "the guest dirtied memory during pre-copy: {q}");
+    assert_handover(&mut src, &mut dst);
+    assert_pattern_ok(&mut dst, &m, dir, &format!("multifd-{channels}"));
+    dst.quit_ok();
+    src.quit_ok();
+}
+
+#[test]
+fn multifd_1_channel_pattern_guest_completes() {
+    migrate_multifd(tmpdir().path(), 1);
+}
+
+#[test]
+fn multifd_2_channels_pattern_guest_completes() {
+    migrate_multifd(tmpdir().path(), 2);
+}
+
+#[test]
+fn multifd_4_channels_pattern_guest_completes() {
+    migrate_multifd(tmpdir().path(), 4);
+}
+
+#[test]
+fn multifd_on_one_side_or_a_different_channel_count_is_refused_at_once_and_the_source_runs_on() {
+    let dir = tmpdir();
+    let m = Machine::pattern(1, 16).memory(128);
+    let mut src = boot(dir.path(), "src", &m);
+    src.wait_workload_running(T);
+    // (source caps, destination caps, source channels, destination channels, expected text)
+    let cases: [(bool, bool, u8, u8, &str); 3] = [
+        (
+            true,
+            false,
+            2,
+            2,
+            "capability 'multifd' is on at the source but off at the destination",
+        ),
+        (
+            false,
+            true,
+            2,
+            2,
+            "capability 'multifd' is off at the source but on at the destination",
+        ),
+        (
+            true,
+            true,
+            4,
+            2,
+            "multifd-channels: source 4, destination 2",
+        ),
+    ];
+    for (i, (s_on, d_on, s_n, d_n, text)) in cases.into_iter().enumerate() {
+        let mut dst = dest(dir.path(), &format!("dst{i}"), &m);
+        src.caps(&[("events", true), ("return-path", true), ("multifd", s_on)]);
+        dst.caps(&[("events", true), ("return-path", true), ("multifd", d_on)]);
+        src.params(json!({ "multifd-channels": s_n }));
+        dst.params(json!({ "multifd-channels": d_n }));
+        src.drain_events();
+        let uri = dst.listen_tcp();
+        src.c("migrate", json!({ "uri": uri }));
+        let q = src.wait_mig(&["failed"], T);
+        let desc = error_desc(&q);
+        assert!(
+            desc.contains(text),
+            "source error-desc {desc:?} lacks {text:?}"
+        );
+        let q = dst.wait_mig(&["failed"], T);
+        assert!(error_desc(&q).contains(text), "{q}");
+        dst.assert_alive();
+        assert_ne!(dst.run_status(), "running");
+        assert_source_runs_on(&mut src);
+        dst.quit_ok();
+    }
+    src.quit_ok();
+}
+
+/// A TCP forwarder for every connection to a destination (main stream first, then the
+/// channels, in order of arrival); a connection can be cut (both directions) once it has
+/// forwarded some bytes. Waiting is on a condition variable, never a sleep.
+struct MultiProxy {
+    uri: String,
+    shared: Arc<ProxyShared>,
+}
+
+#[derive(Default)]
+struct ProxyShared {
+    /// Per connection: bytes forwarded source → destination, and the two sockets.
+    conns: Mutex<Vec<(u64, Vec<TcpStream>)>>,
+    cv: Condvar,
+}
+
+impl MultiProxy {
+    fn start(to: &str) -> Self {
+        let target = to.strip_prefix("tcp:").expect("tcp: target").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let port = listener.local_addr().expect("address").port();
+        let shared = Arc::new(ProxyShared::default());
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("mproxy-accept".into())
+            .spawn(move || {
+                for src in listener.incoming() {
+                    let Ok(src) = src else { return };
+                    let Ok(dst) = TcpStream::connect(&target) else {
+                        return;
+                    };
+                    let idx = {
+                        let mut g = sh.conns.lock().unwrap_or_else(|p| p.into_inner());
+                        let socks = [src.try_clone(), dst.try_clone()]
+                            .into_iter()
+                            .flatten()
+                            .collect();
+                        g.push((0, socks));
+                        g.len() - 1
+                    };
+                    sh.cv.notify_all();
+                    let (s2, d2) = (
+                        src.try_clone().expect("clone"),
+                        dst.try_clone().expect("clone"),
+                    );
+                    std::thread::Builder::new()
+                        .name(format!("mproxy-back-{idx}"))
+                        .spawn(move || pump(d2, s2, None))
+                        .expect("spawn");
+                    let sh2 = sh.clone();
+                    std::thread::Builder::new()
+                        .name(format!("mproxy-fwd-{idx}"))
+                        .spawn(move || pump(src, dst, Some((sh2, idx))))
+                        .expect("spawn");
+                }
+            })
+            .expect("spawn proxy");
+        Self {
+            uri: format!("tcp:127.0.0.1:{port}"),
+            shared,
+        }
+    }
+
+    /// Waits until connection `idx` forwarded at least `bytes`, then cuts it.
+    fn cut_after(&self, idx: usize, bytes: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.conns.lock().unwrap_or_else(|p| p.into_inner());
+        while g.get(idx).is_none_or(|c| c.0 < bytes) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "connection {idx} never forwarded {bytes} bytes"
+            );
+            g = self
+                .shared
+                .cv
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        for s in &g[idx].1 {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, count: Option<(Arc<ProxyShared>, usize)>) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some((sh, idx)) = &count {
+            if let Some(c) = sh
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(*idx)
+            {
+                c.0 += n as u64;
+            }
+            sh.cv.notify_all();
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[test]
+fn multifd_channel_killed_mid_pass_fails_the_source_runs_on_and_a_retry_succeeds() {
+    let dir = tmpdir();
+    let m = guest();
+    let mut src = boot(dir.path(), "src", &m);
+    src.wait_workload_running(T);
+    let mut dst = dest(dir.path(), "dst", &m);
+    for vm in [&mut src, &mut dst] {
+        vm.caps(&CAPS);
+        vm.params(json!({ "multifd-channels": 2 }));
+    }
+    // Slow enough that the first pass (256 MiB) is far from done when the channel dies.
+    src.params(json!({ "max-bandwidth": 32 << 20 }));
+    // QEMU's default `exit-on-error`: the failed destination discards everything and exits.
+    let proxy = MultiProxy::start(&dst.listen_tcp_with(None));
+    src.c("migrate", json!({ "uri": proxy.uri }));
+    // Connection 0 is the main stream; 2 is the second channel. Cut it after 8 MiB.
+    proxy.cut_after(2, 8 << 20, T);
+    let q = src.wait_mig(&["failed"], T);
+    let desc = error_desc(&q);
+    assert!(
+        desc.contains("multifd channel"),
+        "source error-desc: {desc}"
+    );
+    let (st, log) = dst.wait_gone(T);
+    assert!(!st.success(), "destination exit status {st}");
+    assert!(
+        log.contains("incoming migration failed") && log.contains("multifd channel"),
+        "destination stderr:\n{log}"
+    );
+    eprintln!("channel 2 cut: source: {desc}; destination exited ({st})");
+    assert_source_runs_on(&mut src);
+
+    // A second migration, directly, succeeds.
+    let mut dst2 = dest(dir.path(), "dst2", &m);
+    dst2.caps(&CAPS);
+    dst2.params(json!({ "multifd-channels": 2 }));
+    converge(&mut src);
+    src.drain_events();
+    let uri = dst2.listen_tcp();
+    src.c("migrate", json!({ "uri": uri }));
+    src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    dst2.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    assert_handover(&mut src, &mut dst2);
+    assert_pattern_ok(&mut dst2, &m, dir.path(), "multifd-retry");
+    dst2.quit_ok();
+    src.quit_ok();
+}
