@@ -209,6 +209,7 @@ fn one(
         caps: vec!["events".into(), "return-path".into()],
         downtime_limit_ms: DOWNTIME_LIMIT_MS,
         max_bandwidth: cap,
+        multifd_channels: None,
         timeout_s,
     };
     let bandwidth = link.rate_bytes_s.max(1.0) as u64;

@@ -88,6 +88,7 @@ fn main_stream(uri: &MigrationUri, cfg: &StreamConfig, channels: u16, id: [u8; 1
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: false,
+        postcopy_preempt: false,
         multifd: true,
     })
     .expect("caps");

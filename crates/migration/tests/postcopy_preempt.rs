@@ -71,6 +71,7 @@ fn refused(second: Second) -> (String, Vec<String>) {
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: true,
+        multifd: false,
         postcopy_preempt: true,
     })
     .unwrap();
@@ -232,6 +233,7 @@ fn a_page_placed_from_the_main_channel_is_refused_on_the_preempt_channel() {
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: true,
+        multifd: false,
         postcopy_preempt: true,
     })
     .unwrap();

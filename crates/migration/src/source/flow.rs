@@ -507,8 +507,10 @@ impl Sender {
             return;
         };
         let multifd_bytes = self.multifd_bytes();
-        let written =
-            self.bytes_of_earlier_channels + w.bytes_written() + self.preempt.bytes() + multifd_bytes;
+        let written = self.bytes_of_earlier_channels
+            + w.bytes_written()
+            + self.preempt.bytes()
+            + multifd_bytes;
         let pages = ram.zero_pages + ram.normal_pages;
         let sample = self
             .estimator

@@ -290,6 +290,7 @@ fn main_stream(next: impl FnOnce(&mut StreamWriter<Vec<u8>>)) -> Vec<u8> {
         validate_uuid: false,
         ram_digest: false,
         postcopy_ram: false,
+        postcopy_preempt: false,
         multifd: true,
     })
     .expect("caps");
@@ -406,6 +407,7 @@ fn multifd_needs_version_6_and_excludes_postcopy_and_the_digest() {
             validate_uuid: false,
             ram_digest,
             postcopy_ram,
+            postcopy_preempt: false,
             multifd: true,
         })
         .expect("caps");

@@ -91,6 +91,7 @@ fn a_written_preempt_channel_round_trips_with_its_token() {
             validate_uuid: false,
             ram_digest: false,
             postcopy_ram: true,
+            multifd: false,
             postcopy_preempt: true,
         })
         .is_err());

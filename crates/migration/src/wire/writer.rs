@@ -7,8 +7,7 @@ use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
     MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_MULTIFD, VERSION_POSTCOPY,
-    VERSION_PREEMPT,
-    VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::ram_batch::{BatchCrc, BatchNumbering};
 use super::record::{Command, PageData, RamPage};
