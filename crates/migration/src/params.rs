@@ -13,6 +13,13 @@ use serde_json::{json, Map, Value};
 
 use crate::status::MigrationStatus;
 
+#[path = "params_json.rs"]
+mod json_args;
+use json_args::{
+    expects, get_bool, get_enum, get_str_or_null, get_u32, get_u64, get_u8, missing, type_error,
+    unexpected,
+};
+
 /// QEMU's `MAX_THROTTLE`: default `max-bandwidth`, 128 MiB/s.
 pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
 /// QEMU's `DEFAULT_MIGRATE_SET_DOWNTIME`, ms.
@@ -325,20 +332,6 @@ impl Capabilities {
     }
 }
 
-fn type_error(name: &str, expected: &str) -> ParamError {
-    ParamError::Invalid(format!(
-        "Invalid parameter type for '{name}', expected: {expected}"
-    ))
-}
-
-fn unexpected(name: &str) -> ParamError {
-    ParamError::Invalid(format!("Parameter '{name}' is unexpected"))
-}
-
-fn missing(name: &str) -> ParamError {
-    ParamError::Invalid(format!("Parameter '{name}' is missing"))
-}
-
 /// `multifd-compression` other than `none` with `multifd` on: compression is not built.
 fn multifd_compression_refused(c: MultifdCompression) -> ParamError {
     ParamError::NotSupported(format!(
@@ -560,48 +553,6 @@ pub const PARAMETERS: &[(&str, ParamType)] = &[
     ("x-tern-liveness-timeout", ParamType::U64),
     ("x-tern-resume-timeout", ParamType::U64),
 ];
-
-fn get_u64(name: &str, v: &Value, ty: &str) -> Result<u64, ParamError> {
-    match v {
-        Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| ParamError::Invalid(format!("Parameter '{name}' expects {ty}"))),
-        _ => Err(type_error(name, "integer")),
-    }
-}
-
-fn get_u8(name: &str, v: &Value) -> Result<u8, ParamError> {
-    u8::try_from(get_u64(name, v, "uint8")?)
-        .map_err(|_| ParamError::Invalid(format!("Parameter '{name}' expects uint8")))
-}
-
-fn get_u32(name: &str, v: &Value) -> Result<u32, ParamError> {
-    u32::try_from(get_u64(name, v, "uint32")?)
-        .map_err(|_| ParamError::Invalid(format!("Parameter '{name}' expects uint32")))
-}
-
-fn get_bool(name: &str, v: &Value) -> Result<bool, ParamError> {
-    v.as_bool().ok_or_else(|| type_error(name, "boolean"))
-}
-
-/// `StrOrNull`: a string, or null meaning "".
-fn get_str_or_null(name: &str, v: &Value) -> Result<String, ParamError> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Null => Ok(String::new()),
-        _ => Err(type_error(name, "string")),
-    }
-}
-
-fn get_enum<T: for<'de> Deserialize<'de>>(name: &str, v: &Value) -> Result<T, ParamError> {
-    let s = v.as_str().ok_or_else(|| type_error(name, "string"))?;
-    serde_json::from_value(Value::String(s.to_owned()))
-        .map_err(|_| ParamError::Invalid(format!("Parameter '{name}' does not accept value '{s}'")))
-}
-
-fn expects(name: &str, what: &str) -> ParamError {
-    ParamError::Invalid(format!("Parameter '{name}' expects {what}"))
-}
 
 impl Parameters {
     /// `query-migrate-parameters`.

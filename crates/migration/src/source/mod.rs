@@ -46,6 +46,7 @@ pub mod recovery;
 mod recovery_stats;
 mod release;
 mod rp;
+mod teardown;
 
 use std::io::BufWriter;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
