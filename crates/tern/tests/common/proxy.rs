@@ -315,7 +315,17 @@ fn forward(mut src: TcpStream, mut dst: TcpStream, fault: Fault, sh: &Shared, mu
             return;
         }
     }
-    cut(&src, &dst);
+    if mute.load(Ordering::SeqCst) {
+        cut(&src, &dst);
+        return;
+    }
+    // The source or the destination ended the stream (no fault of the proxy's): stop
+    // forwarding, but leave the return direction to `return_path`, which relays what the
+    // destination still says (its ERROR naming why) and then closes the source's end. Cutting
+    // both here raced with that relay: the source said "Broken pipe" instead of the
+    // destination's checksum error (seen once in CI).
+    let _ = src.shutdown(Shutdown::Read);
+    let _ = dst.shutdown(Shutdown::Write);
 }
 
 /// Destination → source (`PONG`, `SWITCHOVER_ACK`, `RESUMED`, `ERROR`, `SHUT`,
