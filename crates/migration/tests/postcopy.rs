@@ -6,37 +6,15 @@
 mod common;
 
 use common::*;
-use tern_migration::dest::{DestMachine, Incoming};
+use tern_migration::dest::Incoming;
 use tern_migration::events::Event;
-use tern_migration::fakes::{FakeMachine, FakePager};
+use tern_migration::fakes::FakeMachine;
 use tern_migration::machine::VcpuControl;
 use tern_migration::source::{Handover, SourceOptions, Target, Tuning};
 use tern_migration::status::MigrationStatus as S;
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap()
-}
-
-/// The fake guest, once it has written a whole RAM's worth of pages: started before the
-/// migration (a guest thread not yet scheduled let pre-copy converge or left nothing to send
-/// at the switch, 1 run in 3 on a busy host).
-fn dirtying(src: &SrcSide) -> tern_migration::fakes::Dirtier {
-    let guest = dirty(src, 20_000);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while guest.writes() < src.ram.total_pages() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the fake guest never ran"
-        );
-        std::thread::yield_now();
-    }
-    guest
-}
-
-fn with_pager(dst: &DstSide, mut dm: DestMachine) -> (FakePager, DestMachine) {
-    let pager = FakePager::new(dst.ram.clone());
-    dm.postcopy = Some(Box::new(pager.clone()));
-    (pager, dm)
 }
 
 fn pc_src_opts(tuning: Tuning) -> SourceOptions {
@@ -64,7 +42,7 @@ fn postcopy_after_a_precopy_pass_completes_with_requested_pages_served() {
     let (src, sm) = source_side(&setup);
     let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
     let (pager, dm) = with_pager(&dst, dm);
-    let guest = dirtying(&src);
+    let guest = dirtying(&src, std::time::Duration::from_secs(30));
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
     let s = start_source(&src, sm, Target::Stream(a), pc_src_opts(non_converge()));
@@ -234,7 +212,7 @@ fn cancel_before_the_switch_resumes_the_source() {
     let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
     let (pager, dm) = with_pager(&dst, dm);
     let (a, b) = socketpair();
-    let guest = dirtying(&src);
+    let guest = dirtying(&src, std::time::Duration::from_secs(30));
     let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
     let s = start_source(&src, sm, Target::Stream(a), pc_src_opts(non_converge()));
     wait_pass(&src.events, 2);

@@ -9,8 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tern_migration::dest::{DestHandle, DestMachine, Incoming};
-use tern_migration::events::{Event, RecordingSink};
+use tern_migration::dest::{DestHandle, Incoming};
+use tern_migration::events::Event;
 use tern_migration::fakes::{FakeMachine, FakePager};
 use tern_migration::machine::VcpuControl;
 use tern_migration::source::{Handover, SourceHandle, SourceOptions, Target, Tuning};
@@ -18,37 +18,6 @@ use tern_migration::status::MigrationStatus as S;
 use tern_migration::transport::{Listener, MigrationUri};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn with_pager(dst: &DstSide, mut dm: DestMachine) -> (FakePager, DestMachine) {
-    let pager = FakePager::new(dst.ram.clone());
-    dm.postcopy = Some(Box::new(pager.clone()));
-    (pager, dm)
-}
-
-/// The fake guest, once it has written a whole RAM's worth of pages (started before the
-/// migration, as in `postcopy.rs`: otherwise pre-copy may converge before the switch).
-fn dirtying(src: &SrcSide) -> tern_migration::fakes::Dirtier {
-    let guest = dirty(src, 20_000);
-    let end = Instant::now() + DEADLINE;
-    while guest.writes() < src.ram.total_pages() {
-        assert!(Instant::now() < end, "the fake guest never ran");
-        std::thread::yield_now();
-    }
-    guest
-}
-
-/// Waits until `status` was entered at least `n` times.
-fn wait_entered(events: &RecordingSink, status: S, n: usize) {
-    let end = Instant::now() + DEADLINE;
-    while events.statuses().iter().filter(|s| **s == status).count() < n {
-        assert!(
-            Instant::now() < end,
-            "{status} not entered {n} times: {:?}",
-            events.statuses()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn unix_uri(dir: &std::path::Path, name: &str) -> MigrationUri {
     MigrationUri::Unix {
@@ -84,7 +53,7 @@ fn running_postcopy() -> (
         postcopy_ram: true,
         ..src_opts(tuning, false)
     };
-    let guest = dirtying(&src);
+    let guest = dirtying(&src, DEADLINE);
     let s = start_source(&src, sm, Target::Stream(a), sopts);
     wait_pass(&src.events, 2);
     s.start_postcopy().expect("migrate-start-postcopy");
@@ -116,8 +85,8 @@ fn migrate_pause_then_recover_completes_with_every_page() {
         "Cannot resume if there is no paused migration"
     );
     s.pause().expect("migrate-pause in postcopy-active");
-    wait_entered(&src.events, S::PostcopyPaused, 1);
-    wait_entered(&dst.events, S::PostcopyPaused, 1);
+    wait_entered(&src.events, S::PostcopyPaused, 1, DEADLINE);
+    wait_entered(&dst.events, S::PostcopyPaused, 1, DEADLINE);
     assert!(s.pause().is_err(), "migrate-pause while paused is refused");
     assert!(d.pause().is_err(), "migrate-pause while paused is refused");
     let q = dst.stats.to_query_migrate_json();
@@ -138,8 +107,8 @@ fn migrate_pause_then_recover_completes_with_every_page() {
         .expect("a page still missing");
     let served_before = src.stats.snapshot().ram.postcopy_requests;
     recover(&s, &d, &unix_uri(dir.path(), "r1"));
-    wait_entered(&src.events, S::Completed, 1);
-    wait_entered(&dst.events, S::Completed, 1);
+    wait_entered(&src.events, S::Completed, 1, DEADLINE);
+    wait_entered(&dst.events, S::Completed, 1, DEADLINE);
     assert_eq!(s.handover(), Handover::DestinationRuns);
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
@@ -197,12 +166,12 @@ fn a_failed_recovery_pauses_again_and_a_second_one_completes() {
     let dir = tempfile::tempdir().unwrap();
     let (src, dst, pager, s, d, guest) = running_postcopy();
     s.pause().expect("migrate-pause");
-    wait_entered(&src.events, S::PostcopyPaused, 1);
-    wait_entered(&dst.events, S::PostcopyPaused, 1);
+    wait_entered(&src.events, S::PostcopyPaused, 1, DEADLINE);
+    wait_entered(&dst.events, S::PostcopyPaused, 1, DEADLINE);
     // Source: nobody listens there.
     s.resume(unix_uri(dir.path(), "nobody"))
         .expect("resume accepted");
-    wait_entered(&src.events, S::PostcopyPaused, 2);
+    wait_entered(&src.events, S::PostcopyPaused, 2, DEADLINE);
     let q = src.stats.to_query_migrate_json();
     let e = q["error-desc"].to_string();
     assert!(e.contains("post-copy paused"), "{e}");
@@ -224,14 +193,14 @@ fn a_failed_recovery_pauses_again_and_a_second_one_completes() {
         .expect("header");
     w.write_command(Command::OpenReturnPath).unwrap();
     w.flush().unwrap();
-    wait_entered(&dst.events, S::PostcopyPaused, 2);
+    wait_entered(&dst.events, S::PostcopyPaused, 2, DEADLINE);
     let e = dst.stats.to_query_migrate_json()["error-desc"].to_string();
     assert!(e.contains("recovery channel needs stream version 4"), "{e}");
     drop(w);
     assert!(!pager.finished(), "paging kept through both failures");
     recover(&s, &d, &unix_uri(dir.path(), "good"));
-    wait_entered(&src.events, S::Completed, 1);
-    wait_entered(&dst.events, S::Completed, 1);
+    wait_entered(&src.events, S::Completed, 1, DEADLINE);
+    wait_entered(&dst.events, S::Completed, 1, DEADLINE);
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
     assert_eq!(so.status, S::Completed, "{:?}", so.error);
@@ -252,7 +221,7 @@ fn the_source_lost_after_run_pauses_the_destination_naming_the_missing_pages() {
     assert_eq!(so.status, S::Failed);
     assert!(so.error.unwrap_or_default().contains("source stays paused"));
     assert!(!src.vcpus.is_running());
-    wait_entered(&dst.events, S::PostcopyPaused, 1);
+    wait_entered(&dst.events, S::PostcopyPaused, 1, DEADLINE);
     let q = dst.stats.to_query_migrate_json();
     assert!(
         q["x-tern-postcopy-missing-pages"].as_u64().unwrap_or(0) > 0,
@@ -282,8 +251,8 @@ fn a_second_migrate_recover_replaces_a_listener_nobody_connected_to() {
     let dir = tempfile::tempdir().unwrap();
     let (src, dst, _pager, s, d, guest) = running_postcopy();
     s.pause().expect("migrate-pause");
-    wait_entered(&src.events, S::PostcopyPaused, 1);
-    wait_entered(&dst.events, S::PostcopyPaused, 1);
+    wait_entered(&src.events, S::PostcopyPaused, 1, DEADLINE);
+    wait_entered(&dst.events, S::PostcopyPaused, 1, DEADLINE);
     d.recover(Listener::bind(&unix_uri(dir.path(), "nobody")).unwrap())
         .expect("first migrate-recover");
     // Refused only until the receiver took the first listener (then it waits in accept).
@@ -301,8 +270,8 @@ fn a_second_migrate_recover_replaces_a_listener_nobody_connected_to() {
     }
     s.set_tuning(non_converge());
     s.resume(second).expect("migrate resume");
-    wait_entered(&src.events, S::Completed, 1);
-    wait_entered(&dst.events, S::Completed, 1);
+    wait_entered(&src.events, S::Completed, 1, DEADLINE);
+    wait_entered(&dst.events, S::Completed, 1, DEADLINE);
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
     assert_eq!(so.status, S::Completed, "{:?}", so.error);

@@ -5,46 +5,17 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use tern_migration::dest::{DestHandle, DestMachine, DestOptions, Incoming};
-use tern_migration::events::{Event, RecordingSink};
-use tern_migration::fakes::{Dirtier, FakeMachine, FakePager};
+use tern_migration::dest::{DestHandle, DestOptions, Incoming};
+use tern_migration::events::Event;
+use tern_migration::fakes::{Dirtier, FakeMachine};
 use tern_migration::source::{SourceHandle, SourceOptions, Target, Tuning};
 use tern_migration::status::MigrationStatus as S;
 use tern_migration::transport::{Listener, MigrationUri};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn with_pager(dst: &DstSide, mut dm: DestMachine) -> (FakePager, DestMachine) {
-    let pager = FakePager::new(dst.ram.clone());
-    dm.postcopy = Some(Box::new(pager.clone()));
-    (pager, dm)
-}
-
-/// The fake guest, once it has written a whole RAM's worth of pages.
-fn dirtying(src: &SrcSide) -> Dirtier {
-    let guest = dirty(src, 20_000);
-    let end = Instant::now() + DEADLINE;
-    while guest.writes() < src.ram.total_pages() {
-        assert!(Instant::now() < end, "the fake guest never ran");
-        std::thread::yield_now();
-    }
-    guest
-}
-
-fn wait_entered(events: &RecordingSink, status: S, n: usize) {
-    let end = Instant::now() + DEADLINE;
-    while events.statuses().iter().filter(|s| **s == status).count() < n {
-        assert!(
-            Instant::now() < end,
-            "{status} not entered {n} times: {:?}",
-            events.statuses()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// Both sides in `postcopy-active` after RUN with `release-ram`, the push at `push` bytes/s.
 fn running(push: u64) -> (SrcSide, DstSide, SourceHandle, DestHandle, Dirtier) {
@@ -76,7 +47,7 @@ fn running_with(
         release_ram: true,
         ..src_opts(tuning, false)
     };
-    let guest = dirtying(&src);
+    let guest = dirtying(&src, DEADLINE);
     let s = start_source(&src, sm, Target::Stream(a), sopts);
     wait_pass(&src.events, 2);
     s.start_postcopy().expect("migrate-start-postcopy");
@@ -97,7 +68,7 @@ fn released_json(src: &SrcSide) -> u64 {
 #[test]
 fn release_ram_frees_every_page_and_the_destination_gets_every_one_intact() {
     let (src, dst, s, d, guest) = running(0);
-    wait_entered(&src.events, S::Completed, 1);
+    wait_entered(&src.events, S::Completed, 1, DEADLINE);
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
     guest.stop();
@@ -121,8 +92,8 @@ fn release_ram_with_a_recovery_never_sends_a_freed_page() {
     // A slow push: pages are in flight and missing when the channel is cut.
     let (src, dst, s, d, guest) = running(64 << 10);
     s.pause().expect("migrate-pause");
-    wait_entered(&src.events, S::PostcopyPaused, 1);
-    wait_entered(&dst.events, S::PostcopyPaused, 1);
+    wait_entered(&src.events, S::PostcopyPaused, 1, DEADLINE);
+    wait_entered(&dst.events, S::PostcopyPaused, 1, DEADLINE);
     // Whatever was freed so far was confirmed; the rest waits for the bitmap.
     assert!(src.ram.released_pages() < src.ram.total_pages());
     s.set_tuning(non_converge());
@@ -132,7 +103,7 @@ fn release_ram_with_a_recovery_never_sends_a_freed_page() {
     d.recover(Listener::bind(&uri).expect("bind"))
         .expect("migrate-recover");
     s.resume(uri).expect("migrate resume");
-    wait_entered(&src.events, S::Completed, 1);
+    wait_entered(&src.events, S::Completed, 1, DEADLINE);
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
     guest.stop();
@@ -156,7 +127,7 @@ fn release_ram_with_a_recovery_never_sends_a_freed_page() {
 #[test]
 fn a_machine_that_cannot_release_completes_the_migration_and_says_why() {
     let (src, dst, s, d, guest) = running_with(0, |src| src.ram.refuse_discards());
-    wait_entered(&src.events, S::Completed, 1);
+    wait_entered(&src.events, S::Completed, 1, DEADLINE);
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
     guest.stop();

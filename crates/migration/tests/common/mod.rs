@@ -263,6 +263,51 @@ pub fn dirty(side: &SrcSide, pages_per_sec: u64) -> Dirtier {
     Dirtier::spawn(side.ram.clone(), side.vcpus.clone(), pages_per_sec, 3)
 }
 
+/// A fake guest dirtying 20 000 pages/s, returned once it has written a whole RAM's worth of
+/// pages (`timeout` for that): started before a post-copy migration, since a guest thread not
+/// yet scheduled let pre-copy converge or left nothing to send at the switch (1 run in 3 on a
+/// busy host).
+pub fn dirtying(src: &SrcSide, timeout: std::time::Duration) -> Dirtier {
+    let guest = dirty(src, 20_000);
+    let deadline = std::time::Instant::now() + timeout;
+    while guest.writes() < src.ram.total_pages() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fake guest never ran"
+        );
+        std::thread::yield_now();
+    }
+    guest
+}
+
+/// The destination machine `dm` with a [`FakePager`] over the destination's RAM (post-copy).
+pub fn with_pager(
+    dst: &DstSide,
+    mut dm: DestMachine,
+) -> (tern_migration::fakes::FakePager, DestMachine) {
+    let pager = tern_migration::fakes::FakePager::new(dst.ram.clone());
+    dm.postcopy = Some(Box::new(pager.clone()));
+    (pager, dm)
+}
+
+/// Waits (at most `timeout`) until `status` was entered at least `n` times.
+pub fn wait_entered(
+    events: &RecordingSink,
+    status: tern_migration::status::MigrationStatus,
+    n: usize,
+    timeout: std::time::Duration,
+) {
+    let end = std::time::Instant::now() + timeout;
+    while events.statuses().iter().filter(|s| **s == status).count() < n {
+        assert!(
+            std::time::Instant::now() < end,
+            "{status} not entered {n} times: {:?}",
+            events.statuses()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Asserts the source is exactly as before a failed/cancelled migration: running (when it
 /// was), dirty logging off.
 pub fn assert_source_restored(src: &SrcSide, was_running: bool) {
