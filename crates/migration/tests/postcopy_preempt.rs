@@ -48,9 +48,8 @@ fn refused(second: Second) -> (String, Vec<String>) {
     };
     let listener = Listener::bind(&uri).expect("bind");
     let setup = Setup::default();
-    let (dst, mut dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let pager = FakePager::new(dst.ram.clone());
-    dm.postcopy = Some(Box::new(pager.clone()));
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let (pager, dm) = with_pager(&dst, dm);
     let opts = DestOptions {
         postcopy_ram: true,
         postcopy_preempt: true,
@@ -196,9 +195,8 @@ fn a_page_placed_from_the_main_channel_is_refused_on_the_preempt_channel() {
     };
     let listener = Listener::bind(&uri).expect("bind");
     let setup = Setup::default();
-    let (dst, mut dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let pager = FakePager::new(dst.ram.clone());
-    dm.postcopy = Some(Box::new(pager.clone()));
+    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    let (pager, dm) = with_pager(&dst, dm);
     let opts = DestOptions {
         postcopy_ram: true,
         postcopy_preempt: true,
