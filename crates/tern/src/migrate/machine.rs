@@ -67,17 +67,7 @@ impl VmRam {
     }
 
     fn gpa(&self, block: usize, page: u64) -> Result<u64, MachineError> {
-        let r = self
-            .regions
-            .get(block)
-            .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "no such block"))?;
-        if page >= r.pages() {
-            return Err(MachineError::rejected(
-                format!("RAM block {block} page {page}"),
-                format!("past the end ({} pages)", r.pages()),
-            ));
-        }
-        Ok(r.gpa + page * PAGE_SIZE)
+        page_gpa(&self.regions, block, page)
     }
 
     /// Lets `fill` set bits in the cleared per-region scratch bitmaps (the VM's layout) and, when
@@ -280,17 +270,7 @@ struct VmPlacer {
 
 impl VmPlacer {
     fn gpa(&self, block: usize, page: u64) -> Result<u64, MachineError> {
-        let r = self
-            .regions
-            .get(block)
-            .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "no such block"))?;
-        if page >= r.pages() {
-            return Err(MachineError::rejected(
-                format!("RAM block {block} page {page}"),
-                format!("past the end ({} pages)", r.pages()),
-            ));
-        }
-        Ok(r.gpa + page * PAGE_SIZE)
+        page_gpa(&self.regions, block, page)
     }
 
     fn word(&self, block: usize, page: u64) -> Option<(&AtomicU64, u64)> {
@@ -559,4 +539,19 @@ impl MachineState for VmComponents {
             .restore_components(&states)
             .map_err(|e| MachineError::rejected("machine state", e.to_string()))
     }
+}
+
+/// The guest-physical address of `page` of RAM block `block`, checked against `regions` (the
+/// block and page numbers come from the peer's stream).
+fn page_gpa(regions: &[RamRegionInfo], block: usize, page: u64) -> Result<u64, MachineError> {
+    let r = regions
+        .get(block)
+        .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "no such block"))?;
+    if page >= r.pages() {
+        return Err(MachineError::rejected(
+            format!("RAM block {block} page {page}"),
+            format!("past the end ({} pages)", r.pages()),
+        ));
+    }
+    Ok(r.gpa + page * PAGE_SIZE)
 }
