@@ -535,12 +535,7 @@ pub fn recover_source(
     let r = std::thread::Builder::new()
         .name(format!("mig-out-pc-{name}"))
         .spawn(move || {
-            let mut ctx = Ctx {
-                last: None,
-                notes: Vec::new(),
-                samples: Vec::new(),
-                started: std::time::Instant::now(),
-            };
+            let mut ctx = Ctx::new();
             let end = wait_end(&dom, &vmm, &mut ctx);
             let q = ctx.last.clone().unwrap_or(Value::Null);
             let mut info = from_query_migrate(&q, JobType::Failed, super::source::OP);

@@ -11,7 +11,6 @@
 //! destination: a failed attempt leaves both sides `post-copy failed`, ready for another.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::{json, Value};
 use virt::protocol::{Call, Reply};
@@ -227,12 +226,7 @@ pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions
     // resumed (§5c), its destination asked to Finish again.
     vmm::mark(d, &dom, false, Some(dest_uri));
     vmm::mark_postcopy(d, &dom);
-    let mut ctx = Ctx {
-        last: None,
-        notes: Vec::new(),
-        samples: Vec::new(),
-        started: Instant::now(),
-    };
+    let mut ctx = Ctx::new();
     let r = run(d, &dom, &vmm, dest_uri, opts, &mut ctx);
     if dom.lock().vmm.is_some() {
         vmm::mark(d, &dom, false, None);

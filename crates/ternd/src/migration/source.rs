@@ -37,6 +37,18 @@ pub(super) struct Ctx {
     pub(super) started: Instant,
 }
 
+impl Ctx {
+    /// A job's context, its clock started now.
+    pub(super) fn new() -> Self {
+        Ctx {
+            last: None,
+            notes: Vec::new(),
+            samples: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+}
+
 /// `ternctl migrate`: the whole migration, driven by this (the source) daemon.
 pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions) -> Result<()> {
     if opts.postcopy_resume {
@@ -55,12 +67,7 @@ pub fn migrate(d: &Arc<Daemon>, key: &str, dest_uri: &str, opts: &MigrateOptions
     let vmm = dom.vmm()?;
     dom.begin_job(JobKind::MigrationOut)?;
     vmm::mark(d, &dom, false, Some(dest_uri));
-    let mut ctx = Ctx {
-        last: None,
-        notes: Vec::new(),
-        samples: Vec::new(),
-        started: Instant::now(),
-    };
+    let mut ctx = Ctx::new();
     let r = run(d, &dom, &vmm, dest_uri, opts, &mut ctx);
     if dom.lock().vmm.is_some() {
         vmm::mark(d, &dom, false, None);
