@@ -16,10 +16,7 @@ fn start_stuck_migration(h: &Hosts, dir: &std::path::Path) -> Bg {
 }
 
 fn start_stuck_migration_with(h: &Hosts, dir: &std::path::Path, extra: &[&str]) -> Bg {
-    let xml = write_xml(dir, "busy", &domain_xml("busy", MEM, "dirty", 64, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "busy"]);
-    wait_workload_running(&h.src, "busy");
+    run_guest(&h.src, dir, "busy", MEM, "dirty", 64, 0);
     h.src.ok(&["migrate-setmaxdowntime", "busy", "1"]);
     h.src.ok(&["migrate-setspeed", "busy", "32"]);
     assert_eq!(h.src.ok(&["migrate-getspeed", "busy"]).trim(), "32");
@@ -229,10 +226,7 @@ fn destination_daemon_killed_in_finish_with_suspend_leaves_one_paused_copy() {
     else {
         return;
     };
-    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "pattern", 64, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "vm"]);
-    wait_workload_running(&h.src, "vm");
+    run_guest(&h.src, dir.path(), "vm", MEM, "pattern", 64, 0);
     let bg = Bg::spawn(
         &h.src.uri(),
         &[
@@ -315,10 +309,7 @@ fn auto_converge_migration_of_a_tern_vm() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let xml = write_xml(dir.path(), "ac", &domain_xml("ac", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "ac"]);
-    wait_workload_running(&h.src, "ac");
+    run_guest(&h.src, dir.path(), "ac", MEM, "pattern", 32, 0);
     h.src.ok(&["migrate-setmaxdowntime", "ac", "50"]);
     h.src.ok(&["migrate-setspeed", "ac", "32"]);
     h.src.ok(&[
@@ -345,10 +336,7 @@ fn available_switchover_bandwidth_reaches_the_source_vmm() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let xml = write_xml(dir.path(), "asb", &domain_xml("asb", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "asb"]);
-    wait_workload_running(&h.src, "asb");
+    run_guest(&h.src, dir.path(), "asb", MEM, "pattern", 32, 0);
     h.src.ok(&["migrate-setmaxdowntime", "asb", "50"]);
     h.src.ok(&["migrate-setspeed", "asb", "8"]);
     h.src.ok(&[
@@ -376,10 +364,7 @@ fn parallel_migration_of_a_tern_vm_uses_multifd_on_both_vmms() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let xml = write_xml(dir.path(), "par", &domain_xml("par", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "par"]);
-    wait_workload_running(&h.src, "par");
+    run_guest(&h.src, dir.path(), "par", MEM, "pattern", 32, 0);
     h.src.ok(&[
         "migrate",
         "par",
@@ -408,10 +393,7 @@ fn tls_migration_of_a_tern_vm_keeps_switchover_ack() {
     let Some(h) = migrate_tls_hosts(dir.path(), None) else {
         return;
     };
-    let xml = write_xml(dir.path(), "t", &domain_xml("t", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "t"]);
-    wait_workload_running(&h.src, "t");
+    run_guest(&h.src, dir.path(), "t", MEM, "pattern", 32, 0);
     h.src
         .ok(&["migrate", "t", &h.dst.tcp_uri(), "--live", "--p2p", "--tls"]);
     let job = h.src.ok(&["domjobinfo", "t", "--completed"]);
@@ -429,10 +411,7 @@ fn tls_migration_of_a_tern_vm_to_a_host_with_another_name_fails_and_the_vm_runs_
     let Some(h) = migrate_tls_hosts(dir.path(), Some("impostor.example")) else {
         return;
     };
-    let xml = write_xml(dir.path(), "w", &domain_xml("w", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "w"]);
-    wait_workload_running(&h.src, "w");
+    run_guest(&h.src, dir.path(), "w", MEM, "pattern", 32, 0);
     let err = h
         .src
         .fails(&["migrate", "w", &h.dst.tcp_uri(), "--live", "--p2p", "--tls"]);
@@ -455,10 +434,7 @@ fn switchover_ack_off_with_the_reason_when_the_destination_does_not_offer_it() {
     else {
         return;
     };
-    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "vm"]);
-    wait_workload_running(&h.src, "vm");
+    run_guest(&h.src, dir.path(), "vm", MEM, "pattern", 32, 0);
     h.src
         .ok(&["migrate", "vm", &h.dst.tcp_uri(), "--live", "--p2p"]);
     let job = h.src.ok(&["domjobinfo", "vm", "--completed"]);
@@ -509,10 +485,7 @@ fn tunnelled_migration_carries_the_stream_through_the_daemons_without_return_pat
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let xml = write_xml(dir.path(), "tun", &domain_xml("tun", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "tun"]);
-    wait_workload_running(&h.src, "tun");
+    run_guest(&h.src, dir.path(), "tun", MEM, "pattern", 32, 0);
     let err = h
         .src
         .fails(&["migrate", "tun", &h.dst.tcp_uri(), "--live", "--tunnelled"]);
@@ -603,10 +576,7 @@ fn timeout_suspend_lets_a_stuck_migration_finish() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let xml = write_xml(dir.path(), "busy", &domain_xml("busy", MEM, "dirty", 64, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "busy"]);
-    wait_workload_running(&h.src, "busy");
+    run_guest(&h.src, dir.path(), "busy", MEM, "dirty", 64, 0);
     h.src.ok(&["migrate-setmaxdowntime", "busy", "1"]);
     h.src.ok(&["migrate-setspeed", "busy", "32"]);
     let (ok, _, err) = Bg::spawn(
@@ -678,10 +648,7 @@ fn source_daemon_restarted_after_the_stream_completed_finishes_the_migration() {
     h.src.env = vec![("TERND_X_TEST_STALL".into(), "perform-done".into())];
     h.src.kill();
     h.src.restart();
-    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "vm"]);
-    wait_workload_running(&h.src, "vm");
+    run_guest(&h.src, dir.path(), "vm", MEM, "pattern", 32, 0);
     let bg = Bg::spawn(
         &h.src.uri(),
         &["migrate", "vm", &h.dst.tcp_uri(), "--live", "--p2p"],
@@ -747,10 +714,7 @@ fn destination_daemon_killed_in_finish_after_its_vmm_ran_the_guest() {
     else {
         return;
     };
-    let xml = write_xml(dir.path(), "vm", &domain_xml("vm", MEM, "pattern", 64, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "vm"]);
-    wait_workload_running(&h.src, "vm");
+    run_guest(&h.src, dir.path(), "vm", MEM, "pattern", 64, 0);
     // `--bandwidth`: as above, so the stream reaches Finish whatever the load.
     let bg = Bg::spawn(
         &h.src.uri(),

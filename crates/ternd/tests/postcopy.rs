@@ -45,10 +45,7 @@ fn vmm_pid(d: &Daemon) -> u32 {
 /// first iteration) and is never touched again: post-copy lasts as long as the push takes at
 /// `postcopy_mib_s` (1 MiB/s: about a minute, long enough to act in it). Returns the migration.
 fn start_slow_postcopy(h: &Hosts, dir: &std::path::Path, name: &str, postcopy_mib_s: &str) -> Bg {
-    let xml = write_xml(dir, name, &domain_xml(name, MEM, "idle", 64, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", name]);
-    wait_workload_running(&h.src, name);
+    run_guest(&h.src, dir, name, MEM, "idle", 64, 0);
     h.src.ok(&["migrate-setmaxdowntime", name, "1"]);
     let dst = h.dst.tcp_uri();
     let bg = Bg::spawn(
@@ -78,36 +75,11 @@ fn postcopy_after_precopy_moves_a_pattern_tern_vm() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let xml = write_xml(dir.path(), "pc", &domain_xml("pc", MEM, "pattern", 64, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "pc"]);
-    wait_workload_running(&h.src, "pc");
+    run_guest(&h.src, dir.path(), "pc", MEM, "pattern", 64, 0);
     // Pre-copy cannot converge (1 ms): only the switch after the first pass ends it.
     h.src.ok(&["migrate-setmaxdowntime", "pc", "1"]);
-    let mut src_events = Bg::spawn(
-        &h.src.uri(),
-        &[
-            "event",
-            "--domain",
-            "pc",
-            "--all",
-            "--loop",
-            "--timeout",
-            "120",
-        ],
-    );
-    let mut dst_events = Bg::spawn(
-        &h.dst.uri(),
-        &[
-            "event",
-            "--domain",
-            "pc",
-            "--all",
-            "--loop",
-            "--timeout",
-            "120",
-        ],
-    );
+    let mut src_events = Bg::events(&h.src, "pc");
+    let mut dst_events = Bg::events(&h.dst, "pc");
     let (ok, _out, err) = Bg::spawn(
         &h.src.uri(),
         &[
@@ -349,10 +321,7 @@ fn timeout_postcopy_switches_a_migration_that_runs_too_long() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let xml = write_xml(dir.path(), "t", &domain_xml("t", MEM, "pattern", 64, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "t"]);
-    wait_workload_running(&h.src, "t");
+    run_guest(&h.src, dir.path(), "t", MEM, "pattern", 64, 0);
     h.src.ok(&["migrate-setmaxdowntime", "t", "1"]);
     // 64 MiB of pattern pages at 4 MiB/s: the first pass alone takes far longer than the
     // 1 s timeout, and pre-copy could never converge anyway.
@@ -417,10 +386,7 @@ fn paused_pattern_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) {
 
 /// The migration of [`paused_pattern_postcopy`], up to the switch.
 fn start_pattern_postcopy(h: &Hosts, dir: &std::path::Path, name: &str) -> Bg {
-    let xml = write_xml(dir, name, &domain_xml(name, BIG, "pattern", 480, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", name]);
-    wait_workload_running(&h.src, name);
+    run_guest(&h.src, dir, name, BIG, "pattern", 480, 0);
     h.src.ok(&["migrate-setmaxdowntime", name, "1"]);
     let dst = h.dst.tcp_uri();
     let bg = Bg::spawn(
@@ -507,30 +473,8 @@ fn a_paused_postcopy_resumes_after_a_failed_attempt_and_completes_with_the_guest
     let e = h.src.fails(&["resume", name]);
     assert!(e.contains("never resumed"), "{e}");
 
-    let mut src_events = Bg::spawn(
-        &h.src.uri(),
-        &[
-            "event",
-            "--domain",
-            name,
-            "--all",
-            "--loop",
-            "--timeout",
-            "120",
-        ],
-    );
-    let mut dst_events = Bg::spawn(
-        &h.dst.uri(),
-        &[
-            "event",
-            "--domain",
-            name,
-            "--all",
-            "--loop",
-            "--timeout",
-            "120",
-        ],
-    );
+    let mut src_events = Bg::events(&h.src, name);
+    let mut dst_events = Bg::events(&h.dst, name);
     // Both listen once they print an event of their own: `define` emits `Defined Added`
     // (the live XML, with the domain's UUID; the destination's copy becomes persistent,
     // which changes nothing below).

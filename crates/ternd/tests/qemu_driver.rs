@@ -56,6 +56,16 @@ fn wait_serial(path: &Path, needle: &str) {
     }
 }
 
+/// Defines and starts a QEMU test guest `name` (the `pattern` workload over 32 MiB) on the
+/// source host and waits until it runs (its serial console says `#running`).
+fn run_qemu_guest(h: &Hosts, dir: &Path, name: &str) {
+    let ser = dir.join(format!("{name}.ser"));
+    let xml = write_xml(dir, name, &qemu_xml(name, &ser));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", name]);
+    wait_serial(&ser, "#running");
+}
+
 fn have_qemu() -> bool {
     if Path::new(QEMU).is_file() {
         return true;
@@ -115,11 +125,7 @@ fn parallel_migration_of_a_qemu_vm_uses_multifd_on_both_qemus() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let ser = dir.path().join("qp.ser");
-    let xml = write_xml(dir.path(), "qp", &qemu_xml("qp", &ser));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "qp"]);
-    wait_serial(&ser, "#running");
+    run_qemu_guest(&h, dir.path(), "qp");
     h.src.ok(&[
         "migrate",
         "qp",
@@ -159,11 +165,7 @@ fn tunnelled_migration_of_a_qemu_vm() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let ser = dir.path().join("qt.ser");
-    let xml = write_xml(dir.path(), "qt", &qemu_xml("qt", &ser));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "qt"]);
-    wait_serial(&ser, "#running");
+    run_qemu_guest(&h, dir.path(), "qt");
     h.src.ok(&[
         "migrate",
         "qt",
@@ -191,11 +193,7 @@ fn auto_converge_migration_of_a_qemu_vm() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let ser = dir.path().join("qa.ser");
-    let xml = write_xml(dir.path(), "qa", &qemu_xml("qa", &ser));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "qa"]);
-    wait_serial(&ser, "#running");
+    run_qemu_guest(&h, dir.path(), "qa");
     h.src.ok(&[
         "migrate",
         "qa",
@@ -325,11 +323,7 @@ fn tls_migration_of_a_qemu_vm() {
     let Some(h) = migrate_tls_hosts(dir.path(), None) else {
         return;
     };
-    let ser = dir.path().join("qs.ser");
-    let xml = write_xml(dir.path(), "qs", &qemu_xml("qs", &ser));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "qs"]);
-    wait_serial(&ser, "#running");
+    run_qemu_guest(&h, dir.path(), "qs");
     h.src.ok(&[
         "migrate",
         "qs",
@@ -354,11 +348,7 @@ fn tls_migration_to_a_host_whose_certificate_names_another_fails_and_the_vm_stay
     let Some(h) = migrate_tls_hosts(dir.path(), Some("impostor.example")) else {
         return;
     };
-    let ser = dir.path().join("qw.ser");
-    let xml = write_xml(dir.path(), "qw", &qemu_xml("qw", &ser));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "qw"]);
-    wait_serial(&ser, "#running");
+    run_qemu_guest(&h, dir.path(), "qw");
     let err = h.src.fails(&[
         "migrate",
         "qw",
@@ -397,11 +387,7 @@ fn tls_migration_to_a_daemon_without_certificates_is_refused_in_prepare() {
         return;
     };
     with_migrate_tls_dir(&mut h.src, &pki.join(&h.net.src_addr));
-    let ser = dir.path().join("qn.ser");
-    let xml = write_xml(dir.path(), "qn", &qemu_xml("qn", &ser));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "qn"]);
-    wait_serial(&ser, "#running");
+    run_qemu_guest(&h, dir.path(), "qn");
     let err = h.src.fails(&[
         "migrate",
         "qn",
@@ -444,11 +430,7 @@ fn postcopy_migration_of_a_qemu_vm_switched_from_a_second_client() {
     let Some(h) = Hosts::up(dir.path()) else {
         return;
     };
-    let ser = dir.path().join("pq.ser");
-    let xml = write_xml(dir.path(), "pq", &qemu_xml("pq", &ser));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "pq"]);
-    wait_serial(&ser, "#running");
+    run_qemu_guest(&h, dir.path(), "pq");
     // Pre-copy cannot converge (1 ms, 16 MiB/s against a guest writing as fast as it can).
     h.src.ok(&["migrate-setmaxdowntime", "pq", "1"]);
     h.src.ok(&["migrate-setspeed", "pq", "16"]);

@@ -76,10 +76,7 @@ fn migration_between_daemons_over_tls_with_mutual_authentication() {
     let o = remote_ctl(&h, &dst_uri, &["list", "--all"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A migration whose daemons talk over TLS.
-    let xml = write_xml(dir.path(), "s", &domain_xml("s", MEM, "pattern", 32, 0));
-    h.src.ok(&["define", &xml]);
-    h.src.ok(&["start", "s"]);
-    wait_workload_running(&h.src, "s");
+    run_guest(&h.src, dir.path(), "s", MEM, "pattern", 32, 0);
     h.src.ok(&["migrate", "s", &dst_uri, "--live", "--p2p"]);
     assert_eq!(h.dst.state("s"), "running (migrated)");
     let o = remote_ctl(&h, &dst_uri, &["domstate", "s"]);

@@ -316,6 +316,28 @@ pub fn write_xml(dir: &Path, name: &str, xml: &str) -> String {
     p.display().to_string()
 }
 
+/// Defines and starts the test guest `name` on `d` (the arguments of [`domain_xml`], its XML
+/// written under `dir`) and waits until its workload runs: the setup every migration test
+/// begins with.
+pub fn run_guest(
+    d: &Daemon,
+    dir: &Path,
+    name: &str,
+    memory_mib: u64,
+    workload: &str,
+    work_mem: u64,
+    rate: u64,
+) {
+    let xml = write_xml(
+        dir,
+        name,
+        &domain_xml(name, memory_mib, workload, work_mem, rate),
+    );
+    d.ok(&["define", &xml]);
+    d.ok(&["start", name]);
+    wait_workload_running(d, name);
+}
+
 /// Waits until every vCPU's workload runs (one heartbeat at a time: the VMM blocks).
 pub fn wait_workload_running(d: &Daemon, dom: &str) {
     let deadline = std::time::Instant::now() + T;
@@ -539,6 +561,23 @@ impl Bg {
             seen: Vec::new(),
             stderr,
         }
+    }
+
+    /// Every event of `dom` on `d` as `ternctl event --all --loop` prints them (for two
+    /// minutes), to be read with [`Bg::wait_line`] / [`Bg::wait_for_line`].
+    pub fn events(d: &Daemon, dom: &str) -> Bg {
+        Bg::spawn(
+            &d.uri(),
+            &[
+                "event",
+                "--domain",
+                dom,
+                "--all",
+                "--loop",
+                "--timeout",
+                "120",
+            ],
+        )
     }
 
     /// Waits (at most [`T`]) for a stdout line containing `needle`; returns all stdout so
