@@ -279,8 +279,7 @@ fn main() -> anyhow::Result<()> {
             }
             Suite::PostcopyRecovery => postcopy_recovery::run(
                 &ctx,
-                cli.timeout
-                    .unwrap_or(postcopy_recovery::DEFAULT_TIMEOUT_S),
+                cli.timeout.unwrap_or(postcopy_recovery::DEFAULT_TIMEOUT_S),
             ),
             Suite::Predict => predict::run(&ctx, cli.timeout.unwrap_or(predict::DEFAULT_TIMEOUT_S)),
             Suite::All => Ok(()),

@@ -76,7 +76,10 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
         .tables
         .push(Table::new("Post-copy recovery after a link cut", COLUMNS));
     let shaped = Link::shaped(1000);
-    let scenario = format!("pattern {mem} MiB @ max, cut after {} MiB of post-copy", CUT_AFTER_POSTCOPY_BYTES >> 20);
+    let scenario = format!(
+        "pattern {mem} MiB @ max, cut after {} MiB of post-copy",
+        CUT_AFTER_POSTCOPY_BYTES >> 20
+    );
     let selected: Vec<Kind> = ctx
         .vmms()
         .into_iter()
@@ -87,7 +90,11 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
     }
     let _ns = Netns::up(&ctx.repo, "1gbit")?;
     for kind in selected {
-        tracing::info!("postcopy-recovery: {} | {} | {scenario}", kind.label(), shaped.name);
+        tracing::info!(
+            "postcopy-recovery: {} | {} | {scenario}",
+            kind.label(),
+            shaped.name
+        );
         let p = RecParams {
             timeout_s,
             detect_limit: DETECT_LIMIT,
@@ -186,8 +193,10 @@ fn row(kind: Kind, link: &Link, scenario: &str, o: &RecOutcome) -> Vec<String> {
         o.how_paused.clone(),
         secs_opt_ms(o.outage_ms),
         ms(o.handshake_ms),
-        o.vmm_recovery_us
-            .map_or_else(|| "not reported".into(), |u| format!("{:.1} ms", u as f64 / 1e3)),
+        o.vmm_recovery_us.map_or_else(
+            || "not reported".into(),
+            |u| format!("{:.1} ms", u as f64 / 1e3),
+        ),
         secs_opt_ms(o.cut_to_active_ms),
         secs_opt_ms(o.total_ms),
         format!("{} / {}", opt_num(o.missing_pages), opt_num(o.resent_pages)),

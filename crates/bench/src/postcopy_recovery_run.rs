@@ -132,10 +132,15 @@ fn drive(
     dump: &Path,
     out: &mut RecOutcome,
 ) -> anyhow::Result<()> {
-    let caps: Vec<String> = ["events", "return-path", "postcopy-ram", "postcopy-blocktime"]
-        .iter()
-        .map(|c| (*c).to_owned())
-        .collect();
+    let caps: Vec<String> = [
+        "events",
+        "return-path",
+        "postcopy-ram",
+        "postcopy-blocktime",
+    ]
+    .iter()
+    .map(|c| (*c).to_owned())
+    .collect();
     let started = start_tcp(src, dst, host, &caps, 1, p.max_bandwidth)?;
     let timeout = Duration::from_secs(p.timeout_s);
     // 1. Post-copy after pass 1, then the cut once enough went in post-copy.
@@ -173,8 +178,18 @@ fn drive(
     let mut last_hb = Instant::now();
     while src_paused.is_none() || dst_paused.is_none() {
         for (vm, slot, at, side) in [
-            (&mut *src, &mut src_paused, &mut out.src_paused_after_ms, "source"),
-            (&mut *dst, &mut dst_paused, &mut out.dst_paused_after_ms, "destination"),
+            (
+                &mut *src,
+                &mut src_paused,
+                &mut out.src_paused_after_ms,
+                "source",
+            ),
+            (
+                &mut *dst,
+                &mut dst_paused,
+                &mut out.dst_paused_after_ms,
+                "destination",
+            ),
         ] {
             if slot.is_some() {
                 continue;
@@ -185,8 +200,9 @@ fn drive(
                     *at = Some(ms_since(cut));
                     *slot = Some(q);
                 }
-                "postcopy-active" if cut.elapsed() > p.detect_limit
-                    && !paused_by.iter().any(|s| s.starts_with(side)) =>
+                "postcopy-active"
+                    if cut.elapsed() > p.detect_limit
+                        && !paused_by.iter().any(|s| s.starts_with(side)) =>
                 {
                     vm.exec("migrate-pause", json!({}))?;
                     paused_by.push(format!("{side} at {:.1} s", cut.elapsed().as_secs_f64()));
@@ -211,7 +227,9 @@ fn drive(
         format!("migrate-pause: {}", paused_by.join(", "))
     };
     let dq = dst_paused.unwrap_or_default();
-    out.missing_pages = dq.get("x-tern-postcopy-missing-pages").and_then(Value::as_u64);
+    out.missing_pages = dq
+        .get("x-tern-postcopy-missing-pages")
+        .and_then(Value::as_u64);
     out.dst_paused = dq;
     out.src_paused = src_paused.unwrap_or_default();
     // 3. Restore the link; recover.
@@ -317,7 +335,12 @@ fn wait_dst_completed(dst: &mut Vm) -> anyhow::Result<Value> {
 }
 
 /// Stops the destination, saves its RAM and runs `tern check-pattern` on it.
-fn check_pattern(bins: &Bins, dst: &mut Vm, memory_mib: u64, dump: &Path) -> anyhow::Result<String> {
+fn check_pattern(
+    bins: &Bins,
+    dst: &mut Vm,
+    memory_mib: u64,
+    dump: &Path,
+) -> anyhow::Result<String> {
     let Some(tern) = &bins.tern else {
         return Ok("not checked (no tern binary for check-pattern)".into());
     };
@@ -336,7 +359,13 @@ fn check_pattern(bins: &Bins, dst: &mut Vm, memory_mib: u64, dump: &Path) -> any
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let first = text.lines().last().unwrap_or("").chars().take(120).collect::<String>();
+    let first = text
+        .lines()
+        .last()
+        .unwrap_or("")
+        .chars()
+        .take(120)
+        .collect::<String>();
     Ok(if o.status.success() && text.contains("OK") {
         "OK".into()
     } else {

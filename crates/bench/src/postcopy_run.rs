@@ -116,7 +116,10 @@ pub fn stalled_ms(beats: &[u64], end_ns: u64) -> Option<(f64, f64)> {
         .windows(2)
         .map(|w| w[1].saturating_sub(w[0]).saturating_sub(STALL_SLACK_NS))
         .sum();
-    Some((stalled as f64 / 1e6, end_ns.saturating_sub(first) as f64 / 1e6))
+    Some((
+        stalled as f64 / 1e6,
+        end_ns.saturating_sub(first) as f64 / 1e6,
+    ))
 }
 
 /// Runs one migration `src` → `dst` over TCP to `host`. Never returns `Err`: errors become
