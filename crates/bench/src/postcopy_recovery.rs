@@ -2,8 +2,8 @@
 //! written at full speed) under QEMU and Tern on the 1 Gbit/s shaped veth link, switched to
 //! post-copy after the first pass, then the link is cut mid-post-copy (`ip link set DEV down`
 //! in the source's namespace: a real cut, no RST, packets go nowhere), both sides go
-//! `postcopy-paused` (by their own detection, or by `migrate-pause` as libvirt issues it when
-//! they do not detect it within [`DETECT_LIMIT`]), the link is restored, `migrate-recover` on
+//! `postcopy-paused` (by their own detection, or by `migrate-pause` as a management layer
+//! issues it, when they do not detect it within [`DETECT_LIMIT`]), the link is restored, `migrate-recover` on
 //! the destination + `migrate {"resume": true}` on the source, to completion; then the
 //! destination's RAM is dumped and checked with `tern check-pattern`.
 //! The driving and the measurements are in `postcopy_recovery_run.rs`.
@@ -22,8 +22,8 @@ use crate::Ctx;
 /// Default per-phase timeout of this suite (s); `--timeout` overrides it.
 pub const DEFAULT_TIMEOUT_S: u64 = 60;
 /// How long both sides get to notice the cut by themselves before the harness issues
-/// `migrate-pause` on the side(s) still in `postcopy-active` (libvirt's reaction to a
-/// broken connection). Tern's default `x-tern-liveness-timeout` is 10 s.
+/// `migrate-pause` on the side(s) still in `postcopy-active` (what a management layer does
+/// once it notices the broken connection: libvirt's `virsh domjobabort --postcopy`). Tern's default `x-tern-liveness-timeout` is 10 s.
 pub const DETECT_LIMIT: Duration = Duration::from_secs(20);
 /// The cut comes once the source's `postcopy-bytes` reached this (mid-post-copy: about a
 /// quarter of the working set; the 512 MiB guest needs ~513 MiB of post-copy).
@@ -133,8 +133,9 @@ fn notes(mem: u64) -> Vec<String> {
              nothing is reset, packets are dropped). Both sides get {} s to go postcopy-paused \
              by themselves (Tern: x-tern-liveness-timeout, default 10 s, also the sockets' \
              TCP_USER_TIMEOUT; QEMU 10.0 sets no keepalive or timeout on its migration socket); \
-             a side still postcopy-active then gets `migrate-pause`, as libvirt issues it when \
-             its own connection monitoring gives up (`how paused` says which). Restore: the \
+             a side still postcopy-active then gets `migrate-pause`, as a management layer \
+             issues it once it notices (libvirt: virsh domjobabort --postcopy; `how paused` \
+             says which). Restore: the \
              same link set up (the tbf shaping stays attached).",
             CUT_AFTER_POSTCOPY_BYTES >> 20,
             DETECT_LIMIT.as_secs()

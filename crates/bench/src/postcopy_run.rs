@@ -332,3 +332,21 @@ fn heartbeat_gaps(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::stalled_ms;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn only_the_part_of_an_interval_beyond_the_slack_counts_as_stalled() {
+        // Beats at 0, 1, 2 ms (running), then 12 ms (a 10 ms stall: 8 ms beyond the slack),
+        // then the end at 20 ms with no beat since 12 (8 ms: 6 beyond the slack).
+        let beats = [0, MS, 2 * MS, 12 * MS, 30 * MS];
+        let (stalled, window) = stalled_ms(&beats, 20 * MS).unwrap();
+        assert_eq!(window, 20.0);
+        assert_eq!(stalled, 14.0, "beats after the end are ignored");
+        assert_eq!(stalled_ms(&[], 20 * MS), None);
+    }
+}
