@@ -25,9 +25,10 @@ pub const DEFAULT_TIMEOUT_S: u64 = 60;
 /// `migrate-pause` on the side(s) still in `postcopy-active` (what a management layer does
 /// once it notices the broken connection: libvirt's `virsh domjobabort --postcopy`). Tern's default `x-tern-liveness-timeout` is 10 s.
 pub const DETECT_LIMIT: Duration = Duration::from_secs(20);
-/// The cut comes once the source's `postcopy-bytes` reached this (mid-post-copy: about a
-/// quarter of the working set; the 512 MiB guest needs ~513 MiB of post-copy).
-pub const CUT_AFTER_POSTCOPY_BYTES: u64 = 128 << 20;
+/// The cut comes once the source's `postcopy-bytes` reached the working set ÷ this
+/// (mid-post-copy: the guest rewrites its whole working set during the first pass, so
+/// post-copy moves about all of it; 512 MiB → the cut after 128 MiB).
+pub const CUT_AFTER_FRACTION: u64 = 4;
 /// Port the destination listens on for the recovery channel (in its own namespace).
 pub const RECOVER_PORT: u16 = 4446;
 
@@ -55,6 +56,7 @@ const COLUMNS: &[&str] = &[
 
 pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
     let mem = if ctx.quick { 128 } else { 512 };
+    let cut_after = (mem << 20) / CUT_AFTER_FRACTION;
     let mut report = ctx.report(
         "postcopy-recovery",
         json!({
@@ -63,7 +65,7 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
             "vcpus": 1,
             "timeout-s (each phase)": timeout_s,
             "detect-limit-s": DETECT_LIMIT.as_secs(),
-            "cut-after-postcopy-bytes": CUT_AFTER_POSTCOPY_BYTES,
+            "cut-after-postcopy-bytes": cut_after,
             "downtime-limit-ms": 1,
             "max-bandwidth": "link rate (125000000 B/s for 1 Gbit/s)",
             "heartbeat-ms": 1,
@@ -71,14 +73,14 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
             "cut": "ip -n tern-src link set tern-veth-s down; restore: ... up",
         }),
     );
-    report.notes.extend(notes(mem));
+    report.notes.extend(notes(mem, cut_after));
     report
         .tables
         .push(Table::new("Post-copy recovery after a link cut", COLUMNS));
     let shaped = Link::shaped(1000);
     let scenario = format!(
         "pattern {mem} MiB @ max, cut after {} MiB of post-copy",
-        CUT_AFTER_POSTCOPY_BYTES >> 20
+        cut_after >> 20
     );
     let selected: Vec<Kind> = ctx
         .vmms()
@@ -98,7 +100,7 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
         let p = RecParams {
             timeout_s,
             detect_limit: DETECT_LIMIT,
-            cut_after_postcopy_bytes: CUT_AFTER_POSTCOPY_BYTES,
+            cut_after_postcopy_bytes: cut_after,
             recover_port: RECOVER_PORT,
             max_bandwidth: shaped.max_bandwidth,
             memory_mib: vm_memory(mem),
@@ -119,7 +121,7 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
     report.write(&ctx.out)
 }
 
-fn notes(mem: u64) -> Vec<String> {
+fn notes(mem: u64, cut_after: u64) -> Vec<String> {
     vec![
         format!(
             "Guest: the test guest's `pattern` workload over {mem} MiB at full speed (QEMU's \
@@ -137,7 +139,7 @@ fn notes(mem: u64) -> Vec<String> {
              issues it once it notices (libvirt: virsh domjobabort --postcopy; `how paused` \
              says which). Restore: the \
              same link set up (the tbf shaping stays attached).",
-            CUT_AFTER_POSTCOPY_BYTES >> 20,
+            cut_after >> 20,
             DETECT_LIMIT.as_secs()
         ),
         format!(
