@@ -11,6 +11,8 @@ mod machine;
 mod mgmt;
 mod migrate;
 mod postcopy;
+mod postcopy_recovery;
+mod postcopy_recovery_run;
 mod postcopy_run;
 mod precopy;
 mod predict;
@@ -51,6 +53,10 @@ enum Suite {
     /// Post-copy after the first pass, Tern vs QEMU (with and without preempt), and Tern's
     /// automatic switch (issue 9); default --timeout 30
     Postcopy,
+    /// Post-copy recovery after a link cut on the 1 Gbit/s link, Tern vs QEMU: detection,
+    /// the recovery handshake, the guest during the outage, the pattern check (issue 9);
+    /// default --timeout 60
+    PostcopyRecovery,
     /// x-tern-predict-migration before each migration vs what it then does, and Tern's vs
     /// QEMU's calc-dirty-rate on the same guest (issue 13 item 8); default --timeout 30
     Predict,
@@ -271,6 +277,10 @@ fn main() -> anyhow::Result<()> {
             Suite::Postcopy => {
                 postcopy::run(&ctx, cli.timeout.unwrap_or(postcopy::DEFAULT_TIMEOUT_S))
             }
+            Suite::PostcopyRecovery => postcopy_recovery::run(
+                &ctx,
+                cli.timeout.unwrap_or(postcopy_recovery::DEFAULT_TIMEOUT_S),
+            ),
             Suite::Predict => predict::run(&ctx, cli.timeout.unwrap_or(predict::DEFAULT_TIMEOUT_S)),
             Suite::All => Ok(()),
         };

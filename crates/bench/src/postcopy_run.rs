@@ -1,6 +1,7 @@
 //! One post-copy-capable migration between two running VMMs (the same QMP for Tern and QEMU)
 //! and what the `postcopy` suite measures around it: the heartbeat gap at the switch and the
-//! largest one after it (host clock), the destination's blocktime and page-request latency,
+//! largest one after it (host clock), the guest's own stalled time after the switch, the
+//! destination's blocktime and page-request latency,
 //! bytes per phase.
 
 use std::time::{Duration, Instant};
@@ -62,6 +63,13 @@ pub struct PcOutcome {
     pub max_gap_after_ms: Option<f64>,
     /// When that gap began, ms after the destination's first beat.
     pub max_gap_after_at_ms: Option<f64>,
+    /// The guest's own view of how long it was blocked after the switch: the sum, over the
+    /// intervals between destination heartbeats from its first until the source said
+    /// `completed`, of each interval's part beyond [`STALL_SLACK`] (the same yardstick for
+    /// both VMMs, independent of how each counts `postcopy-blocktime`).
+    pub guest_stalled_ms: Option<f64>,
+    /// The window that sum covers: the destination's first beat → the source's `completed`.
+    pub guest_window_ms: Option<f64>,
     /// Destination `postcopy-blocktime` (ms, all vCPUs at once).
     pub blocktime_ms: Option<u64>,
     /// Destination `postcopy-vcpu-blocktime` (ms).
@@ -92,6 +100,26 @@ fn status_of(v: &Value) -> String {
         .and_then(Value::as_str)
         .unwrap_or("none")
         .to_string()
+}
+
+/// Part of a heartbeat interval that counts as running (the guest beats every 1 ms; QEMU's
+/// serial bytes may arrive in small bursts): only the excess over this is a stall.
+pub const STALL_SLACK_NS: u64 = 2_000_000;
+
+/// Σ over consecutive beats in `beats` (host ns, ascending) up to `end_ns` of the interval's
+/// part beyond [`STALL_SLACK_NS`], and the window first beat → `end_ns`; ms.
+pub fn stalled_ms(beats: &[u64], end_ns: u64) -> Option<(f64, f64)> {
+    let first = *beats.first()?;
+    let mut inside: Vec<u64> = beats.iter().copied().filter(|&b| b <= end_ns).collect();
+    inside.push(end_ns);
+    let stalled: u64 = inside
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]).saturating_sub(STALL_SLACK_NS))
+        .sum();
+    Some((
+        stalled as f64 / 1e6,
+        end_ns.saturating_sub(first) as f64 / 1e6,
+    ))
 }
 
 /// Runs one migration `src` → `dst` over TCP to `host`. Never returns `Err`: errors become
@@ -290,6 +318,10 @@ fn heartbeat_gaps(
         .first()
         .context("no heartbeat from the destination before the end of the window")?;
     out.switch_gap_ms = Some(first.saturating_sub(last.1) as f64 / 1e6);
+    if let Some((stalled, window)) = stalled_ms(&beats, end_ns) {
+        out.guest_stalled_ms = Some(stalled);
+        out.guest_window_ms = Some(window);
+    }
     let worst = beats
         .windows(2)
         .map(|w| (w[1].saturating_sub(w[0]), w[0]))
@@ -299,4 +331,22 @@ fn heartbeat_gaps(
         out.max_gap_after_at_ms = Some(at.saturating_sub(first) as f64 / 1e6);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stalled_ms;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn only_the_part_of_an_interval_beyond_the_slack_counts_as_stalled() {
+        // Beats at 0, 1, 2 ms (running), then 12 ms (a 10 ms stall: 8 ms beyond the slack),
+        // then the end at 20 ms with no beat since 12 (8 ms: 6 beyond the slack).
+        let beats = [0, MS, 2 * MS, 12 * MS, 30 * MS];
+        let (stalled, window) = stalled_ms(&beats, 20 * MS).unwrap();
+        assert_eq!(window, 20.0);
+        assert_eq!(stalled, 14.0, "beats after the end are ignored");
+        assert_eq!(stalled_ms(&[], 20 * MS), None);
+    }
 }
