@@ -153,3 +153,88 @@ fn zero_copy_on_a_unix_socket_is_refused_naming_so_zerocopy() {
     let e = ZeroCopySocket::new(s, None).unwrap_err();
     assert!(e.to_string().contains("SO_ZEROCOPY"), "{e}");
 }
+
+/// Drops `CAP_IPC_LOCK` from the calling thread's effective set (capabilities are per thread).
+fn drop_ipc_lock() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const CAP_IPC_LOCK: u32 = 14;
+    let mut h = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: the header and two data structs are the v3 layout capget/capset expect; both
+    // are live for the calls.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
+        d[0].effective &= !(1 << CAP_IPC_LOCK);
+        assert_eq!(libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()), 0);
+    }
+}
+
+/// Linux charges pages pinned by MSG_ZEROCOPY to RLIMIT_MEMLOCK (unless CAP_IPC_LOCK): a
+/// 1 MiB send under a 64 KiB limit fails with ENOBUFS and nothing outstanding, and the error
+/// names the limit and its value. Runs in a child process (the limit is per process), on a
+/// thread without CAP_IPC_LOCK.
+#[test]
+fn a_locked_memory_limit_too_small_for_a_batch_fails_naming_rlimit_memlock() {
+    const CHILD: &str = "TERN_ZEROCOPY_MEMLOCK_CHILD";
+    if std::env::var_os(CHILD).is_none() {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "source::multifd_zerocopy::tests::a_locked_memory_limit_too_small_for_a_batch_fails_naming_rlimit_memlock",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed:\n{text}");
+        assert!(
+            text.contains("memlock refusal:"),
+            "child ran nothing:\n{text}"
+        );
+        return;
+    }
+    let lim = libc::rlimit {
+        rlim_cur: 64 << 10,
+        rlim_max: 64 << 10,
+    };
+    // SAFETY: `lim` is a live rlimit.
+    assert_eq!(
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) },
+        0,
+        "setrlimit"
+    );
+    drop_ipc_lock();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (_rx, _) = l.accept().unwrap();
+    let mut z = ZeroCopySocket::new(tx, Some(Duration::from_secs(30))).unwrap();
+    let data = vec![7u8; 1 << 20];
+    z.arm(true);
+    let e = z.write(&data).unwrap_err();
+    let text = e.to_string();
+    eprintln!("memlock refusal: {text}");
+    assert_eq!(e.kind(), io::ErrorKind::OutOfMemory, "{text}");
+    assert!(
+        text.contains("RLIMIT_MEMLOCK, now 64 KiB") && text.contains("CAP_IPC_LOCK"),
+        "{text}"
+    );
+    assert_eq!(z.sent(), 0, "a refused send is not counted");
+}
