@@ -325,7 +325,18 @@ impl ZeroCopySocket {
                     ),
                 ));
             }
-            if p.revents & libc::POLLHUP != 0 && self.drain()? == 0 {
+            if self.drain()? > 0 {
+                continue;
+            }
+            // Woken with nothing on the error queue: a socket error (POLLERR without an
+            // entry) or a hang-up would wake every poll at once; both end the wait.
+            if let Some(e) = self.sock.take_error()? {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("the channel failed while zero-copy sends were outstanding: {e}"),
+                ));
+            }
+            if p.revents & libc::POLLHUP != 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
                     "the channel closed while zero-copy sends were outstanding",
