@@ -54,6 +54,10 @@ pub struct Outcome {
     pub vmm_max_stall_ms: Option<f64>,
     /// `auto-converge`: the largest `cpu-throttle-percentage` seen while active.
     pub max_cpu_throttle: Option<u64>,
+    /// CPU time (user + system, `/proc/PID/stat`) of the source and the destination process
+    /// from just before `migrate` to the final status; includes the guest's vCPU time.
+    pub src_cpu_s: Option<f64>,
+    pub dst_cpu_s: Option<f64>,
     /// Host wall time from `migrate` to the final status.
     pub wall_ms: f64,
     /// One sample per new `dirty-sync-count` / status (as guestperf's progress history).

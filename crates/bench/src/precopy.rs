@@ -20,6 +20,8 @@ struct Scenario {
     max_bandwidth: Option<u64>,
     /// `multifd` with this many channels on both sides (loopback rows only).
     multifd: Option<u8>,
+    /// `zero-copy-send` on both sides (with `multifd`).
+    zero_copy: bool,
 }
 
 /// QEMU's default `max-bandwidth` (128 MiB/s).
@@ -37,18 +39,21 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             guest: Guest::new("idle", idle, 0),
             max_bandwidth: None,
             multifd: None,
+            zero_copy: false,
         },
         Scenario {
             name: format!("dirty {d1} MiB @ 50 MiB/s"),
             guest: Guest::new("dirty", d1, 50),
             max_bandwidth: None,
             multifd: None,
+            zero_copy: false,
         },
         Scenario {
             name: format!("dirty {d2} MiB @ max"),
             guest: Guest::new("dirty", d2, 0),
             max_bandwidth: None,
             multifd: None,
+            zero_copy: false,
         },
         // The edge of convergence at QEMU's default cap (issue 13: the switchover rule).
         Scenario {
@@ -56,6 +61,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             guest: Guest::new("pattern", 64, 0),
             max_bandwidth: Some(QEMU_DEFAULT_MAX_BANDWIDTH),
             multifd: None,
+            zero_copy: false,
         },
         // Multifd (issue 13 item 3), loopback only: the idle guest with 2 and 4 channels.
         Scenario {
@@ -63,12 +69,24 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             guest: Guest::new("idle", idle, 0),
             max_bandwidth: None,
             multifd: Some(2),
+            zero_copy: false,
+        },
+        // `zero-copy-send` (MSG_ZEROCOPY) on the same 2 channels: on loopback the kernel copies
+        // on delivery anyway (`dirty-sync-missed-zero-copy` says so); the CPU columns show
+        // what pinning and completions cost.
+        Scenario {
+            name: format!("idle {idle} MiB filled, multifd 2 channels, zero-copy"),
+            guest: Guest::new("idle", idle, 0),
+            max_bandwidth: None,
+            multifd: Some(2),
+            zero_copy: true,
         },
         Scenario {
             name: format!("idle {idle} MiB filled, multifd 4 channels"),
             guest: Guest::new("idle", idle, 0),
             max_bandwidth: None,
             multifd: Some(4),
+            zero_copy: false,
         },
     ]
 }
@@ -91,6 +109,8 @@ pub const COLUMNS: &[&str] = &[
     "dirty passes",
     "wire limit",
     "total ÷ wire",
+    "CPU s src / dst",
+    "missed zero-copy",
     "result",
 ];
 
@@ -118,6 +138,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
          heartbeat after the source's last, both stamped with the host's CLOCK_REALTIME (Tern: by the \
          VMM on the control-port exit; QEMU: by the harness when the serial byte arrives on the socket)."
             .into(),
+        "CPU s src / dst: user + system time of each VMM process from just before `migrate` to \
+         the final status (`/proc/PID/stat`; the guest's own vCPU time included). missed \
+         zero-copy: the source's `ram.dirty-sync-missed-zero-copy`.".into(),
         "bytes sent = ram.transferred; dirty passes = ram.dirty-sync-count. wire limit = working set \
          (guest `mem`, all non-zero after warm-up) ÷ link rate: the time any pre-copy needs at least \
          to move every page once. total ÷ wire = total-time ÷ wire limit (1.0 = wire speed)."
@@ -196,6 +219,9 @@ fn one(
     if sc.multifd.is_some() {
         caps.push("multifd".into());
     }
+    if sc.zero_copy {
+        caps.push("zero-copy-send".into());
+    }
     let p = MigParams {
         // libvirt's defaults for a non-tunnelled migration: `events` and `return-path` on
         // both sides (QEMU then also learns when the destination is done).
@@ -225,6 +251,15 @@ fn one(
         num(out.dirty_sync_count),
         secs(wire_s),
         ratio(total_s.zip(wire_s).map(|(t, w)| t / w)),
+        match (out.src_cpu_s, out.dst_cpu_s) {
+            (Some(s), Some(d)) => format!("{s:.2} / {d:.2}"),
+            _ => "–".into(),
+        },
+        out.src_final
+            .get("ram")
+            .and_then(|r| r.get("dirty-sync-missed-zero-copy"))
+            .and_then(Value::as_u64)
+            .map_or("–".into(), |n| n.to_string()),
         result_cell(&out),
     ];
     tracing::info!("  -> {}", row.join(" | "));
@@ -282,7 +317,19 @@ pub fn migrate_pair(
         let mut src = Vm::spawn(&ctx.bins, &spec("src", link.src_ns, false))?;
         src.wait_ready(guest, Duration::from_secs(90))?;
         std::thread::sleep(Duration::from_secs(1));
-        let out = live_migrate(&mut src, &mut dst, &link.host, p);
+        let cpu0 = (
+            crate::tls::cpu_secs(src.pid()),
+            crate::tls::cpu_secs(dst.pid()),
+        );
+        let mut out = live_migrate(&mut src, &mut dst, &link.host, p);
+        out.src_cpu_s = cpu0
+            .0
+            .zip(crate::tls::cpu_secs(src.pid()))
+            .map(|(a, b)| b - a);
+        out.dst_cpu_s = cpu0
+            .1
+            .zip(crate::tls::cpu_secs(dst.pid()))
+            .map(|(a, b)| b - a);
         if out.result != "completed" {
             tracing::warn!("source log: {}", crate::vm::log_tail(&src.log));
             tracing::warn!("destination log: {}", crate::vm::log_tail(&dst.log));

@@ -113,7 +113,9 @@ capabilities! {
     XIgnoreShared = "x-ignore-shared", false;
     ValidateUuid = "validate-uuid", true;
     BackgroundSnapshot = "background-snapshot", false;
-    ZeroCopySend = "zero-copy-send", false;
+    // Multifd channels send with `MSG_ZEROCOPY` (`source/multifd_zerocopy.rs`, decisions
+    // 220–226); QEMU's refusals below (no TLS, no compression, needs `multifd`).
+    ZeroCopySend = "zero-copy-send", true;
     PostcopyPreempt = "postcopy-preempt", true;
     SwitchoverAck = "switchover-ack", true;
     DirtyLimit = "dirty-limit", false;

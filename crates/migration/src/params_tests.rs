@@ -69,6 +69,7 @@ fn capability_list_matches_qemu() {
             "multifd",
             "postcopy-blocktime",
             "validate-uuid",
+            "zero-copy-send",
             "postcopy-preempt",
             "switchover-ack",
             "x-tern-ram-digest",
@@ -506,4 +507,50 @@ fn multifd_is_honoured_and_its_compression_refused_unless_none() {
         .unwrap();
     let e = c.set(&[(Capability::Multifd, true)], &p).unwrap_err();
     assert!(e.to_string().contains("'zlib'"), "{e}");
+}
+
+/// QEMU's refusals of `zero-copy-send` (decision 220): without `multifd`, with TLS, with a
+/// compression, in either order of setting them; accepted with `multifd` and nothing else.
+#[test]
+fn zero_copy_send_needs_multifd_and_refuses_tls_and_compression() {
+    const QEMU: &str = "Zero copy only available for non-compressed non-TLS multifd migration";
+    let mut c = Capabilities::default();
+    let e = set_caps(&mut c, &[("zero-copy-send", true)]).unwrap_err();
+    assert_eq!(e.to_string(), QEMU);
+    set_caps(&mut c, &[("multifd", true), ("zero-copy-send", true)]).unwrap();
+    assert!(c.get(Capability::ZeroCopySend));
+    // Turning multifd off under it is refused too (the set is checked as a whole).
+    let e = c.set(&[(Capability::Multifd, false)], &Parameters::default());
+    assert_eq!(e.unwrap_err().to_string(), QEMU);
+    // TLS after the capability: refused by migrate-set-parameters, nothing changed.
+    let mut p = Parameters::default();
+    let e = p.apply_json(&json!({"tls-creds": "tls0"}), &c).unwrap_err();
+    assert_eq!(e.to_string(), QEMU);
+    assert_eq!(p.tls_creds, "", "all or nothing");
+    // A compression after the capability: QEMU's text, not Tern's "not yet supported".
+    let e = p
+        .apply_json(&json!({"multifd-compression": "zstd"}), &c)
+        .unwrap_err();
+    assert_eq!(e.to_string(), QEMU);
+    // The capability after TLS / a compression: refused by migrate-set-capabilities.
+    let off = Capabilities::default();
+    for args in [
+        json!({"tls-creds": "tls0"}),
+        json!({"multifd-compression": "zlib"}),
+    ] {
+        let mut p = Parameters::default();
+        p.apply_json(&args, &off).unwrap();
+        let mut c = Capabilities::default();
+        let e = c
+            .set(
+                &[
+                    (Capability::Multifd, true),
+                    (Capability::ZeroCopySend, true),
+                ],
+                &p,
+            )
+            .unwrap_err();
+        assert_eq!(e.to_string(), QEMU, "{args}");
+        assert_eq!(c, Capabilities::default(), "{args}: all or nothing");
+    }
 }

@@ -62,6 +62,9 @@ pub struct RamStats {
     pub postcopy_bytes: u64,
     /// Bytes written on the multifd channels (QEMU's `multifd-bytes`; part of `transferred`).
     pub multifd_bytes: u64,
+    /// `zero-copy-send`: syncs (per channel) at which the kernel copied every zero-copy send
+    /// of the channel (QEMU's `dirty-sync-missed-zero-copy`).
+    pub dirty_sync_missed_zero_copy: u64,
 }
 
 /// Destination, with the `postcopy-blocktime` capability: QEMU's blocktime numbers.
@@ -772,7 +775,7 @@ fn ram_info(s: &StatsSnapshot) -> Value {
         "precopy-bytes": r.precopy_bytes,
         "downtime-bytes": r.downtime_bytes,
         "postcopy-bytes": r.postcopy_bytes,
-        "dirty-sync-missed-zero-copy": 0,
+        "dirty-sync-missed-zero-copy": r.dirty_sync_missed_zero_copy,
     })
 }
 

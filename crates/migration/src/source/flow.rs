@@ -507,6 +507,7 @@ impl Sender {
             return;
         };
         let multifd_bytes = self.multifd_bytes();
+        let missed_zero_copy = self.multifd_missed_zero_copy();
         let written = self.bytes_of_earlier_channels
             + w.bytes_written()
             + self.preempt.bytes()
@@ -524,6 +525,7 @@ impl Sender {
         self.stats.update(|r, expected| {
             r.transferred = written;
             r.multifd_bytes = multifd_bytes;
+            r.dirty_sync_missed_zero_copy = missed_zero_copy;
             r.remaining = remaining;
             r.duplicate = zero;
             r.normal = normal;

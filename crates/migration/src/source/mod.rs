@@ -39,6 +39,7 @@ mod confirm;
 mod devices;
 mod liveness;
 mod multifd;
+mod multifd_zerocopy;
 mod postcopy;
 mod preempt;
 mod ram;
@@ -174,6 +175,9 @@ pub struct SourceOptions {
     /// `multifd` with `multifd-channels`: RAM goes over this many extra connections
     /// (`docs/migration-engine.md` §2.5); `None` = the main stream only.
     pub multifd_channels: Option<u16>,
+    /// `zero-copy-send` (with `multifd`, TCP only): the channels write with `MSG_ZEROCOPY`
+    /// and flush their completions at every sync (`multifd_zerocopy.rs`).
+    pub zero_copy_send: bool,
 }
 
 impl Default for SourceOptions {
@@ -209,6 +213,7 @@ impl SourceOptions {
             multifd_channels: caps
                 .get(Capability::Multifd)
                 .then_some(u16::from(params.multifd_channels)),
+            zero_copy_send: caps.get(Capability::Multifd) && caps.get(Capability::ZeroCopySend),
         }
     }
 }

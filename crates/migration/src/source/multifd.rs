@@ -6,7 +6,8 @@
 //! queues each list on the next channel (round robin, bounded queues). A sender thread checks
 //! each page for zero where it lies in guest memory ([`RamView`]), copies the non-zero ones
 //! once into its batch buffer (the CRC must cover exactly the bytes sent, decision 163) and
-//! writes the batch with one vectored write.
+//! writes the batch with one vectored write. With `zero-copy-send` the batch buffer is a slot
+//! of `multifd_zerocopy.rs`'s pool and the write goes out with `MSG_ZEROCOPY`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::multifd_zerocopy::{SlotPool, ZeroCopySocket};
 use super::ram::{RamSender, BATCH_PAGES};
 use super::{Sender, Shared, SourceError};
 use crate::digest::RamView;
@@ -48,6 +50,9 @@ struct Counters {
     bytes: AtomicU64,
     zero: AtomicU64,
     normal: AtomicU64,
+    /// Syncs at which a channel's zero-copy sends were all copied by the kernel (QEMU's
+    /// `dirty-sync-missed-zero-copy`, counted per channel per sync as QEMU does).
+    missed_zero_copy: AtomicU64,
     error: Mutex<Option<String>>,
 }
 
@@ -167,6 +172,44 @@ impl Multifd {
     }
 }
 
+/// A channel's socket: plain, or with `zero-copy-send` on (TCP only).
+enum ChannelSocket {
+    Plain(Stream),
+    ZeroCopy(ZeroCopySocket),
+}
+
+impl std::io::Write for ChannelSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::ZeroCopy(z) => z.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write_vectored(bufs),
+            Self::ZeroCopy(z) => z.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::ZeroCopy(z) => z.flush(),
+        }
+    }
+}
+
+impl ChannelSocket {
+    fn zero_copy(&mut self) -> Option<&mut ZeroCopySocket> {
+        match self {
+            Self::Plain(_) => None,
+            Self::ZeroCopy(z) => Some(z),
+        }
+    }
+}
+
 impl Drop for Multifd {
     /// Ends the senders (their sockets were shut down by the cancel token on a failure; on
     /// success they ended at the final sync).
@@ -261,6 +304,10 @@ impl Sender {
                 .open_channel(uri, k, n, id)
                 .map_err(|e| SourceError::Multifd(format!("multifd channel {k}: {e}")))?;
             let writer = ChannelWriter::new(stream, k, config)?;
+            let pool = self
+                .opts
+                .zero_copy_send
+                .then(|| SlotPool::new(BATCH_PAGES * config.page_size as usize));
             let ctx = SenderCtx {
                 k,
                 view: self.m.ram.view(),
@@ -274,7 +321,7 @@ impl Sender {
             let name = format!("mig-mfd-send-{k}");
             let thread = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || ctx.run(writer, rx))
+                .spawn(move || ctx.run(writer, rx, pool))
                 .map_err(|source| SourceError::Spawn {
                     name: "mig-mfd-send",
                     source,
@@ -295,7 +342,7 @@ impl Sender {
         k: u16,
         n: u16,
         id: [u8; 16],
-    ) -> Result<Stream, String> {
+    ) -> Result<ChannelSocket, String> {
         let stream = transport::connect(uri, &self.shared.io).map_err(|e| error_text(&e))?;
         let liveness: LivenessTimeout = self.opts.liveness;
         let mut stream = match &self.opts.tls {
@@ -313,7 +360,15 @@ impl Sender {
         };
         std::io::Write::write_all(&mut stream, &hs.encode())
             .map_err(|e| format!("writing the handshake: {e}"))?;
-        Ok(stream)
+        if !self.opts.zero_copy_send {
+            return Ok(ChannelSocket::Plain(stream));
+        }
+        match stream {
+            Stream::Tcp(t) => ZeroCopySocket::new(t, liveness.limit())
+                .map(ChannelSocket::ZeroCopy)
+                .map_err(|e| format!("zero-copy-send: {e}")),
+            _ => Err("zero-copy-send needs a tcp: URI (MSG_ZEROCOPY is for TCP sockets)".into()),
+        }
     }
 
     /// Queues up to `max_bytes` of dirty pages on the channels. Returns the estimated bytes.
@@ -368,6 +423,13 @@ impl Sender {
     pub(super) fn multifd_bytes(&self) -> u64 {
         self.multifd.as_ref().map_or(0, Multifd::bytes)
     }
+
+    /// `dirty-sync-missed-zero-copy`.
+    pub(super) fn multifd_missed_zero_copy(&self) -> u64 {
+        self.multifd
+            .as_ref()
+            .map_or(0, |m| m.counters.missed_zero_copy.load(Ordering::Relaxed))
+    }
 }
 
 fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
@@ -375,11 +437,20 @@ fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl SenderCtx {
-    fn run(self, mut w: ChannelWriter<Stream>, rx: mpsc::Receiver<Job>) {
-        let mut buf = vec![0u8; BATCH_PAGES * self.page_size];
+    fn run(
+        self,
+        mut w: ChannelWriter<ChannelSocket>,
+        rx: mpsc::Receiver<Job>,
+        mut pool: Option<SlotPool>,
+    ) {
+        // Without zero-copy, one batch buffer; with it, the pool's slots (decision 221).
+        let mut buf = match pool {
+            Some(_) => Vec::new(),
+            None => vec![0u8; BATCH_PAGES * self.page_size],
+        };
         // Every sender adds what it wrote since its last report (`multifd-bytes` is the sum).
         let mut reported = 0u64;
-        let mut report = |w: &ChannelWriter<Stream>| {
+        let mut report = |w: &ChannelWriter<ChannelSocket>| {
             let now = w.bytes_written();
             self.counters
                 .bytes
@@ -388,9 +459,14 @@ impl SenderCtx {
         };
         let result = loop {
             let r = match rx.recv_timeout(self.keepalive) {
-                Ok(Job::Pages(list)) => self.batch(&mut w, &list, &mut buf),
-                Ok(Job::Sync) => w.write_sync(),
-                Ok(Job::Finish) => break w.write_sync(),
+                Ok(Job::Pages(list)) => match pool.as_mut() {
+                    Some(pool) => self.zero_copy_batch(&mut w, &list, pool),
+                    None => self.batch(&mut w, &list, &mut buf),
+                },
+                Ok(Job::Sync) => w.write_sync().and_then(|()| self.flush(&mut w, &mut pool)),
+                Ok(Job::Finish) => {
+                    break w.write_sync().and_then(|()| self.flush(&mut w, &mut pool))
+                }
                 Err(RecvTimeoutError::Timeout) => w.write_keepalive(),
                 // `mig-src` dropped the queue: the migration ended (failed or cancelled).
                 Err(RecvTimeoutError::Disconnected) => break Ok(()),
@@ -423,10 +499,111 @@ impl SenderCtx {
     /// One batch: zero pages found in place, the others copied once into `buf`.
     fn batch(
         &self,
-        w: &mut ChannelWriter<Stream>,
+        w: &mut ChannelWriter<ChannelSocket>,
         list: &[PageRef],
         buf: &mut [u8],
     ) -> Result<(), WireError> {
+        let zero = self.fill(list, buf)?;
+        let pages = self.pages(list, &zero, buf);
+        w.write_batch(&pages)?;
+        self.count(list.len(), &zero);
+        Ok(())
+    }
+
+    /// One batch with `zero-copy-send`: as [`SenderCtx::batch`], into a slot of the pool
+    /// that is written with `MSG_ZEROCOPY` and kept until the kernel completed it.
+    fn zero_copy_batch(
+        &self,
+        w: &mut ChannelWriter<ChannelSocket>,
+        list: &[PageRef],
+        pool: &mut SlotPool,
+    ) -> Result<(), WireError> {
+        let io = |source| WireError::Io {
+            offset: 0,
+            what: "waiting for zero-copy completions",
+            source,
+        };
+        let Some(sock) = w.get_mut().zero_copy() else {
+            return Err(WireError::InvalidArgument(
+                "a zero-copy batch on a plain channel".into(),
+            ));
+        };
+        let mut slot = pool.take(sock).map_err(io)?;
+        let zero = self.fill(list, &mut slot.data)?;
+        let pages = self.pages(list, &zero, &slot.data);
+        if let Some(s) = w.get_mut().zero_copy() {
+            s.arm(true);
+        }
+        let r = w.write_batch_parts(&pages, &mut slot.head, &mut slot.trailer);
+        drop(pages);
+        if let Some(s) = w.get_mut().zero_copy() {
+            s.arm(false);
+            // Kept even after a failed write: the kernel may hold part of it.
+            pool.sent(slot, s);
+        }
+        r?;
+        self.count(list.len(), &zero);
+        Ok(())
+    }
+
+    /// QEMU's flush at a sync (zero-copy only): every zero-copy send of this channel so far
+    /// completed; a sync whose sends the kernel all copied counts as missed.
+    fn flush(
+        &self,
+        w: &mut ChannelWriter<ChannelSocket>,
+        pool: &mut Option<SlotPool>,
+    ) -> Result<(), WireError> {
+        let (Some(pool), Some(sock)) = (pool.as_mut(), w.get_mut().zero_copy()) else {
+            return Ok(());
+        };
+        let missed = sock.flush_completions().map_err(|source| WireError::Io {
+            offset: 0,
+            what: "waiting for zero-copy completions at a sync",
+            source,
+        })?;
+        pool.release_all();
+        if missed {
+            self.counters
+                .missed_zero_copy
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::trace!(
+            channel = self.k,
+            completed = sock.completed,
+            copied = sock.copied,
+            missed,
+            "zero-copy flush"
+        );
+        Ok(())
+    }
+
+    fn count(&self, n: usize, zero: &[bool]) {
+        let z = zero.iter().filter(|z| **z).count();
+        self.counters
+            .normal
+            .fetch_add((n - z) as u64, Ordering::Relaxed);
+        self.counters.zero.fetch_add(z as u64, Ordering::Relaxed);
+    }
+
+    /// The batch's page list: zero pages, and the others from `buf` in order.
+    fn pages<'a>(&self, list: &[PageRef], zero: &[bool], buf: &'a [u8]) -> Vec<RamPage<'a>> {
+        let ps = self.page_size;
+        let mut pages = Vec::with_capacity(list.len());
+        let mut s = 0usize;
+        for (i, &(block, page, _)) in list.iter().enumerate() {
+            if zero.get(i).copied().unwrap_or(true) {
+                pages.push(RamPage::zero(block, page));
+            } else {
+                pages.push(RamPage::normal(block, page, &buf[s * ps..(s + 1) * ps]));
+                s += 1;
+            }
+        }
+        pages
+    }
+
+    /// Checks each page for zero in place and copies the others, in order, into `buf`.
+    /// Returns which pages are zero.
+    fn fill(&self, list: &[PageRef], buf: &mut [u8]) -> Result<Vec<bool>, WireError> {
         let ps = self.page_size;
         let mut zero = vec![false; list.len()];
         let mut slot = 0usize;
@@ -465,23 +642,6 @@ impl SenderCtx {
                 slot += 1;
             }
         }
-        let mut pages = Vec::with_capacity(list.len());
-        let mut s = 0usize;
-        for (i, &(block, page, _)) in list.iter().enumerate() {
-            if zero[i] {
-                pages.push(RamPage::zero(block, page));
-            } else {
-                pages.push(RamPage::normal(block, page, &buf[s * ps..(s + 1) * ps]));
-                s += 1;
-            }
-        }
-        w.write_batch(&pages)?;
-        self.counters
-            .normal
-            .fetch_add(slot as u64, Ordering::Relaxed);
-        self.counters
-            .zero
-            .fetch_add((list.len() - slot) as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(zero)
     }
 }

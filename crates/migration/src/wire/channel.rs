@@ -210,6 +210,29 @@ impl<W: Write> ChannelWriter<W> {
     /// Writes `pages` (1 ..= `max_pages_per_batch`, every one checked like
     /// `StreamWriter::write_ram_batch` checks them) as one batch of the current generation.
     pub fn write_batch(&mut self, pages: &[RamPage<'_>]) -> Result<(), WireError> {
+        let mut head = std::mem::take(&mut self.head);
+        let mut trailer = [0u8; 4];
+        let r = self.write_batch_parts(pages, &mut head, &mut trailer);
+        self.head = head;
+        r
+    }
+
+    /// The mutable underlying writer (the zero-copy sender arms its sends through it).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    /// [`ChannelWriter::write_batch`] with the frame, batch header and page table encoded into
+    /// the caller's `head` and the CRC into the caller's `trailer`: one vectored write of
+    /// `head`, the pages' data and `trailer`, every byte of it in memory the caller owns. The
+    /// zero-copy sender keeps all three untouched until the kernel reports the send complete
+    /// (`source/multifd_zerocopy.rs`); the same bytes as `write_batch`.
+    pub fn write_batch_parts(
+        &mut self,
+        pages: &[RamPage<'_>],
+        head: &mut Vec<u8>,
+        trailer: &mut [u8; 4],
+    ) -> Result<(), WireError> {
         if pages.is_empty() || pages.len() > self.max_pages_per_batch {
             return Err(WireError::InvalidArgument(format!(
                 "a multifd batch of {} pages (1..={})",
@@ -217,7 +240,6 @@ impl<W: Write> ChannelWriter<W> {
                 self.max_pages_per_batch
             )));
         }
-        let mut head = std::mem::take(&mut self.head);
         head.clear();
         head.extend_from_slice(&[0u8; FRAME_LEN + BATCH_HEADER_LEN]);
         head.extend_from_slice(&(pages.len() as u32).to_le_bytes());
@@ -255,26 +277,23 @@ impl<W: Write> ChannelWriter<W> {
             head.push(0);
         }
         if let Some(b) = bad {
-            self.head = head;
             return Err(WireError::InvalidArgument(b));
         }
         let len = BATCH_OVERHEAD + 4 + pages.len() * RAM_ENTRY_LEN + normal * self.page_size;
-        self.fill_prefix(&mut head, len, 0);
+        self.fill_prefix(head, len, 0);
         let mut crc = BatchCrc::new();
-        crc.update(&head);
+        crc.update(head);
         let mut slices = Vec::with_capacity(normal + 2);
-        slices.push(IoSlice::new(&head));
+        slices.push(IoSlice::new(head));
         for p in pages {
             if let PageData::Normal(d) = p.data {
                 crc.update(d);
                 slices.push(IoSlice::new(d));
             }
         }
-        let trailer = crc.value().to_le_bytes();
-        slices.push(IoSlice::new(&trailer));
-        let r = self.write_slices(&mut slices, (FRAME_LEN + len) as u64);
-        self.head = head;
-        r
+        *trailer = crc.value().to_le_bytes();
+        slices.push(IoSlice::new(trailer));
+        self.write_slices(&mut slices, (FRAME_LEN + len) as u64)
     }
 
     /// Writes `SYNC` for the current generation (every batch of it was written before) and

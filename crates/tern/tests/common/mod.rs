@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kernels;
+pub mod multi_proxy;
 pub mod postcopy;
 pub mod proxy;
 
