@@ -92,8 +92,12 @@ fn main_stream(uri: &MigrationUri, cfg: &StreamConfig, channels: u16, id: [u8; 1
         multifd: true,
     })
     .expect("caps");
-    w.write_command(Command::MultifdChannels { channels, id })
-        .expect("channels");
+    w.write_command(Command::MultifdChannels {
+        channels,
+        compression: tern_migration::wire::Compression::None,
+        id,
+    })
+    .expect("channels");
     w.write_command(Command::Ping { seq: 1 }).expect("ping");
     w.flush().expect("flush");
     // The writer is dropped, the socket stays open through the clone.

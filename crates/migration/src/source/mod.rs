@@ -60,14 +60,14 @@ use crate::convergence::{
 use crate::events::EventSink;
 use crate::liveness::{Inactivity, LivenessTimeout};
 use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuControl};
-use crate::params::{Capabilities, Capability, Parameters, ZeroPageDetection};
+use crate::params::{Capabilities, Capability, MultifdCompression, Parameters, ZeroPageDetection};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats, SwitchoverTimeline};
 use crate::status::MigrationStatus;
 use crate::throttle::ThrottleParams;
 use crate::transport::tls_config::TlsError;
 use crate::transport::tls_stream::ClientTls;
 use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
-use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
+use crate::wire::{Command, Compression, StreamConfig, StreamWriter, WireError};
 use liveness::{Keepalive, Watched};
 use ram::{RamError, RamSender, BATCH_PAGES};
 pub use release::ReleaseError;
@@ -174,6 +174,10 @@ pub struct SourceOptions {
     /// `multifd` with `multifd-channels`: RAM goes over this many extra connections
     /// (`docs/migration-engine.md` §2.5); `None` = the main stream only.
     pub multifd_channels: Option<u16>,
+    /// `multifd-compression` with its level (`multifd-zlib-level` / `multifd-zstd-level`):
+    /// how each channel packs its page data (`docs/stream-format.md` §5.3); only with
+    /// `multifd_channels`.
+    pub multifd_compression: (Compression, u8),
 }
 
 impl Default for SourceOptions {
@@ -209,6 +213,12 @@ impl SourceOptions {
             multifd_channels: caps
                 .get(Capability::Multifd)
                 .then_some(u16::from(params.multifd_channels)),
+            multifd_compression: match params.multifd_compression {
+                MultifdCompression::Zlib => (Compression::Zlib, params.multifd_zlib_level),
+                MultifdCompression::Zstd => (Compression::Zstd, params.multifd_zstd_level),
+                // `qpl`, `uadk`, `qatzip` are refused by the parameters (not in this build).
+                _ => (Compression::None, 0),
+            },
         }
     }
 }

@@ -12,6 +12,7 @@
 mod analyze;
 mod channel;
 mod command;
+mod compress;
 mod config;
 mod error;
 mod format;
@@ -41,6 +42,7 @@ mod tests;
 
 pub use analyze::{analyze, analyze_file};
 pub use channel::{ChannelExpect, ChannelHandshake, ChannelReader, ChannelRecord, ChannelWriter};
+pub use compress::{BatchCompressor, BatchDecompressor, Compression};
 pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, StreamConfig};
 pub use error::WireError;
 pub use format::{
