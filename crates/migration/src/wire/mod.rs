@@ -28,6 +28,8 @@ mod batch_tests;
 #[cfg(test)]
 mod channel_tests;
 #[cfg(test)]
+mod compress_tests;
+#[cfg(test)]
 mod digest_tests;
 #[cfg(test)]
 mod hostile_tests;
