@@ -44,8 +44,8 @@ use crate::status::MigrationStatus;
 use crate::transport::tls_stream::{self, ServerTls};
 use crate::transport::{CancelToken, Listener, Stream, TransportError};
 use crate::wire::{
-    Command, Expectations, Limits, PageData, Record, RpMessage, StreamConfig, StreamReader,
-    WireError,
+    Command, Compression, Expectations, Limits, PageData, Record, RpMessage, StreamConfig,
+    StreamReader, WireError,
 };
 
 #[path = "dest_error.rs"]
@@ -102,6 +102,9 @@ pub struct DestOptions {
     /// `multifd` with `multifd-channels`: accept this many channels beside the main stream
     /// (the source's count must be the same); `None` = `multifd` off.
     pub multifd_channels: Option<u16>,
+    /// `multifd-compression`: the method the source must name in `MULTIFD_CHANNELS` (the
+    /// level is the sender's alone; `docs/stream-format.md` §5.3).
+    pub multifd_compression: Compression,
 }
 
 impl Default for DestOptions {
@@ -118,6 +121,7 @@ impl Default for DestOptions {
             postcopy_blocktime: false,
             postcopy_preempt: false,
             multifd_channels: None,
+            multifd_compression: Compression::None,
         }
     }
 }
@@ -138,6 +142,8 @@ impl DestOptions {
             postcopy_preempt: caps.get(Capability::PostcopyPreempt),
             // QEMU's default `multifd-channels`; the glue sets the parameter's value.
             multifd_channels: caps.get(Capability::Multifd).then_some(2),
+            // The glue sets the parameter's value.
+            multifd_compression: Compression::None,
         }
     }
 }
@@ -651,7 +657,12 @@ impl Receiver {
                     tracing::trace!(pass, "source pass ended");
                     self.multifd_sync_point()?;
                 }
-                Record::Command(Command::MultifdChannels { channels, id }) => {
+                Record::Command(Command::MultifdChannels {
+                    channels,
+                    compression,
+                    id,
+                }) => {
+                    self.multifd_compression(compression)?;
                     self.multifd_accept(channels, id, stream_version, &stream_config)?;
                 }
                 Record::Command(Command::SwitchoverStart) => {

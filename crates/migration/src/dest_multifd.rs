@@ -15,7 +15,8 @@ use crate::machine::{MachineError, PagePlacer};
 use crate::stats::error_chain;
 use crate::transport::{tls_stream, Listener, Stream};
 use crate::wire::{
-    ChannelExpect, ChannelHandshake, ChannelReader, ChannelRecord, PageData, StreamConfig,
+    ChannelExpect, ChannelHandshake, ChannelReader, ChannelRecord, Compression, PageData,
+    StreamConfig,
 };
 
 /// The handshake timeout when `x-tern-liveness-timeout` is off.
@@ -233,6 +234,18 @@ impl Receiver {
         Ok(())
     }
 
+    /// `MULTIFD_CHANNELS`'s compression against this side's `multifd-compression` (a
+    /// difference fails at once, naming both; `docs/stream-format.md` §5.3).
+    pub(super) fn multifd_compression(&self, source: Compression) -> Result<(), DestError> {
+        let here = self.opts.multifd_compression;
+        if source != here {
+            return Err(DestError::Protocol(format!(
+                "multifd-compression: source {source}, destination {here}: it must be the same on both sides"
+            )));
+        }
+        Ok(())
+    }
+
     /// `MULTIFD_CHANNELS`: checks the count, accepts every channel (TLS, handshake) within the
     /// handshake timeout, and starts the receivers.
     pub(super) fn multifd_accept(
@@ -380,7 +393,9 @@ impl Receiver {
             h.channel,
             config,
             &self.opts.limits,
-        );
+        )
+        .with_decompression(self.opts.multifd_compression)
+        .map_err(|e| error_chain(&e))?;
         Ok((h.channel, reader))
     }
 

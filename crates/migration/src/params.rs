@@ -247,7 +247,7 @@ impl Capabilities {
                     )));
                 }
             }
-            if params.multifd_compression != MultifdCompression::None {
+            if params.multifd_compression.wire().is_none() {
                 return Err(multifd_compression_refused(params.multifd_compression));
             }
         }
@@ -334,10 +334,12 @@ impl Capabilities {
     }
 }
 
-/// `multifd-compression` other than `none` with `multifd` on: compression is not built.
+/// `multifd-compression` `qpl`, `uadk` or `qatzip` with `multifd` on: QEMU builds them only
+/// with their hardware libraries, and Tern has none of them (zlib and zstd are built).
 fn multifd_compression_refused(c: MultifdCompression) -> ParamError {
-    ParamError::NotSupported(format!(
-        "Parameter 'multifd-compression' value '{}'",
+    ParamError::Invalid(format!(
+        "Parameter 'multifd-compression' value '{}' is not supported by this build (Tern \
+         has none, zlib and zstd)",
         serde_json::to_value(c)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -362,6 +364,20 @@ pub enum MultifdCompression {
     Uadk,
     /// QATzip.
     Qatzip,
+}
+
+impl MultifdCompression {
+    /// The method as the stream names it (`docs/stream-format.md` §5.3); `None` for the
+    /// methods this build does not have (`qpl`, `uadk`, `qatzip`).
+    pub fn wire(self) -> Option<crate::wire::Compression> {
+        use crate::wire::Compression as W;
+        match self {
+            Self::None => Some(W::None),
+            Self::Zlib => Some(W::Zlib),
+            Self::Zstd => Some(W::Zstd),
+            Self::Qpl | Self::Uadk | Self::Qatzip => None,
+        }
+    }
 }
 
 /// QEMU's `MigMode`.
@@ -678,7 +694,7 @@ impl Parameters {
             ));
         }
         // Tern: values it cannot honour.
-        if caps.get(Capability::Multifd) && self.multifd_compression != MultifdCompression::None {
+        if caps.get(Capability::Multifd) && self.multifd_compression.wire().is_none() {
             return Err(multifd_compression_refused(self.multifd_compression));
         }
         if self.mode != MigMode::Normal {

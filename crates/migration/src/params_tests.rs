@@ -477,7 +477,7 @@ fn tls_parameters_are_accepted_and_shown_as_qemu_does() {
 }
 
 #[test]
-fn multifd_is_honoured_and_its_compression_refused_unless_none() {
+fn multifd_is_honoured_with_zlib_and_zstd_and_the_hardware_methods_refused() {
     let mut c = Capabilities::default();
     let mut p = Parameters::default();
     set_caps(&mut c, &[("multifd", true)]).unwrap();
@@ -489,24 +489,43 @@ fn multifd_is_honoured_and_its_compression_refused_unless_none() {
     )
     .unwrap();
     assert_eq!(p.multifd_channels, 4);
-    let e = p
-        .apply_json(&json!({"multifd-compression": "zstd"}), &c)
-        .unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "Parameter 'multifd-compression' value 'zstd' is not yet supported by Tern"
-    );
-    assert_eq!(
-        p.multifd_compression,
-        MultifdCompression::None,
-        "all or nothing"
-    );
+    for (method, level, value) in [
+        ("zstd", "multifd-zstd-level", 20),
+        ("zlib", "multifd-zlib-level", 9),
+    ] {
+        p.apply_json(&json!({"multifd-compression": method, level: value}), &c)
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(p.multifd_compression).unwrap(),
+            json!(method)
+        );
+    }
+    assert_eq!((p.multifd_zstd_level, p.multifd_zlib_level), (20, 9));
+    let before = p.clone();
+    for hw in ["qpl", "uadk", "qatzip"] {
+        let e = p
+            .apply_json(&json!({"multifd-compression": hw}), &c)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Parameter 'multifd-compression' value '{hw}' is not supported by this build \
+                 (Tern has none, zlib and zstd)"
+            )
+        );
+        assert_eq!(p, before, "all or nothing");
+    }
     // Set while multifd is off (inert), then turning multifd on is refused.
     let off = Capabilities::default();
-    p.apply_json(&json!({"multifd-compression": "zlib"}), &off)
+    let mut c = Capabilities::default();
+    p.apply_json(&json!({"multifd-compression": "qpl"}), &off)
         .unwrap();
     let e = c.set(&[(Capability::Multifd, true)], &p).unwrap_err();
-    assert!(e.to_string().contains("'zlib'"), "{e}");
+    assert!(e.to_string().contains("'qpl'"), "{e}");
+    // zlib / zstd set while multifd is off: turning it on is accepted.
+    p.apply_json(&json!({"multifd-compression": "zlib"}), &off)
+        .unwrap();
+    c.set(&[(Capability::Multifd, true)], &p).unwrap();
 }
 
 /// QEMU's refusals of `zero-copy-send` (decision 220): without `multifd`, with TLS, with a

@@ -17,8 +17,8 @@ use tern_migration::source::Target;
 use tern_migration::status::MigrationStatus as S;
 use tern_migration::transport::{Listener, MigrationUri};
 use tern_migration::wire::{
-    ChannelHandshake, ChannelWriter, Command, Limits, RamPage, StreamConfig, StreamWriter,
-    VERSION_MULTIFD,
+    ChannelHandshake, ChannelWriter, Command, Compression, Limits, RamPage, StreamConfig,
+    StreamWriter, VERSION_MULTIFD,
 };
 
 fn listen() -> (Listener, MigrationUri) {
@@ -92,8 +92,12 @@ fn main_stream(uri: &MigrationUri, cfg: &StreamConfig, channels: u16, id: [u8; 1
         multifd: true,
     })
     .expect("caps");
-    w.write_command(Command::MultifdChannels { channels, id })
-        .expect("channels");
+    w.write_command(Command::MultifdChannels {
+        channels,
+        compression: tern_migration::wire::Compression::None,
+        id,
+    })
+    .expect("channels");
     w.write_command(Command::Ping { seq: 1 }).expect("ping");
     w.flush().expect("flush");
     // The writer is dropped, the socket stays open through the clone.
@@ -290,4 +294,91 @@ fn multifd_over_a_unix_socket_copies_every_page() {
     assert_eq!(so.status, S::Completed, "{:?}", so.error);
     assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
     assert_ram_equal(&src, &dst);
+}
+
+/// A fake guest whose every page is non-zero and compressible (one 8-byte value per page).
+fn compressible_source() -> (SrcSide, tern_migration::source::SourceMachine) {
+    let setup = Setup {
+        fill_percent: 0,
+        ..Setup::default()
+    };
+    let (src, sm) = source_side(&setup);
+    for n in 0..src.ram.total_pages() {
+        src.ram.guest_write(n, 64, n + 1);
+    }
+    (src, sm)
+}
+
+/// `multifd-compression` zlib and zstd (`docs/stream-format.md` §5.3) over 2 channels: every
+/// page arrives, and the channels carried far fewer bytes than the pages' data.
+#[test]
+fn zlib_and_zstd_over_two_channels_copy_every_page_in_fewer_bytes() {
+    for method in [Compression::Zlib, Compression::Zstd] {
+        let (src, sm) = compressible_source();
+        let (dst, dm) = dest_side(&Setup::default(), FakeMachine::new(2, UUID));
+        let guest = dirty(&src, 20_000);
+        let (l, uri) = listen();
+        let mut dopts = dst_multifd(2);
+        dopts.multifd_compression = method;
+        let d = start_dest(&dst, dm, Incoming::Listener(l), dopts);
+        let mut opts = src_opts(converge(), false);
+        opts.multifd_channels = Some(2);
+        opts.multifd_compression = (method, 1);
+        let s = start_source(&src, sm, Target::Uri(uri), opts);
+        let so = s.join().expect("source joins");
+        let dout = d.join().expect("destination joins");
+        guest.stop();
+        assert_eq!(so.status, S::Completed, "{method}: {:?}", so.error);
+        assert_eq!(dout.status, S::Completed, "{method}: {:?}", dout.error);
+        assert_ram_equal(&src, &dst);
+        let q = src.stats.to_query_migrate_json();
+        let mfd = q["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
+        let normal_bytes = q["ram"]["normal-bytes"].as_u64().unwrap_or(0);
+        assert!(
+            normal_bytes >= src.ram.total_pages() * 4096 && mfd * 4 < normal_bytes,
+            "{method}: {q}"
+        );
+    }
+}
+
+/// A different `multifd-compression` on the two sides fails at once naming both, and the
+/// source's guest runs on.
+#[test]
+fn a_one_sided_compression_fails_at_once_naming_both_sides_and_the_source_runs_on() {
+    for (at_src, at_dst) in [
+        (Compression::Zstd, Compression::None),
+        (Compression::None, Compression::Zlib),
+        (Compression::Zlib, Compression::Zstd),
+    ] {
+        let (src, sm) = compressible_source();
+        let (dst, dm) = dest_side(&Setup::default(), FakeMachine::new(2, UUID));
+        let (l, uri) = listen();
+        let mut dopts = dst_multifd(2);
+        dopts.multifd_compression = at_dst;
+        let d = start_dest(&dst, dm, Incoming::Listener(l), dopts);
+        let mut opts = src_opts(converge(), false);
+        opts.multifd_channels = Some(2);
+        opts.multifd_compression = (at_src, 1);
+        let s = start_source(&src, sm, Target::Uri(uri), opts);
+        let so = s.join().expect("source joins");
+        let dout = d.join().expect("destination joins");
+        let want = format!("multifd-compression: source {at_src}, destination {at_dst}");
+        assert_eq!(dout.status, S::Failed);
+        assert!(
+            dout.error.clone().unwrap_or_default().contains(&want),
+            "{:?}",
+            dout.error
+        );
+        assert_eq!(so.status, S::Failed);
+        assert!(
+            so.error.clone().unwrap_or_default().contains(&want),
+            "{:?}",
+            so.error
+        );
+        assert!(src.vcpus.is_running(), "the source's guest runs on");
+        assert!(!dst.vcpus.is_running());
+        // Nothing of RAM went over a channel: the refusal came before any channel.
+        let q = src.stats.to_query_migrate_json();
+        assert_eq!(q["ram"]["multifd-bytes"].as_u64().unwrap_or(0), 0, "{q}");
+    }
 }

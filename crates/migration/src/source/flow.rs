@@ -176,14 +176,22 @@ impl Sender {
         };
         if rp_stream.is_none() {
             w.write_command(capabilities)?;
-            multifd_id = multifd::announce(&mut w, self.opts.multifd_channels)?;
+            multifd_id = multifd::announce(
+                &mut w,
+                self.opts.multifd_channels,
+                self.opts.multifd_compression.0,
+            )?;
         }
         if let Some(rp) = rp_stream {
             w.write_command(Command::OpenReturnPath)?;
             // After OPEN_RETURN_PATH, so that a destination refusing them can say why; before
             // PING 1, whose PONG thus says CONFIG and CAPABILITIES were accepted.
             w.write_command(capabilities)?;
-            multifd_id = multifd::announce(&mut w, self.opts.multifd_channels)?;
+            multifd_id = multifd::announce(
+                &mut w,
+                self.opts.multifd_channels,
+                self.opts.multifd_compression.0,
+            )?;
             if self.opts.postcopy_ram {
                 // Right after CAPABILITIES (§13.1): the destination checks that it can page on
                 // demand before it answers PING 1.

@@ -61,14 +61,14 @@ use crate::convergence::{
 use crate::events::EventSink;
 use crate::liveness::{Inactivity, LivenessTimeout};
 use crate::machine::{MachineError, MachineState, RamSource, StateHandler, VcpuControl};
-use crate::params::{Capabilities, Capability, Parameters, ZeroPageDetection};
+use crate::params::{Capabilities, Capability, MultifdCompression, Parameters, ZeroPageDetection};
 use crate::stats::{error_chain, MigrationStats, SwitchoverAckStats, SwitchoverTimeline};
 use crate::status::MigrationStatus;
 use crate::throttle::ThrottleParams;
 use crate::transport::tls_config::TlsError;
 use crate::transport::tls_stream::ClientTls;
 use crate::transport::{self, CancelToken, MigrationUri, Stream, TransportError};
-use crate::wire::{Command, StreamConfig, StreamWriter, WireError};
+use crate::wire::{Command, Compression, StreamConfig, StreamWriter, WireError};
 use liveness::{Keepalive, Watched};
 use ram::{RamError, RamSender, BATCH_PAGES};
 pub use release::ReleaseError;
@@ -178,6 +178,10 @@ pub struct SourceOptions {
     /// `zero-copy-send` (with `multifd`, TCP only): the channels write with `MSG_ZEROCOPY`
     /// and flush their completions at every sync (`multifd_zerocopy.rs`).
     pub zero_copy_send: bool,
+    /// `multifd-compression` with its level (`multifd-zlib-level` / `multifd-zstd-level`):
+    /// how each channel packs its page data (`docs/stream-format.md` §5.3); only with
+    /// `multifd_channels`.
+    pub multifd_compression: (Compression, u8),
 }
 
 impl Default for SourceOptions {
@@ -214,6 +218,12 @@ impl SourceOptions {
                 .get(Capability::Multifd)
                 .then_some(u16::from(params.multifd_channels)),
             zero_copy_send: caps.get(Capability::Multifd) && caps.get(Capability::ZeroCopySend),
+            multifd_compression: match params.multifd_compression {
+                MultifdCompression::Zlib => (Compression::Zlib, params.multifd_zlib_level),
+                MultifdCompression::Zstd => (Compression::Zstd, params.multifd_zstd_level),
+                // `qpl`, `uadk`, `qatzip` are refused by the parameters (not in this build).
+                _ => (Compression::None, 0),
+            },
         }
     }
 }

@@ -23,8 +23,8 @@ use crate::liveness::{Inactivity, LivenessTimeout};
 use crate::machine::MachineError;
 use crate::transport::{self, tls_stream, MigrationUri, Stream};
 use crate::wire::{
-    is_zero_page, ChannelHandshake, ChannelWriter, Command, RamPage, StreamConfig, StreamWriter,
-    WireError, VERSION_MULTIFD,
+    is_zero_page, ChannelHandshake, ChannelWriter, Command, Compression, RamPage, StreamConfig,
+    StreamWriter, WireError, VERSION_MULTIFD,
 };
 
 /// Page lists queued per channel before `mig-src` waits for that channel.
@@ -229,12 +229,17 @@ impl Drop for Multifd {
 pub(super) fn announce<W: std::io::Write>(
     w: &mut StreamWriter<W>,
     channels: Option<u16>,
+    compression: Compression,
 ) -> Result<Option<[u8; 16]>, SourceError> {
     let Some(channels) = channels else {
         return Ok(None);
     };
     let id = *uuid::Uuid::new_v4().as_bytes();
-    w.write_command(Command::MultifdChannels { channels, id })?;
+    w.write_command(Command::MultifdChannels {
+        channels,
+        compression,
+        id,
+    })?;
     Ok(Some(id))
 }
 
@@ -303,11 +308,14 @@ impl Sender {
             let stream = self
                 .open_channel(uri, k, n, id)
                 .map_err(|e| SourceError::Multifd(format!("multifd channel {k}: {e}")))?;
-            let writer = ChannelWriter::new(stream, k, config)?;
             let pool = self
                 .opts
                 .zero_copy_send
                 .then(|| SlotPool::new(BATCH_PAGES * config.page_size as usize));
+            let mut writer = ChannelWriter::new(stream, k, config)?;
+            // `multifd-compression` (§5.3): the channel's own compressor.
+            let (method, level) = self.opts.multifd_compression;
+            writer.set_compression(method, level)?;
             let ctx = SenderCtx {
                 k,
                 view: self.m.ram.view(),

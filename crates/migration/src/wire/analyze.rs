@@ -180,8 +180,13 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                         v["total_bytes"] = json!(total_bytes);
                     }
                     Command::RecvBitmap { block } => v["block"] = json!(block),
-                    Command::MultifdChannels { channels, id } => {
+                    Command::MultifdChannels {
+                        channels,
+                        compression,
+                        id,
+                    } => {
                         v["channels"] = json!(channels);
+                        v["compression"] = json!(compression.name());
                         v["migration-id"] = json!(uuid::Uuid::from_bytes(id).to_string());
                     }
                     Command::OpenReturnPath

@@ -1,16 +1,20 @@
 //! Multifd channels (`docs/stream-format.md` §5.2, version 6): the 32-byte handshake that opens
 //! each extra connection, the writer and reader of the RAM batches it carries (the version-5
 //! batch of §5.1 with the channel's index, plus the `SYNC` and `KEEPALIVE` flags), and the
-//! order rules multifd adds to the main stream.
+//! order rules multifd adds to the main stream. Compressed batches (§5.3) are in
+//! `channel/compressed.rs`.
+
+mod compressed;
 
 use std::io::{IoSlice, Read, Write};
 
+use super::compress::{BatchCompressor, BatchDecompressor};
 use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
-    page_kind, Cursor, Limits, RecordKind, BATCH_FLAG_KEEPALIVE, BATCH_FLAG_SYNC, BATCH_HEADER_LEN,
-    BATCH_OVERHEAD, CHANNEL_HANDSHAKE_LEN, CHANNEL_MAGIC, FRAME_LEN, MAGIC, MAX_MULTIFD_CHANNELS,
-    RAM_ENTRY_LEN,
+    page_kind, Cursor, Limits, RecordKind, BATCH_FLAG_COMPRESSED, BATCH_FLAG_KEEPALIVE,
+    BATCH_FLAG_SYNC, BATCH_HEADER_LEN, BATCH_OVERHEAD, CHANNEL_HANDSHAKE_LEN, CHANNEL_MAGIC,
+    FRAME_LEN, MAGIC, MAX_MULTIFD_CHANNELS, RAM_ENTRY_LEN,
 };
 use super::ram_batch::{check_table, BatchCrc, BatchHeader, TableAt};
 use super::reader::{body_of, read_body, read_exact_at, read_frame};
@@ -163,6 +167,11 @@ pub struct ChannelWriter<W: Write> {
     head: Vec<u8>,
     bytes: u64,
     poisoned: bool,
+    /// `multifd-compression` (§5.3): this channel's compressor and its output buffer.
+    compressor: Option<BatchCompressor>,
+    packed: Vec<u8>,
+    raw_bytes: u64,
+    packed_bytes: u64,
 }
 
 impl<W: Write> ChannelWriter<W> {
@@ -189,6 +198,10 @@ impl<W: Write> ChannelWriter<W> {
             head: Vec::new(),
             bytes: 0,
             poisoned: false,
+            compressor: None,
+            packed: Vec::new(),
+            raw_bytes: 0,
+            packed_bytes: 0,
         })
     }
 
@@ -278,6 +291,13 @@ impl<W: Write> ChannelWriter<W> {
         }
         if let Some(b) = bad {
             return Err(WireError::InvalidArgument(b));
+        }
+        if normal > 0 && self.compressor.is_some() {
+            let r = self.write_compressed(head, pages, normal);
+            if !matches!(r, Ok(false)) {
+                return r.map(|_| ());
+            }
+            // Not smaller compressed: the batch goes plain (§5.3).
         }
         let len = BATCH_OVERHEAD + 4 + pages.len() * RAM_ENTRY_LEN + normal * self.page_size;
         self.fill_prefix(head, len, 0);
@@ -428,6 +448,11 @@ pub struct ChannelReader<R: Read> {
     buf: Vec<u8>,
     body_len: usize,
     failed: bool,
+    /// `multifd-compression` (§5.3): this channel's decompressor, its output buffer, and
+    /// whether the last batch's data is there.
+    decompressor: Option<BatchDecompressor>,
+    unpacked: Vec<u8>,
+    last_unpacked: bool,
 }
 
 impl<R: Read> ChannelReader<R> {
@@ -450,6 +475,9 @@ impl<R: Read> ChannelReader<R> {
             buf: Vec::new(),
             body_len: 0,
             failed: false,
+            decompressor: None,
+            unpacked: Vec::new(),
+            last_unpacked: false,
         }
     }
 
@@ -478,7 +506,11 @@ impl<R: Read> ChannelReader<R> {
                 let body = body_of(&self.buf, self.body_len);
                 let table_end = start + 4 + count * RAM_ENTRY_LEN;
                 let table = body.get(start + 4..table_end).unwrap_or(&[]);
-                let data = body.get(table_end..end).unwrap_or(&[]);
+                let data = if self.last_unpacked {
+                    self.unpacked.get(..normal * self.page_size).unwrap_or(&[])
+                } else {
+                    body.get(table_end..end).unwrap_or(&[])
+                };
                 Ok(ChannelRecord::Batch(RamBatch {
                     table,
                     data,
@@ -582,13 +614,24 @@ impl<R: Read> ChannelReader<R> {
                 ),
             });
         }
-        if flags & !(BATCH_FLAG_SYNC | BATCH_FLAG_KEEPALIVE) != 0
-            || flags == BATCH_FLAG_SYNC | BATCH_FLAG_KEEPALIVE
+        let compressed = flags == BATCH_FLAG_COMPRESSED;
+        if compressed && self.decompressor.is_none() {
+            return Err(WireError::Invalid {
+                field: "batch flags",
+                offset: body_at + 2,
+                reason: "COMPRESSED (4) on a channel without multifd-compression".into(),
+            });
+        }
+        if !compressed
+            && (flags & !(BATCH_FLAG_SYNC | BATCH_FLAG_KEEPALIVE) != 0
+                || flags == BATCH_FLAG_SYNC | BATCH_FLAG_KEEPALIVE)
         {
             return Err(WireError::Invalid {
                 field: "batch flags",
                 offset: body_at + 2,
-                reason: format!("{flags:#x}: only SYNC (1) or KEEPALIVE (2), never both"),
+                reason: format!(
+                    "{flags:#x}: only SYNC (1), KEEPALIVE (2) or COMPRESSED (4), one of them"
+                ),
             });
         }
         if generation != self.generation {
@@ -618,6 +661,19 @@ impl<R: Read> ChannelReader<R> {
                 offset: frame_at,
                 reason: format!("sequence {seq}, expected {}: {what}", self.next_seq),
             });
+        }
+        self.last_unpacked = false;
+        if compressed {
+            let at = body_at + BATCH_HEADER_LEN as u64;
+            let (count, normal, table_end) =
+                self.unpack(frame_at, at, seq, BATCH_HEADER_LEN, covered.len())?;
+            self.next_seq += 1;
+            let header = BatchHeader {
+                channel: self.channel,
+                generation,
+                seq,
+            };
+            return Ok(Some((BATCH_HEADER_LEN, table_end, count, normal, header)));
         }
         let count_at = c.offset();
         let count = c.u32("page count")?;

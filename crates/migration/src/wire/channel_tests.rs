@@ -320,6 +320,7 @@ fn the_main_stream_announces_the_channels_right_after_capabilities() {
     let ok = main_stream(|w| {
         w.write_command(Command::MultifdChannels {
             channels: 2,
+            compression: Compression::None,
             id: ID,
         })
         .expect("channels");
@@ -340,6 +341,7 @@ fn the_main_stream_announces_the_channels_right_after_capabilities() {
     let ram = main_stream(|w| {
         w.write_command(Command::MultifdChannels {
             channels: 2,
+            compression: Compression::None,
             id: ID,
         })
         .expect("channels");
@@ -354,11 +356,13 @@ fn the_main_stream_announces_the_channels_right_after_capabilities() {
     let twice = main_stream(|w| {
         w.write_command(Command::MultifdChannels {
             channels: 2,
+            compression: Compression::None,
             id: ID,
         })
         .expect("channels");
         w.write_command(Command::MultifdChannels {
             channels: 2,
+            compression: Compression::None,
             id: ID,
         })
         .expect("channels");
@@ -368,8 +372,12 @@ fn the_main_stream_announces_the_channels_right_after_capabilities() {
     // Zero channels, or an all-zero id.
     for (channels, id) in [(0u16, ID), (256, ID), (2, [0u8; 16])] {
         let bad = main_stream(|w| {
-            w.write_command(Command::MultifdChannels { channels, id })
-                .expect("channels");
+            w.write_command(Command::MultifdChannels {
+                channels,
+                compression: Compression::None,
+                id,
+            })
+            .expect("channels");
         });
         assert!(
             matches!(read_main(&bad), Err(WireError::Invalid { .. })),
@@ -391,7 +399,8 @@ fn multifd_needs_version_6_and_excludes_postcopy_and_the_digest() {
     assert!(w
         .write_command(Command::MultifdChannels {
             channels: 1,
-            id: ID
+            compression: Compression::None,
+            id: ID,
         })
         .is_err());
     for (ram_digest, postcopy_ram) in [(true, false), (false, true)] {

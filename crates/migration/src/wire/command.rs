@@ -1,5 +1,6 @@
 //! The COMMAND record's decoder (§6, §13, §13.6); split out of `reader.rs`.
 
+use super::compress::Compression;
 use super::error::WireError;
 use super::format::{
     cmd, Cursor, MAX_MULTIFD_CHANNELS, VERSION_MULTIFD, VERSION_POSTCOPY, VERSION_PREEMPT,
@@ -100,10 +101,18 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
                     reason: format!("{channels} not in 1..={MAX_MULTIFD_CHANNELS}"),
                 });
             }
-            if c.u16("multifd reserved")? != 0 {
+            let method = c.u8("multifd compression")?;
+            let compression = Compression::from_wire(method).ok_or_else(|| WireError::Invalid {
+                field: "multifd compression",
+                offset: body_at + 4,
+                reason: format!(
+                    "unknown multifd compression {method} (0 none, 1 zlib, 2 zstd; §5.3)"
+                ),
+            })?;
+            if c.u8("multifd reserved")? != 0 {
                 return Err(WireError::Invalid {
                     field: "multifd reserved",
-                    offset: body_at + 4,
+                    offset: body_at + 5,
                     reason: "must be 0".into(),
                 });
             }
@@ -115,7 +124,11 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
                     reason: "all zero (the source draws a random id per migration)".into(),
                 });
             }
-            Command::MultifdChannels { channels, id }
+            Command::MultifdChannels {
+                channels,
+                compression,
+                id,
+            }
         }
         cmd::POSTCOPY_ADVISE if version >= VERSION_POSTCOPY => {
             let page_size = c.u32("post-copy page size")?;

@@ -237,6 +237,22 @@ pub enum WireError {
         /// CRC-32C of the batch's bytes.
         actual: u32,
     },
+    /// A compressed multifd batch (version 7, §5.3) whose data cannot be what its table says:
+    /// wrong uncompressed length, a decompression bomb, garbage, trailing bytes. Refused
+    /// before any of its pages is placed.
+    #[error(
+        "RAM batch {seq} on channel {channel} at byte {offset}: compressed data refused: {reason}"
+    )]
+    BadCompressedBatch {
+        /// The multifd channel the batch was read from.
+        channel: u16,
+        /// The batch's sequence on that channel.
+        seq: u64,
+        /// Stream offset of the record frame.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
     /// A RAM batch (version 5) that is not the next one of its channel, or not of the current
     /// sync generation: lost, duplicated, replayed or reordered across a sync point.
     #[error("RAM batch at byte {offset} on channel {channel} out of order: {reason}")]
@@ -289,6 +305,7 @@ impl WireError {
             | Self::ChecksumMismatch { offset, .. }
             | Self::BatchChecksumMismatch { offset, .. }
             | Self::BatchOutOfOrder { offset, .. }
+            | Self::BadCompressedBatch { offset, .. }
             | Self::UnknownMessage { offset, .. } => Some(*offset),
             Self::BadMagic { .. } => Some(0),
             Self::UnsupportedVersion { .. } => Some(8),

@@ -42,6 +42,9 @@ pub const MAX_MULTIFD_CHANNELS: u16 = 255;
 pub const BATCH_FLAG_SYNC: u16 = 1;
 /// Batch flag (version 6, multifd channels only): an idle channel's keepalive; no pages.
 pub const BATCH_FLAG_KEEPALIVE: u16 = 2;
+/// Batch flag (version 7, multifd channels with `multifd-compression` only): the page data is
+/// one zlib stream / zstd frame after a `u32 raw_len` (`docs/stream-format.md` §5.3).
+pub const BATCH_FLAG_COMPRESSED: u16 = 4;
 /// The version that added post-copy recovery (commands 0x13, 0x14; return-path `RECV_BITMAP`,
 /// `RESUME_ACK`): written only on a recovery channel (§13.6).
 pub const VERSION_RECOVERY: u32 = 4;

@@ -12,6 +12,7 @@
 mod analyze;
 mod channel;
 mod command;
+mod compress;
 mod config;
 mod error;
 mod format;
@@ -27,6 +28,8 @@ mod batch_tests;
 #[cfg(test)]
 mod channel_tests;
 #[cfg(test)]
+mod compress_tests;
+#[cfg(test)]
 mod digest_tests;
 #[cfg(test)]
 mod hostile_tests;
@@ -41,6 +44,7 @@ mod tests;
 
 pub use analyze::{analyze, analyze_file};
 pub use channel::{ChannelExpect, ChannelHandshake, ChannelReader, ChannelRecord, ChannelWriter};
+pub use compress::{BatchCompressor, BatchDecompressor, Compression};
 pub use config::{ComponentVersion, CpuidEntry, Expectations, RamBlockInfo, StreamConfig};
 pub use error::WireError;
 pub use format::{

@@ -234,7 +234,28 @@ pub(crate) fn check_table(
     max_pages_per_batch: u32,
     page_size: usize,
 ) -> Result<(usize, usize), WireError> {
-    let body_at = at.body_at;
+    let (count, normal) = check_entries(body, at.body_at, block_pages, max_pages_per_batch)?;
+    let expected = 4 + (count * RAM_ENTRY_LEN) as u64 + (normal as u64) * page_size as u64;
+    if expected != body.len() as u64 {
+        return Err(WireError::LengthMismatch {
+            what: "ram record",
+            offset: at.len_field_at,
+            len: body.len() as u64 + at.overhead,
+            expected: expected + at.overhead,
+        });
+    }
+    Ok((count, normal))
+}
+
+/// Validates the `u32 count` and the entry table at the start of `body` (what follows the
+/// table is the caller's: page data, or version 7's compressed data). Returns
+/// `(count, normal pages)`.
+pub(crate) fn check_entries(
+    body: &[u8],
+    body_at: u64,
+    block_pages: &[u64],
+    max_pages_per_batch: u32,
+) -> Result<(usize, usize), WireError> {
     let mut c = Cursor::new(body, body_at, "ram");
     let count = c.u32("page count")?;
     if count == 0 || count > max_pages_per_batch {
@@ -294,15 +315,6 @@ pub(crate) fn check_table(
                 reason: format!("{reserved:#x}, must be 0"),
             });
         }
-    }
-    let expected = 4 + table.len() as u64 + (normal as u64) * page_size as u64;
-    if expected != body.len() as u64 {
-        return Err(WireError::LengthMismatch {
-            what: "ram record",
-            offset: at.len_field_at,
-            len: body.len() as u64 + at.overhead,
-            expected: expected + at.overhead,
-        });
     }
     Ok((count as usize, normal))
 }

@@ -1,5 +1,6 @@
 //! Decoded records. Payloads borrow the reader's buffer: no copy per page or per section.
 
+use super::compress::Compression;
 use super::format::{page_kind, BATCH_OVERHEAD, RAM_ENTRY_LEN};
 use super::ram_batch::BatchHeader;
 use crate::digest::RamDigest;
@@ -90,6 +91,8 @@ pub enum Command {
     MultifdChannels {
         /// Number of channels, 1 ..= 255.
         channels: u16,
+        /// `multifd-compression` (version 7, §5.3): how the channels' page data is packed.
+        compression: Compression,
         /// This migration's random id.
         id: [u8; 16],
     },

@@ -221,11 +221,16 @@ impl<W: Write> StreamWriter<W> {
                 body[..2].copy_from_slice(&cmd::POSTCOPY_LISTEN.to_le_bytes());
                 2
             }
-            Command::MultifdChannels { channels, id } => {
+            Command::MultifdChannels {
+                channels,
+                compression,
+                id,
+            } => {
                 self.need_version(VERSION_MULTIFD, "MULTIFD_CHANNELS")?;
                 body[..2].copy_from_slice(&cmd::MULTIFD_CHANNELS.to_le_bytes());
                 body[2..4].copy_from_slice(&channels.to_le_bytes());
-                // body[4..6]: reserved, 0.
+                body[4] = compression.to_wire();
+                // body[5]: reserved, 0.
                 let mut full = [0u8; 22];
                 full[..6].copy_from_slice(&body[..6]);
                 full[6..].copy_from_slice(&id);

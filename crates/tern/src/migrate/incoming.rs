@@ -44,6 +44,11 @@ impl Incoming {
         opts.multifd_channels = caps
             .get(Capability::Multifd)
             .then_some(u16::from(params.multifd_channels));
+        // `qpl` / `uadk` / `qatzip` never get here with multifd on (the parameters refuse them).
+        opts.multifd_compression = params
+            .multifd_compression
+            .wire()
+            .unwrap_or(tern_migration::wire::Compression::None);
         let stats = MigrationStats::new(Role::Destination);
         let events = Arc::new(QmpMigrationEvents::destination(
             ctl.weak(),
