@@ -11,6 +11,7 @@ use crate::machine::{
 #[derive(Default)]
 struct State {
     probe_error: Option<String>,
+    drop_error: Option<String>,
     missing: Vec<DirtyBitmap>,
     requester: Option<Arc<dyn PageRequester>>,
     started: bool,
@@ -46,6 +47,11 @@ impl FakePager {
     /// `probe` fails with `reason` (a host without userfaultfd).
     pub fn refuse(&self, reason: &str) {
         lock(&self.state.0).probe_error = Some(reason.into());
+    }
+
+    /// `drop_pages` (the early discard) fails with `reason`.
+    pub fn refuse_drop(&self, reason: &str) {
+        lock(&self.state.0).drop_error = Some(reason.into());
     }
 
     /// Waits until paging started (`POSTCOPY_LISTEN`).
@@ -126,6 +132,9 @@ impl PostcopySink for FakePager {
     }
 
     fn drop_pages(&mut self, block: usize, runs: &[(u64, u64)]) -> Result<(), MachineError> {
+        if let Some(r) = &lock(&self.state.0).drop_error {
+            return Err(MachineError::Failed(r.clone()));
+        }
         let mut n = 0;
         for &(first, count) in runs {
             for p in first..first + count {

@@ -157,7 +157,7 @@ fn a_raw_stream_with_early_discards_and_pages_after_them_is_accepted() {
 fn an_early_discard_is_refused_without_advise_in_an_older_stream_or_after_listen() {
     let early = discard(0, &[(0, 1)]);
     // No post-copy negotiated at all, or CAPABILITIES without postcopy-ram.
-    let e = err_of(&raw(&[early.clone()]));
+    let e = err_of(&raw(std::slice::from_ref(&early)));
     assert!(
         matches!(
             &e,
