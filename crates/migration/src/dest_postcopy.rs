@@ -5,9 +5,10 @@
 //! | --- | --- |
 //! | `CAPABILITIES` bit 4 | must match this side's `postcopy-ram`; the machine must have a [`PostcopySink`] |
 //! | `POSTCOPY_ADVISE` | [`PostcopySink::probe`]: a destination that cannot page on demand fails before `PONG 1` |
-//! | RAM in pre-copy | the page is marked received |
-//! | RAM_DISCARD | the pages are marked missing again (the source re-dirtied them) |
-//! | `POSTCOPY_LISTEN` | [`PostcopySink::start`] with missing = never received ∪ discarded, requests go out as `REQ_PAGES`; status `postcopy-active` |
+//! | RAM in pre-copy | the page is marked received (and no longer dropped) |
+//! | RAM_DISCARD before `SWITCHOVER_START` (version 7, the early discard) | the pages held here are dropped at once ([`PostcopySink::drop_pages`]) and marked missing and dropped; the rest is left alone |
+//! | RAM_DISCARD after `RUN_STATE` | the pages are marked missing again (the source re-dirtied them) |
+//! | `POSTCOPY_LISTEN` | [`PostcopySink::start`] with missing = never received ∪ discarded, and the pages dropped early and not written since (not dropped twice); requests go out as `REQ_PAGES`; status `postcopy-active` |
 //! | SECTIONs, `POSTCOPY_RUN` | the package: restored, then the guest runs (`RESUMED`) |
 //! | RAM after RUN | placed; a page already here fails the migration (decision 73) |
 //! | END | every page must be here; paging stops; `SHUT{0}`, `completed` |
@@ -52,6 +53,18 @@ impl Missing {
     /// Whether `page` of `block` is missing.
     pub(super) fn get(&self, block: usize, page: u64) -> bool {
         self.bits.get(block).is_some_and(|m| m.get(page))
+    }
+
+    /// `page` of `block` is not here (any more); whether it was here until now.
+    fn lose(&mut self, block: usize, page: u64) -> bool {
+        match self.bits.get_mut(block) {
+            Some(m) if !m.get(page) => {
+                m.set(page);
+                self.count += 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// `page` of `block` is here now.
@@ -114,6 +127,10 @@ pub(super) struct PostcopyRx {
     /// Per block: pages the guest asked for (shared with the requester): at a recovery every
     /// page requested and still missing is asked for again (§13.6).
     requested: Arc<Mutex<Vec<DirtyBitmap>>>,
+    /// Per block: pages the early discard dropped and nothing wrote since (⊆ missing):
+    /// `POSTCOPY_LISTEN` does not drop them a second time. Only the main reader touches it
+    /// (before `POSTCOPY_LISTEN` there is no other).
+    dropped: Vec<DirtyBitmap>,
     /// The switch as this side sees it (`x-tern-postcopy-switch`).
     clock: SwitchClock,
 }
@@ -131,9 +148,12 @@ struct SwitchClock {
 }
 
 impl PostcopyRx {
-    /// A page loaded in pre-copy.
+    /// A page loaded in pre-copy (written whole: a page dropped early is held again).
     pub(super) fn received(&mut self, block: usize, page: u64) {
         lock_missing(&self.missing).received(block, page);
+        if let Some(d) = self.dropped.get_mut(block) {
+            d.unset(page);
+        }
     }
 
     /// The received set (for the preempt channel's reader).
@@ -193,14 +213,7 @@ impl PostcopyRx {
     }
 
     fn mark_missing(&mut self, block: usize, page: u64) {
-        let mut missing = lock_missing(&self.missing);
-        let Missing { bits, count } = &mut *missing;
-        if let Some(m) = bits.get_mut(block) {
-            if !m.get(page) {
-                m.set(page);
-                *count += 1;
-            }
-        }
+        lock_missing(&self.missing).lose(block, page);
     }
 }
 
@@ -298,6 +311,10 @@ impl Receiver {
             .iter()
             .map(|m| DirtyBitmap::new(m.pages()))
             .collect();
+        let dropped = missing
+            .iter()
+            .map(|m| DirtyBitmap::new(m.pages()))
+            .collect();
         self.pc = Some(PostcopyRx {
             stage: Stage::Negotiated,
             missing: Arc::new(Mutex::new(Missing {
@@ -305,6 +322,7 @@ impl Receiver {
                 count: missing_count,
             })),
             requested: Arc::new(Mutex::new(requested)),
+            dropped,
             clock: SwitchClock::default(),
         });
         Ok(())
@@ -326,12 +344,17 @@ impl Receiver {
         })
     }
 
-    /// RAM_DISCARD: the pages are stale here; they will be fetched.
+    /// RAM_DISCARD: the pages are stale here; they will be fetched. Before `SWITCHOVER_START`
+    /// (the reader admits that only in a version-7 stream after ADVISE) it is the early
+    /// discard: [`Self::discard_early`].
     pub(super) fn discard(&mut self, d: &RamDiscard) -> Result<(), DestError> {
         let pc = self
             .pc
             .as_mut()
             .ok_or_else(|| Self::pc_protocol("RAM_DISCARD"))?;
+        if pc.clock.start.is_none() {
+            return self.discard_early(d);
+        }
         pc.clock.first_discard.get_or_insert_with(Instant::now);
         let block = usize::from(d.block);
         let before = pc.missing_count();
@@ -341,6 +364,48 @@ impl Receiver {
             }
         }
         pc.clock.times.discard_pages += pc.missing_count() - before;
+        Ok(())
+    }
+
+    /// The early discard (decision 200): the source's guest still runs; every named page held
+    /// here is dropped now and marked missing, so that `POSTCOPY_LISTEN`, in the blackout, need
+    /// not drop it. Done before the next record is read: a `PING` after it is answered only
+    /// once the pages are gone (the source's drain waits for that `PONG`).
+    fn discard_early(&mut self, d: &RamDiscard) -> Result<(), DestError> {
+        let t0 = Instant::now();
+        let (Some(pc), Some(sink)) = (self.pc.as_mut(), self.m.postcopy.as_mut()) else {
+            return Err(Self::pc_protocol("RAM_DISCARD"));
+        };
+        let block = usize::from(d.block);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        {
+            let mut missing = lock_missing(&pc.missing);
+            for &(first, n) in &d.ranges {
+                for p in u64::from(first)..u64::from(first) + u64::from(n) {
+                    // Not held (never received, or dropped already): nothing to drop.
+                    if !missing.lose(block, p) {
+                        continue;
+                    }
+                    if let Some(dr) = pc.dropped.get_mut(block) {
+                        dr.set(p);
+                    }
+                    match runs.last_mut() {
+                        Some((f, c)) if *f + *c == p => *c += 1,
+                        _ => runs.push((p, 1)),
+                    }
+                }
+            }
+        }
+        if !runs.is_empty() {
+            sink.drop_pages(block, &runs)
+                .map_err(|source| DestError::Machine {
+                    op: format!("dropping re-dirtied pages of RAM block {block} (early discard)"),
+                    source,
+                })?;
+        }
+        let t = &mut pc.clock.times;
+        t.early_discard_pages += runs.iter().map(|r| r.1).sum::<u64>();
+        t.early_discard += t0.elapsed();
         Ok(())
     }
 
@@ -381,7 +446,7 @@ impl Receiver {
         });
         let missing = lock_missing(&pc.missing);
         tracing::info!(missing = missing.count, "post-copy: demand paging starts");
-        sink.start(&missing.bits, requester)
+        sink.start(&missing.bits, &pc.dropped, requester)
             .map_err(|source| DestError::Machine {
                 op: "starting demand paging (post-copy)".into(),
                 source,

@@ -45,12 +45,17 @@ impl PostcopySink for SharedSink {
         lock_sink(&self.0).probe()
     }
 
+    fn drop_pages(&mut self, block: usize, runs: &[(u64, u64)]) -> Result<(), MachineError> {
+        lock_sink(&self.0).drop_pages(block, runs)
+    }
+
     fn start(
         &mut self,
         missing: &[DirtyBitmap],
+        dropped: &[DirtyBitmap],
         requester: Arc<dyn PageRequester>,
     ) -> Result<(), MachineError> {
-        lock_sink(&self.0).start(missing, requester)
+        lock_sink(&self.0).start(missing, dropped, requester)
     }
 
     fn place(&mut self, block: usize, page: u64, data: &[u8]) -> Result<bool, MachineError> {

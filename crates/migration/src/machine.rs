@@ -279,11 +279,21 @@ pub trait PostcopySink: Send {
     /// Whether this machine can page on demand (`POSTCOPY_ADVISE`); the error says what is
     /// missing. Nothing is changed.
     fn probe(&mut self) -> Result<(), MachineError>;
-    /// Starts paging: the pages set in `missing[block]` are dropped (never read stale) and
-    /// fetched through `requester` on first touch, every other page is here. Guest stopped.
+    /// The early discard (stream version 7, `docs/postcopy.md` §2a): drops the contents of
+    /// the pages `runs` (`(first page, pages)`, ascending, inside the block) of `block` now,
+    /// before [`PostcopySink::start`], so that they never read stale. The guest does not run
+    /// on this side yet, and nothing reads these pages until `start` (a page written again in
+    /// pre-copy is written whole).
+    fn drop_pages(&mut self, block: usize, runs: &[(u64, u64)]) -> Result<(), MachineError>;
+    /// Starts paging: the pages set in `missing[block]` are fetched through `requester` on
+    /// first touch, every other page is here. Those of them not also set in `dropped[block]`
+    /// are dropped first (never read stale); `dropped` (⊆ `missing`) are the pages
+    /// [`PostcopySink::drop_pages`] dropped and nothing wrote since: not dropped twice.
+    /// Guest stopped.
     fn start(
         &mut self,
         missing: &[DirtyBitmap],
+        dropped: &[DirtyBitmap],
         requester: Arc<dyn PageRequester>,
     ) -> Result<(), MachineError>;
     /// Installs one page and wakes whoever waits for it. `Ok(false)`: the page was already

@@ -116,6 +116,11 @@ pub struct PostcopySwitch {
     pub restore: Duration,
     /// The whole, `SWITCHOVER_START` → `RESUMED` sent.
     pub total: Duration,
+    /// Before the switch, the guest still running on the source (stream version 7): pages the
+    /// early RAM_DISCARD records dropped here (held until then), not part of `total`.
+    pub early_discard_pages: u64,
+    /// Handling the early RAM_DISCARD records (dropping those pages), not part of `total`.
+    pub early_discard: Duration,
 }
 
 /// Switchover-ack progress (Tern extension, not in QEMU's `query-migrate`).
@@ -635,6 +640,8 @@ fn postcopy_switch_info(m: &mut Map<String, Value>, t: &PostcopySwitch) {
             "package-us": us(t.package),
             "restore-us": us(t.restore),
             "total-us": us(t.total),
+            "early-discard-pages": t.early_discard_pages,
+            "early-discard-us": us(t.early_discard),
         }),
     );
 }

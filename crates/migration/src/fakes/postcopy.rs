@@ -11,11 +11,15 @@ use crate::machine::{
 #[derive(Default)]
 struct State {
     probe_error: Option<String>,
+    drop_error: Option<String>,
     missing: Vec<DirtyBitmap>,
     requester: Option<Arc<dyn PageRequester>>,
     started: bool,
     finished: bool,
     stats: PostcopyPagingStats,
+    /// Pages zeroed by `drop_pages` (the early discard) and by `start`.
+    dropped_early: u64,
+    dropped_at_start: u64,
 }
 
 /// A demand pager in memory; clones share their state.
@@ -43,6 +47,11 @@ impl FakePager {
     /// `probe` fails with `reason` (a host without userfaultfd).
     pub fn refuse(&self, reason: &str) {
         lock(&self.state.0).probe_error = Some(reason.into());
+    }
+
+    /// `drop_pages` (the early discard) fails with `reason`.
+    pub fn refuse_drop(&self, reason: &str) {
+        lock(&self.state.0).drop_error = Some(reason.into());
     }
 
     /// Waits until paging started (`POSTCOPY_LISTEN`).
@@ -82,6 +91,17 @@ impl FakePager {
         }
     }
 
+    /// Pages dropped by the early discard (`drop_pages`) and by `start` (the blackout's share).
+    pub fn dropped(&self) -> (u64, u64) {
+        let g = lock(&self.state.0);
+        (g.dropped_early, g.dropped_at_start)
+    }
+
+    /// Whether paging started (`POSTCOPY_LISTEN`).
+    pub fn started(&self) -> bool {
+        lock(&self.state.0).started
+    }
+
     /// Pages still missing (never placed).
     pub fn finished(&self) -> bool {
         lock(&self.state.0).finished
@@ -111,21 +131,41 @@ impl PostcopySink for FakePager {
         }
     }
 
+    fn drop_pages(&mut self, block: usize, runs: &[(u64, u64)]) -> Result<(), MachineError> {
+        if let Some(r) = &lock(&self.state.0).drop_error {
+            return Err(MachineError::Failed(r.clone()));
+        }
+        let mut n = 0;
+        for &(first, count) in runs {
+            for p in first..first + count {
+                self.ram.zero_page(block, p)?;
+                n += 1;
+            }
+        }
+        lock(&self.state.0).dropped_early += n;
+        Ok(())
+    }
+
     fn start(
         &mut self,
         missing: &[DirtyBitmap],
+        dropped: &[DirtyBitmap],
         requester: Arc<dyn PageRequester>,
     ) -> Result<(), MachineError> {
-        // Like MADV_DONTNEED: a missing page reads zero until it is placed.
+        // Like MADV_DONTNEED: a missing page reads zero until it is placed (one dropped early
+        // reads zero already).
+        let mut n = 0;
         for (b, m) in missing.iter().enumerate() {
             for p in 0..m.pages() {
-                if m.get(p) {
+                if m.get(p) && !dropped.get(b).is_some_and(|d| d.get(p)) {
                     self.ram.zero_page(b, p)?;
+                    n += 1;
                 }
             }
         }
         let (mx, cv) = &*self.state;
         let mut g = lock(mx);
+        g.dropped_at_start += n;
         g.missing = missing.to_vec();
         g.requester = Some(requester);
         g.started = true;

@@ -735,11 +735,12 @@ struct Sender {
 }
 
 impl Sender {
-    /// The stream version of every channel this migration writes (§10): 6 with the post-copy
-    /// preempt channel (§13.8) or multifd (§5.2), else 5 (decision 133).
+    /// The stream version of every channel this migration writes (§10): 7 with `postcopy-ram`
+    /// (the early discard, §13.3, decision 203; the preempt channel included), 6 with multifd
+    /// (§5.2), else 5 (decision 133).
     fn stream_version(&self) -> u32 {
-        if self.opts.postcopy_preempt {
-            crate::wire::VERSION_PREEMPT
+        if self.opts.postcopy_ram {
+            crate::wire::VERSION_EARLY_DISCARD
         } else if self.opts.multifd_channels.is_some() {
             crate::wire::VERSION_MULTIFD
         } else {

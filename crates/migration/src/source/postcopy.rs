@@ -2,7 +2,8 @@
 //! `postcopy_start` and `ram_save_queue_pages`).
 //!
 //! ```text
-//!  active ──migrate-start-postcopy, devices fit──> pause ──> SWITCHOVER_START, RUN_STATE,
+//!  active ──migrate-start-postcopy, devices fit──> [preempt channel] ──> sync, early
+//!  RAM_DISCARD (guest running), drain PING/PONG ──> pause ──> SWITCHOVER_START, RUN_STATE,
 //!  final sync, RAM_DISCARD (every page still to send), POSTCOPY_LISTEN, device SECTIONs,
 //!  POSTCOPY_RUN ──> postcopy-active: requested pages first, then the push ──> END ──SHUT{0}──> completed
 //! ```
@@ -109,6 +110,29 @@ impl Sender {
         Ok(switching)
     }
 
+    /// The early discard (decision 200, stream format §13.3), the guest still running: a
+    /// dirty-log sync, then RAM_DISCARD for every page of the to-send set (the pages the
+    /// destination may hold a stale copy of; it drops them at once and skips the rest). The
+    /// drain's `PONG` that follows confirms they are dropped. Nothing else is sent between
+    /// here and the stop, so these pages are still dropped there when the final RAM_DISCARD
+    /// names them again (the destination does not pay for them twice, decision 201).
+    fn early_discard(&mut self) -> Result<(), SourceError> {
+        let t0 = Instant::now();
+        self.sync_pass(t0)?;
+        let runs = self.ram()?.dirty_runs();
+        let mut pages = 0u64;
+        for (block, ranges) in &runs {
+            pages += ranges.iter().map(|r| u64::from(r.1)).sum::<u64>();
+            self.writer()?.write_ram_discard(*block, ranges)?;
+        }
+        tracing::info!(
+            pages,
+            us = t0.elapsed().as_micros() as u64,
+            "post-copy: early discard sent, the guest still runs"
+        );
+        Ok(())
+    }
+
     /// Before the stop (decision 140): a `PING` goes out behind what pre-copy queued (up to the 8 MiB socket buffers on each
     /// side: ~130 ms at 1 Gbit/s, ~10 ms of the destination's loading on loopback); its `PONG`
     /// says the destination has read all of it. Meanwhile the guest runs on (pages it dirties
@@ -133,6 +157,7 @@ impl Sender {
             // migration here, and the guest runs on (decision 152).
             self.open_preempt()?;
         }
+        self.early_discard()?;
         self.drain_before_switch()?;
         self.stop_vm(Instant::now())?;
         // `ram.transferred` counts the preempt channel too (its handshake went before the stop).

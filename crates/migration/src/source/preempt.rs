@@ -118,7 +118,7 @@ impl Sender {
             BufWriter::with_capacity(WRITE_BUFFER, stream),
             &config,
             &wire::Limits::default(),
-            wire::VERSION_PREEMPT,
+            self.stream_version(),
         )
         .map_err(|e| preempt_err("header", e))?;
         w.write_command(Command::PostcopyPreempt { token })

@@ -7,7 +7,7 @@ use super::error::WireError;
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// Newest stream version this code reads and writes; the reader accepts `1..=CURRENT_VERSION`.
 /// A writer writes the lowest version whose records it uses (`docs/stream-format.md` §10).
-pub const CURRENT_VERSION: u32 = 6;
+pub const CURRENT_VERSION: u32 = 7;
 /// The version of a stream without any version-2 record.
 pub const VERSION_1: u32 = 1;
 /// The version that added `RAM_DIGEST` (and `CAPABILITIES` bit 3).
@@ -52,6 +52,9 @@ pub const VERSION_RECOVERY: u32 = 4;
 /// `CAPABILITIES` bit 5, return-path `PREEMPT_ACK`; `docs/stream-format.md` §13.8): written
 /// only when `postcopy-preempt` is on.
 pub const VERSION_PREEMPT: u32 = 6;
+/// The version that made RAM_DISCARD legal during pre-copy after `POSTCOPY_ADVISE` (the early
+/// post-copy discard, `docs/stream-format.md` §13.3): written whenever `postcopy-ram` is on.
+pub const VERSION_EARLY_DISCARD: u32 = 7;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).

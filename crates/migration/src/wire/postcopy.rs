@@ -30,7 +30,15 @@ pub(crate) struct PostcopyOrder {
     /// This is a preempt channel (§13.8): `Some(identified)`, `identified` once its first
     /// record, `POSTCOPY_PREEMPT`, came.
     preempt_channel: Option<bool>,
+    /// The stream's version allows the early discard (version 7, §13.3).
+    early_discard_allowed: bool,
+    /// An early RAM_DISCARD came: the migration must switch (no pre-copy tail, no END before
+    /// `POSTCOPY_LISTEN`).
+    early_discarded: bool,
 }
+
+const AFTER_EARLY: &str =
+    "the migration ends in pre-copy after an early RAM_DISCARD (the destination dropped pages it held; it must switch to post-copy)";
 
 /// The handshake of a recovery channel (§13.6).
 #[derive(Debug, Default)]
@@ -60,6 +68,14 @@ fn out_of_order(record: &'static str, offset: u64, reason: &str) -> WireError {
 }
 
 impl PostcopyOrder {
+    /// The order state of a first channel of stream `version`.
+    pub(crate) fn first_channel(version: u32) -> Self {
+        Self {
+            early_discard_allowed: version >= super::format::VERSION_EARLY_DISCARD,
+            ..Self::default()
+        }
+    }
+
     /// The order state of a recovery channel (§13.6) for a CONFIG with `blocks` RAM blocks.
     pub(crate) fn recovery(blocks: usize) -> Self {
         Self {
@@ -216,7 +232,11 @@ impl PostcopyOrder {
             ));
         }
         match kind {
+            RecordKind::RamDiscard if !switchover_started => self.check_early_discard(frame_at),
             RecordKind::RamDiscard => self.check_switch_point(name, switchover_started, frame_at),
+            RecordKind::End if self.early_discarded && !self.listening => {
+                Err(out_of_order(name, frame_at, AFTER_EARLY))
+            }
             RecordKind::Ram if self.listening && !self.running => Err(out_of_order(
                 name,
                 frame_at,
@@ -239,11 +259,27 @@ impl PostcopyOrder {
             )),
             _ => {
                 if switchover_started && !self.listening {
+                    if self.early_discarded {
+                        return Err(out_of_order(name, frame_at, AFTER_EARLY));
+                    }
                     self.precopy_tail = true;
                 }
                 Ok(())
             }
         }
+    }
+
+    /// RAM_DISCARD before `SWITCHOVER_START` (the early discard, version 7): only after ADVISE.
+    fn check_early_discard(&mut self, frame_at: u64) -> Result<(), WireError> {
+        let reason = if !self.advised {
+            "a post-copy record without POSTCOPY_ADVISE (postcopy-ram was not negotiated)"
+        } else if !self.early_discard_allowed {
+            "a RAM_DISCARD before SWITCHOVER_START and RUN_STATE (an early discard needs stream version 7)"
+        } else {
+            self.early_discarded = true;
+            return Ok(());
+        };
+        Err(out_of_order("ram-discard", frame_at, reason))
     }
 
     /// RAM_DISCARD and `POSTCOPY_LISTEN` belong between `RUN_STATE` and the first record of

@@ -6,31 +6,31 @@ use super::hostile_tests::{drain, err_of, expect, raw, raw_v, switchover_start};
 use super::tests::{page, sample_config, PS};
 use super::*;
 
-fn command(n: u16, payload: &[u8]) -> (u8, Vec<u8>) {
+pub(super) fn command(n: u16, payload: &[u8]) -> (u8, Vec<u8>) {
     let mut b = n.to_le_bytes().to_vec();
     b.extend_from_slice(payload);
     (RecordKind::Command as u8, b)
 }
 
-fn caps(flags: u32) -> (u8, Vec<u8>) {
+pub(super) fn caps(flags: u32) -> (u8, Vec<u8>) {
     command(cmd::CAPABILITIES, &flags.to_le_bytes())
 }
 
-fn advise(page_size: u32) -> (u8, Vec<u8>) {
+pub(super) fn advise(page_size: u32) -> (u8, Vec<u8>) {
     let mut p = page_size.to_le_bytes().to_vec();
     p.extend_from_slice(&0u32.to_le_bytes());
     command(cmd::POSTCOPY_ADVISE, &p)
 }
 
-fn run_state() -> (u8, Vec<u8>) {
+pub(super) fn run_state() -> (u8, Vec<u8>) {
     command(cmd::RUN_STATE, &[1])
 }
 
-fn listen() -> (u8, Vec<u8>) {
+pub(super) fn listen() -> (u8, Vec<u8>) {
     command(cmd::POSTCOPY_LISTEN, &[])
 }
 
-fn discard(block: u16, ranges: &[(u32, u32)]) -> (u8, Vec<u8>) {
+pub(super) fn discard(block: u16, ranges: &[(u32, u32)]) -> (u8, Vec<u8>) {
     let mut b = block.to_le_bytes().to_vec();
     b.extend_from_slice(&0u16.to_le_bytes());
     b.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
@@ -42,7 +42,7 @@ fn discard(block: u16, ranges: &[(u32, u32)]) -> (u8, Vec<u8>) {
 }
 
 /// The records of a post-copy stream up to (not including) the package, valid.
-fn prefix() -> Vec<(u8, Vec<u8>)> {
+pub(super) fn prefix() -> Vec<(u8, Vec<u8>)> {
     vec![
         caps(cmd::CAP_POSTCOPY_RAM),
         advise(PS as u32),
@@ -188,7 +188,7 @@ fn a_valid_raw_post_copy_stream_is_accepted() {
 }
 
 /// The raw stream `recs` + `POSTCOPY_RUN` with a correct checksum + `tail`.
-fn with_run(recs: &[(u8, Vec<u8>)], tail: &[(u8, Vec<u8>)]) -> Vec<u8> {
+pub(super) fn with_run(recs: &[(u8, Vec<u8>)], tail: &[(u8, Vec<u8>)]) -> Vec<u8> {
     let head = raw(recs);
     let covered = &head[HEADER_LEN as usize..head.len() - 17];
     let mut run = crc32fast::hash(covered).to_le_bytes().to_vec();
@@ -308,8 +308,9 @@ fn an_oversized_discard_is_refused_at_its_frame() {
 #[test]
 fn switch_records_only_at_the_switch_point() {
     let p = prefix();
-    // Discard before SWITCHOVER_START, before RUN_STATE, without ADVISE.
-    let e = err_of(&raw(&[p[0].clone(), p[1].clone(), p[4].clone()]));
+    // Discard before SWITCHOVER_START in a version-6 stream (version 7 allows it: the early
+    // discard, early_discard_tests.rs), before RUN_STATE, without ADVISE.
+    let e = err_of(&raw_v(6, &[p[0].clone(), p[1].clone(), p[4].clone()]));
     assert!(
         e.to_string()
             .contains("before SWITCHOVER_START and RUN_STATE"),

@@ -254,7 +254,10 @@ impl<R: Read> StreamReader<R> {
             buf,
             body_len: 0,
             state: State::Records,
-            order: OrderState::default(),
+            order: OrderState {
+                postcopy: PostcopyOrder::first_channel(version),
+                ..OrderState::default()
+            },
             batches: batched.then(BatchTracker::new),
         })
     }

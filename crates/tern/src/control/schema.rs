@@ -496,6 +496,8 @@ static POSTCOPY_SWITCH: Object = object(
         Member::req("package-us", U64),
         Member::req("restore-us", U64),
         Member::req("total-us", U64),
+        Member::req("early-discard-pages", U64),
+        Member::req("early-discard-us", U64),
     ],
 );
 static RAM_DIGEST: Object = object(

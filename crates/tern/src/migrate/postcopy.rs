@@ -113,18 +113,38 @@ impl PostcopySink for VmPostcopy {
         pc::probe().map_err(|e| pager_error("userfaultfd demand paging", &e))
     }
 
+    fn drop_pages(&mut self, block: usize, runs: &[(u64, u64)]) -> Result<(), MachineError> {
+        let runs: Vec<(usize, u64, u64)> = runs.iter().map(|&(f, n)| (block, f, n)).collect();
+        pc::discard_now(self.vm.ram(), &runs)
+            .map_err(|e| pager_error("dropping re-dirtied pages (early discard)", &e))
+    }
+
     fn start(
         &mut self,
         missing: &[DirtyBitmap],
+        dropped: &[DirtyBitmap],
         requester: Arc<dyn PageRequester>,
     ) -> Result<(), MachineError> {
-        // Same layout (bit i of word i/64 = page i), one bitmap per region.
+        // Same layout (bit i of word i/64 = page i), one bitmap per region. Discarded now:
+        // the missing pages the early discard did not drop already.
         let words: Vec<Vec<u64>> = missing.iter().map(|m| m.words().to_vec()).collect();
+        let discard: Vec<Vec<u64>> = missing
+            .iter()
+            .enumerate()
+            .map(|(b, m)| {
+                let d = dropped.get(b).map(DirtyBitmap::words).unwrap_or(&[]);
+                m.words()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| w & !d.get(i).copied().unwrap_or(0))
+                    .collect()
+            })
+            .collect();
         let requests = Arc::new(Requests {
             regions: self.regions.clone(),
             engine: requester,
         });
-        let pager = Pager::start(self.vm.ram().clone(), &words, requests)
+        let pager = Pager::start_with_discard(self.vm.ram().clone(), &words, &discard, requests)
             .map_err(|e| pager_error("starting the demand pager", &e))?;
         let tids: Vec<i32> = self.vm.vcpu_thread_ids().into_iter().flatten().collect();
         pager.set_vcpu_threads(&tids);

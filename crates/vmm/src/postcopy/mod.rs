@@ -26,7 +26,7 @@ pub use bitmap::PageBitmap;
 pub use blocktime::Blocktime;
 pub use error::PagerError;
 pub use fault::MAX_RANGE_PAGES;
-pub use pager::{error_chain, PageRequester, Pager};
+pub use pager::{discard_now, error_chain, PageRequester, Pager};
 pub use stats::{PagerStats, WAIT_BUCKETS};
 pub use tracker::GpaRange;
 pub use uffd::Placement;

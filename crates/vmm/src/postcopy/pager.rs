@@ -54,11 +54,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Discards the missing pages, marks the rest received, opens userfaultfd and registers
-    /// every region ([`Pager::start`]'s first half).
+    /// Discards the pages set in `discard` (the missing ones not dropped before), marks every
+    /// page not missing received, opens userfaultfd and registers every region
+    /// ([`Pager::start`]'s first half).
     pub(crate) fn prepare(
         ram: Arc<GuestRam>,
         missing: &[Vec<u64>],
+        discard: &[Vec<u64>],
         requester: Arc<dyn PageRequester>,
     ) -> Result<Shared, PagerError> {
         let regions = ram.regions().to_vec();
@@ -81,7 +83,14 @@ impl Shared {
             }
             tracker.mark_received_words(i, bits.iter().map(|w| !w));
         }
-        discard_missing(&regions, missing)?;
+        if discard.len() != regions.len() {
+            return Err(PagerError::Bitmap(format!(
+                "{} discard bitmaps for {} regions",
+                discard.len(),
+                regions.len()
+            )));
+        }
+        discard_missing(&regions, discard)?;
         for r in &regions {
             uffd.register(r)?;
         }
@@ -210,7 +219,21 @@ impl Pager {
         missing: &[Vec<u64>],
         requester: Arc<dyn PageRequester>,
     ) -> Result<Pager, PagerError> {
-        let shared = Arc::new(Shared::prepare(ram, missing, requester)?);
+        Self::start_with_discard(ram, missing, missing, requester)
+    }
+
+    /// [`Pager::start`] that discards only the pages set in `discard` (one bitmap per region,
+    /// a subset of `missing`): the missing pages dropped before with [`discard_now`] and not
+    /// written since are registered missing without a second `MADV_DONTNEED` (the early
+    /// discard, decision 200). A page in `missing` but not in `discard` must not be populated
+    /// (dropped and untouched, or never written): the guest would read it without a fault.
+    pub fn start_with_discard(
+        ram: Arc<GuestRam>,
+        missing: &[Vec<u64>],
+        discard: &[Vec<u64>],
+        requester: Arc<dyn PageRequester>,
+    ) -> Result<Pager, PagerError> {
+        let shared = Arc::new(Shared::prepare(ram, missing, discard, requester)?);
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| PagerError::Os {
             context: "creating the stop eventfd",
             source,
@@ -387,6 +410,26 @@ impl Drop for Pager {
 /// Below this many missing pages the discard stays on the calling thread.
 const PARALLEL_DISCARD_PAGES: u64 = 8192;
 
+/// The early discard (decision 200): `MADV_DONTNEED` over `(region, first page, pages)` runs
+/// of `ram` now, before any [`Pager`] exists, so that [`Pager::start_with_discard`] need not
+/// free them while the guest is stopped. A run outside its region is refused before anything
+/// is dropped. The caller guarantees nothing uses those pages meanwhile (the destination's
+/// guest has not run yet). A large discard is split over two threads as at the start.
+pub fn discard_now(ram: &GuestRam, runs: &[(usize, u64, u64)]) -> Result<(), PagerError> {
+    let regions = ram.regions();
+    for &(i, first, count) in runs {
+        let inside = regions
+            .get(i)
+            .is_some_and(|r| first.checked_add(count).is_some_and(|end| end <= r.pages()));
+        if !inside {
+            return Err(PagerError::Bitmap(format!(
+                "discard of region {i} pages {first}+{count}: outside guest RAM"
+            )));
+        }
+    }
+    discard_split(regions, runs.to_vec())
+}
+
 /// `MADV_DONTNEED` over every run of set bits of `missing` (one bitmap per region). Freeing
 /// the pages is most of `Pager::start`'s time while the guest is stopped (131 072 pages: ~50 ms
 /// on one core here), so a large discard is split in two halves by pages, the second done on a
@@ -400,6 +443,11 @@ fn discard_missing(regions: &[RamRegionInfo], missing: &[Vec<u64>]) -> Result<()
                 .map(|(f, n)| (i, f, n)),
         );
     }
+    discard_split(regions, runs)
+}
+
+/// [`discard_runs`], on two threads above [`PARALLEL_DISCARD_PAGES`].
+fn discard_split(regions: &[RamRegionInfo], runs: Runs) -> Result<(), PagerError> {
     let total: u64 = runs.iter().map(|r| r.2).sum();
     if total < PARALLEL_DISCARD_PAGES {
         return discard_runs(regions, &runs);

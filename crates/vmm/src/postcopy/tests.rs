@@ -272,7 +272,7 @@ impl FaultSource for Script {
 fn scripted(req: Arc<Recorder>) -> (Pager, Arc<GuestRam>, mpsc::Sender<Drain>) {
     let ram = ram();
     let all = vec![vec![u64::MAX; 1]];
-    let shared = Arc::new(Shared::prepare(ram.clone(), &all, req).unwrap());
+    let shared = Arc::new(Shared::prepare(ram.clone(), &all, &all, req).unwrap());
     let (tx, rx) = mpsc::channel();
     let pager = Pager::spawn(
         shared,
