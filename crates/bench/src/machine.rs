@@ -25,6 +25,7 @@ fn spec(kind: Kind, name: &str, memory_mib: u64, vcpus: u32, guest: Guest, incom
         incoming,
         device: None,
         objects: Vec::new(),
+        qemu_args: Vec::new(),
     }
 }
 

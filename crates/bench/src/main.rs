@@ -17,6 +17,7 @@ mod postcopy_run;
 mod precopy;
 mod predict;
 mod predict_run;
+mod qemu_trace;
 mod report;
 mod serial;
 mod snapshot;

@@ -145,6 +145,7 @@ fn raw_qmp(ctx: &Ctx, kind: Kind, g: &Guest, i: usize) -> anyhow::Result<Run> {
         incoming,
         device: None,
         objects: Vec::new(),
+        qemu_args: Vec::new(),
     };
     let tag = format!("{}-mgmt-raw{i}", kind.label().to_lowercase());
     let mut src = Vm::spawn(&ctx.bins, &spec(format!("{tag}-src"), false))?;

@@ -236,6 +236,7 @@ fn migrate_pair(ctx: &Ctx, link: &Link, kind: Kind, guest: &Guest, p: &RecParams
         incoming,
         device: None,
         objects: Vec::new(),
+        qemu_args: Vec::new(),
     };
     let res = (|| -> anyhow::Result<RecOutcome> {
         let mut dst = Vm::spawn(&ctx.bins, &spec("dst", link.dst_ns, true))?;

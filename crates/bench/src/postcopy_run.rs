@@ -81,6 +81,8 @@ pub struct PcOutcome {
     pub latency_p99_us: Option<u64>,
     pub latency_max_us: Option<u64>,
     pub latency_pages: Option<u64>,
+    /// QEMU's request latency from its destination's trace (rows with `trace`).
+    pub qemu_trace_latency: Option<crate::qemu_trace::Latency>,
     /// Tern: the last `x-tern-postcopy-auto` seen on the source.
     pub auto_decision: Option<Value>,
     pub wall_ms: f64,

@@ -311,6 +311,7 @@ pub fn migrate_pair(
         incoming,
         device: device.clone(),
         objects: Vec::new(),
+        qemu_args: Vec::new(),
     };
     let res = (|| -> anyhow::Result<Outcome> {
         let mut dst = Vm::spawn(&ctx.bins, &spec("dst", link.dst_ns, true))?;

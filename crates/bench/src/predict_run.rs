@@ -114,6 +114,7 @@ fn spec(kind: Kind, name: String, guest: &Guest, ns: Option<&'static str>, inc: 
         incoming: inc,
         device: None,
         objects: Vec::new(),
+        qemu_args: Vec::new(),
     }
 }
 

@@ -57,6 +57,7 @@ fn spec(kind: Kind, name: String, memory: u64, g: &Guest, incoming: bool) -> Spe
         incoming,
         device: None,
         objects: Vec::new(),
+        qemu_args: Vec::new(),
     }
 }
 

@@ -80,6 +80,7 @@ fn migrate_once(
         incoming,
         device: None,
         objects: object(if incoming { "server" } else { "client" }),
+        qemu_args: Vec::new(),
     };
     let res = (|| -> anyhow::Result<(Outcome, Option<f64>)> {
         let mut dst = Vm::spawn(&ctx.bins, &spec("dst", true))?;

@@ -82,6 +82,8 @@ pub struct Spec {
     pub device: Option<String>,
     /// `-object` / `--object` specs (e.g. `tls-creds-x509,id=tls0,dir=...`).
     pub objects: Vec<String>,
+    /// More QEMU command-line arguments (e.g. `qemu_trace::trace_args`); not used for Tern.
+    pub qemu_args: Vec<String>,
 }
 
 /// Guest counters summed over vCPUs.
@@ -195,6 +197,7 @@ impl Vm {
                 for o in &spec.objects {
                     a.extend(["-object".into(), o.clone()]);
                 }
+                a.extend(spec.qemu_args.iter().cloned());
                 if spec.incoming {
                     a.extend(["-incoming".into(), "defer".into()]);
                 }
