@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::multifd_zerocopy::{SlotPool, ZeroCopySocket};
+use super::multifd_zerocopy::{ChannelSocket, SlotPool, ZeroCopySocket};
 use super::ram::{RamSender, BATCH_PAGES};
 use super::{Sender, Shared, SourceError};
 use crate::digest::RamView;
@@ -169,44 +169,6 @@ impl Multifd {
     /// Bytes the senders wrote (`multifd-bytes`).
     pub(super) fn bytes(&self) -> u64 {
         self.counters.bytes.load(Ordering::Relaxed)
-    }
-}
-
-/// A channel's socket: plain, or with `zero-copy-send` on (TCP only).
-enum ChannelSocket {
-    Plain(Stream),
-    ZeroCopy(ZeroCopySocket),
-}
-
-impl std::io::Write for ChannelSocket {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Self::Plain(s) => s.write(buf),
-            Self::ZeroCopy(z) => z.write(buf),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        match self {
-            Self::Plain(s) => s.write_vectored(bufs),
-            Self::ZeroCopy(z) => z.write_vectored(bufs),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Self::Plain(s) => s.flush(),
-            Self::ZeroCopy(z) => z.flush(),
-        }
-    }
-}
-
-impl ChannelSocket {
-    fn zero_copy(&mut self) -> Option<&mut ZeroCopySocket> {
-        match self {
-            Self::Plain(_) => None,
-            Self::ZeroCopy(z) => Some(z),
-        }
     }
 }
 

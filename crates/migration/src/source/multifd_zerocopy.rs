@@ -16,6 +16,8 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use crate::transport::Stream;
+
 /// `SO_ZEROCOPY` (asm-generic/socket.h).
 const SO_ZEROCOPY: libc::c_int = 60;
 /// `SO_EE_ORIGIN_ZEROCOPY` (linux/errqueue.h).
@@ -394,6 +396,44 @@ impl Write for ZeroCopySocket {
     /// Nothing is buffered here (completions are [`ZeroCopySocket::flush_completions`]).
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A channel's socket: plain, or with `zero-copy-send` on (TCP only).
+pub(super) enum ChannelSocket {
+    Plain(Stream),
+    ZeroCopy(ZeroCopySocket),
+}
+
+impl std::io::Write for ChannelSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::ZeroCopy(z) => z.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write_vectored(bufs),
+            Self::ZeroCopy(z) => z.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::ZeroCopy(z) => z.flush(),
+        }
+    }
+}
+
+impl ChannelSocket {
+    pub(super) fn zero_copy(&mut self) -> Option<&mut ZeroCopySocket> {
+        match self {
+            Self::Plain(_) => None,
+            Self::ZeroCopy(z) => Some(z),
+        }
     }
 }
 

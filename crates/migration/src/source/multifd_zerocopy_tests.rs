@@ -216,11 +216,8 @@ fn a_locked_memory_limit_too_small_for_a_batch_fails_naming_rlimit_memlock() {
         rlim_max: 64 << 10,
     };
     // SAFETY: `lim` is a live rlimit.
-    assert_eq!(
-        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) },
-        0,
-        "setrlimit"
-    );
+    let r = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+    assert_eq!(r, 0, "setrlimit");
     drop_ipc_lock();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
