@@ -250,6 +250,57 @@ fn only_pages_marked_missing_are_discarded_and_fetched() {
     assert!(e.to_string().contains("bitmap 0 words"), "{e}");
 }
 
+/// The early discard (decision 200): pages dropped with `discard_now` before the pager exists
+/// are registered missing by `start_with_discard` without a second `MADV_DONTNEED`, and fetched.
+#[test]
+fn pages_dropped_early_are_fetched_and_only_the_discard_set_is_dropped_at_start() {
+    let ram = ram();
+    for p in 0..8 {
+        ram.write_page(p * PAGE_SIZE, &content(100 * PAGE_SIZE))
+            .unwrap();
+    }
+    // Runs outside guest RAM are refused before anything is dropped.
+    let e = discard_now(&ram, &[(0, 2, 1), (0, 63, 2)]).unwrap_err();
+    assert!(e.to_string().contains("region 0 pages 63+2"), "{e}");
+    let e = discard_now(&ram, &[(1, 0, 1)]).unwrap_err();
+    assert!(e.to_string().contains("outside guest RAM"), "{e}");
+    // The early discard: pages 2 and 3 (not read afterwards: reading maps the zero page).
+    discard_now(&ram, &[(0, 2, 2)]).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let req = Arc::new(Recorder {
+        tx: Mutex::new(Some(tx.clone())),
+        ..Default::default()
+    });
+    // Missing: 2, 3 (dropped early), 5 (to drop now) and 6 (missing, deliberately left out of
+    // the discard set: it shows that start drops only the discard set).
+    let missing = vec![vec![(1u64 << 2) | (1 << 3) | (1 << 5) | (1 << 6)]];
+    let discard = vec![vec![1u64 << 5]];
+    let pager =
+        Arc::new(Pager::start_with_discard(ram.clone(), &missing, &discard, req.clone()).unwrap());
+    let server = serve(pager.clone(), rx);
+    assert_eq!(pager.missing_pages(), 4);
+    for p in [2, 3, 5] {
+        assert_eq!(
+            read_page(&ram, p * PAGE_SIZE),
+            content(p * PAGE_SIZE),
+            "page {p}"
+        );
+    }
+    assert_eq!(req.requested_pages(), vec![2, 3, 5]);
+    // Page 6 was not dropped at start: its old bytes are still mapped, read without a fault.
+    assert_eq!(read_page(&ram, 6 * PAGE_SIZE), content(100 * PAGE_SIZE));
+    assert_eq!(read_page(&ram, 4 * PAGE_SIZE), content(100 * PAGE_SIZE));
+    assert_eq!(req.requested_pages(), vec![2, 3, 5]);
+    tx.send(None).unwrap();
+    server.join().unwrap();
+    pager.shutdown().unwrap();
+    let e = Pager::start_with_discard(ram, &missing, &[], req).unwrap_err();
+    assert!(
+        e.to_string().contains("0 discard bitmaps for 1 regions"),
+        "{e}"
+    );
+}
+
 /// One scripted drain (or the error the source fails with).
 type Drain = Result<Vec<Fault>, PagerError>;
 
