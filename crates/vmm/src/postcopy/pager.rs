@@ -414,7 +414,9 @@ const PARALLEL_DISCARD_PAGES: u64 = 8192;
 /// of `ram` now, before any [`Pager`] exists, so that [`Pager::start_with_discard`] need not
 /// free them while the guest is stopped. A run outside its region is refused before anything
 /// is dropped. The caller guarantees nothing uses those pages meanwhile (the destination's
-/// guest has not run yet). A large discard is split over two threads as at the start.
+/// guest has not run yet). One thread, unlike the discard at the start (decision 206): the
+/// guest still runs on the source meanwhile, and where source and destination share cores a
+/// second discard thread takes one from its vCPUs (the blackout then begins before the stop).
 pub fn discard_now(ram: &GuestRam, runs: &[(usize, u64, u64)]) -> Result<(), PagerError> {
     let regions = ram.regions();
     for &(i, first, count) in runs {
@@ -427,7 +429,7 @@ pub fn discard_now(ram: &GuestRam, runs: &[(usize, u64, u64)]) -> Result<(), Pag
             )));
         }
     }
-    discard_split(regions, runs.to_vec())
+    discard_runs(regions, runs)
 }
 
 /// `MADV_DONTNEED` over every run of set bits of `missing` (one bitmap per region). Freeing
