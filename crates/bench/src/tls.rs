@@ -21,7 +21,7 @@ use crate::Ctx;
 const HOST: &str = "127.0.0.1";
 
 /// CPU time (user + system) of a process in seconds, from `/proc/PID/stat`.
-fn cpu_secs(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
