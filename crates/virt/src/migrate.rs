@@ -53,6 +53,10 @@ pub struct MigrateOptions {
     pub available_switchover_bandwidth: Option<u64>,
 }
 
+/// A multifd compression method (`zlib` / `zstd`) and, when given, its level parameter
+/// (`multifd-zlib-level` / `multifd-zstd-level`) with the value.
+pub type MultifdCompression = (&'static str, Option<(&'static str, u8)>);
+
 impl MigrateOptions {
     /// libvirt's post-copy rules (`qemuMigrationSrcBeginPhase` and friends): `--postcopy`
     /// needs a live migration that leaves the domain running, a return path (not tunnelled);
@@ -174,9 +178,7 @@ impl MigrateOptions {
     /// libvirt does. `--compressed` alone means libvirt's default, `xbzrle`, and `mt` is the
     /// removed compress-threads method: neither is in the Tern engine nor in QEMU 10's multifd,
     /// so both are refused by name. Returns the method and, when given, its level parameter.
-    pub fn multifd_compression(
-        &self,
-    ) -> Result<Option<(&'static str, Option<(&'static str, u8)>)>> {
+    pub fn multifd_compression(&self) -> Result<Option<MultifdCompression>> {
         let mut methods: Vec<&'static str> = Vec::new();
         for m in self.comp_methods.iter().flat_map(|s| s.split(',')) {
             let m = m.trim();
