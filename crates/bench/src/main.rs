@@ -3,6 +3,7 @@
 
 mod autoconverge;
 mod boot;
+mod compress;
 mod digest;
 mod facts;
 mod guest_stall;
@@ -61,6 +62,9 @@ enum Suite {
     /// x-tern-predict-migration before each migration vs what it then does, and Tern's vs
     /// QEMU's calc-dirty-rate on the same guest (issue 13 item 8); default --timeout 30
     Predict,
+    /// multifd 2 channels with multifd-compression none / zstd / zlib, Tern vs QEMU, loopback
+    /// and the 1 Gbit/s link, with both processes' CPU time (issue 13 item 4)
+    Compress,
     All,
 }
 
@@ -275,6 +279,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Boot => boot::run(&ctx),
             Suite::AutoConverge => autoconverge::run(&ctx),
             Suite::Tls => tls::run(&ctx),
+            Suite::Compress => compress::run(&ctx),
             Suite::Postcopy => {
                 postcopy::run(&ctx, cli.timeout.unwrap_or(postcopy::DEFAULT_TIMEOUT_S))
             }

@@ -75,8 +75,15 @@ pub struct MigrateArgs {
     pub parallel_connections: Option<u32>,
     #[arg(long)]
     pub compressed: bool,
+    /// zstd or zlib (with --parallel: the VMMs' multifd-compression)
     #[arg(long)]
     pub comp_methods: Option<String>,
+    /// 0..=9: multifd-zlib-level
+    #[arg(long)]
+    pub comp_zlib_level: Option<u8>,
+    /// 0..=20: multifd-zstd-level
+    #[arg(long)]
+    pub comp_zstd_level: Option<u8>,
     #[arg(long)]
     pub tls: bool,
     /// Progress bar with percentage and ETA
@@ -125,6 +132,8 @@ impl MigrateArgs {
             parallel_connections: self.parallel_connections,
             compressed: self.compressed,
             comp_methods: self.comp_methods.clone(),
+            comp_zlib_level: self.comp_zlib_level,
+            comp_zstd_level: self.comp_zstd_level,
             tls: self.tls,
             available_switchover_bandwidth: self.available_switchover_bandwidth,
         };

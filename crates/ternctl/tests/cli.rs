@@ -57,7 +57,7 @@ fn unbuilt_features_are_refused_by_name() {
         ("--postcopy", "non-live or paused"),
         ("--postcopy-after", "only be used with --postcopy"),
         ("--postcopy-resume", "requires post-copy to be enabled"),
-        ("--compressed", "compression"),
+        ("--compressed", "xbzrle"),
         ("--direct", "--p2p"),
     ] {
         let (ok, out) = ternctl(&["-c", sock, "migrate", "vm", "tern+tcp://h/system", opt]);

@@ -285,7 +285,7 @@ fn unreachable_destination_and_refused_options_leave_the_vm_running() {
         ("--postcopy-resume", "requires post-copy to be enabled"),
         ("--tls", "has no migration certificates"),
         ("--parallel-connections=2", "only be used with --parallel"),
-        ("--compressed", "compression"),
+        ("--compressed", "xbzrle"),
         ("--tunnelled", "tunnelled"),
     ] {
         let err = src.fails(&[

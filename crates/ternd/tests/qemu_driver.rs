@@ -563,3 +563,44 @@ fn domjobabort_postcopy_pauses_a_qemu_postcopy_and_postcopy_resume_completes_it(
     let job = h.src.ok(&["domjobinfo", "pp", "--completed"]);
     assert!(job.contains("Job type:         Completed"), "{job}");
 }
+
+/// `--parallel --comp-methods zstd --comp-zstd-level 2` for a QEMU VM: the same parameters on
+/// both QEMUs (`multifd-compression`, the source's level), the migration completes.
+#[test]
+fn parallel_zstd_migration_of_a_qemu_vm_sets_multifd_compression_on_both_qemus() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmpdir();
+    let Some(h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    let ser = dir.path().join("qz.ser");
+    let xml = write_xml(dir.path(), "qz", &qemu_xml("qz", &ser));
+    h.src.ok(&["define", &xml]);
+    h.src.ok(&["start", "qz"]);
+    wait_serial(&ser, "#running");
+    h.src.ok(&[
+        "migrate",
+        "qz",
+        &h.dst.tcp_uri(),
+        "--live",
+        "--p2p",
+        "--parallel",
+        "--comp-methods",
+        "zstd",
+        "--comp-zstd-level",
+        "2",
+    ]);
+    let job = h.src.ok(&["domjobinfo", "qz", "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    assert!(
+        job.contains("compression: multifd zstd on both VMMs, multifd-zstd-level 2"),
+        "{job}"
+    );
+    let p = h
+        .dst
+        .qmp("qz", "query-migrate-parameters", serde_json::json!({}));
+    assert_eq!(p["multifd-compression"], "zstd", "{p}");
+    assert_pattern_ok(&h.dst, "qz", MEM, dir.path());
+}

@@ -37,13 +37,25 @@ pub struct MigrateOptions {
     pub parallel: bool,
     pub parallel_connections: Option<u32>,
     pub compressed: bool,
+    /// `--comp-methods` (comma separated, libvirt's names): with `--parallel`, one of `zlib`,
+    /// `zstd` becomes both VMMs' `multifd-compression` ([`MigrateOptions::multifd_compression`]).
     pub comp_methods: Option<String>,
+    /// `--comp-zlib-level` (0..=9): the source VMM's `multifd-zlib-level`.
+    #[serde(default)]
+    pub comp_zlib_level: Option<u8>,
+    /// `--comp-zstd-level` (0..=20): the source VMM's `multifd-zstd-level`.
+    #[serde(default)]
+    pub comp_zstd_level: Option<u8>,
     pub tls: bool,
     /// `--available-switchover-bandwidth` in MiB/s (libvirt's unit): the source VMM's
     /// `avail-switchover-bandwidth` (bytes/s), used instead of the measured bandwidth for the
     /// expected downtime and the switchover decision.
     pub available_switchover_bandwidth: Option<u64>,
 }
+
+/// A multifd compression method (`zlib` / `zstd`) and, when given, its level parameter
+/// (`multifd-zlib-level` / `multifd-zstd-level`) with the value.
+pub type MultifdCompression = (&'static str, Option<(&'static str, u8)>);
 
 impl MigrateOptions {
     /// libvirt's post-copy rules (`qemuMigrationSrcBeginPhase` and friends): `--postcopy`
@@ -159,6 +171,97 @@ impl MigrateOptions {
         Ok(())
     }
 
+    /// libvirt's compression rules (`qemuMigrationParamsSetCompression`) for the methods Tern
+    /// has: with `--parallel`, exactly one of `zlib`, `zstd` (multifd compression, both VMMs'
+    /// `multifd-compression`) and its level (`--comp-zlib-level` / `--comp-zstd-level`, only
+    /// with that method, QEMU's ranges); `zlib` / `zstd` without `--parallel` are refused, as
+    /// libvirt does. `--compressed` alone means libvirt's default, `xbzrle`, and `mt` is the
+    /// removed compress-threads method: neither is in the Tern engine nor in QEMU 10's multifd,
+    /// so both are refused by name. Returns the method and, when given, its level parameter.
+    pub fn multifd_compression(&self) -> Result<Option<MultifdCompression>> {
+        let mut methods: Vec<&'static str> = Vec::new();
+        for m in self.comp_methods.iter().flat_map(|s| s.split(',')) {
+            let m = m.trim();
+            let known = match m {
+                "zlib" => "zlib",
+                "zstd" => "zstd",
+                "xbzrle" | "mt" => {
+                    return Err(Error::Unsupported(format!(
+                        "--comp-methods {m}: needs {} in the Tern engine, which is not \
+                         available; use --parallel --comp-methods zstd or zlib",
+                        if m == "xbzrle" {
+                            "xbzrle"
+                        } else {
+                            "multithreaded compression (mt, removed in QEMU 9.1)"
+                        }
+                    )))
+                }
+                other => {
+                    return Err(Error::InvalidArg(format!(
+                    "--comp-methods: unknown compression method '{other}' (xbzrle, mt, zlib, zstd)"
+                )))
+                }
+            };
+            if methods.contains(&known) {
+                return Err(Error::InvalidArg(format!(
+                    "--comp-methods: compression method '{known}' is specified twice"
+                )));
+            }
+            if !self.parallel {
+                return Err(Error::InvalidArg(format!(
+                    "--comp-methods {known}: compression method '{known}' is only supported \
+                     with parallel migration (--parallel)"
+                )));
+            }
+            methods.push(known);
+        }
+        if methods.len() > 1 {
+            return Err(Error::InvalidArg(
+                "--comp-methods: only one compression method can be used with parallel \
+                 migration"
+                    .into(),
+            ));
+        }
+        if self.compressed && methods.is_empty() {
+            return Err(Error::Unsupported(
+                "--compressed without --comp-methods means xbzrle (libvirt's default), which \
+                 the Tern engine does not have; use --parallel --comp-methods zstd or zlib"
+                    .into(),
+            ));
+        }
+        let method = methods.first().copied();
+        for (level, name, param, max, needs) in [
+            (
+                self.comp_zlib_level,
+                "--comp-zlib-level",
+                "multifd-zlib-level",
+                9,
+                "zlib",
+            ),
+            (
+                self.comp_zstd_level,
+                "--comp-zstd-level",
+                "multifd-zstd-level",
+                20,
+                "zstd",
+            ),
+        ] {
+            let Some(level) = level else { continue };
+            if method != Some(needs) {
+                return Err(Error::InvalidArg(format!(
+                    "{name}: turn {needs} compression on to tune it (--parallel --comp-methods {needs})"
+                )));
+            }
+            if level > max {
+                return Err(Error::InvalidArg(format!(
+                    "{name} {level}: expects a value between 0 and {max}"
+                )));
+            }
+            return Ok(Some((needs, Some((param, level)))));
+        }
+        Ok(method.map(|m| (m, None)))
+    }
+
     /// `multifd-channels` for `--parallel`: `--parallel-connections`, else QEMU's default 2.
     pub fn multifd_channels(&self) -> Option<u8> {
         self.parallel.then(|| {
@@ -170,18 +273,11 @@ impl MigrateOptions {
 
     /// Refuses options that need something not built yet, naming the missing feature.
     pub fn check_supported(&self) -> Result<()> {
-        let missing: &[(bool, &str, &str)] = &[
-            (
-                self.parallel && self.postcopy,
-                "--parallel with --postcopy",
-                "multifd together with post-copy in the Tern engine",
-            ),
-            (
-                self.compressed || self.comp_methods.is_some(),
-                "--compressed / --comp-methods",
-                "compression (xbzrle / multifd compression) in the Tern engine",
-            ),
-        ];
+        let missing: &[(bool, &str, &str)] = &[(
+            self.parallel && self.postcopy,
+            "--parallel with --postcopy",
+            "multifd together with post-copy in the Tern engine",
+        )];
         for (set, opt, feature) in missing {
             if *set {
                 return Err(Error::Unsupported(format!(
@@ -192,6 +288,7 @@ impl MigrateOptions {
         self.check_postcopy()?;
         self.check_resume()?;
         self.check_parallel()?;
+        self.multifd_compression()?;
         if self.offline && !self.persistent {
             return Err(Error::InvalidArg(
                 "--offline needs --persistent (an offline migration only copies the definition)"
@@ -248,6 +345,94 @@ impl MigrationCookie {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compression_follows_libvirts_rules_for_the_methods_tern_has() {
+        let opts = |parallel: bool,
+                    compressed: bool,
+                    methods: Option<&str>,
+                    zlib: Option<u8>,
+                    zstd: Option<u8>| MigrateOptions {
+            live: true,
+            p2p: true,
+            parallel,
+            compressed,
+            comp_methods: methods.map(str::to_owned),
+            comp_zlib_level: zlib,
+            comp_zstd_level: zstd,
+            ..Default::default()
+        };
+        let ok = opts(true, true, Some("zstd"), None, Some(5));
+        assert!(ok.check_supported().is_ok());
+        assert_eq!(
+            ok.multifd_compression().expect("ok"),
+            Some(("zstd", Some(("multifd-zstd-level", 5))))
+        );
+        let ok = opts(true, false, Some("zlib"), Some(9), None);
+        assert_eq!(
+            ok.multifd_compression().expect("ok"),
+            Some(("zlib", Some(("multifd-zlib-level", 9))))
+        );
+        assert_eq!(
+            opts(true, false, Some("zlib"), None, None)
+                .multifd_compression()
+                .expect("ok"),
+            Some(("zlib", None))
+        );
+        assert_eq!(
+            opts(true, false, None, None, None)
+                .multifd_compression()
+                .expect("ok"),
+            None
+        );
+        for (o, text) in [
+            (opts(false, true, None, None, None), "means xbzrle"),
+            (opts(true, true, None, None, None), "means xbzrle"),
+            (
+                opts(true, true, Some("xbzrle"), None, None),
+                "xbzrle in the Tern engine",
+            ),
+            (
+                opts(true, true, Some("mt"), None, None),
+                "removed in QEMU 9.1",
+            ),
+            (
+                opts(false, true, Some("zstd"), None, None),
+                "only supported with parallel",
+            ),
+            (
+                opts(true, true, Some("zstd,zlib"), None, None),
+                "only one compression method",
+            ),
+            (
+                opts(true, true, Some("zstd,zstd"), None, None),
+                "specified twice",
+            ),
+            (
+                opts(true, true, Some("lz4"), None, None),
+                "unknown compression method 'lz4'",
+            ),
+            (
+                opts(true, true, Some("zstd"), Some(1), None),
+                "turn zlib compression on",
+            ),
+            (
+                opts(true, true, Some("zlib"), None, Some(1)),
+                "turn zstd compression on",
+            ),
+            (
+                opts(true, true, Some("zlib"), Some(10), None),
+                "between 0 and 9",
+            ),
+            (
+                opts(true, true, Some("zstd"), None, Some(21)),
+                "between 0 and 20",
+            ),
+        ] {
+            let e = o.check_supported().expect_err(text).to_string();
+            assert!(e.contains(text), "{text}: {e}");
+        }
+    }
 
     #[test]
     fn missing_features_are_named() {

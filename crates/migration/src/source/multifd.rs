@@ -48,6 +48,9 @@ enum Job {
 #[derive(Default)]
 struct Counters {
     bytes: AtomicU64,
+    /// The estimates ([`estimate`]) of the page lists the senders wrote: with
+    /// `multifd-compression`, `bytes` ÷ this is the ratio the wire achieves so far.
+    estimated: AtomicU64,
     zero: AtomicU64,
     normal: AtomicU64,
     /// Syncs at which a channel's zero-copy sends were all copied by the kernel (QEMU's
@@ -71,6 +74,17 @@ pub(super) struct Multifd {
     /// Estimated wire bytes of every page list queued so far (rounds and the rate limit).
     queued: u64,
     page_size: u64,
+    /// `multifd-compression` is on: queued lists are counted at the achieved ratio.
+    compressed: bool,
+}
+
+/// Wire bytes of a page list sent plain: frame, header, count, CRC, entries, page data.
+fn estimate(list: &[PageRef], page_size: u64) -> u64 {
+    BATCH_FIXED
+        + list
+            .iter()
+            .map(|&(_, _, z)| ENTRY + if z { 0 } else { page_size })
+            .sum::<u64>()
 }
 
 impl Multifd {
@@ -115,11 +129,7 @@ impl Multifd {
             if list.is_empty() {
                 break;
             }
-            let bytes = BATCH_FIXED
-                + list
-                    .iter()
-                    .map(|&(_, _, z)| ENTRY + if z { 0 } else { self.page_size })
-                    .sum::<u64>();
+            let bytes = self.wire_estimate(estimate(&list, self.page_size));
             let k = self.next;
             self.next = (self.next + 1) % self.channels.len();
             self.queue(k, Job::Pages(list))?;
@@ -128,6 +138,19 @@ impl Multifd {
         self.queued += queued;
         self.fold(ram);
         Ok(queued)
+    }
+
+    /// With compression, `plain` scaled by the ratio the channels achieved so far (what they
+    /// wrote ÷ the plain estimate of what they wrote; 1 before the first batch), so that
+    /// `max-bandwidth` and the bandwidth estimate count wire bytes, as QEMU's multifd
+    /// accounting does (decision 215).
+    fn wire_estimate(&self, plain: u64) -> u64 {
+        let done = self.counters.estimated.load(Ordering::Relaxed);
+        if !self.compressed || done == 0 {
+            return plain;
+        }
+        let wrote = self.counters.bytes.load(Ordering::Relaxed).min(done);
+        ((u128::from(plain) * u128::from(wrote)) / u128::from(done)).max(1) as u64
     }
 
     /// Adds what the senders counted since the last call to the [`RamSender`]'s page counts.
@@ -264,6 +287,7 @@ impl Sender {
             folded: (0, 0),
             queued: 0,
             page_size: u64::from(config.page_size),
+            compressed: self.opts.multifd_compression.0 != Compression::None,
         };
         for k in 1..=n {
             self.check_abort()?;
@@ -476,7 +500,7 @@ impl SenderCtx {
         let zero = self.fill(list, buf)?;
         let pages = self.pages(list, &zero, buf);
         w.write_batch(&pages)?;
-        self.count(list.len(), &zero);
+        self.count(list, &zero);
         Ok(())
     }
 
@@ -512,7 +536,7 @@ impl SenderCtx {
             pool.sent(slot, s);
         }
         r?;
-        self.count(list.len(), &zero);
+        self.count(list, &zero);
         Ok(())
     }
 
@@ -547,7 +571,11 @@ impl SenderCtx {
         Ok(())
     }
 
-    fn count(&self, n: usize, zero: &[bool]) {
+    fn count(&self, list: &[PageRef], zero: &[bool]) {
+        let n = list.len();
+        self.counters
+            .estimated
+            .fetch_add(estimate(list, self.page_size as u64), Ordering::Relaxed);
         let z = zero.iter().filter(|z| **z).count();
         self.counters
             .normal

@@ -48,11 +48,11 @@ fn reader(bytes: &[u8], method: Compression) -> ChannelReader<&[u8]> {
         .expect("decompressor")
 }
 
+/// A page as read back: block, page, data (`None` = a zero page).
+type Page = (u16, u32, Option<Vec<u8>>);
+
 /// Every batch's pages (owned), or the first error.
-fn drain(
-    bytes: &[u8],
-    method: Compression,
-) -> Result<Vec<Vec<(u16, u32, Option<Vec<u8>>)>>, WireError> {
+fn drain(bytes: &[u8], method: Compression) -> Result<Vec<Vec<Page>>, WireError> {
     let mut r = reader(bytes, method);
     let mut out = Vec::new();
     while r.position() < (bytes.len() + CHANNEL_HANDSHAKE_LEN) as u64 {

@@ -139,6 +139,12 @@ fn prepare_vmm(
         .map_err(|e| Error::Monitor(e.to_string()))?;
     if let Some(n) = opts.multifd_channels() {
         vmm.qmp("migrate-set-parameters", json!({ "multifd-channels": n }))?;
+        // The source's method (Perform sets it there): both sides must name the same one.
+        let method = opts.multifd_compression()?.map_or("none", |(m, _)| m);
+        vmm.qmp(
+            "migrate-set-parameters",
+            json!({ "multifd-compression": method }),
+        )?;
     }
     if opts.tls {
         let dir = tls::check_dir(

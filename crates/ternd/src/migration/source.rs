@@ -320,6 +320,26 @@ fn run(
                 ctx,
                 format!("parallel: multifd with {n} channel(s) on both VMMs"),
             );
+            // `--comp-methods zstd|zlib [--comp-*-level N]`: multifd compression on both
+            // VMMs (the destination's in Prepare); the level is the sender's. `none` otherwise,
+            // so an earlier migration's setting does not linger (libvirt resets it too).
+            let comp = opts.multifd_compression()?;
+            let method = comp.map_or("none", |(m, _)| m);
+            vmm.qmp(
+                "migrate-set-parameters",
+                json!({ "multifd-compression": method }),
+            )?;
+            if let Some((_, Some((param, level)))) = comp {
+                vmm.qmp("migrate-set-parameters", json!({ param: level }))?;
+            }
+            if let Some((m, level)) = comp {
+                let level = level.map_or(String::new(), |(p, l)| format!(", {p} {l}"));
+                note(
+                    dom,
+                    ctx,
+                    format!("compression: multifd {m} on both VMMs{level}"),
+                );
+            }
         }
         super::postcopy::configure_source(vmm, opts)?;
         if opts.postcopy {
