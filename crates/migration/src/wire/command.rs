@@ -3,8 +3,8 @@
 use super::compress::Compression;
 use super::error::WireError;
 use super::format::{
-    cmd, Cursor, MAX_MULTIFD_CHANNELS, VERSION_MULTIFD, VERSION_POSTCOPY, VERSION_PREEMPT,
-    VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    cmd, Cursor, MAX_MULTIFD_CHANNELS, VERSION_COMPRESSION, VERSION_MULTIFD, VERSION_POSTCOPY,
+    VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::record::Command;
 
@@ -109,6 +109,16 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
                     "unknown multifd compression {method} (0 none, 1 zlib, 2 zstd; §5.3)"
                 ),
             })?;
+            if compression != Compression::None && version < VERSION_COMPRESSION {
+                return Err(WireError::Invalid {
+                    field: "multifd compression",
+                    offset: body_at + 4,
+                    reason: format!(
+                        "{method}: compressed multifd batches need stream version \
+                         {VERSION_COMPRESSION}, this stream is version {version} (§5.3)"
+                    ),
+                });
+            }
             if c.u8("multifd reserved")? != 0 {
                 return Err(WireError::Invalid {
                     field: "multifd reserved",

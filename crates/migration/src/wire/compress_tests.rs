@@ -291,9 +291,34 @@ fn the_compressed_flag_without_negotiated_compression_is_refused() {
 fn multifd_channels_carries_the_method_and_refuses_an_unknown_one() {
     let cfg = sample_config();
     for m in [Compression::None, Compression::Zlib, Compression::Zstd] {
-        let mut w =
-            StreamWriter::with_version(Vec::new(), &cfg, &Limits::default(), VERSION_MULTIFD)
-                .expect("writer");
+        let bytes = channels_stream(&cfg, m, VERSION_COMPRESSION);
+        if m != Compression::None {
+            // A compression method in a version-6 stream: refused, naming the version.
+            let old = channels_stream(&cfg, m, VERSION_MULTIFD);
+            let mut r = StreamReader::new(
+                &old[..],
+                Limits::default(),
+                Expectations::from_config(&cfg, false),
+            )
+            .expect("reader");
+            let e = loop {
+                match r.next_record() {
+                    Err(e) => break e,
+                    Ok(Record::End(_)) => panic!("accepted compression in a version-6 stream"),
+                    Ok(_) => {}
+                }
+            };
+            assert!(e.to_string().contains("need stream version 7"), "{e}");
+        }
+        check_method_and_unknown_byte(&cfg, m, bytes);
+    }
+}
+
+/// CAPABILITIES (multifd) + MULTIFD_CHANNELS with `m`, in a stream of `version`.
+fn channels_stream(cfg: &StreamConfig, m: Compression, version: u32) -> Vec<u8> {
+    {
+        let mut w = StreamWriter::with_version(Vec::new(), cfg, &Limits::default(), version)
+            .expect("writer");
         w.write_command(Command::Capabilities {
             switchover_ack: false,
             validate_uuid: false,
@@ -309,11 +334,17 @@ fn multifd_channels_carries_the_method_and_refuses_an_unknown_one() {
             id: [7; 16],
         })
         .expect("channels");
-        let bytes = w.finish().expect("end");
+        w.finish().expect("end")
+    }
+}
+
+/// The reader sees `m` in `bytes`, and refuses the method byte 3.
+fn check_method_and_unknown_byte(cfg: &StreamConfig, m: Compression, bytes: Vec<u8>) {
+    {
         let mut r = StreamReader::new(
             &bytes[..],
             Limits::default(),
-            Expectations::from_config(&cfg, false),
+            Expectations::from_config(cfg, false),
         )
         .expect("reader");
         let mut seen = None;
@@ -337,7 +368,7 @@ fn multifd_channels_carries_the_method_and_refuses_an_unknown_one() {
         let mut r = StreamReader::new(
             &bad[..],
             Limits::default(),
-            Expectations::from_config(&cfg, false),
+            Expectations::from_config(cfg, false),
         )
         .expect("reader");
         let e = loop {

@@ -55,6 +55,10 @@ pub const VERSION_PREEMPT: u32 = 6;
 /// The version that made RAM_DISCARD legal during pre-copy after `POSTCOPY_ADVISE` (the early
 /// post-copy discard, `docs/stream-format.md` §13.3): written whenever `postcopy-ram` is on.
 pub const VERSION_EARLY_DISCARD: u32 = 7;
+/// The version that added compressed multifd batches (`MULTIFD_CHANNELS`' compression byte,
+/// batch flag `COMPRESSED`; `docs/stream-format.md` §5.3): written when `multifd-compression`
+/// is not `none`.
+pub const VERSION_COMPRESSION: u32 = 7;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).
