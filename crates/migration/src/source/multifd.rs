@@ -24,7 +24,7 @@ use crate::machine::MachineError;
 use crate::transport::{self, tls_stream, MigrationUri, Stream};
 use crate::wire::{
     is_zero_page, ChannelHandshake, ChannelWriter, Command, Compression, RamPage, StreamConfig,
-    StreamWriter, WireError, VERSION_MULTIFD,
+    StreamWriter, WireError,
 };
 
 /// Page lists queued per channel before `mig-src` waits for that channel.
@@ -347,7 +347,8 @@ impl Sender {
         crate::liveness::arm(&stream, liveness, Some(liveness.keepalive_period()))
             .map_err(|e| format!("setting the liveness options: {e}"))?;
         let hs = ChannelHandshake {
-            version: VERSION_MULTIFD,
+            // The main stream's version (7 with compression, §5.3; else 6).
+            version: self.stream_version(),
             channel: k,
             channels: n,
             id,
