@@ -322,11 +322,12 @@ fn latency_cell(kind: Kind, o: &PcOutcome) -> String {
         .unwrap_or_default();
     if let Some(t) = &o.qemu_trace_latency {
         return format!(
-            "{} / {} (trace, exact: {} / {}, {} pages)",
+            "{} / {} (trace, exact: {} / {}, avg {} µs, {} pages)",
             us(Some(t.median_bucket_us)),
             us(Some(t.p99_bucket_us)),
             us(Some(t.median_us)),
             us(Some(t.p99_us)),
+            t.mean_us,
             t.pages
         );
     }
@@ -605,11 +606,14 @@ fn latency_goal(
     let (tm, tp) = (tern.latency_median_us, tern.latency_p99_us);
     match (qemu_traced, tm, tp) {
         (Some(q), Some(m), Some(p)) => format!(
-            "Tern {} / {} vs QEMU {} / {} (median / p99; {})",
+            "Tern {} / {} (avg {}) vs QEMU {} / {} (avg {} µs) (median / p99; {})",
             us(Some(m)),
             us(Some(p)),
+            tern.latency_avg_us
+                .map_or_else(|| "–".into(), |a| format!("{a:.0} µs")),
             us(Some(q.median_bucket_us)),
             us(Some(q.p99_bucket_us)),
+            q.mean_us,
             if m < q.median_bucket_us && p < q.p99_bucket_us {
                 "met"
             } else if m <= q.median_bucket_us && p <= q.p99_bucket_us {

@@ -36,6 +36,8 @@ pub struct Latency {
     pub median_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
+    /// The average, for Tern's `postcopy-latency` (also an average).
+    pub mean_us: u64,
     /// Median and 99th percentile rounded up to a power of two, as Tern's
     /// `x-tern-postcopy-latency` buckets report them, for a like-for-like column.
     pub median_bucket_us: u64,
@@ -90,6 +92,7 @@ pub fn request_latency(log: &str, page_size: u64) -> Option<Latency> {
         median_us,
         p99_us,
         max_us: samples[samples.len() - 1],
+        mean_us: samples.iter().sum::<u64>() / n as u64,
         median_bucket_us: median_us.max(1).next_power_of_two(),
         p99_bucket_us: p99_us.max(1).next_power_of_two(),
     })
@@ -120,6 +123,7 @@ qemu-system-x86_64: some unrelated line
         assert_eq!(l.p99_us, 3000);
         assert_eq!(l.median_bucket_us, 1024);
         assert_eq!(l.p99_bucket_us, 4096);
+        assert_eq!(l.mean_us, 1900);
     }
 
     #[test]
