@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::facts::realtime_ns;
 use crate::link::SRC_NS;
 use crate::migrate::start_tcp;
-use crate::postcopy_run::stalled_ms;
+use crate::postcopy_run::{stalled_ms, wait_dst_completed};
 use crate::vm::{Bins, Vm};
 
 /// The veth end in the source's namespace (`scripts/netns.sh`).
@@ -316,22 +316,6 @@ fn drive(
     out.dst_final = dq;
     out.pattern = check_pattern(bins, dst, p.memory_mib, dump)?;
     Ok(())
-}
-
-fn wait_dst_completed(dst: &mut Vm) -> anyhow::Result<Value> {
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let q = dst.exec("query-migrate", json!({}))?;
-        match status_of(&q).as_str() {
-            "completed" => return Ok(q),
-            "failed" => bail!("{}: destination failed: {q}", dst.name),
-            _ => {}
-        }
-        if Instant::now() > end {
-            bail!("{}: not completed 30 s after the source: {q}", dst.name);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Stops the destination, saves its RAM and runs `tern check-pattern` on it.

@@ -251,7 +251,7 @@ fn fill_bytes(out: &mut PcOutcome, q: &Value, live: &Value) {
 }
 
 /// The destination's own `completed` (its blocktime and latency are final then).
-fn wait_dst_completed(dst: &mut Vm) -> anyhow::Result<Value> {
+pub(crate) fn wait_dst_completed(dst: &mut Vm) -> anyhow::Result<Value> {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         let q = dst.exec("query-migrate", json!({}))?;
