@@ -2,7 +2,9 @@
 //! environment the daemon stops at point NAME for ever (the test then kills it), after saying
 //! so on stderr. Points: `prepare` (destination, the incoming VMM started),
 //! `finish-before-cont` (destination, the incoming migration completed, not resumed yet),
-//! `perform-done` (source, the stream completed, Finish not called yet), `prepare-done`
+//! `perform-done` (source, the stream completed, Finish not called yet),
+//! `postcopy-before-finish` (source, its VMM switched to post-copy, Finish not called yet),
+//! `prepare-done`
 //! (source, the destination prepared, Perform not started), `prepare-resume-done` (source of
 //! a `--postcopy-resume`, the destination's VMM listens, `migrate resume` not sent yet).
 //! With `TERND_X_TEST_HOLD=NAME` the daemon instead holds at point NAME until a condition the

@@ -259,6 +259,9 @@ fn on_event(
                 switched_to_postcopy(d, dom);
             }
             dom.lock().mig_status = Some(status.clone());
+            if crate::migration::postcopy::over(&status) && status != "completed" {
+                crate::migration::postcopy::incoming_failed_before_finish(d, dom, vmm);
+            }
             if matches!(
                 status.as_str(),
                 "postcopy-recover-setup" | "postcopy-recover" | "postcopy-active"

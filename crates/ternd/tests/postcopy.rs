@@ -714,3 +714,58 @@ fn a_cut_link_pauses_postcopy_and_the_resume_after_it_is_back_completes() {
     wait_state(&h.dst, name, "running (migrated)");
     assert_pattern_ok(&h.dst, name, BIG, dir.path());
 }
+
+/// §5c, the destination without Finish: the source daemon stops right after the switch, before
+/// its Finish (`postcopy-before-finish`), and the link between the hosts goes down. The
+/// destination's VMM pauses by its liveness limit and its daemon ends the job by itself:
+/// `running (post-copy failed)`, no job left, resumable (the race a cut right after the switch
+/// used to lose, with the destination `running (post-copy)` for ever). With the link back and
+/// the source daemon restarted, the resume completes with the guest intact.
+#[test]
+fn a_cut_before_finish_fails_the_destination_job_by_itself_and_the_resume_completes() {
+    let dir = tmpdir();
+    let Some(mut h) = Hosts::up(dir.path()) else {
+        return;
+    };
+    h.src.env = vec![("TERND_X_TEST_STALL".into(), "postcopy-before-finish".into())];
+    h.src.kill();
+    h.src.restart();
+    let name = "pf";
+    let bg = start_pattern_postcopy(&h, dir.path(), name);
+    h.src.wait_log("x-test: stalling at postcopy-before-finish");
+    wait_state(&h.dst, name, "running (post-copy)");
+    link(&h, false);
+    wait_state(&h.dst, name, "running (post-copy failed)");
+    let q = h.dst.qmp(name, "query-migrate", json!({}));
+    assert_eq!(q["status"], "postcopy-paused", "{q}");
+    let info = h.dst.ok(&["domjobinfo", name, "--completed"]);
+    assert!(info.contains("Job type:         Failed"), "{info}");
+    assert!(
+        info.contains("post-copy failed on the destination"),
+        "{info}"
+    );
+
+    link(&h, true);
+    h.src.kill();
+    let (ok, _, _) = bg.wait();
+    assert!(!ok, "the migration reported success from a killed daemon");
+    h.src.env.clear();
+    h.src.restart();
+    wait_state(&h.src, name, "paused (post-copy failed)");
+    let dst = h.dst.tcp_uri();
+    let args = [
+        &resume_args(name, &dst)[..],
+        &["--postcopy-bandwidth", "64"][..],
+    ]
+    .concat();
+    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state(name), "shut off (migrated)");
+    wait_state(&h.dst, name, "running (migrated)");
+    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+}

@@ -209,6 +209,7 @@ pub(super) fn finish_and_confirm_phases(
     phases: (&'static str, &'static str),
 ) -> Result<()> {
     dom.set_phase(phases.0);
+    crate::fault::point("postcopy-before-finish");
     let finish_err = match finish(dest_uri, peer, &dom.name) {
         FinishOutcome::Done => None,
         FinishOutcome::Refused(e) | FinishOutcome::NotDelivered(e) | FinishOutcome::Unknown(e) => {
@@ -475,6 +476,39 @@ fn end(dom: &Domain, t: JobType, q: Option<&Value>, err: String) {
     };
     info.errmsg = Some(err);
     dom.end_job(info);
+}
+
+/// libvirt's `qemuProcessHandleMigrationStatus` on a destination: its VMM's post-copy ended
+/// other than `completed` (`postcopy-paused`, `failed`) after the switch, before the source
+/// daemon's Finish came. A link cut right after the switch stops Finish too, and a source
+/// daemon may die before sending it: without this the job would stay open and the domain
+/// `running (post-copy)` for ever, and `--postcopy-resume` would find a job running here. The
+/// event thread claims the job (phase `postcopy`: a Finish that comes later is a repeated
+/// one) and hands it to the watcher, which ends it as Finish's would have. Called from the
+/// event thread, so the QMP round trips are left to the watcher's own thread.
+pub fn incoming_failed_before_finish(d: &Arc<Daemon>, dom: &Arc<Domain>, vmm: &Arc<Vmm>) {
+    let claimed = {
+        let mut g = dom.lock();
+        match g.job.as_mut() {
+            Some(j)
+                if j.kind == JobKind::MigrationIn
+                    && !j.resume
+                    && j.postcopy_switched
+                    && j.phase == "prepared" =>
+            {
+                j.phase = "postcopy";
+                true
+            }
+            _ => false,
+        }
+    };
+    if claimed {
+        tracing::warn!(
+            "{}: post-copy ended here before the source daemon's Finish came",
+            dom.name
+        );
+        watch_incoming(d, dom, vmm);
+    }
 }
 
 /// A restarted destination daemon found its incoming VMM in post-copy: the job is taken up
