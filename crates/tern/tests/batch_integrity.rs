@@ -1,7 +1,7 @@
 //! Issue 13 item 2: every RAM batch checks itself (stream version 5, `docs/stream-format.md`
 //! §5.1). Real `tern run` processes over TCP with a proxy between them that flips one byte in
 //! the middle of an early RAM batch: the destination refuses that batch when it arrives,
-//! naming it, while the source is still in its first pass (before, only END's checksum could
+//! naming it, long before END and the switchover (before, only END's checksum could
 //! see it, after the whole transfer and the switchover), and the source's guest runs on and
 //! migrates whole over a clean link afterwards.
 
@@ -54,8 +54,10 @@ fn a_byte_flipped_in_flight_is_refused_at_its_batch_and_the_source_runs_on() {
         "destination error-desc {de:?} lacks {named:?}"
     );
 
-    // Well before END: the source never sent it, never paused its guest, and was still in
-    // its first pass when the destination's error stopped it.
+    // Well before END: the source never sent it and never paused its guest (its stop waits for
+    // the destination's answer to a PING behind the refused batch, which never comes). How far
+    // the source got meanwhile (the first pass, or into the second on a loaded host whose
+    // socket buffers hold the rest of the first) is timing, not asserted.
     assert_eq!(p.end, None, "END passed the proxy: {p:?}");
     let events = src.qmp.take_events();
     let names: Vec<&str> = events
@@ -63,15 +65,6 @@ fn a_byte_flipped_in_flight_is_refused_at_its_batch_and_the_source_runs_on() {
         .filter_map(|e| e.get("event").and_then(Value::as_str))
         .collect();
     assert!(!names.contains(&"STOP"), "the source paused: {names:?}");
-    let passes: Vec<u64> = events
-        .iter()
-        .filter(|e| e.get("event").and_then(Value::as_str) == Some("MIGRATION_PASS"))
-        .filter_map(|e| e.pointer("/data/pass").and_then(Value::as_u64))
-        .collect();
-    assert!(
-        passes.iter().all(|&p| p <= 1),
-        "the source went past pass 1: {passes:?}"
-    );
     assert!(
         frame < m.memory_bytes() / 8,
         "the batch at byte {frame} is early in a stream of more than {} bytes",
