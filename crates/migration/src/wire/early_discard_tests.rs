@@ -229,17 +229,12 @@ fn the_writer_refuses_an_early_discard_below_version_7() {
             before,
             "nothing of it reached the stream"
         );
-        // The writer is not broken by the refusal: the discard at the switch is fine, and what
-        // it wrote is a stream its reader accepts.
-        w.write_command(Command::SwitchoverStart).unwrap();
-        w.write_command(Command::RunState { running: true })
-            .unwrap();
-        w.write_ram_discard(0, &[(1, 1)]).unwrap();
-        w.write_command(Command::PostcopyListen).unwrap();
-        w.write_postcopy_run().unwrap();
+        // The refusal does not break the writer: what it wrote is a stream its reader
+        // accepts (a post-copy-capable migration that ends in pre-copy).
+        w.write_command(Command::Ping { seq: 2 }).unwrap();
         let bytes = w.finish().unwrap();
         let n = drain(&bytes, &Limits::default(), expect()).unwrap();
-        assert_eq!(n, 8, "version {version}: every record read back");
+        assert_eq!(n, 4, "version {version}: CAPABILITIES, ADVISE, RAM, PING");
     }
     // Version 7 writes the same early discard.
     let mut w = postcopy_writer(&Limits::default(), VERSION_EARLY_DISCARD);
