@@ -5,31 +5,19 @@
 
 mod common;
 
+use common::postcopy::{
+    pc_dst_opts, pc_src_opts, postcopy_writer, PostcopyEnded, PostcopyMigration,
+};
 use common::*;
 use tern_migration::dest::Incoming;
 use tern_migration::events::Event;
 use tern_migration::fakes::FakeMachine;
 use tern_migration::machine::VcpuControl;
-use tern_migration::source::{Handover, SourceOptions, Target, Tuning};
+use tern_migration::source::{Handover, SourceOptions, Target};
 use tern_migration::status::MigrationStatus as S;
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap()
-}
-
-fn pc_src_opts(tuning: Tuning) -> SourceOptions {
-    SourceOptions {
-        postcopy_ram: true,
-        ..src_opts(tuning, false)
-    }
-}
-
-fn pc_dst_opts() -> tern_migration::dest::DestOptions {
-    tern_migration::dest::DestOptions {
-        postcopy_ram: true,
-        postcopy_blocktime: true,
-        ..dst_opts(false)
-    }
 }
 
 #[test]
@@ -39,14 +27,8 @@ fn postcopy_after_a_precopy_pass_completes_with_requested_pages_served() {
         loader: LoaderKind::NoAckNeeded,
         ..Setup::default()
     };
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let (pager, dm) = with_pager(&dst, dm);
-    let guest = dirtying(&src, std::time::Duration::from_secs(30));
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
-    let s = start_source(&src, sm, Target::Stream(a), pc_src_opts(non_converge()));
-    wait_pass(&src.events, 2);
+    let m = PostcopyMigration::to_pass_2(&setup, |_| {});
+    let (s, pager, src_events) = (&m.source, m.pager.clone(), m.src.events.clone());
     assert_eq!(s.status(), S::Active, "pre-copy never converges here");
     s.start_postcopy().expect("migrate-start-postcopy");
     s.start_postcopy()
@@ -58,11 +40,11 @@ fn postcopy_after_a_precopy_pass_completes_with_requested_pages_served() {
         requested += pager.fault(0, page, 4).expect("request");
     }
     requested += pager.fault(1, 200, 1).expect("request");
-    wait_status(&src.events, S::Completed);
+    wait_status(&src_events, S::Completed);
     let handover = s.handover();
-    let so = s.join().unwrap();
-    let dout = d.join().unwrap();
-    guest.stop();
+    let PostcopyEnded {
+        src, dst, so, dout, ..
+    } = m.join();
     assert_eq!(so.status, S::Completed, "{:?}", so.error);
     assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
     assert_eq!(handover, Handover::DestinationRuns);
@@ -207,23 +189,13 @@ fn start_postcopy_is_refused_without_the_capability() {
 
 #[test]
 fn cancel_before_the_switch_resumes_the_source() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let (pager, dm) = with_pager(&dst, dm);
-    let (a, b) = socketpair();
-    let guest = dirtying(&src, std::time::Duration::from_secs(30));
-    let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
-    let s = start_source(&src, sm, Target::Stream(a), pc_src_opts(non_converge()));
-    wait_pass(&src.events, 2);
-    s.cancel();
-    let so = s.join().unwrap();
-    let dout = d.join().unwrap();
-    guest.stop();
-    assert_eq!(so.status, S::Cancelled);
-    assert_eq!(dout.status, S::Failed);
-    assert_source_restored(&src, true);
-    assert!(!pager.finished());
+    let m = PostcopyMigration::to_pass_2(&Setup::default(), |_| {});
+    m.source.cancel();
+    let end = m.join();
+    assert_eq!(end.so.status, S::Cancelled);
+    assert_eq!(end.dout.status, S::Failed);
+    assert_source_restored(&end.src, true);
+    assert!(!end.pager.finished());
 }
 
 /// Decision 73: after `POSTCOPY_RUN` a page the destination already holds (received in
@@ -231,38 +203,15 @@ fn cancel_before_the_switch_resumes_the_source() {
 /// stream is written by hand (a correct source never sends it).
 #[test]
 fn a_page_sent_twice_after_run_fails_the_destination_by_name() {
-    use tern_migration::machine::{MachineState, RamSink};
-    use tern_migration::transport::Stream;
-    use tern_migration::wire::{Command, Limits, RamPage, StreamWriter, VERSION_POSTCOPY};
+    use tern_migration::wire::{Command, RamPage, VERSION_POSTCOPY};
 
     let setup = Setup::default();
     let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
     let (pager, dm) = with_pager(&dst, dm);
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
-    let ram = tern_migration::fakes::FakeRam::small();
-    let cfg = FakeMachine::new(2, UUID)
-        .describe()
-        .stream_config(ram.page_size(), ram.blocks());
-    let Stream::Unix(sock) = a else {
-        panic!("socketpair gives unix streams")
-    };
-    let page = vec![0x5au8; ram.page_size() as usize];
-    let mut w =
-        StreamWriter::with_version(sock, &cfg, &Limits::default(), VERSION_POSTCOPY).unwrap();
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: false,
-        postcopy_ram: true,
-        postcopy_preempt: false,
-        multifd: false,
-    })
-    .unwrap();
-    w.write_command(Command::PostcopyAdvise {
-        page_size: ram.page_size(),
-    })
-    .unwrap();
+    let (mut w, ps) = postcopy_writer(a, VERSION_POSTCOPY);
+    let page = vec![0x5au8; ps as usize];
     w.write_ram_batch(&[RamPage::normal(0, 3, &page)]).unwrap();
     w.write_command(Command::SwitchoverStart).unwrap();
     w.write_command(Command::RunState { running: true })

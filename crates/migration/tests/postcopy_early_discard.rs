@@ -6,61 +6,14 @@
 
 mod common;
 
+use common::postcopy::{pc_dst_opts, postcopy_writer, PostcopyMigration};
 use common::*;
 use tern_migration::dest::Incoming;
 use tern_migration::events::Event;
-use tern_migration::fakes::{FakeMachine, FakeRam};
-use tern_migration::machine::{MachineState, RamSink};
-use tern_migration::source::{SourceOptions, Tuning};
+use tern_migration::fakes::FakeMachine;
+use tern_migration::machine::VcpuControl;
 use tern_migration::status::MigrationStatus as S;
-use tern_migration::transport::Stream;
-use tern_migration::wire::{
-    Command, Limits, RamPage, StreamConfig, StreamWriter, VERSION_EARLY_DISCARD,
-};
-
-fn pc_src_opts(tuning: Tuning) -> SourceOptions {
-    SourceOptions {
-        postcopy_ram: true,
-        ..src_opts(tuning, false)
-    }
-}
-
-fn pc_dst_opts() -> tern_migration::dest::DestOptions {
-    tern_migration::dest::DestOptions {
-        postcopy_ram: true,
-        ..dst_opts(false)
-    }
-}
-
-fn config() -> (StreamConfig, u32) {
-    let ram = FakeRam::small();
-    let cfg = FakeMachine::new(2, UUID)
-        .describe()
-        .stream_config(ram.page_size(), ram.blocks());
-    (cfg, ram.page_size())
-}
-
-/// A hand-written version-7 source on `a`: CAPABILITIES (postcopy-ram) and ADVISE.
-fn writer(a: Stream) -> (StreamWriter<std::os::unix::net::UnixStream>, u32) {
-    let Stream::Unix(sock) = a else {
-        panic!("socketpair gives unix streams")
-    };
-    let (cfg, ps) = config();
-    let mut w =
-        StreamWriter::with_version(sock, &cfg, &Limits::default(), VERSION_EARLY_DISCARD).unwrap();
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: false,
-        postcopy_ram: true,
-        postcopy_preempt: false,
-        multifd: false,
-    })
-    .unwrap();
-    w.write_command(Command::PostcopyAdvise { page_size: ps })
-        .unwrap();
-    (w, ps)
-}
+use tern_migration::wire::{Command, RamPage, VERSION_EARLY_DISCARD};
 
 fn page_of(dst: &DstSide, block: usize, page: u64, ps: u32) -> Vec<u8> {
     let ps = ps as usize;
@@ -79,7 +32,7 @@ fn an_early_discard_drops_held_pages_once_and_a_page_sent_after_it_is_held_again
     let (pager, dm) = with_pager(&dst, dm);
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
-    let (mut w, ps) = writer(a);
+    let (mut w, ps) = postcopy_writer(a, VERSION_EARLY_DISCARD);
     let (old, new, late) = (
         vec![0x11u8; ps as usize],
         vec![0x22u8; ps as usize],
@@ -145,7 +98,7 @@ fn the_source_vanishing_after_an_early_discard_fails_the_destination_before_the_
     let (pager, dm) = with_pager(&dst, dm);
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
-    let (mut w, ps) = writer(a);
+    let (mut w, ps) = postcopy_writer(a, VERSION_EARLY_DISCARD);
     let page = vec![0x5au8; ps as usize];
     w.write_ram_batch(&[RamPage::normal(0, 7, &page)]).unwrap();
     w.write_ram_discard(0, &[(7, 1)]).unwrap();
@@ -158,7 +111,6 @@ fn the_source_vanishing_after_an_early_discard_fails_the_destination_before_the_
     assert_eq!(pager.dropped(), (1, 0), "dropped early, never started");
     assert!(!pager.started());
     assert!(!dst.events.statuses().contains(&S::PostcopyActive));
-    use tern_migration::machine::VcpuControl;
     assert!(!dst.vcpus.is_running(), "the destination's guest never ran");
 }
 
@@ -167,33 +119,21 @@ fn the_source_vanishing_after_an_early_discard_fails_the_destination_before_the_
 /// reason, its guest was never stopped and runs on.
 #[test]
 fn a_destination_failing_its_early_discard_fails_the_migration_and_the_source_runs_on() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let (pager, dm) = with_pager(&dst, dm);
-    pager.refuse_drop("madvise refused by the test");
-    let guest = dirtying(&src, std::time::Duration::from_secs(30));
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
-    let s = start_source(
-        &src,
-        sm,
-        tern_migration::source::Target::Stream(a),
-        pc_src_opts(non_converge()),
-    );
-    wait_pass(&src.events, 2);
-    s.start_postcopy().expect("migrate-start-postcopy");
-    let so = s.join().unwrap();
-    let dout = d.join().unwrap();
-    guest.stop();
-    assert_eq!(so.status, S::Failed);
-    assert_eq!(dout.status, S::Failed);
-    let e = so.error.unwrap_or_default();
+    let m = PostcopyMigration::to_pass_2(&Setup::default(), |p| {
+        p.refuse_drop("madvise refused by the test")
+    });
+    let end = m.switch_and_join();
+    assert_eq!(end.so.status, S::Failed);
+    assert_eq!(end.dout.status, S::Failed);
+    let e = end.so.error.unwrap_or_default();
     assert!(e.contains("madvise refused by the test"), "{e}");
     assert!(e.contains("early discard"), "{e}");
-    assert_source_restored(&src, true);
-    assert!(!src.events.events().contains(&Event::Stop), "never paused");
-    assert!(!pager.started());
+    assert_source_restored(&end.src, true);
+    assert!(
+        !end.src.events.events().contains(&Event::Stop),
+        "never paused"
+    );
+    assert!(!end.pager.started());
 }
 
 /// A whole post-copy migration with a guest that keeps dirtying: the early discard dropped
@@ -204,29 +144,13 @@ fn postcopy_with_a_dirtying_guest_discards_early_and_completes_with_every_page()
         loader: LoaderKind::NoAckNeeded,
         ..Setup::default()
     };
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let (pager, dm) = with_pager(&dst, dm);
-    let guest = dirtying(&src, std::time::Duration::from_secs(30));
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), pc_dst_opts());
-    let s = start_source(
-        &src,
-        sm,
-        tern_migration::source::Target::Stream(a),
-        pc_src_opts(non_converge()),
-    );
-    wait_pass(&src.events, 2);
-    s.start_postcopy().expect("migrate-start-postcopy");
-    let so = s.join().unwrap();
-    let dout = d.join().unwrap();
-    guest.stop();
-    assert_eq!(so.status, S::Completed, "{:?}", so.error);
-    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
-    assert_ram_equal(&src, &dst);
-    let (early, _) = pager.dropped();
+    let end = PostcopyMigration::to_pass_2(&setup, |_| {}).switch_and_join();
+    assert_eq!(end.so.status, S::Completed, "{:?}", end.so.error);
+    assert_eq!(end.dout.status, S::Completed, "{:?}", end.dout.error);
+    assert_ram_equal(&end.src, &end.dst);
+    let (early, _) = end.pager.dropped();
     assert!(early > 0, "the dirtying guest left pages to discard early");
-    let q = dst.stats.to_query_migrate_json();
+    let q = end.dst.stats.to_query_migrate_json();
     assert_eq!(
         q["x-tern-postcopy-switch"]["early-discard-pages"], early,
         "{q}"

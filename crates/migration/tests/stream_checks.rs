@@ -130,36 +130,13 @@ fn sections_beyond_what_the_destination_restores_are_refused() {
 #[test]
 /// A destination without `postcopy-ram` refuses a source that has it (one-sided setting).
 fn postcopy_ram_from_the_source_is_refused_by_name_when_off_at_the_destination() {
-    use tern_migration::machine::{MachineState, RamSink};
-    use tern_migration::transport::Stream;
-    use tern_migration::wire::{Command, Limits, StreamWriter, VERSION_POSTCOPY};
+    use tern_migration::wire::VERSION_POSTCOPY;
 
     let setup = Setup::default();
     let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
-    let ram = FakeRam::small();
-    let cfg = FakeMachine::new(2, UUID)
-        .describe()
-        .stream_config(ram.page_size(), ram.blocks());
-    let Stream::Unix(sock) = a else {
-        panic!("socketpair gives unix streams")
-    };
-    let mut w =
-        StreamWriter::with_version(sock, &cfg, &Limits::default(), VERSION_POSTCOPY).unwrap();
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: false,
-        postcopy_ram: true,
-        postcopy_preempt: false,
-        multifd: false,
-    })
-    .unwrap();
-    w.write_command(Command::PostcopyAdvise {
-        page_size: ram.page_size(),
-    })
-    .unwrap();
+    let (w, _) = common::postcopy::postcopy_writer(a, VERSION_POSTCOPY);
     let dout = d.join().unwrap();
     drop(w);
     assert_eq!(dout.status, S::Failed);

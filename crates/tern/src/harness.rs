@@ -25,7 +25,8 @@ pub struct TernProcess {
     pub qmp: QmpClient,
     /// The QMP socket path.
     pub qmp_path: PathBuf,
-    log: Arc<Mutex<Vec<String>>>,
+    /// Its stderr lines, and a condition signalled on each new one.
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
     /// Set when the child's stderr reached EOF (it exited).
     stderr_closed: Arc<(Mutex<bool>, Condvar)>,
     name: String,
@@ -41,6 +42,19 @@ impl TernProcess {
         args: &[String],
         netns: Option<&str>,
     ) -> Result<Self> {
+        Self::spawn_with_env(name, exe, qmp, args, netns, &[])
+    }
+
+    /// [`TernProcess::spawn`] with extra environment variables (e.g. a test-only
+    /// `TERN_X_TEST_HOLD`, `crate::migrate::fault`).
+    pub fn spawn_with_env(
+        name: &str,
+        exe: &Path,
+        qmp: &Path,
+        args: &[String],
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let _ = std::fs::remove_file(qmp);
         let mut cmd = match netns {
             Some(ns) => {
@@ -51,6 +65,7 @@ impl TernProcess {
             None => Command::new(exe),
         };
         cmd.arg("run").arg("--qmp").arg(qmp).args(args);
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -61,7 +76,7 @@ impl TernProcess {
             .stderr
             .take()
             .ok_or_else(|| anyhow!("{name}: no stderr pipe"))?;
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let stderr_closed = Arc::new((Mutex::new(false), Condvar::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let (log2, closed) = (log.clone(), stderr_closed.clone());
@@ -72,9 +87,10 @@ impl TernProcess {
                     if line.starts_with(READY_PREFIX) {
                         let _ = ready_tx.send(());
                     }
-                    if let Ok(mut l) = log2.lock() {
+                    if let Ok(mut l) = log2.0.lock() {
                         l.push(line);
                     }
+                    log2.1.notify_all();
                 }
                 *closed.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
                 closed.1.notify_all();
@@ -85,7 +101,7 @@ impl TernProcess {
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
-                let lines = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+                let lines = log.0.lock().map(|l| l.join("\n")).unwrap_or_default();
                 bail!("{name} did not become ready (exit: {status:?}); its log:\n{lines}");
             }
         }
@@ -120,7 +136,30 @@ impl TernProcess {
 
     /// Everything the child printed on stderr so far.
     pub fn log(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+        self.log.0.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits (at most `timeout`) until a stderr line contains `needle`; woken by each new
+    /// line, nothing polls.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.log;
+        let mut lines = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !lines.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "{}: no log line '{needle}' within {timeout:?}:\n{}",
+                    self.name,
+                    lines.join("\n")
+                );
+            }
+            lines = cv
+                .wait_timeout(lines, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        Ok(())
     }
 
     /// The child's pid.

@@ -182,6 +182,12 @@ pub struct SourceOptions {
     /// how each channel packs its page data (`docs/stream-format.md` §5.3); only with
     /// `multifd_channels`.
     pub multifd_compression: (Compression, u8),
+    /// TEST ONLY (the end-to-end fault tests; `tern run` sets it from `TERN_X_TEST_HOLD`):
+    /// once post-copy is decided, after the early discard and the drain's `PONG` (the
+    /// destination has dropped those pages, decision 202), hold before stopping the guest
+    /// until the migration fails (the destination vanished, the liveness limit) or is
+    /// cancelled, sending keepalives meanwhile. Never set outside tests.
+    pub x_test_hold_before_postcopy_stop: bool,
 }
 
 impl Default for SourceOptions {
@@ -224,6 +230,7 @@ impl SourceOptions {
                 // `qpl`, `uadk`, `qatzip` are refused by the parameters (not in this build).
                 _ => (Compression::None, 0),
             },
+            x_test_hold_before_postcopy_stop: false,
         }
     }
 }

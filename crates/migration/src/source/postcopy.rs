@@ -152,6 +152,18 @@ impl Sender {
         Ok(())
     }
 
+    /// TEST ONLY ([`SourceOptions::x_test_hold_before_postcopy_stop`]): the moment between the
+    /// destination's early discard and the stop, held until the migration fails or is
+    /// cancelled (keepalives go on, so only a vanished or silent destination ends it).
+    fn x_test_hold_before_stop(&mut self) -> Result<(), SourceError> {
+        if !self.opts.x_test_hold_before_postcopy_stop {
+            return Ok(());
+        }
+        tracing::warn!("x-test: holding at postcopy-before-stop (the early discard is applied)");
+        self.wait_alive(None, |_| false)?;
+        self.check_abort()
+    }
+
     /// The switch and the post-copy phase, up to `completed`.
     pub(super) fn postcopy(&mut self) -> Result<(), SourceError> {
         if self.opts.postcopy_preempt {
@@ -161,6 +173,7 @@ impl Sender {
         }
         self.early_discard()?;
         self.drain_before_switch()?;
+        self.x_test_hold_before_stop()?;
         self.stop_vm(Instant::now())?;
         // `ram.transferred` counts the preempt channel too (its handshake went before the stop).
         if let Some(at) = self.bytes_at_stop.as_mut() {

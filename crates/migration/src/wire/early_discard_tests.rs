@@ -3,8 +3,10 @@
 
 use super::format::cmd;
 use super::hostile_tests::{drain, err_of, expect, raw, raw_v, switchover_start};
-use super::postcopy_tests::{advise, caps, command, discard, listen, run_state};
-use super::tests::{page, sample_config, PS};
+use super::postcopy_tests::{
+    advise, caps, command, discard, listen, postcopy_writer, run_state, with_run,
+};
+use super::tests::{page, PS};
 use super::*;
 
 fn ping(seq: u32) -> (u8, Vec<u8>) {
@@ -19,29 +21,6 @@ fn ram_page(block: u16, page_no: u32) -> (u8, Vec<u8>) {
     b.extend_from_slice(&[page_kind::NORMAL, 0]);
     b.extend_from_slice(&page(7));
     (RecordKind::Ram as u8, b)
-}
-
-/// The raw stream `recs` + `POSTCOPY_RUN` with a correct checksum (over every record but the
-/// RAM batches, §5.1) + `tail`.
-fn with_run(recs: &[(u8, Vec<u8>)], tail: &[(u8, Vec<u8>)]) -> Vec<u8> {
-    let head = raw(recs);
-    let covered = &head[HEADER_LEN as usize..head.len() - 17];
-    let mut crc = crc32fast::Hasher::new();
-    let mut at = 0;
-    while at < covered.len() {
-        let len = u32::from_le_bytes(covered[at + 1..at + 5].try_into().unwrap()) as usize;
-        let rec = &covered[at..at + 5 + len];
-        if rec[0] != RecordKind::Ram as u8 {
-            crc.update(rec);
-        }
-        at += 5 + len;
-    }
-    let mut run = crc.finalize().to_le_bytes().to_vec();
-    run.extend_from_slice(&(covered.len() as u64).to_le_bytes());
-    let mut all = recs.to_vec();
-    all.push(command(cmd::POSTCOPY_RUN, &run));
-    all.extend_from_slice(tail);
-    raw(&all)
 }
 
 /// Setup, a pre-copy page, the early discard and the drain `PING`, valid in version 7.
@@ -69,23 +48,7 @@ fn early_switch() -> Vec<(u8, Vec<u8>)> {
 
 #[test]
 fn a_written_stream_with_an_early_discard_round_trips() {
-    let cfg = sample_config();
-    let mut w =
-        StreamWriter::with_version(Vec::new(), &cfg, &Limits::default(), VERSION_EARLY_DISCARD)
-            .unwrap();
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: false,
-        postcopy_ram: true,
-        postcopy_preempt: false,
-        multifd: false,
-    })
-    .unwrap();
-    w.write_command(Command::PostcopyAdvise {
-        page_size: PS as u32,
-    })
-    .unwrap();
+    let mut w = postcopy_writer(&Limits::default(), VERSION_EARLY_DISCARD);
     let p = page(3);
     w.write_ram_batch(&[RamPage::normal(0, 1, &p), RamPage::normal(0, 2, &p)])
         .unwrap();
@@ -236,4 +199,44 @@ fn after_an_early_discard_the_migration_must_switch() {
         ram_page(0, 3),
     ];
     assert!(drain(&raw(&r), &Limits::default(), expect()).is_ok());
+}
+
+#[test]
+fn the_writer_refuses_an_early_discard_below_version_7() {
+    for version in VERSION_POSTCOPY..VERSION_EARLY_DISCARD {
+        let mut w = postcopy_writer(&Limits::default(), version);
+        let p = page(3);
+        w.write_ram_batch(&[RamPage::normal(0, 1, &p)]).unwrap();
+        let before = w.bytes_written();
+        let e = w.write_ram_discard(0, &[(1, 1)]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WireError::EarlyDiscardNeedsVersion { version: v, needs: VERSION_EARLY_DISCARD }
+                    if v == version
+            ),
+            "version {version}: {e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("RAM_DISCARD before SWITCHOVER_START")
+                && text.contains("needs stream version 7")
+                && text.contains(&format!("this stream is version {version}")),
+            "{text}"
+        );
+        assert_eq!(
+            w.bytes_written(),
+            before,
+            "nothing of it reached the stream"
+        );
+        // The refusal does not break the writer: what it wrote is a stream its reader
+        // accepts (a post-copy-capable migration that ends in pre-copy).
+        w.write_command(Command::Ping { seq: 2 }).unwrap();
+        let bytes = w.finish().unwrap();
+        let n = drain(&bytes, &Limits::default(), expect()).unwrap();
+        assert_eq!(n, 4, "version {version}: CAPABILITIES, ADVISE, RAM, PING");
+    }
+    // Version 7 writes the same early discard.
+    let mut w = postcopy_writer(&Limits::default(), VERSION_EARLY_DISCARD);
+    w.write_ram_discard(0, &[(1, 1)]).unwrap();
 }

@@ -278,6 +278,18 @@ pub enum WireError {
     /// The caller passed something the format cannot encode (writer side).
     #[error("cannot encode: {0}")]
     InvalidArgument(String),
+    /// The writer was asked for a RAM_DISCARD before `SWITCHOVER_START` (the early discard,
+    /// §13.3) in a stream below version 7, which every reader of that version refuses.
+    #[error(
+        "cannot encode: a RAM_DISCARD before SWITCHOVER_START (an early discard) needs stream \
+         version {needs}; this stream is version {version}"
+    )]
+    EarlyDiscardNeedsVersion {
+        /// The stream's version.
+        version: u32,
+        /// The first version with the early discard.
+        needs: u32,
+    },
 }
 
 impl WireError {
@@ -309,7 +321,10 @@ impl WireError {
             | Self::UnknownMessage { offset, .. } => Some(*offset),
             Self::BadMagic { .. } => Some(0),
             Self::UnsupportedVersion { .. } => Some(8),
-            Self::ConfigMismatch(_) | Self::Finished(_) | Self::InvalidArgument(_) => None,
+            Self::ConfigMismatch(_)
+            | Self::Finished(_)
+            | Self::InvalidArgument(_)
+            | Self::EarlyDiscardNeedsVersion { .. } => None,
         }
     }
 

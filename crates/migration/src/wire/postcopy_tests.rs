@@ -53,12 +53,10 @@ pub(super) fn prefix() -> Vec<(u8, Vec<u8>)> {
     ]
 }
 
-/// A valid post-copy stream written by the writer: setup, a pre-copy page, the switch, the
-/// discard, the package, post-copy pages, END.
-fn written_stream() -> Vec<u8> {
-    let cfg = sample_config();
-    let mut w =
-        StreamWriter::with_version(Vec::new(), &cfg, &Limits::default(), VERSION_POSTCOPY).unwrap();
+/// A writer of stream `version` over the sample config, past `CAPABILITIES` with
+/// `postcopy-ram` and `POSTCOPY_ADVISE`.
+pub(super) fn postcopy_writer(limits: &Limits, version: u32) -> StreamWriter<Vec<u8>> {
+    let mut w = StreamWriter::with_version(Vec::new(), &sample_config(), limits, version).unwrap();
     w.write_command(Command::Capabilities {
         switchover_ack: false,
         validate_uuid: false,
@@ -72,6 +70,13 @@ fn written_stream() -> Vec<u8> {
         page_size: PS as u32,
     })
     .unwrap();
+    w
+}
+
+/// A valid post-copy stream written by the writer: setup, a pre-copy page, the switch, the
+/// discard, the package, post-copy pages, END.
+fn written_stream() -> Vec<u8> {
+    let mut w = postcopy_writer(&Limits::default(), VERSION_POSTCOPY);
     let p = page(3);
     w.write_ram_batch(&[RamPage::normal(0, 1, &p)]).unwrap();
     w.write_command(Command::SwitchoverStart).unwrap();
@@ -149,20 +154,7 @@ fn the_writer_refuses_post_copy_in_an_older_version_and_bad_discards() {
         max_discard_ranges: 2,
         ..Limits::default()
     };
-    let mut w = StreamWriter::with_version(Vec::new(), &cfg, &limits, 3).unwrap();
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: false,
-        postcopy_ram: true,
-        postcopy_preempt: false,
-        multifd: false,
-    })
-    .unwrap();
-    w.write_command(Command::PostcopyAdvise {
-        page_size: PS as u32,
-    })
-    .unwrap();
+    let mut w = postcopy_writer(&limits, 3);
     w.write_command(Command::SwitchoverStart).unwrap();
     w.write_command(Command::RunState { running: true })
         .unwrap();
@@ -187,11 +179,22 @@ fn a_valid_raw_post_copy_stream_is_accepted() {
     assert_eq!(drain(&raw(&recs), &Limits::default(), expect()).unwrap(), 7);
 }
 
-/// The raw stream `recs` + `POSTCOPY_RUN` with a correct checksum + `tail`.
+/// The raw stream `recs` + `POSTCOPY_RUN` with a correct checksum (over every record but the
+/// RAM batches, §5.1) + `tail`.
 pub(super) fn with_run(recs: &[(u8, Vec<u8>)], tail: &[(u8, Vec<u8>)]) -> Vec<u8> {
     let head = raw(recs);
     let covered = &head[HEADER_LEN as usize..head.len() - 17];
-    let mut run = crc32fast::hash(covered).to_le_bytes().to_vec();
+    let mut crc = crc32fast::Hasher::new();
+    let mut at = 0;
+    while at < covered.len() {
+        let len = u32::from_le_bytes(covered[at + 1..at + 5].try_into().unwrap()) as usize;
+        let rec = &covered[at..at + 5 + len];
+        if rec[0] != RecordKind::Ram as u8 {
+            crc.update(rec);
+        }
+        at += 5 + len;
+    }
+    let mut run = crc.finalize().to_le_bytes().to_vec();
     run.extend_from_slice(&(covered.len() as u64).to_le_bytes());
     let mut all = recs.to_vec();
     all.push(command(cmd::POSTCOPY_RUN, &run));

@@ -6,8 +6,8 @@ use super::config::StreamConfig;
 use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
-    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_MULTIFD, VERSION_POSTCOPY,
-    VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_EARLY_DISCARD,
+    VERSION_MULTIFD, VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::ram_batch::{BatchCrc, BatchNumbering};
 use super::record::{Command, PageData, RamPage};
@@ -37,6 +37,8 @@ pub struct StreamWriter<W: Write> {
     version: u32,
     /// Version 5: the generation and sequence of the next RAM batch (§5.1); `None` before.
     batches: Option<BatchNumbering>,
+    /// `SWITCHOVER_START` was written: a RAM_DISCARD before it is the early discard (§13.3).
+    switchover_started: bool,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -97,6 +99,7 @@ impl<W: Write> StreamWriter<W> {
             poisoned: false,
             version,
             batches: (version >= VERSION_BATCH_INTEGRITY).then(BatchNumbering::new),
+            switchover_started: false,
         };
         let mut header = [0u8; 16];
         header[..8].copy_from_slice(&MAGIC);
@@ -284,6 +287,9 @@ impl<W: Write> StreamWriter<W> {
         if let Some(b) = &mut self.batches {
             b.command_written(&command);
         }
+        if command == Command::SwitchoverStart {
+            self.switchover_started = true;
+        }
         Ok(())
     }
 
@@ -341,6 +347,8 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes RAM_DISCARD records for `block` (§13.3; version 3), split at `max_discard_ranges`.
     /// `ranges` are `(first_page, pages)`, ascending, not overlapping, inside the block.
+    /// Before `SWITCHOVER_START` (the early discard) it needs version 7
+    /// ([`WireError::EarlyDiscardNeedsVersion`]): an older reader refuses it.
     pub fn write_ram_discard(
         &mut self,
         block: u16,
@@ -348,6 +356,12 @@ impl<W: Write> StreamWriter<W> {
     ) -> Result<(), WireError> {
         self.check()?;
         self.need_version(VERSION_POSTCOPY, "RAM_DISCARD")?;
+        if !self.switchover_started && self.version < VERSION_EARLY_DISCARD {
+            return Err(WireError::EarlyDiscardNeedsVersion {
+                version: self.version,
+                needs: VERSION_EARLY_DISCARD,
+            });
+        }
         let pages = self
             .block_pages
             .get(usize::from(block))

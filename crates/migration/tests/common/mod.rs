@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod postcopy;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};

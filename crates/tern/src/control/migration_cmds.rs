@@ -209,6 +209,8 @@ impl Controller {
         let tls = self.source_tls(&m.params, &uri)?;
         let to_file = uri.is_file();
         let mut opts = SourceOptions::from_qemu(&m.caps, &m.params);
+        opts.x_test_hold_before_postcopy_stop =
+            crate::migrate::fault::hold_at("postcopy-before-stop");
         m.tls_objects = tls.iter().map(|_| m.params.tls_creds.clone()).collect();
         opts.tls = tls;
         // A guest that an earlier migration stopped, and that nobody has run since because that

@@ -2,6 +2,7 @@
 //! machine (`tern-vmm`).
 
 pub mod events;
+pub mod fault;
 pub mod incoming;
 pub mod machine;
 pub mod postcopy;

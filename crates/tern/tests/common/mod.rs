@@ -154,13 +154,24 @@ pub fn spawn(dir: &Path, name: &str, args: &[String]) -> Vm {
 /// [`spawn`] inside network namespace `netns` (`ip netns exec`, which execs: the child's pid is
 /// `tern`'s own).
 pub fn spawn_in(dir: &Path, name: &str, args: &[String], netns: Option<&str>) -> Vm {
+    spawn_with_env(dir, name, args, netns, &[])
+}
+
+/// [`spawn_in`] with extra environment variables (a test-only `TERN_X_TEST_HOLD`).
+pub fn spawn_with_env(
+    dir: &Path,
+    name: &str,
+    args: &[String],
+    netns: Option<&str>,
+    env: &[(&str, &str)],
+) -> Vm {
     let qmp = dir.join(format!("{name}.qmp"));
     let mut args = args.to_vec();
     args.extend([
         "--serial".into(),
         format!("file:{}", dir.join(format!("{name}.serial")).display()),
     ]);
-    let p = TernProcess::spawn(name, &exe(), &qmp, &args, netns)
+    let p = TernProcess::spawn_with_env(name, &exe(), &qmp, &args, netns, env)
         .unwrap_or_else(|e| panic!("spawning {name}: {e:#}"));
     Vm {
         name: name.to_owned(),
