@@ -191,8 +191,10 @@ fn a_failed_recovery_pauses_again_and_a_second_one_completes() {
         .stream_config(ram.page_size(), ram.blocks());
     let mut w = StreamWriter::with_version(sock, &cfg, &Limits::default(), VERSION_POSTCOPY)
         .expect("header");
-    w.write_command(Command::OpenReturnPath).unwrap();
-    w.flush().unwrap();
+    // The destination may refuse the header and close before these reach it (EPIPE here):
+    // what it says about the stream is what is checked.
+    let _ = w.write_command(Command::OpenReturnPath);
+    let _ = w.flush();
     wait_entered(&dst.events, S::PostcopyPaused, 2, DEADLINE);
     let e = dst.stats.to_query_migrate_json()["error-desc"].to_string();
     assert!(e.contains("recovery channel needs stream version 4"), "{e}");
