@@ -11,6 +11,7 @@ mod link;
 mod machine;
 mod mgmt;
 mod migrate;
+mod pair;
 mod postcopy;
 mod postcopy_recovery;
 mod postcopy_recovery_run;
