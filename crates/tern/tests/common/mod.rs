@@ -6,6 +6,7 @@
 
 pub mod kernels;
 pub mod multi_proxy;
+pub mod multifd;
 pub mod postcopy;
 pub mod proxy;
 
