@@ -11,7 +11,7 @@
 
 use serde_json::json;
 
-use crate::link::{self, Link, Netns};
+use crate::link::{Link, Netns};
 use crate::migrate::MigParams;
 use crate::pair::{migrate_pair, PairSpec};
 use crate::precopy::{result_cell, DOWNTIME_LIMIT_MS};
@@ -64,11 +64,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     report
         .tables
         .push(Table::new("multifd 2 channels: compression", COLUMNS));
-    let measured = link::measure_loopback(1.5).unwrap_or_else(|e| {
-        tracing::warn!("loopback measurement failed: {e:#}");
-        0.0
-    });
-    let lo = Link::loopback(measured);
+    let lo = Link::measured_loopback(1.5);
     let shaped = Link::shaped(1000);
     for l in [&lo, &shaped] {
         let _ns = if l.src_ns.is_some() {

@@ -133,6 +133,16 @@ impl Ctx {
         v
     }
 
+    /// (VMM, vCPUs) of the pre-copy suites: every VMM with 1 vCPU, and Tern with 2 as well
+    /// unless `--tern-2vcpu false` (the default with `--quick`).
+    pub fn vcpu_variants(&self) -> Vec<(Kind, u32)> {
+        let mut v: Vec<(Kind, u32)> = self.vmms().into_iter().map(|k| (k, 1)).collect();
+        if self.tern_2vcpu && self.bins.tern.is_some() {
+            v.push((Kind::Tern, 2));
+        }
+        v
+    }
+
     /// Whether a row labelled `label` is selected by `--filter`.
     pub fn selected(&self, label: &str) -> bool {
         self.filter.as_deref().is_none_or(|f| label.contains(f))

@@ -116,10 +116,7 @@ pub const COLUMNS: &[&str] = &[
 ];
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
-    let mut variants: Vec<(Kind, u32)> = ctx.vmms().into_iter().map(|k| (k, 1)).collect();
-    if ctx.tern_2vcpu && ctx.bins.tern.is_some() {
-        variants.push((Kind::Tern, 2));
-    }
+    let variants = ctx.vcpu_variants();
     let mut report = ctx.report(
         "precopy",
         json!({
@@ -164,11 +161,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         .tables
         .push(Table::new("Pre-copy live migration", COLUMNS));
     let scs = scenarios(ctx.quick);
-    let measured = link::measure_loopback(1.5).unwrap_or_else(|e| {
-        tracing::warn!("loopback measurement failed: {e:#}");
-        0.0
-    });
-    let lo = Link::loopback(measured);
+    let lo = Link::measured_loopback(1.5);
     report.notes.push(format!(
         "loopback rate for the wire limit: {:.0} MB/s ({})",
         lo.rate_bytes_s / 1e6,

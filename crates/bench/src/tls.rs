@@ -107,8 +107,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         ],
     ));
     let pki = certificates(ctx)?;
-    let measured = crate::link::measure_loopback(1.0).unwrap_or(0.0);
-    let link = Link::loopback(measured);
+    let link = Link::measured_loopback(1.0);
     for (gname, guest) in &guests {
         for kind in ctx.vmms() {
             for tls in [false, true] {
