@@ -116,12 +116,7 @@ fn uri_port(u: &MigrationUri) -> String {
 
 #[test]
 fn non_convergent_guest_keeps_iterating_until_limits_are_raised() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(u64::MAX, false);
     let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), false));
     wait_pass(&src.events, 4);
     assert_eq!(s.status(), S::Active);
@@ -224,12 +219,7 @@ fn device_initial_data_flows_fairly_while_ram_does_not_converge() {
 
 #[test]
 fn pause_before_switchover_waits_for_continue() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, 2_000);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(2_000, false);
     let mut opts = src_opts(converge(), false);
     opts.pause_before_switchover = true;
     let s = start_source(&src, sm, Target::Stream(a), opts);
@@ -344,12 +334,7 @@ fn a_stopped_source_does_not_wait_for_the_ack() {
 /// precopy without return path), and stays paused.
 #[test]
 fn without_return_path_the_source_completes_after_the_flush() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, 5_000);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(5_000, false);
     let mut opts = src_opts(converge(), false);
     opts.return_path = false;
     let s = start_source(&src, sm, Target::Stream(a), opts);
