@@ -699,6 +699,22 @@ pub fn assert_handover(src: &mut Vm, dst: &mut Vm) -> u64 {
     last
 }
 
+/// Boots `src` for `m` (its workload running) and a destination `dst`, and gives them
+/// `src_caps` / `dst_caps`.
+pub fn boot_pair(
+    dir: &Path,
+    m: &Machine,
+    src_caps: &[(&str, bool)],
+    dst_caps: &[(&str, bool)],
+) -> (Vm, Vm) {
+    let mut src = boot(dir, "src", m);
+    src.wait_workload_running(T);
+    let mut dst = dest(dir, "dst", m);
+    src.caps(src_caps);
+    dst.caps(dst_caps);
+    (src, dst)
+}
+
 /// A complete live migration of `src` to a fresh destination over TCP with QEMU's "converge"
 /// limits and libvirt's capabilities (`events`, `return-path`): both sides `completed`,
 /// handover checked, the source refuses `cont`. Returns the destination.

@@ -24,8 +24,7 @@ pub fn pattern_guest() -> Machine {
     m
 }
 
-/// Boots the source (its workload running) and a destination, gives them `src_caps` /
-/// `dst_caps` and both the `params` (`multifd-channels`, …).
+/// [`boot_pair`], and both sides get the `params` (`multifd-channels`, …).
 pub fn pair(
     dir: &Path,
     m: &Machine,
@@ -33,11 +32,7 @@ pub fn pair(
     dst_caps: &[(&str, bool)],
     params: Value,
 ) -> (Vm, Vm) {
-    let mut src = boot(dir, "src", m);
-    src.wait_workload_running(T);
-    let mut dst = dest(dir, "dst", m);
-    src.caps(src_caps);
-    dst.caps(dst_caps);
+    let (mut src, mut dst) = boot_pair(dir, m, src_caps, dst_caps);
     for vm in [&mut src, &mut dst] {
         vm.params(params.clone());
     }
