@@ -204,9 +204,17 @@ pub fn dirty_pair(
     pages_per_sec: u64,
     ack: bool,
 ) -> (SrcSide, SourceMachine, DstSide, Dirtier, Stream, DestHandle) {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
+    dirty_pair_with(&Setup::default(), pages_per_sec, ack)
+}
+
+/// [`dirty_pair`] with the fakes made by `setup`.
+pub fn dirty_pair_with(
+    setup: &Setup,
+    pages_per_sec: u64,
+    ack: bool,
+) -> (SrcSide, SourceMachine, DstSide, Dirtier, Stream, DestHandle) {
+    let (src, sm) = source_side(setup);
+    let (dst, dm) = dest_side(setup, FakeMachine::new(2, UUID));
     let guest = dirty(&src, pages_per_sec);
     let (a, b) = socketpair();
     let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(ack));
