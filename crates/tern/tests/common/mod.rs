@@ -734,6 +734,15 @@ pub fn migrate_fully(dir: &Path, name: &str, src: &mut Vm, m: &Machine) -> Vm {
     dst
 }
 
+/// After a migration that did not happen: `src` runs on ([`assert_source_runs_on`]), a
+/// complete migration to a fresh destination `name` succeeds ([`migrate_fully`]), both quit.
+pub fn assert_runs_on_then_migrates(dir: &Path, name: &str, mut src: Vm, m: &Machine) {
+    assert_source_runs_on(&mut src);
+    let dst = migrate_fully(dir, name, &mut src, m);
+    dst.quit_ok();
+    src.quit_ok();
+}
+
 /// Fills `buf` from `r` as far as the input goes; returns the byte count.
 fn fill(r: &mut impl std::io::Read, buf: &mut [u8]) -> usize {
     let mut got = 0;
