@@ -10,7 +10,7 @@ use crate::link::Link;
 use crate::migrate::MigParams;
 use crate::precopy::{migrate_pair, result_cell, DOWNTIME_LIMIT_MS, QEMU_DEFAULT_MAX_BANDWIDTH};
 use crate::report::{mib, ms, num, secs, Table};
-use crate::vm::{Guest, Kind};
+use crate::vm::Guest;
 use crate::Ctx;
 
 /// The row label (for `--filter`): "<link> <scenario>".
@@ -31,10 +31,7 @@ const COLUMNS: &[&str] = &[
 ];
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
-    let mut variants: Vec<(Kind, u32)> = ctx.vmms().into_iter().map(|k| (k, 1)).collect();
-    if ctx.tern_2vcpu && ctx.bins.tern.is_some() {
-        variants.push((Kind::Tern, 2));
-    }
+    let variants = ctx.vcpu_variants();
     let caps = ["events", "return-path", "auto-converge"];
     let mut report = ctx.report(
         "auto-converge",

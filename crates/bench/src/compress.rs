@@ -9,16 +9,14 @@
 //! zlib level 1 to about 28 %), then idles. It is not random data; incompressible memory would
 //! only cost the compressors' CPU.
 
-use std::time::Duration;
+use serde_json::json;
 
-use serde_json::{json, Value};
-
-use crate::link::{self, Link, Netns};
-use crate::migrate::{live_migrate, MigParams, Outcome};
-use crate::precopy::{result_cell, vm_memory, DOWNTIME_LIMIT_MS};
+use crate::link::{Link, Netns};
+use crate::migrate::MigParams;
+use crate::pair::{migrate_pair, PairSpec};
+use crate::precopy::{result_cell, DOWNTIME_LIMIT_MS};
 use crate::report::{mib, ms, secs, Table};
-use crate::tls::cpu_secs;
-use crate::vm::{Guest, Kind, Spec, Vm};
+use crate::vm::{Guest, Kind};
 use crate::Ctx;
 
 const METHODS: [&str; 3] = ["none", "zstd", "zlib"];
@@ -36,71 +34,6 @@ const COLUMNS: &[&str] = &[
     "CPU s per GiB (both)",
     "result",
 ];
-
-/// One migration with `method` on both sides; returns the outcome and the CPU seconds of the
-/// source and the destination process during it.
-fn migrate_once(
-    ctx: &Ctx,
-    link: &Link,
-    guest: &Guest,
-    kind: Kind,
-    method: &str,
-    p: &MigParams,
-) -> (Outcome, Option<(f64, f64)>) {
-    let base = format!(
-        "{}-cz-{}",
-        kind.label().to_lowercase(),
-        crate::facts::realtime_ns() % 1_000_000
-    );
-    let spec = |role: &str, ns, incoming| Spec {
-        kind,
-        name: format!("{base}-{role}"),
-        memory_mib: guest.ram_mib.unwrap_or(vm_memory(guest.mem)),
-        vcpus: 1,
-        guest: guest.clone(),
-        netns: ns,
-        incoming,
-        device: None,
-        objects: Vec::new(),
-        qemu_args: Vec::new(),
-    };
-    let res = (|| -> anyhow::Result<(Outcome, Option<(f64, f64)>)> {
-        let mut dst = Vm::spawn(&ctx.bins, &spec("dst", link.dst_ns, true))?;
-        let mut src = Vm::spawn(&ctx.bins, &spec("src", link.src_ns, false))?;
-        src.wait_ready(guest, Duration::from_secs(90))?;
-        for vm in [&mut src, &mut dst] {
-            vm.exec(
-                "migrate-set-parameters",
-                json!({"multifd-compression": method, "multifd-zstd-level": 1, "multifd-zlib-level": 1}),
-            )?;
-        }
-        let before = cpu_secs(src.pid()).zip(cpu_secs(dst.pid()));
-        let out = live_migrate(&mut src, &mut dst, &link.host, p);
-        let after = cpu_secs(src.pid()).zip(cpu_secs(dst.pid()));
-        let cpu = before
-            .zip(after)
-            .map(|((s0, d0), (s1, d1))| (s1 - s0, d1 - d0));
-        if out.result != "completed" {
-            tracing::warn!("source log: {}", crate::vm::log_tail(&src.log));
-            tracing::warn!("destination log: {}", crate::vm::log_tail(&dst.log));
-        }
-        src.quit();
-        dst.quit();
-        Ok((out, cpu))
-    })();
-    res.unwrap_or_else(|e| {
-        (
-            Outcome {
-                result: "error".into(),
-                error: Some(format!("{e:#}")),
-                src_final: Value::Null,
-                dst_final: Value::Null,
-                ..Outcome::default()
-            },
-            None,
-        )
-    })
-}
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let mem = if ctx.quick { 256 } else { 1024 };
@@ -131,11 +64,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     report
         .tables
         .push(Table::new("multifd 2 channels: compression", COLUMNS));
-    let measured = link::measure_loopback(1.5).unwrap_or_else(|e| {
-        tracing::warn!("loopback measurement failed: {e:#}");
-        0.0
-    });
-    let lo = Link::loopback(measured);
+    let lo = Link::measured_loopback(1.5);
     let shaped = Link::shaped(1000);
     for l in [&lo, &shaped] {
         let _ns = if l.src_ns.is_some() {
@@ -177,7 +106,25 @@ fn one(
         timeout_s: ctx.timeout_s,
         multifd_channels: Some(CHANNELS),
     };
-    let (out, cpu) = migrate_once(ctx, link, guest, kind, method, &p);
+    // `multifd-compression` with level 1 on both sides; the CPU figures are per process.
+    let out = migrate_pair(
+        ctx,
+        link,
+        guest,
+        kind,
+        &PairSpec::new("cz"),
+        &p,
+        |src, dst| {
+            for vm in [src, dst] {
+                vm.exec(
+                "migrate-set-parameters",
+                json!({"multifd-compression": method, "multifd-zstd-level": 1, "multifd-zlib-level": 1}),
+            )?;
+            }
+            Ok(())
+        },
+    );
+    let cpu = out.src_cpu_s.zip(out.dst_cpu_s);
     let gib = guest.mem as f64 / 1024.0;
     let row = vec![
         kind.label().into(),

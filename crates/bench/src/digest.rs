@@ -73,8 +73,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     if ctx.bins.tern.is_none() {
         return report.write(&ctx.out);
     }
-    let measured = crate::link::measure_loopback(1.0).unwrap_or(0.0);
-    let link = Link::loopback(measured);
+    let link = Link::measured_loopback(1.0);
     for &(work, ram) in sizes {
         let guest = Guest {
             ram_mib: Some(ram),

@@ -50,6 +50,16 @@ impl Link {
         }
     }
 
+    /// Loopback with its rate measured for `secs` ([`measure_loopback`]); 0 (no wire-limit
+    /// figures) with a warning when the measurement fails.
+    pub fn measured_loopback(secs: f64) -> Link {
+        let measured = measure_loopback(secs).unwrap_or_else(|e| {
+            tracing::warn!("loopback measurement failed: {e:#}");
+            0.0
+        });
+        Link::loopback(measured)
+    }
+
     /// The shaped veth link; `mbit` is the tbf rate.
     pub fn shaped(mbit: u64) -> Link {
         let bytes = mbit * 1_000_000 / 8;

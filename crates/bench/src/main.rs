@@ -11,6 +11,7 @@ mod link;
 mod machine;
 mod mgmt;
 mod migrate;
+mod pair;
 mod postcopy;
 mod postcopy_recovery;
 mod postcopy_recovery_run;
@@ -128,6 +129,16 @@ impl Ctx {
         }
         if self.bins.tern.is_some() {
             v.push(Kind::Tern);
+        }
+        v
+    }
+
+    /// (VMM, vCPUs) of the pre-copy suites: every VMM with 1 vCPU, and Tern with 2 as well
+    /// unless `--tern-2vcpu false` (the default with `--quick`).
+    pub fn vcpu_variants(&self) -> Vec<(Kind, u32)> {
+        let mut v: Vec<(Kind, u32)> = self.vmms().into_iter().map(|k| (k, 1)).collect();
+        if self.tern_2vcpu && self.bins.tern.is_some() {
+            v.push((Kind::Tern, 2));
         }
         v
     }

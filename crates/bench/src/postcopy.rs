@@ -210,11 +210,7 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
         "Post-copy: after the first pass, and Tern's automatic switch",
         COLUMNS,
     ));
-    let measured = link::measure_loopback(1.5).unwrap_or_else(|e| {
-        tracing::warn!("loopback measurement failed: {e:#}");
-        0.0
-    });
-    let lo = Link::loopback(measured);
+    let lo = Link::measured_loopback(1.5);
     report.notes.push(format!(
         "loopback rate for the wire limit: {:.0} MB/s ({})",
         lo.rate_bytes_s / 1e6,

@@ -6,9 +6,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::link::{self, Link, Netns};
-use crate::migrate::{live_migrate, MigParams, Outcome};
+use crate::migrate::{MigParams, Outcome};
+use crate::pair::PairSpec;
 use crate::report::{mib, ms, num, ratio, secs, Report, Table};
-use crate::vm::{Guest, Kind, Spec, Vm};
+use crate::vm::{Guest, Kind};
 use crate::Ctx;
 
 pub const DOWNTIME_LIMIT_MS: u64 = 300;
@@ -115,10 +116,7 @@ pub const COLUMNS: &[&str] = &[
 ];
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
-    let mut variants: Vec<(Kind, u32)> = ctx.vmms().into_iter().map(|k| (k, 1)).collect();
-    if ctx.tern_2vcpu && ctx.bins.tern.is_some() {
-        variants.push((Kind::Tern, 2));
-    }
+    let variants = ctx.vcpu_variants();
     let mut report = ctx.report(
         "precopy",
         json!({
@@ -163,11 +161,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         .tables
         .push(Table::new("Pre-copy live migration", COLUMNS));
     let scs = scenarios(ctx.quick);
-    let measured = link::measure_loopback(1.5).unwrap_or_else(|e| {
-        tracing::warn!("loopback measurement failed: {e:#}");
-        0.0
-    });
-    let lo = Link::loopback(measured);
+    let lo = Link::measured_loopback(1.5);
     report.notes.push(format!(
         "loopback rate for the wire limit: {:.0} MB/s ({})",
         lo.rate_bytes_s / 1e6,
@@ -283,7 +277,8 @@ pub fn result_cell(out: &Outcome) -> String {
     }
 }
 
-/// Spawns destination + source, warms up, migrates, tears down. Errors become an `error` outcome.
+/// Spawns destination + source, warms up (1 s after the guest is ready), migrates, tears
+/// down ([`crate::pair::migrate_pair`]). Errors become an `error` outcome.
 #[allow(clippy::too_many_arguments)]
 pub fn migrate_pair(
     ctx: &Ctx,
@@ -295,55 +290,13 @@ pub fn migrate_pair(
     p: &MigParams,
     tag: &str,
 ) -> Outcome {
-    let base = format!(
-        "{}-{}-{}",
-        kind.label().to_lowercase(),
-        tag,
-        crate::facts::realtime_ns() % 1_000_000
-    );
-    let spec = |role: &str, ns, incoming| Spec {
-        kind,
-        name: format!("{base}-{role}"),
-        memory_mib: guest.ram_mib.unwrap_or(vm_memory(guest.mem)),
+    let pair = PairSpec {
         vcpus,
-        guest: guest.clone(),
-        netns: ns,
-        incoming,
-        device: device.clone(),
-        objects: Vec::new(),
-        qemu_args: Vec::new(),
+        device,
+        ..PairSpec::new(tag)
     };
-    let res = (|| -> anyhow::Result<Outcome> {
-        let mut dst = Vm::spawn(&ctx.bins, &spec("dst", link.dst_ns, true))?;
-        let mut src = Vm::spawn(&ctx.bins, &spec("src", link.src_ns, false))?;
-        src.wait_ready(guest, Duration::from_secs(90))?;
+    crate::pair::migrate_pair(ctx, link, guest, kind, &pair, p, |_, _| {
         std::thread::sleep(Duration::from_secs(1));
-        let cpu0 = (
-            crate::tls::cpu_secs(src.pid()),
-            crate::tls::cpu_secs(dst.pid()),
-        );
-        let mut out = live_migrate(&mut src, &mut dst, &link.host, p);
-        out.src_cpu_s = cpu0
-            .0
-            .zip(crate::tls::cpu_secs(src.pid()))
-            .map(|(a, b)| b - a);
-        out.dst_cpu_s = cpu0
-            .1
-            .zip(crate::tls::cpu_secs(dst.pid()))
-            .map(|(a, b)| b - a);
-        if out.result != "completed" {
-            tracing::warn!("source log: {}", crate::vm::log_tail(&src.log));
-            tracing::warn!("destination log: {}", crate::vm::log_tail(&dst.log));
-        }
-        src.quit();
-        dst.quit();
-        Ok(out)
-    })();
-    res.unwrap_or_else(|e| Outcome {
-        result: "error".into(),
-        error: Some(format!("{e:#}")),
-        src_final: Value::Null,
-        dst_final: Value::Null,
-        ..Outcome::default()
+        Ok(())
     })
 }

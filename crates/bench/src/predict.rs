@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::link::{self, Link, Netns};
+use crate::link::{Link, Netns};
 use crate::migrate::{MigParams, Outcome};
 use crate::precopy::{result_cell, DOWNTIME_LIMIT_MS, QEMU_DEFAULT_MAX_BANDWIDTH};
 use crate::predict_run::{qemu_rates, rate_of, tern_row, TernRow, CALC_TIME_S, MODES};
@@ -102,11 +102,7 @@ pub fn run(ctx: &Ctx, timeout_s: u64) -> anyhow::Result<()> {
         .map(|w| (w.name.clone(), Vec::new(), Vec::new()))
         .collect();
     if ctx.bins.tern.is_some() {
-        let measured = link::measure_loopback(1.5).unwrap_or_else(|e| {
-            tracing::warn!("loopback measurement failed: {e:#}");
-            0.0
-        });
-        let lo = Link::loopback(measured);
+        let lo = Link::measured_loopback(1.5);
         report.notes.push(format!(
             "loopback bandwidth given to the prediction: {:.0} MB/s ({})",
             lo.rate_bytes_s / 1e6,

@@ -98,8 +98,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
             .notes
             .push("This tern binary has no `run --device`: state-device rows skipped.".into());
     }
-    let measured = crate::link::measure_loopback(1.0).unwrap_or(0.0);
-    let links = [Link::loopback(measured), Link::shaped(1000)];
+    let links = [Link::measured_loopback(1.0), Link::shaped(1000)];
     for link in &links {
         let _ns = match link.src_ns {
             Some(_) => Some(Netns::up(&ctx.repo, "1gbit")?),

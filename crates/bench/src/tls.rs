@@ -6,32 +6,19 @@
 //! the plain and the TLS row), per GiB sent.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::link::Link;
-use crate::migrate::{live_migrate, MigParams, Outcome};
-use crate::precopy::{result_cell, vm_memory, DOWNTIME_LIMIT_MS};
+use crate::migrate::{MigParams, Outcome};
+use crate::pair::{migrate_pair, PairSpec};
+use crate::precopy::{result_cell, DOWNTIME_LIMIT_MS};
 use crate::report::{mib, ms, secs, Table};
-use crate::vm::{Guest, Kind, Spec, Vm};
+use crate::vm::{Guest, Kind};
 use crate::Ctx;
 
 /// The one name the certificates carry (loopback: the destination is 127.0.0.1).
 const HOST: &str = "127.0.0.1";
-
-/// CPU time (user + system) of a process in seconds, from `/proc/PID/stat`.
-pub fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| ticks / hz as f64)
-}
 
 /// Makes the certificates once (`scripts/tls-certs.sh OUT 127.0.0.1`); returns the host's
 /// directory (server and client pairs, signed by one CA).
@@ -46,7 +33,8 @@ fn certificates(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     Ok(out.join(HOST))
 }
 
-/// One migration; with `pki` both sides get `tls0` and `tls-creds`.
+/// One migration; with `pki` both sides get `tls0` and `tls-creds`. Returns the outcome and
+/// the CPU seconds of both processes together.
 fn migrate_once(
     ctx: &Ctx,
     link: &Link,
@@ -55,11 +43,6 @@ fn migrate_once(
     pki: Option<&Path>,
     p: &MigParams,
 ) -> (Outcome, Option<f64>) {
-    let base = format!(
-        "{}-tls-{}",
-        kind.label().to_lowercase(),
-        crate::facts::realtime_ns() % 1_000_000
-    );
     let object = |endpoint: &str| {
         pki.map(|d| {
             format!(
@@ -70,53 +53,21 @@ fn migrate_once(
         .into_iter()
         .collect::<Vec<_>>()
     };
-    let spec = |role: &str, incoming: bool| Spec {
-        kind,
-        name: format!("{base}-{role}"),
-        memory_mib: guest.ram_mib.unwrap_or(vm_memory(guest.mem)),
-        vcpus: 1,
-        guest: guest.clone(),
-        netns: None,
-        incoming,
-        device: None,
-        objects: object(if incoming { "server" } else { "client" }),
-        qemu_args: Vec::new(),
+    let pair = PairSpec {
+        src_objects: object("client"),
+        dst_objects: object("server"),
+        ..PairSpec::new("tls")
     };
-    let res = (|| -> anyhow::Result<(Outcome, Option<f64>)> {
-        let mut dst = Vm::spawn(&ctx.bins, &spec("dst", true))?;
-        let mut src = Vm::spawn(&ctx.bins, &spec("src", false))?;
-        src.wait_ready(guest, Duration::from_secs(90))?;
+    let out = migrate_pair(ctx, link, guest, kind, &pair, p, |src, dst| {
         if pki.is_some() {
-            for vm in [&mut src, &mut dst] {
+            for vm in [src, dst] {
                 vm.exec("migrate-set-parameters", json!({"tls-creds": "tls0"}))?;
             }
         }
-        let before = cpu_secs(src.pid()).zip(cpu_secs(dst.pid()));
-        let out = live_migrate(&mut src, &mut dst, &link.host, p);
-        let after = cpu_secs(src.pid()).zip(cpu_secs(dst.pid()));
-        let cpu = before
-            .zip(after)
-            .map(|((s0, d0), (s1, d1))| (s1 - s0) + (d1 - d0));
-        if out.result != "completed" {
-            tracing::warn!("source log: {}", crate::vm::log_tail(&src.log));
-            tracing::warn!("destination log: {}", crate::vm::log_tail(&dst.log));
-        }
-        src.quit();
-        dst.quit();
-        Ok((out, cpu))
-    })();
-    res.unwrap_or_else(|e| {
-        (
-            Outcome {
-                result: "error".into(),
-                error: Some(format!("{e:#}")),
-                src_final: Value::Null,
-                dst_final: Value::Null,
-                ..Outcome::default()
-            },
-            None,
-        )
-    })
+        Ok(())
+    });
+    let cpu = out.src_cpu_s.zip(out.dst_cpu_s).map(|(s, d)| s + d);
+    (out, cpu)
 }
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
@@ -156,8 +107,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         ],
     ));
     let pki = certificates(ctx)?;
-    let measured = crate::link::measure_loopback(1.0).unwrap_or(0.0);
-    let link = Link::loopback(measured);
+    let link = Link::measured_loopback(1.0);
     for (gname, guest) in &guests {
         for kind in ctx.vmms() {
             for tls in [false, true] {

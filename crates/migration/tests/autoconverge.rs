@@ -103,12 +103,7 @@ impl EventSink for PassSampler {
 
 #[test]
 fn throttle_is_raised_after_two_high_passes_and_removed_when_the_migration_completes() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(u64::MAX, false);
     let sampler = Arc::new(PassSampler {
         events: src.events.clone(),
         stats: src.stats.clone(),
@@ -161,12 +156,7 @@ fn throttle_is_raised_after_two_high_passes_and_removed_when_the_migration_compl
 
 #[test]
 fn throttle_stays_at_max_cpu_throttle_and_is_removed_on_cancel() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, _dst, guest, a, d) = dirty_pair(u64::MAX, false);
     // 1 ms downtime: no throttle makes it converge; the policy keeps wanting more.
     let tuning = Tuning {
         downtime_limit_ms: 1,
@@ -204,12 +194,7 @@ fn throttle_stays_at_max_cpu_throttle_and_is_removed_on_cancel() {
 
 #[test]
 fn throttle_is_removed_when_the_migration_fails() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, _dst, guest, a, d) = dirty_pair(u64::MAX, false);
     let tuning = Tuning {
         downtime_limit_ms: 1,
         ..tight(fast_ramp(99))
@@ -255,12 +240,7 @@ fn a_machine_that_cannot_throttle_fails_at_setup_and_keeps_running() {
 
 #[test]
 fn without_the_capability_nothing_is_throttled() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, _dst, guest, a, d) = dirty_pair(u64::MAX, false);
     // Hold the end: should the guest be starved of CPU on a loaded machine and the
     // migration converge anyway, it waits in pre-switchover instead of completing, and the
     // wait below sees that instead of waiting for a pass that never comes.
@@ -293,12 +273,7 @@ fn without_the_capability_nothing_is_throttled() {
 
 #[test]
 fn long_passes_get_a_periodic_sync_that_feeds_the_policy() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, _dst, guest, a, d) = dirty_pair(u64::MAX, false);
     // 4 MB/s: a full pass over the 4 MiB takes about a second; 1 ms downtime: never converges.
     let tuning = Tuning {
         downtime_limit_ms: 1,

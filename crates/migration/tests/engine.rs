@@ -22,11 +22,7 @@ fn live_migration_with_a_busy_guest_copies_every_page() {
         loader: LoaderKind::NoAckNeeded,
         ..Setup::default()
     };
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, 20_000);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair_with(&setup, 20_000, false);
     let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
     let so = s.join().unwrap();
     let dout = d.join().unwrap();
@@ -116,12 +112,7 @@ fn uri_port(u: &MigrationUri) -> String {
 
 #[test]
 fn non_convergent_guest_keeps_iterating_until_limits_are_raised() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(u64::MAX, false);
     let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), false));
     wait_pass(&src.events, 4);
     assert_eq!(s.status(), S::Active);
@@ -148,11 +139,7 @@ fn switchover_waits_for_the_ack_that_never_comes() {
         loader: LoaderKind::NeverApproves,
         ..Setup::default()
     };
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, 2_000);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(true));
+    let (src, sm, dst, guest, a, d) = dirty_pair_with(&setup, 2_000, true);
     let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), true));
     // Converged long ago (30 s downtime budget), but no ACK: it keeps iterating.
     wait_pass(&src.events, 6);
@@ -200,11 +187,7 @@ fn device_initial_data_flows_fairly_while_ram_does_not_converge() {
         initial_len: 1 << 20,
         ..Setup::default()
     };
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(true));
+    let (src, sm, dst, guest, a, d) = dirty_pair_with(&setup, u64::MAX, true);
     let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), true));
     let (recv, dlog, approved) = dst.loader.as_ref().unwrap();
     approved.wait();
@@ -224,12 +207,7 @@ fn device_initial_data_flows_fairly_while_ram_does_not_converge() {
 
 #[test]
 fn pause_before_switchover_waits_for_continue() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, 2_000);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(2_000, false);
     let mut opts = src_opts(converge(), false);
     opts.pause_before_switchover = true;
     let s = start_source(&src, sm, Target::Stream(a), opts);
@@ -344,12 +322,7 @@ fn a_stopped_source_does_not_wait_for_the_ack() {
 /// precopy without return path), and stays paused.
 #[test]
 fn without_return_path_the_source_completes_after_the_flush() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, 5_000);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(5_000, false);
     let mut opts = src_opts(converge(), false);
     opts.return_path = false;
     let s = start_source(&src, sm, Target::Stream(a), opts);
@@ -376,11 +349,7 @@ fn edge_of_convergence_switches_within_the_bound_after_qemus_rule_held() {
             loader: LoaderKind::None,
             ..Setup::default()
         };
-        let (src, sm) = source_side(&setup);
-        let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-        let guest = dirty(&src, 1_000);
-        let (a, b) = socketpair();
-        let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+        let (src, sm, dst, guest, a, d) = dirty_pair_with(&setup, 1_000, false);
         let tuning = tern_migration::source::Tuning {
             downtime_limit_ms: 100,
             max_bandwidth: 4_000_000,

@@ -47,12 +47,7 @@ fn cancel_in_setup() {
 
 #[test]
 fn cancel_while_active() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(u64::MAX, false);
     let s = start_source(&src, sm, Target::Stream(a), src_opts(non_converge(), false));
     wait_pass(&src.events, 3);
     s.cancel();
@@ -70,12 +65,7 @@ fn cancel_while_active() {
 
 #[test]
 fn cancel_in_pre_switchover_resumes_the_source() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, 2_000);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, _dst, guest, a, d) = dirty_pair(2_000, false);
     let mut opts = src_opts(converge(), false);
     opts.pause_before_switchover = true;
     let s = start_source(&src, sm, Target::Stream(a), opts);

@@ -104,9 +104,17 @@ fn main_stream(uri: &MigrationUri, cfg: &StreamConfig, channels: u16, id: [u8; 1
     s
 }
 
-fn channel(uri: &MigrationUri, h: ChannelHandshake) -> TcpStream {
+/// Connects to `uri` as multifd channel `channel` of `channels` of migration `id` (its
+/// handshake sent, nothing else).
+fn channel(uri: &MigrationUri, channel: u16, channels: u16, id: [u8; 16]) -> TcpStream {
     let MigrationUri::Tcp { host, port } = uri else {
         panic!("tcp")
+    };
+    let h = ChannelHandshake {
+        version: VERSION_MULTIFD,
+        channel,
+        channels,
+        id,
     };
     let mut s = TcpStream::connect((host.as_str(), *port)).expect("connect");
     s.write_all(&h.encode()).expect("handshake");
@@ -142,15 +150,7 @@ fn hostile_dest(
 fn a_channel_of_another_migration_is_refused() {
     let e = hostile_dest(2, |uri, cfg, id| {
         let m = main_stream(uri, cfg, 2, id);
-        let c = channel(
-            uri,
-            ChannelHandshake {
-                version: VERSION_MULTIFD,
-                channel: 1,
-                channels: 2,
-                id: [0x13; 16],
-            },
-        );
+        let c = channel(uri, 1, 2, [0x13; 16]);
         vec![m, c]
     });
     assert!(e.contains("multifd connection 1"), "{e}");
@@ -161,14 +161,8 @@ fn a_channel_of_another_migration_is_refused() {
 fn a_repeated_channel_index_is_refused() {
     let e = hostile_dest(2, |uri, cfg, id| {
         let m = main_stream(uri, cfg, 2, id);
-        let h = ChannelHandshake {
-            version: VERSION_MULTIFD,
-            channel: 1,
-            channels: 2,
-            id,
-        };
-        let a = channel(uri, h);
-        let b = channel(uri, h);
+        let a = channel(uri, 1, 2, id);
+        let b = channel(uri, 1, 2, id);
         vec![m, a, b]
     });
     assert!(e.contains("channel 1 connected twice"), "{e}");
@@ -178,15 +172,7 @@ fn a_repeated_channel_index_is_refused() {
 fn a_batch_on_the_wrong_connection_is_refused() {
     let e = hostile_dest(1, |uri, cfg, id| {
         let m = main_stream(uri, cfg, 1, id);
-        let c = channel(
-            uri,
-            ChannelHandshake {
-                version: VERSION_MULTIFD,
-                channel: 1,
-                channels: 1,
-                id,
-            },
-        );
+        let c = channel(uri, 1, 1, id);
         // A batch that says it belongs to channel 2, on channel 1's connection.
         let mut w = ChannelWriter::new(c.try_clone().expect("clone"), 2, cfg).expect("writer");
         w.write_batch(&[RamPage::zero(0, 1)]).expect("batch");
@@ -200,15 +186,7 @@ fn a_batch_on_the_wrong_connection_is_refused() {
 fn a_channel_that_never_connects_fails_the_destination_within_the_handshake_timeout() {
     let e = hostile_dest(2, |uri, cfg, id| {
         let m = main_stream(uri, cfg, 2, id);
-        let c = channel(
-            uri,
-            ChannelHandshake {
-                version: VERSION_MULTIFD,
-                channel: 2,
-                channels: 2,
-                id,
-            },
-        );
+        let c = channel(uri, 2, 2, id);
         vec![m, c]
     });
     assert!(

@@ -8,19 +8,12 @@ mod common;
 
 use common::*;
 use tern_migration::convergence::RuleName;
-use tern_migration::dest::Incoming;
-use tern_migration::fakes::FakeMachine;
 use tern_migration::source::{Target, Tuning};
 use tern_migration::status::MigrationStatus as S;
 
 #[test]
 fn avail_switchover_bandwidth_lets_a_non_converging_migration_switch() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, u64::MAX);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(u64::MAX, false);
     let mut opts = src_opts(non_converge(), false);
     // Stop at the decision, so that what it assumed can be read before anything else runs.
     opts.pause_before_switchover = true;

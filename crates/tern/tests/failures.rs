@@ -145,10 +145,7 @@ fn cancel_in_setup_while_connect_blocks() {
         "connect to a full listener returned"
     );
     cancel(&mut src);
-    assert_source_runs_on(&mut src);
-    let dst = migrate_fully(dir.path(), "dst", &mut src, &m);
-    dst.quit_ok();
-    src.quit_ok();
+    assert_runs_on_then_migrates(dir.path(), "dst", src, &m);
 }
 
 /// A unix listener with a full backlog: `connect(2)` blocks.
@@ -200,10 +197,7 @@ fn cancel_in_setup_while_unix_connect_blocks() {
     src.assert_running_guest(10);
     assert_eq!(src.mig_status(), "setup");
     cancel(&mut src);
-    assert_source_runs_on(&mut src);
-    let dst = migrate_fully(dir.path(), "dst", &mut src, &m);
-    dst.quit_ok();
-    src.quit_ok();
+    assert_runs_on_then_migrates(dir.path(), "dst", src, &m);
 }
 
 #[test]
@@ -259,10 +253,7 @@ fn cancel_without_migration_is_harmless() {
     src.c("migrate_cancel", json!({}));
     let q = src.qm();
     assert!(q.get("status").is_none() || q["status"] == "none", "{q}");
-    assert_source_runs_on(&mut src);
-    let dst = migrate_fully(dir.path(), "dst", &mut src, &m);
-    dst.quit_ok();
-    src.quit_ok();
+    assert_runs_on_then_migrates(dir.path(), "dst", src, &m);
 }
 
 #[test]
@@ -299,11 +290,7 @@ fn bad_destination_fails_cleanly_and_cancel_keeps_failed() {
     // A bad URI is refused by the command itself.
     let e = src.err("migrate", json!({"uri": "carrier-pigeon:somewhere"}));
     assert!(e.contains("URI") || e.contains("uri"), "{e}");
-    assert_source_runs_on(&mut src);
-
-    let dst = migrate_fully(dir.path(), "dst", &mut src, &m);
-    dst.quit_ok();
-    src.quit_ok();
+    assert_runs_on_then_migrates(dir.path(), "dst", src, &m);
 }
 
 #[test]
@@ -324,10 +311,7 @@ fn destination_killed_mid_stream_source_runs_on() {
     dst.kill();
     let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
     assert!(!error_desc(&q).is_empty(), "failed without error-desc: {q}");
-    assert_source_runs_on(&mut src);
-    let dst2 = migrate_fully(dir.path(), "dst2", &mut src, &m);
-    dst2.quit_ok();
-    src.quit_ok();
+    assert_runs_on_then_migrates(dir.path(), "dst2", src, &m);
 }
 
 #[test]
@@ -556,10 +540,7 @@ fn quit_during_migration_either_side() {
     dst.quit_ok();
     let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
     assert!(!error_desc(&q).is_empty(), "{q}");
-    assert_source_runs_on(&mut src);
-    let d3 = migrate_fully(dir.path(), "dst3", &mut src, &m);
-    d3.quit_ok();
-    src.quit_ok();
+    assert_runs_on_then_migrates(dir.path(), "dst3", src, &m);
 }
 
 /// The migration did not pause the source (the user did): a cancel must leave it paused.

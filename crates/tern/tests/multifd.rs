@@ -7,37 +7,17 @@
 
 mod common;
 
-use common::multi_proxy::MultiProxy;
+use common::multifd::*;
 use common::*;
 use serde_json::json;
-
-/// Two vCPUs writing the `pattern` over 64 MiB at 64 MiB/s in a 256 MiB guest: memory is
-/// dirtied during every pass, and the link (loopback, multifd) is faster, so it converges.
-fn guest() -> Machine {
-    let mut m = Machine::pattern(2, 64).memory(256);
-    m.rate = 64;
-    m
-}
-
-const CAPS: [(&str, bool); 3] = [("events", true), ("return-path", true), ("multifd", true)];
 
 /// Migrates `src` to a fresh destination with `channels` multifd channels; both sides
 /// `completed`, handover, `multifd-bytes` carried the pages, the pattern checks.
 fn migrate_multifd(dir: &std::path::Path, channels: u8) {
-    let m = guest();
-    let mut src = boot(dir, "src", &m);
-    src.wait_workload_running(T);
-    let mut dst = dest(dir, "dst", &m);
-    for vm in [&mut src, &mut dst] {
-        vm.caps(&CAPS);
-        vm.params(json!({ "multifd-channels": channels }));
-    }
-    converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
-    let q = src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
-    assert_eq!(q["status"], "completed", "{q}");
-    dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    let m = pattern_guest();
+    let params = json!({ "multifd-channels": channels });
+    let (mut src, mut dst) = pair(dir, &m, &MULTIFD_CAPS, &MULTIFD_CAPS, params);
+    let q = migrate_to_completion(&mut src, &mut dst);
     let multifd = ram_num(&q, "multifd-bytes");
     let transferred = ram_num(&q, "transferred");
     let passes = ram_num(&q, "dirty-sync-count");
@@ -58,10 +38,7 @@ fn migrate_multifd(dir: &std::path::Path, channels: u8) {
         "RAM on the main stream? {q}"
     );
     assert!(passes >= 2, "the guest dirtied memory during pre-copy: {q}");
-    assert_handover(&mut src, &mut dst);
-    assert_pattern_ok(&mut dst, &m, dir, &format!("multifd-{channels}"));
-    dst.quit_ok();
-    src.quit_ok();
+    assert_handover_and_pattern(src, dst, &m, dir, &format!("multifd-{channels}"));
 }
 
 #[test]
@@ -115,21 +92,7 @@ fn multifd_on_one_side_or_a_different_channel_count_is_refused_at_once_and_the_s
         dst.caps(&[("events", true), ("return-path", true), ("multifd", d_on)]);
         src.params(json!({ "multifd-channels": s_n }));
         dst.params(json!({ "multifd-channels": d_n }));
-        src.drain_events();
-        let uri = dst.listen_tcp();
-        src.c("migrate", json!({ "uri": uri }));
-        let q = src.wait_mig(&["failed"], T);
-        let desc = error_desc(&q);
-        assert!(
-            desc.contains(text),
-            "source error-desc {desc:?} lacks {text:?}"
-        );
-        let q = dst.wait_mig(&["failed"], T);
-        assert!(error_desc(&q).contains(text), "{q}");
-        dst.assert_alive();
-        assert_ne!(dst.run_status(), "running");
-        assert_source_runs_on(&mut src);
-        dst.quit_ok();
+        assert_refused_at_once(&mut src, dst, text);
     }
     src.quit_ok();
 }
@@ -137,29 +100,10 @@ fn multifd_on_one_side_or_a_different_channel_count_is_refused_at_once_and_the_s
 #[test]
 fn multifd_channel_killed_mid_pass_fails_the_source_runs_on_and_a_retry_succeeds() {
     let dir = tmpdir();
-    let m = guest();
-    let mut src = boot(dir.path(), "src", &m);
-    src.wait_workload_running(T);
-    let mut dst = dest(dir.path(), "dst", &m);
-    for vm in [&mut src, &mut dst] {
-        vm.caps(&CAPS);
-        vm.params(json!({ "multifd-channels": 2 }));
-    }
-    // Slow enough that the first pass (256 MiB) is far from done when the channel dies.
-    src.params(json!({ "max-bandwidth": 32 << 20 }));
-    // QEMU's default `exit-on-error`: the failed destination discards everything and exits.
-    let proxy = MultiProxy::start(&dst.listen_tcp_with(None));
-    src.c("migrate", json!({ "uri": proxy.uri }));
-    // Connection 0 is the main stream; 2 is the second channel. Cut it after 8 MiB.
-    proxy.cut_after(2, 8 << 20, T);
-    let q = src.wait_mig(&["failed"], T);
-    let desc = error_desc(&q);
-    assert!(
-        desc.contains("multifd channel"),
-        "source error-desc: {desc}"
-    );
-    let (st, log) = dst.wait_gone(T);
-    assert!(!st.success(), "destination exit status {st}");
+    let m = pattern_guest();
+    let params = json!({ "multifd-channels": 2 });
+    let (mut src, mut dst) = pair(dir.path(), &m, &MULTIFD_CAPS, &MULTIFD_CAPS, params);
+    let (desc, st, log) = cut_a_channel_mid_pass(&mut src, &mut dst);
     assert!(
         log.contains("incoming migration failed") && log.contains("multifd channel"),
         "destination stderr:\n{log}"
@@ -168,17 +112,5 @@ fn multifd_channel_killed_mid_pass_fails_the_source_runs_on_and_a_retry_succeeds
     assert_source_runs_on(&mut src);
 
     // A second migration, directly, succeeds.
-    let mut dst2 = dest(dir.path(), "dst2", &m);
-    dst2.caps(&CAPS);
-    dst2.params(json!({ "multifd-channels": 2 }));
-    converge(&mut src);
-    src.drain_events();
-    let uri = dst2.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
-    src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
-    dst2.wait_mig(&["completed"], MIGRATION_TIMEOUT);
-    assert_handover(&mut src, &mut dst2);
-    assert_pattern_ok(&mut dst2, &m, dir.path(), "multifd-retry");
-    dst2.quit_ok();
-    src.quit_ok();
+    retry_completes(dir.path(), src, &m, "multifd-retry");
 }

@@ -6,40 +6,22 @@
 
 mod common;
 
+use common::multifd::*;
 use common::*;
 use serde_json::json;
 
-const CAPS: [(&str, bool); 3] = [("events", true), ("return-path", true), ("multifd", true)];
-
-/// Two vCPUs writing the `pattern` over 64 MiB at 64 MiB/s in a 256 MiB guest (as
-/// `multifd.rs`): its pages are one repeated byte, very compressible.
-fn guest() -> Machine {
-    let mut m = Machine::pattern(2, 64).memory(256);
-    m.rate = 64;
-    m
-}
-
+/// [`pattern_guest`] (as `multifd.rs`): its pages are one repeated byte, very compressible.
 fn migrate_compressed(method: &str, level_param: &str, level: u8) {
     let dir = tmpdir();
     let dir = dir.path();
-    let m = guest();
-    let mut src = boot(dir, "src", &m);
-    src.wait_workload_running(T);
-    let mut dst = dest(dir, "dst", &m);
-    for vm in [&mut src, &mut dst] {
-        vm.caps(&CAPS);
-        vm.params(json!({ "multifd-channels": 2, "multifd-compression": method }));
-    }
+    let m = pattern_guest();
+    let params = json!({ "multifd-channels": 2, "multifd-compression": method });
+    let (mut src, mut dst) = pair(dir, &m, &MULTIFD_CAPS, &MULTIFD_CAPS, params);
     src.params(json!({ level_param: level }));
     let p = src.c("query-migrate-parameters", json!({}));
     assert_eq!(p["multifd-compression"], method, "{p}");
     assert_eq!(p[level_param], level, "{p}");
-    converge(&mut src);
-    let uri = dst.listen_tcp();
-    src.c("migrate", json!({ "uri": uri }));
-    let q = src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
-    assert_eq!(q["status"], "completed", "{q}");
-    dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    let q = migrate_to_completion(&mut src, &mut dst);
     let multifd = ram_num(&q, "multifd-bytes");
     let normal = ram_num(&q, "normal-bytes");
     let transferred = ram_num(&q, "transferred");
@@ -52,10 +34,7 @@ fn migrate_compressed(method: &str, level_param: &str, level: u8) {
     assert!(normal > 8 << 20, "{q}");
     assert!(multifd > 0 && multifd * 4 < normal, "{q}");
     assert!(transferred > multifd, "{q}");
-    assert_handover(&mut src, &mut dst);
-    assert_pattern_ok(&mut dst, &m, dir, &format!("multifd-{method}"));
-    dst.quit_ok();
-    src.quit_ok();
+    assert_handover_and_pattern(src, dst, &m, dir, &format!("multifd-{method}"));
 }
 
 #[test]
@@ -80,26 +59,12 @@ fn a_one_sided_or_different_compression_is_refused_at_once_and_the_source_runs_o
     {
         let mut dst = dest(dir.path(), &format!("dst{i}"), &m);
         for (vm, method) in [(&mut src, at_src), (&mut dst, at_dst)] {
-            vm.caps(&CAPS);
+            vm.caps(&MULTIFD_CAPS);
             vm.params(json!({ "multifd-channels": 2, "multifd-compression": method }));
         }
-        src.drain_events();
-        let uri = dst.listen_tcp();
-        src.c("migrate", json!({ "uri": uri }));
         let text = format!("multifd-compression: source {at_src}, destination {at_dst}");
-        let q = src.wait_mig(&["failed"], T);
-        let desc = error_desc(&q);
-        assert!(
-            desc.contains(&text),
-            "source error-desc {desc:?} lacks {text:?}"
-        );
+        let q = assert_refused_at_once(&mut src, dst, &text);
         assert_eq!(ram_num(&q, "multifd-bytes"), 0, "{q}");
-        let q = dst.wait_mig(&["failed"], T);
-        assert!(error_desc(&q).contains(&text), "{q}");
-        dst.assert_alive();
-        assert_ne!(dst.run_status(), "running");
-        assert_source_runs_on(&mut src);
-        dst.quit_ok();
     }
     src.quit_ok();
 }

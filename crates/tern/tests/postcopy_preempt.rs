@@ -182,11 +182,7 @@ fn start_on(
     listen: impl FnOnce(&mut Vm) -> String,
     setup: impl FnOnce(&mut Vm, &mut Vm),
 ) -> (Vm, Vm) {
-    let mut src = boot(dir, "src", m);
-    src.wait_workload_running(T);
-    let mut dst = dest(dir, "dst", m);
-    src.caps(src_caps);
-    dst.caps(dst_caps);
+    let (mut src, mut dst) = boot_pair(dir, m, src_caps, dst_caps);
     setup(&mut src, &mut dst);
     src.params(json!({"max-bandwidth": 32_000_000, "downtime-limit": 1}));
     let uri = listen(&mut dst);

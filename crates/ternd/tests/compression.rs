@@ -33,10 +33,8 @@ fn migrate_compressed(method: &str, level_opt: &str, level: u8, param: &str) {
         level_opt,
         &level_s,
     ]);
-    let job = h.src.ok(&["domjobinfo", &name, "--completed"]);
-    assert!(job.contains("Job type:         Completed"), "{job}");
     let note = format!("compression: multifd {method} on both VMMs, {param} {level}");
-    assert!(job.contains(&note), "{job}");
+    completed_job(&h.src, &name, &[&note]);
     assert_eq!(h.dst.state(&name), "running (migrated)");
     let p = h
         .dst

@@ -136,9 +136,7 @@ fn parallel_migration_of_a_qemu_vm_uses_multifd_on_both_qemus() {
         "--parallel-connections",
         "4",
     ]);
-    let job = h.src.ok(&["domjobinfo", "qp", "--completed"]);
-    assert!(job.contains("Job type:         Completed"), "{job}");
-    assert!(job.contains("parallel: multifd with 4 channel(s)"), "{job}");
+    completed_job(&h.src, "qp", &["parallel: multifd with 4 channel(s)"]);
     assert_eq!(h.dst.state("qp"), "running (migrated)");
     // QEMU itself says it had multifd with 4 channels.
     let caps = h
@@ -174,12 +172,7 @@ fn tunnelled_migration_of_a_qemu_vm() {
         "--p2p",
         "--tunnelled",
     ]);
-    let job = h.src.ok(&["domjobinfo", "qt", "--completed"]);
-    assert!(job.contains("Job type:         Completed"), "{job}");
-    assert!(
-        job.contains("return-path: off (the stream is tunnelled"),
-        "{job}"
-    );
+    completed_job(&h.src, "qt", &["return-path: off (the stream is tunnelled"]);
     assert_eq!(h.dst.state("qt"), "running (migrated)");
     assert_pattern_ok(&h.dst, "qt", MEM, dir.path());
 }
@@ -202,9 +195,7 @@ fn auto_converge_migration_of_a_qemu_vm() {
         "--p2p",
         "--auto-converge",
     ]);
-    let job = h.src.ok(&["domjobinfo", "qa", "--completed"]);
-    assert!(job.contains("Job type:         Completed"), "{job}");
-    assert!(job.contains("auto-converge: on"), "{job}");
+    completed_job(&h.src, "qa", &["auto-converge: on"]);
     assert_eq!(h.dst.state("qa"), "running (migrated)");
     assert_pattern_ok(&h.dst, "qa", MEM, dir.path());
 }
@@ -332,9 +323,7 @@ fn tls_migration_of_a_qemu_vm() {
         "--p2p",
         "--tls",
     ]);
-    let job = h.src.ok(&["domjobinfo", "qs", "--completed"]);
-    assert!(job.contains("Job type:         Completed"), "{job}");
-    assert!(job.contains("tls: on"), "{job}");
+    completed_job(&h.src, "qs", &["tls: on"]);
     assert_eq!(h.dst.state("qs"), "running (migrated)");
     assert_pattern_ok(&h.dst, "qs", MEM, dir.path());
 }
@@ -465,10 +454,7 @@ fn postcopy_migration_of_a_qemu_vm_switched_from_a_second_client() {
     );
     assert_eq!(h.src.state("pq"), "shut off (migrated)");
     wait_state(&h.dst, "pq", "running (migrated)");
-    let job = h.src.ok(&["domjobinfo", "pq", "--completed"]);
-    assert!(job.contains("Job type:         Completed"), "{job}");
-    assert!(job.contains("post-copy: switched"), "{job}");
-    assert!(job.contains("Postcopy requests:"), "{job}");
+    completed_job(&h.src, "pq", &["post-copy: switched", "Postcopy requests:"]);
     let st = h.dst.qmp("pq", "query-status", serde_json::json!({}));
     assert_eq!(st["running"], true, "{st}");
     assert_pattern_ok(&h.dst, "pq", MEM, dir.path());
@@ -560,8 +546,7 @@ fn domjobabort_postcopy_pauses_a_qemu_postcopy_and_postcopy_resume_completes_it(
     wait_state(&h.dst, "pp", "running (migrated)");
     let st = h.dst.qmp("pp", "query-status", serde_json::json!({}));
     assert_eq!(st["running"], true, "{st}");
-    let job = h.src.ok(&["domjobinfo", "pp", "--completed"]);
-    assert!(job.contains("Job type:         Completed"), "{job}");
+    completed_job(&h.src, "pp", &[]);
 }
 
 /// `--parallel --comp-methods zstd --comp-zstd-level 2` for a QEMU VM: the same parameters on
@@ -592,11 +577,10 @@ fn parallel_zstd_migration_of_a_qemu_vm_sets_multifd_compression_on_both_qemus()
         "--comp-zstd-level",
         "2",
     ]);
-    let job = h.src.ok(&["domjobinfo", "qz", "--completed"]);
-    assert!(job.contains("Job type:         Completed"), "{job}");
-    assert!(
-        job.contains("compression: multifd zstd on both VMMs, multifd-zstd-level 2"),
-        "{job}"
+    completed_job(
+        &h.src,
+        "qz",
+        &["compression: multifd zstd on both VMMs, multifd-zstd-level 2"],
     );
     let p = h
         .dst

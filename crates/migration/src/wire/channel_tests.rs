@@ -4,7 +4,9 @@
 //! corrupted byte, a lost or replayed batch, a generation from before a sync, a sync with
 //! pages, an unknown flag, a record that is not RAM), and the main stream's new order rules.
 
-use super::format::FRAME_LEN;
+use super::channel_test_support::{
+    channel_records, multifd_main_stream, rewrite_channel_record, write_multifd_channels,
+};
 use super::tests::{page, sample_config, PS};
 use super::*;
 
@@ -161,22 +163,10 @@ fn a_batch_on_the_wrong_connection_is_refused() {
     assert!(e.to_string().contains("wrong connection"), "{e}");
 }
 
-/// Offsets (after the handshake) and lengths of the records of a channel.
-fn records(b: &[u8]) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < b.len() {
-        let len = u32::from_le_bytes([b[at + 1], b[at + 2], b[at + 3], b[at + 4]]) as usize;
-        out.push((at, FRAME_LEN + len));
-        at += FRAME_LEN + len;
-    }
-    out
-}
-
 #[test]
 fn a_corrupted_lost_replayed_or_early_batch_is_refused_before_its_pages() {
     let s = channel_stream(1);
-    let recs = records(&s);
+    let recs = channel_records(&s);
     // A flipped byte in the second batch's page data.
     let mut bad = s.clone();
     bad[recs[1].0 + 40] ^= 1;
@@ -209,43 +199,24 @@ fn a_corrupted_lost_replayed_or_early_batch_is_refused_before_its_pages() {
     assert!(e.to_string().contains("generation 2"), "{e}");
 }
 
-/// Rewrites record `i` of a channel with `edit` applied to its body (the CRC recomputed: a
-/// hostile writer, not corruption).
-fn rewrite(s: &[u8], i: usize, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let recs = records(s);
-    let (at, len) = recs[i];
-    let mut body = s[at + FRAME_LEN..at + len - 4].to_vec();
-    edit(&mut body);
-    let mut rec = vec![RecordKind::Ram as u8];
-    rec.extend_from_slice(&((body.len() + 4) as u32).to_le_bytes());
-    rec.extend_from_slice(&body);
-    let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-    crc.update(&rec);
-    rec.extend_from_slice(&(crc.finalize() as u32).to_le_bytes());
-    let mut out = s[..at].to_vec();
-    out.extend_from_slice(&rec);
-    out.extend_from_slice(&s[at + len..]);
-    out
-}
-
 #[test]
 fn hostile_flags_and_markers_are_refused() {
     let s = channel_stream(1);
     // Both flags.
-    let e = drain(&rewrite(&s, 2, |b| b[2] = 3), 1).unwrap_err();
+    let e = drain(&rewrite_channel_record(&s, 2, |b| b[2] = 3), 1).unwrap_err();
     assert_eq!(invalid_field(&e), "batch flags");
     // An unknown flag on a batch with pages.
-    let e = drain(&rewrite(&s, 0, |b| b[2] = 4), 1).unwrap_err();
+    let e = drain(&rewrite_channel_record(&s, 0, |b| b[2] = 4), 1).unwrap_err();
     assert_eq!(invalid_field(&e), "batch flags");
     // A SYNC that carries pages: the first batch with the SYNC flag.
-    let e = drain(&rewrite(&s, 0, |b| b[2] = 1), 1).unwrap_err();
+    let e = drain(&rewrite_channel_record(&s, 0, |b| b[2] = 1), 1).unwrap_err();
     assert!(matches!(e, WireError::LengthMismatch { .. }), "{e:?}");
     // A batch without a flag and without pages.
-    let e = drain(&rewrite(&s, 2, |b| b[2] = 0), 1).unwrap_err();
+    let e = drain(&rewrite_channel_record(&s, 2, |b| b[2] = 0), 1).unwrap_err();
     assert_eq!(invalid_field(&e), "page count");
     // A page outside the configuration.
     let e = drain(
-        &rewrite(&s, 0, |b| b[20..24].copy_from_slice(&9999u32.to_le_bytes())),
+        &rewrite_channel_record(&s, 0, |b| b[20..24].copy_from_slice(&9999u32.to_le_bytes())),
         1,
     )
     .unwrap_err();
@@ -278,24 +249,7 @@ fn the_writer_refuses_what_a_reader_would() {
 
 /// A main stream of version 6 with CAPABILITIES bit 6 and then `next`.
 fn main_stream(next: impl FnOnce(&mut StreamWriter<Vec<u8>>)) -> Vec<u8> {
-    let mut w = StreamWriter::with_version(
-        Vec::new(),
-        &sample_config(),
-        &Limits::default(),
-        VERSION_MULTIFD,
-    )
-    .expect("writer");
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: false,
-        postcopy_ram: false,
-        postcopy_preempt: false,
-        multifd: true,
-    })
-    .expect("caps");
-    next(&mut w);
-    w.finish().expect("end")
+    multifd_main_stream(&sample_config(), VERSION_MULTIFD, next)
 }
 
 fn read_main(bytes: &[u8]) -> Result<Vec<String>, WireError> {
@@ -318,12 +272,7 @@ fn read_main(bytes: &[u8]) -> Result<Vec<String>, WireError> {
 #[test]
 fn the_main_stream_announces_the_channels_right_after_capabilities() {
     let ok = main_stream(|w| {
-        w.write_command(Command::MultifdChannels {
-            channels: 2,
-            compression: Compression::None,
-            id: ID,
-        })
-        .expect("channels");
+        write_multifd_channels(w, 2, Compression::None, ID);
         w.write_command(Command::SwitchoverStart).expect("switch");
     });
     assert_eq!(
@@ -339,12 +288,7 @@ fn the_main_stream_announces_the_channels_right_after_capabilities() {
     );
     // A RAM batch on the main stream of a multifd migration.
     let ram = main_stream(|w| {
-        w.write_command(Command::MultifdChannels {
-            channels: 2,
-            compression: Compression::None,
-            id: ID,
-        })
-        .expect("channels");
+        write_multifd_channels(w, 2, Compression::None, ID);
         w.write_ram_batch(&[RamPage::zero(0, 1)]).expect("ram");
     });
     let e = read_main(&ram).unwrap_err();
@@ -354,30 +298,15 @@ fn the_main_stream_announces_the_channels_right_after_capabilities() {
     );
     // Twice.
     let twice = main_stream(|w| {
-        w.write_command(Command::MultifdChannels {
-            channels: 2,
-            compression: Compression::None,
-            id: ID,
-        })
-        .expect("channels");
-        w.write_command(Command::MultifdChannels {
-            channels: 2,
-            compression: Compression::None,
-            id: ID,
-        })
-        .expect("channels");
+        write_multifd_channels(w, 2, Compression::None, ID);
+        write_multifd_channels(w, 2, Compression::None, ID);
     });
     let e = read_main(&twice).unwrap_err();
     assert!(e.to_string().contains("a second MULTIFD_CHANNELS"), "{e}");
     // Zero channels, or an all-zero id.
     for (channels, id) in [(0u16, ID), (256, ID), (2, [0u8; 16])] {
         let bad = main_stream(|w| {
-            w.write_command(Command::MultifdChannels {
-                channels,
-                compression: Compression::None,
-                id,
-            })
-            .expect("channels");
+            write_multifd_channels(w, channels, Compression::None, id);
         });
         assert!(
             matches!(read_main(&bad), Err(WireError::Invalid { .. })),

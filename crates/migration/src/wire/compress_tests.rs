@@ -3,6 +3,9 @@
 //! uncompressed length, an oversized compressed length, a decompression bomb, garbage, trailing
 //! bytes, the flag on a channel without compression, and `MULTIFD_CHANNELS`' method byte.
 
+use super::channel_test_support::{
+    channel_records, multifd_main_stream, rewrite_channel_record, write_multifd_channels,
+};
 use super::format::FRAME_LEN;
 use super::tests::{page, sample_config, PS};
 use super::*;
@@ -70,36 +73,6 @@ fn drain(bytes: &[u8], method: Compression) -> Result<Vec<Vec<Page>>, WireError>
     Ok(out)
 }
 
-/// (offset, length) of every record.
-fn records(s: &[u8]) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < s.len() {
-        let len = u32::from_le_bytes(s[at + 1..at + 5].try_into().expect("4")) as usize;
-        out.push((at, FRAME_LEN + len));
-        at += FRAME_LEN + len;
-    }
-    out
-}
-
-/// Record `i`'s body rewritten by `edit`, its length and CRC made consistent (a hostile
-/// writer, not corruption in transit).
-fn rewrite(s: &[u8], i: usize, edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let (at, len) = records(s)[i];
-    let mut body = s[at + FRAME_LEN..at + len - 4].to_vec();
-    edit(&mut body);
-    let mut rec = vec![RecordKind::Ram as u8];
-    rec.extend_from_slice(&((body.len() + 4) as u32).to_le_bytes());
-    rec.extend_from_slice(&body);
-    let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-    crc.update(&rec);
-    rec.extend_from_slice(&(crc.finalize() as u32).to_le_bytes());
-    let mut out = s[..at].to_vec();
-    out.extend_from_slice(&rec);
-    out.extend_from_slice(&s[at + len..]);
-    out
-}
-
 /// Body offset of the compressed batch's `raw_len` (header, count, 3 entries).
 const RAW_AT: usize = 16 + 4 + 3 * 8;
 
@@ -119,7 +92,7 @@ fn bad_reason(e: &WireError) -> &str {
 fn compressed_batches_round_trip_with_zero_pages_and_a_plain_batch() {
     for m in [Compression::Zlib, Compression::Zstd] {
         let s = stream(m);
-        let recs = records(&s);
+        let recs = channel_records(&s);
         // The first batch is flagged COMPRESSED and much smaller than its two pages.
         assert_eq!(u16::from_le_bytes([s[FRAME_LEN + 2], s[FRAME_LEN + 3]]), 4);
         assert!(recs[0].1 < PS / 4, "{m}: {}", recs[0].1);
@@ -165,7 +138,7 @@ fn a_hostile_writers_wrong_lengths_garbage_and_bombs_are_refused_naming_the_batc
         let s = stream(m);
         // raw_len that is not 2 pages.
         let e = drain(
-            &rewrite(&s, 0, |b| {
+            &rewrite_channel_record(&s, 0, |b| {
                 b[RAW_AT..RAW_AT + 4].copy_from_slice(&(3 * PS as u32).to_le_bytes())
             }),
             m,
@@ -179,7 +152,7 @@ fn a_hostile_writers_wrong_lengths_garbage_and_bombs_are_refused_naming_the_batc
         // The table says one normal page (the second one made ZERO): the data decompresses to
         // more than that (a bomb for the table's length), with raw_len matching the table.
         let e = drain(
-            &rewrite(&s, 0, |b| {
+            &rewrite_channel_record(&s, 0, |b| {
                 b[16 + 4 + 2 * 8 + 6] = page_kind::ZERO;
                 b[RAW_AT..RAW_AT + 4].copy_from_slice(&(PS as u32).to_le_bytes());
             }),
@@ -192,17 +165,21 @@ fn a_hostile_writers_wrong_lengths_garbage_and_bombs_are_refused_naming_the_batc
         );
         // Compressed data larger than the pages (a sender sends such a batch plain).
         let e = drain(
-            &rewrite(&s, 0, |b| b.extend(std::iter::repeat_n(0u8, 2 * PS))),
+            &rewrite_channel_record(&s, 0, |b| b.extend(std::iter::repeat_n(0u8, 2 * PS))),
             m,
         )
         .unwrap_err();
         assert!(bad_reason(&e).contains("must be 1..=8192"), "{m}: {e}");
         // No compressed bytes at all.
-        let e = drain(&rewrite(&s, 0, |b| b.truncate(RAW_AT + 4)), m).unwrap_err();
+        let e = drain(
+            &rewrite_channel_record(&s, 0, |b| b.truncate(RAW_AT + 4)),
+            m,
+        )
+        .unwrap_err();
         assert!(bad_reason(&e).contains("0 compressed byte"), "{m}: {e}");
         // Garbage instead of a stream.
         let e = drain(
-            &rewrite(&s, 0, |b| {
+            &rewrite_channel_record(&s, 0, |b| {
                 for x in &mut b[RAW_AT + 4..] {
                     *x = 0x5a;
                 }
@@ -212,7 +189,11 @@ fn a_hostile_writers_wrong_lengths_garbage_and_bombs_are_refused_naming_the_batc
         .unwrap_err();
         assert!(bad_reason(&e).contains("not a valid"), "{m}: {e}");
         // Bytes after the end of the stream.
-        let e = drain(&rewrite(&s, 0, |b| b.extend_from_slice(&[1, 2, 3])), m).unwrap_err();
+        let e = drain(
+            &rewrite_channel_record(&s, 0, |b| b.extend_from_slice(&[1, 2, 3])),
+            m,
+        )
+        .unwrap_err();
         let r = bad_reason(&e);
         assert!(
             r.contains("after the end") || r.contains("not a valid"),
@@ -220,7 +201,7 @@ fn a_hostile_writers_wrong_lengths_garbage_and_bombs_are_refused_naming_the_batc
         );
         // Every normal page made ZERO: nothing to decompress.
         let e = drain(
-            &rewrite(&s, 0, |b| {
+            &rewrite_channel_record(&s, 0, |b| {
                 b[16 + 4 + 6] = page_kind::ZERO;
                 b[16 + 4 + 2 * 8 + 6] = page_kind::ZERO;
             }),
@@ -241,7 +222,7 @@ fn a_decompression_bomb_is_refused_without_growing_the_buffer() {
         assert!(c.compress([&bomb_input[..]], &mut z).expect("compress"));
         let s = stream(m);
         let e = drain(
-            &rewrite(&s, 0, |b| {
+            &rewrite_channel_record(&s, 0, |b| {
                 b[16 + 4 + 2 * 8 + 6] = page_kind::ZERO;
                 b[RAW_AT..RAW_AT + 4].copy_from_slice(&(PS as u32).to_le_bytes());
                 b.truncate(RAW_AT + 4);
@@ -274,7 +255,11 @@ fn the_compressed_flag_without_negotiated_compression_is_refused() {
     );
     assert!(e.to_string().contains("without multifd-compression"), "{e}");
     // COMPRESSED together with SYNC.
-    let e = drain(&rewrite(&s, 2, |b| b[2] = 5), Compression::Zstd).unwrap_err();
+    let e = drain(
+        &rewrite_channel_record(&s, 2, |b| b[2] = 5),
+        Compression::Zstd,
+    )
+    .unwrap_err();
     assert!(
         matches!(
             e,
@@ -316,26 +301,7 @@ fn multifd_channels_carries_the_method_and_refuses_an_unknown_one() {
 
 /// CAPABILITIES (multifd) + MULTIFD_CHANNELS with `m`, in a stream of `version`.
 fn channels_stream(cfg: &StreamConfig, m: Compression, version: u32) -> Vec<u8> {
-    {
-        let mut w = StreamWriter::with_version(Vec::new(), cfg, &Limits::default(), version)
-            .expect("writer");
-        w.write_command(Command::Capabilities {
-            switchover_ack: false,
-            validate_uuid: false,
-            ram_digest: false,
-            postcopy_ram: false,
-            postcopy_preempt: false,
-            multifd: true,
-        })
-        .expect("caps");
-        w.write_command(Command::MultifdChannels {
-            channels: 2,
-            compression: m,
-            id: [7; 16],
-        })
-        .expect("channels");
-        w.finish().expect("end")
-    }
+    multifd_main_stream(cfg, version, |w| write_multifd_channels(w, 2, m, [7; 16]))
 }
 
 /// The reader sees `m` in `bytes`, and refuses the method byte 3.

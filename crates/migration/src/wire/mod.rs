@@ -26,6 +26,8 @@ mod writer;
 #[cfg(test)]
 mod batch_tests;
 #[cfg(test)]
+mod channel_test_support;
+#[cfg(test)]
 mod channel_tests;
 #[cfg(test)]
 mod compress_tests;

@@ -198,6 +198,31 @@ pub fn socketpair() -> (Stream, Stream) {
     (Stream::Unix(a), Stream::Unix(b))
 }
 
+/// The default [`Setup`]'s source, its guest dirtying `pages_per_sec`, and a 2-vCPU
+/// destination already reading from its end of a [`socketpair`] (`dst_opts(ack)`): (source
+/// side, source machine, destination side, guest, the source's end for `start_source`,
+/// destination handle).
+pub fn dirty_pair(
+    pages_per_sec: u64,
+    ack: bool,
+) -> (SrcSide, SourceMachine, DstSide, Dirtier, Stream, DestHandle) {
+    dirty_pair_with(&Setup::default(), pages_per_sec, ack)
+}
+
+/// [`dirty_pair`] with the fakes made by `setup`.
+pub fn dirty_pair_with(
+    setup: &Setup,
+    pages_per_sec: u64,
+    ack: bool,
+) -> (SrcSide, SourceMachine, DstSide, Dirtier, Stream, DestHandle) {
+    let (src, sm) = source_side(setup);
+    let (dst, dm) = dest_side(setup, FakeMachine::new(2, UUID));
+    let guest = dirty(&src, pages_per_sec);
+    let (a, b) = socketpair();
+    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(ack));
+    (src, sm, dst, guest, a, d)
+}
+
 /// A proxy between source and destination: copies both directions, and on the forward one
 /// either cuts the connection after `cut_after` bytes or flips the byte at `flip_at`.
 pub fn proxy(cut_after: Option<u64>, flip_at: Option<u64>) -> (Stream, Stream) {

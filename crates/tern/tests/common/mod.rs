@@ -6,6 +6,7 @@
 
 pub mod kernels;
 pub mod multi_proxy;
+pub mod multifd;
 pub mod postcopy;
 pub mod proxy;
 
@@ -709,6 +710,22 @@ pub fn assert_handover(src: &mut Vm, dst: &mut Vm) -> u64 {
     last
 }
 
+/// Boots `src` for `m` (its workload running) and a destination `dst`, and gives them
+/// `src_caps` / `dst_caps`.
+pub fn boot_pair(
+    dir: &Path,
+    m: &Machine,
+    src_caps: &[(&str, bool)],
+    dst_caps: &[(&str, bool)],
+) -> (Vm, Vm) {
+    let mut src = boot(dir, "src", m);
+    src.wait_workload_running(T);
+    let mut dst = dest(dir, "dst", m);
+    src.caps(src_caps);
+    dst.caps(dst_caps);
+    (src, dst)
+}
+
 /// A complete live migration of `src` to a fresh destination over TCP with QEMU's "converge"
 /// limits and libvirt's capabilities (`events`, `return-path`): both sides `completed`,
 /// handover checked, the source refuses `cont`. Returns the destination.
@@ -726,6 +743,15 @@ pub fn migrate_fully(dir: &Path, name: &str, src: &mut Vm, m: &Machine) -> Vm {
     assert_handover(src, &mut dst);
     assert_cont_refused(src);
     dst
+}
+
+/// After a migration that did not happen: `src` runs on ([`assert_source_runs_on`]), a
+/// complete migration to a fresh destination `name` succeeds ([`migrate_fully`]), both quit.
+pub fn assert_runs_on_then_migrates(dir: &Path, name: &str, mut src: Vm, m: &Machine) {
+    assert_source_runs_on(&mut src);
+    let dst = migrate_fully(dir, name, &mut src, m);
+    dst.quit_ok();
+    src.quit_ok();
 }
 
 /// Fills `buf` from `r` as far as the input goes; returns the byte count.

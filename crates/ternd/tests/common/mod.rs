@@ -380,6 +380,17 @@ pub fn assert_guest_runs(d: &Daemon, dom: &str) {
     );
 }
 
+/// `domjobinfo DOM --completed` on `d`: the last job completed and its text contains every
+/// one of `notes`. Returns the text.
+pub fn completed_job(d: &Daemon, dom: &str, notes: &[&str]) -> String {
+    let job = d.ok(&["domjobinfo", dom, "--completed"]);
+    assert!(job.contains("Job type:         Completed"), "{job}");
+    for note in notes {
+        assert!(job.contains(note), "{note:?} missing from:\n{job}");
+    }
+    job
+}
+
 /// Suspends `dom` on `d`, dumps its RAM and runs `tern check-pattern` on it.
 pub fn assert_pattern_ok(d: &Daemon, dom: &str, memory_mib: u64, dir: &Path) {
     d.ok(&["suspend", dom]);
