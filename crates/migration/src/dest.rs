@@ -52,6 +52,8 @@ use crate::wire::{
 mod error;
 #[path = "dest_multifd.rs"]
 mod multifd;
+#[path = "dest_populate.rs"]
+mod populate;
 #[path = "dest_postcopy.rs"]
 mod postcopy;
 #[path = "dest_preempt.rs"]
@@ -554,6 +556,8 @@ impl Receiver {
             match reader.next_record()? {
                 Record::Ram(batch) if self.postcopy_running() => self.place_batch(&batch)?,
                 Record::Ram(batch) => {
+                    let ram = &mut self.m.ram;
+                    populate::normal_runs(&batch, |b, first, n| ram.prepare_pages(b, first, n));
                     for p in batch.pages() {
                         let (block, page) = (usize::from(p.block), u64::from(p.page));
                         if sink_pages.get(block).is_none_or(|n| page >= *n) {

@@ -170,6 +170,9 @@ impl RecvCtx {
     }
 
     fn place(&self, b: &crate::wire::RamBatch<'_>) -> Result<(), String> {
+        super::populate::normal_runs(b, |block, first, n| {
+            self.placer.prepare_pages(block, first, n);
+        });
         for p in b.pages() {
             let (block, page) = (usize::from(p.block), u64::from(p.page));
             if self.sink_pages.get(block).is_none_or(|n| page >= *n) {

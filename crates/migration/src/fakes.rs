@@ -102,6 +102,13 @@ struct RamState {
     released: Vec<DirtyBitmap>,
     /// `discard_range` fails (a machine that cannot free memory).
     refuse_discard: bool,
+    /// Destination: pages announced by `prepare_pages` and not written since.
+    prepared: Vec<DirtyBitmap>,
+    /// Destination: `prepare_pages` calls and the pages they announced.
+    prepare_calls: u64,
+    prepared_pages: u64,
+    /// Destination: pages written with data that no `prepare_pages` announced first.
+    unprepared_writes: u64,
 }
 
 /// What a released page of a [`FakeRam`] reads as (real anonymous memory would read zeros,
@@ -142,6 +149,7 @@ impl FakeRam {
             .map(|b| DirtyBitmap::new(b.pages(page_size)))
             .collect();
         let released = dirty.clone();
+        let prepared = dirty.clone();
         Self {
             inner: Arc::new(Mutex::new(RamState {
                 page_size,
@@ -155,9 +163,20 @@ impl FakeRam {
                 writes_while_logging_off: 0,
                 released,
                 refuse_discard: false,
+                prepared,
+                prepare_calls: 0,
+                prepared_pages: 0,
+                unprepared_writes: 0,
             })),
             hooks: RamHooks::default(),
         }
+    }
+
+    /// Destination: `(prepare_pages calls, pages they announced, pages written with data
+    /// that no prepare_pages announced first)`.
+    pub fn prepare_counts(&self) -> (u64, u64, u64) {
+        let g = lock(&self.inner);
+        (g.prepare_calls, g.prepared_pages, g.unprepared_writes)
     }
 
     /// Two blocks (3 MiB at 0 and 1 MiB at 4 GiB), 4 KiB pages: small but with more than one
@@ -355,7 +374,24 @@ impl RamView for FakeRam {
             .ok_or_else(|| {
                 MachineError::rejected("with_range", format!("{block}/{offset:#x}+{len:#x}"))
             })?;
-        f(bytes);
+        // Released pages read as `RELEASED_BYTE`s here too (the sender reads in place).
+        let ps = u64::from(g.page_size);
+        let released = |p: u64| g.released.get(block).is_some_and(|r| r.get(p));
+        let pages = offset / ps..offset.saturating_add(len).div_ceil(ps);
+        if pages.clone().any(released) {
+            let mut copy = bytes.to_vec();
+            for p in pages {
+                if released(p) {
+                    let at = usize::try_from((p * ps).saturating_sub(offset)).unwrap_or(usize::MAX);
+                    if let Some(c) = copy.get_mut(at..at.saturating_add(ps as usize)) {
+                        c.fill(RELEASED_BYTE);
+                    }
+                }
+            }
+            f(&copy);
+        } else {
+            f(bytes);
+        }
         Ok(())
     }
 }
@@ -368,6 +404,10 @@ impl PagePlacer for FakeRam {
 
     fn zero_page(&self, block: usize, page: u64) -> Result<(), MachineError> {
         RamSink::zero_page(&mut self.clone(), block, page)
+    }
+
+    fn prepare_pages(&self, block: usize, first: u64, count: u64) {
+        RamSink::prepare_pages(&mut self.clone(), block, first, count);
     }
 }
 
@@ -394,7 +434,23 @@ impl RamSink for FakeRam {
             .and_then(|m| m.get_mut(start..start + ps))
             .ok_or_else(|| MachineError::rejected("write_page", format!("{block}/{page}")))?;
         dst.copy_from_slice(data);
+        match g.prepared.get_mut(block) {
+            Some(p) if p.get(page) => p.unset(page),
+            _ => g.unprepared_writes += 1,
+        }
         Ok(())
+    }
+
+    /// Notes the pages (the memory is a `Vec`: nothing to back).
+    fn prepare_pages(&mut self, block: usize, first: u64, count: u64) {
+        let mut g = lock(&self.inner);
+        g.prepare_calls += 1;
+        g.prepared_pages += count;
+        if let Some(p) = g.prepared.get_mut(block) {
+            for page in first..first.saturating_add(count).min(p.pages()) {
+                p.set(page);
+            }
+        }
     }
 
     fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError> {

@@ -213,6 +213,11 @@ pub trait RamSink: Send {
     /// Makes the page all zeroes. Fresh anonymous memory is already zero, so an implementation
     /// may skip the write when it knows the page was never written (keeps it unallocated).
     fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError>;
+    /// A hint before a verified batch is placed: pages `first .. first + count` of `block`
+    /// are about to be written with data. An implementation may back the ones never written
+    /// with host memory in one go (instead of a page fault per page, decision 233). Out-of-range
+    /// pages are ignored here (the writes that follow report them).
+    fn prepare_pages(&mut self, block: usize, first: u64, count: u64);
     /// Copies page `page` of block `block` out of guest memory into `buf` (`buf.len() ==
     /// page_size()`): the RAM digest reads back every page it loaded.
     fn read_page(&mut self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError>;
@@ -231,6 +236,8 @@ pub trait PagePlacer: Send + Sync {
     fn write_page(&self, block: usize, page: u64, data: &[u8]) -> Result<(), MachineError>;
     /// Makes the page all zeroes (may skip a page never written, as [`RamSink::zero_page`]).
     fn zero_page(&self, block: usize, page: u64) -> Result<(), MachineError>;
+    /// As [`RamSink::prepare_pages`].
+    fn prepare_pages(&self, block: usize, first: u64, count: u64);
 }
 
 /// A run of pages of one RAM block the destination asks for (one `REQ_PAGES`).

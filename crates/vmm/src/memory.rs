@@ -310,6 +310,41 @@ impl GuestRam {
         self.write_page(gpa, &buf)
     }
 
+    /// Backs guest memory `gpa..gpa+len` (page aligned, inside one region) with writable host
+    /// pages now, in one `madvise(MADV_POPULATE_WRITE)` (Linux 5.14+), instead of one page
+    /// fault per 4 KiB page on the first write: an incoming migration about to write a run of
+    /// fresh pages (decision 233). Contents are unchanged (fresh pages stay zero until written).
+    /// `Ok(false)`: the kernel does not know the advice (nothing happened; the writes will
+    /// fault as before).
+    pub fn populate_write(&self, gpa: u64, len: u64) -> Result<bool> {
+        let n = usize::try_from(len).map_err(|_| Error::BadAddress { gpa, len })?;
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::BadAddress { gpa, len });
+        }
+        self.check(gpa, n)?;
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size)
+            .ok_or(Error::BadAddress { gpa, len })?;
+        let host = (r.host_addr + (gpa - r.gpa)) as *mut libc::c_void;
+        // SAFETY: `check` proved the range lies inside one region, whose host mapping
+        // (`r.host_addr`, `r.size` bytes, owned by `self.mem`) lives as long as `self`; the
+        // range is page aligned (checked above). MADV_POPULATE_WRITE only faults the pages in
+        // for writing (as a write would); it never changes their contents.
+        let ret = unsafe { libc::madvise(host, n, libc::MADV_POPULATE_WRITE) };
+        if ret == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(false);
+        }
+        Err(Error::Memory(format!(
+            "madvise(MADV_POPULATE_WRITE) of guest RAM {gpa:#x}+{len:#x}: {e}"
+        )))
+    }
+
     /// Frees guest memory `gpa..gpa+len` (page aligned, inside one region) on the host: the
     /// source's `release-ram` after post-copy sent those pages (QEMU's `ram_discard_range`).
     /// The backend is anonymous private memory, so `MADV_DONTNEED` returns the pages to the

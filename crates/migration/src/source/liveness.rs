@@ -86,13 +86,33 @@ impl Watched {
 
 impl Write for Watched {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.watched_write(|s| s.write(buf))
+    }
+
+    /// The stream writer sends each RAM batch with one vectored write (the default would
+    /// write only the first slice per call).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.watched_write(|s| s.write_vectored(bufs))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl Watched {
+    /// One write on the stream under the rules above.
+    fn watched_write(
+        &mut self,
+        mut write: impl FnMut(&mut Stream) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         if self.write_failed {
             return Err(io::Error::other(
                 "an earlier write on the migration stream failed: nothing more is sent",
             ));
         }
         loop {
-            match self.stream.write(buf) {
+            match write(&mut self.stream) {
                 Err(e)
                     if matches!(Inactivity::of_io(&e), Some(Inactivity::Send { .. }))
                         && self.destination_alive() =>
@@ -109,10 +129,6 @@ impl Write for Watched {
                 r => return r,
             }
         }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()
     }
 }
 

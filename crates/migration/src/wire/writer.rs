@@ -1,6 +1,6 @@
 //! The stream encoder.
 
-use std::io::Write;
+use std::io::{IoSlice, Write};
 
 use super::config::StreamConfig;
 use super::error::WireError;
@@ -438,6 +438,27 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// Writes `slices` in order (vectored, resuming after short writes), uncovered by END's
+    /// CRC as [`StreamWriter::put_uncovered`].
+    fn put_vectored(&mut self, slices: &mut [IoSlice<'_>]) -> Result<(), WireError> {
+        let mut rest: &mut [IoSlice<'_>] = slices;
+        while !rest.is_empty() {
+            match self.inner.write_vectored(rest) {
+                Ok(0) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing");
+                    return Err(self.io_err(e, "writing a record"));
+                }
+                Ok(n) => {
+                    self.body_bytes += n as u64;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_err(e, "writing a record")),
+            }
+        }
+        Ok(())
+    }
+
     /// Writes one record whose body is the concatenation of `parts`.
     fn record(&mut self, kind: RecordKind, parts: &[&[u8]]) -> Result<(), WireError> {
         self.check()?;
@@ -548,20 +569,25 @@ impl<W: Write> StreamWriter<W> {
             match self.batches.as_ref().map(BatchNumbering::next) {
                 // Version 5: header, table, data, then the CRC-32C of all of it and the frame,
                 // computed as the bytes go out (they are hot in the cache); END leaves it out.
+                // One vectored write: a `BufWriter` hands a batch larger than its buffer
+                // straight to the socket instead of copying every page into its buffer.
                 Some(header) => {
                     let head = header.encode();
                     let mut crc = BatchCrc::new();
+                    let mut slices = Vec::with_capacity(normal + 4);
                     for part in [&frame[..], &head[..], &table[..]] {
                         crc.update(part);
-                        self.put_uncovered(part)?;
+                        slices.push(IoSlice::new(part));
                     }
                     for p in pages {
                         if let PageData::Normal(d) = p.data {
                             crc.update(d);
-                            self.put_uncovered(d)?;
+                            slices.push(IoSlice::new(d));
                         }
                     }
-                    self.put_uncovered(&crc.value().to_le_bytes())?;
+                    let trailer = crc.value().to_le_bytes();
+                    slices.push(IoSlice::new(&trailer));
+                    self.put_vectored(&mut slices)?;
                     if let Some(b) = &mut self.batches {
                         b.written();
                     }

@@ -2,7 +2,7 @@
 //! control, and the non-iterative component state. This is the only place where
 //! `tern-migration` meets `tern-vmm`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tern_migration::machine::{
@@ -245,6 +245,12 @@ impl RamSink for VmRam {
         RamSource::read_page(self, block, page, buf)
     }
 
+    fn prepare_pages(&mut self, block: usize, first: u64, count: u64) {
+        if let Some(w) = self.written.as_ref().and_then(|w| w.get(block)) {
+            populate_fresh(&self.vm, &self.regions, block, first, count, |p| w.get(p));
+        }
+    }
+
     fn placer(&mut self) -> Result<Arc<dyn PagePlacer>, MachineError> {
         let written = self.written.as_ref().map(|w| {
             w.iter()
@@ -306,6 +312,70 @@ impl PagePlacer for VmPlacer {
         self.vm
             .zero_page(gpa)
             .map_err(|e| failed("zeroing guest RAM", e))
+    }
+
+    fn prepare_pages(&self, block: usize, first: u64, count: u64) {
+        if self.written.is_none() {
+            return;
+        }
+        populate_fresh(&self.vm, &self.regions, block, first, count, |p| {
+            self.word(block, p)
+                .is_some_and(|(w, bit)| w.load(Ordering::Relaxed) & bit != 0)
+        });
+    }
+}
+
+/// Set once the kernel refused `MADV_POPULATE_WRITE` as unknown (before Linux 5.14): the
+/// destination's first writes then fault page by page, as they did before decision 233.
+static POPULATE_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Backs the pages of `block` in `first .. first + count` that were never written (`written`
+/// says which were) with host memory, one `MADV_POPULATE_WRITE` per run of them: a fresh
+/// destination's first write to a page otherwise costs a page fault each (decision 233). A
+/// range outside the block is left alone (the writes that follow report it); a failure only
+/// costs the faults it would have saved.
+fn populate_fresh(
+    vm: &Vm,
+    regions: &[RamRegionInfo],
+    block: usize,
+    first: u64,
+    count: u64,
+    written: impl Fn(u64) -> bool,
+) {
+    if POPULATE_UNSUPPORTED.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(r) = regions.get(block) else {
+        return;
+    };
+    let Some(end) = first.checked_add(count).filter(|&e| e <= r.pages()) else {
+        return;
+    };
+    let mut p = first;
+    while p < end {
+        if written(p) {
+            p += 1;
+            continue;
+        }
+        let start = p;
+        while p < end && !written(p) {
+            p += 1;
+        }
+        match vm
+            .ram()
+            .populate_write(r.gpa + start * PAGE_SIZE, (p - start) * PAGE_SIZE)
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!("MADV_POPULATE_WRITE unknown to this kernel: pages fault in");
+                POPULATE_UNSUPPORTED.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "populating guest RAM before writing it");
+                return;
+            }
+        }
     }
 }
 
