@@ -358,10 +358,18 @@ fn feed_tcp(
     (d, q)
 }
 
-/// The offset of a byte of page data in the first RAM record (kind 4) that starts at or after
-/// `from` in a stream (docs/stream-format.md §2, §5: frame `u8 kind, u32 len`; RAM body `u32
-/// count`, `count` 8-byte entries, then the pages' data).
+/// The offset of a byte of page data in the first RAM record (kind 4) with page data that
+/// starts at or after `from` in a stream, else in the first one anywhere (how much of the
+/// stream's second half carries page data depends on how many passes the running guest
+/// caused) (docs/stream-format.md §2, §5: frame `u8 kind, u32 len`; RAM body `u32 count`,
+/// `count` 8-byte entries, then the pages' data).
 fn page_data_byte_after(stream: &[u8], from: usize) -> usize {
+    page_data_byte_from(stream, from)
+        .or_else(|| page_data_byte_from(stream, 0))
+        .unwrap_or_else(|| panic!("no RAM record with page data in the stream"))
+}
+
+fn page_data_byte_from(stream: &[u8], from: usize) -> Option<usize> {
     let mut at = 16;
     while at + 5 <= stream.len() {
         let kind = stream[at];
@@ -377,12 +385,12 @@ fn page_data_byte_after(stream: &[u8], from: usize) -> usize {
             let data = count_at + 4 + count * 8;
             let data_end = body + len - tail;
             if data < data_end {
-                return data + (data_end - data) / 2;
+                return Some(data + (data_end - data) / 2);
             }
         }
         at = body + len;
     }
-    panic!("no RAM record with page data after byte {from}");
+    None
 }
 
 #[test]

@@ -336,7 +336,6 @@ impl RamSender {
         mut next: impl FnMut(&mut Self) -> Option<(usize, u64)>,
     ) -> Result<Sent, RamError> {
         let ps = self.page_size;
-        let view = ram.view();
         let mut sent = Sent::default();
         let before = writer.bytes_written();
         while (listed || self.remaining > 0) && (sent.pages == 0 || sent.bytes < max_bytes) {
@@ -356,24 +355,17 @@ impl RamSender {
                     .and_then(|k| k.get(block))
                     .is_some_and(|k| k.get(page));
                 let zero = known || {
-                    // Checked for zero where it lies, copied once into the batch only when it
-                    // is sent with data (the CRC covers that copy, decision 163).
+                    // Copied once, into the batch (the CRC covers that copy, decision 163), by
+                    // the machine's own copy: the guest runs, so its memory is never borrowed
+                    // as a slice here (decision 232); the batch goes out in one vectored write.
                     let slot = &mut self.buf[normal * ps..(normal + 1) * ps];
-                    let detect = self.detect_zero;
-                    let mut is_zero = false;
-                    view.with_range(block, page * ps as u64, ps as u64, &mut |src: &[u8]| {
-                        if detect && is_zero_page(src) {
-                            is_zero = true;
-                        } else if src.len() == slot.len() {
-                            slot.copy_from_slice(src);
-                        }
-                    })
-                    .map_err(|source| RamError::Read {
-                        block,
-                        page,
-                        source,
-                    })?;
-                    is_zero
+                    ram.read_page(block, page, slot)
+                        .map_err(|source| RamError::Read {
+                            block,
+                            page,
+                            source,
+                        })?;
+                    self.detect_zero && is_zero_page(slot)
                 };
                 if !zero {
                     normal += 1;
