@@ -50,12 +50,7 @@ fn a_busy_guest_over_three_channels_copies_every_page() {
     let mut opts = src_opts(converge(), false);
     opts.multifd_channels = Some(3);
     let s = start_source(&src, sm, Target::Uri(uri), opts);
-    let so = s.join().expect("source joins");
-    let dout = d.join().expect("destination joins");
-    guest.stop();
-    assert_eq!(so.status, S::Completed, "{:?}", so.error);
-    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
-    assert_ram_equal(&src, &dst);
+    assert_completes(s, d, guest, &src, &dst);
     let q = src.stats.to_query_migrate_json();
     let mfd = q["ram"]["multifd-bytes"].as_u64().unwrap_or(0);
     let transferred = q["ram"]["transferred"].as_u64().unwrap_or(0);
@@ -242,12 +237,7 @@ fn multifd_without_a_return_path_copies_every_page() {
     opts.return_path = false;
     opts.multifd_channels = Some(2);
     let s = start_source(&src, sm, Target::Uri(uri), opts);
-    let so = s.join().expect("source joins");
-    let dout = d.join().expect("destination joins");
-    guest.stop();
-    assert_eq!(so.status, S::Completed, "{:?}", so.error);
-    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
-    assert_ram_equal(&src, &dst);
+    assert_completes(s, d, guest, &src, &dst);
 }
 
 /// `unix:`: the channels connect to the main stream's socket path.
@@ -266,12 +256,7 @@ fn multifd_over_a_unix_socket_copies_every_page() {
     let mut opts = src_opts(converge(), false);
     opts.multifd_channels = Some(2);
     let s = start_source(&src, sm, Target::Uri(uri), opts);
-    let so = s.join().expect("source joins");
-    let dout = d.join().expect("destination joins");
-    guest.stop();
-    assert_eq!(so.status, S::Completed, "{:?}", so.error);
-    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
-    assert_ram_equal(&src, &dst);
+    assert_completes(s, d, guest, &src, &dst);
 }
 
 /// A fake guest whose every page is non-zero and compressible (one 8-byte value per page).

@@ -10,7 +10,6 @@ use tern_migration::dest::{DestOptions, Incoming};
 use tern_migration::fakes::FakeMachine;
 use tern_migration::liveness::LivenessTimeout;
 use tern_migration::source::Target;
-use tern_migration::status::MigrationStatus as S;
 use tern_migration::transport::{Listener, MigrationUri};
 
 fn check_prepared(dst: &DstSide) {
@@ -21,19 +20,9 @@ fn check_prepared(dst: &DstSide) {
 
 #[test]
 fn the_main_stream_prepares_every_page_it_writes() {
-    let setup = Setup::default();
-    let (src, sm) = source_side(&setup);
-    let (dst, dm) = dest_side(&setup, FakeMachine::new(2, UUID));
-    let guest = dirty(&src, 20_000);
-    let (a, b) = socketpair();
-    let d = start_dest(&dst, dm, Incoming::Stream(b), dst_opts(false));
+    let (src, sm, dst, guest, a, d) = dirty_pair(20_000, false);
     let s = start_source(&src, sm, Target::Stream(a), src_opts(converge(), false));
-    let so = s.join().expect("source joins");
-    let dout = d.join().expect("destination joins");
-    guest.stop();
-    assert_eq!(so.status, S::Completed, "{:?}", so.error);
-    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
-    assert_ram_equal(&src, &dst);
+    assert_completes(s, d, guest, &src, &dst);
     check_prepared(&dst);
 }
 
@@ -58,11 +47,6 @@ fn multifd_channels_prepare_every_page_they_write() {
     let mut opts = src_opts(converge(), false);
     opts.multifd_channels = Some(2);
     let s = start_source(&src, sm, Target::Uri(uri), opts);
-    let so = s.join().expect("source joins");
-    let dout = d.join().expect("destination joins");
-    guest.stop();
-    assert_eq!(so.status, S::Completed, "{:?}", so.error);
-    assert_eq!(dout.status, S::Completed, "{:?}", dout.error);
-    assert_ram_equal(&src, &dst);
+    assert_completes(s, d, guest, &src, &dst);
     check_prepared(&dst);
 }

@@ -677,6 +677,26 @@ fn link(h: &Hosts, up: bool) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// The resume of `name`'s failed post-copy to `dst` (the push at 64 MiB/s) completes: the
+/// source shut off, the destination running with every page (pattern check).
+fn resume_completes(h: &Hosts, name: &str, dst: &str, dir: &std::path::Path) {
+    let args = [
+        &resume_args(name, dst)[..],
+        &["--postcopy-bandwidth", "64"][..],
+    ]
+    .concat();
+    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
+    assert!(
+        ok,
+        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
+        h.src.log(),
+        h.dst.log()
+    );
+    assert_eq!(h.src.state(name), "shut off (migrated)");
+    wait_state(&h.dst, name, "running (migrated)");
+    assert_pattern_ok(&h.dst, name, BIG, dir);
+}
+
 /// §5d after a cut link: the link between the hosts goes down in post-copy; both VMMs pause
 /// by themselves (their liveness limit), the daemons show `post-copy failed`; a resume while
 /// the link is down fails at once ("cannot reach the destination daemon ... nothing
@@ -698,21 +718,7 @@ fn a_cut_link_pauses_postcopy_and_the_resume_after_it_is_back_completes() {
     assert_eq!(h.src.state(name), "paused (post-copy failed)");
     assert_eq!(h.dst.state(name), "running (post-copy failed)");
     link(&h, true);
-    let args = [
-        &resume_args(name, &dst)[..],
-        &["--postcopy-bandwidth", "64"][..],
-    ]
-    .concat();
-    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
-    assert!(
-        ok,
-        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
-        h.src.log(),
-        h.dst.log()
-    );
-    assert_eq!(h.src.state(name), "shut off (migrated)");
-    wait_state(&h.dst, name, "running (migrated)");
-    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+    resume_completes(&h, name, &dst, dir.path());
 }
 
 /// §5c, the destination without Finish: the source daemon stops right after the switch, before
@@ -753,19 +759,5 @@ fn a_cut_before_finish_fails_the_destination_job_by_itself_and_the_resume_comple
     h.src.restart();
     wait_state(&h.src, name, "paused (post-copy failed)");
     let dst = h.dst.tcp_uri();
-    let args = [
-        &resume_args(name, &dst)[..],
-        &["--postcopy-bandwidth", "64"][..],
-    ]
-    .concat();
-    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
-    assert!(
-        ok,
-        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
-        h.src.log(),
-        h.dst.log()
-    );
-    assert_eq!(h.src.state(name), "shut off (migrated)");
-    wait_state(&h.dst, name, "running (migrated)");
-    assert_pattern_ok(&h.dst, name, BIG, dir.path());
+    resume_completes(&h, name, &dst, dir.path());
 }

@@ -310,13 +310,9 @@ impl GuestRam {
         self.write_page(gpa, &buf)
     }
 
-    /// Backs guest memory `gpa..gpa+len` (page aligned, inside one region) with writable host
-    /// pages now, in one `madvise(MADV_POPULATE_WRITE)` (Linux 5.14+), instead of one page
-    /// fault per 4 KiB page on the first write: an incoming migration about to write a run of
-    /// fresh pages (decision 233). Contents are unchanged (fresh pages stay zero until written).
-    /// `Ok(false)`: the kernel does not know the advice (nothing happened; the writes will
-    /// fault as before).
-    pub fn populate_write(&self, gpa: u64, len: u64) -> Result<bool> {
+    /// The host address and length of guest memory `gpa..gpa+len`, which must be page aligned
+    /// and lie inside one region (for `madvise` on it).
+    fn host_range(&self, gpa: u64, len: u64) -> Result<(*mut libc::c_void, usize)> {
         let n = usize::try_from(len).map_err(|_| Error::BadAddress { gpa, len })?;
         if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::BadAddress { gpa, len });
@@ -327,10 +323,20 @@ impl GuestRam {
             .iter()
             .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size)
             .ok_or(Error::BadAddress { gpa, len })?;
-        let host = (r.host_addr + (gpa - r.gpa)) as *mut libc::c_void;
-        // SAFETY: `check` proved the range lies inside one region, whose host mapping
-        // (`r.host_addr`, `r.size` bytes, owned by `self.mem`) lives as long as `self`; the
-        // range is page aligned (checked above). MADV_POPULATE_WRITE only faults the pages in
+        Ok(((r.host_addr + (gpa - r.gpa)) as *mut libc::c_void, n))
+    }
+
+    /// Backs guest memory `gpa..gpa+len` (page aligned, inside one region) with writable host
+    /// pages now, in one `madvise(MADV_POPULATE_WRITE)` (Linux 5.14+), instead of one page
+    /// fault per 4 KiB page on the first write: an incoming migration about to write a run of
+    /// fresh pages (decision 233). Contents are unchanged (fresh pages stay zero until written).
+    /// `Ok(false)`: the kernel does not know the advice (nothing happened; the writes will
+    /// fault as before).
+    pub fn populate_write(&self, gpa: u64, len: u64) -> Result<bool> {
+        let (host, n) = self.host_range(gpa, len)?;
+        // SAFETY: `host_range` proved the range lies inside one region, whose host mapping
+        // (owned by `self.mem`) lives as long as `self`, and is page aligned.
+        // MADV_POPULATE_WRITE only faults the pages in
         // for writing (as a write would); it never changes their contents.
         let ret = unsafe { libc::madvise(host, n, libc::MADV_POPULATE_WRITE) };
         if ret == 0 {
@@ -352,20 +358,10 @@ impl GuestRam {
     /// `fallocate(FALLOC_FL_PUNCH_HOLE)` as well). Only for memory nothing needs any more: the
     /// caller's vCPUs are stopped for good.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<()> {
-        let n = usize::try_from(len).map_err(|_| Error::BadAddress { gpa, len })?;
-        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(Error::BadAddress { gpa, len });
-        }
-        self.check(gpa, n)?;
-        let r = self
-            .regions
-            .iter()
-            .find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.size)
-            .ok_or(Error::BadAddress { gpa, len })?;
-        let host = (r.host_addr + (gpa - r.gpa)) as *mut libc::c_void;
-        // SAFETY: `check` proved `gpa..gpa+len` lies inside region `r`, whose host mapping
-        // (anonymous private, page aligned, owned by `self.mem`) lives as long as `self`; the
-        // range is page aligned (checked above). MADV_DONTNEED only drops the pages' contents
+        let (host, n) = self.host_range(gpa, len)?;
+        // SAFETY: `host_range` proved `gpa..gpa+len` lies inside one region, whose host
+        // mapping (anonymous private, owned by `self.mem`) lives as long as `self`, and is page
+        // aligned. MADV_DONTNEED only drops the pages' contents
         // (later reads see zero-filled pages): no Rust reference into guest memory exists
         // (every access copies through `vm-memory`'s volatile slices), so no value changes
         // under a live reference.

@@ -346,6 +346,24 @@ pub fn assert_source_restored(src: &SrcSide, was_running: bool) {
 }
 
 /// Asserts the destination RAM equals the source's (both stopped by now).
+/// Joins both sides of a migration whose guest dirties (`guest`), stops the guest, and checks
+/// that both completed and the destination's RAM equals the source's.
+pub fn assert_completes(
+    s: SourceHandle,
+    d: DestHandle,
+    guest: Dirtier,
+    src: &SrcSide,
+    dst: &DstSide,
+) {
+    let so = s.join().expect("source joins");
+    let dout = d.join().expect("destination joins");
+    guest.stop();
+    let done = tern_migration::status::MigrationStatus::Completed;
+    assert_eq!(so.status, done, "{:?}", so.error);
+    assert_eq!(dout.status, done, "{:?}", dout.error);
+    assert_ram_equal(src, dst);
+}
+
 pub fn assert_ram_equal(src: &SrcSide, dst: &DstSide) {
     assert_eq!(
         src.ram.first_difference(&dst.ram),
