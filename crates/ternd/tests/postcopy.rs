@@ -483,20 +483,7 @@ fn a_paused_postcopy_resumes_after_a_failed_attempt_and_completes_with_the_guest
     src_events.wait_line("Defined");
     h.dst.ok(&["define", &live]);
     dst_events.wait_line("Defined");
-    // The push at 64 MiB/s from here (--postcopy-bandwidth applies to the resumed job).
-    let args = [
-        &resume_args(name, &dst)[..],
-        &["--postcopy-bandwidth", "64"][..],
-    ]
-    .concat();
-    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
-    assert!(
-        ok,
-        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
-        h.src.log(),
-        h.dst.log()
-    );
-    assert_eq!(h.src.state(name), "shut off (migrated)");
+    resume_succeeds(&h, name, &dst);
     wait_pid_exit(src_vmm);
     wait_state(&h.dst, name, "running (migrated)");
     assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
@@ -564,19 +551,7 @@ fn a_resume_whose_source_daemon_died_after_prepare_is_given_up_and_retried() {
     h.src.env.clear();
     h.src.restart();
     wait_state(&h.src, name, "paused (post-copy failed)");
-    let args = [
-        &resume_args(name, &dst)[..],
-        &["--postcopy-bandwidth", "64"][..],
-    ]
-    .concat();
-    let (ok, _, err) = Bg::spawn(&h.src.uri(), &args).wait();
-    assert!(
-        ok,
-        "resume failed: {err}\n--- src:\n{}\n--- dst:\n{}",
-        h.src.log(),
-        h.dst.log()
-    );
-    assert_eq!(h.src.state(name), "shut off (migrated)");
+    resume_succeeds(&h, name, &dst);
     wait_pid_exit(src_vmm);
     wait_state(&h.dst, name, "running (migrated)");
     assert!(pid_alive(dst_vmm), "the destination VMM was replaced");
@@ -677,9 +652,9 @@ fn link(h: &Hosts, up: bool) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// The resume of `name`'s failed post-copy to `dst` (the push at 64 MiB/s) completes: the
-/// source shut off, the destination running with every page (pattern check).
-fn resume_completes(h: &Hosts, name: &str, dst: &str, dir: &std::path::Path) {
+/// `--postcopy-resume` of `name`'s failed post-copy to `dst`, the push at 64 MiB/s
+/// (`--postcopy-bandwidth` applies to the resumed job), succeeds and shuts the source off.
+fn resume_succeeds(h: &Hosts, name: &str, dst: &str) {
     let args = [
         &resume_args(name, dst)[..],
         &["--postcopy-bandwidth", "64"][..],
@@ -693,6 +668,11 @@ fn resume_completes(h: &Hosts, name: &str, dst: &str, dir: &std::path::Path) {
         h.dst.log()
     );
     assert_eq!(h.src.state(name), "shut off (migrated)");
+}
+
+/// [`resume_succeeds`], and the destination then runs with every page (pattern check).
+fn resume_completes(h: &Hosts, name: &str, dst: &str, dir: &std::path::Path) {
+    resume_succeeds(h, name, dst);
     wait_state(&h.dst, name, "running (migrated)");
     assert_pattern_ok(&h.dst, name, BIG, dir);
 }
