@@ -338,11 +338,6 @@ fn gone(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, saw_shutdown: bool) {
     g.mig_status = None;
     g.postcopy_failed = None;
     let transient = !g.persistent;
-    drop(g);
-    runtime::remove(&d.cfg.run_dir, &dom.name);
-    if transient {
-        d.forget(dom);
-    }
     let detail = match reason {
         "destroyed" => "Destroyed",
         "shutdown" => "Shutdown",
@@ -351,9 +346,16 @@ fn gone(d: &Daemon, dom: &Arc<Domain>, vmm: &Arc<Vmm>, saw_shutdown: bool) {
         _ => "Crashed",
     };
     tracing::info!("{}: VMM {} exited ({reason})", dom.name, vmm.pid);
-    // The event is queued before waiters (destroy, shutdown) return.
+    // Queued while the domain lock is held: whoever sees the VMM gone (`wait_gone` in destroy,
+    // shutdown, a migration's Confirm) finds this event queued already, so what it emits next
+    // (a migration's `job-completed`) comes after `Stopped`. The bus takes only its own lock.
     d.events
         .lifecycle(&dom.name, LifecycleEvent::Stopped, detail);
+    drop(g);
+    runtime::remove(&d.cfg.run_dir, &dom.name);
+    if transient {
+        d.forget(dom);
+    }
     dom.changed.notify_all();
 }
 

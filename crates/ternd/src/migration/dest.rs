@@ -345,7 +345,34 @@ pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
             )))
         };
     }
-    dom.set_phase("finish");
+    // Test and set under one lock: the event thread may have claimed a post-copy job that
+    // failed before this Finish (phase `postcopy`, decision 208) or its watcher ended it.
+    let taken = {
+        let mut g = dom.lock();
+        match g.job.as_mut() {
+            Some(j) if j.phase == "postcopy" => true,
+            Some(j) => {
+                j.phase = "finish";
+                false
+            }
+            None => {
+                drop(g);
+                // Ended since the first look (its watcher): as a Finish without a job.
+                let active = dom.lock().state.is_active();
+                return if !cancelled && active {
+                    Ok(())
+                } else {
+                    Err(Error::OperationInvalid(format!(
+                        "domain '{name}' has no incoming migration"
+                    )))
+                };
+            }
+        }
+    };
+    if taken && !cancelled {
+        // As a repeated Finish: the watcher ends the job.
+        return Ok(());
+    }
     if cancelled && dom.postcopy_switched() {
         // The VMM holds pages the source no longer sends: killing it would lose the guest.
         return Err(Error::OperationInvalid(format!(

@@ -399,14 +399,20 @@ pub fn finish_incoming(d: &Arc<Daemon>, dom: &Arc<Domain>, persistent: bool) -> 
 pub fn watch_incoming(d: &Arc<Daemon>, dom: &Arc<Domain>, vmm: &Arc<Vmm>) {
     let (d, dom, vmm) = (d.clone(), dom.clone(), vmm.clone());
     let name = dom.name.clone();
+    // The job this watcher ends, and no other: a watcher that wakes after its job ended (a
+    // second one for the same job, decision 208) must not end a resume begun since.
+    let watched = dom.lock().job.as_ref().map(|j| j.started);
     let r = std::thread::Builder::new()
         .name(format!("mig-in-pc-{name}"))
         .spawn(move || {
+            let same = |g: &crate::domain::DomainInner| {
+                watched.is_some() && g.job.as_ref().map(|j| j.started) == watched
+            };
             // No limit: the VMMs' own liveness limits end a post-copy whose peer is gone.
             while !dom.wait_until(Duration::from_secs(3600), |g| {
-                g.vmm.is_none() || g.job.is_none() || g.mig_status.as_deref().is_some_and(over)
+                g.vmm.is_none() || !same(g) || g.mig_status.as_deref().is_some_and(over)
             }) {}
-            if dom.lock().job.is_none() {
+            if !same(&dom.lock()) {
                 return;
             }
             let q = match vmm.qmp("query-migrate", json!({})) {

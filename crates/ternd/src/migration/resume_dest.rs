@@ -159,7 +159,6 @@ fn listen(dom: &Domain, vmm: &Vmm, local_ip: Option<IpAddr>) -> Result<String> {
 /// Ends the resume job as a failure; the domain stays (or is again) `post-copy failed` and
 /// its VMM is kept, `postcopy-paused`, for another attempt.
 fn give_up(d: &Daemon, dom: &Domain, why: String) {
-    tracing::warn!("{}: post-copy resume given up here: {why}", dom.name);
     if dom.lock().vmm.is_some() {
         vmm::mark(d, dom, false, None);
         super::postcopy::destination_failed(d, dom);
@@ -181,6 +180,9 @@ fn give_up(d: &Daemon, dom: &Domain, why: String) {
         "post-copy resume failed: {why}; the VMM is kept (post-copy failed, resumable again)"
     ));
     dom.end_job(info);
+    // Logged once the job ended: whoever reads this line finds the failure in `domjobinfo
+    // --completed` (a test waits for it).
+    tracing::warn!("{}: post-copy resume given up here: {why}", dom.name);
 }
 
 /// Moves a resume job from phase `from` to `to`; false when it is not there (another path
