@@ -28,11 +28,12 @@ pub const DEFAULT_CHUNK_SHIFT: u32 = 21;
 /// Largest chunk the format allows (1 GiB).
 pub const MAX_CHUNK_SHIFT: u32 = 30;
 
-/// Read access to guest RAM for hashing, shareable between hashing threads. The engine calls it
-/// only with the vCPUs stopped.
+/// Read access to guest RAM, shareable between threads: in place for hashing (the vCPUs
+/// stopped), by copy for multifd's senders (the vCPUs running).
 pub trait RamView: Send + Sync {
     /// Hands `f` the `len` bytes of block `block` starting at byte `offset` (inside the block;
-    /// page aligned), read where they lie.
+    /// page aligned), read where they lie. Only while nothing writes the range (the vCPUs
+    /// stopped): a `&[u8]` of memory the guest writes meanwhile is a data race.
     fn with_range(
         &self,
         block: usize,
@@ -40,6 +41,10 @@ pub trait RamView: Send + Sync {
         len: u64,
         f: &mut dyn FnMut(&[u8]),
     ) -> Result<(), MachineError>;
+    /// Copies `buf.len()` bytes of block `block` from byte `offset` into `buf` with volatile
+    /// reads: sound while the guest writes the range (the bytes may then be any mix of old and
+    /// new; the dirty log sends the page again).
+    fn copy_range(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), MachineError>;
 }
 
 /// XXH3-64 of one page.
@@ -413,6 +418,17 @@ mod tests {
                 .map_err(|_| MachineError::Failed("poisoned".into()))?;
             f(&g[block][offset as usize..(offset + len) as usize]);
             Ok(())
+        }
+
+        fn copy_range(
+            &self,
+            block: usize,
+            offset: u64,
+            buf: &mut [u8],
+        ) -> Result<(), MachineError> {
+            self.with_range(block, offset, buf.len() as u64, &mut |b| {
+                buf.copy_from_slice(b)
+            })
         }
     }
 

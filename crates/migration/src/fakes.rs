@@ -394,6 +394,25 @@ impl RamView for FakeRam {
         }
         Ok(())
     }
+
+    fn copy_range(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        let len = buf.len() as u64;
+        let mut copied = false;
+        self.with_range(block, offset, len, &mut |b| {
+            if b.len() == buf.len() {
+                buf.copy_from_slice(b);
+                copied = true;
+            }
+        })?;
+        if copied {
+            Ok(())
+        } else {
+            Err(MachineError::rejected(
+                "copy_range",
+                format!("{block}/{offset:#x}+{len:#x}"),
+            ))
+        }
+    }
 }
 
 /// Multifd's receivers write through clones (they share the memory).

@@ -3,10 +3,10 @@
 //! (announce, connect, send a round of pages, a sync point, the final sync).
 //!
 //! `mig-src` keeps the dirty bitmap: it takes lists of dirty pages from the [`RamSender`] and
-//! queues each list on the next channel (round robin, bounded queues). A sender thread checks
-//! each page for zero where it lies in guest memory ([`RamView`]), copies the non-zero ones
-//! once into its batch buffer (the CRC must cover exactly the bytes sent, decision 163) and
-//! writes the batch with one vectored write. With `zero-copy-send` the batch buffer is a slot
+//! queues each list on the next channel (round robin, bounded queues). A sender thread copies
+//! each page once into its batch buffer with a volatile read ([`RamView::copy_range`]: the
+//! guest runs; the CRC must cover exactly the bytes sent, decision 163), checks the copy for
+//! zero (a zero page's slot is reused) and writes the batch with one vectored write. With `zero-copy-send` the batch buffer is a slot
 //! of `multifd_zerocopy.rs`'s pool and the write goes out with `MSG_ZEROCOPY`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -600,8 +600,9 @@ impl SenderCtx {
         pages
     }
 
-    /// Checks each page for zero in place and copies the others, in order, into `buf`.
-    /// Returns which pages are zero.
+    /// Copies each page into its slot of `buf` (a volatile copy: the guest runs), then checks
+    /// the copy for zero; a zero page gives its slot to the next page, so the others lie in
+    /// order. Returns which pages are zero.
     fn fill(&self, list: &[PageRef], buf: &mut [u8]) -> Result<Vec<bool>, WireError> {
         let ps = self.page_size;
         let mut zero = vec![false; list.len()];
@@ -614,28 +615,15 @@ impl SenderCtx {
             let dst = buf.get_mut(slot * ps..(slot + 1) * ps).ok_or_else(|| {
                 WireError::InvalidArgument(format!("a page list of {} pages", list.len()))
             })?;
-            let mut is_zero = false;
-            let detect = self.detect_zero;
             self.view
-                .with_range(
-                    usize::from(block),
-                    u64::from(page) * ps as u64,
-                    ps as u64,
-                    &mut |src: &[u8]| {
-                        if detect && is_zero_page(src) {
-                            is_zero = true;
-                        } else if src.len() == dst.len() {
-                            dst.copy_from_slice(src);
-                        }
-                    },
-                )
+                .copy_range(usize::from(block), u64::from(page) * ps as u64, dst)
                 .map_err(|e: MachineError| {
                     WireError::InvalidArgument(format!(
                         "reading guest RAM block {block} page {page}: {}",
                         error_text(&e)
                     ))
                 })?;
-            if is_zero {
+            if self.detect_zero && is_zero_page(dst) {
                 zero[i] = true;
             } else {
                 slot += 1;

@@ -173,7 +173,8 @@ impl RamSource for VmRam {
     }
 }
 
-/// Guest RAM read in place for the RAM digest (`x-tern-ram-digest`).
+/// Guest RAM read in place for the RAM digest (`x-tern-ram-digest`, vCPUs stopped) and copied
+/// by multifd's sender threads (vCPUs running).
 struct VmRamView {
     vm: Arc<Vm>,
     regions: Vec<RamRegionInfo>,
@@ -195,6 +196,25 @@ impl RamView for VmRamView {
             .ram()
             .with_host_slice(r.gpa + offset, len, |b| f(b))
             .map_err(|e| failed("reading guest RAM for the digest", e))
+    }
+
+    fn copy_range(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        let r = self
+            .regions
+            .get(block)
+            .ok_or_else(|| MachineError::rejected(format!("RAM block {block}"), "no such block"))?;
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > r.size) {
+            return Err(MachineError::rejected(
+                format!("RAM block {block}"),
+                format!("{offset:#x}+{len:#x} lies beyond its {:#x} bytes", r.size),
+            ));
+        }
+        // vm-memory's volatile copy: the vCPUs may be writing these pages meanwhile.
+        self.vm
+            .ram()
+            .read(r.gpa + offset, buf)
+            .map_err(|e| failed("reading guest RAM for a multifd batch", e))
     }
 }
 
