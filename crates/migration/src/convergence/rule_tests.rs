@@ -304,3 +304,33 @@ fn edge_of_convergence_always_switches_within_the_bound() {
         assert!(rule.armed(), "seed {seed}: QEMU's rule never held");
     }
 }
+
+/// The drain before the stop waits only while waiting shrinks the final copy.
+#[test]
+fn the_drain_waits_only_while_the_guest_dirties_slower_than_the_link() {
+    let bw = BW_128;
+    let t = threshold(bw);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    // The 1 Gbit/s link's `pattern` row: 1.5 MB pending, the guest dirtying at twice the link:
+    // no wait (the slack alone allowed ~140 ms, and the final copy overshot the limit).
+    assert_eq!(
+        drain_wait(1_500_000, t, 2.0 * bw, bw, LIMIT_MS),
+        Duration::ZERO
+    );
+    assert_eq!(drain_wait(1_500_000, t, bw, bw, LIMIT_MS), Duration::ZERO);
+    // A guest at half the link: as long as the dirtied bytes fit the slack.
+    let w = ms(drain_wait(t / 4 * 3, t, bw / 2.0, bw, LIMIT_MS));
+    assert!((w - 150.0).abs() < 1.0, "{w}");
+    // An idle guest: the downtime limit; a slow one: the slack, capped by the limit.
+    let near_limit = |d: Duration| (ms(d) - LIMIT_MS as f64).abs() < 0.01;
+    assert!(near_limit(drain_wait(0, t, 0.0, bw, LIMIT_MS)));
+    assert!(near_limit(drain_wait(0, t, bw / 100.0, bw, LIMIT_MS)));
+    // Nothing left of the slack, or no sane measurement: no wait.
+    assert_eq!(drain_wait(t, t, bw / 2.0, bw, LIMIT_MS), Duration::ZERO);
+    assert_eq!(drain_wait(t + 1, t, bw / 2.0, bw, LIMIT_MS), Duration::ZERO);
+    assert_eq!(drain_wait(0, t, f64::NAN, bw, LIMIT_MS), Duration::ZERO);
+    assert_eq!(
+        drain_wait(0, t, bw / 2.0, f64::INFINITY, LIMIT_MS),
+        Duration::ZERO
+    );
+}

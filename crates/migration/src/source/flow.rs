@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::confirm::Confirmation;
 use super::*;
+use crate::convergence::rule::drain_wait;
 use crate::digest::RamDigestJob;
 use crate::wire;
 
@@ -294,7 +295,8 @@ impl Sender {
                 self.estimator.as_ref().and_then(|e| e.bytes_per_ms()),
                 tuning.avail_switchover_bandwidth,
             );
-            let threshold = threshold_bytes(bw, tuning.downtime_limit_ms);
+            let threshold =
+                threshold_bytes(bw, tuning.downtime_limit_ms).saturating_sub(self.queue_reserve());
             let remaining = self.ram()?.remaining_bytes();
             let estimate = remaining + self.devices_pending(false)?;
             let at = now.saturating_duration_since(self.started);
@@ -360,7 +362,14 @@ impl Sender {
                     self.check_abort()?;
                 }
                 if self.m.vcpus.is_running() && self.rp_thread.is_some() {
-                    self.drain_destination(pending, threshold, tuning.downtime_limit_ms)?;
+                    let wait = drain_wait(
+                        pending,
+                        threshold,
+                        self.rule.recent_max_dirty_rate(),
+                        bw,
+                        tuning.downtime_limit_ms,
+                    );
+                    self.drain_destination(wait)?;
                 }
                 return Ok(false);
             }
@@ -382,26 +391,20 @@ impl Sender {
         }
     }
 
+    /// Bytes that may still wait unsent in the source's sockets at the stop and go out inside
+    /// the downtime ahead of the final copy: [`crate::transport::NOTSENT_LOWAT_BYTES`] per
+    /// connection (main stream and multifd channels). QEMU's threshold less this is what the
+    /// final copy may take (decision 242).
+    fn queue_reserve(&self) -> u64 {
+        let connections = 1 + u64::from(self.opts.multifd_channels.unwrap_or(0));
+        connections.saturating_mul(crate::transport::NOTSENT_LOWAT_BYTES as u64)
+    }
+
     /// Before stopping the VM, lets the destination load what is still queued in the socket
     /// buffers (otherwise it loads that backlog inside the downtime): `PING`, then wait for its
-    /// `PONG`, but only as long as the guest may dirty before the final copy would exceed the
-    /// threshold (at the fastest recent dirty rate), and at most the downtime limit. No pass
-    /// follows: what the guest dirtied meanwhile is part of the final copy.
-    fn drain_destination(
-        &mut self,
-        pending: u64,
-        threshold: u64,
-        downtime_limit_ms: u64,
-    ) -> Result<(), SourceError> {
-        let rate = self.rule.recent_max_dirty_rate();
-        let slack = threshold.saturating_sub(pending) as f64;
-        let limit_ms = downtime_limit_ms as f64;
-        let ms = if rate > 0.0 {
-            (slack / rate).min(limit_ms)
-        } else {
-            limit_ms
-        };
-        let limit = Duration::from_secs_f64(ms.max(0.0) / 1000.0);
+    /// `PONG`, at most `limit` ([`drain_wait`]: only while waiting shrinks the final copy). No
+    /// pass follows: what the guest dirtied meanwhile is part of the final copy.
+    fn drain_destination(&mut self, limit: Duration) -> Result<(), SourceError> {
         if limit < Duration::from_millis(1) {
             return Ok(());
         }

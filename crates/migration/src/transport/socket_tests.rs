@@ -62,3 +62,38 @@ fn sockets_are_close_on_exec_with_forced_buffers() {
         }
     }
 }
+
+/// `TCP_NOTSENT_LOWAT` of a TCP socket (0 when unset: the kernel's default, no limit).
+fn notsent_lowat(fd: BorrowedFd<'_>) -> libc::c_int {
+    let mut v: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a live c_int with its exact size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            &mut v as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    v
+}
+
+/// The source's TCP socket holds at most `NOTSENT_LOWAT_BYTES` unsent (what waits there at the
+/// stop goes out inside the downtime); the destination's side is left alone.
+#[test]
+fn the_source_tcp_socket_bounds_its_unsent_bytes() {
+    let l = Listener::bind(&"tcp:127.0.0.1:0".parse::<MigrationUri>().unwrap()).unwrap();
+    let uri = l.local_uri();
+    let t = std::thread::spawn(move || l.accept(&CancelToken::new()).unwrap());
+    let src = connect(&uri, &CancelToken::new()).unwrap();
+    let dst = t.join().unwrap();
+    assert_eq!(
+        notsent_lowat(src.as_fd()),
+        NOTSENT_LOWAT_BYTES as libc::c_int
+    );
+    // 0: unset (the kernel's `net.ipv4.tcp_notsent_lowat` applies).
+    assert_eq!(notsent_lowat(dst.as_fd()), 0, "destination");
+}
