@@ -37,7 +37,10 @@ pub const SHAPED_RATE: &str = "1gbit";
 /// its scenario label. Shared with `auto-converge`, which runs the same guest.
 pub fn full_speed_dirty(quick: bool) -> (String, Guest) {
     let mem = if quick { 128 } else { 512 };
-    (format!("dirty {mem} MiB @ max"), Guest::new("dirty", mem, 0))
+    (
+        format!("dirty {mem} MiB @ max"),
+        Guest::new("dirty", mem, 0),
+    )
 }
 
 fn scenarios(quick: bool) -> Vec<Scenario> {
