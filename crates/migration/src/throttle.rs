@@ -252,7 +252,7 @@ impl ThrottlePolicy {
 /// Tern's bound on one throttle sleep (decision 243). QEMU sleeps `pct / (1 - pct) ×`
 /// [`THROTTLE_TIMESLICE`] in one piece, 990 ms at 99 %, which the guest feels as a 990 ms
 /// stall; Tern cuts run and sleep by the same factor once the sleep would exceed this.
-pub const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(20);
+pub const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(50);
 
 /// One throttle period: the guest runs `run`, then its vCPUs sleep `sleep`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,7 +264,7 @@ pub struct ThrottleSlice {
 /// The time slicing at `pct` percent: `sleep / (run + sleep) = pct` as in QEMU's
 /// `cpu_throttle_thread` (the ratio, `cpu-throttle-percentage`, is QEMU's), with QEMU's 10 ms run
 /// slice while its sleep is at most [`MAX_THROTTLE_SLEEP`], else a [`MAX_THROTTLE_SLEEP`] sleep
-/// and the shorter run slice that keeps the ratio (99 %: 0.2 ms run, 20 ms asleep). No sleep at 0.
+/// and the shorter run slice that keeps the ratio (99 %: 0.5 ms run, 50 ms asleep). No sleep at 0.
 pub fn throttle_slice(pct: u8) -> ThrottleSlice {
     if pct == 0 {
         return ThrottleSlice {

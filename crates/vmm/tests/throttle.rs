@@ -34,7 +34,7 @@ fn throttled_vcpus_sleep_between_slices_and_a_pause_cuts_the_sleep_short() {
         s.pages_written > before[i as usize]
     });
 
-    // 99 %: asleep 99 % of the time (in 20 ms pieces); a pause ends a sleep rather than
+    // 99 %: asleep 99 % of the time (in 50 ms pieces); a pause ends a sleep rather than
     // waiting for it. A pause may fall into a run slice, so pause until one ended a sleep.
     vm.set_cpu_throttle(255).unwrap();
     assert_eq!(vm.cpu_throttle().pct, 99, "clamped");
