@@ -205,28 +205,6 @@ impl ThrottlePolicy {
         ThrottleDecision::Set(next)
     }
 
-    /// The squeeze of decision 244: while throttling below the ceiling (`max-cpu-throttle`),
-    /// the factor `(100 - max) / (100 - now)` by which raising the throttle to the ceiling would
-    /// cut the guest's dirty rate (its CPU share); `None` when not throttling or at the ceiling.
-    pub fn squeeze_factor(&self) -> Option<f64> {
-        let max = self.ceiling();
-        (self.percentage > 0 && self.percentage < max)
-            .then(|| f64::from(100 - max) / f64::from(100 - self.percentage))
-    }
-
-    /// Raises the throttle to the ceiling (the switchover rule's `squeeze`): the new percentage,
-    /// or `None` when [`ThrottlePolicy::squeeze_factor`] is `None` (nothing changes).
-    pub fn squeeze(&mut self) -> Option<u8> {
-        self.squeeze_factor()?;
-        self.percentage = self.ceiling();
-        Some(self.percentage)
-    }
-
-    /// `max-cpu-throttle`, clamped like `cpu_throttle_set`.
-    fn ceiling(&self) -> u8 {
-        self.params.max.clamp(THROTTLE_PCT_MIN, THROTTLE_PCT_MAX)
-    }
-
     /// QEMU's `mig_throttle_guest_down`.
     fn raise(&self, bytes_dirty: u64, bytes_threshold: u64) -> u8 {
         let p = self.params;

@@ -177,38 +177,3 @@ fn periods_are_at_least_the_minimum_and_add_up_the_syncs_inside() {
     assert!(m.at_sync(ms(0), 1, 1).is_some());
     assert!(m.at_sync(ms(1), 1, 2).is_some());
 }
-
-#[test]
-fn squeeze_raises_an_active_throttle_to_the_ceiling_once() {
-    let mut p = ThrottlePolicy::new(ThrottleParams::default());
-    // Not throttling: nothing to squeeze.
-    assert_eq!(p.squeeze_factor(), None);
-    assert_eq!(p.squeeze(), None);
-    p.after_sync(high());
-    assert_eq!(p.after_sync(high()), ThrottleDecision::Set(20));
-    p.after_sync(high());
-    p.after_sync(high());
-    p.after_sync(high());
-    assert_eq!(p.after_sync(high()), ThrottleDecision::Set(40));
-    // 40 % → 99 %: the guest keeps 1 % of the CPU instead of 60 %.
-    let f = p.squeeze_factor().unwrap();
-    assert!((f - 1.0 / 60.0).abs() < 1e-9, "{f}");
-    assert_eq!(p.squeeze(), Some(99));
-    assert_eq!(p.percentage(), 99);
-    assert_eq!(p.squeeze_factor(), None, "at the ceiling");
-    assert_eq!(p.squeeze(), None);
-}
-
-#[test]
-fn squeeze_uses_max_cpu_throttle_as_set() {
-    let mut p = ThrottlePolicy::new(ThrottleParams {
-        initial: 30,
-        max: 80,
-        ..ThrottleParams::default()
-    });
-    p.after_sync(high());
-    assert_eq!(p.after_sync(high()), ThrottleDecision::Set(30));
-    let f = p.squeeze_factor().unwrap();
-    assert!((f - 20.0 / 70.0).abs() < 1e-9, "{f}");
-    assert_eq!(p.squeeze(), Some(80));
-}

@@ -14,11 +14,6 @@
 //!   [`EXTRA_PASS_MAX_RATIO`] of the pending bytes (the fastest dirty rate of the last
 //!   [`RATE_MEMORY`] syncs × the pass's duration) and each one taken did cut them by at least a
 //!   quarter.
-//! * **Squeeze** (`auto-converge`, decision 244): at QEMU's moment, when another pass is not
-//!   predicted to pay at the guest's dirty rate but would at the rate the throttle's ceiling
-//!   leaves ([`SyncSample::squeeze`]), the rule takes the extra pass and the sender raises the
-//!   throttle to `max-cpu-throttle` for it, instead of stopping the guest with the whole
-//!   downtime budget to copy. Within the same bounds.
 
 use std::time::Duration;
 
@@ -67,10 +62,6 @@ pub struct SyncSample {
     pub at: Duration,
     /// `downtime-limit` in ms.
     pub downtime_limit_ms: u64,
-    /// `auto-converge` throttling below its ceiling: the factor (0..1) by which raising the
-    /// throttle to `max-cpu-throttle` would cut the guest's dirty rate
-    /// ([`crate::throttle::ThrottlePolicy::squeeze_factor`]); `None` otherwise.
-    pub squeeze: Option<f64>,
 }
 
 /// Why the rule decided what it decided (`x-tern-switchover-decision.rule`).
@@ -86,9 +77,6 @@ pub enum RuleName {
     GoodEnough,
     /// Keep iterating: one more pass is expected to leave at most 3/4 of the pending bytes.
     MinimizerExtraPass,
-    /// Keep iterating, with the throttle raised to `max-cpu-throttle`: one more pass is
-    /// expected to leave at most 3/4 of the pending bytes only at that throttle (decision 244).
-    Squeeze,
     /// Switch: the last extra pass cut the pending bytes by less than a quarter.
     MinimizerPlateau,
     /// Switch: the extra passes' count, time or byte bound is reached.
@@ -99,13 +87,12 @@ pub enum RuleName {
 
 impl RuleName {
     /// Every name, for the QMP schema.
-    pub const ALL: [RuleName; 9] = [
+    pub const ALL: [RuleName; 8] = [
         RuleName::AboveThreshold,
         RuleName::AwaitAck,
         RuleName::QemuThreshold,
         RuleName::GoodEnough,
         RuleName::MinimizerExtraPass,
-        RuleName::Squeeze,
         RuleName::MinimizerPlateau,
         RuleName::BoundReached,
         RuleName::Regrew,
@@ -119,7 +106,6 @@ impl RuleName {
             RuleName::QemuThreshold => "qemu-threshold",
             RuleName::GoodEnough => "good-enough",
             RuleName::MinimizerExtraPass => "minimizer-extra-pass",
-            RuleName::Squeeze => "squeeze",
             RuleName::MinimizerPlateau => "minimizer-plateau",
             RuleName::BoundReached => "bound-reached",
             RuleName::Regrew => "regrew",
@@ -349,13 +335,7 @@ impl SwitchoverRule {
             );
         };
         let predicted = rate * pass_ms;
-        let enough = EXTRA_PASS_MAX_RATIO * s.pending as f64;
-        // Squeeze: the pass pays at the rate the throttle's ceiling leaves (decision 244).
-        let squeezed = s
-            .squeeze
-            .map(|f| predicted * f.clamp(0.0, 1.0))
-            .filter(|&q| predicted > enough && q <= enough);
-        if predicted > enough && squeezed.is_none() {
+        if predicted > EXTRA_PASS_MAX_RATIO * s.pending as f64 {
             return decision(
                 true,
                 RuleName::QemuThreshold,
@@ -373,19 +353,6 @@ impl SwitchoverRule {
         a.pass_deadline = (s.at + need.max(MIN_PASS_DEADLINE)).min(budget_end);
         a.previous = s.pending;
         self.armed = Some(a);
-        if let Some(q) = squeezed {
-            return decision(
-                false,
-                RuleName::Squeeze,
-                n,
-                expected,
-                format!(
-                    "pending {} bytes fits the threshold {}; another pass ({:.0} ms at {:.0} \
-                     bytes/ms dirtied) would leave {:.0} bytes, {:.0} at the throttle's ceiling",
-                    s.pending, s.threshold, pass_ms, rate, predicted, q
-                ),
-            );
-        }
         decision(
             false,
             RuleName::MinimizerExtraPass,

@@ -37,7 +37,6 @@ fn run(rows: &[Row]) -> Vec<RuleDecision> {
             transferred,
             at,
             downtime_limit_ms: LIMIT_MS,
-            squeeze: None,
         });
         let last = d.switch;
         out.push(d);
@@ -178,7 +177,6 @@ fn byte_bound_counts_what_the_extra_passes_sent() {
         transferred,
         at: Duration::from_millis(at_ms),
         downtime_limit_ms: LIMIT_MS,
-        squeeze: None,
     };
     assert!(!rule.at_sync(&s(10 * MIB, 100 * MIB, 1000)).switch);
     // The pass sent 17 MiB (device data, retransmits): another 4 MiB would exceed 2 × 10 MiB.
@@ -204,7 +202,6 @@ fn ack_gate_and_stopped_vm() {
         transferred: 0,
         at: Duration::from_secs(1),
         downtime_limit_ms: LIMIT_MS,
-        squeeze: None,
     };
     // QEMU's rule needs the gate: not armed while it is closed.
     let d = rule.at_sync(&s);
@@ -237,7 +234,6 @@ fn syncs_where_qemu_does_until_armed_then_at_pass_ends() {
         transferred: 0,
         at: Duration::from_secs(1),
         downtime_limit_ms: LIMIT_MS,
-        squeeze: None,
     });
     assert_eq!(d.rule, MinimizerExtraPass);
     // Mid-pass (estimate fits, RAM left): no sync until the pass ends or its deadline.
@@ -282,7 +278,6 @@ fn edge_of_convergence_always_switches_within_the_bound() {
                 transferred,
                 at,
                 downtime_limit_ms: LIMIT_MS,
-                squeeze: None,
             });
             if pending <= threshold(bw) && armed_at_pass.is_none() {
                 armed_at_pass = Some(pass);
@@ -308,45 +303,4 @@ fn edge_of_convergence_always_switches_within_the_bound() {
         }
         assert!(rule.armed(), "seed {seed}: QEMU's rule never held");
     }
-}
-
-/// Decision 244: at QEMU's moment a guest that dirties nearly as fast as the link makes another
-/// pass useless, unless the throttle's ceiling would cut its rate: then `squeeze`, once.
-#[test]
-fn squeeze_takes_the_extra_pass_only_when_the_ceiling_makes_it_pay() {
-    let t = threshold(BW_128); // ≈ 38.4 MiB
-    let near_link = 110.0 * MIB as f64 / 1000.0; // 110 MiB/s dirtied at 60 %
-    let sample = |pending, rate, at_ms, squeeze| SyncSample {
-        pending,
-        threshold: t,
-        bandwidth: BW_128,
-        dirty_rate: rate,
-        gate_open: true,
-        vm_running: true,
-        transferred: 0,
-        at: Duration::from_millis(at_ms),
-        downtime_limit_ms: LIMIT_MS,
-        squeeze,
-    };
-    // Without a squeeze (or one that does not cut enough): QEMU's moment, switch.
-    for sq in [None, Some(0.9)] {
-        let mut rule = SwitchoverRule::default();
-        let d = rule.at_sync(&sample(36 * MIB, near_link, 1000, sq));
-        assert_eq!((d.switch, d.rule), (true, QemuThreshold), "{sq:?}: {d:?}");
-    }
-    // 60 % → 99 %: the rate falls to 1/40; one extra pass, then the rule judges as before.
-    let mut rule = SwitchoverRule::default();
-    let d = rule.at_sync(&sample(36 * MIB, near_link, 1000, Some(1.0 / 40.0)));
-    assert_eq!(
-        (d.switch, d.rule, d.passes_since_qemu_would_switch),
-        (false, Squeeze, Some(0)),
-        "{d:?}"
-    );
-    assert!(d.reason.contains("ceiling"), "{}", d.reason);
-    let d = rule.at_sync(&sample(MIB, 3.0 * MIB as f64 / 1000.0, 1300, None));
-    assert_eq!(
-        (d.switch, d.passes_since_qemu_would_switch),
-        (true, Some(1)),
-        "{d:?}"
-    );
 }

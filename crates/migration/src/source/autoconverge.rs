@@ -1,7 +1,6 @@
 //! `auto-converge` in the sender: the policy of [`crate::throttle`] fed at every pass boundary,
 //! its percentage applied through [`crate::machine::VcpuControl::set_throttle`] and published
-//! as `cpu-throttle-percentage`, the throttle raised to its ceiling when the switchover rule
-//! squeezes (decision 244), and removed at every end of the migration.
+//! as `cpu-throttle-percentage`, and the throttle removed at every end of the migration.
 //!
 //! QEMU sends no event when the throttle changes; neither does Tern.
 
@@ -80,39 +79,6 @@ impl Sender {
             .set_throttle(pct)
             .map_err(|source| SourceError::Machine {
                 op: "throttling the vCPUs (auto-converge)",
-                source,
-            })?;
-        self.stats.set_cpu_throttle_percentage(pct);
-        Ok(())
-    }
-
-    /// The switchover rule's `squeeze` input (decision 244), with the parameters in force now:
-    /// by how much raising the throttle to `max-cpu-throttle` would cut the dirty rate.
-    pub(super) fn squeeze_factor(&mut self) -> Option<f64> {
-        let params = self.shared.lock().tuning.throttle;
-        let ac = self.auto_converge.as_mut()?;
-        ac.policy.set_params(params);
-        ac.policy.squeeze_factor()
-    }
-
-    /// The rule said `squeeze`: the throttle goes to its ceiling for the extra pass (and stays
-    /// there until the switchover pauses the vCPUs or the migration ends).
-    pub(super) fn squeeze_throttle(&mut self) -> Result<(), SourceError> {
-        let Some(ac) = self.auto_converge.as_mut() else {
-            return Ok(());
-        };
-        let Some(pct) = ac.policy.squeeze() else {
-            return Ok(());
-        };
-        tracing::info!(
-            pct,
-            "auto-converge: throttle at its ceiling for an extra pass (squeeze)"
-        );
-        self.m
-            .vcpus
-            .set_throttle(pct)
-            .map_err(|source| SourceError::Machine {
-                op: "throttling the vCPUs (auto-converge squeeze)",
                 source,
             })?;
         self.stats.set_cpu_throttle_percentage(pct);

@@ -312,7 +312,6 @@ impl Sender {
                 let dirtied = self.sync_pass(now)?;
                 let pending = self.ram()?.remaining_bytes() + self.devices_pending(true)?;
                 let running = self.m.vcpus.is_running();
-                let squeeze = self.squeeze_factor();
                 let ram = self.ram()?;
                 let dirty_rate = ram.dirty_pages_rate as f64 * ram.page_size() as f64 / 1000.0;
                 let transferred = self.writer()?.bytes_written() + self.multifd_bytes();
@@ -326,7 +325,6 @@ impl Sender {
                     transferred,
                     at,
                     downtime_limit_ms: tuning.downtime_limit_ms,
-                    squeeze,
                 });
                 tracing::debug!(
                     pending,
@@ -339,9 +337,6 @@ impl Sender {
                     "switchover decision"
                 );
                 self.stats.set_switchover_decision(d.clone());
-                if d.rule == RuleName::Squeeze {
-                    self.squeeze_throttle()?;
-                }
                 let auto_switch = self.opts.postcopy_auto
                     && self.opts.postcopy_ram
                     && self.judge_postcopy_auto(pending, threshold, d.switch)?;
