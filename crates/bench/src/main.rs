@@ -49,7 +49,8 @@ enum Suite {
     /// The management layer's orchestration overhead (ternctl migrate vs raw QMP)
     Mgmt,
     Boot,
-    /// The pattern 64 MiB @ 128 MiB/s row of `precopy` with auto-converge on for both VMMs
+    /// The pattern 64 MiB @ 128 MiB/s loopback row and the veth-1gbit `dirty 512 MiB @ max` row
+    /// of `precopy` with auto-converge on for both VMMs
     AutoConverge,
     /// What TLS costs: plain vs TLS, Tern vs QEMU (idle 1 GiB, 256 MiB dirtied at 50 MiB/s)
     Tls,

@@ -28,12 +28,24 @@ struct Scenario {
 /// QEMU's default `max-bandwidth` (128 MiB/s).
 pub const QEMU_DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
 
+/// The shaped link's tbf rate, Mbit/s (`scripts/netns.sh up 1gbit`).
+pub const SHAPED_MBIT: u64 = 1000;
+/// `scripts/netns.sh`'s rate argument for [`SHAPED_MBIT`].
+pub const SHAPED_RATE: &str = "1gbit";
+
+/// The full-speed row's guest: `dirty` over 512 MiB (128 with `--quick`) at no rate cap, and
+/// its scenario label. Shared with `auto-converge`, which runs the same guest.
+pub fn full_speed_dirty(quick: bool) -> (String, Guest) {
+    let mem = if quick { 128 } else { 512 };
+    (
+        format!("dirty {mem} MiB @ max"),
+        Guest::new("dirty", mem, 0),
+    )
+}
+
 fn scenarios(quick: bool) -> Vec<Scenario> {
-    let (idle, d1, d2) = if quick {
-        (256, 64, 128)
-    } else {
-        (1024, 256, 512)
-    };
+    let (idle, d1) = if quick { (256, 64) } else { (1024, 256) };
+    let (full_name, full_guest) = full_speed_dirty(quick);
     vec![
         Scenario {
             name: format!("idle {idle} MiB filled"),
@@ -50,8 +62,8 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             zero_copy: false,
         },
         Scenario {
-            name: format!("dirty {d2} MiB @ max"),
-            guest: Guest::new("dirty", d2, 0),
+            name: full_name,
+            guest: full_guest,
             max_bandwidth: None,
             multifd: None,
             zero_copy: false,
@@ -173,14 +185,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         }
     }
     {
-        let shaped = Link::shaped(1000);
+        let shaped = Link::shaped(SHAPED_MBIT);
         if !scs
             .iter()
             .any(|sc| ctx.selected(&format!("{} {}", shaped.name, sc.name)))
         {
             return report.write(&ctx.out);
         }
-        let _ns = Netns::up(&ctx.repo, "1gbit")?;
+        let _ns = Netns::up(&ctx.repo, SHAPED_RATE)?;
         for sc in scs.iter().filter(|sc| sc.multifd.is_none()) {
             for &(k, v) in &variants {
                 one(ctx, &mut report, &shaped, sc, k, v)?;
@@ -233,11 +245,7 @@ fn one(
         vcpus.to_string(),
         link.name.clone(),
         sc.name.clone(),
-        if out.result == "completed" || out.total_ms.is_some() {
-            secs(total_s)
-        } else {
-            format!("{} (at cancel)", secs(Some(out.wall_ms / 1e3)))
-        },
+        total_cell(&out),
         ms(out.downtime_ms),
         ms(out.hb_gap_ms),
         ms(out.window_max_gap_ms),
@@ -265,6 +273,15 @@ fn one(
         "guest": sc.guest, "params": p, "wire-limit-s": wire_s, "outcome": out,
     }));
     report.write(&ctx.out)
+}
+
+/// The total time, or the wall time until the cancel of a migration that did not converge.
+pub fn total_cell(out: &Outcome) -> String {
+    if out.result == "completed" || out.total_ms.is_some() {
+        secs(out.total_ms.map(|t| t / 1e3))
+    } else {
+        format!("{} (at cancel)", secs(Some(out.wall_ms / 1e3)))
+    }
 }
 
 pub fn result_cell(out: &Outcome) -> String {

@@ -1,39 +1,75 @@
-//! vCPU throttling by time slicing (QEMU's `system/cpu-throttle.c`), what `auto-converge`
-//! applies while a migration runs.
+//! vCPU throttling by time slicing (QEMU's `system/cpu-throttle.c`, with shorter pieces), what
+//! `auto-converge` applies while a migration runs.
 //!
-//! At `pct` percent, the `vcpu-throttle` ticker thread kicks every vCPU out of `KVM_RUN` once per
-//! period of `TIMESLICE / (1 - pct)` ([`crate::runctl::RunControl::throttle_kick`]); each kicked
-//! vCPU thread then sleeps `pct / (1 - pct) × TIMESLICE` outside `KVM_RUN` before it enters the
-//! guest again, so the guest runs about `TIMESLICE` per period. The sleep is a wait on the run
-//! control's condvar: a pause, a stop or a shutdown ends it at once, so a throttle never delays
-//! a switchover or a `stop`. Throttle sleeps are not vCPU stalls (`stall.rs`): they are asked
-//! for. `pct == 0` turns the ticker idle (it waits for the next non-zero value).
+//! At `pct` percent the guest runs `100 - pct` % of the time, as in QEMU, but never sleeps
+//! longer than [`MAX_SLEEP`] in one piece ([`slice`], decision 243): QEMU runs a 10 ms
+//! [`TIMESLICE`] and then sleeps `pct / (1 - pct) × TIMESLICE`, 990 ms at 99 %, which the guest
+//! feels as a 990 ms stall; Tern keeps QEMU's slices while their sleep is at most [`MAX_SLEEP`]
+//! and above that shortens run and sleep by the same factor (99 %: 0.5 ms run, 50 ms asleep).
+//! The `vcpu-throttle` ticker thread kicks every vCPU out of `KVM_RUN` once per period of
+//! `run + sleep` ([`crate::runctl::RunControl::throttle_kick`]); each kicked vCPU thread then
+//! sleeps `sleep` outside `KVM_RUN` before it enters the guest again. The sleep is a wait on the
+//! run control's condvar: a pause, a stop or a shutdown ends it at once, so a throttle never
+//! delays a switchover or a `stop`. Throttle sleeps are not vCPU stalls (`stall.rs`): they are
+//! asked for. `pct == 0` turns the ticker idle (it waits for the next non-zero value).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::vcpu::Shared;
 
-/// QEMU's `CPU_THROTTLE_TIMESLICE_NS`: the guest's run time per throttle period.
+/// QEMU's `CPU_THROTTLE_TIMESLICE_NS`: the guest's run time per throttle period while the
+/// sleep that goes with it is at most [`MAX_SLEEP`].
 pub const TIMESLICE: Duration = Duration::from_millis(10);
+/// Tern's bound on one throttle sleep (decision 243; QEMU has none: 990 ms at 99 %). The
+/// engine's `throttle::MAX_THROTTLE_SLEEP` is the same value.
+pub const MAX_SLEEP: Duration = Duration::from_millis(50);
 /// QEMU's `CPU_THROTTLE_PCT_MAX`; larger values are clamped.
 pub const MAX_PCT: u8 = 99;
 
-/// How long a vCPU sleeps per period at `pct` percent (0 when not throttled).
-pub fn sleep_per_slice(pct: u8) -> Duration {
+/// One throttle period: the guest runs `run`, then its vCPU sleeps `sleep`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub run: Duration,
+    pub sleep: Duration,
+}
+
+/// The period at `pct` percent: `sleep / (run + sleep) = pct`, QEMU's 10 ms run slice while its
+/// sleep is at most [`MAX_SLEEP`], else a [`MAX_SLEEP`] sleep and the run slice that keeps the
+/// ratio. `pct == 0`: no sleep.
+pub fn slice(pct: u8) -> Slice {
     if pct == 0 {
-        return Duration::ZERO;
+        return Slice {
+            run: TIMESLICE,
+            sleep: Duration::ZERO,
+        };
     }
     let p = f64::from(pct.min(MAX_PCT)) / 100.0;
-    TIMESLICE.mul_f64(p / (1.0 - p))
+    let qemu_sleep = TIMESLICE.mul_f64(p / (1.0 - p));
+    if qemu_sleep <= MAX_SLEEP {
+        return Slice {
+            run: TIMESLICE,
+            sleep: qemu_sleep,
+        };
+    }
+    Slice {
+        run: MAX_SLEEP.mul_f64((1.0 - p) / p),
+        sleep: MAX_SLEEP,
+    }
+}
+
+/// How long a vCPU sleeps per period at `pct` percent (0 when not throttled).
+pub fn sleep_per_slice(pct: u8) -> Duration {
+    slice(pct).sleep
 }
 
 /// The ticker's period at `pct` percent: one run slice plus one sleep.
 pub fn period(pct: u8) -> Duration {
-    TIMESLICE + sleep_per_slice(pct)
+    let s = slice(pct);
+    s.run + s.sleep
 }
 
 /// What the throttle did since the machine started.
@@ -51,6 +87,9 @@ pub struct ThrottleStats {
 struct Ticker {
     quit: bool,
     thread: Option<JoinHandle<()>>,
+    /// When the last kick was sent: a period's sleep counts from there, so the time a vCPU
+    /// takes to leave `KVM_RUN` comes out of its sleep, not out of the guest's run slice.
+    kicked_at: Option<Instant>,
 }
 
 /// The throttle state shared by the machine, the ticker and the vCPU threads.
@@ -127,8 +166,9 @@ impl CpuThrottle {
             return;
         }
         self.sleeps.fetch_add(1, Ordering::Relaxed);
+        let d = t.kicked_at.map_or(d, |k| d.saturating_sub(k.elapsed()));
         drop(t);
-        if wait(d) {
+        if !d.is_zero() && wait(d) {
             self.interrupted.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -157,6 +197,7 @@ fn ticker(shared: &Shared) {
             continue;
         }
         if th.percentage() > 0 {
+            t.kicked_at = Some(Instant::now());
             drop(t);
             shared.ctl.throttle_kick();
             t = th.lock();
@@ -169,13 +210,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sleep_and_period_follow_qemu() {
+    fn qemus_slices_while_the_sleep_is_short() {
         assert_eq!(sleep_per_slice(0), Duration::ZERO);
         assert_eq!(sleep_per_slice(50), Duration::from_millis(10));
         assert_eq!(period(50), Duration::from_millis(20));
-        let s = sleep_per_slice(99).as_secs_f64();
-        assert!((s - 0.99).abs() < 1e-6, "{s}");
+        // 83 %: 48.8 ms asleep, still QEMU's 10 ms slice.
+        assert_eq!(slice(83).run, TIMESLICE);
+        assert!(slice(83).sleep <= MAX_SLEEP);
+    }
+
+    #[test]
+    fn longer_sleeps_are_cut_to_the_bound_keeping_the_ratio() {
+        for pct in [84u8, 90, 95, 99] {
+            let s = slice(pct);
+            assert_eq!(s.sleep, MAX_SLEEP, "{pct}");
+            let ratio = s.sleep.as_secs_f64() / (s.run + s.sleep).as_secs_f64();
+            assert!(
+                (ratio - f64::from(pct) / 100.0).abs() < 1e-6,
+                "{pct}: {ratio}"
+            );
+        }
+        // 99 %: 50 ms asleep, 0.5 ms running (QEMU: 990 ms and 10 ms).
+        let r = slice(99).run.as_secs_f64();
+        assert!((r - 0.05 / 99.0).abs() < 1e-9, "{r}");
         // Clamped like QEMU's cpu_throttle_set.
-        assert_eq!(sleep_per_slice(100), sleep_per_slice(99));
+        assert_eq!(slice(100), slice(99));
+        assert_eq!(slice(255), slice(99));
     }
 }
