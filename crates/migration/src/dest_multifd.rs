@@ -365,8 +365,13 @@ impl Receiver {
         }
         tracing::debug!(channels, "multifd channels accepted");
         self.mf = Some(rx);
-        // Keep the listener (a unix socket file goes away when it drops) until the end.
-        self.listener = Some(listener);
+        // Keep the listener (a unix socket file goes away when it drops) until the end; with
+        // `postcopy-preempt` the preempt channel connects to it at the switch (§5.4).
+        if self.opts.postcopy_preempt {
+            self.preempt.keep_listener(true, listener);
+        } else {
+            self.listener = Some(listener);
+        }
         Ok(())
     }
 
@@ -421,7 +426,10 @@ impl Receiver {
         self.multifd_wait(false)
     }
 
-    /// END: waits for every channel's final `SYNC`, ends the receivers.
+    /// END, or `MULTIFD_END` at the switch to post-copy (§5.4): waits for every channel's
+    /// final `SYNC` (every page a channel carried is placed), ends the receivers and shuts the
+    /// channel sockets down: nothing is read from a channel after this. Without channels (after
+    /// `MULTIFD_END`), nothing to do.
     pub(super) fn multifd_end(&mut self) -> Result<(), DestError> {
         self.multifd_wait(true)?;
         if let Some(mut rx) = self.mf.take() {

@@ -728,7 +728,15 @@ pub(crate) struct MultifdOrder {
     pending: bool,
     /// `MULTIFD_CHANNELS` came.
     announced: bool,
+    /// `CAPABILITIES` had bit 4 too (version 8, §5.4): `MULTIFD_END` must come before any
+    /// `RAM_DISCARD` or `POSTCOPY_LISTEN`.
+    postcopy: bool,
+    /// `MULTIFD_END` came: the channels are over; post-copy's RAM goes on the main stream.
+    ended: bool,
 }
+
+const END_FIRST: &str =
+    "the multifd channels must end (MULTIFD_END) before the destination drops pages or listens";
 
 impl MultifdOrder {
     /// A record other than a COMMAND: nothing may come between bit 6 and `MULTIFD_CHANNELS`;
@@ -742,7 +750,14 @@ impl MultifdOrder {
                     .into(),
             });
         }
-        if self.on && kind == RecordKind::Ram {
+        if self.postcopy && !self.ended && kind == RecordKind::RamDiscard {
+            return Err(WireError::OutOfOrder {
+                record: kind.name(),
+                offset: frame_at,
+                reason: END_FIRST.into(),
+            });
+        }
+        if self.on && !self.ended && kind == RecordKind::Ram {
             return Err(WireError::Invalid {
                 field: "ram",
                 offset: frame_at,
@@ -789,9 +804,32 @@ impl MultifdOrder {
                 reason: why.into(),
             });
         }
-        if let Command::Capabilities { multifd: true, .. } = command {
-            self.on = true;
-            self.pending = true;
+        let out_of_order = |reason: &str| WireError::OutOfOrder {
+            record: "command",
+            offset: frame_at,
+            reason: reason.into(),
+        };
+        match command {
+            Command::Capabilities {
+                multifd: true,
+                postcopy_ram,
+                ..
+            } => {
+                self.on = true;
+                self.pending = true;
+                self.postcopy = *postcopy_ram;
+            }
+            Command::MultifdEnd if !self.postcopy || !self.announced => {
+                return Err(out_of_order(
+                    "MULTIFD_END without multifd and postcopy-ram negotiated (CAPABILITIES bits 6 and 4)",
+                ))
+            }
+            Command::MultifdEnd if self.ended => return Err(out_of_order("a second MULTIFD_END")),
+            Command::MultifdEnd => self.ended = true,
+            Command::PostcopyListen if self.postcopy && !self.ended => {
+                return Err(out_of_order(END_FIRST))
+            }
+            _ => {}
         }
         Ok(())
     }
