@@ -5,8 +5,7 @@
 //! pages, an unknown flag, a record that is not RAM), and the main stream's new order rules.
 
 use super::channel_test_support::{
-    channel_records, multifd_main_stream, read_main, rewrite_channel_record,
-    write_multifd_channels,
+    channel_records, multifd_main_stream, read_main, rewrite_channel_record, write_multifd_channels,
 };
 use super::tests::{page, sample_config, PS};
 use super::*;

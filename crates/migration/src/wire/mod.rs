@@ -34,11 +34,11 @@ mod compress_tests;
 #[cfg(test)]
 mod digest_tests;
 #[cfg(test)]
-mod multifd_postcopy_tests;
-#[cfg(test)]
 mod early_discard_tests;
 #[cfg(test)]
 mod hostile_tests;
+#[cfg(test)]
+mod multifd_postcopy_tests;
 #[cfg(test)]
 mod postcopy_tests;
 #[cfg(test)]
@@ -57,8 +57,8 @@ pub use format::{
     cmd, is_zero_page, page_kind, Limits, RecordKind, BATCH_CHANNELS, BATCH_FLAG_KEEPALIVE,
     BATCH_FLAG_SYNC, CHANNEL_HANDSHAKE_LEN, CHANNEL_MAGIC, CURRENT_VERSION, HEADER_LEN, MAGIC,
     MAX_MULTIFD_CHANNELS, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_COMPRESSION,
-    VERSION_EARLY_DISCARD, VERSION_MULTIFD, VERSION_MULTIFD_POSTCOPY, VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST,
-    VERSION_RECOVERY,
+    VERSION_EARLY_DISCARD, VERSION_MULTIFD, VERSION_MULTIFD_POSTCOPY, VERSION_POSTCOPY,
+    VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 pub use ram_batch::BatchHeader;
 pub use reader::{Header, StreamReader};

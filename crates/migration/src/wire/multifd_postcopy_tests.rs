@@ -22,8 +22,9 @@ fn caps(postcopy_ram: bool) -> Command {
 /// A version-`version` main stream: CAPABILITIES (multifd, and post-copy when `postcopy`),
 /// MULTIFD_CHANNELS, POSTCOPY_ADVISE when `postcopy`, then `next`, ended.
 fn stream(version: u32, postcopy: bool, next: impl FnOnce(&mut StreamWriter<Vec<u8>>)) -> Vec<u8> {
-    let mut w = StreamWriter::with_version(Vec::new(), &sample_config(), &Limits::default(), version)
-        .expect("writer");
+    let mut w =
+        StreamWriter::with_version(Vec::new(), &sample_config(), &Limits::default(), version)
+            .expect("writer");
     w.write_command(caps(postcopy)).expect("caps");
     write_multifd_channels(&mut w, 2, Compression::None, ID);
     if postcopy {
@@ -149,7 +150,8 @@ fn hostile_multifd_end_orders_are_refused() {
     }))
     .unwrap_err();
     assert!(
-        e.to_string().contains("on the main stream of a multifd migration"),
+        e.to_string()
+            .contains("on the main stream of a multifd migration"),
         "{e}"
     );
 }
