@@ -16,6 +16,7 @@ mod compress;
 mod config;
 mod error;
 mod format;
+mod multifd_order;
 mod postcopy;
 mod ram_batch;
 mod reader;
