@@ -90,3 +90,21 @@ fn multifd_postcopy_pause_then_recovery_completes() {
     dst.wait_mig(&["postcopy-active"], MIGRATION_TIMEOUT);
     complete(dir.path(), &m, src, dst);
 }
+
+/// The main stream's link cut in post-copy with multifd on (the channels ended at the switch):
+/// both sides pause, a recovery completes the migration with the guest intact.
+#[test]
+fn multifd_postcopy_link_cut_then_recovery_completes() {
+    let dir = tmpdir();
+    let m = Machine::pattern(2, 32);
+    let (mut src, mut dst, proxy) = start(dir.path(), &m, &[]);
+    postcopy_running(&mut src, &mut dst);
+    proxy.cut_after(0, 0, T);
+    let q = src.wait_mig(&["postcopy-paused"], MIGRATION_TIMEOUT);
+    assert!(error_desc(&q).contains("post-copy paused"), "{q}");
+    dst.wait_mig(&["postcopy-paused"], MIGRATION_TIMEOUT);
+    let _direct = start_recovery(&mut src, &mut dst, None);
+    src.wait_mig(&["postcopy-active"], MIGRATION_TIMEOUT);
+    dst.wait_mig(&["postcopy-active"], MIGRATION_TIMEOUT);
+    complete(dir.path(), &m, src, dst);
+}
