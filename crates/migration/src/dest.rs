@@ -474,8 +474,8 @@ impl Receiver {
 
     fn receive(&mut self, from: Incoming, state: &mut RxState) -> Result<(), DestError> {
         let stream = match from {
-            // Multifd's channels connect to the main stream's listener (`dest_multifd.rs`);
-            // multifd never goes with post-copy, so never with a preempt channel.
+            // Multifd's channels connect to the main stream's listener (`dest_multifd.rs`), and
+            // so does a preempt channel after them (`multifd_accept` hands the listener on).
             Incoming::Listener(l) if self.opts.multifd_channels.is_some() => {
                 let s = l.accept_next(&self.shared.io)?;
                 self.listener = Some(l);
@@ -669,6 +669,7 @@ impl Receiver {
                     self.multifd_compression(compression)?;
                     self.multifd_accept(channels, id, stream_version, &stream_config)?;
                 }
+                Record::Command(Command::MultifdEnd) => self.multifd_end()?,
                 Record::Command(Command::SwitchoverStart) => {
                     tracing::debug!("source stopped: final state follows");
                     self.multifd_sync_point()?;

@@ -129,6 +129,9 @@ struct RecvCtx {
     placer: Arc<dyn PagePlacer>,
     barrier: Arc<Barrier>,
     sink_pages: Vec<u64>,
+    /// With `postcopy-ram` (§5.4): the received set, so that post-copy neither requests nor
+    /// expects a page a channel placed (before any discard: the channels end first).
+    missing: Option<super::postcopy::SharedMissing>,
 }
 
 impl RecvCtx {
@@ -185,6 +188,12 @@ impl RecvCtx {
                 PageData::Normal(d) => self.placer.write_page(block, page, d),
             };
             r.map_err(|e| format!("loading RAM block {block} page {page}: {}", error_chain(&e)))?;
+        }
+        if let Some(m) = &self.missing {
+            let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+            for p in b.pages() {
+                m.received(usize::from(p.block), u64::from(p.page));
+            }
         }
         Ok(())
     }
@@ -356,6 +365,7 @@ impl Receiver {
                 placer: placer.clone(),
                 barrier: barrier.clone(),
                 sink_pages: sink_pages.clone(),
+                missing: self.pc.as_ref().map(|pc| pc.shared_missing()),
             };
             let t = std::thread::Builder::new()
                 .name(format!("mig-mfd-recv-{k}"))
@@ -365,8 +375,13 @@ impl Receiver {
         }
         tracing::debug!(channels, "multifd channels accepted");
         self.mf = Some(rx);
-        // Keep the listener (a unix socket file goes away when it drops) until the end.
-        self.listener = Some(listener);
+        // Keep the listener (a unix socket file goes away when it drops) until the end; with
+        // `postcopy-preempt` the preempt channel connects to it at the switch (§5.4).
+        if self.opts.postcopy_preempt {
+            self.preempt.keep_listener(true, listener);
+        } else {
+            self.listener = Some(listener);
+        }
         Ok(())
     }
 
@@ -421,7 +436,10 @@ impl Receiver {
         self.multifd_wait(false)
     }
 
-    /// END: waits for every channel's final `SYNC`, ends the receivers.
+    /// END, or `MULTIFD_END` at the switch to post-copy (§5.4): waits for every channel's
+    /// final `SYNC` (every page a channel carried is placed), ends the receivers and shuts the
+    /// channel sockets down: nothing is read from a channel after this. Without channels (after
+    /// `MULTIFD_END`), nothing to do.
     pub(super) fn multifd_end(&mut self) -> Result<(), DestError> {
         self.multifd_wait(true)?;
         if let Some(mut rx) = self.mf.take() {

@@ -238,8 +238,9 @@ impl Capabilities {
             }
         }
         // Tern: multifd's combinations that are not built (decision 166), refused by name.
+        // With `postcopy-ram` it is built (QEMU 10.1's semantics, decision 245).
         if on(C::Multifd) {
-            for other in [C::PostcopyRam, C::XTernRamDigest] {
+            for other in [C::XTernRamDigest] {
                 if on(other) {
                     return Err(ParamError::NotSupported(format!(
                         "Capability 'multifd' together with '{}'",

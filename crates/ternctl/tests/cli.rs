@@ -88,10 +88,6 @@ fn unbuilt_features_are_refused_by_name() {
             &["--parallel", "--parallel-connections", "0"][..],
             "between 1 and 255",
         ),
-        (
-            &["--live", "--p2p", "--parallel", "--postcopy"][..],
-            "multifd together with post-copy",
-        ),
     ] {
         let mut a = vec!["-c", sock, "migrate", "vm", "tern+tcp://h/system"];
         a.extend_from_slice(args);

@@ -90,6 +90,8 @@ fn postcopy_after_precopy_moves_a_pattern_tern_vm() {
             "--p2p",
             "--postcopy",
             "--postcopy-after-precopy",
+            // Pre-copy over 2 multifd channels, ended at the switch (decision 245).
+            "--parallel",
             "--bandwidth",
             "32",
         ],
@@ -108,6 +110,7 @@ fn postcopy_after_precopy_moves_a_pattern_tern_vm() {
     assert!(job.contains("Job type:         Completed"), "{job}");
     assert!(job.contains("post-copy: enabled"), "{job}");
     assert!(job.contains("post-copy: switched"), "{job}");
+    assert!(job.contains("parallel: multifd with 2 channel(s)"), "{job}");
     assert!(job.contains("Postcopy requests:"), "{job}");
     let raw = h.src.ok(&["domjobinfo", "pc", "--completed", "--rawstats"]);
     assert!(raw.contains("memory_postcopy_requests: "), "{raw}");

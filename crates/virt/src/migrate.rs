@@ -273,18 +273,7 @@ impl MigrateOptions {
 
     /// Refuses options that need something not built yet, naming the missing feature.
     pub fn check_supported(&self) -> Result<()> {
-        let missing: &[(bool, &str, &str)] = &[(
-            self.parallel && self.postcopy,
-            "--parallel with --postcopy",
-            "multifd together with post-copy in the Tern engine",
-        )];
-        for (set, opt, feature) in missing {
-            if *set {
-                return Err(Error::Unsupported(format!(
-                    "{opt}: needs {feature}, which is not available yet"
-                )));
-            }
-        }
+        // `--parallel` with `--postcopy` is built (multifd carries pre-copy, decision 245).
         self.check_postcopy()?;
         self.check_resume()?;
         self.check_parallel()?;
@@ -435,7 +424,8 @@ mod tests {
     }
 
     #[test]
-    fn missing_features_are_named() {
+    fn parallel_options_are_checked() {
+        // `--parallel` with `--postcopy` is built (decision 245).
         let o = MigrateOptions {
             parallel: true,
             postcopy: true,
@@ -443,8 +433,7 @@ mod tests {
             p2p: true,
             ..Default::default()
         };
-        let e = o.check_supported().expect_err("parallel").to_string();
-        assert!(e.contains("multifd"), "{e}");
+        assert!(o.check_supported().is_ok());
         let o = MigrateOptions {
             live: true,
             p2p: true,

@@ -155,7 +155,8 @@ impl Sender {
         // The lowest stream version with every record this migration writes (spec §10): every
         // migration sends self-checking RAM batches (version 5, §5.1), which is newer than
         // RAM_DIGEST (2) and post-copy (3), so that is 5 (decision 133); 6 with the post-copy
-        // preempt channel (decision 150) or multifd (§5.2, decision 160).
+        // preempt channel (decision 150) or multifd (§5.2, decision 160); 7 and 8: see
+        // `stream_version`.
         let version = self.stream_version();
         let mut w = StreamWriter::with_version(
             BufWriter::with_capacity(WRITE_BUFFER, stream),

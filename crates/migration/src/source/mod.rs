@@ -742,11 +742,14 @@ struct Sender {
 }
 
 impl Sender {
-    /// The stream version of every channel this migration writes (§10): 7 with `postcopy-ram`
+    /// The stream version of every channel this migration writes (§10): 8 with `multifd` and
+    /// `postcopy-ram` together (§5.4, decision 246); 7 with `postcopy-ram`
     /// (the early discard, §13.3, decision 203; the preempt channel included) or with
     /// `multifd-compression` (§5.3), 6 with multifd (§5.2), else 5 (decision 133).
     fn stream_version(&self) -> u32 {
-        if self.opts.postcopy_ram {
+        if self.opts.postcopy_ram && self.opts.multifd_channels.is_some() {
+            crate::wire::VERSION_MULTIFD_POSTCOPY
+        } else if self.opts.postcopy_ram {
             crate::wire::VERSION_EARLY_DISCARD
         } else if self.opts.multifd_compression.0 != crate::wire::Compression::None {
             crate::wire::VERSION_COMPRESSION

@@ -76,6 +76,9 @@ pub(super) struct Multifd {
     page_size: u64,
     /// `multifd-compression` is on: queued lists are counted at the achieved ratio.
     compressed: bool,
+    /// Every channel sent its final `SYNC` and ended (the switch to post-copy, §5.4): sync
+    /// points have no channel part any more.
+    ended: bool,
 }
 
 /// Wire bytes of a page list sent plain: frame, header, count, CRC, entries, page data.
@@ -164,6 +167,9 @@ impl Multifd {
 
     /// Queues `SYNC` on every channel (before a sync point on the main stream).
     fn sync(&mut self) -> Result<(), SourceError> {
+        if self.ended {
+            return Ok(());
+        }
         for k in 0..self.channels.len() {
             self.queue(k, Job::Sync)?;
         }
@@ -173,6 +179,10 @@ impl Multifd {
     /// The final `SYNC` on every channel; waits until every sender wrote and flushed it and
     /// ended.
     fn finish(&mut self, ram: &mut RamSender) -> Result<(), SourceError> {
+        if self.ended {
+            return Ok(());
+        }
+        self.ended = true;
         for k in 0..self.channels.len() {
             self.queue(k, Job::Finish)?;
         }
@@ -249,11 +259,6 @@ impl Sender {
             return Ok(());
         }
         let refuse = |why: &str| Err(SourceError::Multifd(why.to_owned()));
-        if self.opts.postcopy_ram {
-            return refuse(
-                "capability 'multifd' together with 'postcopy-ram' is not yet supported by Tern",
-            );
-        }
         if self.opts.ram_digest {
             return refuse(
                 "capability 'multifd' together with 'x-tern-ram-digest' is not yet supported by Tern",
@@ -288,6 +293,7 @@ impl Sender {
             queued: 0,
             page_size: u64::from(config.page_size),
             compressed: self.opts.multifd_compression.0 != Compression::None,
+            ended: false,
         };
         for k in 1..=n {
             self.check_abort()?;
@@ -394,6 +400,24 @@ impl Sender {
             (Some(mf), Some(ram)) => mf.finish(ram),
             _ => Ok(()),
         }
+    }
+
+    /// The switch to post-copy with multifd (`docs/stream-format.md` §5.4, decision 245): the
+    /// final `SYNC` behind every channel's last pre-copy batch, the senders waited for and
+    /// their sockets closed, then `MULTIFD_END` on the main stream (flushed). Called before the
+    /// early discard: every page a channel carried is placed on the destination before it
+    /// drops any page or registers userfaultfd. A channel that fails here fails the migration
+    /// while the guest still runs. Nothing without multifd.
+    pub(super) fn multifd_end_for_postcopy(&mut self) -> Result<(), SourceError> {
+        if self.multifd.as_ref().is_none_or(|m| m.ended) {
+            return Ok(());
+        }
+        self.multifd_finish()?;
+        let w = self.writer()?;
+        w.write_command(Command::MultifdEnd)?;
+        w.flush()?;
+        tracing::debug!("multifd: channels ended at the switch to post-copy");
+        Ok(())
     }
 
     /// A failed channel ends the migration (checked with the other abort reasons).

@@ -2,8 +2,9 @@
 //! `postcopy_start` and `ram_save_queue_pages`).
 //!
 //! ```text
-//!  active ──migrate-start-postcopy, devices fit──> [preempt channel] ──> sync, early
-//!  RAM_DISCARD (guest running), drain PING/PONG ──> pause ──> SWITCHOVER_START, RUN_STATE,
+//!  active ──migrate-start-postcopy, devices fit──> [preempt channel] ──> [multifd: final
+//!  SYNC on every channel, channels closed, MULTIFD_END] ──> sync, early RAM_DISCARD (guest
+//!  running), drain PING/PONG ──> pause ──> SWITCHOVER_START, RUN_STATE,
 //!  final sync, RAM_DISCARD (every page still to send), POSTCOPY_LISTEN, device SECTIONs,
 //!  POSTCOPY_RUN ──> postcopy-active: requested pages first, then the push ──> END ──SHUT{0}──> completed
 //! ```
@@ -171,6 +172,8 @@ impl Sender {
             // migration here, and the guest runs on (decision 152).
             self.open_preempt()?;
         }
+        // Multifd's channels end before anything drops pages on the destination (§5.4).
+        self.multifd_end_for_postcopy()?;
         self.early_discard()?;
         self.drain_before_switch()?;
         self.x_test_hold_before_stop()?;

@@ -192,7 +192,8 @@ pub fn analyze<R: Read>(r: R, limits: &Limits) -> Value {
                     Command::OpenReturnPath
                     | Command::PostcopyResume
                     | Command::SwitchoverStart
-                    | Command::PostcopyListen => {}
+                    | Command::PostcopyListen
+                    | Command::MultifdEnd => {}
                 }
                 v
             }

@@ -18,7 +18,7 @@ use super::format::{
 };
 use super::ram_batch::{check_table, BatchCrc, BatchHeader, TableAt};
 use super::reader::{body_of, read_body, read_exact_at, read_frame};
-use super::record::{Command, PageData, RamBatch, RamPage};
+use super::record::{PageData, RamBatch, RamPage};
 
 /// The first 32 bytes of a multifd channel (§5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -715,84 +715,5 @@ impl<R: Read> ChannelReader<R> {
             normal,
             header,
         )))
-    }
-}
-
-/// The order rules multifd adds to the main stream (§5.2): `MULTIFD_CHANNELS` right after
-/// `CAPABILITIES` bit 6 and only then, and no RAM on the main stream of a multifd migration.
-#[derive(Debug, Default)]
-pub(crate) struct MultifdOrder {
-    /// `CAPABILITIES` had bit 6.
-    on: bool,
-    /// `MULTIFD_CHANNELS` must be the next record.
-    pending: bool,
-    /// `MULTIFD_CHANNELS` came.
-    announced: bool,
-}
-
-impl MultifdOrder {
-    /// A record other than a COMMAND: nothing may come between bit 6 and `MULTIFD_CHANNELS`;
-    /// RAM never on the main stream of a multifd migration.
-    pub(crate) fn check_frame(&self, kind: RecordKind, frame_at: u64) -> Result<(), WireError> {
-        if self.pending {
-            return Err(WireError::OutOfOrder {
-                record: kind.name(),
-                offset: frame_at,
-                reason: "CAPABILITIES announced multifd: MULTIFD_CHANNELS must follow it at once"
-                    .into(),
-            });
-        }
-        if self.on && kind == RecordKind::Ram {
-            return Err(WireError::Invalid {
-                field: "ram",
-                offset: frame_at,
-                reason: "a RAM batch on the main stream of a multifd migration (pages go on \
-                         the multifd channels)"
-                    .into(),
-            });
-        }
-        Ok(())
-    }
-
-    /// A COMMAND.
-    pub(crate) fn check_command(
-        &mut self,
-        command: &Command,
-        frame_at: u64,
-    ) -> Result<(), WireError> {
-        let is_channels = matches!(command, Command::MultifdChannels { .. });
-        if self.pending {
-            if !is_channels {
-                return Err(WireError::OutOfOrder {
-                    record: "command",
-                    offset: frame_at,
-                    reason: format!(
-                        "{} after CAPABILITIES with multifd: MULTIFD_CHANNELS must follow it at \
-                         once",
-                        command.name()
-                    ),
-                });
-            }
-            self.pending = false;
-            self.announced = true;
-            return Ok(());
-        }
-        if is_channels {
-            let why = if self.announced {
-                "a second MULTIFD_CHANNELS"
-            } else {
-                "MULTIFD_CHANNELS without CAPABILITIES bit 6 (multifd) right before it"
-            };
-            return Err(WireError::OutOfOrder {
-                record: "command",
-                offset: frame_at,
-                reason: why.into(),
-            });
-        }
-        if let Command::Capabilities { multifd: true, .. } = command {
-            self.on = true;
-            self.pending = true;
-        }
-        Ok(())
     }
 }

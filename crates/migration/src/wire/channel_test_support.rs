@@ -74,3 +74,22 @@ pub(super) fn rewrite_channel_record(
     out.extend_from_slice(&s[at + len..]);
     out
 }
+
+/// Reads a main stream of [`tests::sample_config`](super::tests::sample_config) to END;
+/// returns the names of its records (commands by their own name).
+pub(super) fn read_main(bytes: &[u8]) -> Result<Vec<String>, WireError> {
+    let cfg = super::tests::sample_config();
+    let mut r = StreamReader::new(
+        bytes,
+        Limits::default(),
+        Expectations::from_config(&cfg, false),
+    )?;
+    let mut out = Vec::new();
+    loop {
+        match r.next_record()? {
+            Record::End(_) => return Ok(out),
+            Record::Command(c) => out.push(c.name().to_owned()),
+            other => out.push(other.name().to_owned()),
+        }
+    }
+}

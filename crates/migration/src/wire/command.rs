@@ -3,8 +3,9 @@
 use super::compress::Compression;
 use super::error::WireError;
 use super::format::{
-    cmd, Cursor, MAX_MULTIFD_CHANNELS, VERSION_COMPRESSION, VERSION_MULTIFD, VERSION_POSTCOPY,
-    VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    cmd, Cursor, MAX_MULTIFD_CHANNELS, VERSION_COMPRESSION, VERSION_MULTIFD,
+    VERSION_MULTIFD_POSTCOPY, VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST,
+    VERSION_RECOVERY,
 };
 use super::record::Command;
 
@@ -72,15 +73,25 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
                         .into(),
                 });
             }
+            if flags & cmd::CAP_MULTIFD != 0 && flags & cmd::CAP_RAM_DIGEST != 0 {
+                return Err(WireError::Invalid {
+                    field: "capability flags",
+                    offset: body_at,
+                    reason: "multifd together with x-tern-ram-digest (not built, decision 166)"
+                        .into(),
+                });
+            }
             if flags & cmd::CAP_MULTIFD != 0
-                && flags & (cmd::CAP_RAM_DIGEST | cmd::CAP_POSTCOPY_RAM) != 0
+                && flags & cmd::CAP_POSTCOPY_RAM != 0
+                && version < VERSION_MULTIFD_POSTCOPY
             {
                 return Err(WireError::Invalid {
                     field: "capability flags",
                     offset: body_at,
-                    reason: "multifd together with postcopy-ram or x-tern-ram-digest (not built, \
-                             decision 166)"
-                        .into(),
+                    reason: format!(
+                        "multifd together with postcopy-ram needs stream version \
+                         {VERSION_MULTIFD_POSTCOPY}, this stream is version {version} (§5.4)"
+                    ),
                 });
             }
             Command::Capabilities {
@@ -140,6 +151,7 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
                 id,
             }
         }
+        cmd::MULTIFD_END if version >= VERSION_MULTIFD_POSTCOPY => Command::MultifdEnd,
         cmd::POSTCOPY_ADVISE if version >= VERSION_POSTCOPY => {
             let page_size = c.u32("post-copy page size")?;
             if c.u32("post-copy reserved")? != 0 {

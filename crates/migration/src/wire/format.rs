@@ -7,7 +7,7 @@ use super::error::WireError;
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// Newest stream version this code reads and writes; the reader accepts `1..=CURRENT_VERSION`.
 /// A writer writes the lowest version whose records it uses (`docs/stream-format.md` §10).
-pub const CURRENT_VERSION: u32 = 7;
+pub const CURRENT_VERSION: u32 = 8;
 /// The version of a stream without any version-2 record.
 pub const VERSION_1: u32 = 1;
 /// The version that added `RAM_DIGEST` (and `CAPABILITIES` bit 3).
@@ -59,6 +59,9 @@ pub const VERSION_EARLY_DISCARD: u32 = 7;
 /// batch flag `COMPRESSED`; `docs/stream-format.md` §5.3): written when `multifd-compression`
 /// is not `none`.
 pub const VERSION_COMPRESSION: u32 = 7;
+/// The version that allowed `multifd` together with `postcopy-ram` (`MULTIFD_END`,
+/// `docs/stream-format.md` §5.4): written only when both are on.
+pub const VERSION_MULTIFD_POSTCOPY: u32 = 8;
 /// Size of the header (magic, version, flags). Not covered by the checksum.
 pub const HEADER_LEN: u64 = 16;
 /// Size of a record frame (`u8 kind`, `u32 len`).
@@ -176,6 +179,9 @@ pub mod cmd {
         | CAP_MULTIFD;
     /// Multifd (version 6): `u16 channels`, `u16 reserved`, 16-byte migration id.
     pub const MULTIFD_CHANNELS: u16 = 0x20;
+    /// Multifd with post-copy (version 8, §5.4): every channel delivered its final `SYNC` and
+    /// ended; no body.
+    pub const MULTIFD_END: u16 = 0x21;
     /// `u8 running`: whether the source VM was running when the migration stopped it (QEMU's
     /// global-state run state): a paused guest stays paused on the destination.
     pub const RUN_STATE: u16 = 6;

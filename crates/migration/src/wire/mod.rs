@@ -16,6 +16,7 @@ mod compress;
 mod config;
 mod error;
 mod format;
+mod multifd_order;
 mod postcopy;
 mod ram_batch;
 mod reader;
@@ -38,6 +39,8 @@ mod early_discard_tests;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
+mod multifd_postcopy_tests;
+#[cfg(test)]
 mod postcopy_tests;
 #[cfg(test)]
 mod preempt_tests;
@@ -55,8 +58,8 @@ pub use format::{
     cmd, is_zero_page, page_kind, Limits, RecordKind, BATCH_CHANNELS, BATCH_FLAG_KEEPALIVE,
     BATCH_FLAG_SYNC, CHANNEL_HANDSHAKE_LEN, CHANNEL_MAGIC, CURRENT_VERSION, HEADER_LEN, MAGIC,
     MAX_MULTIFD_CHANNELS, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_COMPRESSION,
-    VERSION_EARLY_DISCARD, VERSION_MULTIFD, VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST,
-    VERSION_RECOVERY,
+    VERSION_EARLY_DISCARD, VERSION_MULTIFD, VERSION_MULTIFD_POSTCOPY, VERSION_POSTCOPY,
+    VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 pub use ram_batch::BatchHeader;
 pub use reader::{Header, StreamReader};

@@ -322,7 +322,14 @@ impl PostcopyOrder {
         if self.check_recovery(command, frame_at)? {
             return Ok(());
         }
-        if self.advise_pending && !matches!(command, Command::PostcopyAdvise { .. }) {
+        // With multifd too (version 8, §5.4) `MULTIFD_CHANNELS` comes first (its own rule
+        // keeps it right after CAPABILITIES), then ADVISE.
+        if self.advise_pending
+            && !matches!(
+                command,
+                Command::PostcopyAdvise { .. } | Command::MultifdChannels { .. }
+            )
+        {
             return Err(out_of_order(
                 "command",
                 frame_at,

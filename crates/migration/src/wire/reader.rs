@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::io::Read;
 
-use super::channel::MultifdOrder;
 use super::command::parse_command;
 use super::config::{Expectations, StreamConfig};
 use super::error::WireError;
@@ -13,6 +12,7 @@ use super::format::{
     FRAME_LEN, HEADER_LEN, MAGIC, MAX_COMMAND_LEN, RAM_ENTRY_LEN, VERSION_BATCH_INTEGRITY,
     VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
+use super::multifd_order::MultifdOrder;
 use super::postcopy::{max_discard_body, parse_discard, PostcopyOrder};
 use super::ram_batch::{check_table, BatchHeader, BatchTracker, TableAt};
 use super::record::{Command, ComponentRecord, EndRecord, RamBatch, RamDiscard, Record};

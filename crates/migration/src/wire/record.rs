@@ -96,6 +96,9 @@ pub enum Command {
         /// This migration's random id.
         id: [u8; 16],
     },
+    /// Multifd with post-copy (version 8, §5.4): every channel sent its final `SYNC` and
+    /// ended (the switch to post-copy); nothing is read from a channel after it.
+    MultifdEnd,
     /// Post-copy setup (version 3); `page_size` equals the CONFIG's.
     PostcopyAdvise {
         /// The source's page size.
@@ -149,6 +152,7 @@ impl Command {
             Self::PostcopyResume => "postcopy-resume",
             Self::PostcopyPreempt { .. } => "postcopy-preempt",
             Self::MultifdChannels { .. } => "multifd-channels",
+            Self::MultifdEnd => "multifd-end",
         }
     }
 }

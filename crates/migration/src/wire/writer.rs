@@ -7,7 +7,8 @@ use super::error::WireError;
 use super::format::{
     cmd, page_kind, put_str8, Limits, RecordKind, BATCH_OVERHEAD, CURRENT_VERSION, END_BODY_LEN,
     MAGIC, RAM_ENTRY_LEN, VERSION_1, VERSION_BATCH_INTEGRITY, VERSION_EARLY_DISCARD,
-    VERSION_MULTIFD, VERSION_POSTCOPY, VERSION_PREEMPT, VERSION_RAM_DIGEST, VERSION_RECOVERY,
+    VERSION_MULTIFD, VERSION_MULTIFD_POSTCOPY, VERSION_POSTCOPY, VERSION_PREEMPT,
+    VERSION_RAM_DIGEST, VERSION_RECOVERY,
 };
 use super::ram_batch::{BatchCrc, BatchNumbering};
 use super::record::{Command, PageData, RamPage};
@@ -240,6 +241,11 @@ impl<W: Write> StreamWriter<W> {
                 self.record(RecordKind::Command, &[&full])?;
                 return Ok(());
             }
+            Command::MultifdEnd => {
+                self.need_version(VERSION_MULTIFD_POSTCOPY, "MULTIFD_END")?;
+                body[..2].copy_from_slice(&cmd::MULTIFD_END.to_le_bytes());
+                2
+            }
             Command::PostcopyRun { crc32, total_bytes } => {
                 self.need_version(VERSION_POSTCOPY, "POSTCOPY_RUN")?;
                 body[..2].copy_from_slice(&cmd::POSTCOPY_RUN.to_le_bytes());
@@ -274,6 +280,12 @@ impl<W: Write> StreamWriter<W> {
                 if postcopy_preempt {
                     self.need_version(VERSION_PREEMPT, "CAPABILITIES postcopy-preempt")?;
                     flags |= cmd::CAP_POSTCOPY_PREEMPT;
+                }
+                if multifd && postcopy_ram {
+                    self.need_version(
+                        VERSION_MULTIFD_POSTCOPY,
+                        "CAPABILITIES multifd with postcopy-ram",
+                    )?;
                 }
                 if multifd {
                     self.need_version(VERSION_MULTIFD, "CAPABILITIES multifd")?;
