@@ -307,6 +307,19 @@ fn end(dom: &Domain, t: JobType, q: Option<&Value>, err: Option<String>) {
     dom.end_job(info);
 }
 
+/// A Finish that finds no incoming job: a repeated one of a domain that runs here succeeds;
+/// a cancel, or a domain that does not run, has nothing to finish.
+fn finish_without_job(dom: &Domain, cancelled: bool) -> Result<()> {
+    if !cancelled && dom.lock().state.is_active() {
+        Ok(())
+    } else {
+        Err(Error::OperationInvalid(format!(
+            "domain '{}' has no incoming migration",
+            dom.name
+        )))
+    }
+}
+
 /// Finish: `cancelled` → kill the VMM; otherwise check the incoming migration completed,
 /// resume (unless `--suspend`), make persistent if asked. Any failure kills the VMM and is
 /// reported (the source then resumes). Idempotent: a repeated Finish of a finished domain
@@ -336,14 +349,7 @@ pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
         return Ok(());
     }
     if !incoming {
-        let active = dom.lock().state.is_active();
-        return if !cancelled && active {
-            Ok(())
-        } else {
-            Err(Error::OperationInvalid(format!(
-                "domain '{name}' has no incoming migration"
-            )))
-        };
+        return finish_without_job(&dom, cancelled);
     }
     // Test and set under one lock: the event thread may have claimed a post-copy job that
     // failed before this Finish (phase `postcopy`, decision 208) or its watcher ended it.
@@ -358,14 +364,7 @@ pub fn finish(d: &Arc<Daemon>, name: &str, cancelled: bool) -> Result<()> {
             None => {
                 drop(g);
                 // Ended since the first look (its watcher): as a Finish without a job.
-                let active = dom.lock().state.is_active();
-                return if !cancelled && active {
-                    Ok(())
-                } else {
-                    Err(Error::OperationInvalid(format!(
-                        "domain '{name}' has no incoming migration"
-                    )))
-                };
+                return finish_without_job(&dom, cancelled);
             }
         }
     };
