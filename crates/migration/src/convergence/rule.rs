@@ -45,8 +45,9 @@ pub fn extra_time_budget(downtime_limit_ms: u64) -> Duration {
 /// the destination to load what is queued in the socket buffers. While it waits the queue
 /// shrinks at the link's rate and the final copy grows at the guest's dirty rate, so the final
 /// copy's bytes (dirtied + still queued) fall only while the guest dirties slower than the
-/// link: at `dirty_rate >= bandwidth` (bytes/ms both; the fastest recent rate) the drain cannot
-/// pay and is skipped. Otherwise it waits while the dirtied bytes still fit the threshold's
+/// link: at `dirty_rate >= bandwidth` (bytes/ms both; the fastest recent rate; a bandwidth of
+/// 0 is unknown and compares with nothing) the drain cannot pay and is skipped. Otherwise it
+/// waits while the dirtied bytes still fit the threshold's
 /// slack, at most the downtime limit. (It waited by the slack alone before: a guest that
 /// dirtied faster than the link spent the slack while the queue stood still, and the final copy
 /// then carried both: 340 ms downtime against a 300 ms limit on the 1 Gbit/s link.)
@@ -58,7 +59,11 @@ pub fn drain_wait(
     downtime_limit_ms: u64,
 ) -> Duration {
     let limit_ms = downtime_limit_ms as f64;
-    if !(dirty_rate.is_finite() && bandwidth.is_finite()) || dirty_rate >= bandwidth {
+    if !(dirty_rate.is_finite() && bandwidth.is_finite()) {
+        return Duration::ZERO;
+    }
+    // An unknown bandwidth (no window closed yet) cannot be compared: the slack decides.
+    if bandwidth > 0.0 && dirty_rate >= bandwidth {
         return Duration::ZERO;
     }
     let ms = if dirty_rate > 0.0 {

@@ -325,6 +325,9 @@ fn the_drain_waits_only_while_the_guest_dirties_slower_than_the_link() {
     let near_limit = |d: Duration| (ms(d) - LIMIT_MS as f64).abs() < 0.01;
     assert!(near_limit(drain_wait(0, t, 0.0, bw, LIMIT_MS)));
     assert!(near_limit(drain_wait(0, t, bw / 100.0, bw, LIMIT_MS)));
+    // An unknown bandwidth (0: no window closed yet): the slack alone, as before.
+    assert!(near_limit(drain_wait(0, t, 0.0, 0.0, LIMIT_MS)));
+    assert_eq!(drain_wait(0, 0, bw / 2.0, 0.0, LIMIT_MS), Duration::ZERO);
     // Nothing left of the slack, or no sane measurement: no wait.
     assert_eq!(drain_wait(t, t, bw / 2.0, bw, LIMIT_MS), Duration::ZERO);
     assert_eq!(drain_wait(t + 1, t, bw / 2.0, bw, LIMIT_MS), Duration::ZERO);
