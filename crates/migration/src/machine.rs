@@ -325,8 +325,8 @@ pub trait VcpuControl: Send {
     /// Whether the guest is running now.
     fn is_running(&self) -> bool;
     /// Auto-converge: let every vCPU run only `100 - pct` % of the time by time slicing
-    /// (QEMU's `cpu_throttle` ratio, in the pieces of [`crate::throttle::throttle_slice`]: no
-    /// sleep longer than [`crate::throttle::MAX_THROTTLE_SLEEP`]); `pct == 0` removes the throttle. The
+    /// (QEMU's `cpu_throttle` ratio; Tern's VMM cuts it into sleeps of at most 50 ms, decision
+    /// 243); `pct == 0` removes the throttle. The
     /// engine removes it whenever a migration ends. A machine that cannot throttle keeps
     /// this default and [`VcpuControl::can_throttle`]'s, and a migration with `auto-converge`
     /// fails at its setup, before anything is sent.

@@ -1,8 +1,8 @@
 //! Auto-converge policy (QEMU's `auto-converge` capability): when to throttle the guest's
 //! vCPUs and by how much. Pure logic, no clock and no KVM: the engine feeds it one
 //! [`ThrottlePolicy::after_sync`] per dirty sync and applies the percentage it returns
-//! through the machine, which turns a percentage into vCPU time slicing as
-//! [`throttle_slice`] says.
+//! through the machine, which turns a percentage into vCPU time slicing (QEMU's ratio; the
+//! VMM's `throttle::slice` cuts it into sleeps of at most 50 ms, decision 243).
 //!
 //! Semantics follow QEMU's `migration/ram.c` (`migration_trigger_throttle`,
 //! `mig_throttle_guest_down`), `system/cpu-throttle.c` (10 ms timeslice, 1..=99 %) and the
@@ -24,8 +24,8 @@ pub const DEFAULT_THROTTLE_TRIGGER_THRESHOLD: u8 = 50;
 pub const THROTTLE_PCT_MIN: u8 = 1;
 /// QEMU's `CPU_THROTTLE_PCT_MAX`.
 pub const THROTTLE_PCT_MAX: u8 = 99;
-/// QEMU's `CPU_THROTTLE_TIMESLICE_NS`: the running part of one throttle period (Tern's while
-/// the sleep is at most [`MAX_THROTTLE_SLEEP`]).
+/// QEMU's `CPU_THROTTLE_TIMESLICE_NS`: the running part of one throttle period (Tern's VMM keeps
+/// it while the sleep is at most 50 ms, decision 243).
 pub const THROTTLE_TIMESLICE: Duration = Duration::from_millis(10);
 /// QEMU's `migration_bitmap_sync` judges the dirty rate over sync periods longer than one
 /// second (the syncs in between add their dirtied pages to the period).
@@ -224,43 +224,6 @@ impl ThrottlePolicy {
         };
         // cpu_throttle_set clamps to 1..=99.
         wanted.clamp(u64::from(THROTTLE_PCT_MIN), u64::from(THROTTLE_PCT_MAX)) as u8
-    }
-}
-
-/// Tern's bound on one throttle sleep (decision 243). QEMU sleeps `pct / (1 - pct) ×`
-/// [`THROTTLE_TIMESLICE`] in one piece, 990 ms at 99 %, which the guest feels as a 990 ms
-/// stall; Tern cuts run and sleep by the same factor once the sleep would exceed this.
-pub const MAX_THROTTLE_SLEEP: Duration = Duration::from_millis(50);
-
-/// One throttle period: the guest runs `run`, then its vCPUs sleep `sleep`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ThrottleSlice {
-    pub run: Duration,
-    pub sleep: Duration,
-}
-
-/// The time slicing at `pct` percent: `sleep / (run + sleep) = pct` as in QEMU's
-/// `cpu_throttle_thread` (the ratio, `cpu-throttle-percentage`, is QEMU's), with QEMU's 10 ms run
-/// slice while its sleep is at most [`MAX_THROTTLE_SLEEP`], else a [`MAX_THROTTLE_SLEEP`] sleep
-/// and the shorter run slice that keeps the ratio (99 %: 0.5 ms run, 50 ms asleep). No sleep at 0.
-pub fn throttle_slice(pct: u8) -> ThrottleSlice {
-    if pct == 0 {
-        return ThrottleSlice {
-            run: THROTTLE_TIMESLICE,
-            sleep: Duration::ZERO,
-        };
-    }
-    let p = f64::from(pct.min(THROTTLE_PCT_MAX)) / 100.0;
-    let qemu_sleep = THROTTLE_TIMESLICE.mul_f64(p / (1.0 - p));
-    if qemu_sleep <= MAX_THROTTLE_SLEEP {
-        return ThrottleSlice {
-            run: THROTTLE_TIMESLICE,
-            sleep: qemu_sleep,
-        };
-    }
-    ThrottleSlice {
-        run: MAX_THROTTLE_SLEEP.mul_f64((1.0 - p) / p),
-        sleep: MAX_THROTTLE_SLEEP,
     }
 }
 

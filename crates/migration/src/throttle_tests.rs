@@ -94,39 +94,6 @@ fn params_come_from_the_migration_parameters_with_qemus_defaults() {
 }
 
 #[test]
-fn slices_are_qemus_while_the_sleep_is_within_the_bound() {
-    assert_eq!(throttle_slice(0).sleep, Duration::ZERO);
-    // 50 %: sleep as long as the 10 ms slice.
-    let s = throttle_slice(50);
-    assert_eq!(
-        (s.run, s.sleep),
-        (THROTTLE_TIMESLICE, Duration::from_millis(10))
-    );
-    // 83 %: QEMU's 48.8 ms sleep, within the bound.
-    let s = throttle_slice(83);
-    assert_eq!(s.run, THROTTLE_TIMESLICE);
-    assert!(s.sleep <= MAX_THROTTLE_SLEEP && s.sleep > Duration::from_millis(48));
-}
-
-#[test]
-fn longer_sleeps_are_cut_to_the_bound_with_qemus_ratio() {
-    for pct in [84u8, 90, 95, 99] {
-        let s = throttle_slice(pct);
-        assert_eq!(s.sleep, MAX_THROTTLE_SLEEP, "{pct}");
-        let ratio = s.sleep.as_secs_f64() / (s.run + s.sleep).as_secs_f64();
-        assert!(
-            (ratio - f64::from(pct) / 100.0).abs() < 1e-6,
-            "{pct}: {ratio}"
-        );
-    }
-    // 99 %: 0.5 ms run per 50 ms asleep (QEMU: 10 ms per 990 ms).
-    let r = throttle_slice(99).run.as_secs_f64();
-    assert!((r - 0.05 / 99.0).abs() < 1e-9, "{r}");
-    // Clamped like QEMU's cpu_throttle_set.
-    assert_eq!(throttle_slice(100), throttle_slice(99));
-}
-
-#[test]
 fn a_machine_without_throttling_refuses_it_but_accepts_its_removal() {
     struct Plain;
     impl crate::machine::VcpuControl for Plain {

@@ -24,8 +24,7 @@ use crate::vcpu::Shared;
 /// QEMU's `CPU_THROTTLE_TIMESLICE_NS`: the guest's run time per throttle period while the
 /// sleep that goes with it is at most [`MAX_SLEEP`].
 pub const TIMESLICE: Duration = Duration::from_millis(10);
-/// Tern's bound on one throttle sleep (decision 243; QEMU has none: 990 ms at 99 %). The
-/// engine's `throttle::MAX_THROTTLE_SLEEP` is the same value.
+/// Tern's bound on one throttle sleep (decision 243; QEMU has none: 990 ms at 99 %).
 pub const MAX_SLEEP: Duration = Duration::from_millis(50);
 /// QEMU's `CPU_THROTTLE_PCT_MAX`; larger values are clamped.
 pub const MAX_PCT: u8 = 99;
