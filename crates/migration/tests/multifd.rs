@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufWriter, Write};
 use std::net::TcpStream;
 
 use common::*;
@@ -17,8 +16,7 @@ use tern_migration::source::Target;
 use tern_migration::status::MigrationStatus as S;
 use tern_migration::transport::{Listener, MigrationUri};
 use tern_migration::wire::{
-    ChannelHandshake, ChannelWriter, Command, Compression, Limits, RamPage, StreamConfig,
-    StreamWriter, VERSION_MULTIFD,
+    ChannelWriter, Command, Compression, RamPage, StreamConfig, VERSION_MULTIFD,
 };
 
 fn listen() -> (Listener, MigrationUri) {
@@ -66,33 +64,8 @@ fn a_busy_guest_over_three_channels_copies_every_page() {
 
 /// A hand-written source: the main stream up to `PING 1` announcing `channels` with `id`.
 fn main_stream(uri: &MigrationUri, cfg: &StreamConfig, channels: u16, id: [u8; 16]) -> TcpStream {
-    let MigrationUri::Tcp { host, port } = uri else {
-        panic!("tcp")
-    };
-    let s = TcpStream::connect((host.as_str(), *port)).expect("connect");
-    let mut w = StreamWriter::with_version(
-        BufWriter::new(s.try_clone().expect("clone")),
-        cfg,
-        &Limits::default(),
-        VERSION_MULTIFD,
-    )
-    .expect("writer");
-    w.write_command(Command::OpenReturnPath).expect("orp");
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: false,
-        postcopy_ram: false,
-        postcopy_preempt: false,
-        multifd: true,
-    })
-    .expect("caps");
-    w.write_command(Command::MultifdChannels {
-        channels,
-        compression: tern_migration::wire::Compression::None,
-        id,
-    })
-    .expect("channels");
+    let (mut w, s) =
+        common::multifd::main_stream_to_channels(uri, cfg, VERSION_MULTIFD, false, channels, id);
     w.write_command(Command::Ping { seq: 1 }).expect("ping");
     w.flush().expect("flush");
     // The writer is dropped, the socket stays open through the clone.
@@ -102,18 +75,7 @@ fn main_stream(uri: &MigrationUri, cfg: &StreamConfig, channels: u16, id: [u8; 1
 /// Connects to `uri` as multifd channel `channel` of `channels` of migration `id` (its
 /// handshake sent, nothing else).
 fn channel(uri: &MigrationUri, channel: u16, channels: u16, id: [u8; 16]) -> TcpStream {
-    let MigrationUri::Tcp { host, port } = uri else {
-        panic!("tcp")
-    };
-    let h = ChannelHandshake {
-        version: VERSION_MULTIFD,
-        channel,
-        channels,
-        id,
-    };
-    let mut s = TcpStream::connect((host.as_str(), *port)).expect("connect");
-    s.write_all(&h.encode()).expect("handshake");
-    s
+    common::multifd::channel(uri, VERSION_MULTIFD, channel, channels, id)
 }
 
 /// Runs a destination expecting `channels` channels against `hostile`, which gets the URI,

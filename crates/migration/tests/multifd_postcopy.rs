@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{BufWriter, Write};
-use std::net::TcpStream;
-
+use common::multifd::{channel, main_stream_to_channels};
 use common::postcopy::pc_dst_opts;
 use common::*;
 use tern_migration::dest::{DestOptions, Incoming};
@@ -17,18 +15,10 @@ use tern_migration::machine::{MachineState, RamSink, VcpuControl};
 use tern_migration::status::MigrationStatus as S;
 use tern_migration::transport::{Listener, MigrationUri};
 use tern_migration::wire::{
-    ChannelHandshake, ChannelWriter, Command, Compression, Limits, RamPage, ReturnPathReader,
-    RpMessage, StreamWriter, VERSION_MULTIFD_POSTCOPY,
+    ChannelWriter, Command, RamPage, ReturnPathReader, RpMessage, VERSION_MULTIFD_POSTCOPY,
 };
 
 const ID: [u8; 16] = [0x42; 16];
-
-fn connect(uri: &MigrationUri) -> TcpStream {
-    let MigrationUri::Tcp { host, port } = uri else {
-        panic!("tcp")
-    };
-    TcpStream::connect((host.as_str(), *port)).expect("connect")
-}
 
 #[test]
 fn channel_data_after_its_final_sync_is_never_placed() {
@@ -54,30 +44,7 @@ fn channel_data_after_its_final_sync_is_never_placed() {
     let d = start_dest(&dst, dm, Incoming::Listener(l), opts);
 
     // The main stream up to PING 1, announcing one channel with post-copy (version 8).
-    let main = connect(&uri);
-    let mut w = StreamWriter::with_version(
-        BufWriter::new(main.try_clone().expect("clone")),
-        &cfg,
-        &Limits::default(),
-        VERSION_MULTIFD_POSTCOPY,
-    )
-    .expect("writer");
-    w.write_command(Command::OpenReturnPath).expect("orp");
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: false,
-        postcopy_ram: true,
-        postcopy_preempt: false,
-        multifd: true,
-    })
-    .expect("caps");
-    w.write_command(Command::MultifdChannels {
-        channels: 1,
-        compression: Compression::None,
-        id: ID,
-    })
-    .expect("channels");
+    let (mut w, main) = main_stream_to_channels(&uri, &cfg, VERSION_MULTIFD_POSTCOPY, true, 1, ID);
     w.write_command(Command::PostcopyAdvise {
         page_size: cfg.page_size,
     })
@@ -86,14 +53,7 @@ fn channel_data_after_its_final_sync_is_never_placed() {
     w.flush().expect("flush");
 
     // Channel 1: page 5 = A, its final SYNC, then page 5 = B (a hostile write after the end).
-    let mut ch = connect(&uri);
-    let hs = ChannelHandshake {
-        version: VERSION_MULTIFD_POSTCOPY,
-        channel: 1,
-        channels: 1,
-        id: ID,
-    };
-    ch.write_all(&hs.encode()).expect("handshake");
+    let ch = channel(&uri, VERSION_MULTIFD_POSTCOPY, 1, 1, ID);
     let mut cw = ChannelWriter::new(ch.try_clone().expect("clone"), 1, &cfg).expect("writer");
     let (a, b) = (vec![0x11u8; ps], vec![0x22u8; ps]);
     cw.write_batch(&[RamPage::normal(0, 5, &a)]).expect("A");

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod multifd;
 pub mod postcopy;
 
 use std::io::{Read, Write};
