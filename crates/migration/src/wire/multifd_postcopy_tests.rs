@@ -64,14 +64,17 @@ fn switch(w: &mut StreamWriter<Vec<u8>>) {
 
 #[test]
 fn the_combination_is_version_8_and_an_older_stream_refuses_it() {
+    let v7_writer = || {
+        StreamWriter::with_version(
+            Vec::new(),
+            &sample_config(),
+            &Limits::default(),
+            VERSION_EARLY_DISCARD,
+        )
+        .expect("writer")
+    };
     // The writer of version 7 refuses to announce it.
-    let mut w = StreamWriter::with_version(
-        Vec::new(),
-        &sample_config(),
-        &Limits::default(),
-        VERSION_EARLY_DISCARD,
-    )
-    .expect("writer");
+    let mut w = v7_writer();
     let e = w.write_command(caps(true)).unwrap_err();
     assert!(e.to_string().contains("needs stream version 8"), "{e}");
     // A version-8 stream whose header says 7 (the header is not checksummed): refused at
@@ -82,13 +85,7 @@ fn the_combination_is_version_8_and_an_older_stream_refuses_it() {
     assert!(matches!(e, WireError::Invalid { .. }), "{e:?}");
     assert!(e.to_string().contains("needs stream version 8"), "{e}");
     // MULTIFD_END is unknown before version 8.
-    let mut w = StreamWriter::with_version(
-        Vec::new(),
-        &sample_config(),
-        &Limits::default(),
-        VERSION_EARLY_DISCARD,
-    )
-    .expect("writer");
+    let mut w = v7_writer();
     assert!(w.write_command(Command::MultifdEnd).is_err());
 }
 
