@@ -1,5 +1,5 @@
 //! Migration over TLS (issue 10), QEMU's TLS list with real `tern run` processes, real sockets
-//! and certificates made here with rcgen: x509 default host, override host (`tls-hostname`),
+//! and certificates made with rcgen (`common/tls.rs`): x509 default host, override host (`tls-hostname`),
 //! mismatched host, friendly client, hostile client (unknown CA), client without certificate
 //! (refused, accepted with `verify-peer=off`), `tls-authz` allowed / denied, a plain source
 //! against a TLS destination and the reverse. Every completed migration ends with the `pattern`
@@ -7,80 +7,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::tls::*;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{json, Value};
-
-/// A certificate authority.
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-fn new_ca(name: &str) -> Ca {
-    let key = KeyPair::generate().expect("CA key");
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let pem = params.self_signed(&key).expect("CA cert").pem();
-    Ca { params, key, pem }
-}
-
-/// Writes `ROLE-cert.pem` + `ROLE-key.pem` for `cn` (subject `CN=cn,O=Tern`, the names `sans`),
-/// signed by `signer`.
-fn issue(signer: &Ca, dir: &Path, role: &str, cn: &str, sans: &[&str]) {
-    let issuer = Issuer::from_params(&signer.params, &signer.key);
-    let key = KeyPair::generate().expect("key");
-    let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-    let mut params = CertificateParams::new(names).expect("params");
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "Tern");
-    params.distinguished_name.push(DnType::CommonName, cn);
-    let cert = params.signed_by(&key, &issuer).expect("signing");
-    std::fs::write(dir.join(format!("{role}-cert.pem")), cert.pem()).expect("writing cert");
-    std::fs::write(dir.join(format!("{role}-key.pem")), key.serialize_pem()).expect("key");
-}
-
-/// A `tls-creds-x509` directory trusting `trust`.
-fn creds_dir(root: &Path, name: &str, trust: &Ca) -> PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).expect("creds dir");
-    std::fs::write(d.join("ca-cert.pem"), &trust.pem).expect("ca-cert.pem");
-    d
-}
-
-/// The destination's credentials: server certificate for `sans`.
-fn server_dir(root: &Path, name: &str, ca: &Ca, sans: &[&str]) -> PathBuf {
-    let d = creds_dir(root, name, ca);
-    issue(ca, &d, "server", "dest.example.com", sans);
-    d
-}
-
-/// The source's credentials: trusting `ca`, with a client certificate for `cn` signed by
-/// `signer` (`None`: no client certificate).
-fn client_dir(root: &Path, name: &str, ca: &Ca, signer: Option<&Ca>, cn: &str) -> PathBuf {
-    let d = creds_dir(root, name, ca);
-    if let Some(s) = signer {
-        issue(s, &d, "client", cn, &[cn]);
-    }
-    d
-}
 
 fn small() -> Machine {
     Machine::pattern(1, 16).memory(128)
 }
 
 const CAPS: [(&str, bool); 2] = [("events", true), ("return-path", true)];
-
-fn x509(id: &str, dir: &Path, endpoint: &str) -> Value {
-    json!({"qom-type": "tls-creds-x509", "id": id, "dir": dir.to_str().unwrap(),
-           "endpoint": endpoint})
-}
 
 /// A destination with `tls0` (server credentials from `dir`, `verify-peer` as given) and the
 /// given `tls-*` parameters, listening on `unix` (a path) or TCP; returns it and the URI.

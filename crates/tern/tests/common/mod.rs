@@ -9,6 +9,7 @@ pub mod multi_proxy;
 pub mod multifd;
 pub mod postcopy;
 pub mod proxy;
+pub mod tls;
 
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
