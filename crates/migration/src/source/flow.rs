@@ -513,17 +513,25 @@ impl Sender {
         Ok(self.sent_bytes()? - start)
     }
 
+    /// Every byte written on every connection of this migration (`ram.transferred`): the
+    /// main stream (and those of earlier post-copy recovery channels), the preempt channel
+    /// and the multifd channels. The one measure `bytes_at_stop` and `bytes_at_run` take, so
+    /// `downtime-bytes` and `postcopy-bytes` are differences of like with like (decision 247).
+    pub(super) fn transferred_bytes(&self) -> u64 {
+        self.bytes_of_earlier_channels
+            + self.writer.as_ref().map_or(0, |w| w.bytes_written())
+            + self.preempt.bytes()
+            + self.multifd_bytes()
+    }
+
     /// Publishes the counters (and closes a bandwidth window every 100 ms).
     pub(super) fn update_counters(&mut self, now: Instant, bw: f64) {
-        let (Some(ram), Some(w)) = (self.ram.as_ref(), self.writer.as_ref()) else {
+        let (Some(ram), Some(_)) = (self.ram.as_ref(), self.writer.as_ref()) else {
             return;
         };
         let multifd_bytes = self.multifd_bytes();
         let missed_zero_copy = self.multifd_missed_zero_copy();
-        let written = self.bytes_of_earlier_channels
-            + w.bytes_written()
-            + self.preempt.bytes()
-            + multifd_bytes;
+        let written = self.transferred_bytes();
         let pages = ram.zero_pages + ram.normal_pages;
         let sample = self
             .estimator
@@ -578,8 +586,8 @@ impl Sender {
         }
         self.stats.downtime_start(now);
         self.timeline.pause = self.lap();
-        if let Some(w) = &self.writer {
-            self.bytes_at_stop = Some(w.bytes_written() + self.multifd_bytes());
+        if self.writer.is_some() {
+            self.bytes_at_stop = Some(self.transferred_bytes());
         }
         Ok(())
     }

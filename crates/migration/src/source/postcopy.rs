@@ -177,11 +177,9 @@ impl Sender {
         self.early_discard()?;
         self.drain_before_switch()?;
         self.x_test_hold_before_stop()?;
+        // `bytes_at_stop` counts the preempt channel (its handshake went before the stop) and
+        // the multifd channels (ended above) as `ram.transferred` does.
         self.stop_vm(Instant::now())?;
-        // `ram.transferred` counts the preempt channel too (its handshake went before the stop).
-        if let Some(at) = self.bytes_at_stop.as_mut() {
-            *at += self.preempt.bytes();
-        }
         if self.opts.pause_before_switchover {
             self.set_status(MigrationStatus::PreSwitchover);
             self.wait_alive(None, |f| f.cont)?;
@@ -225,8 +223,8 @@ impl Sender {
         // From the first byte of RUN on, the destination may act on it: never resume here.
         self.shared.lock().postcopy_run_sent = true;
         self.writer()?.flush()?;
-        let run_at = self.writer()?.bytes_written() + self.preempt.bytes();
-        self.bytes_at_run = Some(run_at);
+        // Every channel, multifd's included, as `bytes_at_stop` and `ram.transferred`.
+        self.bytes_at_run = Some(self.transferred_bytes());
         self.timeline.end_flush = self.lap();
         let pages = self.ram()?.remaining_pages();
         tracing::info!(
