@@ -9,7 +9,10 @@
 //!   switchover-ack gate is open. From then on the rule never goes back: it switches at the
 //!   moment itself, or after at most [`MAX_EXTRA_PASSES`] extra passes, within
 //!   [`extra_time_budget`] and within twice the bytes pending at the moment; a pass that ends
-//!   above the threshold (the guest outran the prediction) switches at once too.
+//!   above the threshold with more pending than it began with (the guest outran the
+//!   prediction) switches at once too. One that ends above it with less (the link slowed, the
+//!   threshold shrank with the bandwidth, and the pass was cut at its deadline) goes on under
+//!   the same bounds.
 //! * **An extra pass is taken** only when it is predicted to leave at most
 //!   [`EXTRA_PASS_MAX_RATIO`] of the pending bytes (the fastest dirty rate of the last
 //!   [`RATE_MEMORY`] syncs × the pass's duration) and each one taken did cut them by at least a
@@ -114,7 +117,8 @@ pub enum RuleName {
     MinimizerPlateau,
     /// Switch: the extra passes' count, time or byte bound is reached.
     BoundReached,
-    /// Switch: an extra pass ended above the threshold (the guest sped up); no further pass.
+    /// Switch: an extra pass ended above the threshold with more pending than it began with
+    /// (the guest sped up); no further pass.
     Regrew,
 }
 
@@ -263,16 +267,20 @@ impl SwitchoverRule {
         a.passes += 1;
         self.armed = Some(a);
         let n = Some(a.passes);
-        if !fits {
+        // Above the threshold with more pending than the pass began with: the guest outran the
+        // prediction. Above it with less: the pass was cut at its deadline because the link
+        // slowed (the threshold shrank with the bandwidth); the bounds below still end it.
+        if !fits && s.pending >= a.previous {
             return decision(
                 true,
                 RuleName::Regrew,
                 n,
                 expected,
                 format!(
-                    "an extra pass ended with {} bytes pending, above the threshold {}: the guest \
-                     dirtied faster than predicted; switching now, QEMU's rule held {} passes ago",
-                    s.pending, s.threshold, a.passes
+                    "an extra pass ended with {} bytes pending (it began with {}), above the \
+                     threshold {}: the guest dirtied faster than predicted; switching now, \
+                     QEMU's rule held {} passes ago",
+                    s.pending, a.previous, s.threshold, a.passes
                 ),
             );
         }
@@ -368,6 +376,17 @@ impl SwitchoverRule {
             );
         };
         let predicted = rate * pass_ms;
+        let against = if s.pending <= s.threshold {
+            format!(
+                "pending {} bytes fits the threshold {}",
+                s.pending, s.threshold
+            )
+        } else {
+            format!(
+                "pending {} bytes, down from {}, is above the threshold {} of a slower link",
+                s.pending, a.previous, s.threshold
+            )
+        };
         if predicted > EXTRA_PASS_MAX_RATIO * s.pending as f64 {
             return decision(
                 true,
@@ -375,9 +394,8 @@ impl SwitchoverRule {
                 n,
                 expected,
                 format!(
-                    "pending {} bytes fits the threshold {}; another pass ({:.0} ms at {:.0} \
-                     bytes/ms dirtied) is predicted to leave {:.0} bytes, not 3/4 of it",
-                    s.pending, s.threshold, pass_ms, rate, predicted
+                    "{against}; another pass ({pass_ms:.0} ms at {rate:.0} bytes/ms dirtied) is \
+                     predicted to leave {predicted:.0} bytes, not 3/4 of it"
                 ),
             );
         }
@@ -391,11 +409,7 @@ impl SwitchoverRule {
             RuleName::MinimizerExtraPass,
             n,
             expected,
-            format!(
-                "pending {} bytes fits the threshold {}; another pass is predicted to leave \
-                 {:.0} bytes",
-                s.pending, s.threshold, predicted
-            ),
+            format!("{against}; another pass is predicted to leave {predicted:.0} bytes"),
         )
     }
 }

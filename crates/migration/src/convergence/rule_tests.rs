@@ -108,6 +108,31 @@ fn table_of_sequences() {
             vec![(false, MinimizerExtraPass, Some(0)), (true, Regrew, Some(1))],
         ),
         (
+            "the link slowed: the pass, cut at its deadline below where it began, is above the \
+             shrunken threshold; it goes on under the bounds (no `regrew`: nothing grew)",
+            vec![
+                (30 * MIB, BW_128, slow, 500),
+                (12 * MIB, BW_128 / 4.0, slow, 600),
+                (0, BW_128 / 4.0, slow, 300),
+            ],
+            vec![
+                (false, MinimizerExtraPass, Some(0)),
+                (false, MinimizerExtraPass, Some(1)),
+                (true, GoodEnough, Some(2)),
+            ],
+        ),
+        (
+            "the link slowed and the pass barely cut the pending bytes: plateau",
+            vec![
+                (30 * MIB, BW_128, slow, 500),
+                (25 * MIB, BW_128 / 4.0, slow, 600),
+            ],
+            vec![
+                (false, MinimizerExtraPass, Some(0)),
+                (true, MinimizerPlateau, Some(1)),
+            ],
+        ),
+        (
             "plateau: a pass that does not halve ends the extra passes",
             vec![
                 (30 * MIB, BW_128, slow, 500),
