@@ -257,3 +257,22 @@ fn hostile_recv_bitmaps_are_refused() {
     huge[2..4].copy_from_slice(&u16::MAX.to_le_bytes());
     assert!(rp_reader(&huge).read_message().is_err());
 }
+
+/// A RECV_BITMAP longer than any return-path payload (4096 bytes) is refused at its length
+/// field, before its payload is read; it was once taken for an empty bitmap with its payload
+/// left in the stream.
+#[test]
+fn a_recv_bitmap_longer_than_any_payload_is_refused_at_its_length() {
+    let bits = vec![0u8; RP_MAX_LEN];
+    let bytes = rp_raw(rp_type::RECV_BITMAP, &bitmap_payload(0, 0, 0, &bits));
+    assert_eq!(
+        u16::from_le_bytes([bytes[2], bytes[3]]) as usize,
+        RP_MAX_LEN + 8
+    );
+    let e = rp_reader(&bytes).read_message().expect_err("accepted");
+    assert!(
+        matches!(e, WireError::TooLarge { len, limit, offset: 2, .. } if len == RP_MAX_LEN as u64 + 8 && limit == RP_MAX_LEN as u64),
+        "{e}"
+    );
+    assert!(e.to_string().contains("RECV_BITMAP"), "{e}");
+}

@@ -252,6 +252,14 @@ impl<R: Read> ReturnPathReader<R> {
                         expected: 9,
                     });
                 }
+                if len > RP_MAX_LEN {
+                    return Err(WireError::TooLarge {
+                        what: "RECV_BITMAP message length",
+                        len: len as u64,
+                        limit: RP_MAX_LEN as u64,
+                        offset: at + 2,
+                    });
+                }
             }
             rp_type::REQ_PAGES => fixed(12)?,
             rp_type::ERROR => {
@@ -268,7 +276,14 @@ impl<R: Read> ReturnPathReader<R> {
         }
         // `len` ≤ RP_MAX_LEN (checked above), so this buffer is bounded.
         let mut payload = [0u8; RP_MAX_LEN];
-        let body = payload.get_mut(..len).unwrap_or(&mut []);
+        let Some(body) = payload.get_mut(..len) else {
+            return Err(WireError::TooLarge {
+                what: "return-path message length",
+                len: len as u64,
+                limit: RP_MAX_LEN as u64,
+                offset: at + 2,
+            });
+        };
         let mut done = 0;
         while done < body.len() {
             match self.inner.read(&mut body[done..]) {
@@ -354,7 +369,8 @@ impl<R: Read> ReturnPathReader<R> {
         }
         if let Some(npages) = self.pages_of_block(block, first_page, at)? {
             // No byte may start past the block's last page.
-            if u64::from(first_page) + 8 * (bits.len() as u64 - 1) >= npages {
+            let last_byte = bits.len().saturating_sub(1) as u64;
+            if u64::from(first_page) + 8 * last_byte >= npages {
                 return Err(WireError::PageOutOfRange {
                     block: u32::from(block),
                     page: u64::from(first_page),
