@@ -635,6 +635,7 @@ impl Receiver {
                     self.digest.on_capabilities(
                         ram_digest,
                         self.opts.ram_digest,
+                        multifd,
                         self.m.ram.as_ref(),
                     )?;
                     self.check_capabilities(

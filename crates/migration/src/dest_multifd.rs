@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{DestError, Receiver};
+use crate::digest::PageHasher;
 use crate::liveness::{self, Inactivity};
 use crate::machine::{MachineError, PagePlacer};
 use crate::stats::error_chain;
@@ -132,10 +133,13 @@ struct RecvCtx {
     /// With `postcopy-ram` (§5.4): the received set, so that post-copy neither requests nor
     /// expects a page a channel placed (before any discard: the channels end first).
     missing: Option<super::postcopy::SharedMissing>,
+    /// With `x-tern-ram-digest` (decision 252): reads back every page this receiver loads and
+    /// records its digest in the digests shared with `mig-dst`.
+    digest: Option<PageHasher>,
 }
 
 impl RecvCtx {
-    fn run(self, mut reader: ChannelReader<std::io::BufReader<Stream>>) {
+    fn run(mut self, mut reader: ChannelReader<std::io::BufReader<Stream>>) {
         let idx = usize::from(self.k) - 1;
         let result = loop {
             match reader.next_record() {
@@ -145,6 +149,11 @@ impl RecvCtx {
                     }
                 }
                 Ok(ChannelRecord::Sync { generation }) => {
+                    if let Some(h) = &mut self.digest {
+                        h.flush();
+                    }
+                    // Every page of `generation` this channel carried is placed and its digest
+                    // recorded before the barrier hears of it (the digests' order, pages.rs).
                     match self.barrier.synced(idx, generation) {
                         Ok(true) => {}
                         Ok(false) => break Ok(()),
@@ -172,10 +181,13 @@ impl RecvCtx {
         }
     }
 
-    fn place(&self, b: &crate::wire::RamBatch<'_>) -> Result<(), String> {
+    fn place(&mut self, b: &crate::wire::RamBatch<'_>) -> Result<(), String> {
         super::populate::normal_runs(b, |block, first, n| {
             self.placer.prepare_pages(block, first, n);
         });
+        // The reader checked the batch's generation against the channel's (§5.2; a channel's
+        // batches always have a header).
+        let generation = b.header().map(|h| h.generation);
         for p in b.pages() {
             let (block, page) = (usize::from(p.block), u64::from(p.page));
             if self.sink_pages.get(block).is_none_or(|n| page >= *n) {
@@ -188,6 +200,13 @@ impl RecvCtx {
                 PageData::Normal(d) => self.placer.write_page(block, page, d),
             };
             r.map_err(|e| format!("loading RAM block {block} page {page}: {}", error_chain(&e)))?;
+            if let Some(h) = &mut self.digest {
+                let placer = &self.placer;
+                h.loaded(block, page, generation, |buf| {
+                    placer.read_page(block, page, buf)
+                })
+                .map_err(|e| error_chain(&e))?;
+            }
         }
         if let Some(m) = &self.missing {
             let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
@@ -366,6 +385,7 @@ impl Receiver {
                 barrier: barrier.clone(),
                 sink_pages: sink_pages.clone(),
                 missing: self.pc.as_ref().map(|pc| pc.shared_missing()),
+                digest: self.digest.shared().map(PageHasher::new),
             };
             let t = std::thread::Builder::new()
                 .name(format!("mig-mfd-recv-{k}"))

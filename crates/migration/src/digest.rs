@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use crate::machine::{MachineError, RamBlockInfo, RamSink, RamSource};
 use crate::stats::RamDigestStats;
 
+mod pages;
+pub use pages::{PageDigests, PageHasher};
+
 /// Threads that hash on the source (its vCPUs are stopped while they do: their cores are free).
 pub const HASH_THREADS: usize = 2;
 
@@ -257,16 +260,15 @@ impl RamDigestJob {
 }
 
 /// The destination's side: whether a digest was announced (`CAPABILITIES` bit 3), the digest
-/// of every page as loaded, the source's digest, and the check before the guest runs.
+/// of every page as loaded (shared with multifd's receivers, [`PageDigests`]), the source's
+/// digest, and the check before the guest runs.
 #[derive(Debug, Default)]
 pub struct DigestCheck {
     announced: bool,
     /// Per block, the digest of each page as this side holds it (announced only).
-    pages: Vec<Vec<u64>>,
-    page_size: u32,
-    buf: Vec<u8>,
-    /// Time spent reading back and hashing pages.
-    hashing: Duration,
+    pages: Option<Arc<PageDigests>>,
+    /// `mig-dst`'s own hasher (pages loaded from the main stream).
+    main: Option<PageHasher>,
     received: Option<RamDigest>,
 }
 
@@ -288,6 +290,21 @@ pub enum DigestError {
     /// The memories differ.
     #[error(transparent)]
     Mismatch(#[from] DigestMismatch),
+    /// A multifd channel loaded a page a second time in one generation (against
+    /// `docs/stream-format.md` §5.1): the order of the two loads is undefined.
+    #[error(
+        "RAM block {block} page {page} was loaded twice in generation {generation} (a page is \
+         sent at most once per generation, docs/stream-format.md §5.1): the order of its writes \
+         across multifd channels is undefined"
+    )]
+    Twice {
+        /// Block index.
+        block: usize,
+        /// Page index.
+        page: u64,
+        /// The generation.
+        generation: u32,
+    },
     /// Reading back a loaded page failed.
     #[error("reading back RAM block {block} page {page} for the digest")]
     ReadBack {
@@ -302,59 +319,48 @@ pub enum DigestError {
 }
 
 impl DigestCheck {
-    /// `CAPABILITIES` arrived: `announced` = bit 3; `required` = this side's capability. With
-    /// a digest coming, every page starts as a zero page (fresh memory) until it is loaded.
+    /// `CAPABILITIES` arrived: `announced` = bit 3; `required` = this side's capability;
+    /// `multifd` = bit 6 (channels will load pages too). With a digest coming, every page
+    /// starts as a zero page (fresh memory) until it is loaded.
     pub fn on_capabilities(
         &mut self,
         announced: bool,
         required: bool,
+        multifd: bool,
         ram: &dyn RamSink,
     ) -> Result<(), DigestError> {
         if required && !announced {
             return Err(DigestError::NotAnnounced);
         }
         self.announced = announced;
-        if announced && self.pages.is_empty() {
-            let ps = ram.page_size();
-            let zero = page_digest(&vec![0u8; ps as usize]);
-            self.pages = ram
-                .blocks()
-                .iter()
-                .map(|b| vec![zero; b.pages(ps) as usize])
-                .collect();
-            self.page_size = ps;
-            self.buf = vec![0; ps as usize];
+        if announced && self.pages.is_none() {
+            let pages = Arc::new(PageDigests::new(ram, multifd));
+            self.main = Some(PageHasher::new(pages.clone()));
+            self.pages = Some(pages);
         }
         Ok(())
     }
 
-    /// A page was loaded (written or zeroed): reads it back out of guest memory and records
-    /// its digest. Nothing when no digest was announced.
+    /// The shared page digests, for another thread that loads pages (a multifd receiver, with
+    /// its own [`PageHasher`]). `None` when no digest was announced.
+    pub fn shared(&self) -> Option<Arc<PageDigests>> {
+        self.pages.clone()
+    }
+
+    /// A page was loaded from the main stream (written or zeroed): reads it back out of guest
+    /// memory and records its digest. Nothing when no digest was announced.
     pub fn page_loaded(
         &mut self,
         ram: &mut dyn RamSink,
         block: usize,
         page: u64,
     ) -> Result<(), DigestError> {
-        if !self.announced {
-            return Ok(());
+        match &mut self.main {
+            Some(h) if self.announced => {
+                h.loaded(block, page, None, |buf| ram.read_page(block, page, buf))
+            }
+            _ => Ok(()),
         }
-        let t = Instant::now();
-        ram.read_page(block, page, &mut self.buf)
-            .map_err(|source| DigestError::ReadBack {
-                block,
-                page,
-                source,
-            })?;
-        if let Some(slot) = self
-            .pages
-            .get_mut(block)
-            .and_then(|b| b.get_mut(page as usize))
-        {
-            *slot = page_digest(&self.buf);
-        }
-        self.hashing += t.elapsed();
-        Ok(())
     }
 
     /// A RAM_DIGEST record arrived (the reader checked its shape and place).
@@ -376,22 +382,21 @@ impl DigestCheck {
             return Ok(None);
         }
         let source = self.received.take().ok_or(DigestError::Missing)?;
+        let pages = self.pages.as_ref().ok_or(DigestError::Missing)?;
+        if let Some(h) = &mut self.main {
+            h.flush();
+        }
         let t = Instant::now();
-        let per_chunk = (1usize << source.chunk_shift) / self.page_size.max(1) as usize;
         let mine = RamDigest {
             chunk_shift: source.chunk_shift,
-            blocks: self
-                .pages
-                .iter()
-                .map(|p| p.chunks(per_chunk.max(1)).map(chunk_digest).collect())
-                .collect(),
+            blocks: pages.chunk_digests(source.chunk_shift),
         };
         mine.compare(&source, blocks)?;
         let verify = t.elapsed();
         Ok(Some(RamDigestStats {
             chunks: mine.blocks.iter().map(|b| b.len() as u64).sum(),
             chunk_bytes: 1 << source.chunk_shift,
-            hash: self.hashing + verify,
+            hash: pages.hashing() + verify,
             verify,
             verified: true,
         }))
@@ -473,7 +478,7 @@ mod tests {
         a[5] = 0;
         a[7] = 9;
         ram.write_page(0, 512, &a).unwrap();
-        check.on_capabilities(true, false, &ram).unwrap();
+        check.on_capabilities(true, false, false, &ram).unwrap();
         check.page_loaded(&mut ram, 0, 0).unwrap();
         check.page_loaded(&mut ram, 0, 512).unwrap();
         check.on_record(one.clone()).unwrap();

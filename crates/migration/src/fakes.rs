@@ -428,6 +428,10 @@ impl PagePlacer for FakeRam {
     fn prepare_pages(&self, block: usize, first: u64, count: u64) {
         RamSink::prepare_pages(&mut self.clone(), block, first, count);
     }
+
+    fn read_page(&self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        RamSource::read_page(&mut self.clone(), block, page, buf)
+    }
 }
 
 impl RamSink for FakeRam {

@@ -238,6 +238,9 @@ pub trait PagePlacer: Send + Sync {
     fn zero_page(&self, block: usize, page: u64) -> Result<(), MachineError>;
     /// As [`RamSink::prepare_pages`].
     fn prepare_pages(&self, block: usize, first: u64, count: u64);
+    /// As [`RamSink::read_page`]: the RAM digest reads back every page a receiver loaded
+    /// (decision 252). Only the calling thread writes this page meanwhile.
+    fn read_page(&self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError>;
 }
 
 /// A run of pages of one RAM block the destination asks for (one `REQ_PAGES`).

@@ -237,20 +237,10 @@ impl Capabilities {
                 return bad("Mapped-ram migration is incompatible with postcopy");
             }
         }
-        // Tern: multifd's combinations that are not built (decision 166), refused by name.
-        // With `postcopy-ram` it is built (QEMU 10.1's semantics, decision 245).
-        if on(C::Multifd) {
-            for other in [C::XTernRamDigest] {
-                if on(other) {
-                    return Err(ParamError::NotSupported(format!(
-                        "Capability 'multifd' together with '{}'",
-                        other.name()
-                    )));
-                }
-            }
-            if params.multifd_compression.wire().is_none() {
-                return Err(multifd_compression_refused(params.multifd_compression));
-            }
+        // Tern: multifd is built with `postcopy-ram` (QEMU 10.1's semantics, decision 245) and
+        // with `x-tern-ram-digest` (decision 252); a `file:` URI is refused at `migrate`.
+        if on(C::Multifd) && params.multifd_compression.wire().is_none() {
+            return Err(multifd_compression_refused(params.multifd_compression));
         }
         if let Some(c) = self.on.iter().find(|c| !c.implemented()) {
             return Err(ParamError::NotSupported(format!(

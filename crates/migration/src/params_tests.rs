@@ -160,10 +160,6 @@ fn capability_rules() {
             vec![("mapped-ram", true), ("xbzrle", true)],
             "Mapped-ram migration is incompatible with xbzrle",
         ),
-        (
-            vec![("multifd", true), ("x-tern-ram-digest", true)],
-            "Capability 'multifd' together with 'x-tern-ram-digest' is not yet supported by Tern",
-        ),
     ] {
         assert_eq!(set_caps(&mut c, &list).unwrap_err().to_string(), msg);
         assert_eq!(
@@ -177,8 +173,9 @@ fn capability_rules() {
 }
 
 #[test]
-fn multifd_goes_with_postcopy_and_preempt_but_not_with_the_ram_digest() {
-    // QEMU 10.1 allows multifd with post-copy (decision 245); Tern still refuses the digest.
+fn multifd_goes_with_postcopy_and_preempt_and_with_the_ram_digest() {
+    // QEMU 10.1 allows multifd with post-copy (decision 245); Tern's digest goes with multifd
+    // (decision 252), in whichever order they are set.
     let mut c = Capabilities::default();
     set_caps(
         &mut c,
@@ -190,12 +187,13 @@ fn multifd_goes_with_postcopy_and_preempt_but_not_with_the_ram_digest() {
     )
     .unwrap();
     assert!(c.get(Capability::Multifd) && c.get(Capability::PostcopyRam));
-    assert_eq!(
-        set_caps(&mut c, &[("x-tern-ram-digest", true)])
-            .unwrap_err()
-            .to_string(),
-        "Capability 'multifd' together with 'x-tern-ram-digest' is not yet supported by Tern"
-    );
+    let mut c = Capabilities::default();
+    set_caps(&mut c, &[("multifd", true), ("x-tern-ram-digest", true)]).unwrap();
+    assert!(c.get(Capability::Multifd) && c.get(Capability::XTernRamDigest));
+    let mut c = Capabilities::default();
+    set_caps(&mut c, &[("x-tern-ram-digest", true)]).unwrap();
+    set_caps(&mut c, &[("multifd", true)]).unwrap();
+    assert!(c.get(Capability::Multifd) && c.get(Capability::XTernRamDigest));
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! `x-tern-ram-digest` capability the source hashes its memory with the vCPUs stopped and the
 //! destination compares its own memory before it runs (docs/stream-format.md §7a). Real `tern
 //! run` processes over TCP; a destination that writes one byte wrong (the hidden
-//! `--x-test-only-corrupt-ram`, a fault the stream checksum cannot see) is caught.
+//! `--x-test-only-corrupt-ram`, a fault the stream checksum cannot see) is caught, on the main
+//! stream and on a multifd channel (2 channels, decision 252).
 
 mod common;
 
@@ -26,6 +27,15 @@ fn migrate(src: &mut Vm, dst: &mut Vm, src_digest: bool, dst_digest: bool) {
     converge(src);
     let uri = dst.listen_tcp_with(Some(false));
     src.c("migrate", json!({ "uri": uri }));
+}
+
+/// As [`migrate`], with `multifd` and 2 channels on both sides (decision 252).
+fn migrate_2_channels(src: &mut Vm, dst: &mut Vm, src_digest: bool, dst_digest: bool) {
+    for vm in [&mut *src, &mut *dst] {
+        vm.caps(&[("multifd", true)]);
+        vm.params(json!({ "multifd-channels": 2 }));
+    }
+    migrate(src, dst, src_digest, dst_digest);
 }
 
 #[test]
@@ -111,6 +121,84 @@ fn without_the_digest_the_same_fault_goes_unnoticed() {
     dst.pmemsave(&dump, m.dump_bytes());
     let (ok, report) = check_pattern(&dump);
     assert!(!ok, "the flipped byte must break the pattern: {report}");
+}
+
+/// Multifd with 2 channels and the digest on both sides: every page arrives over the channels,
+/// each receiver reads back what it wrote, and the destination's memory is proven the
+/// source's before it runs.
+#[test]
+fn digest_over_2_multifd_channels_is_checked_and_the_guest_arrives_whole() {
+    let dir = tmpdir();
+    let m = machine();
+    let mut src = boot(dir.path(), "src", &m);
+    src.wait_workload_running(T);
+    let mut dst = dest(dir.path(), "dst", &m);
+    migrate_2_channels(&mut src, &mut dst, true, true);
+    let q = src.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    let dq = dst.wait_mig(&["completed"], MIGRATION_TIMEOUT);
+    let (multifd, passes) = (
+        ram_num(&q, "multifd-bytes"),
+        ram_num(&q, "dirty-sync-count"),
+    );
+    let d = &dq["x-tern-ram-digest"];
+    eprintln!(
+        "multifd 2 channels + digest: multifd-bytes {multifd}, transferred {}, passes {passes}, \
+         destination hash-us {} verify-us {}, source hash-us {}, digest-wait-us {}",
+        ram_num(&q, "transferred"),
+        d["hash-us"],
+        d["verify-us"],
+        q["x-tern-ram-digest"]["hash-us"],
+        q["x-tern-downtime-breakdown"]["digest-wait-us"],
+    );
+    // The pages went over the channels, in more than one pass (the guest kept writing).
+    assert!(multifd > 8 << 20, "source: {q}");
+    assert!(passes >= 2, "source: {q}");
+    assert_eq!(d["verified"], true, "destination: {dq}");
+    assert_eq!(d["chunks"], 256, "destination: {dq}");
+    assert_eq!(d["chunk-bytes"], 2 << 20, "destination: {dq}");
+    // The channels' reading back and hashing is counted (CPU time of every receiver).
+    assert!(d["hash-us"].as_u64().unwrap_or(0) > 0, "destination: {dq}");
+    assert!(d["verify-us"].as_u64().is_some(), "destination: {dq}");
+    assert_eq!(q["x-tern-ram-digest"]["chunks"], 256, "source: {q}");
+    assert_eq!(q["x-tern-ram-digest"]["verified"], true, "source: {q}");
+    assert_handover(&mut src, &mut dst);
+    assert_pattern_ok(&mut dst, &m, dir.path(), "digest-multifd");
+}
+
+/// The fault of the test above on a multifd channel: the destination's receiver writes the
+/// page with a byte flipped; the digest catches it and the source runs on.
+#[test]
+fn a_page_a_multifd_channel_wrote_wrong_fails_the_migration_and_the_source_runs_on() {
+    let dir = tmpdir();
+    let m = machine();
+    let mut src = boot(dir.path(), "src", &m);
+    src.wait_workload_running(T);
+    let mut dst = dest_with(
+        dir.path(),
+        "dst",
+        m.memory_mib,
+        m.vcpus,
+        &["--x-test-only-corrupt-ram", CORRUPT_GPA],
+    );
+    migrate_2_channels(&mut src, &mut dst, true, true);
+    let q = src.wait_mig(&["failed"], MIGRATION_TIMEOUT);
+    let e = error_desc(&q);
+    assert!(
+        e.contains("RAM digest mismatch") && e.contains("1 of 256 chunk(s)"),
+        "source error-desc: {e}"
+    );
+    assert!(e.contains("0x1000000..0x1200000"), "names the chunk: {e}");
+    // (A failed query-migrate has no `ram` member; every page went over the channels: the
+    // destination refuses RAM on the main stream of a multifd migration, §2.5.)
+    let dq = dst.wait_mig(&["failed"], MIGRATION_TIMEOUT);
+    assert!(
+        error_desc(&dq).contains("RAM digest mismatch"),
+        "destination: {dq}"
+    );
+    assert_eq!(dst.run_status(), "inmigrate");
+    assert_eq!(src.run_status(), "running");
+    src.assert_running_guest(20);
+    src.quit_ok();
 }
 
 #[test]

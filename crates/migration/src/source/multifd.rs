@@ -250,7 +250,8 @@ struct SenderCtx {
 }
 
 impl Sender {
-    /// Refuses what multifd cannot do (decision 166), before anything is connected.
+    /// Refuses what multifd cannot do (decision 166), before anything is connected. With
+    /// `x-tern-ram-digest` it is built (decision 252).
     pub(super) fn check_multifd_setup(
         &self,
         uri: Option<&MigrationUri>,
@@ -259,11 +260,6 @@ impl Sender {
             return Ok(());
         }
         let refuse = |why: &str| Err(SourceError::Multifd(why.to_owned()));
-        if self.opts.ram_digest {
-            return refuse(
-                "capability 'multifd' together with 'x-tern-ram-digest' is not yet supported by Tern",
-            );
-        }
         match uri {
             Some(u) if u.is_file() => refuse(
                 "multifd to a file: URI (QEMU's mapped-ram) is not supported by Tern; use tcp: or unix:",

@@ -299,7 +299,7 @@ fn the_main_stream_announces_the_channels_right_after_capabilities() {
 }
 
 #[test]
-fn multifd_needs_version_6_and_excludes_the_digest() {
+fn multifd_needs_version_6_and_goes_with_the_digest() {
     // A version-5 writer cannot announce it, and a version-5 reader refuses the bit.
     let mut w = StreamWriter::with_version(
         Vec::new(),
@@ -315,12 +315,21 @@ fn multifd_needs_version_6_and_excludes_the_digest() {
             id: ID,
         })
         .is_err());
-    // With the digest: refused in every version. (With post-copy: version 8, §5.4,
+    // With the digest: legal in every version that has bit 6, no version bump (decision 252;
+    // it was `Invalid` before, decision 166). (With post-copy: version 8, §5.4,
     // `multifd_postcopy_tests.rs`.)
-    for version in [VERSION_MULTIFD, CURRENT_VERSION] {
-        let mut w =
-            StreamWriter::with_version(Vec::new(), &sample_config(), &Limits::default(), version)
-                .expect("writer");
+    let cfg = sample_config();
+    let digest = crate::digest::RamDigest {
+        chunk_shift: crate::digest::DEFAULT_CHUNK_SHIFT,
+        blocks: cfg
+            .ram_blocks
+            .iter()
+            .map(|b| vec![7; crate::digest::chunk_count(b.size, 21) as usize])
+            .collect(),
+    };
+    for version in [VERSION_MULTIFD, VERSION_COMPRESSION, CURRENT_VERSION] {
+        let mut w = StreamWriter::with_version(Vec::new(), &cfg, &Limits::default(), version)
+            .expect("writer");
         w.write_command(Command::Capabilities {
             switchover_ack: false,
             validate_uuid: false,
@@ -330,8 +339,11 @@ fn multifd_needs_version_6_and_excludes_the_digest() {
             multifd: true,
         })
         .expect("caps");
+        write_multifd_channels(&mut w, 2, Compression::None, ID);
+        w.write_command(Command::SwitchoverStart).expect("switch");
+        w.write_ram_digest(&digest).expect("digest");
         let b = w.finish().expect("end");
-        let e = read_main(&b).unwrap_err();
-        assert!(e.to_string().contains("multifd together with"), "{e}");
+        let names = read_main(&b).unwrap_or_else(|e| panic!("version {version}: {e}"));
+        assert_eq!(names.len(), 4, "version {version}: {names:?}");
     }
 }

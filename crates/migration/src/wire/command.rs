@@ -73,14 +73,8 @@ pub(crate) fn parse_command(body: &[u8], body_at: u64, version: u32) -> Result<C
                         .into(),
                 });
             }
-            if flags & cmd::CAP_MULTIFD != 0 && flags & cmd::CAP_RAM_DIGEST != 0 {
-                return Err(WireError::Invalid {
-                    field: "capability flags",
-                    offset: body_at,
-                    reason: "multifd together with x-tern-ram-digest (not built, decision 166)"
-                        .into(),
-                });
-            }
+            // Bit 6 with bit 3 (multifd with x-tern-ram-digest) is legal in every version that
+            // has bit 6, with no version bump (§5.2, decision 252).
             if flags & cmd::CAP_MULTIFD != 0
                 && flags & cmd::CAP_POSTCOPY_RAM != 0
                 && version < VERSION_MULTIFD_POSTCOPY

@@ -232,17 +232,11 @@ impl RamSink for VmRam {
         if let Some(w) = self.written.as_mut().and_then(|w| w.get_mut(block)) {
             w.set(page);
         }
-        if let Some(&bad) = TEST_ONLY_CORRUPT_RAM.get() {
-            if bad / PAGE_SIZE == gpa / PAGE_SIZE {
-                let mut copy = data.to_vec();
-                if let Some(b) = copy.get_mut((bad % PAGE_SIZE) as usize) {
-                    *b ^= 0x5a;
-                }
-                return self
-                    .vm
-                    .write_page(gpa, &copy)
-                    .map_err(|e| failed("writing guest RAM", e));
-            }
+        if let Some(copy) = test_only_corrupted(gpa, data) {
+            return self
+                .vm
+                .write_page(gpa, &copy)
+                .map_err(|e| failed("writing guest RAM", e));
         }
         self.vm
             .write_page(gpa, data)
@@ -317,9 +311,22 @@ impl PagePlacer for VmPlacer {
             // barrier (a mutex), so a relaxed bit suffices.
             w.fetch_or(bit, Ordering::Relaxed);
         }
+        if let Some(copy) = test_only_corrupted(gpa, data) {
+            return self
+                .vm
+                .write_page(gpa, &copy)
+                .map_err(|e| failed("writing guest RAM", e));
+        }
         self.vm
             .write_page(gpa, data)
             .map_err(|e| failed("writing guest RAM", e))
+    }
+
+    fn read_page(&self, block: usize, page: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        let gpa = self.gpa(block, page)?;
+        self.vm
+            .read_page(gpa, buf)
+            .map_err(|e| failed("reading guest RAM", e))
     }
 
     fn zero_page(&self, block: usize, page: u64) -> Result<(), MachineError> {
@@ -507,6 +514,20 @@ static TEST_ONLY_CORRUPT_RAM: OnceLock<u64> = OnceLock::new();
 /// must). Set once, at start; never in normal operation.
 pub fn set_test_only_corrupt_ram(gpa: u64) {
     let _ = TEST_ONLY_CORRUPT_RAM.set(gpa);
+}
+
+/// TEST ONLY: the bytes to write instead of `data` at the page `gpa` when
+/// `--x-test-only-corrupt-ram` names it (main stream and multifd channels alike).
+fn test_only_corrupted(gpa: u64, data: &[u8]) -> Option<Vec<u8>> {
+    let bad = *TEST_ONLY_CORRUPT_RAM.get()?;
+    if bad / PAGE_SIZE != gpa / PAGE_SIZE {
+        return None;
+    }
+    let mut copy = data.to_vec();
+    if let Some(b) = copy.get_mut((bad % PAGE_SIZE) as usize) {
+        *b ^= 0x5a;
+    }
+    Some(copy)
 }
 
 /// The CPU part of CONFIG: the masked CPUID of vCPU 0 and the TSC frequency, with the test-only
