@@ -1,12 +1,12 @@
-//! Hostile input: truncation, bit flips, lying lengths, out-of-range indexes, garbage, and a
-//! bounded mutation fuzzer that runs in every `cargo test` (seed printed; reproduce with
-//! `TERN_FUZZ_SEED=<seed>`, scale with `TERN_FUZZ_ITERS=<n>`).
+//! Hostile input: truncation, bit flips, lying lengths, out-of-range indexes, garbage, and the
+//! raw stream builders the other hostile tests share. The mutation fuzzers are in
+//! `fuzz_tests.rs` and `fuzz_channel_tests.rs` (§11a of `docs/stream-format.md`).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::format::{cmd, FRAME_LEN, HEADER_LEN};
-use super::tests::{page, sample_config, sample_stream, PS};
+use super::tests::{sample_config, sample_stream, PS};
 use super::*;
 
 /// Reads a whole stream; returns the number of records before END. Also asserts that the
@@ -582,50 +582,6 @@ fn random_garbage() {
     }
 }
 
-fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
-    let mut b = seed.to_vec();
-    for _ in 0..rng.random_range(1..4) {
-        if b.is_empty() {
-            break;
-        }
-        let at = rng.random_range(0..b.len());
-        match rng.random_range(0..8) {
-            0 => b[at] ^= 1 << rng.random_range(0..8),
-            1 => b[at] = rng.random(),
-            2 => {
-                let v: u32 = [
-                    0,
-                    1,
-                    0x7fff_ffff,
-                    0xffff_ffff,
-                    4096,
-                    4097,
-                    1 << 20,
-                    64 << 20,
-                ][rng.random_range(0..8)];
-                let end = (at + 4).min(b.len());
-                b[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
-            }
-            3 => b.truncate(at),
-            4 => {
-                let n = rng.random_range(1..16).min(b.len() - at);
-                b.drain(at..at + n);
-            }
-            5 => {
-                let junk: Vec<u8> = (0..rng.random_range(1..16)).map(|_| rng.random()).collect();
-                b.splice(at..at, junk);
-            }
-            6 => {
-                let n = rng.random_range(1..64).min(b.len() - at);
-                let dup = b[at..at + n].to_vec();
-                b.splice(at..at, dup);
-            }
-            _ => b[at] = [0, 0xff, 0x7f, 0x80, 1, 2, 3, 4][rng.random_range(0..8)],
-        }
-    }
-    b
-}
-
 /// Rewrites a trailing END record's CRC and byte count (and, in a version-5 stream whose
 /// frames still lead exactly to END, every RAM batch's CRC-32C) so that mutations reach the
 /// semantic checks instead of stopping at a checksum.
@@ -666,83 +622,4 @@ pub(super) fn fix_end(b: &mut [u8]) {
     let total = (end_at - HEADER_LEN as usize) as u64;
     b[n - 12..n - 8].copy_from_slice(&crc.to_le_bytes());
     b[n - 8..].copy_from_slice(&total.to_le_bytes());
-}
-
-/// Bounded fuzzing in `cargo test`: 20k mutated streams from valid seeds.
-#[test]
-fn fuzz_mutated_streams() {
-    let seed: u64 = std::env::var("TERN_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    let iters: usize = std::env::var("TERN_FUZZ_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000);
-    eprintln!("fuzz_mutated_streams: TERN_FUZZ_SEED={seed} TERN_FUZZ_ITERS={iters}");
-    let mut rng = StdRng::seed_from_u64(seed);
-    let p = page(3);
-    let seeds = [
-        sample_stream(),
-        raw(&[
-            (4, ram_body(&[(1, 0, 1, 0), (2, 1, 0, 0)], 1)),
-            (5, vec![3, 0, 9, 0, 0, 0]),
-        ]),
-        {
-            let mut w = StreamWriter::new(Vec::new(), &sample_config()).unwrap();
-            w.write_ram_batch(&[RamPage::zero(1, 2), RamPage::normal(0, 63, &p)])
-                .unwrap();
-            w.finish().unwrap()
-        },
-        // Sections and chunks around SWITCHOVER_START, for the order and duplicate rules.
-        raw(&[
-            chunk("state-dev", 0, b"pre-copy"),
-            switchover_start(),
-            chunk("state-dev", 0, b"drained"),
-            section("vcpu", 0, b"regs"),
-            section("vcpu", 1, b"regs"),
-            section("state-dev", 0, b"final"),
-        ]),
-    ];
-    let small = Limits {
-        max_section_size: 1 << 20,
-        max_config_size: 64 << 10,
-        max_pages_per_batch: 64,
-        ..Limits::default()
-    };
-    let (mut accepted, mut rejected) = (0usize, 0usize);
-    for i in 0..iters {
-        let s = &seeds[i % seeds.len()];
-        let mut b = mutate(&mut rng, s);
-        if i % 2 == 1 {
-            fix_end(&mut b);
-        }
-        let limits = if i % 2 == 0 {
-            Limits::default()
-        } else {
-            small.clone()
-        };
-        match drain(&b, &limits, Expectations::default()) {
-            Ok(_) => accepted += 1,
-            Err(_) => rejected += 1,
-        }
-        if i % 8 == 0 {
-            let _ = analyze(&b[..], &limits);
-        }
-        // Return-path decoder on the same bytes.
-        let mut rp = ReturnPathReader::with_config(&b[..], &sample_config(), &limits);
-        for _ in 0..64 {
-            match rp.read_message() {
-                Ok(Some(_)) => {}
-                _ => break,
-            }
-        }
-    }
-    eprintln!("fuzz_mutated_streams: {accepted} accepted (mutation kept a valid stream), {rejected} rejected");
-    assert!(rejected > iters / 2);
 }

@@ -37,6 +37,12 @@ mod digest_tests;
 #[cfg(test)]
 mod early_discard_tests;
 #[cfg(test)]
+mod fuzz_channel_tests;
+#[cfg(test)]
+mod fuzz_support;
+#[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
 mod multifd_postcopy_tests;

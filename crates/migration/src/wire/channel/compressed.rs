@@ -89,6 +89,13 @@ impl<R: Read> ChannelReader<R> {
         Ok(self)
     }
 
+    /// Capacities of the record buffer and the decompression buffer (the fuzz tests check
+    /// they stay within the limits).
+    #[cfg(test)]
+    pub(crate) fn buffer_capacities(&self) -> (usize, usize) {
+        (self.buf.capacity(), self.unpacked.capacity())
+    }
+
     /// The compressed batch in the body buffer, whose CRC, header, generation and sequence
     /// were checked: its table (at body offset `start`, stream offset `table_at`), `raw_len`,
     /// the compressed length, then the data is decompressed into the channel's buffer.
