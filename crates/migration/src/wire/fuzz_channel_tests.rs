@@ -106,8 +106,9 @@ fn channel_seed(method: Compression) -> Vec<u8> {
 }
 
 /// Reads a channel (after its handshake) to its last byte, checking every page handed out and
-/// that neither the record buffer nor the decompression buffer outgrows the limits. Returns
-/// the number of records.
+/// that neither the record buffer nor the decompression buffer outgrows the limits. Without
+/// compression every record accepted is written again by a `ChannelWriter`: what was read
+/// must be exactly what the writer writes for it. Returns the number of records.
 fn drain_channel(bytes: &[u8], method: Compression, limits: &Limits) -> Result<usize, WireError> {
     let cfg = sample_config();
     let blocks: Vec<u64> = cfg
@@ -118,18 +119,31 @@ fn drain_channel(bytes: &[u8], method: Compression, limits: &Limits) -> Result<u
     let max_body = limits.max_ram_body(cfg.page_size).unwrap_or(0) as usize;
     let max_raw = limits.max_pages_per_batch as usize * PS;
     let mut r = ChannelReader::new(bytes, 1, &cfg, limits).with_decompression(method)?;
+    let mut w = ChannelWriter::new(Vec::new(), 1, &cfg).expect("writer");
     let end = (bytes.len() + CHANNEL_HANDSHAKE_LEN) as u64;
     let mut n = 0;
     while r.position() < end {
         let res = r.next_record().map(|rec| {
-            if let ChannelRecord::Batch(b) = rec {
-                for p in b.pages() {
-                    let pages = blocks.get(usize::from(p.block)).copied().unwrap_or(0);
-                    assert!(u64::from(p.page) < pages, "page {p:?} outside the CONFIG");
-                    if let PageData::Normal(d) = p.data {
-                        assert_eq!(d.len(), PS, "a page's data");
+            let written = match rec {
+                ChannelRecord::Batch(b) => {
+                    for p in b.pages() {
+                        let pages = blocks.get(usize::from(p.block)).copied().unwrap_or(0);
+                        assert!(u64::from(p.page) < pages, "page {p:?} outside the CONFIG");
+                        if let PageData::Normal(d) = p.data {
+                            assert_eq!(d.len(), PS, "a page's data");
+                        }
                     }
+                    let pages: Vec<RamPage<'_>> = b.pages().collect();
+                    w.write_batch(&pages)
                 }
+                ChannelRecord::Sync { generation } => {
+                    assert_eq!(generation, w.generation(), "SYNC of another generation");
+                    w.write_sync()
+                }
+                ChannelRecord::Keepalive => w.write_keepalive(),
+            };
+            if let Err(e) = written {
+                panic!("accepted record {n} cannot be written again: {e}");
             }
         });
         let (buf, unpacked) = r.buffer_capacities();
@@ -143,6 +157,10 @@ fn drain_channel(bytes: &[u8], method: Compression, limits: &Limits) -> Result<u
         );
         res?;
         n += 1;
+        let read = (r.position() as usize) - CHANNEL_HANDSHAKE_LEN;
+        if method == Compression::None && w.get_ref()[..] != bytes[..read] {
+            panic!("record {n}: the channel's first {read} bytes are not what the writer writes");
+        }
     }
     Ok(n)
 }

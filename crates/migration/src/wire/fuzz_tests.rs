@@ -249,7 +249,10 @@ const MAX_PS: u64 = 2 << 20;
 
 /// Reads a stream with the reader of `mode` to its END, checking every record handed out
 /// (pages inside the CONFIG's RAM, a page's data exactly one page) and that the record buffer
-/// never outgrows the limits. Returns the number of records before END.
+/// never outgrows the limits. Every record accepted is written again by a `StreamWriter` of
+/// the same version: a stream accepted to its END must be exactly the bytes the writer
+/// produces for the records read (a reader that accepts a byte the writer would never write
+/// misreads it). Returns the number of records before END.
 fn drain(
     bytes: &[u8],
     mode: Mode,
@@ -267,6 +270,9 @@ fn drain(
         Mode::Preempt => StreamReader::preempt(bytes, limits.clone(), expect),
     }?;
     let cfg = r.config().clone();
+    let version = r.header().version;
+    let mut w = StreamWriter::with_version(Vec::new(), &cfg, limits, version)
+        .unwrap_or_else(|e| panic!("the CONFIG read cannot be written: {e}"));
     let blocks: Vec<u64> = cfg
         .ram_blocks
         .iter()
@@ -274,26 +280,38 @@ fn drain(
         .collect();
     let mut n = 0;
     loop {
-        let res = r.next_record().map(|rec| match rec {
-            Record::End(_) => true,
-            Record::Ram(batch) => {
-                for p in batch.pages() {
-                    let pages = blocks.get(usize::from(p.block)).copied().unwrap_or(0);
-                    assert!(u64::from(p.page) < pages, "page {p:?} outside the CONFIG");
-                    if let PageData::Normal(d) = p.data {
-                        assert_eq!(d.len(), cfg.page_size as usize, "a page's data");
+        let res = r.next_record().map(|rec| {
+            let name = rec.name();
+            let written = match &rec {
+                Record::End(_) => return true,
+                Record::Ram(batch) => {
+                    for p in batch.pages() {
+                        let pages = blocks.get(usize::from(p.block)).copied().unwrap_or(0);
+                        assert!(u64::from(p.page) < pages, "page {p:?} outside the CONFIG");
+                        if let PageData::Normal(d) = p.data {
+                            assert_eq!(d.len(), cfg.page_size as usize, "a page's data");
+                        }
                     }
+                    let pages: Vec<RamPage<'_>> = batch.pages().collect();
+                    w.write_ram_batch(&pages)
                 }
-                false
-            }
-            Record::RamDiscard(d) => {
-                let pages = blocks.get(usize::from(d.block)).copied().unwrap_or(0);
-                for (first, count) in &d.ranges {
-                    assert!(u64::from(*first) + u64::from(*count) <= pages, "{d:?}");
+                Record::RamDiscard(d) => {
+                    let pages = blocks.get(usize::from(d.block)).copied().unwrap_or(0);
+                    for (first, count) in &d.ranges {
+                        assert!(u64::from(*first) + u64::from(*count) <= pages, "{d:?}");
+                    }
+                    w.write_ram_discard(d.block, &d.ranges)
                 }
-                false
+                Record::Command(Command::PostcopyRun { .. }) => w.write_postcopy_run(),
+                Record::Command(c) => w.write_command(*c),
+                Record::Section(c) => w.write_section(c.id, c.instance, c.version, c.data),
+                Record::DeviceChunk(c) => w.write_device_chunk(c.id, c.instance, c.version, c.data),
+                Record::RamDigest(d) => w.write_ram_digest(d),
+            };
+            if let Err(e) = written {
+                panic!("accepted {name} record {n} cannot be written again: {e}");
             }
-            _ => false,
+            false
         });
         assert!(
             r.buffer_capacity() <= bound,
@@ -301,7 +319,17 @@ fn drain(
             r.buffer_capacity()
         );
         if res? {
-            assert!(r.position() <= bytes.len() as u64);
+            let end = r.position() as usize;
+            assert!(end <= bytes.len());
+            let again = w.finish().unwrap_or_else(|e| panic!("END: {e}"));
+            if again != bytes[..end] {
+                let at = again.iter().zip(bytes).take_while(|(a, b)| a == b).count();
+                panic!(
+                    "accepted a stream of {end} bytes that the writer writes differently \
+                     ({} bytes), from byte {at}",
+                    again.len()
+                );
+            }
             return Ok(n);
         }
         n += 1;
