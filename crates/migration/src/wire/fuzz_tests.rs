@@ -397,7 +397,19 @@ fn fuzz_seeds_are_valid_streams() {
 fn fuzz_main_recovery_and_preempt_streams() {
     let mut fz = Fuzz::start("fuzz_main_recovery_and_preempt_streams", 60_000);
     let seeds = seeds();
+    // The destination's machine and, every other time, its components' versions.
     let expect_cfg = Expectations::from_config(&sample_config(), true);
+    let mut expect_components = expect_cfg.clone();
+    expect_components.components = Some(
+        [("vcpu", 2), ("serial", 2), ("state-dev", 3)]
+            .iter()
+            .map(|(id, max)| ComponentVersion {
+                id: (*id).into(),
+                min_version: 1,
+                max_version: *max,
+            })
+            .collect(),
+    );
     for i in 0..fz.iters {
         let (mode, s) = &seeds[i % seeds.len()];
         let donor = &seeds[fz.rng.random_range(0..seeds.len())].1;
@@ -407,8 +419,10 @@ fn fuzz_main_recovery_and_preempt_streams() {
         } else {
             small_limits()
         };
-        let expect = if i % 3 == 0 {
+        let expect = if i % 6 == 0 {
             expect_cfg.clone()
+        } else if i % 6 == 3 {
+            expect_components.clone()
         } else {
             Expectations::default()
         };
@@ -433,6 +447,9 @@ fn fuzz_main_recovery_and_preempt_streams() {
         "UnknownRecordKind",
         "UnknownCommand",
         "ShortBody",
+        "ConfigMismatch",
+        "UnknownComponent",
+        "DuplicateSection",
     ]);
     assert!(fz.rejected() > fz.iters / 2, "{:?}", fz.outcomes);
 }
