@@ -1,7 +1,7 @@
 //! Suite `digest`: what `x-tern-ram-digest` (the destination checks a digest of the source's
-//! memory before it runs, docs/stream-format.md §7a) costs in downtime and total time. Tern only:
-//! QEMU has no such check. Same guest, same link, capability off and on, alternating, several
-//! runs each (the hashing is memory-bound: the numbers move with the host's memory bandwidth
+//! memory before it runs, docs/stream-format.md §7a) costs in downtime and total time, over one
+//! stream and over multifd's 2 channels (decision 252). Tern only: QEMU has no such check. Same
+//! guest, same link, capability off and on, alternating, several runs each (the hashing is memory-bound: the numbers move with the host's memory bandwidth
 //! and with whatever else runs on its two cores).
 
 use serde_json::{json, Value};
@@ -13,8 +13,21 @@ use crate::report::{mib, ms, secs, Table};
 use crate::vm::{Guest, Kind};
 use crate::Ctx;
 
-const CAPS_OFF: &[&str] = &["events", "return-path"];
-const CAPS_ON: &[&str] = &["events", "return-path", "x-tern-ram-digest"];
+const CAPS: &[&str] = &["events", "return-path"];
+/// Multifd's channel count in the multifd rows (QEMU's default).
+const CHANNELS: u8 = 2;
+
+/// The capabilities of one row: `events`, `return-path`, then `multifd` and the digest.
+fn caps(multifd: bool, digest: bool) -> Vec<String> {
+    let mut c: Vec<String> = CAPS.iter().map(|c| c.to_string()).collect();
+    if multifd {
+        c.push("multifd".into());
+    }
+    if digest {
+        c.push("x-tern-ram-digest".into());
+    }
+    c
+}
 
 fn digest_ms(q: &Value, key: &str) -> Option<f64> {
     q.get("x-tern-ram-digest")
@@ -44,6 +57,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         json!({
             "guest": "idle, working set filled", "work-and-ram-mib": sizes, "runs": runs, "vcpus": 1,
             "downtime-limit-ms": DOWNTIME_LIMIT_MS, "chunk": "2 MiB, XXH3-64, 2 threads per side",
+            "multifd-channels": CHANNELS,
         }),
     );
     report.notes.extend([
@@ -52,13 +66,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
          final pages and device state; digest wait: the part of it the switchover waited for \
          (in the downtime). destination hash: reading back and hashing every page as it was \
          loaded (mostly during pre-copy), in brackets the check at END (combining the page \
-         digests per chunk and comparing), which is in the downtime."
+         digests per chunk and comparing), which is in the downtime. With multifd every channel \
+         receiver hashes what it loads, so the destination hash is CPU time summed over the \
+         receivers."
             .into(),
     ]);
     report.tables.push(Table::new(
         "Runs (loopback)",
         &[
             "guest",
+            "channels",
             "x-tern-ram-digest",
             "total time",
             "downtime (VMM)",
@@ -81,23 +98,32 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         };
         let size = ram;
         for run in 0..runs {
-            for (on, caps) in [(false, CAPS_OFF), (true, CAPS_ON)] {
-                let label = format!("{size} MiB digest {}", if on { "on" } else { "off" });
+            for (multifd, on) in [(false, false), (false, true), (true, false), (true, true)] {
+                let stream = if multifd { "multifd" } else { "one stream" };
+                let label = format!(
+                    "{size} MiB {stream} digest {}",
+                    if on { "on" } else { "off" }
+                );
                 if !ctx.selected(&label) {
                     continue;
                 }
                 tracing::info!("digest: {label}, run {}", run + 1);
                 let p = MigParams {
-                    caps: caps.iter().map(|c| c.to_string()).collect(),
+                    caps: caps(multifd, on),
                     downtime_limit_ms: DOWNTIME_LIMIT_MS,
                     max_bandwidth: link.max_bandwidth,
                     timeout_s: ctx.timeout_s,
-                    multifd_channels: None,
+                    multifd_channels: multifd.then_some(CHANNELS),
                 };
                 let out: Outcome =
                     migrate_pair(ctx, &link, &guest, Kind::Tern, 1, None, &p, "digest");
                 let row = vec![
                     format!("idle {work} MiB of {ram} MiB"),
+                    if multifd {
+                        format!("multifd {CHANNELS}")
+                    } else {
+                        "one stream".into()
+                    },
                     if on { "on" } else { "off" }.into(),
                     secs(out.total_ms.map(|t| t / 1e3)),
                     ms(out.downtime_ms),
@@ -115,7 +141,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 tracing::info!("  -> {}", row.join(" | "));
                 report.tables[0].rows.push(row);
                 report.runs.push(json!({
-                    "size-mib": size, "digest": on, "run": run + 1, "params": p, "outcome": out,
+                    "size-mib": size, "multifd": multifd, "digest": on, "run": run + 1, "params": p, "outcome": out,
                 }));
                 report.write(&ctx.out)?;
             }
