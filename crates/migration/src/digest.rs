@@ -437,7 +437,8 @@ mod tests {
         }
     }
 
-    fn blocks() -> Vec<RamBlockInfo> {
+    /// Two blocks: 3 MiB at 0 and 8 pages above 4 GiB (also `pages.rs`'s tests).
+    pub(super) fn blocks() -> Vec<RamBlockInfo> {
         vec![
             RamBlockInfo {
                 id: "ram0".into(),

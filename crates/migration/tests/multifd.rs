@@ -7,6 +7,7 @@ mod common;
 
 use std::net::TcpStream;
 
+use common::multifd::listen;
 use common::*;
 use tern_migration::dest::{DestOptions, Incoming};
 use tern_migration::fakes::FakeMachine;
@@ -18,16 +19,6 @@ use tern_migration::transport::{Listener, MigrationUri};
 use tern_migration::wire::{
     ChannelWriter, Command, Compression, RamPage, StreamConfig, VERSION_MULTIFD,
 };
-
-fn listen() -> (Listener, MigrationUri) {
-    let l = Listener::bind(&MigrationUri::Tcp {
-        host: "127.0.0.1".into(),
-        port: 0,
-    })
-    .expect("bind");
-    let uri = l.local_uri();
-    (l, uri)
-}
 
 fn dst_multifd(channels: u16) -> DestOptions {
     DestOptions {

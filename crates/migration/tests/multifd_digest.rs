@@ -9,6 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
+use common::multifd::listen;
 use common::*;
 use tern_migration::dest::{DestMachine, DestOptions, Incoming};
 use tern_migration::fakes::{FakeMachine, FakeRam};
@@ -16,19 +17,8 @@ use tern_migration::liveness::LivenessTimeout;
 use tern_migration::machine::{MachineError, PagePlacer, RamBlockInfo, RamSink};
 use tern_migration::source::Target;
 use tern_migration::status::MigrationStatus as S;
-use tern_migration::transport::{Listener, MigrationUri};
 
 const CHANNELS: u16 = 2;
-
-fn listen() -> (Listener, MigrationUri) {
-    let l = Listener::bind(&MigrationUri::Tcp {
-        host: "127.0.0.1".into(),
-        port: 0,
-    })
-    .expect("bind");
-    let uri = l.local_uri();
-    (l, uri)
-}
 
 fn dst_opts_digest(digest: bool) -> DestOptions {
     DestOptions {

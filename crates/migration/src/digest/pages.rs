@@ -194,24 +194,9 @@ impl Drop for PageHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::tests::blocks;
     use crate::digest::RamDigest;
     use crate::fakes::FakeRam;
-    use crate::machine::RamBlockInfo;
-
-    fn blocks() -> Vec<RamBlockInfo> {
-        vec![
-            RamBlockInfo {
-                id: "ram0".into(),
-                gpa: 0,
-                size: 3 << 20,
-            },
-            RamBlockInfo {
-                id: "ram1".into(),
-                gpa: 1 << 32,
-                size: 8 << 12,
-            },
-        ]
-    }
 
     fn ram() -> FakeRam {
         FakeRam::new(4096, &[("ram0", 0, 3 << 20), ("ram1", 1 << 32, 8 << 12)])

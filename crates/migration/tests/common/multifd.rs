@@ -4,10 +4,21 @@
 use std::io::{BufWriter, Write};
 use std::net::TcpStream;
 
-use tern_migration::transport::MigrationUri;
+use tern_migration::transport::{Listener, MigrationUri};
 use tern_migration::wire::{
     ChannelHandshake, Command, Compression, Limits, StreamConfig, StreamWriter,
 };
+
+/// A listener on an ephemeral port of 127.0.0.1, and its URI.
+pub fn listen() -> (Listener, MigrationUri) {
+    let l = Listener::bind(&MigrationUri::Tcp {
+        host: "127.0.0.1".into(),
+        port: 0,
+    })
+    .expect("bind");
+    let uri = l.local_uri();
+    (l, uri)
+}
 
 /// Connects to `uri` (a `tcp:` one).
 pub fn connect(uri: &MigrationUri) -> TcpStream {
