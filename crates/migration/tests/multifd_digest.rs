@@ -245,13 +245,10 @@ fn ram_digest_refuses_a_page_sent_twice_in_one_generation_over_two_channels() {
 /// The hand-written migration of the two tests above; `twice` moves channel 2's B into
 /// generation 1 (the same generation as channel 1's A).
 fn two_generations(digest_of_b: bool, twice: bool) -> (S, Option<String>, Vec<u8>) {
-    use common::multifd::{channel, connect};
-    use std::io::BufWriter;
+    use common::multifd::{channel, main_stream_with};
     use tern_migration::digest::{RamDigest, DEFAULT_CHUNK_SHIFT};
     use tern_migration::machine::{MachineState, RamSource};
-    use tern_migration::wire::{
-        ChannelWriter, Command, Compression, Limits, RamPage, StreamWriter, VERSION_MULTIFD,
-    };
+    use tern_migration::wire::{ChannelWriter, Command, RamPage, VERSION_MULTIFD};
     const ID: [u8; 16] = [0x42; 16];
     let setup = Setup::default();
     let machine = FakeMachine::new(2, UUID);
@@ -279,30 +276,7 @@ fn two_generations(digest_of_b: bool, twice: bool) -> (S, Option<String>, Vec<u8
 
     let (l, uri) = listen();
     let d = start_dest(&dst, dm, Incoming::Listener(l), dst_opts_digest(true));
-    let main = connect(&uri);
-    let mut w = StreamWriter::with_version(
-        BufWriter::new(main.try_clone().expect("clone")),
-        &cfg,
-        &Limits::default(),
-        VERSION_MULTIFD,
-    )
-    .expect("writer");
-    w.write_command(Command::OpenReturnPath).expect("orp");
-    w.write_command(Command::Capabilities {
-        switchover_ack: false,
-        validate_uuid: false,
-        ram_digest: true,
-        postcopy_ram: false,
-        postcopy_preempt: false,
-        multifd: true,
-    })
-    .expect("caps");
-    w.write_command(Command::MultifdChannels {
-        channels: 2,
-        compression: Compression::None,
-        id: ID,
-    })
-    .expect("channels");
+    let (mut w, main) = main_stream_with(&uri, &cfg, VERSION_MULTIFD, false, true, 2, ID);
     w.write_command(Command::Ping { seq: 1 }).expect("ping");
     w.flush().expect("flush");
 

@@ -39,6 +39,19 @@ pub fn main_stream_to_channels(
     channels: u16,
     id: [u8; 16],
 ) -> (StreamWriter<BufWriter<TcpStream>>, TcpStream) {
+    main_stream_with(uri, cfg, version, postcopy_ram, false, channels, id)
+}
+
+/// [`main_stream_to_channels`] with `x-tern-ram-digest` (`CAPABILITIES` bit 3) as given too.
+pub fn main_stream_with(
+    uri: &MigrationUri,
+    cfg: &StreamConfig,
+    version: u32,
+    postcopy_ram: bool,
+    ram_digest: bool,
+    channels: u16,
+    id: [u8; 16],
+) -> (StreamWriter<BufWriter<TcpStream>>, TcpStream) {
     let s = connect(uri);
     let mut w = StreamWriter::with_version(
         BufWriter::new(s.try_clone().expect("clone")),
@@ -51,7 +64,7 @@ pub fn main_stream_to_channels(
     w.write_command(Command::Capabilities {
         switchover_ack: false,
         validate_uuid: false,
-        ram_digest: false,
+        ram_digest,
         postcopy_ram,
         postcopy_preempt: false,
         multifd: true,
