@@ -1,6 +1,7 @@
-//! Builders shared by the multifd channel tests (`channel_tests.rs`, `compress_tests.rs`): a
-//! main stream that announces multifd, its MULTIFD_CHANNELS command, and the records of a
-//! channel found and rewritten the way a hostile writer would.
+//! Builders shared by the multifd channel tests (`channel_tests.rs`, `compress_tests.rs`,
+//! `fuzz_channel_tests.rs`): a main stream that announces multifd, its MULTIFD_CHANNELS
+//! command, the records of a channel found and rewritten the way a hostile writer would, and
+//! incompressible noise.
 
 use super::format::FRAME_LEN;
 use super::*;
@@ -92,4 +93,16 @@ pub(super) fn read_main(bytes: &[u8]) -> Result<Vec<String>, WireError> {
             other => out.push(other.name().to_owned()),
         }
     }
+}
+
+/// `len` bytes of xorshift64 noise from seed `x` (incompressible: a batch of it goes plain).
+pub(super) fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

@@ -4,7 +4,7 @@
 //! bytes, the flag on a channel without compression, and `MULTIFD_CHANNELS`' method byte.
 
 use super::channel_test_support::{
-    channel_records, multifd_main_stream, rewrite_channel_record, write_multifd_channels,
+    channel_records, multifd_main_stream, noise, rewrite_channel_record, write_multifd_channels,
 };
 use super::format::FRAME_LEN;
 use super::tests::{page, sample_config, PS};
@@ -34,15 +34,7 @@ fn stream(method: Compression) -> Vec<u8> {
 }
 
 fn noise_page() -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..PS)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    noise(PS, 0x9e37_79b9_7f4a_7c15)
 }
 
 fn reader(bytes: &[u8], method: Compression) -> ChannelReader<&[u8]> {

@@ -9,6 +9,7 @@ use std::io::Write;
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use super::channel_test_support::noise;
 use super::fuzz_support::{
     fix_channel, mutate_bytes, mutate_units, split_records, Fuzz, RECORD_LEN,
 };
@@ -70,17 +71,6 @@ fn fuzz_channel_handshake() {
         }
     }
     fz.report(&["ok", "Truncated", "Invalid"]);
-}
-
-fn noise(len: usize, mut x: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Channel 1 with `method`: a compressible batch with a zero page, a noise batch (plain), a
