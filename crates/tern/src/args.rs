@@ -131,7 +131,8 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     pub x_test_only_tsc_khz: Option<u32>,
     /// TEST ONLY (destination): flips the byte at this guest physical address whenever an
-    /// incoming migration writes its page, as a placement or decoding bug would, which the
+    /// incoming migration writes or zeroes its page (a ZERO entry included), as a placement or
+    /// decoding bug would, which the
     /// stream's checksum cannot see and `x-tern-ram-digest` must catch.
     #[arg(long, hide = true, value_parser = parse_u64_auto)]
     pub x_test_only_corrupt_ram: Option<u64>,

@@ -245,6 +245,9 @@ impl RamSink for VmRam {
 
     fn zero_page(&mut self, block: usize, page: u64) -> Result<(), MachineError> {
         let gpa = self.gpa(block, page)?;
+        if test_only_corrupts(gpa) {
+            return self.write_page(block, page, &[0; PAGE_SIZE as usize]);
+        }
         if let Some(w) = self.written.as_ref().and_then(|w| w.get(block)) {
             if !w.get(page) {
                 return Ok(());
@@ -331,6 +334,9 @@ impl PagePlacer for VmPlacer {
 
     fn zero_page(&self, block: usize, page: u64) -> Result<(), MachineError> {
         let gpa = self.gpa(block, page)?;
+        if test_only_corrupts(gpa) {
+            return self.write_page(block, page, &[0; PAGE_SIZE as usize]);
+        }
         if let Some((w, bit)) = self.word(block, page) {
             if w.load(Ordering::Relaxed) & bit == 0 {
                 return Ok(());
@@ -516,11 +522,20 @@ pub fn set_test_only_corrupt_ram(gpa: u64) {
     let _ = TEST_ONLY_CORRUPT_RAM.set(gpa);
 }
 
+/// TEST ONLY: whether `--x-test-only-corrupt-ram` names the page `gpa`. A ZERO entry for it
+/// is then written as a zero page with the byte flipped (a `pattern` page whose only byte
+/// wrapped to 0 arrives as ZERO: without this the fault was skipped in ~1 run of 256).
+fn test_only_corrupts(gpa: u64) -> bool {
+    TEST_ONLY_CORRUPT_RAM
+        .get()
+        .is_some_and(|&bad| bad / PAGE_SIZE == gpa / PAGE_SIZE)
+}
+
 /// TEST ONLY: the bytes to write instead of `data` at the page `gpa` when
 /// `--x-test-only-corrupt-ram` names it (main stream and multifd channels alike).
 fn test_only_corrupted(gpa: u64, data: &[u8]) -> Option<Vec<u8>> {
     let bad = *TEST_ONLY_CORRUPT_RAM.get()?;
-    if bad / PAGE_SIZE != gpa / PAGE_SIZE {
+    if !test_only_corrupts(gpa) {
         return None;
     }
     let mut copy = data.to_vec();
